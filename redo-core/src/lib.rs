@@ -1,0 +1,12 @@
+//! Borealis core: everything that is not I/O. Formats, wire messages and
+//! state machines take events and return decisions; the daemons do the I/O.
+
+mod codec;
+pub mod ids;
+pub mod record;
+pub mod segment_file;
+pub mod segment_log;
+pub mod wire;
+
+pub use codec::DecodeError;
+pub use ids::{Epoch, Lsn, NodeId, PageId, PgId, SegmentId};

@@ -1,0 +1,491 @@
+//! The in-memory log of one segment: a sans-IO state machine.
+//!
+//! Call order: `handle_append` for every batch (answer the client with the
+//! returned position), `poll_flush` whenever the flusher is idle for this
+//! segment, write the handed-out records at the job's offset, then report
+//! `handle_flushed` (after fdatasync) or `handle_flush_failed`. Pulls call
+//! `read`, which serves from memory or says where on disk to look.
+//!
+//! Records form a chain through `prev_lsn_in_segment`. The chain from the
+//! segment's first record up to SCL is complete; records above a hole wait
+//! in `pending` until the hole is filled. Only the complete chain is flushed,
+//! so the segment file is always a gap-free prefix and `flushed_lsn <= scl`.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+use thiserror::Error;
+
+use crate::codec::DecodeError;
+use crate::ids::{Epoch, Lsn, SegmentId};
+use crate::record::Records;
+use crate::segment_file::SEGMENT_HEADER_BYTES;
+use crate::wire::SegmentPosition;
+
+/// One sparse disk-index entry per this many bytes of segment file.
+pub const INDEX_STRIDE_BYTES: u64 = 64 << 10;
+
+#[derive(Clone, Debug)]
+pub struct SegmentLogConfig {
+    /// Unflushed bytes (complete and pending) past which appends get `Busy`.
+    pub hot_bytes_max: usize,
+    /// Flushed records kept in memory to serve pulls without disk reads.
+    pub cache_bytes_max: usize,
+    /// Largest single flush job.
+    pub flush_bytes_max: usize,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum AppendError {
+    #[error("stale epoch: request at {request}, segment at {current}")]
+    StaleEpoch { request: Epoch, current: Epoch },
+    #[error("hot log full: {hot_bytes} bytes unflushed, limit {hot_bytes_max}")]
+    Busy { hot_bytes: usize, hot_bytes_max: usize },
+    #[error("segment cannot write to disk: {0}")]
+    DiskFailed(String),
+    #[error("record {lsn} links back to {prev} but the segment holds {scl} in between")]
+    Conflict { lsn: Lsn, prev: Lsn, scl: Lsn },
+    #[error("malformed records: {0}")]
+    Malformed(#[from] DecodeError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub position: SegmentPosition,
+    /// The batch raised the segment's epoch: persist it before answering.
+    pub epoch_raised: bool,
+    /// Records that were new (the rest were duplicates of held records).
+    pub inserted: u32,
+}
+
+/// A flush to perform: write the records handed out with it at `offset`,
+/// fdatasync, then report `handle_flushed(job)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlushJob {
+    pub offset: u64,
+    pub end_offset: u64,
+    pub upto: Lsn,
+}
+
+/// Where the records of a read come from when memory no longer holds them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskRead {
+    /// Scan the segment file from this offset, whose record links back to `prev`.
+    pub offset: u64,
+    pub prev: Lsn,
+    /// Flushed end of the file: do not read past it.
+    pub end_offset: u64,
+    /// Serve records in `(after, upto]`.
+    pub after: Lsn,
+    pub upto: Lsn,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct IndexEntry {
+    lsn: Lsn,
+    prev: Lsn,
+    offset: u64,
+}
+
+/// Sparse map from LSN to segment-file offset, for pulls served from disk.
+#[derive(Clone, Debug, Default)]
+pub struct DiskIndex {
+    entries: Vec<IndexEntry>,
+    next_offset: u64,
+}
+
+impl DiskIndex {
+    /// Notes that the record `lsn` (linking back to `prev`) sits at `offset`.
+    pub fn note(&mut self, lsn: Lsn, prev: Lsn, offset: u64) {
+        if offset >= self.next_offset {
+            self.entries.push(IndexEntry { lsn, prev, offset });
+            self.next_offset = offset + INDEX_STRIDE_BYTES;
+        }
+    }
+
+    /// The last indexed record at or before the first record above `after`.
+    fn seek(&self, after: Lsn) -> (u64, Lsn) {
+        let i = self.entries.partition_point(|e| e.lsn <= after);
+        match i.checked_sub(1) {
+            Some(i) => (self.entries[i].offset, self.entries[i].prev),
+            None => (SEGMENT_HEADER_BYTES as u64, Lsn::ZERO),
+        }
+    }
+}
+
+struct Entry {
+    lsn: Lsn,
+    prev: Lsn,
+    bytes: Bytes,
+}
+
+pub struct SegmentLog {
+    id: SegmentId,
+    config: SegmentLogConfig,
+    epoch: Epoch,
+    scl: Lsn,
+    flushed_lsn: Lsn,
+    /// The complete chain `(chain_base, scl]` in LSN order: `clean` entries
+    /// (flushed, kept as a read cache), then `inflight` entries being
+    /// flushed, then dirty ones.
+    chain: VecDeque<Entry>,
+    chain_base: Lsn,
+    clean: usize,
+    inflight: usize,
+    /// Records above a hole, by LSN.
+    pending: BTreeMap<Lsn, Entry>,
+    hot_bytes: usize,
+    clean_bytes: usize,
+    /// File offset after the last record handed to a flush.
+    file_end: u64,
+    flushed_end: u64,
+    index: DiskIndex,
+    disk_failed: Option<String>,
+}
+
+impl SegmentLog {
+    /// A segment whose file holds the gap-free chain up to `last_lsn`, ending at `file_end`.
+    pub fn recovered(id: SegmentId, config: SegmentLogConfig, epoch: Epoch, last_lsn: Lsn, file_end: u64, index: DiskIndex) -> Self {
+        assert!(file_end >= SEGMENT_HEADER_BYTES as u64);
+        SegmentLog {
+            id,
+            config,
+            epoch,
+            scl: last_lsn,
+            flushed_lsn: last_lsn,
+            chain: VecDeque::new(),
+            chain_base: last_lsn,
+            clean: 0,
+            inflight: 0,
+            pending: BTreeMap::new(),
+            hot_bytes: 0,
+            clean_bytes: 0,
+            file_end,
+            flushed_end: file_end,
+            index,
+            disk_failed: None,
+        }
+    }
+
+    pub fn new(id: SegmentId, config: SegmentLogConfig) -> Self {
+        Self::recovered(id, config, Epoch(0), Lsn::ZERO, SEGMENT_HEADER_BYTES as u64, DiskIndex::default())
+    }
+
+    pub fn id(&self) -> SegmentId {
+        self.id
+    }
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    pub fn scl(&self) -> Lsn {
+        self.scl
+    }
+    pub fn flushed_lsn(&self) -> Lsn {
+        self.flushed_lsn
+    }
+    pub fn hot_bytes(&self) -> usize {
+        self.hot_bytes
+    }
+    /// Records waiting above a hole.
+    pub fn pending_records(&self) -> usize {
+        self.pending.len()
+    }
+    pub fn position(&self) -> SegmentPosition {
+        SegmentPosition { pg: self.id.pg, scl: self.scl, flushed_lsn: self.flushed_lsn }
+    }
+    pub fn disk_failed(&self) -> Option<&str> {
+        self.disk_failed.as_deref()
+    }
+
+    /// Inserts a batch of encoded records. Duplicates of held records are
+    /// ignored, so a writer may resend freely. All-or-nothing: on error
+    /// nothing was inserted.
+    pub fn handle_append(&mut self, epoch: Epoch, records: &Bytes) -> Result<AppendOutcome, AppendError> {
+        if epoch < self.epoch {
+            return Err(AppendError::StaleEpoch { request: epoch, current: self.epoch });
+        }
+        if let Some(why) = &self.disk_failed {
+            return Err(AppendError::DiskFailed(why.clone()));
+        }
+        if self.hot_bytes > 0 && self.hot_bytes + records.len() > self.config.hot_bytes_max {
+            return Err(AppendError::Busy { hot_bytes: self.hot_bytes, hot_bytes_max: self.config.hot_bytes_max });
+        }
+        // First pass: decode and check everything before changing anything.
+        for rec in Records::new(records, 0) {
+            let rec = rec?;
+            let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
+            if lsn > self.scl && prev < self.scl {
+                return Err(AppendError::Conflict { lsn, prev, scl: self.scl });
+            }
+        }
+        let epoch_raised = epoch > self.epoch;
+        self.epoch = epoch;
+        let mut inserted = 0;
+        let mut at = 0;
+        for rec in Records::new(records, 0) {
+            let rec = rec.expect("validated in the first pass");
+            let len = rec.as_bytes().len();
+            let entry = Entry { lsn: rec.lsn(), prev: rec.prev_lsn_in_segment(), bytes: records.slice(at..at + len) };
+            at += len;
+            if entry.lsn <= self.scl || self.pending.contains_key(&entry.lsn) {
+                continue;
+            }
+            inserted += 1;
+            self.hot_bytes += len;
+            if self.pending.is_empty() && entry.prev == self.scl {
+                self.push_complete(entry);
+            } else {
+                self.pending.insert(entry.lsn, entry);
+            }
+        }
+        while let Some(first) = self.pending.first_entry() {
+            if first.get().prev != self.scl {
+                break;
+            }
+            let entry = first.remove();
+            self.push_complete(entry);
+        }
+        Ok(AppendOutcome { position: self.position(), epoch_raised, inserted })
+    }
+
+    fn push_complete(&mut self, entry: Entry) {
+        debug_assert_eq!(entry.prev, self.scl);
+        self.scl = entry.lsn;
+        self.chain.push_back(entry);
+    }
+
+    /// Hands out the next flush: dirty complete records, in order, up to
+    /// `flush_bytes_max` (at least one). `None` while a flush is in flight or
+    /// nothing is dirty. The records' bytes are pushed to `out`.
+    pub fn poll_flush(&mut self, out: &mut Vec<Bytes>) -> Option<FlushJob> {
+        if self.inflight > 0 || self.disk_failed.is_some() || self.clean == self.chain.len() {
+            return None;
+        }
+        let offset = self.file_end;
+        let mut bytes = 0;
+        let mut upto = self.flushed_lsn;
+        for entry in self.chain.iter().skip(self.clean) {
+            let len = entry.bytes.len();
+            if bytes > 0 && bytes + len > self.config.flush_bytes_max {
+                break;
+            }
+            self.index.note(entry.lsn, entry.prev, offset + bytes as u64);
+            out.push(entry.bytes.clone());
+            bytes += len;
+            upto = entry.lsn;
+            self.inflight += 1;
+        }
+        self.file_end = offset + bytes as u64;
+        Some(FlushJob { offset, end_offset: self.file_end, upto })
+    }
+
+    /// The flush `job` is durable (fdatasync returned).
+    pub fn handle_flushed(&mut self, job: FlushJob) {
+        assert!(self.inflight > 0 && job.end_offset == self.file_end, "flush completion does not match the job in flight");
+        let done = self.chain.range(self.clean..self.clean + self.inflight);
+        let bytes: usize = done.map(|e| e.bytes.len()).sum();
+        assert_eq!(self.chain[self.clean + self.inflight - 1].lsn, job.upto);
+        self.clean += self.inflight;
+        self.inflight = 0;
+        self.hot_bytes -= bytes;
+        self.clean_bytes += bytes;
+        self.flushed_lsn = job.upto;
+        self.flushed_end = job.end_offset;
+        while self.clean_bytes > self.config.cache_bytes_max {
+            let e = self.chain.pop_front().expect("clean bytes imply clean entries");
+            self.clean -= 1;
+            self.clean_bytes -= e.bytes.len();
+            self.chain_base = e.lsn;
+        }
+    }
+
+    /// The flush `job` failed (disk full, I/O error): the records stay in
+    /// memory and the segment refuses further appends.
+    pub fn handle_flush_failed(&mut self, job: FlushJob, why: String) {
+        assert!(self.inflight > 0 && job.end_offset == self.file_end);
+        self.inflight = 0;
+        self.file_end = job.offset;
+        self.disk_failed = Some(why);
+    }
+
+    /// Serves records in `(after, upto]` (clamped to SCL) from memory into
+    /// `out`, about `bytes_max` at most but at least one record, returning the
+    /// last LSN served (`after` when nothing). When memory no longer holds the
+    /// record after `after`, returns where to read on disk instead.
+    pub fn read(&self, after: Lsn, upto: Lsn, bytes_max: usize, out: &mut Vec<Bytes>) -> Result<Lsn, DiskRead> {
+        let upto = upto.min(self.scl);
+        if after >= upto {
+            return Ok(after);
+        }
+        if after < self.chain_base {
+            let (offset, prev) = self.index.seek(after);
+            return Err(DiskRead { offset, prev, end_offset: self.flushed_end, after, upto: upto.min(self.chain_base) });
+        }
+        let start = self.chain.partition_point(|e| e.lsn <= after);
+        let mut last = after;
+        let mut bytes = 0;
+        for e in self.chain.range(start..) {
+            if e.lsn > upto || (bytes > 0 && bytes + e.bytes.len() > bytes_max) {
+                break;
+            }
+            bytes += e.bytes.len();
+            out.push(e.bytes.clone());
+            last = e.lsn;
+        }
+        Ok(last)
+    }
+
+    /// Checks every invariant; O(records), for tests and debug checks.
+    pub fn check_invariants(&self) {
+        assert!(self.flushed_lsn <= self.scl, "flushed_lsn {} > scl {}", self.flushed_lsn, self.scl);
+        assert!(self.clean + self.inflight <= self.chain.len());
+        let mut prev = self.chain_base;
+        for e in &self.chain {
+            assert_eq!(e.prev, prev, "chain broken at {}", e.lsn);
+            prev = e.lsn;
+        }
+        assert_eq!(prev, self.scl, "chain does not end at scl");
+        if self.clean > 0 {
+            assert_eq!(self.chain[self.clean - 1].lsn, self.flushed_lsn);
+        } else {
+            assert_eq!(self.chain_base, self.flushed_lsn);
+        }
+        assert!(self.pending.keys().all(|&l| l > self.scl), "pending record at or below scl");
+        let clean: usize = self.chain.iter().take(self.clean).map(|e| e.bytes.len()).sum();
+        let dirty: usize = self.chain.iter().skip(self.clean).map(|e| e.bytes.len()).sum();
+        let pending: usize = self.pending.values().map(|e| e.bytes.len()).sum();
+        assert_eq!(self.clean_bytes, clean);
+        assert_eq!(self.hot_bytes, dirty + pending);
+        assert!(self.flushed_end <= self.file_end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{NodeId, PageId, PgId};
+    use crate::record::{RecordHeader, RecordRef};
+
+    const ID: SegmentId = SegmentId { pg: PgId(1), node: NodeId(1) };
+
+    fn config(hot: usize) -> SegmentLogConfig {
+        SegmentLogConfig { hot_bytes_max: hot, cache_bytes_max: 200, flush_bytes_max: 150 }
+    }
+
+    /// Encodes records given as (lsn, prev_lsn_in_segment).
+    fn batch(recs: &[(u64, u64)]) -> Bytes {
+        let mut out = Vec::new();
+        for &(lsn, prev) in recs {
+            RecordHeader { lsn: Lsn(lsn), prev_lsn_in_segment: Lsn(prev), prev_lsn_for_page: Lsn::ZERO, page: PageId(0), cpl: true }
+                .encode(&[7; 9], &mut out);
+        }
+        Bytes::from(out)
+    }
+
+    fn append(log: &mut SegmentLog, recs: &[(u64, u64)]) -> Result<AppendOutcome, AppendError> {
+        let r = log.handle_append(Epoch(1), &batch(recs));
+        log.check_invariants();
+        r
+    }
+
+    fn flush_all(log: &mut SegmentLog) -> Vec<Lsn> {
+        let mut lsns = vec![];
+        let mut out = vec![];
+        while let Some(job) = log.poll_flush(&mut out) {
+            assert_eq!(out.iter().map(|b| b.len() as u64).sum::<u64>(), job.end_offset - job.offset);
+            lsns.extend(out.drain(..).map(|b| RecordRef::decode(&b, 0).unwrap().lsn()));
+            log.check_invariants();
+            log.handle_flushed(job);
+            log.check_invariants();
+        }
+        lsns
+    }
+
+    #[test]
+    fn in_order_appends_advance_scl() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        let out = append(&mut log, &[(1, 0), (3, 1), (4, 3)]).unwrap();
+        assert_eq!((out.position.scl, out.position.flushed_lsn, out.inserted), (Lsn(4), Lsn(0), 3));
+        assert!(out.epoch_raised);
+    }
+
+    #[test]
+    fn hole_holds_scl_until_filled() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        append(&mut log, &[(1, 0)]).unwrap();
+        // 3 links to 2, which is missing: a hole.
+        let out = append(&mut log, &[(3, 2), (5, 3)]).unwrap();
+        assert_eq!(out.position.scl, Lsn(1));
+        assert_eq!(log.pending_records(), 2);
+        // Only the complete prefix may be flushed.
+        assert_eq!(flush_all(&mut log), vec![Lsn(1)]);
+        // Filling the hole completes the chain, in order, whatever the batch order.
+        let out = append(&mut log, &[(2, 1)]).unwrap();
+        assert_eq!(out.position.scl, Lsn(5));
+        assert_eq!(log.pending_records(), 0);
+        assert_eq!(flush_all(&mut log), vec![Lsn(2), Lsn(3), Lsn(5)]);
+        assert_eq!(log.flushed_lsn(), Lsn(5));
+    }
+
+    #[test]
+    fn duplicates_are_ignored_and_conflicts_refused() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        append(&mut log, &[(1, 0), (2, 1)]).unwrap();
+        let out = append(&mut log, &[(1, 0), (2, 1), (6, 2)]).unwrap();
+        assert_eq!((out.inserted, out.position.scl), (1, Lsn(6)));
+        // 9 claims its predecessor is 1, but the segment holds 2 and 6 after 1.
+        assert_eq!(append(&mut log, &[(9, 1)]), Err(AppendError::Conflict { lsn: Lsn(9), prev: Lsn(1), scl: Lsn(6) }));
+        assert_eq!(log.scl(), Lsn(6));
+    }
+
+    #[test]
+    fn stale_epoch_is_refused() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        assert!(log.handle_append(Epoch(5), &batch(&[(1, 0)])).unwrap().epoch_raised);
+        let err = log.handle_append(Epoch(4), &batch(&[(2, 1)])).unwrap_err();
+        assert_eq!(err, AppendError::StaleEpoch { request: Epoch(4), current: Epoch(5) });
+        assert!(!log.handle_append(Epoch(5), &batch(&[(2, 1)])).unwrap().epoch_raised);
+    }
+
+    #[test]
+    fn busy_until_flush_frees_memory() {
+        let mut log = SegmentLog::new(ID, config(120));
+        append(&mut log, &[(1, 0), (2, 1)]).unwrap(); // 100 bytes
+        assert!(matches!(append(&mut log, &[(3, 2)]), Err(AppendError::Busy { .. })));
+        assert_eq!(log.scl(), Lsn(2));
+        flush_all(&mut log);
+        assert_eq!(log.hot_bytes(), 0);
+        assert_eq!(append(&mut log, &[(3, 2)]).unwrap().position.scl, Lsn(3));
+    }
+
+    #[test]
+    fn flush_failure_keeps_records_and_refuses_appends() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        append(&mut log, &[(1, 0)]).unwrap();
+        let mut out = vec![];
+        let job = log.poll_flush(&mut out).unwrap();
+        log.handle_flush_failed(job, "no space left on device".into());
+        log.check_invariants();
+        assert_eq!((log.scl(), log.flushed_lsn(), log.hot_bytes()), (Lsn(1), Lsn(0), 50));
+        assert!(matches!(append(&mut log, &[(2, 1)]), Err(AppendError::DiskFailed(_))));
+        let mut out = vec![];
+        assert_eq!(log.read(Lsn(0), Lsn(9), 1 << 20, &mut out), Ok(Lsn(1)));
+    }
+
+    #[test]
+    fn reads_come_from_memory_then_disk() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        let recs: Vec<(u64, u64)> = (1..=10).map(|l| (l, l - 1)).collect();
+        append(&mut log, &recs).unwrap();
+        let mut out = vec![];
+        assert_eq!(log.read(Lsn(2), Lsn(5), 1 << 20, &mut out), Ok(Lsn(5)));
+        assert_eq!(out.len(), 3);
+        flush_all(&mut log);
+        // cache_bytes_max = 200 keeps the last 4 records (50 bytes each) in memory.
+        out.clear();
+        assert_eq!(log.read(Lsn(6), Lsn(100), 60, &mut out), Ok(Lsn(7)));
+        assert_eq!(out.len(), 1, "bytes_max bounds the reply");
+        let disk = log.read(Lsn(2), Lsn(100), 1 << 20, &mut out).unwrap_err();
+        assert_eq!(disk, DiskRead { offset: SEGMENT_HEADER_BYTES as u64, prev: Lsn::ZERO, end_offset: 4096 + 500, after: Lsn(2), upto: Lsn(6) });
+    }
+}

@@ -1,0 +1,312 @@
+//! Wire messages between writers, replicas, tools and storage nodes.
+//!
+//! Every message travels as one frame on a QUIC stream:
+//! `len u32 | kind u8 | body`, where `len` counts `kind` and `body`.
+//! Appends are pipelined on one long-lived stream and acked in order; a pull
+//! is a request/reply on its own stream; a subscription is a stream that the
+//! storage node keeps pushing `Notify` frames on.
+
+use bytes::Bytes;
+
+use crate::codec::{put_u32, put_u64, DecodeError, Reader};
+use crate::ids::{Epoch, Lsn, PgId};
+use crate::record::{validate_run, RecordRun};
+
+pub const FRAME_HEADER_BYTES: usize = 4;
+/// Default ceiling on one frame; a storage node may configure a lower one.
+pub const FRAME_BYTES_MAX: usize = 16 << 20;
+const SUBSCRIBE_PGS_MAX: usize = 4096;
+const ERROR_MESSAGE_BYTES_MAX: usize = 4096;
+
+/// Error codes a storage node answers with; clients branch on them.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// The request carries an epoch older than the segment's.
+    StaleEpoch = 1,
+    /// This node does not host a segment of the protection group.
+    NotHosted = 2,
+    /// The hot log is full; retry after a flush frees memory.
+    Busy = 3,
+    /// The frame does not decode; the stream is closed.
+    Malformed = 4,
+    /// The frame exceeds the node's frame limit; the stream is closed.
+    TooLarge = 5,
+    /// The segment cannot write to disk (full disk or I/O error); it accepts no more appends.
+    DiskFailed = 6,
+    /// The records contradict the segment's log (a backlink skips records it holds).
+    Conflict = 7,
+    /// The node is shutting down.
+    ShuttingDown = 8,
+}
+
+impl ErrorCode {
+    fn from_u8(v: u8, offset: usize) -> Result<Self, DecodeError> {
+        use ErrorCode::*;
+        Ok(match v {
+            1 => StaleEpoch,
+            2 => NotHosted,
+            3 => Busy,
+            4 => Malformed,
+            5 => TooLarge,
+            6 => DiskFailed,
+            7 => Conflict,
+            8 => ShuttingDown,
+            _ => return Err(DecodeError::Invalid { what: "error code", offset, value: v as u64 }),
+        })
+    }
+}
+
+/// SCL and flushed LSN of one segment, as acks and notifications report them.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SegmentPosition {
+    pub pg: PgId,
+    pub scl: Lsn,
+    pub flushed_lsn: Lsn,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Writer → storage: records for one segment, already CRC-checked and in LSN order.
+    Append { epoch: Epoch, pg: PgId, run: RecordRun, records: Bytes },
+    /// Storage → writer: the append at the same position on the stream is in memory
+    /// (or on disk with `ack = disk`).
+    Ack { position: SegmentPosition, batch_last_lsn: Lsn },
+    /// Reader → storage: records with `after < lsn <= upto`, at most about `bytes_max`.
+    Pull { pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32 },
+    /// Storage → reader: a prefix of the requested range; `last_lsn` is the last record
+    /// included (or `after` when none). Ask again from `last_lsn` for more.
+    PullReply { position: SegmentPosition, last_lsn: Lsn, records: Bytes },
+    /// Subscriber → storage: push me SCL / flushed LSN changes for these segments.
+    Subscribe { pgs: Vec<PgId> },
+    /// Storage → subscriber: a segment's SCL or flushed LSN advanced.
+    Notify { position: SegmentPosition },
+    Error { code: ErrorCode, message: String },
+}
+
+const KIND_APPEND: u8 = 1;
+const KIND_ACK: u8 = 2;
+const KIND_PULL: u8 = 3;
+const KIND_PULL_REPLY: u8 = 4;
+const KIND_SUBSCRIBE: u8 = 5;
+const KIND_NOTIFY: u8 = 6;
+const KIND_ERROR: u8 = 7;
+
+fn put_position(out: &mut Vec<u8>, p: &SegmentPosition) {
+    put_u32(out, p.pg.0);
+    put_u64(out, p.scl.0);
+    put_u64(out, p.flushed_lsn.0);
+}
+
+fn position(r: &mut Reader) -> Result<SegmentPosition, DecodeError> {
+    Ok(SegmentPosition { pg: PgId(r.u32()?), scl: Lsn(r.u64()?), flushed_lsn: Lsn(r.u64()?) })
+}
+
+impl Message {
+    /// Appends the whole frame (length word included) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        put_u32(out, 0);
+        match self {
+            Message::Append { epoch, pg, records, .. } => {
+                out.push(KIND_APPEND);
+                put_u64(out, epoch.0);
+                put_u32(out, pg.0);
+                out.extend_from_slice(records);
+            }
+            Message::Ack { position, batch_last_lsn } => {
+                out.push(KIND_ACK);
+                put_position(out, position);
+                put_u64(out, batch_last_lsn.0);
+            }
+            Message::Pull { pg, after, upto, bytes_max } => {
+                out.push(KIND_PULL);
+                put_u32(out, pg.0);
+                put_u64(out, after.0);
+                put_u64(out, upto.0);
+                put_u32(out, *bytes_max);
+            }
+            Message::PullReply { position, last_lsn, records } => {
+                out.push(KIND_PULL_REPLY);
+                put_position(out, position);
+                put_u64(out, last_lsn.0);
+                out.extend_from_slice(records);
+            }
+            Message::Subscribe { pgs } => {
+                out.push(KIND_SUBSCRIBE);
+                put_u32(out, pgs.len() as u32);
+                for pg in pgs {
+                    put_u32(out, pg.0);
+                }
+            }
+            Message::Notify { position } => {
+                out.push(KIND_NOTIFY);
+                put_position(out, position);
+            }
+            Message::Error { code, message } => {
+                out.push(KIND_ERROR);
+                out.push(*code as u8);
+                let mut end = message.len().min(ERROR_MESSAGE_BYTES_MAX);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let m = &message.as_bytes()[..end];
+                put_u32(out, m.len() as u32);
+                out.extend_from_slice(m);
+            }
+        }
+        let len = (out.len() - start - FRAME_HEADER_BYTES) as u32;
+        out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decodes a frame body (`kind | body`, without the length word). Record
+    /// payloads are validated (CRC, order) and kept as slices of `body`.
+    pub fn decode(body: Bytes) -> Result<Message, DecodeError> {
+        let mut r = Reader::new(&body);
+        let kind = r.u8()?;
+        let msg = match kind {
+            KIND_APPEND => {
+                let epoch = Epoch(r.u64()?);
+                let pg = PgId(r.u32()?);
+                let at = r.pos();
+                let run = validate_run(&body[at..], at)?
+                    .ok_or(DecodeError::Invalid { what: "empty append", offset: at, value: 0 })?;
+                r.bytes(r.remaining())?;
+                Message::Append { epoch, pg, run, records: body.slice(at..) }
+            }
+            KIND_ACK => Message::Ack { position: position(&mut r)?, batch_last_lsn: Lsn(r.u64()?) },
+            KIND_PULL => {
+                Message::Pull { pg: PgId(r.u32()?), after: Lsn(r.u64()?), upto: Lsn(r.u64()?), bytes_max: r.u32()? }
+            }
+            KIND_PULL_REPLY => {
+                let position = position(&mut r)?;
+                let last_lsn = Lsn(r.u64()?);
+                let at = r.pos();
+                validate_run(&body[at..], at)?;
+                r.bytes(r.remaining())?;
+                Message::PullReply { position, last_lsn, records: body.slice(at..) }
+            }
+            KIND_SUBSCRIBE => {
+                let n = r.u32()? as usize;
+                if n > SUBSCRIBE_PGS_MAX || n * 4 > r.remaining() {
+                    return Err(DecodeError::Invalid { what: "subscribe count", offset: 1, value: n as u64 });
+                }
+                let mut pgs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    pgs.push(PgId(r.u32()?));
+                }
+                Message::Subscribe { pgs }
+            }
+            KIND_NOTIFY => Message::Notify { position: position(&mut r)? },
+            KIND_ERROR => {
+                let code = ErrorCode::from_u8(r.u8()?, r.pos())?;
+                let n = r.len("error message length", ERROR_MESSAGE_BYTES_MAX)?;
+                let at = r.pos();
+                let message = String::from_utf8(r.bytes(n)?.to_vec())
+                    .map_err(|_| DecodeError::Invalid { what: "error message utf-8", offset: at, value: n as u64 })?;
+                Message::Error { code, message }
+            }
+            other => return Err(DecodeError::Invalid { what: "message kind", offset: 0, value: other as u64 }),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// Reads the length word of a frame header, checking it against `frame_bytes_max`.
+pub fn frame_len(header: [u8; FRAME_HEADER_BYTES], frame_bytes_max: usize) -> Result<usize, DecodeError> {
+    let len = u32::from_le_bytes(header) as usize;
+    if len == 0 || len > frame_bytes_max {
+        return Err(DecodeError::Invalid { what: "frame length", offset: 0, value: len as u64 });
+    }
+    Ok(len)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::PageId;
+    use crate::record::RecordHeader;
+    use proptest::prelude::*;
+
+    fn records(lsns: &[u64]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut prev = 0;
+        for &l in lsns {
+            RecordHeader { lsn: Lsn(l), prev_lsn_in_segment: Lsn(prev), prev_lsn_for_page: Lsn(prev), page: PageId(l), cpl: l % 3 == 0 }
+                .encode(&l.to_le_bytes(), &mut out);
+            prev = l;
+        }
+        out
+    }
+
+    fn samples() -> Vec<Message> {
+        let pos = SegmentPosition { pg: PgId(2), scl: Lsn(10), flushed_lsn: Lsn(7) };
+        let recs = Bytes::from(records(&[3, 4, 9]));
+        vec![
+            Message::Append { epoch: Epoch(4), pg: PgId(2), run: RecordRun { count: 3, first_lsn: Lsn(3), last_lsn: Lsn(9) }, records: recs.clone() },
+            Message::Ack { position: pos, batch_last_lsn: Lsn(9) },
+            Message::Pull { pg: PgId(2), after: Lsn(3), upto: Lsn(9), bytes_max: 1 << 20 },
+            Message::PullReply { position: pos, last_lsn: Lsn(9), records: recs },
+            Message::PullReply { position: pos, last_lsn: Lsn(3), records: Bytes::new() },
+            Message::Subscribe { pgs: vec![PgId(1), PgId(2)] },
+            Message::Notify { position: pos },
+            Message::Error { code: ErrorCode::StaleEpoch, message: "epoch e3 < e4".into() },
+        ]
+    }
+
+    fn decode_frame(frame: &[u8]) -> Result<Message, DecodeError> {
+        let len = frame_len(frame[..4].try_into().unwrap(), FRAME_BYTES_MAX)?;
+        if frame.len() != 4 + len {
+            return Err(DecodeError::Trailing { trailing: frame.len().abs_diff(4 + len) });
+        }
+        Message::decode(Bytes::copy_from_slice(&frame[4..]))
+    }
+
+    #[test]
+    fn round_trips() {
+        for m in samples() {
+            assert_eq!(decode_frame(&m.to_frame()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn empty_append_is_refused() {
+        let m = Message::Append { epoch: Epoch(1), pg: PgId(0), run: RecordRun { count: 0, first_lsn: Lsn(0), last_lsn: Lsn(0) }, records: Bytes::new() };
+        assert!(decode_frame(&m.to_frame()).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Arbitrary bytes never panic the decoder.
+        #[test]
+        fn random_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Message::decode(Bytes::from(body));
+        }
+
+        /// Mutated valid frames never panic, and any that still decode re-encode to the same bytes.
+        #[test]
+        fn mutated_frames(which in 0usize..8, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
+            let mut frame = samples()[which].to_frame();
+            for (at, x) in flips {
+                let i = at % frame.len();
+                frame[i] ^= x;
+            }
+            if cut % 4 == 0 {
+                frame.truncate(cut % (frame.len() + 1));
+            }
+            if frame.len() >= 4 {
+                if let Ok(m) = Message::decode(Bytes::copy_from_slice(&frame[4..])) {
+                    prop_assert_eq!(&m.to_frame()[4..], &frame[4..]);
+                }
+            }
+        }
+    }
+}

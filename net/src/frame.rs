@@ -1,0 +1,44 @@
+//! Frames on QUIC streams: `len u32 | message`, decoded by `redo_core::wire`.
+
+use bytes::{Bytes, BytesMut};
+use redo_core::wire::{frame_len, Message, FRAME_HEADER_BYTES};
+use redo_core::DecodeError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum FrameError {
+    #[error("stream closed mid-frame: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("frame too large: {len} bytes, limit {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] DecodeError),
+}
+
+/// Reads the next frame; `Ok(None)` when the peer finished the stream cleanly.
+pub async fn read_message(recv: &mut quinn::RecvStream, frame_bytes_max: usize) -> Result<Option<Message>, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_le_bytes(header) as usize;
+    if len > frame_bytes_max {
+        return Err(FrameError::TooLarge { len, max: frame_bytes_max });
+    }
+    let len = frame_len(header, frame_bytes_max)?;
+    let mut body = BytesMut::zeroed(len);
+    recv.read_exact(&mut body).await?;
+    Ok(Some(Message::decode(body.freeze())?))
+}
+
+/// Encodes and sends one message.
+pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Result<(), quinn::WriteError> {
+    send.write_all(&msg.to_frame()).await
+}
+
+/// Sends several encoded frames in one write.
+pub async fn write_frames(send: &mut quinn::SendStream, frames: Bytes) -> Result<(), quinn::WriteError> {
+    send.write_chunk(frames).await
+}

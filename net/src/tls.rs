@@ -1,0 +1,116 @@
+//! QUIC endpoints with mutual TLS: both sides present a certificate signed by
+//! the cluster CA; a peer without one is refused during the handshake.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+
+use crate::certs::{ca_cert_path, identity_files};
+
+pub const ALPN: &[u8] = b"borealis/1";
+/// Name every cluster certificate carries; clients verify servers against it.
+pub const SERVER_NAME: &str = "localhost";
+
+/// Certificates of one cluster member: the CA that vouches for peers, and our own identity.
+pub struct TlsIdentity {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl TlsIdentity {
+    /// Loads `ca.pem` and `NAME.pem`/`NAME.key` from a certificate directory made by `certs::generate`.
+    pub fn load(dir: &Path, name: &str) -> Result<Self> {
+        let files = identity_files(dir, name);
+        Self::from_files(&ca_cert_path(dir), &files.cert, &files.key)
+    }
+
+    pub fn from_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self> {
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).with_context(|| format!("read CA {}", ca.display()))? {
+            roots.add(c.with_context(|| format!("parse CA {}", ca.display()))?).context("add CA certificate")?;
+        }
+        let chain = CertificateDer::pem_file_iter(cert)
+            .with_context(|| format!("read certificate {}", cert.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("parse certificate {}", cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key).with_context(|| format!("read key {}", key.display()))?;
+        Ok(TlsIdentity { roots: Arc::new(roots), chain, key })
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    pub fn server_config(&self) -> Result<quinn::ServerConfig> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
+            .build()
+            .context("build client certificate verifier")?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS 1.3")?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .context("server certificate")?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.max_early_data_size = 0;
+        let crypto = QuicServerConfig::try_from(tls).context("QUIC server crypto")?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(Arc::new(transport()));
+        Ok(config)
+    }
+
+    pub fn client_config(&self) -> Result<quinn::ClientConfig> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(Self::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS 1.3")?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
+            .context("client certificate")?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = QuicClientConfig::try_from(tls).context("QUIC client crypto")?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport()));
+        Ok(config)
+    }
+}
+
+/// Windows sized for bulk redo streams on a fast link; idle peers time out.
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("10 s fits")));
+    t
+}
+
+pub fn server_endpoint(identity: &TlsIdentity, listen: SocketAddr) -> Result<quinn::Endpoint> {
+    quinn::Endpoint::server(identity.server_config()?, listen).with_context(|| format!("bind QUIC endpoint on {listen}"))
+}
+
+/// A client endpoint on an ephemeral port that presents `identity`.
+pub fn client_endpoint(identity: &TlsIdentity) -> Result<quinn::Endpoint> {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal address")).context("bind QUIC client endpoint")?;
+    ep.set_default_client_config(identity.client_config()?);
+    Ok(ep)
+}
+
+pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection> {
+    endpoint
+        .connect(addr, SERVER_NAME)
+        .with_context(|| format!("connect to {addr}"))?
+        .await
+        .with_context(|| format!("QUIC/TLS handshake with {addr}"))
+}

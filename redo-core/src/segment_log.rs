@@ -56,6 +56,7 @@ pub struct AppendOutcome {
     pub epoch_raised: bool,
     /// Records that were new (the rest were duplicates of held records).
     pub inserted: u32,
+    pub inserted_bytes: usize,
 }
 
 /// A flush to perform: write the records handed out with it at `offset`,
@@ -221,6 +222,7 @@ impl SegmentLog {
         let epoch_raised = epoch > self.epoch;
         self.epoch = epoch;
         let mut inserted = 0;
+        let mut inserted_bytes = 0;
         let mut at = 0;
         for rec in Records::new(records, 0) {
             let rec = rec.expect("validated in the first pass");
@@ -231,6 +233,7 @@ impl SegmentLog {
                 continue;
             }
             inserted += 1;
+            inserted_bytes += len;
             self.hot_bytes += len;
             if self.pending.is_empty() && entry.prev == self.scl {
                 self.push_complete(entry);
@@ -245,7 +248,7 @@ impl SegmentLog {
             let entry = first.remove();
             self.push_complete(entry);
         }
-        Ok(AppendOutcome { position: self.position(), epoch_raised, inserted })
+        Ok(AppendOutcome { position: self.position(), epoch_raised, inserted, inserted_bytes })
     }
 
     fn push_complete(&mut self, entry: Entry) {

@@ -1,1 +1,73 @@
+//! storaged: one Borealis storage node. Hosts one segment per configured
+//! protection group; ingests redo over QUIC into each segment's memory log,
+//! acks, flushes with io_uring, serves pulls and pushes position changes.
 
+pub mod config;
+mod flusher;
+mod metrics;
+mod node;
+mod server;
+mod store;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use config::{AckMode, Config};
+
+/// How long shutdown waits for clients to receive their last replies.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Recovers the node, serves until SIGTERM/SIGINT, then flushes every
+/// complete record to disk and returns.
+pub fn run(config: Config) -> Result<()> {
+    config.validate()?;
+    // A file-size limit must surface as EFBIG on our write, not kill the daemon.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let identity = borealis_net::TlsIdentity::load(&config.certs, &config.cert_name())
+        .with_context(|| format!("load certificates for {} from {}", config.cert_name(), config.certs.display()))?;
+    let (node, targets) = node::Node::open(config.clone())?;
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let flusher = flusher::Flusher::new(targets, node.wake.clone(), shutdown.clone())?;
+    let flusher = std::thread::Builder::new().name("flusher".into()).spawn(move || flusher.run()).context("spawn flusher")?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("start tokio runtime")?;
+    runtime.block_on(async {
+        let endpoint = borealis_net::server_endpoint(&identity, config.listen)?;
+        if let Some(addr) = config.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
+            tokio::spawn(server::metrics_server(node.clone(), listener));
+        }
+        tracing::info!(
+            node = %node.node_id, az = %config.az, listen = %endpoint.local_addr()?, ack = ?config.ack,
+            pgs = ?config.pgs, "storaged ready"
+        );
+        tokio::spawn(server::accept_loop(node.clone(), endpoint.clone()));
+        let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: flushing and shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: flushing and shutting down"),
+        }
+        node.shutting_down.store(true, Ordering::Release);
+        shutdown.store(true, Ordering::Release);
+        node.wake.wake();
+        let flushed = tokio::task::spawn_blocking(move || flusher.join()).await.context("join flusher")?;
+        flushed.map_err(|_| anyhow::anyhow!("flusher panicked"))?.context("flusher failed")?;
+        for seg in node.segments.values() {
+            let log = seg.log.lock().expect("segment lock");
+            tracing::info!(segment = %seg.id, scl = %log.scl(), flushed_lsn = %log.flushed_lsn(), "segment closed");
+        }
+        endpoint.close(0u32.into(), b"shutting down");
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, endpoint.wait_idle()).await;
+        Ok(())
+    })
+}

@@ -1,1 +1,67 @@
-fn main() {}
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Borealis storage node.
+#[derive(Parser)]
+#[command(version, args_override_self = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a storage node. Options may also come from a TOML file (--config FILE,
+    /// keys are the option names below); options on the command line win.
+    Serve {
+        /// TOML file with any of the options below, e.g. `node_id = 1`, `pgs = [0, 1]`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        options: storaged::Config,
+    },
+    /// Create the cluster CA (unless DIR/ca.pem exists) and a certificate per name.
+    Certs {
+        /// Certificate directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Certificates to issue, e.g. storaged-1 ... storaged-6, writerd, client.
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+    },
+}
+
+/// Places `--config FILE`'s options before the command line's, so flags win.
+fn args_with_config_file() -> Result<Vec<String>> {
+    let args: Vec<String> = std::env::args().collect();
+    let pos = args.iter().position(|a| a == "--config" || a.starts_with("--config="));
+    let Some(pos) = pos else { return Ok(args) };
+    let path = match args[pos].strip_prefix("--config=") {
+        Some(p) => p.to_string(),
+        None => match args.get(pos + 1) {
+            Some(p) => p.clone(),
+            None => return Ok(args),
+        },
+    };
+    let serve = args.iter().position(|a| a == "serve").unwrap_or(1);
+    let mut out = args[..=serve].to_vec();
+    out.extend(storaged::config::toml_args(path.as_ref())?);
+    out.extend_from_slice(&args[serve + 1..]);
+    Ok(out)
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse_from(args_with_config_file()?).command {
+        Command::Serve { options, .. } => storaged::run(options),
+        Command::Certs { out, names } => borealis_net::certs::generate(&out, &names),
+    }
+}

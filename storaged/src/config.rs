@@ -1,0 +1,142 @@
+//! storaged configuration: command-line flags, optionally preceded by a TOML
+//! file whose keys are the same long option names (`node_id` or `node-id`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+
+/// When a segment acknowledges an append.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AckMode {
+    /// After insertion into the in-memory segment log (Aurora's default; flush is asynchronous).
+    Memory,
+    /// Only after fdatasync of the segment file covers the batch.
+    Disk,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    /// This node's id: recorded in every segment file header it writes.
+    #[arg(long)]
+    pub node_id: u32,
+    /// Availability zone label, reported in logs and metrics.
+    #[arg(long, default_value = "az1")]
+    pub az: String,
+    /// UDP address for QUIC (writers, replicas, tools).
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    pub listen: SocketAddr,
+    /// Directory for segment files (`pg-N.seg`) and epochs (`pg-N.epoch`); created if missing.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Certificate directory made by `storaged certs`: ca.pem and NAME.pem/NAME.key.
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// Certificate name in --certs to present [default: storaged-<node-id>].
+    #[arg(long)]
+    pub cert_name: Option<String>,
+    /// Protection groups this node hosts a segment of (comma-separated ids).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub pgs: Vec<u32>,
+    /// When to acknowledge an append.
+    #[arg(long, value_enum, default_value = "memory")]
+    pub ack: AckMode,
+    /// Per segment: unflushed bytes past which appends wait (see --busy-wait-ms), then get Busy.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub hot_log_bytes_max: u64,
+    /// Per segment: flushed records kept in memory to serve pulls without disk reads.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub cache_bytes_max: u64,
+    /// Largest frame (one append batch) accepted; larger ones get TooLarge and the stream is closed.
+    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    pub frame_bytes_max: u64,
+    /// Largest single write of a flush (then fdatasync).
+    #[arg(long, default_value = "2MiB", value_parser = parse_bytes)]
+    pub flush_bytes_max: u64,
+    /// Segment files grow by fallocate in steps of this size.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub segment_prealloc_bytes: u64,
+    /// How long an append waits for the flush to free hot-log memory before answering Busy.
+    #[arg(long, default_value_t = 1000)]
+    pub busy_wait_ms: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    pub fn cert_name(&self) -> String {
+        self.cert_name.clone().unwrap_or_else(|| format!("storaged-{}", self.node_id))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.frame_bytes_max > self.hot_log_bytes_max {
+            bail!("--frame-bytes-max ({}) must not exceed --hot-log-bytes-max ({})", self.frame_bytes_max, self.hot_log_bytes_max);
+        }
+        if self.frame_bytes_max > redo_core::wire::FRAME_BYTES_MAX as u64 {
+            bail!("--frame-bytes-max is at most {}", redo_core::wire::FRAME_BYTES_MAX);
+        }
+        if self.segment_prealloc_bytes < 1 << 20 || self.segment_prealloc_bytes % 4096 != 0 {
+            bail!("--segment-prealloc-bytes must be a multiple of 4096 and at least 1MiB");
+        }
+        Ok(())
+    }
+}
+
+/// Parses `4096`, `64KiB`, `8MiB`, `1GiB`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 4096, 64KiB, 8MiB, 1GiB"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}: use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Turns a TOML config file into `--key value` arguments, to be placed
+/// before the command line's own so that flags override the file.
+pub fn toml_args(path: &std::path::Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read config {}", path.display()))?;
+    let table: toml::Table = text.parse().with_context(|| format!("parse config {}", path.display()))?;
+    let mut args = Vec::new();
+    for (key, value) in table {
+        let value = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) => Ok(s.clone()),
+                    toml::Value::Integer(i) => Ok(i.to_string()),
+                    other => bail!("config {}: {key}: unsupported list item {other}", path.display()),
+                })
+                .collect::<Result<Vec<_>>>()?
+                .join(","),
+            other => bail!("config {}: {key}: unsupported value {other}", path.display()),
+        };
+        args.push(format!("--{}", key.replace('_', "-")));
+        args.push(value);
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes("8MiB"), Ok(8 << 20));
+        assert!(parse_bytes("8MB").is_err());
+        assert!(parse_bytes("lots").is_err());
+    }
+}

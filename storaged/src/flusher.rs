@@ -1,0 +1,268 @@
+//! The flusher: one thread that owns an io_uring and appends each segment's
+//! complete log to its file with O_DIRECT writes, each linked to an
+//! fdatasync. It starts a flush as soon as a segment has dirty records and
+//! none in flight, so records that arrive during a flush ride in the next one
+//! (group commit without a timer). Appends wake it through an eventfd that
+//! the ring polls. No SQPOLL: on two vCPUs a polling kernel thread starves
+//! the daemon.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use io_uring::{opcode, squeue, types, IoUring};
+use redo_core::record::RECORD_BYTES_MAX;
+use redo_core::segment_log::FlushJob;
+
+use crate::node::Segment;
+use crate::store::{fallocate, BLOCK_BYTES};
+
+const RING_ENTRIES: u32 = 256;
+const TAG_WAKE: u64 = u64::MAX;
+const TAG_WRITE: u64 = 1;
+const TAG_SYNC: u64 = 2;
+
+/// Wakes the flusher: an eventfd plus a flag so that a burst of appends costs one write.
+pub struct Wake {
+    fd: OwnedFd,
+    pending: AtomicBool,
+}
+
+impl Wake {
+    pub fn new() -> Result<Self> {
+        // SAFETY: eventfd returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("eventfd");
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        Ok(Wake { fd: unsafe { OwnedFd::from_raw_fd(fd) }, pending: AtomicBool::new(false) })
+    }
+
+    pub fn wake(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to our eventfd. A full counter (EAGAIN) still wakes.
+            unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+    }
+
+    fn drain(&self) {
+        let mut v = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live buffer; nonblocking.
+        unsafe { libc::read(self.fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+    }
+}
+
+/// A block-aligned buffer for O_DIRECT writes, allocated once per segment.
+struct AlignedBuf {
+    ptr: *mut u8,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain owned memory; only the flusher thread touches it.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    fn new(cap: usize) -> Self {
+        let layout = Layout::from_size_align(cap, BLOCK_BYTES as usize).expect("valid layout");
+        // SAFETY: non-zero size, checked for null below.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        assert!(!ptr.is_null(), "allocating {cap} byte flush buffer");
+        AlignedBuf { ptr, cap, len: 0 }
+    }
+
+    fn extend(&mut self, data: &[u8]) {
+        assert!(self.len + data.len() <= self.cap, "flush buffer overflow");
+        // SAFETY: bounds checked above; regions cannot overlap (ours is private).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(self.len), data.len()) };
+        self.len += data.len();
+    }
+
+    /// Zero-pads to a whole number of blocks.
+    fn pad(&mut self) {
+        let padded = self.len.div_ceil(BLOCK_BYTES as usize) * BLOCK_BYTES as usize;
+        // SAFETY: padded <= cap because cap is block-aligned and len <= cap.
+        unsafe { std::ptr::write_bytes(self.ptr.add(self.len), 0, padded - self.len) };
+        self.len = padded;
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: len bytes are initialised (allocated zeroed).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.cap, BLOCK_BYTES as usize).expect("valid layout");
+        // SAFETY: allocated in new() with this layout.
+        unsafe { dealloc(self.ptr, layout) };
+    }
+}
+
+/// What the flusher keeps per segment.
+pub struct FlushTarget {
+    seg: Arc<Segment>,
+    direct: File,
+    allocated: u64,
+    prealloc: u64,
+    /// Bytes of the partial last block: rewritten at the front of the next write.
+    tail: Vec<u8>,
+    buf: AlignedBuf,
+    inflight: Option<Inflight>,
+}
+
+struct Inflight {
+    job: FlushJob,
+    started: Instant,
+    write_len: usize,
+    write_res: Option<i32>,
+}
+
+impl FlushTarget {
+    pub fn new(seg: Arc<Segment>, direct: File, allocated: u64, prealloc: u64, tail: Vec<u8>, flush_bytes_max: usize) -> Self {
+        let cap = (flush_bytes_max.max(RECORD_BYTES_MAX) + 2 * BLOCK_BYTES as usize).next_multiple_of(BLOCK_BYTES as usize);
+        FlushTarget { seg, direct, allocated, prealloc, tail, buf: AlignedBuf::new(cap), inflight: None }
+    }
+}
+
+pub struct Flusher {
+    ring: IoUring,
+    targets: Vec<FlushTarget>,
+    wake: Arc<Wake>,
+    shutdown: Arc<AtomicBool>,
+    records: Vec<Bytes>,
+}
+
+impl Flusher {
+    pub fn new(targets: Vec<FlushTarget>, wake: Arc<Wake>, shutdown: Arc<AtomicBool>) -> Result<Self> {
+        let ring = IoUring::new(RING_ENTRIES).context("create io_uring (is io_uring disabled on this kernel?)")?;
+        Ok(Flusher { ring, targets, wake, shutdown, records: Vec::new() })
+    }
+
+    /// Runs until shutdown is requested and every complete record is on disk.
+    pub fn run(mut self) -> Result<()> {
+        let mut wake_armed = false;
+        loop {
+            self.wake.pending.store(false, Ordering::Release);
+            let mut busy = false;
+            for i in 0..self.targets.len() {
+                if self.targets[i].inflight.is_none() {
+                    self.start(i)?;
+                }
+                busy |= self.targets[i].inflight.is_some();
+            }
+            if !busy && self.shutdown.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if !wake_armed {
+                let poll = opcode::PollAdd::new(types::Fd(self.wake.fd.as_raw_fd()), libc::POLLIN as _).build().user_data(TAG_WAKE);
+                // SAFETY: the eventfd outlives the ring (both owned by self).
+                unsafe { self.ring.submission().push(&poll) }.expect("ring has room for the wake poll");
+                wake_armed = true;
+            }
+            self.ring.submit_and_wait(1).context("io_uring submit")?;
+            let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
+            for (tag, res) in done {
+                if tag == TAG_WAKE {
+                    wake_armed = false;
+                    self.wake.drain();
+                } else {
+                    self.complete((tag >> 2) as usize, tag & 3, res);
+                }
+            }
+        }
+    }
+
+    /// Starts the next flush of target `i` if it has dirty records.
+    fn start(&mut self, i: usize) -> Result<()> {
+        self.records.clear();
+        let job = self.targets[i].seg.log.lock().expect("segment lock").poll_flush(&mut self.records);
+        let Some(job) = job else { return Ok(()) };
+        let t = &mut self.targets[i];
+        let write_at = job.offset - t.tail.len() as u64;
+        debug_assert_eq!(write_at % BLOCK_BYTES, 0);
+        t.buf.len = 0;
+        t.buf.extend(&t.tail);
+        for r in self.records.drain(..) {
+            t.buf.extend(&r);
+        }
+        let data_end = t.buf.len;
+        t.buf.pad();
+        let write_end = write_at + t.buf.len as u64;
+        if write_end > t.allocated {
+            let grow = (write_end - t.allocated).next_multiple_of(t.prealloc);
+            if let Err(e) = fallocate(&t.direct, t.allocated, grow) {
+                let why = format!("grow segment file by {grow} bytes at {}: {e}", t.allocated);
+                tracing::error!(segment = %t.seg.id, %why, "flush failed; segment stops accepting appends");
+                t.seg.fail_flush(job, why);
+                return Ok(());
+            }
+            t.allocated += grow;
+        }
+        let last_block = (data_end - 1) / BLOCK_BYTES as usize * BLOCK_BYTES as usize;
+        t.tail = t.buf.as_slice()[last_block..data_end].to_vec();
+        if t.tail.len() == BLOCK_BYTES as usize {
+            t.tail.clear();
+        }
+        let fd = types::Fd(t.direct.as_raw_fd());
+        let write = opcode::Write::new(fd, t.buf.ptr, t.buf.len as u32)
+            .offset(write_at)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data((i as u64) << 2 | TAG_WRITE);
+        let sync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data((i as u64) << 2 | TAG_SYNC);
+        // SAFETY: the buffer and file stay alive and untouched until both completions arrive.
+        unsafe {
+            let mut sq = self.ring.submission();
+            sq.push(&write).expect("ring sized for two entries per segment");
+            sq.push(&sync).expect("ring sized for two entries per segment");
+        }
+        t.inflight = Some(Inflight { job, started: Instant::now(), write_len: t.buf.len, write_res: None });
+        Ok(())
+    }
+
+    fn complete(&mut self, i: usize, tag: u64, res: i32) {
+        let t = &mut self.targets[i];
+        let inflight = t.inflight.as_mut().expect("completion for a target with a flush in flight");
+        if tag == TAG_WRITE {
+            inflight.write_res = Some(res);
+            return;
+        }
+        let inflight = t.inflight.take().expect("checked above");
+        let write_res = inflight.write_res.unwrap_or(-libc::ECANCELED);
+        let failure = if write_res < 0 {
+            Some(format!("write: {}", std::io::Error::from_raw_os_error(-write_res)))
+        } else if write_res as usize != inflight.write_len {
+            Some(format!("short write: {write_res} of {} bytes", inflight.write_len))
+        } else if res < 0 {
+            Some(format!("fdatasync: {}", std::io::Error::from_raw_os_error(-res)))
+        } else {
+            None
+        };
+        match failure {
+            None => {
+                let m = &t.seg.metrics;
+                m.flush_latency_us.record(inflight.started.elapsed().as_micros() as u64);
+                let bytes = inflight.job.end_offset - inflight.job.offset;
+                m.flush_batch_bytes.record(bytes);
+                m.flushed_bytes.fetch_add(bytes, Ordering::Relaxed);
+                t.seg.flushed(inflight.job);
+            }
+            Some(why) => {
+                tracing::error!(segment = %t.seg.id, %why, "flush failed; segment stops accepting appends");
+                // The write began with the old tail block; keep it for a retry after restart.
+                let keep = (inflight.job.offset % BLOCK_BYTES) as usize;
+                t.tail = t.buf.as_slice()[..keep].to_vec();
+                t.seg.fail_flush(inflight.job, why);
+            }
+        }
+    }
+}

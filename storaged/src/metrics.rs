@@ -1,0 +1,104 @@
+//! storaged metrics, rendered in the Prometheus text format at /metrics.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use hdrhistogram::Histogram;
+
+/// A latency or size distribution, exported as a Prometheus summary.
+pub struct Distribution {
+    hist: Mutex<Histogram<u64>>,
+}
+
+impl Distribution {
+    fn new() -> Self {
+        Distribution { hist: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds")) }
+    }
+
+    pub fn record(&self, v: u64) {
+        self.hist.lock().expect("metrics lock").saturating_record(v.max(1));
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let h = self.hist.lock().expect("metrics lock");
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+        for q in [0.5, 0.99, 0.999] {
+            let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {}", h.value_at_quantile(q));
+        }
+        let sum = h.iter_recorded().map(|v| v.value_iterated_to() * v.count_at_value()).sum::<u64>();
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", h.len());
+    }
+}
+
+pub struct Metrics {
+    pub ingest_records: AtomicU64,
+    pub ingest_bytes: AtomicU64,
+    pub appends_busy: AtomicU64,
+    pub requests_refused: AtomicU64,
+    pub flushed_bytes: AtomicU64,
+    pub ack_latency_us: Distribution,
+    pub flush_latency_us: Distribution,
+    pub append_batch_records: Distribution,
+    pub flush_batch_bytes: Distribution,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            ingest_records: AtomicU64::new(0),
+            ingest_bytes: AtomicU64::new(0),
+            appends_busy: AtomicU64::new(0),
+            requests_refused: AtomicU64::new(0),
+            flushed_bytes: AtomicU64::new(0),
+            ack_latency_us: Distribution::new(),
+            flush_latency_us: Distribution::new(),
+            append_batch_records: Distribution::new(),
+            flush_batch_bytes: Distribution::new(),
+        }
+    }
+}
+
+/// One segment's gauges at scrape time.
+pub struct SegmentGauges {
+    pub pg: u32,
+    pub scl: u64,
+    pub flushed_lsn: u64,
+    pub hot_bytes: u64,
+    pub pending_records: u64,
+    pub disk_failed: bool,
+}
+
+impl Metrics {
+    pub fn render(&self, node_id: u32, segments: &[SegmentGauges]) -> String {
+        let mut out = String::new();
+        let counters = [
+            ("storaged_ingest_records_total", "Records newly inserted into segment logs.", &self.ingest_records),
+            ("storaged_ingest_bytes_total", "Record bytes newly inserted into segment logs.", &self.ingest_bytes),
+            ("storaged_appends_busy_total", "Appends answered Busy because the hot log was full.", &self.appends_busy),
+            ("storaged_requests_refused_total", "Requests answered with an error other than Busy.", &self.requests_refused),
+            ("storaged_flushed_bytes_total", "Record bytes made durable by fdatasync.", &self.flushed_bytes),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node_id}\"}} {}", c.load(Relaxed));
+        }
+        self.ack_latency_us.render(&mut out, "storaged_ack_latency_us", "Append frame received to ack sent, microseconds.");
+        self.flush_latency_us.render(&mut out, "storaged_flush_latency_us", "Flush write submitted to fdatasync completed, microseconds.");
+        self.append_batch_records.render(&mut out, "storaged_append_batch_records", "Records per append batch.");
+        self.flush_batch_bytes.render(&mut out, "storaged_flush_batch_bytes", "Record bytes per flush (one write + fdatasync).");
+        let gauges: [(&str, &str, fn(&SegmentGauges) -> u64); 5] = [
+            ("storaged_segment_scl", "Segment complete LSN.", |s| s.scl),
+            ("storaged_segment_flushed_lsn", "Highest LSN durable on disk.", |s| s.flushed_lsn),
+            ("storaged_segment_hot_bytes", "Unflushed bytes in the segment's memory log.", |s| s.hot_bytes),
+            ("storaged_segment_pending_records", "Records held above a hole, waiting for it to fill.", |s| s.pending_records),
+            ("storaged_segment_disk_failed", "1 if the segment stopped accepting appends after a disk error.", |s| s.disk_failed as u64),
+        ];
+        for (name, help, get) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for s in segments {
+                let _ = writeln!(out, "{name}{{node=\"{node_id}\",pg=\"{}\"}} {}", s.pg, get(s));
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,124 @@
+//! A storage node's shared state: its segments, each a core `SegmentLog`
+//! behind a mutex plus a watch channel that publishes SCL / flushed LSN.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Result;
+use redo_core::segment_log::{FlushJob, SegmentLog, SegmentLogConfig};
+use redo_core::wire::SegmentPosition;
+use redo_core::{NodeId, PgId, SegmentId};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::flusher::{FlushTarget, Wake};
+use crate::metrics::{Metrics, SegmentGauges};
+use crate::store;
+
+pub struct Segment {
+    pub id: SegmentId,
+    pub log: Mutex<SegmentLog>,
+    /// Latest position; acks with `ack = disk`, Busy waits and subscribers watch it.
+    pub position: watch::Sender<SegmentPosition>,
+    /// Buffered descriptor for pulls served from disk.
+    pub reader: std::fs::File,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Segment {
+    fn publish(&self, log: &SegmentLog) {
+        let p = log.position();
+        self.position.send_if_modified(|cur| std::mem::replace(cur, p) != p);
+    }
+
+    /// Flusher: `job` is durable.
+    pub fn flushed(&self, job: FlushJob) {
+        let mut log = self.log.lock().expect("segment lock");
+        log.handle_flushed(job);
+        self.publish(&log);
+    }
+
+    /// Flusher: `job` failed; the segment refuses appends from now on.
+    pub fn fail_flush(&self, job: FlushJob, why: String) {
+        let mut log = self.log.lock().expect("segment lock");
+        log.handle_flush_failed(job, why);
+        // Wake waiters so that they see the failure.
+        self.position.send_modify(|_| {});
+    }
+
+    /// Runs `f` on the log under its lock and publishes any position change.
+    pub fn with_log<T>(&self, f: impl FnOnce(&mut SegmentLog) -> T) -> T {
+        let mut log = self.log.lock().expect("segment lock");
+        let out = f(&mut log);
+        self.publish(&log);
+        out
+    }
+}
+
+pub struct Node {
+    pub config: Config,
+    pub node_id: NodeId,
+    pub segments: HashMap<PgId, Arc<Segment>>,
+    pub wake: Arc<Wake>,
+    pub metrics: Arc<Metrics>,
+    pub shutting_down: AtomicBool,
+}
+
+impl Node {
+    /// Recovers every hosted segment from disk and returns the node plus the
+    /// flusher's per-segment targets.
+    pub fn open(config: Config) -> Result<(Arc<Node>, Vec<FlushTarget>)> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| anyhow::anyhow!("create data dir {}: {e}", config.data_dir.display()))?;
+        let node_id = NodeId(config.node_id);
+        let metrics = Arc::new(Metrics::default());
+        let log_config = SegmentLogConfig {
+            hot_bytes_max: config.hot_log_bytes_max as usize,
+            cache_bytes_max: config.cache_bytes_max as usize,
+            flush_bytes_max: config.flush_bytes_max as usize,
+        };
+        let mut segments = HashMap::new();
+        let mut targets = Vec::new();
+        for &pg in &config.pgs {
+            let id = SegmentId { pg: PgId(pg), node: node_id };
+            let r = store::open_segment(&config.data_dir, id, config.segment_prealloc_bytes)?;
+            let log = SegmentLog::recovered(id, log_config.clone(), r.epoch, r.last_lsn, r.file_end, r.index);
+            let (position, _) = watch::channel(log.position());
+            let seg = Arc::new(Segment { id, log: Mutex::new(log), position, reader: r.reader, metrics: metrics.clone() });
+            targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, config.flush_bytes_max as usize));
+            segments.insert(PgId(pg), seg);
+        }
+        let node = Node { config, node_id, segments, wake: Arc::new(Wake::new()?), metrics, shutting_down: AtomicBool::new(false) };
+        Ok((Arc::new(node), targets))
+    }
+
+    pub fn data_dir(&self) -> &PathBuf {
+        &self.config.data_dir
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let mut gauges: Vec<SegmentGauges> = self
+            .segments
+            .values()
+            .map(|s| {
+                let log = s.log.lock().expect("segment lock");
+                SegmentGauges {
+                    pg: s.id.pg.0,
+                    scl: log.scl().0,
+                    flushed_lsn: log.flushed_lsn().0,
+                    hot_bytes: log.hot_bytes() as u64,
+                    pending_records: log.pending_records() as u64,
+                    disk_failed: log.disk_failed().is_some(),
+                }
+            })
+            .collect();
+        gauges.sort_by_key(|g| g.pg);
+        self.metrics.render(self.node_id.0, &gauges)
+    }
+}

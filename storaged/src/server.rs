@@ -1,0 +1,309 @@
+//! The QUIC shell around the node: accepts mutual-TLS connections, runs each
+//! stream as an ordered request/reply pipe (appends pipelined and acked in
+//! order, pulls, subscriptions), and serves /metrics.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use borealis_net::frame::{read_message, write_message, FrameError};
+use bytes::{Bytes, BytesMut};
+use redo_core::record::RecordRun;
+use redo_core::segment_log::AppendError;
+use redo_core::wire::{ErrorCode, Message, SegmentPosition};
+use redo_core::{Epoch, Lsn, PgId};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use crate::config::AckMode;
+use crate::metrics::Metrics;
+use crate::node::{Node, Segment};
+use crate::store;
+
+/// Replies a stream may have queued before it stops reading requests.
+const REPLIES_INFLIGHT_MAX: usize = 1024;
+/// Notifications queued per subscription stream; forwarders wait when full.
+const NOTIFY_QUEUE_MAX: usize = 64;
+const HTTP_REQUEST_BYTES_MAX: usize = 8192;
+
+/// What the reply writer sends, in request order.
+enum Reply {
+    Now { msg: Message, received: Option<Instant> },
+    /// `ack = disk`: ack once the segment's flushed LSN reaches `last_lsn`.
+    AfterFlush { seg: Arc<Segment>, last_lsn: Lsn, received: Instant },
+    /// Send the error, then close the stream.
+    Close(Message),
+    Subscribe(Vec<Arc<Segment>>),
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Message {
+    Message::Error { code, message: message.into() }
+}
+
+pub async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(node, conn).await,
+                Err(e) => tracing::warn!(%remote, error = %e, "refused connection"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(node: Arc<Node>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    tracing::debug!(%remote, "connection established");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(serve_stream(node.clone(), send, recv));
+            }
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "connection closed");
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let (tx, rx) = mpsc::channel(REPLIES_INFLIGHT_MAX);
+    let writer = tokio::spawn(write_replies(send, rx, node.metrics.clone()));
+    let frame_max = node.config.frame_bytes_max as usize;
+    let mut subscribed = false;
+    loop {
+        let reply = match read_message(&mut recv, frame_max).await {
+            Ok(None) => break,
+            Ok(Some(_)) if subscribed => Reply::Close(error(ErrorCode::Malformed, "no requests allowed on a subscription stream")),
+            Ok(Some(msg)) => handle_request(&node, msg).await,
+            Err(FrameError::Read(e)) => {
+                tracing::debug!(error = %e, "stream ended");
+                break;
+            }
+            Err(e @ FrameError::TooLarge { .. }) => Reply::Close(error(ErrorCode::TooLarge, e.to_string())),
+            Err(e @ FrameError::Malformed(_)) => Reply::Close(error(ErrorCode::Malformed, e.to_string())),
+        };
+        let close = matches!(reply, Reply::Close(_));
+        if let Reply::Close(Message::Error { code, message }) = &reply {
+            node.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(?code, %message, "refusing request and closing its stream");
+        }
+        subscribed |= matches!(reply, Reply::Subscribe(_));
+        if tx.send(reply).await.is_err() || close {
+            let _ = recv.stop(0u32.into());
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
+    let received = Instant::now();
+    match msg {
+        Message::Append { epoch, pg, run, records } => append(node, epoch, pg, run, records, received).await,
+        Message::Pull { pg, after, upto, bytes_max } => match node.segments.get(&pg) {
+            None => not_hosted(node, pg),
+            Some(seg) => pull(node, seg.clone(), after, upto, bytes_max).await,
+        },
+        Message::Subscribe { pgs } => {
+            let mut segs = Vec::with_capacity(pgs.len());
+            for pg in pgs {
+                match node.segments.get(&pg) {
+                    Some(s) => segs.push(s.clone()),
+                    None => return not_hosted(node, pg),
+                }
+            }
+            Reply::Subscribe(segs)
+        }
+        other => Reply::Close(error(ErrorCode::Malformed, format!("unexpected request {:?}", std::mem::discriminant(&other)))),
+    }
+}
+
+fn not_hosted(node: &Node, pg: PgId) -> Reply {
+    let mut hosted: Vec<u32> = node.segments.keys().map(|p| p.0).collect();
+    hosted.sort();
+    Reply::Close(error(ErrorCode::NotHosted, format!("{pg} is not hosted on {} (hosts pgs {hosted:?})", node.node_id)))
+}
+
+async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, run: RecordRun, records: Bytes, received: Instant) -> Reply {
+    let Some(seg) = node.segments.get(&pg) else { return not_hosted(node, pg) };
+    if node.is_shutting_down() {
+        return Reply::Close(error(ErrorCode::ShuttingDown, "storage node is shutting down"));
+    }
+    let deadline = received + Duration::from_millis(node.config.busy_wait_ms);
+    let mut position = seg.position.subscribe();
+    loop {
+        let err = match seg.with_log(|log| log.handle_append(epoch, &records)) {
+            Ok(out) => {
+                node.metrics.ingest_records.fetch_add(out.inserted as u64, Ordering::Relaxed);
+                node.metrics.ingest_bytes.fetch_add(out.inserted_bytes as u64, Ordering::Relaxed);
+                node.metrics.append_batch_records.record(run.count as u64);
+                node.wake.wake();
+                if out.epoch_raised {
+                    let dir = node.data_dir().clone();
+                    let persisted = tokio::task::spawn_blocking(move || store::write_epoch(&dir, pg, epoch)).await;
+                    if let Err(e) = persisted.map_err(anyhow::Error::from).and_then(|r| r) {
+                        return Reply::Close(error(ErrorCode::DiskFailed, format!("persist {epoch} for {pg}: {e:#}")));
+                    }
+                    tracing::info!(%pg, %epoch, "segment moved to a new epoch");
+                }
+                return match node.config.ack {
+                    AckMode::Memory => {
+                        Reply::Now { msg: Message::Ack { position: out.position, batch_last_lsn: run.last_lsn }, received: Some(received) }
+                    }
+                    AckMode::Disk => Reply::AfterFlush { seg: seg.clone(), last_lsn: run.last_lsn, received },
+                };
+            }
+            Err(e) => e,
+        };
+        let code = match err {
+            AppendError::Busy { .. } => {
+                node.metrics.appends_busy.fetch_add(1, Ordering::Relaxed);
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !left.is_zero() && tokio::time::timeout(left, position.changed()).await.is_ok() {
+                    continue;
+                }
+                return Reply::Now { msg: error(ErrorCode::Busy, err.to_string()), received: None };
+            }
+            AppendError::StaleEpoch { .. } => ErrorCode::StaleEpoch,
+            AppendError::DiskFailed(_) => ErrorCode::DiskFailed,
+            AppendError::Conflict { .. } => ErrorCode::Conflict,
+            AppendError::Malformed(_) => ErrorCode::Malformed,
+        };
+        return Reply::Close(error(code, format!("{pg}: {err}")));
+    }
+}
+
+async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: u32) -> Reply {
+    let bytes_max = (bytes_max as usize).min(node.config.frame_bytes_max as usize / 2).max(1);
+    let mut parts = Vec::new();
+    let (read, position) = {
+        let log = seg.log.lock().expect("segment lock");
+        (log.read(after, upto, bytes_max, &mut parts), log.position())
+    };
+    let (records, last_lsn) = match read {
+        Ok(last) => {
+            let mut buf = BytesMut::with_capacity(parts.iter().map(|p| p.len()).sum());
+            parts.iter().for_each(|p| buf.extend_from_slice(p));
+            (buf.freeze(), last)
+        }
+        Err(disk) => {
+            let seg2 = seg.clone();
+            match tokio::task::spawn_blocking(move || store::read_from_disk(&seg2.reader, disk, bytes_max)).await {
+                Ok(Ok((buf, last))) => (Bytes::from(buf), last),
+                Ok(Err(e)) => {
+                    tracing::error!(segment = %seg.id, error = %format!("{e:#}"), "pull from disk failed");
+                    return Reply::Close(error(ErrorCode::DiskFailed, format!("{}: read from disk: {e:#}", seg.id)));
+                }
+                Err(e) => return Reply::Close(error(ErrorCode::DiskFailed, format!("disk read task: {e}"))),
+            }
+        }
+    };
+    Reply::Now { msg: Message::PullReply { position, last_lsn, records }, received: None }
+}
+
+async fn write_replies(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Reply>, metrics: Arc<Metrics>) {
+    while let Some(reply) = rx.recv().await {
+        let result = match reply {
+            Reply::Now { msg, received } => {
+                let r = write_message(&mut send, &msg).await;
+                if let Some(t) = received {
+                    metrics.ack_latency_us.record(t.elapsed().as_micros() as u64);
+                }
+                r
+            }
+            Reply::AfterFlush { seg, last_lsn, received } => {
+                let msg = wait_flushed(&seg, last_lsn).await;
+                let r = write_message(&mut send, &msg).await;
+                metrics.ack_latency_us.record(received.elapsed().as_micros() as u64);
+                r
+            }
+            Reply::Close(msg) => {
+                let _ = write_message(&mut send, &msg).await;
+                let _ = send.finish();
+                return;
+            }
+            Reply::Subscribe(segs) => return push_notifications(send, segs).await,
+        };
+        if result.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+async fn wait_flushed(seg: &Segment, last_lsn: Lsn) -> Message {
+    let mut rx = seg.position.subscribe();
+    loop {
+        let position: SegmentPosition = *rx.borrow_and_update();
+        if position.flushed_lsn >= last_lsn {
+            return Message::Ack { position, batch_last_lsn: last_lsn };
+        }
+        if let Some(why) = seg.log.lock().expect("segment lock").disk_failed() {
+            return error(ErrorCode::DiskFailed, format!("{}: {why}", seg.id));
+        }
+        if rx.changed().await.is_err() {
+            return error(ErrorCode::ShuttingDown, "storage node is shutting down");
+        }
+    }
+}
+
+/// Pushes every SCL / flushed-LSN change of `segs` until the subscriber goes away.
+async fn push_notifications(mut send: quinn::SendStream, segs: Vec<Arc<Segment>>) {
+    let (tx, mut rx) = mpsc::channel(NOTIFY_QUEUE_MAX);
+    let forwarders: Vec<_> = segs
+        .iter()
+        .map(|seg| {
+            let mut watch = seg.position.subscribe();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let position = *watch.borrow_and_update();
+                    if tx.send(position).await.is_err() || watch.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    while let Some(position) = rx.recv().await {
+        if write_message(&mut send, &Message::Notify { position }).await.is_err() {
+            break;
+        }
+    }
+    forwarders.iter().for_each(|f| f.abort());
+}
+
+/// Serves `GET /metrics` in the Prometheus text format.
+pub async fn metrics_server(node: Arc<Node>, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut req = Vec::with_capacity(1024);
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < HTTP_REQUEST_BYTES_MAX {
+                match sock.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let (status, body) = if req.starts_with(b"GET /metrics ") {
+                ("200 OK", node.render_metrics())
+            } else {
+                ("404 Not Found", "only GET /metrics is served\n".to_string())
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}

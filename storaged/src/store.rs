@@ -1,0 +1,194 @@
+//! Segment files on disk: create, recover (CRC-check, truncate a torn tail),
+//! persist epochs, and serve pulls that memory no longer holds. Plain
+//! syscalls: none of this is on the append path (the flusher is).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use redo_core::segment_file::{decode_header, encode_header, scan_records, ScanStop, SEGMENT_HEADER_BYTES};
+use redo_core::segment_log::{DiskIndex, DiskRead};
+use redo_core::{Epoch, Lsn, PgId, SegmentId};
+
+/// O_DIRECT alignment for offsets, lengths and buffers.
+pub const BLOCK_BYTES: u64 = 4096;
+const SCAN_CHUNK_BYTES: usize = 8 << 20;
+
+pub fn segment_path(dir: &Path, pg: PgId) -> PathBuf {
+    dir.join(format!("pg-{}.seg", pg.0))
+}
+
+fn epoch_path(dir: &Path, pg: PgId) -> PathBuf {
+    dir.join(format!("pg-{}.epoch", pg.0))
+}
+
+/// A segment file after recovery.
+pub struct Recovered {
+    /// For the flusher (O_DIRECT).
+    pub direct: File,
+    /// For pulls from disk (page cache).
+    pub reader: File,
+    pub last_lsn: Lsn,
+    pub file_end: u64,
+    pub allocated: u64,
+    pub index: DiskIndex,
+    pub epoch: Epoch,
+    /// Bytes of the partial last block, which the flusher rewrites with the next records.
+    pub tail: Vec<u8>,
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync directory {}", dir.display()))
+}
+
+pub fn fallocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: plain syscall on an owned, open descriptor.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: as above.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// Opens (creating if needed) and recovers the segment file of `id`.
+pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64) -> Result<Recovered> {
+    let path = segment_path(dir, id.pg);
+    let exists = path.exists();
+    if !exists {
+        let tmp = path.with_extension("seg.new");
+        let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+        f.write_all(&encode_header(id)).context("write segment header")?;
+        fallocate(&f, 0, prealloc).with_context(|| format!("preallocate {} bytes for {}", prealloc, tmp.display()))?;
+        f.sync_all().context("fsync new segment file")?;
+        fs::rename(&tmp, &path).context("install new segment file")?;
+        fsync_dir(dir)?;
+        tracing::info!(segment = %id, path = %path.display(), "created segment file");
+    }
+    let reader = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+    let mut header = vec![0u8; SEGMENT_HEADER_BYTES];
+    reader.read_exact_at(&mut header, 0).with_context(|| format!("read header of {}", path.display()))?;
+    let found = decode_header(&header).with_context(|| format!("{} has no valid segment header", path.display()))?;
+    if found != id {
+        bail!("{} belongs to segment {found}, not {id}: wrong data directory?", path.display());
+    }
+    let size = reader.metadata().context("stat segment file")?.len();
+
+    // Scan the records, chunk by chunk, carrying a partial record over.
+    let mut index = DiskIndex::default();
+    let mut last_lsn = Lsn::ZERO;
+    let mut offset = SEGMENT_HEADER_BYTES as u64; // file offset of buf[0]
+    let mut buf: Vec<u8> = Vec::new();
+    let mut records = 0u64;
+    let stop = loop {
+        let read_at = offset + buf.len() as u64;
+        let want = SCAN_CHUNK_BYTES.min(size.saturating_sub(read_at) as usize);
+        let at_eof = want == 0;
+        if !at_eof {
+            let old = buf.len();
+            buf.resize(old + want, 0);
+            reader.read_exact_at(&mut buf[old..], read_at).context("read segment file")?;
+        }
+        let (used, stop) = scan_records(&buf, offset, &mut last_lsn, |rec, at| {
+            index.note(rec.lsn(), rec.prev_lsn_in_segment(), at);
+            records += 1;
+        });
+        offset += used as u64;
+        buf.drain(..used);
+        match stop {
+            ScanStop::NeedMore if !at_eof => continue,
+            ScanStop::NeedMore if buf.iter().all(|&b| b == 0) => break ScanStop::End,
+            ScanStop::NeedMore => {
+                break ScanStop::Corrupt { offset, reason: format!("torn record: {} bytes before end of file", buf.len()) }
+            }
+            other => break other,
+        }
+    };
+    let file_end = offset;
+    let direct = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .with_context(|| format!("open {} with O_DIRECT", path.display()))?;
+    // Whatever follows the log must read as zeros, so that the end stays
+    // unambiguous once new records are written after it.
+    let tail_start = file_end / BLOCK_BYTES * BLOCK_BYTES;
+    let mut tail = vec![0u8; (file_end - tail_start) as usize];
+    reader.read_exact_at(&mut tail, tail_start).context("read tail block")?;
+    if let ScanStop::Corrupt { offset, reason } = &stop {
+        tracing::warn!(segment = %id, offset, %reason, last_lsn = %last_lsn, "truncating segment log at a torn or corrupt tail");
+        let f = OpenOptions::new().write(true).open(&path).context("open segment for truncation")?;
+        let block_end = tail_start + BLOCK_BYTES;
+        f.write_all_at(&vec![0u8; (block_end - file_end) as usize], file_end).context("zero torn tail block")?;
+        if size > block_end {
+            zero_range(&f, block_end, size - block_end).context("zero truncated tail")?;
+        }
+        f.sync_data().context("fsync truncated segment")?;
+    }
+    let epoch = read_epoch(dir, id.pg)?;
+    tracing::info!(segment = %id, records, scl = %last_lsn, file_end, %epoch, "recovered segment");
+    Ok(Recovered { direct, reader, last_lsn, file_end, allocated: size.max(file_end), index, epoch, tail })
+}
+
+fn read_epoch(dir: &Path, pg: PgId) -> Result<Epoch> {
+    let path = epoch_path(dir, pg);
+    match fs::read_to_string(&path) {
+        Ok(s) => Ok(Epoch(s.trim().parse().with_context(|| format!("{} does not hold an epoch", path.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Epoch(0)),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// Durably records a segment's epoch (write, fsync, rename, fsync dir).
+pub fn write_epoch(dir: &Path, pg: PgId, epoch: Epoch) -> Result<()> {
+    let path = epoch_path(dir, pg);
+    let tmp = path.with_extension("epoch.new");
+    let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    writeln!(f, "{}", epoch.0).context("write epoch")?;
+    f.sync_all().context("fsync epoch")?;
+    fs::rename(&tmp, &path).context("install epoch file")?;
+    fsync_dir(dir)
+}
+
+/// Reads records in `(read.after, read.upto]` from the segment file, about
+/// `bytes_max` at most (at least one record). Returns the bytes and the last LSN.
+pub fn read_from_disk(reader: &File, read: DiskRead, bytes_max: usize) -> Result<(Vec<u8>, Lsn)> {
+    let mut out = Vec::new();
+    let mut last = read.after;
+    let mut prev = read.prev;
+    let mut offset = read.offset;
+    let mut buf = Vec::new();
+    while offset < read.end_offset {
+        let want = SCAN_CHUNK_BYTES.min((read.end_offset - offset) as usize);
+        buf.resize(want, 0);
+        reader.read_exact_at(&mut buf, offset).context("read segment file")?;
+        let mut full = false;
+        let (used, stop) = scan_records(&buf, offset, &mut prev, |rec, _| {
+            let lsn = rec.lsn();
+            if full || lsn <= read.after || lsn > read.upto {
+                full |= lsn > read.upto;
+                return;
+            }
+            if !out.is_empty() && out.len() + rec.as_bytes().len() > bytes_max {
+                full = true;
+                return;
+            }
+            out.extend_from_slice(rec.as_bytes());
+            last = lsn;
+        });
+        match stop {
+            _ if full => break,
+            ScanStop::NeedMore if used > 0 => offset += used as u64,
+            ScanStop::End | ScanStop::NeedMore => break,
+            ScanStop::Corrupt { offset, reason } => bail!("segment file corrupt at offset {offset}: {reason}"),
+        }
+    }
+    Ok((out, last))
+}

@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod frame;
+pub mod storage;
 pub mod tls;
 
 pub use tls::{client_endpoint, connect, server_endpoint, TlsIdentity};

@@ -109,10 +109,8 @@ impl Message {
         put_u32(out, 0);
         match self {
             Message::Append { epoch, pg, records, .. } => {
-                out.push(KIND_APPEND);
-                put_u64(out, epoch.0);
-                put_u32(out, pg.0);
-                out.extend_from_slice(records);
+                out.truncate(start);
+                return encode_append(*epoch, *pg, records, out);
             }
             Message::Ack { position, batch_last_lsn } => {
                 out.push(KIND_ACK);
@@ -217,6 +215,16 @@ impl Message {
         r.finish()?;
         Ok(msg)
     }
+}
+
+/// Appends an Append frame for already-encoded `records` (callers that hold
+/// raw record bytes need not build a `Message`).
+pub fn encode_append(epoch: Epoch, pg: PgId, records: &[u8], out: &mut Vec<u8>) {
+    put_u32(out, (1 + 8 + 4 + records.len()) as u32);
+    out.push(KIND_APPEND);
+    put_u64(out, epoch.0);
+    put_u32(out, pg.0);
+    out.extend_from_slice(records);
 }
 
 /// Reads the length word of a frame header, checking it against `frame_bytes_max`.

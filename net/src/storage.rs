@@ -1,0 +1,134 @@
+//! Client side of the storage protocol, for writers, replicas, tools and tests.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use redo_core::wire::{encode_append, ErrorCode, Message, SegmentPosition, FRAME_BYTES_MAX};
+use redo_core::{Epoch, Lsn, PgId};
+use thiserror::Error;
+
+use crate::frame::{read_message, write_message, FrameError};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("connect to storage node {addr}: {source:#}")]
+    Connect { addr: SocketAddr, source: anyhow::Error },
+    #[error("open stream: {0}")]
+    Open(#[from] quinn::ConnectionError),
+    #[error("send: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("receive: {0}")]
+    Frame(#[from] FrameError),
+    #[error("storage node refused: {code:?}: {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("storage node closed the stream")]
+    Closed,
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+/// A connection to one storage node.
+#[derive(Clone)]
+pub struct StorageConn {
+    pub conn: quinn::Connection,
+}
+
+/// One segment's records from a pull.
+#[derive(Debug)]
+pub struct Pulled {
+    pub position: SegmentPosition,
+    pub last_lsn: Lsn,
+    pub records: Bytes,
+}
+
+async fn next(recv: &mut quinn::RecvStream) -> Result<Message, ClientError> {
+    match read_message(recv, FRAME_BYTES_MAX).await? {
+        Some(Message::Error { code, message }) => Err(ClientError::Refused { code, message }),
+        Some(m) => Ok(m),
+        None => Err(ClientError::Closed),
+    }
+}
+
+impl StorageConn {
+    pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<Self, ClientError> {
+        let conn = crate::connect(endpoint, addr).await.map_err(|source| ClientError::Connect { addr, source })?;
+        Ok(StorageConn { conn })
+    }
+
+    /// Opens a pipelined append stream: send batches on one half, read acks in order on the other.
+    pub async fn open_append(&self) -> Result<(AppendSender, AppendReceiver), ClientError> {
+        let (send, recv) = self.conn.open_bi().await?;
+        Ok((AppendSender { send, buf: Vec::new() }, AppendReceiver { recv }))
+    }
+
+    /// Records with `after < lsn <= upto` (a prefix of them, about `bytes_max`).
+    pub async fn pull(&self, pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32) -> Result<Pulled, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_message(&mut send, &Message::Pull { pg, after, upto, bytes_max }).await?;
+        let _ = send.finish();
+        match next(&mut recv).await? {
+            Message::PullReply { position, last_lsn, records } => Ok(Pulled { position, last_lsn, records }),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Subscribes to SCL / flushed-LSN changes of `pgs`.
+    pub async fn subscribe(&self, pgs: Vec<PgId>) -> Result<Subscription, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        write_message(&mut send, &Message::Subscribe { pgs }).await?;
+        Ok(Subscription { _send: send, recv })
+    }
+}
+
+pub struct AppendSender {
+    send: quinn::SendStream,
+    buf: Vec<u8>,
+}
+
+impl AppendSender {
+    /// Sends `records` (encoded, in LSN order) for segment `pg`.
+    pub async fn send(&mut self, epoch: Epoch, pg: PgId, records: &[u8]) -> Result<(), ClientError> {
+        self.buf.clear();
+        encode_append(epoch, pg, records, &mut self.buf);
+        self.send.write_all(&self.buf).await?;
+        Ok(())
+    }
+
+    /// Sends raw bytes, frame or not: for tools and tests that probe bad input.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.send.write_all(bytes).await?;
+        Ok(())
+    }
+
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+}
+
+pub struct AppendReceiver {
+    recv: quinn::RecvStream,
+}
+
+impl AppendReceiver {
+    /// The next ack, in send order; a refusal comes back as `ClientError::Refused`.
+    pub async fn recv(&mut self) -> Result<(SegmentPosition, Lsn), ClientError> {
+        match next(&mut self.recv).await? {
+            Message::Ack { position, batch_last_lsn } => Ok((position, batch_last_lsn)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+pub struct Subscription {
+    _send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Subscription {
+    pub async fn next(&mut self) -> Result<SegmentPosition, ClientError> {
+        match next(&mut self.recv).await? {
+            Message::Notify { position } => Ok(position),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}

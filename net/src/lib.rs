@@ -7,3 +7,33 @@ pub mod storage;
 pub mod tls;
 
 pub use tls::{client_endpoint, connect, server_endpoint, TlsIdentity};
+
+/// Parses `4096`, `64KiB`, `8MiB`, `1GiB`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 4096, 64KiB, 8MiB, 1GiB"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}: use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes("8MiB"), Ok(8 << 20));
+        assert!(parse_bytes("8MB").is_err());
+        assert!(parse_bytes("lots").is_err());
+    }
+}

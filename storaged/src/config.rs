@@ -43,19 +43,19 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "memory")]
     pub ack: AckMode,
     /// Per segment: unflushed bytes past which appends wait (see --busy-wait-ms), then get Busy.
-    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "256MiB", value_parser = borealis_net::parse_bytes)]
     pub hot_log_bytes_max: u64,
     /// Per segment: flushed records kept in memory to serve pulls without disk reads.
-    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "64MiB", value_parser = borealis_net::parse_bytes)]
     pub cache_bytes_max: u64,
     /// Largest frame (one append batch) accepted; larger ones get TooLarge and the stream is closed.
-    #[arg(long, default_value = "8MiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "8MiB", value_parser = borealis_net::parse_bytes)]
     pub frame_bytes_max: u64,
     /// Largest single write of a flush (then fdatasync).
-    #[arg(long, default_value = "2MiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "2MiB", value_parser = borealis_net::parse_bytes)]
     pub flush_bytes_max: u64,
     /// Segment files grow by fallocate in steps of this size.
-    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    #[arg(long, default_value = "64MiB", value_parser = borealis_net::parse_bytes)]
     pub segment_prealloc_bytes: u64,
     /// How long an append waits for the flush to free hot-log memory before answering Busy.
     #[arg(long, default_value_t = 1000)]
@@ -84,22 +84,6 @@ impl Config {
     }
 }
 
-/// Parses `4096`, `64KiB`, `8MiB`, `1GiB`.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size like 4096, 64KiB, 8MiB, 1GiB"))?;
-    let mult = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?}: use B, KiB, MiB or GiB")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
-}
-
 /// Turns a TOML config file into `--key value` arguments, to be placed
 /// before the command line's own so that flags override the file.
 pub fn toml_args(path: &std::path::Path) -> Result<Vec<String>> {
@@ -125,18 +109,4 @@ pub fn toml_args(path: &std::path::Path) -> Result<Vec<String>> {
         args.push(value);
     }
     Ok(args)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert_eq!(parse_bytes("64KiB"), Ok(65536));
-        assert_eq!(parse_bytes("8MiB"), Ok(8 << 20));
-        assert!(parse_bytes("8MB").is_err());
-        assert!(parse_bytes("lots").is_err());
-    }
 }

@@ -1,0 +1,116 @@
+//! The ceilings storage is measured against, taken in the same run on the
+//! same machine: raw sequential O_DIRECT write + fdatasync through io_uring
+//! (the flusher's own pattern, one write+sync in flight), and raw QUIC
+//! loopback throughput through quinn with the cluster's TLS configuration.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use io_uring::{opcode, squeue, types, IoUring};
+use serde::Serialize;
+
+const BLOCK: usize = 4096;
+const QUIC_CHUNK_BYTES: usize = 64 << 10;
+
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct DiskCeiling {
+    pub write_bytes: usize,
+    pub mb_per_s: f64,
+    pub syncs_per_s: f64,
+}
+
+/// Writes `write_bytes` blocks sequentially into a fresh preallocated file in
+/// `dir`, each write linked to an fdatasync, for `duration`.
+pub fn raw_disk(dir: &Path, write_bytes: usize, duration: Duration) -> Result<DiskCeiling> {
+    assert!(write_bytes % BLOCK == 0 && write_bytes > 0);
+    let path = dir.join("raw-disk-ceiling.tmp");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .with_context(|| format!("create {}", path.display()))?;
+    let mut allocated = 0u64;
+    let layout = std::alloc::Layout::from_size_align(write_bytes, BLOCK).expect("layout");
+    // SAFETY: non-zero size; freed below with the same layout.
+    let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+    assert!(!buf.is_null());
+    // SAFETY: buf holds write_bytes initialised bytes.
+    unsafe { std::slice::from_raw_parts_mut(buf, write_bytes) }.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+    let mut ring = IoUring::new(8).context("create io_uring")?;
+    let fd = types::Fd(file.as_raw_fd());
+    let start = Instant::now();
+    let (mut offset, mut syncs) = (0u64, 0u64);
+    let result = (|| -> Result<()> {
+        while start.elapsed() < duration {
+            if offset + write_bytes as u64 > allocated {
+                let grow = 64u64 << 20;
+                // SAFETY: plain syscall on our descriptor.
+                if unsafe { libc::fallocate(file.as_raw_fd(), 0, allocated as i64, grow as i64) } != 0 {
+                    bail!("fallocate: {}", std::io::Error::last_os_error());
+                }
+                allocated += grow;
+            }
+            let write = opcode::Write::new(fd, buf, write_bytes as u32).offset(offset).build().flags(squeue::Flags::IO_LINK).user_data(1);
+            let sync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(2);
+            // SAFETY: buffer and file outlive the two operations, which complete before the next loop.
+            unsafe {
+                ring.submission().push(&write).expect("room");
+                ring.submission().push(&sync).expect("room");
+            }
+            ring.submit_and_wait(2)?;
+            for c in ring.completion() {
+                if c.result() < 0 {
+                    bail!("raw disk op {}: {}", c.user_data(), std::io::Error::from_raw_os_error(-c.result()));
+                }
+            }
+            offset += write_bytes as u64;
+            syncs += 1;
+        }
+        Ok(())
+    })();
+    let secs = start.elapsed().as_secs_f64();
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(buf, layout) };
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    result?;
+    Ok(DiskCeiling { write_bytes, mb_per_s: offset as f64 / secs / 1e6, syncs_per_s: syncs as f64 / secs })
+}
+
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct QuicCeiling {
+    pub mb_per_s: f64,
+}
+
+/// Streams bulk data over one mutual-TLS QUIC stream on loopback for `duration`.
+pub async fn raw_quic(identity: &borealis_net::TlsIdentity, duration: Duration) -> Result<QuicCeiling> {
+    let server = borealis_net::server_endpoint(identity, "127.0.0.1:0".parse()?)?;
+    let addr = server.local_addr()?;
+    let sink = tokio::spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let (_send, mut recv) = conn.accept_bi().await?;
+        let mut bytes = 0u64;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+            bytes += chunk.bytes.len() as u64;
+        }
+        Ok::<_, anyhow::Error>((bytes, Instant::now()))
+    });
+    let client = borealis_net::client_endpoint(identity)?;
+    let conn = borealis_net::connect(&client, addr).await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    let chunk = bytes::Bytes::from(vec![7u8; QUIC_CHUNK_BYTES]);
+    let start = Instant::now();
+    while start.elapsed() < duration {
+        send.write_chunk(chunk.clone()).await?;
+    }
+    send.finish()?;
+    let (bytes, end) = sink.await??;
+    Ok(QuicCeiling { mb_per_s: bytes as f64 / (end - start).as_secs_f64() / 1e6 })
+}

@@ -13,6 +13,8 @@
 //!  len-4     4  crc32c of bytes [0, len-4)
 //! ```
 
+use bytes::Bytes;
+
 use crate::codec::{put_u32, put_u64, DecodeError, Reader};
 use crate::ids::{Lsn, PageId};
 
@@ -167,6 +169,43 @@ pub struct RecordRun {
     pub count: u32,
     pub first_lsn: Lsn,
     pub last_lsn: Lsn,
+}
+
+/// A non-empty run of records that passed `validate_run`: whole, CRC-valid,
+/// in strictly increasing LSN order. Holding one is the proof, so consumers
+/// walk it without checking the CRCs again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ValidRecords {
+    bytes: Bytes,
+    run: RecordRun,
+}
+
+impl ValidRecords {
+    /// Validates `bytes`; `Ok(None)` when there are no records.
+    pub fn validate(bytes: Bytes, base_offset: usize) -> Result<Option<Self>, DecodeError> {
+        Ok(validate_run(&bytes, base_offset)?.map(|run| ValidRecords { bytes, run }))
+    }
+
+    pub fn run(&self) -> RecordRun {
+        self.run
+    }
+
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Each record with its own bytes (a slice sharing this run's buffer).
+    pub fn iter(&self) -> impl Iterator<Item = (RecordRef<'_>, Bytes)> + '_ {
+        let mut pos = 0;
+        std::iter::from_fn(move || {
+            let rest = self.bytes.get(pos..).filter(|r| !r.is_empty())?;
+            let len = u32::from_le_bytes(rest[..4].try_into().expect("validated length word")) as usize;
+            let rec = RecordRef { bytes: &rest[..len] };
+            let owned = self.bytes.slice(pos..pos + len);
+            pos += len;
+            Some((rec, owned))
+        })
+    }
 }
 
 /// Checks that `buf` holds only whole, CRC-valid records in strictly

@@ -16,9 +16,8 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::codec::DecodeError;
 use crate::ids::{Epoch, Lsn, SegmentId};
-use crate::record::Records;
+use crate::record::ValidRecords;
 use crate::segment_file::SEGMENT_HEADER_BYTES;
 use crate::wire::SegmentPosition;
 
@@ -45,8 +44,6 @@ pub enum AppendError {
     DiskFailed(String),
     #[error("record {lsn} links back to {prev} but the segment holds {scl} in between")]
     Conflict { lsn: Lsn, prev: Lsn, scl: Lsn },
-    #[error("malformed records: {0}")]
-    Malformed(#[from] DecodeError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,19 +198,18 @@ impl SegmentLog {
     /// Inserts a batch of encoded records. Duplicates of held records are
     /// ignored, so a writer may resend freely. All-or-nothing: on error
     /// nothing was inserted.
-    pub fn handle_append(&mut self, epoch: Epoch, records: &Bytes) -> Result<AppendOutcome, AppendError> {
+    pub fn handle_append(&mut self, epoch: Epoch, records: &ValidRecords) -> Result<AppendOutcome, AppendError> {
         if epoch < self.epoch {
             return Err(AppendError::StaleEpoch { request: epoch, current: self.epoch });
         }
         if let Some(why) = &self.disk_failed {
             return Err(AppendError::DiskFailed(why.clone()));
         }
-        if self.hot_bytes > 0 && self.hot_bytes + records.len() > self.config.hot_bytes_max {
+        if self.hot_bytes > 0 && self.hot_bytes + records.bytes().len() > self.config.hot_bytes_max {
             return Err(AppendError::Busy { hot_bytes: self.hot_bytes, hot_bytes_max: self.config.hot_bytes_max });
         }
-        // First pass: decode and check everything before changing anything.
-        for rec in Records::new(records, 0) {
-            let rec = rec?;
+        // First pass: check everything before changing anything.
+        for (rec, _) in records.iter() {
             let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
             if lsn > self.scl && prev < self.scl {
                 return Err(AppendError::Conflict { lsn, prev, scl: self.scl });
@@ -223,12 +219,9 @@ impl SegmentLog {
         self.epoch = epoch;
         let mut inserted = 0;
         let mut inserted_bytes = 0;
-        let mut at = 0;
-        for rec in Records::new(records, 0) {
-            let rec = rec.expect("validated in the first pass");
-            let len = rec.as_bytes().len();
-            let entry = Entry { lsn: rec.lsn(), prev: rec.prev_lsn_in_segment(), bytes: records.slice(at..at + len) };
-            at += len;
+        for (rec, bytes) in records.iter() {
+            let len = bytes.len();
+            let entry = Entry { lsn: rec.lsn(), prev: rec.prev_lsn_in_segment(), bytes };
             if entry.lsn <= self.scl || self.pending.contains_key(&entry.lsn) {
                 continue;
             }
@@ -376,13 +369,13 @@ mod tests {
     }
 
     /// Encodes records given as (lsn, prev_lsn_in_segment).
-    fn batch(recs: &[(u64, u64)]) -> Bytes {
+    fn batch(recs: &[(u64, u64)]) -> ValidRecords {
         let mut out = Vec::new();
         for &(lsn, prev) in recs {
             RecordHeader { lsn: Lsn(lsn), prev_lsn_in_segment: Lsn(prev), prev_lsn_for_page: Lsn::ZERO, page: PageId(0), cpl: true }
                 .encode(&[7; 9], &mut out);
         }
-        Bytes::from(out)
+        ValidRecords::validate(Bytes::from(out), 0).unwrap().expect("non-empty batch")
     }
 
     fn append(log: &mut SegmentLog, recs: &[(u64, u64)]) -> Result<AppendOutcome, AppendError> {

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use crate::codec::{put_u32, put_u64, DecodeError, Reader};
 use crate::ids::{Epoch, Lsn, PgId};
-use crate::record::{validate_run, RecordRun};
+use crate::record::{validate_run, ValidRecords};
 
 pub const FRAME_HEADER_BYTES: usize = 4;
 /// Default ceiling on one frame; a storage node may configure a lower one.
@@ -68,7 +68,7 @@ pub struct SegmentPosition {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Writer → storage: records for one segment, already CRC-checked and in LSN order.
-    Append { epoch: Epoch, pg: PgId, run: RecordRun, records: Bytes },
+    Append { epoch: Epoch, pg: PgId, records: ValidRecords },
     /// Storage → writer: the append at the same position on the stream is in memory
     /// (or on disk with `ack = disk`).
     Ack { position: SegmentPosition, batch_last_lsn: Lsn },
@@ -108,9 +108,9 @@ impl Message {
         let start = out.len();
         put_u32(out, 0);
         match self {
-            Message::Append { epoch, pg, records, .. } => {
+            Message::Append { epoch, pg, records } => {
                 out.truncate(start);
-                return encode_append(*epoch, *pg, records, out);
+                return encode_append(*epoch, *pg, records.bytes(), out);
             }
             Message::Ack { position, batch_last_lsn } => {
                 out.push(KIND_ACK);
@@ -173,10 +173,10 @@ impl Message {
                 let epoch = Epoch(r.u64()?);
                 let pg = PgId(r.u32()?);
                 let at = r.pos();
-                let run = validate_run(&body[at..], at)?
+                let records = ValidRecords::validate(body.slice(at..), at)?
                     .ok_or(DecodeError::Invalid { what: "empty append", offset: at, value: 0 })?;
                 r.bytes(r.remaining())?;
-                Message::Append { epoch, pg, run, records: body.slice(at..) }
+                Message::Append { epoch, pg, records }
             }
             KIND_ACK => Message::Ack { position: position(&mut r)?, batch_last_lsn: Lsn(r.u64()?) },
             KIND_PULL => {
@@ -258,7 +258,7 @@ mod tests {
         let pos = SegmentPosition { pg: PgId(2), scl: Lsn(10), flushed_lsn: Lsn(7) };
         let recs = Bytes::from(records(&[3, 4, 9]));
         vec![
-            Message::Append { epoch: Epoch(4), pg: PgId(2), run: RecordRun { count: 3, first_lsn: Lsn(3), last_lsn: Lsn(9) }, records: recs.clone() },
+            Message::Append { epoch: Epoch(4), pg: PgId(2), records: ValidRecords::validate(recs.clone(), 0).unwrap().unwrap() },
             Message::Ack { position: pos, batch_last_lsn: Lsn(9) },
             Message::Pull { pg: PgId(2), after: Lsn(3), upto: Lsn(9), bytes_max: 1 << 20 },
             Message::PullReply { position: pos, last_lsn: Lsn(9), records: recs },
@@ -286,8 +286,9 @@ mod tests {
 
     #[test]
     fn empty_append_is_refused() {
-        let m = Message::Append { epoch: Epoch(1), pg: PgId(0), run: RecordRun { count: 0, first_lsn: Lsn(0), last_lsn: Lsn(0) }, records: Bytes::new() };
-        assert!(decode_frame(&m.to_frame()).is_err());
+        let mut frame = Vec::new();
+        encode_append(Epoch(1), PgId(0), &[], &mut frame);
+        assert!(decode_frame(&frame).is_err());
     }
 
     proptest! {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use borealis_net::frame::{read_message, write_message, FrameError};
 use bytes::{Bytes, BytesMut};
-use redo_core::record::RecordRun;
+use redo_core::record::ValidRecords;
 use redo_core::segment_log::AppendError;
 use redo_core::wire::{ErrorCode, Message, SegmentPosition};
 use redo_core::{Epoch, Lsn, PgId};
@@ -104,7 +104,7 @@ async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: quinn:
 async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
     let received = Instant::now();
     match msg {
-        Message::Append { epoch, pg, run, records } => append(node, epoch, pg, run, records, received).await,
+        Message::Append { epoch, pg, records } => append(node, epoch, pg, records, received).await,
         Message::Pull { pg, after, upto, bytes_max } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
             Some(seg) => pull(node, seg.clone(), after, upto, bytes_max).await,
@@ -129,7 +129,8 @@ fn not_hosted(node: &Node, pg: PgId) -> Reply {
     Reply::Close(error(ErrorCode::NotHosted, format!("{pg} is not hosted on {} (hosts pgs {hosted:?})", node.node_id)))
 }
 
-async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, run: RecordRun, records: Bytes, received: Instant) -> Reply {
+async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords, received: Instant) -> Reply {
+    let run = records.run();
     let Some(seg) = node.segments.get(&pg) else { return not_hosted(node, pg) };
     if node.is_shutting_down() {
         return Reply::Close(error(ErrorCode::ShuttingDown, "storage node is shutting down"));
@@ -172,7 +173,6 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, run: RecordRun, record
             AppendError::StaleEpoch { .. } => ErrorCode::StaleEpoch,
             AppendError::DiskFailed(_) => ErrorCode::DiskFailed,
             AppendError::Conflict { .. } => ErrorCode::Conflict,
-            AppendError::Malformed(_) => ErrorCode::Malformed,
         };
         return Reply::Close(error(code, format!("{pg}: {err}")));
     }

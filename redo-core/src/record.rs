@@ -194,17 +194,35 @@ impl ValidRecords {
         &self.bytes
     }
 
-    /// Each record with its own bytes (a slice sharing this run's buffer).
-    pub fn iter(&self) -> impl Iterator<Item = (RecordRef<'_>, Bytes)> + '_ {
-        let mut pos = 0;
-        std::iter::from_fn(move || {
-            let rest = self.bytes.get(pos..).filter(|r| !r.is_empty())?;
-            let len = u32::from_le_bytes(rest[..4].try_into().expect("validated length word")) as usize;
-            let rec = RecordRef { bytes: &rest[..len] };
-            let owned = self.bytes.slice(pos..pos + len);
-            pos += len;
-            Some((rec, owned))
-        })
+    /// Each record with its byte range in `bytes()`.
+    pub fn iter(&self) -> TrustedRecords<'_> {
+        TrustedRecords::new(&self.bytes)
+    }
+}
+
+/// Walks records already known to be valid (a `ValidRecords` run, or bytes a
+/// segment log holds), reading only the length words: no CRC work.
+pub struct TrustedRecords<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> TrustedRecords<'a> {
+    /// `buf` must consist of whole records that passed `validate_run`.
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        TrustedRecords { buf, pos: 0 }
+    }
+}
+
+impl<'a> Iterator for TrustedRecords<'a> {
+    type Item = (RecordRef<'a>, std::ops::Range<usize>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let rest = self.buf.get(self.pos..).filter(|r| !r.is_empty())?;
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("validated length word")) as usize;
+        let range = self.pos..self.pos + len;
+        self.pos += len;
+        Some((RecordRef { bytes: &rest[..len] }, range))
     }
 }
 

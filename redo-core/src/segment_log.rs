@@ -17,7 +17,7 @@ use bytes::Bytes;
 use thiserror::Error;
 
 use crate::ids::{Epoch, Lsn, SegmentId};
-use crate::record::ValidRecords;
+use crate::record::{TrustedRecords, ValidRecords};
 use crate::segment_file::SEGMENT_HEADER_BYTES;
 use crate::wire::SegmentPosition;
 
@@ -111,8 +111,19 @@ impl DiskIndex {
     }
 }
 
-struct Entry {
-    lsn: Lsn,
+/// A run of records each linking back to the one before: the unit the chain
+/// holds, so that per-record work on the hot path is reading headers only.
+struct Fragment {
+    first_lsn: Lsn,
+    /// `prev_lsn_in_segment` of the first record.
+    prev: Lsn,
+    last_lsn: Lsn,
+    records: u32,
+    bytes: Bytes,
+}
+
+/// A record waiting above a hole.
+struct Pending {
     prev: Lsn,
     bytes: Bytes,
 }
@@ -123,15 +134,15 @@ pub struct SegmentLog {
     epoch: Epoch,
     scl: Lsn,
     flushed_lsn: Lsn,
-    /// The complete chain `(chain_base, scl]` in LSN order: `clean` entries
-    /// (flushed, kept as a read cache), then `inflight` entries being
-    /// flushed, then dirty ones.
-    chain: VecDeque<Entry>,
+    /// The complete chain `(chain_base, scl]` in LSN order: `clean` fragments
+    /// (flushed, kept as a read cache), then `inflight` ones being flushed,
+    /// then dirty ones.
+    chain: VecDeque<Fragment>,
     chain_base: Lsn,
     clean: usize,
     inflight: usize,
     /// Records above a hole, by LSN.
-    pending: BTreeMap<Lsn, Entry>,
+    pending: BTreeMap<Lsn, Pending>,
     hot_bytes: usize,
     clean_bytes: usize,
     /// File offset after the last record handed to a flush.
@@ -195,9 +206,8 @@ impl SegmentLog {
         self.disk_failed.as_deref()
     }
 
-    /// Inserts a batch of encoded records. Duplicates of held records are
-    /// ignored, so a writer may resend freely. All-or-nothing: on error
-    /// nothing was inserted.
+    /// Inserts a batch of records. Duplicates of held records are ignored, so
+    /// a writer may resend freely. All-or-nothing: on error nothing changed.
     pub fn handle_append(&mut self, epoch: Epoch, records: &ValidRecords) -> Result<AppendOutcome, AppendError> {
         if epoch < self.epoch {
             return Err(AppendError::StaleEpoch { request: epoch, current: self.epoch });
@@ -208,51 +218,111 @@ impl SegmentLog {
         if self.hot_bytes > 0 && self.hot_bytes + records.bytes().len() > self.config.hot_bytes_max {
             return Err(AppendError::Busy { hot_bytes: self.hot_bytes, hot_bytes_max: self.config.hot_bytes_max });
         }
-        // First pass: check everything before changing anything.
+        // First pass: a record above SCL must not link back past it, counting
+        // the SCL that this batch's own in-order records will reach.
+        let mut scl = self.scl;
         for (rec, _) in records.iter() {
             let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
-            if lsn > self.scl && prev < self.scl {
-                return Err(AppendError::Conflict { lsn, prev, scl: self.scl });
+            if lsn > scl && prev < scl {
+                return Err(AppendError::Conflict { lsn, prev, scl });
+            }
+            if prev == scl {
+                scl = lsn;
             }
         }
         let epoch_raised = epoch > self.epoch;
         self.epoch = epoch;
+        let hot_before = self.hot_bytes;
         let mut inserted = 0;
-        let mut inserted_bytes = 0;
-        for (rec, bytes) in records.iter() {
-            let len = bytes.len();
-            let entry = Entry { lsn: rec.lsn(), prev: rec.prev_lsn_in_segment(), bytes };
-            if entry.lsn <= self.scl || self.pending.contains_key(&entry.lsn) {
-                continue;
-            }
-            inserted += 1;
-            inserted_bytes += len;
-            self.hot_bytes += len;
-            if self.pending.is_empty() && entry.prev == self.scl {
-                self.push_complete(entry);
-            } else {
-                self.pending.insert(entry.lsn, entry);
+        // Second pass: cut the batch into linked fragments and place each.
+        let bytes = records.bytes();
+        let mut frag: Option<Fragment> = None;
+        for (rec, range) in records.iter() {
+            let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
+            match &mut frag {
+                Some(f) if prev == f.last_lsn => {
+                    f.last_lsn = lsn;
+                    f.records += 1;
+                    f.bytes = bytes.slice(range.start - f.bytes.len()..range.end);
+                }
+                _ => {
+                    if let Some(f) = frag.take() {
+                        inserted += self.place(f);
+                    }
+                    frag = Some(Fragment { first_lsn: lsn, prev, last_lsn: lsn, records: 1, bytes: bytes.slice(range) });
+                }
             }
         }
-        while let Some(first) = self.pending.first_entry() {
-            if first.get().prev != self.scl {
-                break;
-            }
-            let entry = first.remove();
-            self.push_complete(entry);
+        if let Some(f) = frag {
+            inserted += self.place(f);
         }
+        inserted -= self.drain_pending();
+        let inserted_bytes = self.hot_bytes - hot_before;
         Ok(AppendOutcome { position: self.position(), epoch_raised, inserted, inserted_bytes })
     }
 
-    fn push_complete(&mut self, entry: Entry) {
-        debug_assert_eq!(entry.prev, self.scl);
-        self.scl = entry.lsn;
-        self.chain.push_back(entry);
+    /// Puts a fragment on the chain if it continues it, else its new records
+    /// in `pending`. Returns how many records it added.
+    fn place(&mut self, f: Fragment) -> u32 {
+        if f.last_lsn <= self.scl {
+            return 0; // all held already
+        }
+        if f.prev == self.scl {
+            let n = f.records;
+            self.push_complete(f);
+            return n;
+        }
+        if f.first_lsn <= self.scl {
+            // Overlaps the chain's end: keep the part after SCL, which links to it.
+            let cut = TrustedRecords::new(&f.bytes).find(|(r, _)| r.lsn() > self.scl).map(|(_, r)| r.start).expect("last_lsn > scl");
+            let skipped = TrustedRecords::new(&f.bytes[..cut]).count() as u32;
+            let rest = Fragment { first_lsn: Lsn::ZERO, prev: self.scl, last_lsn: f.last_lsn, records: f.records - skipped, bytes: f.bytes.slice(cut..) };
+            let first_lsn = TrustedRecords::new(&rest.bytes).next().expect("non-empty").0.lsn();
+            let n = rest.records;
+            self.push_complete(Fragment { first_lsn, ..rest });
+            return n;
+        }
+        let mut n = 0;
+        for (rec, range) in TrustedRecords::new(&f.bytes) {
+            if let std::collections::btree_map::Entry::Vacant(v) = self.pending.entry(rec.lsn()) {
+                self.hot_bytes += range.len();
+                v.insert(Pending { prev: rec.prev_lsn_in_segment(), bytes: f.bytes.slice(range) });
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn push_complete(&mut self, f: Fragment) {
+        debug_assert_eq!(f.prev, self.scl);
+        self.hot_bytes += f.bytes.len();
+        self.scl = f.last_lsn;
+        self.chain.push_back(f);
+    }
+
+    /// Moves pending records that now continue the chain onto it, dropping
+    /// pending duplicates of what the chain holds; returns how many it dropped.
+    fn drain_pending(&mut self) -> u32 {
+        let mut dropped = 0;
+        while let Some(first) = self.pending.first_entry() {
+            let lsn = *first.key();
+            if lsn <= self.scl {
+                self.hot_bytes -= first.remove().bytes.len();
+                dropped += 1;
+            } else if first.get().prev == self.scl {
+                let p = first.remove();
+                self.hot_bytes -= p.bytes.len();
+                self.push_complete(Fragment { first_lsn: lsn, prev: p.prev, last_lsn: lsn, records: 1, bytes: p.bytes });
+            } else {
+                break;
+            }
+        }
+        dropped
     }
 
     /// Hands out the next flush: dirty complete records, in order, up to
-    /// `flush_bytes_max` (at least one). `None` while a flush is in flight or
-    /// nothing is dirty. The records' bytes are pushed to `out`.
+    /// `flush_bytes_max` (at least one fragment). `None` while a flush is in
+    /// flight or nothing is dirty. The records' bytes are pushed to `out`.
     pub fn poll_flush(&mut self, out: &mut Vec<Bytes>) -> Option<FlushJob> {
         if self.inflight > 0 || self.disk_failed.is_some() || self.clean == self.chain.len() {
             return None;
@@ -260,15 +330,15 @@ impl SegmentLog {
         let offset = self.file_end;
         let mut bytes = 0;
         let mut upto = self.flushed_lsn;
-        for entry in self.chain.iter().skip(self.clean) {
-            let len = entry.bytes.len();
+        for f in self.chain.iter().skip(self.clean) {
+            let len = f.bytes.len();
             if bytes > 0 && bytes + len > self.config.flush_bytes_max {
                 break;
             }
-            self.index.note(entry.lsn, entry.prev, offset + bytes as u64);
-            out.push(entry.bytes.clone());
+            self.index.note(f.first_lsn, f.prev, offset + bytes as u64);
+            out.push(f.bytes.clone());
             bytes += len;
-            upto = entry.lsn;
+            upto = f.last_lsn;
             self.inflight += 1;
         }
         self.file_end = offset + bytes as u64;
@@ -278,9 +348,8 @@ impl SegmentLog {
     /// The flush `job` is durable (fdatasync returned).
     pub fn handle_flushed(&mut self, job: FlushJob) {
         assert!(self.inflight > 0 && job.end_offset == self.file_end, "flush completion does not match the job in flight");
-        let done = self.chain.range(self.clean..self.clean + self.inflight);
-        let bytes: usize = done.map(|e| e.bytes.len()).sum();
-        assert_eq!(self.chain[self.clean + self.inflight - 1].lsn, job.upto);
+        let bytes: usize = self.chain.range(self.clean..self.clean + self.inflight).map(|f| f.bytes.len()).sum();
+        assert_eq!(self.chain[self.clean + self.inflight - 1].last_lsn, job.upto);
         self.clean += self.inflight;
         self.inflight = 0;
         self.hot_bytes -= bytes;
@@ -288,10 +357,10 @@ impl SegmentLog {
         self.flushed_lsn = job.upto;
         self.flushed_end = job.end_offset;
         while self.clean_bytes > self.config.cache_bytes_max {
-            let e = self.chain.pop_front().expect("clean bytes imply clean entries");
+            let f = self.chain.pop_front().expect("clean bytes imply clean fragments");
             self.clean -= 1;
-            self.clean_bytes -= e.bytes.len();
-            self.chain_base = e.lsn;
+            self.clean_bytes -= f.bytes.len();
+            self.chain_base = f.last_lsn;
         }
     }
 
@@ -317,16 +386,31 @@ impl SegmentLog {
             let (offset, prev) = self.index.seek(after);
             return Err(DiskRead { offset, prev, end_offset: self.flushed_end, after, upto: upto.min(self.chain_base) });
         }
-        let start = self.chain.partition_point(|e| e.lsn <= after);
+        let start = self.chain.partition_point(|f| f.last_lsn <= after);
         let mut last = after;
         let mut bytes = 0;
-        for e in self.chain.range(start..) {
-            if e.lsn > upto || (bytes > 0 && bytes + e.bytes.len() > bytes_max) {
+        for f in self.chain.range(start..) {
+            let (mut from, mut to) = (None, 0);
+            for (rec, range) in TrustedRecords::new(&f.bytes) {
+                let lsn = rec.lsn();
+                if lsn <= after {
+                    continue;
+                }
+                if lsn > upto || (bytes > 0 && bytes + range.len() > bytes_max) {
+                    break;
+                }
+                from.get_or_insert(range.start);
+                to = range.end;
+                bytes += range.len();
+                last = lsn;
+            }
+            match from {
+                Some(from) => out.push(f.bytes.slice(from..to)),
+                None => break,
+            }
+            if to < f.bytes.len() {
                 break;
             }
-            bytes += e.bytes.len();
-            out.push(e.bytes.clone());
-            last = e.lsn;
         }
         Ok(last)
     }
@@ -336,20 +420,26 @@ impl SegmentLog {
         assert!(self.flushed_lsn <= self.scl, "flushed_lsn {} > scl {}", self.flushed_lsn, self.scl);
         assert!(self.clean + self.inflight <= self.chain.len());
         let mut prev = self.chain_base;
-        for e in &self.chain {
-            assert_eq!(e.prev, prev, "chain broken at {}", e.lsn);
-            prev = e.lsn;
+        for f in &self.chain {
+            assert_eq!(f.prev, prev, "chain broken at {}", f.first_lsn);
+            let mut records = 0;
+            for (rec, _) in TrustedRecords::new(&f.bytes) {
+                assert_eq!(rec.prev_lsn_in_segment(), prev, "fragment broken at {}", rec.lsn());
+                prev = rec.lsn();
+                records += 1;
+            }
+            assert_eq!((f.last_lsn, f.records), (prev, records));
         }
         assert_eq!(prev, self.scl, "chain does not end at scl");
         if self.clean > 0 {
-            assert_eq!(self.chain[self.clean - 1].lsn, self.flushed_lsn);
+            assert_eq!(self.chain[self.clean - 1].last_lsn, self.flushed_lsn);
         } else {
             assert_eq!(self.chain_base, self.flushed_lsn);
         }
         assert!(self.pending.keys().all(|&l| l > self.scl), "pending record at or below scl");
-        let clean: usize = self.chain.iter().take(self.clean).map(|e| e.bytes.len()).sum();
-        let dirty: usize = self.chain.iter().skip(self.clean).map(|e| e.bytes.len()).sum();
-        let pending: usize = self.pending.values().map(|e| e.bytes.len()).sum();
+        let clean: usize = self.chain.iter().take(self.clean).map(|f| f.bytes.len()).sum();
+        let dirty: usize = self.chain.iter().skip(self.clean).map(|f| f.bytes.len()).sum();
+        let pending: usize = self.pending.values().map(|p| p.bytes.len()).sum();
         assert_eq!(self.clean_bytes, clean);
         assert_eq!(self.hot_bytes, dirty + pending);
         assert!(self.flushed_end <= self.file_end);
@@ -360,7 +450,7 @@ impl SegmentLog {
 mod tests {
     use super::*;
     use crate::ids::{NodeId, PageId, PgId};
-    use crate::record::{RecordHeader, RecordRef};
+    use crate::record::RecordHeader;
 
     const ID: SegmentId = SegmentId { pg: PgId(1), node: NodeId(1) };
 
@@ -384,12 +474,17 @@ mod tests {
         r
     }
 
+    fn lsns_of(parts: &[Bytes]) -> Vec<Lsn> {
+        parts.iter().flat_map(|p| TrustedRecords::new(p).map(|(r, _)| r.lsn()).collect::<Vec<_>>()).collect()
+    }
+
     fn flush_all(log: &mut SegmentLog) -> Vec<Lsn> {
         let mut lsns = vec![];
         let mut out = vec![];
         while let Some(job) = log.poll_flush(&mut out) {
             assert_eq!(out.iter().map(|b| b.len() as u64).sum::<u64>(), job.end_offset - job.offset);
-            lsns.extend(out.drain(..).map(|b| RecordRef::decode(&b, 0).unwrap().lsn()));
+            lsns.extend(lsns_of(&out));
+            out.clear();
             log.check_invariants();
             log.handle_flushed(job);
             log.check_invariants();
@@ -471,17 +566,38 @@ mod tests {
     #[test]
     fn reads_come_from_memory_then_disk() {
         let mut log = SegmentLog::new(ID, config(1 << 20));
-        let recs: Vec<(u64, u64)> = (1..=10).map(|l| (l, l - 1)).collect();
-        append(&mut log, &recs).unwrap();
+        append(&mut log, &[(1, 0), (2, 1), (3, 2), (4, 3)]).unwrap();
+        for l in 5..=10 {
+            append(&mut log, &[(l, l - 1)]).unwrap();
+        }
         let mut out = vec![];
         assert_eq!(log.read(Lsn(2), Lsn(5), 1 << 20, &mut out), Ok(Lsn(5)));
-        assert_eq!(out.len(), 3);
+        assert_eq!(lsns_of(&out), [Lsn(3), Lsn(4), Lsn(5)]);
         flush_all(&mut log);
-        // cache_bytes_max = 200 keeps the last 4 records (50 bytes each) in memory.
+        // cache_bytes_max = 200 keeps the last 4 one-record fragments (50 bytes each) in memory.
         out.clear();
         assert_eq!(log.read(Lsn(6), Lsn(100), 60, &mut out), Ok(Lsn(7)));
-        assert_eq!(out.len(), 1, "bytes_max bounds the reply");
+        assert_eq!(lsns_of(&out), [Lsn(7)], "bytes_max bounds the reply");
         let disk = log.read(Lsn(2), Lsn(100), 1 << 20, &mut out).unwrap_err();
         assert_eq!(disk, DiskRead { offset: SEGMENT_HEADER_BYTES as u64, prev: Lsn::ZERO, end_offset: 4096 + 500, after: Lsn(2), upto: Lsn(6) });
+    }
+
+    #[test]
+    fn overlapping_and_split_batches() {
+        let mut log = SegmentLog::new(ID, SegmentLogConfig { cache_bytes_max: 1 << 20, ..config(1 << 20) });
+        append(&mut log, &[(1, 0), (2, 1), (3, 2)]).unwrap();
+        // Resend overlapping the end of the chain: only 4 and 5 are new.
+        let out = append(&mut log, &[(2, 1), (3, 2), (4, 3), (5, 4)]).unwrap();
+        assert_eq!((out.inserted, out.inserted_bytes, out.position.scl), (2, 100, Lsn(5)));
+        // One batch with a gap inside: 6 continues the chain, 9 waits for 8.
+        let out = append(&mut log, &[(6, 5), (9, 8)]).unwrap();
+        assert_eq!((out.inserted, out.position.scl, log.pending_records()), (2, Lsn(6), 1));
+        // The fill arrives together with a duplicate of the pending record.
+        let out = append(&mut log, &[(7, 6), (8, 7), (9, 8)]).unwrap();
+        assert_eq!((out.inserted, out.position.scl, log.pending_records()), (2, Lsn(9), 0));
+        assert_eq!(flush_all(&mut log), (1..=9).map(Lsn).collect::<Vec<_>>());
+        let mut out = vec![];
+        assert_eq!(log.read(Lsn(4), Lsn(7), 1 << 20, &mut out), Ok(Lsn(7)));
+        assert_eq!(lsns_of(&out), [Lsn(5), Lsn(6), Lsn(7)]);
     }
 }

@@ -3,6 +3,7 @@
 //! acks, flushes with io_uring, serves pulls and pushes position changes.
 
 pub mod config;
+pub mod flush_bench;
 mod flusher;
 mod metrics;
 mod node;

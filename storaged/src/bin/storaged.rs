@@ -25,6 +25,8 @@ enum Command {
         #[command(flatten)]
         options: storaged::Config,
     },
+    /// Measure the flush path alone (memory logs -> io_uring O_DIRECT writes + fdatasync), no network.
+    BenchFlush(storaged::flush_bench::FlushBenchArgs),
     /// Create the cluster CA (unless DIR/ca.pem exists) and a certificate per name.
     Certs {
         /// Certificate directory.
@@ -63,6 +65,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse_from(args_with_config_file()?).command {
         Command::Serve { options, .. } => storaged::run(options),
+        Command::BenchFlush(args) => storaged::flush_bench::run(args),
         Command::Certs { out, names } => borealis_net::certs::generate(&out, &names),
     }
 }

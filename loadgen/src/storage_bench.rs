@@ -91,6 +91,8 @@ pub struct PhaseResult {
     /// storaged's own flush latency (write submitted to fdatasync completed), median over nodes.
     pub flush_latency_us_p50: f64,
     pub flush_latency_us_p99: f64,
+    /// storaged's own ack latency (frame received to ack sent), p99, median over nodes.
+    pub server_ack_latency_us_p99: f64,
     pub busy_replies: u64,
     #[serde(skip)]
     pub quorum_hist: Option<Histogram<u64>>,
@@ -262,6 +264,7 @@ async fn phase(args: &StorageBenchArgs, storage: &mut LocalStorage, rate: Option
     let mut flush_secs = Vec::new();
     let mut flush_p50 = Vec::new();
     let mut flush_p99 = Vec::new();
+    let mut server_ack_p99 = Vec::new();
     for node in &storage.nodes {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -273,6 +276,7 @@ async fn phase(args: &StorageBenchArgs, storage: &mut LocalStorage, rate: Option
                 flush_secs.push(start.elapsed().as_secs_f64());
                 flush_p50.push(metric_sum(&page, "storaged_flush_latency_us", "quantile=\"0.5\""));
                 flush_p99.push(metric_sum(&page, "storaged_flush_latency_us", "quantile=\"0.99\""));
+                server_ack_p99.push(metric_sum(&page, "storaged_ack_latency_us", "quantile=\"0.99\""));
                 break;
             }
             if Instant::now() > deadline {
@@ -302,6 +306,7 @@ async fn phase(args: &StorageBenchArgs, storage: &mut LocalStorage, rate: Option
         quorum_latency_us: LatencyUs::of(&quorum_hist),
         flush_latency_us_p50: median(flush_p50),
         flush_latency_us_p99: median(flush_p99),
+        server_ack_latency_us_p99: median(server_ack_p99),
         busy_replies: busy.load(std::sync::atomic::Ordering::Relaxed),
         quorum_hist: Some(quorum_hist),
     })

@@ -96,13 +96,42 @@ fn transport() -> quinn::TransportConfig {
     t
 }
 
+/// Socket buffers for QUIC: the kernel default (~208 KiB) overflows during
+/// bursts whenever the receiving process is descheduled for a moment, and
+/// every dropped datagram costs a loss-recovery stall of milliseconds.
+const UDP_BUFFER_BYTES: libc::c_int = 8 << 20;
+
+fn set_buffer(socket: &std::net::UdpSocket, force: libc::c_int, plain: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    let size = UDP_BUFFER_BYTES;
+    for opt in [force, plain] {
+        // SAFETY: setsockopt with a pointer to a live c_int of the given size.
+        let rc = unsafe {
+            libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of_val(&size) as u32)
+        };
+        // SO_*BUFFORCE needs CAP_NET_ADMIN; without it the plain option is capped at net.core.*mem_max.
+        if rc == 0 {
+            return;
+        }
+    }
+    tracing::warn!(bytes = size, "could not enlarge UDP socket buffer: {}", std::io::Error::last_os_error());
+}
+
+fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
+    let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("bind UDP {addr}"))?;
+    set_buffer(&socket, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF);
+    set_buffer(&socket, libc::SO_SNDBUFFORCE, libc::SO_SNDBUF);
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime).with_context(|| format!("QUIC endpoint on {addr}"))
+}
+
 pub fn server_endpoint(identity: &TlsIdentity, listen: SocketAddr) -> Result<quinn::Endpoint> {
-    quinn::Endpoint::server(identity.server_config()?, listen).with_context(|| format!("bind QUIC endpoint on {listen}"))
+    endpoint(listen, Some(identity.server_config()?))
 }
 
 /// A client endpoint on an ephemeral port that presents `identity`.
 pub fn client_endpoint(identity: &TlsIdentity) -> Result<quinn::Endpoint> {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal address")).context("bind QUIC client endpoint")?;
+    let mut ep = endpoint("127.0.0.1:0".parse().expect("literal address"), None)?;
     ep.set_default_client_config(identity.client_config()?);
     Ok(ep)
 }

@@ -127,8 +127,10 @@ struct Inflight {
 }
 
 impl FlushTarget {
-    pub fn new(seg: Arc<Segment>, direct: File, allocated: u64, prealloc: u64, tail: Vec<u8>, flush_bytes_max: usize) -> Self {
-        let cap = (flush_bytes_max.max(RECORD_BYTES_MAX) + 2 * BLOCK_BYTES as usize).next_multiple_of(BLOCK_BYTES as usize);
+    /// `write_bytes_max`: the largest flush job, i.e. the larger of the flush
+    /// limit and the largest fragment (one append frame).
+    pub fn new(seg: Arc<Segment>, direct: File, allocated: u64, prealloc: u64, tail: Vec<u8>, write_bytes_max: usize) -> Self {
+        let cap = (write_bytes_max.max(RECORD_BYTES_MAX) + 2 * BLOCK_BYTES as usize).next_multiple_of(BLOCK_BYTES as usize);
         FlushTarget { seg, direct, allocated, prealloc, tail, buf: AlignedBuf::new(cap), inflight: None }
     }
 }

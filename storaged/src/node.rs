@@ -87,7 +87,8 @@ impl Node {
             let log = SegmentLog::recovered(id, log_config.clone(), r.epoch, r.last_lsn, r.file_end, r.index);
             let (position, _) = watch::channel(log.position());
             let seg = Arc::new(Segment { id, log: Mutex::new(log), position, reader: r.reader, metrics: metrics.clone() });
-            targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, config.flush_bytes_max as usize));
+            let write_bytes_max = config.flush_bytes_max.max(config.frame_bytes_max) as usize;
+            targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, write_bytes_max));
             segments.insert(PgId(pg), seg);
         }
         let node = Node { config, node_id, segments, wake: Arc::new(Wake::new()?), metrics, shutting_down: AtomicBool::new(false) };

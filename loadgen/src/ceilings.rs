@@ -114,3 +114,22 @@ pub async fn raw_quic(identity: &borealis_net::TlsIdentity, duration: Duration) 
     let (bytes, end) = sink.await??;
     Ok(QuicCeiling { mb_per_s: bytes as f64 / (end - start).as_secs_f64() / 1e6 })
 }
+
+/// The flush path alone: `storaged bench-flush` (segment logs fed from
+/// memory, the real io_uring flusher, no network), in MB/s.
+pub fn flush_path(dir: &Path, write_bytes: usize, duration: Duration) -> Result<f64> {
+    let bin = crate::cluster::storaged_binary()?;
+    let out = std::process::Command::new(&bin)
+        .arg("bench-flush")
+        .arg("--data-dir")
+        .arg(dir.join("bench-flush"))
+        .args(["--seconds", &duration.as_secs_f64().to_string(), "--flush-bytes-max", &write_bytes.to_string()])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("run {} bench-flush", bin.display()))?;
+    if !out.status.success() {
+        bail!("storaged bench-flush failed: {}", out.status);
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parse bench-flush output")?;
+    v["mb_per_s"].as_f64().context("bench-flush output lacks mb_per_s")
+}

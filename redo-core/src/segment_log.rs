@@ -27,6 +27,9 @@ pub const INDEX_STRIDE_BYTES: u64 = 64 << 10;
 #[derive(Clone, Debug)]
 pub struct SegmentLogConfig {
     /// Unflushed bytes (complete and pending) past which appends get `Busy`.
+    /// A batch that extends the complete chain is measured against the
+    /// complete bytes only, so that records waiting above a hole never lock
+    /// out the records that fill it; at most about twice this is held.
     pub hot_bytes_max: usize,
     /// Flushed records kept in memory to serve pulls without disk reads.
     pub cache_bytes_max: usize,
@@ -143,7 +146,9 @@ pub struct SegmentLog {
     inflight: usize,
     /// Records above a hole, by LSN.
     pending: BTreeMap<Lsn, Pending>,
+    /// Unflushed bytes: dirty and in-flight chain fragments plus `pending_bytes`.
     hot_bytes: usize,
+    pending_bytes: usize,
     clean_bytes: usize,
     /// File offset after the last record handed to a flush.
     file_end: u64,
@@ -168,6 +173,7 @@ impl SegmentLog {
             inflight: 0,
             pending: BTreeMap::new(),
             hot_bytes: 0,
+            pending_bytes: 0,
             clean_bytes: 0,
             file_end,
             flushed_end: file_end,
@@ -215,9 +221,6 @@ impl SegmentLog {
         if let Some(why) = &self.disk_failed {
             return Err(AppendError::DiskFailed(why.clone()));
         }
-        if self.hot_bytes > 0 && self.hot_bytes + records.bytes().len() > self.config.hot_bytes_max {
-            return Err(AppendError::Busy { hot_bytes: self.hot_bytes, hot_bytes_max: self.config.hot_bytes_max });
-        }
         // First pass: a record above SCL must not link back past it, counting
         // the SCL that this batch's own in-order records will reach.
         let mut scl = self.scl;
@@ -229,6 +232,13 @@ impl SegmentLog {
             if prev == scl {
                 scl = lsn;
             }
+        }
+        // Records above a hole cannot be flushed until the hole is filled:
+        // counting them against a batch that extends the chain (and may fill
+        // the hole) would refuse it forever once they fill the hot log.
+        let held = if scl > self.scl { self.hot_bytes - self.pending_bytes } else { self.hot_bytes };
+        if held > 0 && held + records.bytes().len() > self.config.hot_bytes_max {
+            return Err(AppendError::Busy { hot_bytes: self.hot_bytes, hot_bytes_max: self.config.hot_bytes_max });
         }
         let epoch_raised = epoch > self.epoch;
         self.epoch = epoch;
@@ -286,6 +296,7 @@ impl SegmentLog {
         for (rec, range) in TrustedRecords::new(&f.bytes) {
             if let std::collections::btree_map::Entry::Vacant(v) = self.pending.entry(rec.lsn()) {
                 self.hot_bytes += range.len();
+                self.pending_bytes += range.len();
                 v.insert(Pending { prev: rec.prev_lsn_in_segment(), bytes: f.bytes.slice(range) });
                 n += 1;
             }
@@ -307,11 +318,14 @@ impl SegmentLog {
         while let Some(first) = self.pending.first_entry() {
             let lsn = *first.key();
             if lsn <= self.scl {
-                self.hot_bytes -= first.remove().bytes.len();
+                let len = first.remove().bytes.len();
+                self.hot_bytes -= len;
+                self.pending_bytes -= len;
                 dropped += 1;
             } else if first.get().prev == self.scl {
                 let p = first.remove();
                 self.hot_bytes -= p.bytes.len();
+                self.pending_bytes -= p.bytes.len();
                 self.push_complete(Fragment { first_lsn: lsn, prev: p.prev, last_lsn: lsn, records: 1, bytes: p.bytes });
             } else {
                 break;
@@ -442,6 +456,7 @@ impl SegmentLog {
         let pending: usize = self.pending.values().map(|p| p.bytes.len()).sum();
         assert_eq!(self.clean_bytes, clean);
         assert_eq!(self.hot_bytes, dirty + pending);
+        assert_eq!(self.pending_bytes, pending);
         assert!(self.flushed_end <= self.file_end);
     }
 }
@@ -550,6 +565,26 @@ mod tests {
     }
 
     #[test]
+    fn records_above_a_hole_do_not_lock_out_the_fill() {
+        let mut log = SegmentLog::new(ID, config(120));
+        append(&mut log, &[(1, 0)]).unwrap();
+        flush_all(&mut log);
+        // Two records above the hole at 2 fill the hot log (50 bytes each)...
+        append(&mut log, &[(3, 2)]).unwrap();
+        append(&mut log, &[(4, 3)]).unwrap();
+        assert_eq!((log.hot_bytes(), log.pending_records()), (100, 2));
+        // ...so a third one is refused...
+        assert!(matches!(append(&mut log, &[(6, 5)]), Err(AppendError::Busy { .. })));
+        // ...but the fill is not: nothing flushable is held.
+        let out = append(&mut log, &[(2, 1)]).unwrap();
+        assert_eq!((out.position.scl, log.pending_records()), (Lsn(4), 0));
+        // Extending the chain is limited by the unflushed chain again.
+        assert!(matches!(append(&mut log, &[(5, 4)]), Err(AppendError::Busy { .. })));
+        assert_eq!(flush_all(&mut log), vec![Lsn(2), Lsn(3), Lsn(4)]);
+        assert_eq!(append(&mut log, &[(5, 4)]).unwrap().position.scl, Lsn(5));
+    }
+
+    #[test]
     fn flush_failure_keeps_records_and_refuses_appends() {
         let mut log = SegmentLog::new(ID, config(1 << 20));
         append(&mut log, &[(1, 0)]).unwrap();
@@ -599,5 +634,78 @@ mod tests {
         let mut out = vec![];
         assert_eq!(log.read(Lsn(4), Lsn(7), 1 << 20, &mut out), Ok(Lsn(7)));
         assert_eq!(lsns_of(&out), [Lsn(5), Lsn(6), Lsn(7)]);
+    }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Records chain[from..to] keeping those whose bit in `mask` is set (a subset: holes).
+            Append { from: usize, to: usize, mask: u64 },
+            Flush,
+            Read { after: usize, upto: usize, bytes_max: usize },
+        }
+
+        fn op(n: usize) -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0..n, 1..=12usize, any::<u64>()).prop_map(move |(from, len, mask)| Op::Append { from, to: (from + len).min(n), mask }),
+                2 => Just(Op::Flush),
+                2 => (0..=n, 0..=n, 1..400usize).prop_map(|(after, upto, bytes_max)| Op::Read { after, upto, bytes_max }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Against a model (the set of LSNs held), whatever the order, holes,
+            /// duplicates, flushes and reads: invariants hold after every step, SCL is
+            /// the end of the longest held prefix, reads return exactly the chain.
+            #[test]
+            fn segment_log_matches_model(steps in proptest::collection::vec(1u64..4, 40), ops in proptest::collection::vec(op(40), 1..60)) {
+                let chain: Vec<u64> = steps.iter().scan(0, |l, s| { *l += s; Some(*l) }).collect();
+                let prev = |i: usize| if i == 0 { 0 } else { chain[i - 1] };
+                let mut log = SegmentLog::new(ID, SegmentLogConfig { hot_bytes_max: 1 << 30, cache_bytes_max: 300, flush_bytes_max: 200 });
+                let mut held = vec![false; chain.len()];
+                let mut parts = vec![];
+                for op in ops.iter().cloned().chain([Op::Append { from: 0, to: chain.len(), mask: u64::MAX }, Op::Flush]) {
+                    match op {
+                        Op::Append { from, to, mask } => {
+                            let recs: Vec<(u64, u64)> = (from..to).filter(|i| mask >> (i % 64) & 1 == 1).map(|i| (chain[i], prev(i))).collect();
+                            if recs.is_empty() { continue; }
+                            let out = log.handle_append(Epoch(1), &batch(&recs));
+                            let model_scl = held.iter().take_while(|&&h| h).count();
+                            let mut scl = if model_scl == 0 { 0 } else { chain[model_scl - 1] };
+                            // The core refuses records that skip past its SCL; otherwise it takes them all.
+                            let conflict = recs.iter().any(|&(l, p)| { let c = l > scl && p < scl; if p == scl { scl = l; } c });
+                            prop_assert_eq!(out.is_err(), conflict, "{:?}", out);
+                            if !conflict {
+                                (from..to).filter(|i| mask >> (i % 64) & 1 == 1).for_each(|i| held[i] = true);
+                            }
+                        }
+                        Op::Flush => { flush_all(&mut log); }
+                        Op::Read { after, upto, bytes_max } => {
+                            let (after, upto) = (Lsn(if after == 0 { 0 } else { chain[after - 1] }), Lsn(if upto == 0 { 0 } else { chain[upto - 1] }));
+                            parts.clear();
+                            match log.read(after, upto, bytes_max, &mut parts) {
+                                Ok(last) => {
+                                    let got = lsns_of(&parts);
+                                    let want: Vec<Lsn> = chain.iter().map(|&l| Lsn(l)).filter(|&l| l > after && l <= upto.min(log.scl()) && l <= last).collect();
+                                    prop_assert_eq!(&got, &want);
+                                    prop_assert!(last == after || got.last() == Some(&last));
+                                    if upto.min(log.scl()) > after { prop_assert!(!got.is_empty(), "a read below SCL returns at least one record"); }
+                                }
+                                Err(disk) => prop_assert!(disk.after == after && disk.upto <= log.flushed_lsn() && disk.offset >= SEGMENT_HEADER_BYTES as u64),
+                            }
+                        }
+                    }
+                    log.check_invariants();
+                    let model_scl = held.iter().take_while(|&&h| h).count();
+                    prop_assert_eq!(log.scl(), Lsn(if model_scl == 0 { 0 } else { chain[model_scl - 1] }));
+                }
+                prop_assert_eq!((log.scl(), log.flushed_lsn(), log.pending_records()), (Lsn(chain[chain.len() - 1]), Lsn(chain[chain.len() - 1]), 0));
+            }
+        }
     }
 }

@@ -59,6 +59,9 @@ pub fn run(config: Config) -> Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: flushing and shutting down"),
         }
         node.shutting_down.store(true, Ordering::Release);
+        for seg in node.segments.values() {
+            drop(seg.log.lock().expect("segment lock")); // appends in progress have landed
+        }
         shutdown.store(true, Ordering::Release);
         node.wake.wake();
         let flushed = tokio::task::spawn_blocking(move || flusher.join()).await.context("join flusher")?;

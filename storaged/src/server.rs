@@ -132,13 +132,16 @@ fn not_hosted(node: &Node, pg: PgId) -> Reply {
 async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords, received: Instant) -> Reply {
     let run = records.run();
     let Some(seg) = node.segments.get(&pg) else { return not_hosted(node, pg) };
-    if node.is_shutting_down() {
-        return Reply::Close(error(ErrorCode::ShuttingDown, "storage node is shutting down"));
-    }
     let deadline = received + Duration::from_millis(node.config.busy_wait_ms);
     let mut position = seg.position.subscribe();
     loop {
-        let err = match seg.with_log(|log| log.handle_append(epoch, &records)) {
+        // Checked under the segment lock: shutdown takes every lock once after
+        // raising the flag, so no append lands after the final flush began.
+        let result = seg.with_log(|log| (!node.is_shutting_down()).then(|| log.handle_append(epoch, &records)));
+        let Some(result) = result else {
+            return Reply::Close(error(ErrorCode::ShuttingDown, "storage node is shutting down"));
+        };
+        let err = match result {
             Ok(out) => {
                 node.metrics.ingest_records.fetch_add(out.inserted as u64, Ordering::Relaxed);
                 node.metrics.ingest_bytes.fetch_add(out.inserted_bytes as u64, Ordering::Relaxed);

@@ -51,9 +51,17 @@ fn args_with_config_file() -> Result<Vec<String>> {
         },
     };
     let serve = args.iter().position(|a| a == "serve").unwrap_or(1);
+    let given = &args[serve + 1..];
+    // A list option (--pgs) given twice accumulates instead of overriding, so
+    // leave out the file's value of every option the command line sets.
+    let on_command_line = |flag: &str| given.iter().any(|a| a == flag || a.strip_prefix(flag).is_some_and(|v| v.starts_with('=')));
     let mut out = args[..=serve].to_vec();
-    out.extend(storaged::config::toml_args(path.as_ref())?);
-    out.extend_from_slice(&args[serve + 1..]);
+    for pair in storaged::config::toml_args(path.as_ref())?.chunks(2) {
+        if !on_command_line(&pair[0]) {
+            out.extend_from_slice(pair);
+        }
+    }
+    out.extend_from_slice(given);
     Ok(out)
 }
 

@@ -3,5 +3,6 @@
 
 pub mod ceilings;
 pub mod cluster;
+pub mod pacing;
 pub mod report;
 pub mod storage_bench;

@@ -12,13 +12,14 @@ use anyhow::{bail, Context, Result};
 use borealis_net::storage::ClientError;
 use hdrhistogram::Histogram;
 use redo_core::record::{RecordHeader, RECORD_OVERHEAD_BYTES};
-use redo_core::wire::ErrorCode;
+use redo_core::wire::{ErrorCode, APPEND_HEADER_BYTES};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::ceilings::{self, DiskCeiling, QuicCeiling};
 use crate::cluster::{metric_sum, scrape, LocalStorage};
+use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::report::{latency_histogram, median, write_hgrm, LatencyUs};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Serialize)]
@@ -60,6 +61,9 @@ pub struct StorageBenchArgs {
     /// storaged --flush-bytes-max, also the write size of the raw disk ceiling.
     #[arg(long, default_value = "2MiB", value_parser = storaged_size)]
     pub flush_bytes_max: u64,
+    /// Extra storaged options, e.g. `--storaged-arg=--cache-bytes-max=8MiB` (repeatable).
+    #[arg(long = "storaged-arg", allow_hyphen_values = true)]
+    pub storaged_args: Vec<String>,
     /// Directory for results (JSON and .hgrm files).
     #[arg(long, default_value = "bench-results/storage-bench")]
     pub out: PathBuf,
@@ -107,6 +111,8 @@ pub struct RunResult {
     pub flush_path_mb_per_s: f64,
     pub full_speed: PhaseResult,
     pub at_load: PhaseResult,
+    /// Raw quinn request/response at the at-load rate and batch size: the QUIC floor for `at_load`.
+    pub raw_quic_latency_at_load_us: LatencyUs,
 }
 
 struct Quorum {
@@ -148,30 +154,6 @@ fn encode_batch(next_lsn: &mut Lsn, records: usize, payload: &[u8], out: &mut Ve
         *next_lsn = lsn;
     }
     *next_lsn
-}
-
-/// Due times queued per stream before the pacer blocks (the stream is far behind).
-const TICKS_QUEUED_MAX: usize = 1 << 16;
-
-/// Open-loop pacing on a thread of its own: tokio's timer ticks in whole
-/// milliseconds, too coarse for sub-millisecond latencies, while a thread
-/// sleep with 1 µs timer slack wakes within microseconds.
-fn pace(start: Instant, interval: Duration, duration: Duration, ticks: Vec<mpsc::Sender<Instant>>) {
-    // SAFETY: prctl on the calling thread with an integer argument.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
-    for seq in 0u32.. {
-        let offset = interval * seq;
-        if offset >= duration {
-            return;
-        }
-        let due = start + offset;
-        std::thread::sleep(due.saturating_duration_since(Instant::now()));
-        for t in &ticks {
-            if t.blocking_send(due).is_err() {
-                return;
-            }
-        }
-    }
 }
 
 /// Runs one load phase against fresh storage nodes.
@@ -322,7 +304,8 @@ async fn with_storage(args: &StorageBenchArgs, dir: &std::path::Path, nodes: u32
         Ack::Memory => "memory",
         Ack::Disk => "disk",
     };
-    let extra = vec!["--ack".into(), ack.into(), "--flush-bytes-max".into(), args.flush_bytes_max.to_string()];
+    let mut extra = vec!["--ack".into(), ack.into(), "--flush-bytes-max".into(), args.flush_bytes_max.to_string()];
+    extra.extend(args.storaged_args.iter().cloned());
     let mut storage = LocalStorage::start(dir, nodes, &pgs, &extra)?;
     let result = phase(args, &mut storage, rate).await;
     storage.stop()?;
@@ -345,6 +328,7 @@ pub async fn run(args: StorageBenchArgs) -> Result<()> {
     borealis_net::certs::generate(&certs_dir, &["loadgen".to_string()])?;
     let identity = borealis_net::TlsIdentity::load(&certs_dir, "loadgen")?;
     let ceiling_time = Duration::from_secs_f64(args.seconds.min(3.0));
+    let duration = Duration::from_secs_f64(args.seconds);
     let mut runs: Vec<RunResult> = Vec::new();
     for run in 0..args.runs {
         for &nodes in &args.nodes {
@@ -366,8 +350,13 @@ pub async fn run(args: StorageBenchArgs) -> Result<()> {
                 args.latency_load * 100.0
             );
             let at_load = with_storage(&args, &dir, nodes, Some(batches_per_s)).await?;
-            eprintln!("  quorum ack p50 {} us p99 {} us", at_load.quorum_latency_us.p50, at_load.quorum_latency_us.p99);
-            runs.push(RunResult { nodes, disk_ceiling, quic_ceiling, flush_path_mb_per_s, full_speed, at_load });
+            let batch_bytes = args.batch_records * (args.record_bytes + RECORD_OVERHEAD_BYTES) + APPEND_HEADER_BYTES;
+            let raw_quic_latency_at_load_us = ceilings::raw_quic_latency(&identity, batch_bytes, batches_per_s, duration).await?;
+            eprintln!(
+                "  quorum ack p50 {} us p99 {} us; raw QUIC request/response at the same rate p50 {} us p99 {} us",
+                at_load.quorum_latency_us.p50, at_load.quorum_latency_us.p99, raw_quic_latency_at_load_us.p50, raw_quic_latency_at_load_us.p99
+            );
+            runs.push(RunResult { nodes, disk_ceiling, quic_ceiling, flush_path_mb_per_s, full_speed, at_load, raw_quic_latency_at_load_us });
         }
     }
     let summary = summarize(&args, &runs)?;
@@ -411,6 +400,8 @@ pub struct Summary {
     pub at_load_quorum_latency_us_p999: f64,
     pub flush_latency_us_p50: f64,
     pub flush_latency_us_p99: f64,
+    pub raw_quic_latency_at_load_us_p50: f64,
+    pub raw_quic_latency_at_load_us_p99: f64,
     pub busy_replies: u64,
 }
 
@@ -446,6 +437,8 @@ fn summarize(args: &StorageBenchArgs, runs: &[RunResult]) -> Result<Vec<Summary>
             at_load_quorum_latency_us_p999: m(&|r| r.at_load.quorum_latency_us.p999 as f64),
             flush_latency_us_p50: m(&|r| r.full_speed.flush_latency_us_p50),
             flush_latency_us_p99: m(&|r| r.full_speed.flush_latency_us_p99),
+            raw_quic_latency_at_load_us_p50: m(&|r| r.raw_quic_latency_at_load_us.p50 as f64),
+            raw_quic_latency_at_load_us_p99: m(&|r| r.raw_quic_latency_at_load_us.p99 as f64),
             busy_replies: rs.iter().map(|r| r.full_speed.busy_replies + r.at_load.busy_replies).sum(),
         });
     }
@@ -454,11 +447,11 @@ fn summarize(args: &StorageBenchArgs, runs: &[RunResult]) -> Result<Vec<Summary>
 
 fn table(summary: &[Summary]) -> String {
     let mut t = String::from(
-        "| nodes | raw disk MB/s | flush path MB/s | flush path/raw disk | raw QUIC MB/s | ingest rec/s | ingest MB/s/node | ingest/raw QUIC | flush MB/s (keeps up) | ack p50/p99/p99.9 us at load | quorum p50/p99/p99.9 us at load |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| nodes | raw disk MB/s | flush path MB/s | flush path/raw disk | raw QUIC MB/s | ingest rec/s | ingest MB/s/node | ingest/raw QUIC | flush MB/s (keeps up) | ack p50/p99/p99.9 us at load | quorum p50/p99/p99.9 us at load | raw QUIC req/resp p50/p99 us at load |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for s in summary {
         t += &format!(
-            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0}/{:.0}/{:.0} | {:.0}/{:.0}/{:.0} |\n",
+            "| {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0}/{:.0}/{:.0} | {:.0}/{:.0}/{:.0} | {:.0}/{:.0} |\n",
             s.nodes,
             s.raw_disk_mb_per_s,
             s.flush_path_mb_per_s,
@@ -473,7 +466,9 @@ fn table(summary: &[Summary]) -> String {
             s.at_load_ack_latency_us_p999,
             s.at_load_quorum_latency_us_p50,
             s.at_load_quorum_latency_us_p99,
-            s.at_load_quorum_latency_us_p999
+            s.at_load_quorum_latency_us_p999,
+            s.raw_quic_latency_at_load_us_p50,
+            s.raw_quic_latency_at_load_us_p99
         );
     }
     t

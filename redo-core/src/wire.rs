@@ -217,10 +217,13 @@ impl Message {
     }
 }
 
+/// Bytes of an Append frame before its records: length, kind, epoch, pg.
+pub const APPEND_HEADER_BYTES: usize = FRAME_HEADER_BYTES + 1 + 8 + 4;
+
 /// Appends an Append frame for already-encoded `records` (callers that hold
 /// raw record bytes need not build a `Message`).
 pub fn encode_append(epoch: Epoch, pg: PgId, records: &[u8], out: &mut Vec<u8>) {
-    put_u32(out, (1 + 8 + 4 + records.len()) as u32);
+    put_u32(out, (APPEND_HEADER_BYTES - FRAME_HEADER_BYTES + records.len()) as u32);
     out.push(KIND_APPEND);
     put_u64(out, epoch.0);
     put_u32(out, pg.0);

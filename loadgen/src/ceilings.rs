@@ -119,48 +119,67 @@ pub async fn raw_quic(identity: &borealis_net::TlsIdentity, duration: Duration) 
     Ok(QuicCeiling { mb_per_s: bytes as f64 / (end - start).as_secs_f64() / 1e6 })
 }
 
-/// Request/response over one mutual-TLS quinn stream on loopback, open-loop
-/// at `rate` messages/s of `message_bytes`, each answered with a 40-byte
-/// reply: the latency floor of QUIC itself for the storage bench's pattern.
-pub async fn raw_quic_latency(identity: &borealis_net::TlsIdentity, message_bytes: usize, rate: f64, duration: Duration) -> Result<LatencyUs> {
+/// Request/response over mutual-TLS quinn streams on loopback, open-loop at
+/// `rate` messages/s of `message_bytes` on each of `connections` connections
+/// (one per storage node), each message answered with a 40-byte reply: the
+/// latency floor of QUIC itself for the storage bench's traffic.
+pub async fn raw_quic_latency(
+    identity: &borealis_net::TlsIdentity,
+    message_bytes: usize,
+    rate: f64,
+    duration: Duration,
+    connections: u32,
+) -> Result<LatencyUs> {
     const REPLY_BYTES: usize = 40;
-    let server = borealis_net::server_endpoint(identity, "127.0.0.1:0".parse()?)?;
-    let addr = server.local_addr()?;
-    tokio::spawn(async move {
-        let conn = server.accept().await.context("no connection")?.await?;
-        let (mut send, mut recv) = conn.accept_bi().await?;
-        let mut buf = vec![0u8; message_bytes];
-        while recv.read_exact(&mut buf).await.is_ok() {
-            send.write_all(&[1u8; REPLY_BYTES]).await?;
-        }
-        Ok::<_, anyhow::Error>(())
-    });
     let client = borealis_net::client_endpoint(identity)?;
-    let conn = borealis_net::connect(&client, addr).await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let (inflight_tx, mut inflight_rx) = mpsc::channel::<Instant>(TICKS_QUEUED_MAX);
-    let reader = tokio::spawn(async move {
-        let mut hist = latency_histogram();
-        let mut reply = [0u8; REPLY_BYTES];
-        while let Some(due) = inflight_rx.recv().await {
-            recv.read_exact(&mut reply).await?;
-            hist.saturating_record(due.elapsed().as_micros() as u64);
-        }
-        Ok::<_, anyhow::Error>(hist)
-    });
-    let (tick_tx, mut ticks) = mpsc::channel(TICKS_QUEUED_MAX);
+    let mut tick_senders = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let server = borealis_net::server_endpoint(identity, "127.0.0.1:0".parse()?)?;
+        let addr = server.local_addr()?;
+        tokio::spawn(async move {
+            let conn = server.accept().await.context("no connection")?.await?;
+            let (mut send, mut recv) = conn.accept_bi().await?;
+            let mut buf = vec![0u8; message_bytes];
+            while recv.read_exact(&mut buf).await.is_ok() {
+                send.write_all(&[1u8; REPLY_BYTES]).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+        let conn = borealis_net::connect(&client, addr).await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let (inflight_tx, mut inflight_rx) = mpsc::channel::<Instant>(TICKS_QUEUED_MAX);
+        let reader = tokio::spawn(async move {
+            let mut hist = latency_histogram();
+            let mut reply = [0u8; REPLY_BYTES];
+            while let Some(due) = inflight_rx.recv().await {
+                recv.read_exact(&mut reply).await?;
+                hist.saturating_record(due.elapsed().as_micros() as u64);
+            }
+            Ok::<_, anyhow::Error>(hist)
+        });
+        let (tick_tx, mut ticks) = mpsc::channel(TICKS_QUEUED_MAX);
+        tick_senders.push(tick_tx);
+        tasks.push(tokio::spawn(async move {
+            let message = vec![7u8; message_bytes];
+            while let Some(due) = ticks.recv().await {
+                inflight_tx.send(due).await?;
+                send.write_all(&message).await?;
+            }
+            drop(inflight_tx);
+            let hist = reader.await??;
+            conn.close(0u32.into(), b"done");
+            Ok::<_, anyhow::Error>(hist)
+        }));
+    }
     let interval = Duration::from_secs_f64(1.0 / rate);
     let start = Instant::now();
-    std::thread::spawn(move || pace(start, interval, duration, vec![tick_tx]));
-    let message = vec![7u8; message_bytes];
-    while let Some(due) = ticks.recv().await {
-        inflight_tx.send(due).await?;
-        send.write_all(&message).await?;
+    std::thread::spawn(move || pace(start, interval, duration, tick_senders));
+    let mut all = latency_histogram();
+    for t in tasks {
+        all.add(t.await??).expect("same bounds");
     }
-    drop(inflight_tx);
-    let hist = reader.await??;
-    conn.close(0u32.into(), b"done");
-    Ok(LatencyUs::of(&hist))
+    Ok(LatencyUs::of(&all))
 }
 
 /// The flush path alone: `storaged bench-flush` (segment logs fed from

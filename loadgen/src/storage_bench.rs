@@ -111,7 +111,7 @@ pub struct RunResult {
     pub flush_path_mb_per_s: f64,
     pub full_speed: PhaseResult,
     pub at_load: PhaseResult,
-    /// Raw quinn request/response at the at-load rate and batch size: the QUIC floor for `at_load`.
+    /// Raw quinn request/response at the at-load rate and batch size, one connection per node: the QUIC floor for `at_load`.
     pub raw_quic_latency_at_load_us: LatencyUs,
 }
 
@@ -351,7 +351,7 @@ pub async fn run(args: StorageBenchArgs) -> Result<()> {
             );
             let at_load = with_storage(&args, &dir, nodes, Some(batches_per_s)).await?;
             let batch_bytes = args.batch_records * (args.record_bytes + RECORD_OVERHEAD_BYTES) + APPEND_HEADER_BYTES;
-            let raw_quic_latency_at_load_us = ceilings::raw_quic_latency(&identity, batch_bytes, batches_per_s, duration).await?;
+            let raw_quic_latency_at_load_us = ceilings::raw_quic_latency(&identity, batch_bytes, batches_per_s, duration, nodes).await?;
             eprintln!(
                 "  quorum ack p50 {} us p99 {} us; raw QUIC request/response at the same rate p50 {} us p99 {} us",
                 at_load.quorum_latency_us.p50, at_load.quorum_latency_us.p99, raw_quic_latency_at_load_us.p50, raw_quic_latency_at_load_us.p99

@@ -3,6 +3,7 @@
 
 mod codec;
 pub mod ids;
+pub mod quorum;
 pub mod record;
 pub mod segment_file;
 pub mod segment_log;

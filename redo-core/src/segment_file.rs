@@ -151,4 +151,43 @@ mod tests {
         let (_, stop) = scan_records(&broken, 0, &mut last, |_, _| {});
         assert!(matches!(stop, ScanStop::Corrupt { offset: 102, .. }), "{stop:?}");
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            /// Arbitrary bytes never panic the header decoder or the scanner, and the
+            /// scanner never reports more bytes than it was given.
+            #[test]
+            fn random_bytes(buf in proptest::collection::vec(any::<u8>(), 0..512)) {
+                let _ = decode_header(&buf);
+                let mut last = Lsn::ZERO;
+                let (used, _) = scan_records(&buf, 0, &mut last, |_, _| {});
+                prop_assert!(used <= buf.len());
+            }
+
+            /// A valid log with bytes flipped or cut scans to a prefix of its records,
+            /// never past a damaged one.
+            #[test]
+            fn mutated_logs(flips in proptest::collection::vec((any::<usize>(), 1u8..), 0..4), cut in any::<usize>()) {
+                let good = log(&[2, 5, 9, 14, 20]);
+                let mut buf = good.clone();
+                for (at, x) in &flips {
+                    let i = at % buf.len();
+                    buf[i] ^= x;
+                }
+                buf.truncate(cut % (buf.len() + 1));
+                let mut last = Lsn::ZERO;
+                let mut seen = vec![];
+                let (used, _) = scan_records(&buf, 0, &mut last, |r, off| seen.push((r.lsn(), off)));
+                prop_assert!(used <= buf.len());
+                prop_assert_eq!(&buf[..used], &good[..used], "every accepted byte is original");
+                let all = [2, 5, 9, 14, 20];
+                prop_assert_eq!(seen.iter().map(|(l, _)| l.0).collect::<Vec<_>>(), all[..seen.len()].to_vec());
+            }
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Frames on QUIC streams: `len u32 | message`, decoded by `redo_core::wire`.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::AsyncReadExt;
 use redo_core::wire::{frame_len, Message, FRAME_HEADER_BYTES};
 use redo_core::DecodeError;
 use thiserror::Error;
@@ -9,6 +10,8 @@ use thiserror::Error;
 pub enum FrameError {
     #[error("stream closed mid-frame: {0}")]
     Read(#[from] quinn::ReadExactError),
+    #[error("stream failed mid-frame: {0}")]
+    Io(#[from] std::io::Error),
     #[error("frame too large: {len} bytes, limit {max}")]
     TooLarge { len: usize, max: usize },
     #[error("malformed frame: {0}")]
@@ -28,8 +31,15 @@ pub async fn read_message(recv: &mut quinn::RecvStream, frame_bytes_max: usize) 
         return Err(FrameError::TooLarge { len, max: frame_bytes_max });
     }
     let len = frame_len(header, frame_bytes_max)?;
-    let mut body = BytesMut::zeroed(len);
-    recv.read_exact(&mut body).await?;
+    // Read into uninitialised capacity: zeroing first would touch every byte twice.
+    let mut body = BytesMut::with_capacity(len);
+    while body.len() < len {
+        let want = len - body.len();
+        let n = recv.read_buf(&mut (&mut body).limit(want)).await?;
+        if n == 0 {
+            return Err(FrameError::Read(quinn::ReadExactError::FinishedEarly(body.len())));
+        }
+    }
     Ok(Some(Message::decode(body.freeze())?))
 }
 

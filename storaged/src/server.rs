@@ -79,7 +79,7 @@ async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: quinn:
             Ok(None) => break,
             Ok(Some(_)) if subscribed => Reply::Close(error(ErrorCode::Malformed, "no requests allowed on a subscription stream")),
             Ok(Some(msg)) => handle_request(&node, msg).await,
-            Err(FrameError::Read(e)) => {
+            Err(e @ (FrameError::Read(_) | FrameError::Io(_))) => {
                 tracing::debug!(error = %e, "stream ended");
                 break;
             }

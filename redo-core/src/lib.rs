@@ -3,6 +3,7 @@
 
 mod codec;
 pub mod ids;
+pub mod page;
 pub mod quorum;
 pub mod record;
 pub mod segment_file;

@@ -45,8 +45,8 @@ pub enum AppendError {
     Busy { hot_bytes: usize, hot_bytes_max: usize },
     #[error("segment cannot write to disk: {0}")]
     DiskFailed(String),
-    #[error("record {lsn} links back to {prev} but the segment holds {scl} in between")]
-    Conflict { lsn: Lsn, prev: Lsn, scl: Lsn },
+    #[error("record {lsn} links back to {prev} but {held} lies in between")]
+    Conflict { lsn: Lsn, prev: Lsn, held: Lsn },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +212,12 @@ impl SegmentLog {
         self.disk_failed.as_deref()
     }
 
+    /// Moves the segment to `epoch` (if higher): from now on older epochs get
+    /// `StaleEpoch`. The shell persists the epoch before calling this.
+    pub fn raise_epoch(&mut self, epoch: Epoch) {
+        self.epoch = self.epoch.max(epoch);
+    }
+
     /// Inserts a batch of records. Duplicates of held records are ignored, so
     /// a writer may resend freely. All-or-nothing: on error nothing changed.
     pub fn handle_append(&mut self, epoch: Epoch, records: &ValidRecords) -> Result<AppendOutcome, AppendError> {
@@ -221,24 +227,55 @@ impl SegmentLog {
         if let Some(why) = &self.disk_failed {
             return Err(AppendError::DiskFailed(why.clone()));
         }
-        // First pass: a record above SCL must not link back past it, counting
-        // the SCL that this batch's own in-order records will reach.
+        // First pass, before changing anything. A record claims that nothing
+        // of this segment lies between its backlink and itself: neither the
+        // chain's end, nor a record waiting above a hole, nor the batch's
+        // previous record may sit in between (nor may the new record sit inside
+        // a held record's gap). Meanwhile size what extends the chain and what
+        // must wait above a hole, for the memory limits.
         let mut scl = self.scl;
-        for (rec, _) in records.iter() {
+        let (mut to_chain, mut to_pending) = (0, 0);
+        let mut before: Option<Lsn> = None;
+        for (rec, range) in records.iter() {
             let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
-            if lsn > scl && prev < scl {
-                return Err(AppendError::Conflict { lsn, prev, scl });
+            if lsn <= scl {
+                before = Some(lsn);
+                continue; // held already
+            }
+            let conflict = |held: Lsn| AppendError::Conflict { lsn, prev, held };
+            let inside = |held: Lsn| prev < held && held < lsn;
+            if inside(scl) {
+                return Err(conflict(scl));
+            }
+            if let Some(b) = before.filter(|&b| inside(b)) {
+                return Err(conflict(b));
+            }
+            if let Some((&held, _)) = self.pending.range(Lsn(prev.0 + 1)..lsn).next() {
+                return Err(conflict(held));
+            }
+            if self.pending.get(&lsn).is_some_and(|p| p.prev != prev) {
+                return Err(conflict(lsn));
+            }
+            if let Some((&next, p)) = self.pending.range(Lsn(lsn.0 + 1)..).next() {
+                if p.prev < lsn {
+                    return Err(AppendError::Conflict { lsn: next, prev: p.prev, held: lsn });
+                }
             }
             if prev == scl {
                 scl = lsn;
+                to_chain += range.len();
+            } else if !self.pending.contains_key(&lsn) {
+                to_pending += range.len();
             }
+            before = Some(lsn);
         }
-        // Records above a hole cannot be flushed until the hole is filled:
-        // counting them against a batch that extends the chain (and may fill
-        // the hole) would refuse it forever once they fill the hot log.
-        let held = if scl > self.scl { self.hot_bytes - self.pending_bytes } else { self.hot_bytes };
-        if held > 0 && held + records.bytes().len() > self.config.hot_bytes_max {
-            return Err(AppendError::Busy { hot_bytes: self.hot_bytes, hot_bytes_max: self.config.hot_bytes_max });
+        // The chain and the records above holes are limited separately: a
+        // batch that fills a hole must not be refused because the records
+        // waiting for it filled memory.
+        let limit = self.config.hot_bytes_max;
+        let over = |held: usize, adding: usize| adding > 0 && held > 0 && held + adding > limit;
+        if over(self.hot_bytes - self.pending_bytes, to_chain) || over(self.pending_bytes, to_pending) {
+            return Err(AppendError::Busy { hot_bytes: self.hot_bytes, hot_bytes_max: limit });
         }
         let epoch_raised = epoch > self.epoch;
         self.epoch = epoch;
@@ -266,8 +303,8 @@ impl SegmentLog {
         if let Some(f) = frag {
             inserted += self.place(f);
         }
-        inserted -= self.drain_pending();
-        let inserted_bytes = self.hot_bytes - hot_before;
+        inserted = inserted.saturating_sub(self.drain_pending());
+        let inserted_bytes = self.hot_bytes.saturating_sub(hot_before);
         Ok(AppendOutcome { position: self.position(), epoch_raised, inserted, inserted_bytes })
     }
 
@@ -540,7 +577,7 @@ mod tests {
         let out = append(&mut log, &[(1, 0), (2, 1), (6, 2)]).unwrap();
         assert_eq!((out.inserted, out.position.scl), (1, Lsn(6)));
         // 9 claims its predecessor is 1, but the segment holds 2 and 6 after 1.
-        assert_eq!(append(&mut log, &[(9, 1)]), Err(AppendError::Conflict { lsn: Lsn(9), prev: Lsn(1), scl: Lsn(6) }));
+        assert_eq!(append(&mut log, &[(9, 1)]), Err(AppendError::Conflict { lsn: Lsn(9), prev: Lsn(1), held: Lsn(6) }));
         assert_eq!(log.scl(), Lsn(6));
     }
 
@@ -582,6 +619,37 @@ mod tests {
         assert!(matches!(append(&mut log, &[(5, 4)]), Err(AppendError::Busy { .. })));
         assert_eq!(flush_all(&mut log), vec![Lsn(2), Lsn(3), Lsn(4)]);
         assert_eq!(append(&mut log, &[(5, 4)]).unwrap().position.scl, Lsn(5));
+    }
+
+    #[test]
+    fn records_skipping_held_records_are_conflicts() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        append(&mut log, &[(1, 0)]).unwrap();
+        append(&mut log, &[(3, 2), (4, 3), (5, 4)]).unwrap();
+        let before = (log.scl(), log.pending_records(), log.hot_bytes());
+        // 6 claims nothing lies between 2 and 6, but 3, 4 and 5 wait there.
+        assert_eq!(append(&mut log, &[(2, 1), (6, 2)]), Err(AppendError::Conflict { lsn: Lsn(6), prev: Lsn(2), held: Lsn(3) }));
+        // The same LSN as a held record but another backlink.
+        assert_eq!(append(&mut log, &[(4, 2)]), Err(AppendError::Conflict { lsn: Lsn(4), prev: Lsn(2), held: Lsn(3) }));
+        // Inside one batch: 5 links to 3, but the batch itself brings 4 in between.
+        let mut fresh = SegmentLog::new(ID, config(1 << 20));
+        assert_eq!(append(&mut fresh, &[(4, 2), (5, 3)]), Err(AppendError::Conflict { lsn: Lsn(5), prev: Lsn(3), held: Lsn(4) }));
+        assert_eq!((log.scl(), log.pending_records(), log.hot_bytes()), before, "refused batches change nothing");
+        // A new record inside a held record's gap: held 9 links to 6, so 7 cannot exist.
+        append(&mut log, &[(9, 6)]).unwrap();
+        assert_eq!(append(&mut log, &[(7, 6)]), Err(AppendError::Conflict { lsn: Lsn(9), prev: Lsn(6), held: Lsn(7) }));
+        // The fill completes the chain, through the held 9.
+        assert_eq!(append(&mut log, &[(2, 1), (6, 5)]).unwrap().position.scl, Lsn(9));
+        assert_eq!(log.pending_records(), 0);
+    }
+
+    #[test]
+    fn records_above_holes_are_bounded() {
+        let mut log = SegmentLog::new(ID, config(120));
+        append(&mut log, &[(1, 0)]).unwrap();
+        append(&mut log, &[(3, 2), (4, 3)]).unwrap(); // 100 bytes above the hole at 2
+        assert!(matches!(append(&mut log, &[(2, 1), (6, 5)]), Err(AppendError::Busy { .. })), "6 would wait above a new hole");
+        assert_eq!(append(&mut log, &[(2, 1)]).unwrap().position.scl, Lsn(4));
     }
 
     #[test]

@@ -126,7 +126,8 @@ struct Quorum {
 
 impl Quorum {
     fn ack(&mut self, seq: u64, due: Instant, records: u64) {
-        let i = (seq - self.base) as usize;
+        let Some(i) = seq.checked_sub(self.base) else { return }; // its quorum was counted already
+        let i = i as usize;
         while self.counts.len() <= i {
             self.counts.push_back(0);
         }
@@ -184,6 +185,9 @@ async fn phase(args: &StorageBenchArgs, storage: &mut LocalStorage, rate: Option
             receivers.push(tokio::spawn(async move {
                 while let Some((seq, due)) = win_rx.recv().await {
                     match recv.recv().await {
+                        Ok((position, last)) if position.scl < last => {
+                            anyhow::bail!("{} acked batch ending at {last} above a hole (SCL {})", position.pg, position.scl)
+                        }
                         Ok(_) => {
                             ack_hist.lock().expect("hist").saturating_record(due.elapsed().as_micros() as u64);
                             quorum.lock().expect("quorum").ack(seq, due, batch_records);

@@ -89,7 +89,8 @@ fn transport() -> quinn::TransportConfig {
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
-    t.max_concurrent_bidi_streams(1024u32.into());
+    // Each stream may hold one frame in memory: bound what one peer can pin.
+    t.max_concurrent_bidi_streams(64u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("10 s fits")));
@@ -129,9 +130,9 @@ pub fn server_endpoint(identity: &TlsIdentity, listen: SocketAddr) -> Result<qui
     endpoint(listen, Some(identity.server_config()?))
 }
 
-/// A client endpoint on an ephemeral port that presents `identity`.
+/// A client endpoint on an ephemeral port (any IPv4 interface) that presents `identity`.
 pub fn client_endpoint(identity: &TlsIdentity) -> Result<quinn::Endpoint> {
-    let mut ep = endpoint("127.0.0.1:0".parse().expect("literal address"), None)?;
+    let mut ep = endpoint("0.0.0.0:0".parse().expect("literal address"), None)?;
     ep.set_default_client_config(identity.client_config()?);
     Ok(ep)
 }

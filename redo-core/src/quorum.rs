@@ -84,7 +84,8 @@ impl VolumeDurability {
 
     /// Segment `segment` (0..6) of `pg` reports its SCL. Returns whether VDL advanced.
     pub fn handle_ack(&mut self, pg: PgId, segment: usize, scl: Lsn) -> bool {
-        let p = &mut self.pgs[pg.0 as usize];
+        assert!(segment < SEGMENTS_PER_PG, "segment index {segment} out of range");
+        let p = self.pgs.get_mut(pg.0 as usize).expect("acks come from the volume's own protection groups");
         p.scl[segment] = p.scl[segment].max(scl);
         let pgcl = p.quorum_scl();
         if pgcl > p.pgcl {
@@ -115,7 +116,7 @@ impl VolumeDurability {
     fn check_invariants(&self) {
         assert!(self.vdl <= self.vcl, "vdl {} > vcl {}", self.vdl, self.vcl);
         assert!(self.vcl <= self.last_allocated);
-        assert!(self.cpls.iter().all(|&c| c > self.vdl));
+        assert!(self.cpls.first().is_none_or(|&c| c > self.vdl));
     }
 }
 

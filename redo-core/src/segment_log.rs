@@ -424,6 +424,16 @@ impl SegmentLog {
         self.disk_failed = Some(why);
     }
 
+    /// The flusher stopped for good: forget any flush in flight (its records
+    /// stay in memory) and refuse appends.
+    pub fn handle_disk_lost(&mut self, why: String) {
+        if self.inflight > 0 {
+            self.inflight = 0;
+            self.file_end = self.flushed_end;
+        }
+        self.disk_failed = Some(why);
+    }
+
     /// Serves records in `(after, upto]` (clamped to SCL) from memory into
     /// `out`, about `bytes_max` at most but at least one record, returning the
     /// last LSN served (`after` when nothing). When memory no longer holds the

@@ -22,7 +22,6 @@ use redo_core::segment_log::FlushJob;
 use crate::node::Segment;
 use crate::store::{fallocate, BLOCK_BYTES};
 
-const RING_ENTRIES: u32 = 256;
 const TAG_WAKE: u64 = u64::MAX;
 const TAG_WRITE: u64 = 1;
 const TAG_SYNC: u64 = 2;
@@ -145,12 +144,26 @@ pub struct Flusher {
 
 impl Flusher {
     pub fn new(targets: Vec<FlushTarget>, wake: Arc<Wake>, shutdown: Arc<AtomicBool>) -> Result<Self> {
-        let ring = IoUring::new(RING_ENTRIES).context("create io_uring (is io_uring disabled on this kernel?)")?;
+        // Two entries (write + fdatasync) per segment, plus the wake poll.
+        let entries = (2 * targets.len() as u32 + 1).next_power_of_two().max(8);
+        let ring = IoUring::new(entries).context("create io_uring (is io_uring disabled on this kernel?)")?;
         Ok(Flusher { ring, targets, wake, shutdown, records: Vec::new() })
     }
 
-    /// Runs until shutdown is requested and every complete record is on disk.
-    pub fn run(mut self) -> Result<()> {
+    /// Runs until shutdown is requested and every complete record is on
+    /// disk. If the ring itself fails, every segment is failed so that
+    /// appends are refused rather than acked into a log that is never flushed.
+    pub fn run(self) -> Result<()> {
+        let segments: Vec<Arc<Segment>> = self.targets.iter().map(|t| t.seg.clone()).collect();
+        let result = self.run_ring();
+        if let Err(e) = &result {
+            tracing::error!(error = %format!("{e:#}"), "flusher stopped; every segment now refuses appends");
+            segments.iter().for_each(|s| s.lose_disk(format!("flusher stopped: {e:#}")));
+        }
+        result
+    }
+
+    fn run_ring(mut self) -> Result<()> {
         let mut wake_armed = false;
         loop {
             self.wake.pending.store(false, Ordering::Release);
@@ -170,7 +183,11 @@ impl Flusher {
                 unsafe { self.ring.submission().push(&poll) }.expect("ring has room for the wake poll");
                 wake_armed = true;
             }
-            self.ring.submit_and_wait(1).context("io_uring submit")?;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("io_uring submit"),
+            }
             let done: Vec<(u64, i32)> = self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
             for (tag, res) in done {
                 if tag == TAG_WAKE {

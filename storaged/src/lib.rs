@@ -65,7 +65,7 @@ pub fn run(config: Config) -> Result<()> {
         shutdown.store(true, Ordering::Release);
         node.wake.wake();
         let flushed = tokio::task::spawn_blocking(move || flusher.join()).await.context("join flusher")?;
-        flushed.map_err(|_| anyhow::anyhow!("flusher panicked"))?.context("flusher failed")?;
+        flushed.map_err(|_| anyhow::anyhow!("flusher panicked"))?.context("flusher failed: records acked from memory were not all flushed")?;
         for seg in node.segments.values() {
             let log = seg.log.lock().expect("segment lock");
             tracing::info!(segment = %seg.id, scl = %log.scl(), flushed_lsn = %log.flushed_lsn(), "segment closed");

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use redo_core::segment_log::{FlushJob, SegmentLog, SegmentLogConfig};
 use redo_core::wire::SegmentPosition;
-use redo_core::{NodeId, PgId, SegmentId};
+use redo_core::{Epoch, NodeId, PgId, SegmentId};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -25,6 +25,8 @@ pub struct Segment {
     /// Buffered descriptor for pulls served from disk.
     pub reader: std::fs::File,
     pub metrics: Arc<Metrics>,
+    /// The epoch on disk; held while a newer one is written.
+    pub persisted_epoch: tokio::sync::Mutex<Epoch>,
 }
 
 impl Segment {
@@ -45,6 +47,12 @@ impl Segment {
         let mut log = self.log.lock().expect("segment lock");
         log.handle_flush_failed(job, why);
         // Wake waiters so that they see the failure.
+        self.position.send_modify(|_| {});
+    }
+
+    /// The flusher is gone: the segment refuses appends from now on.
+    pub fn lose_disk(&self, why: String) {
+        self.log.lock().expect("segment lock").handle_disk_lost(why);
         self.position.send_modify(|_| {});
     }
 
@@ -81,14 +89,21 @@ impl Node {
         };
         let mut segments = HashMap::new();
         let mut targets = Vec::new();
+        let write_bytes_max = config.flush_bytes_max.max(config.frame_bytes_max);
         for &pg in &config.pgs {
             let id = SegmentId { pg: PgId(pg), node: node_id };
-            let r = store::open_segment(&config.data_dir, id, config.segment_prealloc_bytes)?;
+            let r = store::open_segment(&config.data_dir, id, config.segment_prealloc_bytes, write_bytes_max)?;
             let log = SegmentLog::recovered(id, log_config.clone(), r.epoch, r.last_lsn, r.file_end, r.index);
             let (position, _) = watch::channel(log.position());
-            let seg = Arc::new(Segment { id, log: Mutex::new(log), position, reader: r.reader, metrics: metrics.clone() });
-            let write_bytes_max = config.flush_bytes_max.max(config.frame_bytes_max) as usize;
-            targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, write_bytes_max));
+            let seg = Arc::new(Segment {
+                id,
+                log: Mutex::new(log),
+                position,
+                reader: r.reader,
+                metrics: metrics.clone(),
+                persisted_epoch: tokio::sync::Mutex::new(r.epoch),
+            });
+            targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, write_bytes_max as usize));
             segments.insert(PgId(pg), seg);
         }
         let node = Node { config, node_id, segments, wake: Arc::new(Wake::new()?), metrics, shutting_down: AtomicBool::new(false) };

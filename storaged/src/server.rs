@@ -25,6 +25,7 @@ const REPLIES_INFLIGHT_MAX: usize = 1024;
 /// Notifications queued per subscription stream; forwarders wait when full.
 const NOTIFY_QUEUE_MAX: usize = 64;
 const HTTP_REQUEST_BYTES_MAX: usize = 8192;
+const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the reply writer sends, in request order.
 enum Reply {
@@ -132,6 +133,9 @@ fn not_hosted(node: &Node, pg: PgId) -> Reply {
 async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords, received: Instant) -> Reply {
     let run = records.run();
     let Some(seg) = node.segments.get(&pg) else { return not_hosted(node, pg) };
+    if let Err(reply) = persist_epoch(node, seg, epoch).await {
+        return reply;
+    }
     let deadline = received + Duration::from_millis(node.config.busy_wait_ms);
     let mut position = seg.position.subscribe();
     loop {
@@ -147,14 +151,7 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
                 node.metrics.ingest_bytes.fetch_add(out.inserted_bytes as u64, Ordering::Relaxed);
                 node.metrics.append_batch_records.record(run.count as u64);
                 node.wake.wake();
-                if out.epoch_raised {
-                    let dir = node.data_dir().clone();
-                    let persisted = tokio::task::spawn_blocking(move || store::write_epoch(&dir, pg, epoch)).await;
-                    if let Err(e) = persisted.map_err(anyhow::Error::from).and_then(|r| r) {
-                        return Reply::Close(error(ErrorCode::DiskFailed, format!("persist {epoch} for {pg}: {e:#}")));
-                    }
-                    tracing::info!(%pg, %epoch, "segment moved to a new epoch");
-                }
+                debug_assert!(!out.epoch_raised, "epochs are persisted and raised before appends apply");
                 return match node.config.ack {
                     AckMode::Memory => {
                         Reply::Now { msg: Message::Ack { position: out.position, batch_last_lsn: run.last_lsn }, received: Some(received) }
@@ -179,6 +176,27 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
         };
         return Reply::Close(error(code, format!("{pg}: {err}")));
     }
+}
+
+/// A request at a newer epoch moves the segment there: durably first, so
+/// that after a restart the older epoch is still refused, then in memory,
+/// so that no request at an older epoch is applied after this one.
+async fn persist_epoch(node: &Node, seg: &Arc<Segment>, epoch: Epoch) -> Result<(), Reply> {
+    if epoch <= seg.log.lock().expect("segment lock").epoch() {
+        return Ok(());
+    }
+    let mut persisted = seg.persisted_epoch.lock().await;
+    if epoch > *persisted {
+        let (dir, pg) = (node.data_dir().clone(), seg.id.pg);
+        let written = tokio::task::spawn_blocking(move || store::write_epoch(&dir, pg, epoch)).await;
+        if let Err(e) = written.map_err(anyhow::Error::from).and_then(|r| r) {
+            return Err(Reply::Close(error(ErrorCode::DiskFailed, format!("persist {epoch} for {pg}: {e:#}"))));
+        }
+        *persisted = epoch;
+        seg.with_log(|log| log.raise_epoch(epoch));
+        tracing::info!(segment = %seg.id, %epoch, "segment moved to a new epoch");
+    }
+    Ok(())
 }
 
 async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: u32) -> Reply {
@@ -243,7 +261,9 @@ async fn wait_flushed(seg: &Segment, last_lsn: Lsn) -> Message {
     let mut rx = seg.position.subscribe();
     loop {
         let position: SegmentPosition = *rx.borrow_and_update();
-        if position.flushed_lsn >= last_lsn {
+        // A batch above a hole cannot be flushed until the hole is filled:
+        // answer now with the position, which shows it is not durable.
+        if position.flushed_lsn >= last_lsn || position.scl < last_lsn {
             return Message::Ack { position, batch_last_lsn: last_lsn };
         }
         if let Some(why) = seg.log.lock().expect("segment lock").disk_failed() {
@@ -285,16 +305,29 @@ async fn push_notifications(mut send: quinn::SendStream, segs: Vec<Arc<Segment>>
 /// Serves `GET /metrics` in the Prometheus text format.
 pub async fn metrics_server(node: Arc<Node>, listener: tokio::net::TcpListener) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let node = node.clone();
         tokio::spawn(async move {
             let mut req = Vec::with_capacity(1024);
             let mut buf = [0u8; 1024];
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < HTTP_REQUEST_BYTES_MAX {
-                match sock.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
+            let read_request = async {
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < HTTP_REQUEST_BYTES_MAX {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
                 }
+                true
+            };
+            if !matches!(tokio::time::timeout(HTTP_REQUEST_TIMEOUT, read_request).await, Ok(true)) {
+                return;
             }
             let (status, body) = if req.starts_with(b"GET /metrics ") {
                 ("200 OK", node.render_metrics())

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use redo_core::segment_file::{decode_header, encode_header, scan_records, ScanStop, SEGMENT_HEADER_BYTES};
-use redo_core::segment_log::{DiskIndex, DiskRead};
+use redo_core::record::RECORD_BYTES_MAX;
+use redo_core::segment_log::{DiskIndex, DiskRead, INDEX_STRIDE_BYTES};
 use redo_core::{Epoch, Lsn, PgId, SegmentId};
 
 /// O_DIRECT alignment for offsets, lengths and buffers.
@@ -57,8 +58,26 @@ fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
+/// The first non-zero byte of `file` in `[from, to)`, if any.
+fn first_nonzero(file: &File, from: u64, to: u64) -> Result<Option<u64>> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        let n = buf.len().min((to - at) as usize);
+        file.read_exact_at(&mut buf[..n], at).context("read segment file")?;
+        if let Some(i) = buf[..n].iter().position(|&b| b != 0) {
+            return Ok(Some(at + i as u64));
+        }
+        at += n as u64;
+    }
+    Ok(None)
+}
+
 /// Opens (creating if needed) and recovers the segment file of `id`.
-pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64) -> Result<Recovered> {
+/// `write_bytes_max` is the largest single flush write: a crash can tear at
+/// most that much past the durable end, so damage followed by data further
+/// on is corruption, not a torn tail, and recovery refuses to truncate it.
+pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u64) -> Result<Recovered> {
     let path = segment_path(dir, id.pg);
     let exists = path.exists();
     if !exists {
@@ -123,6 +142,15 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64) -> Result<Recovere
     let mut tail = vec![0u8; (file_end - tail_start) as usize];
     reader.read_exact_at(&mut tail, tail_start).context("read tail block")?;
     if let ScanStop::Corrupt { offset, reason } = &stop {
+        let torn_window = write_bytes_max + 2 * BLOCK_BYTES;
+        if let Some(at) = first_nonzero(&reader, offset + torn_window, size)? {
+            bail!(
+                "{}: record at offset {offset} is damaged ({reason}) but the log continues at offset {at}, beyond \
+                 what a crash can tear: refusing to truncate flushed records. Move the file aside to rebuild the \
+                 segment from its peers.",
+                path.display()
+            );
+        }
         tracing::warn!(segment = %id, offset, %reason, last_lsn = %last_lsn, "truncating segment log at a torn or corrupt tail");
         let f = OpenOptions::new().write(true).open(&path).context("open segment for truncation")?;
         let block_end = tail_start + BLOCK_BYTES;
@@ -165,8 +193,10 @@ pub fn read_from_disk(reader: &File, read: DiskRead, bytes_max: usize) -> Result
     let mut prev = read.prev;
     let mut offset = read.offset;
     let mut buf = Vec::new();
+    // Enough for the reply plus the index stride it may start before, and always a whole record.
+    let chunk = (bytes_max + INDEX_STRIDE_BYTES as usize).max(RECORD_BYTES_MAX).min(SCAN_CHUNK_BYTES);
     while offset < read.end_offset {
-        let want = SCAN_CHUNK_BYTES.min((read.end_offset - offset) as usize);
+        let want = chunk.min((read.end_offset - offset) as usize);
         buf.resize(want, 0);
         reader.read_exact_at(&mut buf, offset).context("read segment file")?;
         let mut full = false;

@@ -43,6 +43,7 @@ pub struct Config {
     #[arg(long, value_enum, default_value = "memory")]
     pub ack: AckMode,
     /// Per segment: unflushed bytes past which appends wait (see --busy-wait-ms), then get Busy.
+    /// Records held above a hole have a limit of the same size of their own.
     #[arg(long, default_value = "256MiB", value_parser = borealis_net::parse_bytes)]
     pub hot_log_bytes_max: u64,
     /// Per segment: flushed records kept in memory to serve pulls without disk reads.

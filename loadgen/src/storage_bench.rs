@@ -115,8 +115,15 @@ pub struct RunResult {
     pub raw_quic_latency_at_load_us: LatencyUs,
 }
 
+/// Batches a stream's quorum counter keeps after they reached quorum.
+const QUORUM_TRACKED_MAX: usize = 64;
+
+/// Counts acks per batch of one stream and records the latency of the
+/// `needed`-th (the 4th of 6, or the only one).
 struct Quorum {
     needed: u8,
+    nodes: u8,
+    /// Sequence number of `counts[0]`.
     base: u64,
     counts: VecDeque<u8>,
     hist: Histogram<u64>,
@@ -126,7 +133,7 @@ struct Quorum {
 
 impl Quorum {
     fn ack(&mut self, seq: u64, due: Instant, records: u64) {
-        let Some(i) = seq.checked_sub(self.base) else { return }; // its quorum was counted already
+        let Some(i) = seq.checked_sub(self.base) else { return }; // a straggler after its batch was retired
         let i = i as usize;
         while self.counts.len() <= i {
             self.counts.push_back(0);
@@ -138,7 +145,8 @@ impl Quorum {
             self.records += records;
             self.last = now;
         }
-        while self.counts.front().is_some_and(|&c| c as usize == 6 || c >= self.needed && i as u64 > 64) {
+        // Retire batches every node acked, and quorate ones once far behind (their stragglers no longer count).
+        while self.counts.front().is_some_and(|&c| c == self.nodes || (c >= self.needed && self.counts.len() > QUORUM_TRACKED_MAX)) {
             self.counts.pop_front();
             self.base += 1;
         }
@@ -172,7 +180,8 @@ async fn phase(args: &StorageBenchArgs, storage: &mut LocalStorage, rate: Option
     let mut quorums = Vec::new();
     let mut tick_senders = Vec::new();
     for pg in 0..args.pgs {
-        let quorum = Arc::new(Mutex::new(Quorum { needed, base: 0, counts: VecDeque::new(), hist: latency_histogram(), records: 0, last: start }));
+        let quorum = Quorum { needed, nodes: nodes as u8, base: 0, counts: VecDeque::new(), hist: latency_histogram(), records: 0, last: start };
+        let quorum = Arc::new(Mutex::new(quorum));
         quorums.push(quorum.clone());
         let mut senders = Vec::new();
         let mut receivers = Vec::new();

@@ -1,6 +1,6 @@
 //! Frames on QUIC streams: `len u32 | message`, decoded by `redo_core::wire`.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use tokio::io::AsyncReadExt;
 use redo_core::wire::{frame_len, Message, FRAME_HEADER_BYTES};
 use redo_core::DecodeError;
@@ -20,6 +20,15 @@ pub enum FrameError {
 
 /// Reads the next frame; `Ok(None)` when the peer finished the stream cleanly.
 pub async fn read_message(recv: &mut quinn::RecvStream, frame_bytes_max: usize) -> Result<Option<Message>, FrameError> {
+    match read_frame_len(recv, frame_bytes_max).await? {
+        Some(len) => read_frame_body(recv, len).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads a frame's length word; `Ok(None)` when the peer finished the stream
+/// cleanly. A server can reserve memory for the body before reading it.
+pub async fn read_frame_len(recv: &mut quinn::RecvStream, frame_bytes_max: usize) -> Result<Option<usize>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_BYTES];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -30,7 +39,11 @@ pub async fn read_message(recv: &mut quinn::RecvStream, frame_bytes_max: usize) 
     if len > frame_bytes_max {
         return Err(FrameError::TooLarge { len, max: frame_bytes_max });
     }
-    let len = frame_len(header, frame_bytes_max)?;
+    Ok(Some(frame_len(header, frame_bytes_max)?))
+}
+
+/// Reads and decodes a frame body of `len` bytes.
+pub async fn read_frame_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Message, FrameError> {
     // Read into uninitialised capacity: zeroing first would touch every byte twice.
     let mut body = BytesMut::with_capacity(len);
     while body.len() < len {
@@ -40,15 +53,10 @@ pub async fn read_message(recv: &mut quinn::RecvStream, frame_bytes_max: usize) 
             return Err(FrameError::Read(quinn::ReadExactError::FinishedEarly(body.len())));
         }
     }
-    Ok(Some(Message::decode(body.freeze())?))
+    Ok(Message::decode(body.freeze())?)
 }
 
 /// Encodes and sends one message.
 pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Result<(), quinn::WriteError> {
     send.write_all(&msg.to_frame()).await
-}
-
-/// Sends several encoded frames in one write.
-pub async fn write_frames(send: &mut quinn::SendStream, frames: Bytes) -> Result<(), quinn::WriteError> {
-    send.write_chunk(frames).await
 }

@@ -52,6 +52,10 @@ pub struct Config {
     /// Largest frame (one append batch) accepted; larger ones get TooLarge and the stream is closed.
     #[arg(long, default_value = "8MiB", value_parser = borealis_net::parse_bytes)]
     pub frame_bytes_max: u64,
+    /// Node-wide: bytes of request frames being read or handled at once, over
+    /// every stream of every client; a stream waits for room before reading a frame.
+    #[arg(long, default_value = "512MiB", value_parser = borealis_net::parse_bytes)]
+    pub inflight_bytes_max: u64,
     /// Largest single write of a flush (then fdatasync).
     #[arg(long, default_value = "2MiB", value_parser = borealis_net::parse_bytes)]
     pub flush_bytes_max: u64,
@@ -74,6 +78,9 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.frame_bytes_max > self.hot_log_bytes_max {
             bail!("--frame-bytes-max ({}) must not exceed --hot-log-bytes-max ({})", self.frame_bytes_max, self.hot_log_bytes_max);
+        }
+        if self.inflight_bytes_max < self.frame_bytes_max {
+            bail!("--inflight-bytes-max ({}) must be at least --frame-bytes-max ({})", self.inflight_bytes_max, self.frame_bytes_max);
         }
         if self.frame_bytes_max > redo_core::wire::FRAME_BYTES_MAX as u64 {
             bail!("--frame-bytes-max is at most {}", redo_core::wire::FRAME_BYTES_MAX);

@@ -50,6 +50,7 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
         hot_log_bytes_max: 8 * args.flush_bytes_max,
         cache_bytes_max: 0,
         frame_bytes_max: args.flush_bytes_max,
+        inflight_bytes_max: args.flush_bytes_max,
         flush_bytes_max: args.flush_bytes_max,
         segment_prealloc_bytes: 256 << 20,
         busy_wait_ms: 0,

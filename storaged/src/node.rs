@@ -72,6 +72,8 @@ pub struct Node {
     pub wake: Arc<Wake>,
     pub metrics: Arc<Metrics>,
     pub shutting_down: AtomicBool,
+    /// Permits are bytes of request frames in flight (`--inflight-bytes-max`).
+    pub frame_budget: tokio::sync::Semaphore,
 }
 
 impl Node {
@@ -106,7 +108,8 @@ impl Node {
             targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, write_bytes_max as usize));
             segments.insert(PgId(pg), seg);
         }
-        let node = Node { config, node_id, segments, wake: Arc::new(Wake::new()?), metrics, shutting_down: AtomicBool::new(false) };
+        let frame_budget = tokio::sync::Semaphore::new(config.inflight_bytes_max as usize);
+        let node = Node { config, node_id, segments, wake: Arc::new(Wake::new()?), metrics, shutting_down: AtomicBool::new(false), frame_budget };
         Ok((Arc::new(node), targets))
     }
 

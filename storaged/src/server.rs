@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use borealis_net::frame::{read_message, write_message, FrameError};
+use borealis_net::frame::{read_frame_body, read_frame_len, write_message, FrameError};
 use bytes::{Bytes, BytesMut};
 use redo_core::record::ValidRecords;
 use redo_core::segment_log::AppendError;
@@ -76,10 +76,19 @@ async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: quinn:
     let frame_max = node.config.frame_bytes_max as usize;
     let mut subscribed = false;
     loop {
-        let reply = match read_message(&mut recv, frame_max).await {
+        // Frames in flight on every stream of every client share one byte budget.
+        let frame = match read_frame_len(&mut recv, frame_max).await {
+            Ok(Some(len)) => match node.frame_budget.acquire_many(len as u32).await {
+                Ok(permit) => read_frame_body(&mut recv, len).await.map(|m| Some((m, permit))),
+                Err(_) => break, // closed: shutting down
+            },
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let reply = match frame {
             Ok(None) => break,
             Ok(Some(_)) if subscribed => Reply::Close(error(ErrorCode::Malformed, "no requests allowed on a subscription stream")),
-            Ok(Some(msg)) => handle_request(&node, msg).await,
+            Ok(Some((msg, _permit))) => handle_request(&node, msg).await,
             Err(e @ (FrameError::Read(_) | FrameError::Io(_))) => {
                 tracing::debug!(error = %e, "stream ended");
                 break;

@@ -114,3 +114,41 @@ async fn busy_does_not_close_the_stream_and_acked_records_survive() {
         assert_eq!(&r.bytes, &chain.sent[&r.header.lsn]);
     }
 }
+
+/// A node-wide frame budget of one frame still serves every stream of every
+/// client, one frame at a time, with nothing refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_frame_budget_serves_concurrent_streams() {
+    let env = TestEnv::new();
+    let launch = env.launch(&[0, 1, 2, 3], &["--frame-bytes-max", "64KiB", "--inflight-bytes-max", "64KiB"]);
+    let node = env.start(&launch).await;
+    let ep = env.client();
+    let mut tasks = Vec::new();
+    for pg in 0..4u32 {
+        let conn = node.connect(&ep).await; // a client per stream
+        tasks.push(tokio::spawn(async move {
+            let mut chain = Chain::new(pg, 500);
+            let (mut tx, mut rx) = conn.open_append().await.expect("open stream");
+            let batches: Vec<_> = (0..20).map(|_| chain.batch(100)).collect();
+            for b in &batches {
+                tx.send(Epoch(1), PgId(pg), &b.bytes).await.expect("send");
+            }
+            for b in &batches {
+                let (pos, last) = timely("ack", rx.recv()).await.expect("acked, not refused");
+                assert_eq!((pos.scl, last), (b.last_lsn(), b.last_lsn()));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("stream task");
+    }
+
+    let out = std::process::Command::new(STORAGED)
+        .arg("serve")
+        .args(&launch.args)
+        .args(["--inflight-bytes-max", "4KiB", "--listen", &format!("127.0.0.1:{}", free_udp_port())])
+        .output()
+        .expect("run storaged");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--inflight-bytes-max"), "a budget below one frame is refused");
+}

@@ -125,6 +125,15 @@ struct Fragment {
     bytes: Bytes,
 }
 
+/// `part` itself if it is most of its batch, else a copy that frees the batch.
+fn own(part: Bytes, batch_bytes: usize) -> Bytes {
+    if part.len() * 4 < batch_bytes {
+        Bytes::copy_from_slice(&part)
+    } else {
+        part
+    }
+}
+
 /// A record waiting above a hole.
 struct Pending {
     prev: Lsn,
@@ -294,14 +303,14 @@ impl SegmentLog {
                 }
                 _ => {
                     if let Some(f) = frag.take() {
-                        inserted += self.place(f);
+                        inserted += self.place(f, bytes.len());
                     }
                     frag = Some(Fragment { first_lsn: lsn, prev, last_lsn: lsn, records: 1, bytes: bytes.slice(range) });
                 }
             }
         }
         if let Some(f) = frag {
-            inserted += self.place(f);
+            inserted += self.place(f, bytes.len());
         }
         inserted = inserted.saturating_sub(self.drain_pending());
         let inserted_bytes = self.hot_bytes.saturating_sub(hot_before);
@@ -309,13 +318,17 @@ impl SegmentLog {
     }
 
     /// Puts a fragment on the chain if it continues it, else its new records
-    /// in `pending`. Returns how many records it added.
-    fn place(&mut self, f: Fragment) -> u32 {
+    /// in `pending`. Returns how many records it added. `batch_bytes` is the
+    /// size of the buffer the fragment slices: a small part of a large batch
+    /// (a resend that is mostly duplicates) is copied out rather than pinning
+    /// the whole batch, which the memory limits would not see.
+    fn place(&mut self, mut f: Fragment, batch_bytes: usize) -> u32 {
         if f.last_lsn <= self.scl {
             return 0; // all held already
         }
         if f.prev == self.scl {
             let n = f.records;
+            f.bytes = own(f.bytes, batch_bytes);
             self.push_complete(f);
             return n;
         }
@@ -326,15 +339,16 @@ impl SegmentLog {
             let rest = Fragment { first_lsn: Lsn::ZERO, prev: self.scl, last_lsn: f.last_lsn, records: f.records - skipped, bytes: f.bytes.slice(cut..) };
             let first_lsn = TrustedRecords::new(&rest.bytes).next().expect("non-empty").0.lsn();
             let n = rest.records;
-            self.push_complete(Fragment { first_lsn, ..rest });
+            self.push_complete(Fragment { first_lsn, bytes: own(rest.bytes, batch_bytes), ..rest });
             return n;
         }
         let mut n = 0;
-        for (rec, range) in TrustedRecords::new(&f.bytes) {
+        let bytes = own(f.bytes, batch_bytes);
+        for (rec, range) in TrustedRecords::new(&bytes) {
             if let std::collections::btree_map::Entry::Vacant(v) = self.pending.entry(rec.lsn()) {
                 self.hot_bytes += range.len();
                 self.pending_bytes += range.len();
-                v.insert(Pending { prev: rec.prev_lsn_in_segment(), bytes: f.bytes.slice(range) });
+                v.insert(Pending { prev: rec.prev_lsn_in_segment(), bytes: bytes.slice(range) });
                 n += 1;
             }
         }
@@ -651,6 +665,26 @@ mod tests {
         // The fill completes the chain, through the held 9.
         assert_eq!(append(&mut log, &[(2, 1), (6, 5)]).unwrap().position.scl, Lsn(9));
         assert_eq!(log.pending_records(), 0);
+    }
+
+    #[test]
+    fn a_small_part_of_a_large_batch_does_not_pin_it() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        append(&mut log, &[(1, 0), (2, 1), (3, 2), (4, 3), (5, 4)]).unwrap();
+        let resend = batch(&[(1, 0), (2, 1), (3, 2), (4, 3), (5, 4), (6, 5)]);
+        log.handle_append(Epoch(1), &resend).unwrap();
+        let within = |b: &Bytes| {
+            let r = resend.bytes().as_ptr_range();
+            r.contains(&b.as_ptr())
+        };
+        let mut out = vec![];
+        assert_eq!(log.read(Lsn(5), Lsn(6), 1 << 20, &mut out), Ok(Lsn(6)));
+        assert!(!within(&out[0]), "record 6 was copied out of the mostly-duplicate batch");
+        let whole = batch(&[(7, 6), (8, 7)]);
+        log.handle_append(Epoch(1), &whole).unwrap();
+        out.clear();
+        log.read(Lsn(6), Lsn(8), 1 << 20, &mut out).unwrap();
+        assert!(whole.bytes().as_ptr_range().contains(&out[0].as_ptr()), "a batch kept whole is not copied");
     }
 
     #[test]

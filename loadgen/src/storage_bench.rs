@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use borealis_net::storage::ClientError;
 use hdrhistogram::Histogram;
 use redo_core::record::{RecordHeader, RECORD_OVERHEAD_BYTES};
-use redo_core::wire::{ErrorCode, APPEND_HEADER_BYTES};
+use redo_core::wire::{encode_append, ErrorCode, APPEND_HEADER_BYTES};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -235,9 +235,13 @@ async fn phase(args: &StorageBenchArgs, storage: &mut LocalStorage, rate: Option
                     None => Instant::now(),
                 };
                 encode_batch(&mut next_lsn, batch_records, &payload, &mut buf);
+                // One frame for every node of the protection group.
+                let mut frame = Vec::with_capacity(APPEND_HEADER_BYTES + buf.len());
+                encode_append(Epoch(1), PgId(pg), &buf, &mut frame);
+                let frame = bytes::Bytes::from(frame);
                 for (send, win) in &mut senders {
                     win.send((seq, due)).await.context("ack reader ended early")?;
-                    send.send(Epoch(1), PgId(pg), &buf).await?;
+                    send.send_frame(frame.clone()).await?;
                 }
                 seq += 1;
             }

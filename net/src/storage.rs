@@ -94,6 +94,13 @@ impl AppendSender {
         Ok(())
     }
 
+    /// Sends an Append frame encoded once for several segments (see
+    /// `redo_core::wire::encode_append`), without copying it again.
+    pub async fn send_frame(&mut self, frame: Bytes) -> Result<(), ClientError> {
+        self.send.write_chunk(frame).await?;
+        Ok(())
+    }
+
     /// Sends raw bytes, frame or not: for tools and tests that probe bad input.
     pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.send.write_all(bytes).await?;

@@ -64,8 +64,8 @@ pub struct StorageBenchArgs {
     /// Extra storaged options, e.g. `--storaged-arg=--cache-bytes-max=8MiB` (repeatable).
     #[arg(long = "storaged-arg", allow_hyphen_values = true)]
     pub storaged_args: Vec<String>,
-    /// Directory for results (JSON and .hgrm files).
-    #[arg(long, default_value = "bench-results/storage-bench")]
+    /// Directory for results (JSON and .hgrm files); the committed results live in bench-results/storage-bench.
+    #[arg(long, default_value = "bench-results/latest/storage-bench")]
     pub out: PathBuf,
     /// Working directory for data dirs and the raw-disk test file (same disk as the data) [default: a temp dir].
     #[arg(long)]

@@ -4,8 +4,7 @@
 //! it with the raw disk ceiling.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -57,9 +56,7 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
         metrics_listen: None,
     };
     let (node, targets) = Node::open(config)?;
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let flusher = Flusher::new(targets, node.wake.clone(), shutdown.clone())?;
-    let handle = std::thread::Builder::new().name("flusher".into()).spawn(move || flusher.run()).context("spawn flusher")?;
+    let flusher = Flusher::spawn(targets, node.wake.clone())?;
 
     let payload = vec![0x5Au8; args.record_bytes];
     let batch_bytes = args.flush_bytes_max as usize / 4;
@@ -94,9 +91,7 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
             std::thread::sleep(Duration::from_micros(50));
         }
     }
-    shutdown.store(true, Ordering::Release);
-    node.wake.wake();
-    handle.join().map_err(|_| anyhow::anyhow!("flusher panicked"))??;
+    flusher.stop()?;
     let secs = start.elapsed().as_secs_f64();
     let flushed = node.metrics.flushed_bytes.load(Ordering::Relaxed);
     anyhow::ensure!(flushed == appended, "flushed {flushed} bytes of {appended} appended");

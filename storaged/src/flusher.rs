@@ -20,7 +20,7 @@ use redo_core::record::RECORD_BYTES_MAX;
 use redo_core::segment_log::FlushJob;
 
 use crate::node::Segment;
-use crate::store::{fallocate, BLOCK_BYTES};
+use crate::store::{fallocate, ALLOCATE, BLOCK_BYTES};
 
 const TAG_WAKE: u64 = u64::MAX;
 const TAG_WRITE: u64 = 1;
@@ -142,18 +142,39 @@ pub struct Flusher {
     records: Vec<Bytes>,
 }
 
+/// The running flusher thread.
+pub struct FlusherHandle {
+    thread: std::thread::JoinHandle<Result<()>>,
+    wake: Arc<Wake>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl FlusherHandle {
+    /// Asks the flusher to write every complete record, then waits for it.
+    /// Appends must already be stopped.
+    pub fn stop(self) -> Result<()> {
+        self.shutdown.store(true, Ordering::Release);
+        self.wake.wake();
+        self.thread.join().map_err(|_| anyhow::anyhow!("flusher panicked"))?
+    }
+}
+
 impl Flusher {
-    pub fn new(targets: Vec<FlushTarget>, wake: Arc<Wake>, shutdown: Arc<AtomicBool>) -> Result<Self> {
+    /// Starts the flusher on a thread of its own.
+    pub fn spawn(targets: Vec<FlushTarget>, wake: Arc<Wake>) -> Result<FlusherHandle> {
         // Two entries (write + fdatasync) per segment, plus the wake poll.
         let entries = (2 * targets.len() as u32 + 1).next_power_of_two().max(8);
         let ring = IoUring::new(entries).context("create io_uring (is io_uring disabled on this kernel?)")?;
-        Ok(Flusher { ring, targets, wake, shutdown, records: Vec::new() })
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let flusher = Flusher { ring, targets, wake: wake.clone(), shutdown: shutdown.clone(), records: Vec::new() };
+        let thread = std::thread::Builder::new().name("flusher".into()).spawn(move || flusher.run()).context("spawn flusher")?;
+        Ok(FlusherHandle { thread, wake, shutdown })
     }
 
     /// Runs until shutdown is requested and every complete record is on
     /// disk. If the ring itself fails, every segment is failed so that
     /// appends are refused rather than acked into a log that is never flushed.
-    pub fn run(self) -> Result<()> {
+    fn run(self) -> Result<()> {
         let segments: Vec<Arc<Segment>> = self.targets.iter().map(|t| t.seg.clone()).collect();
         let result = self.run_ring();
         if let Err(e) = &result {
@@ -218,7 +239,7 @@ impl Flusher {
         let write_end = write_at + t.buf.len as u64;
         if write_end > t.allocated {
             let grow = (write_end - t.allocated).next_multiple_of(t.prealloc);
-            if let Err(e) = fallocate(&t.direct, t.allocated, grow) {
+            if let Err(e) = fallocate(&t.direct, ALLOCATE, t.allocated, grow) {
                 let why = format!("grow segment file by {grow} bytes at {}: {e}", t.allocated);
                 tracing::error!(segment = %t.seg.id, %why, "flush failed; segment stops accepting appends");
                 t.seg.fail_flush(job, why);

@@ -10,8 +10,7 @@ mod node;
 mod server;
 mod store;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -32,9 +31,7 @@ pub fn run(config: Config) -> Result<()> {
     let identity = borealis_net::TlsIdentity::load(&config.certs, &config.cert_name())
         .with_context(|| format!("load certificates for {} from {}", config.cert_name(), config.certs.display()))?;
     let (node, targets) = node::Node::open(config.clone())?;
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let flusher = flusher::Flusher::new(targets, node.wake.clone(), shutdown.clone())?;
-    let flusher = std::thread::Builder::new().name("flusher".into()).spawn(move || flusher.run()).context("spawn flusher")?;
+    let flusher = flusher::Flusher::spawn(targets, node.wake.clone())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -62,10 +59,8 @@ pub fn run(config: Config) -> Result<()> {
         for seg in node.segments.values() {
             drop(seg.log.lock().expect("segment lock")); // appends in progress have landed
         }
-        shutdown.store(true, Ordering::Release);
-        node.wake.wake();
-        let flushed = tokio::task::spawn_blocking(move || flusher.join()).await.context("join flusher")?;
-        flushed.map_err(|_| anyhow::anyhow!("flusher panicked"))?.context("flusher failed: records acked from memory were not all flushed")?;
+        let flushed = tokio::task::spawn_blocking(move || flusher.stop()).await.context("join flusher")?;
+        flushed.context("flusher failed: records acked from memory were not all flushed")?;
         for seg in node.segments.values() {
             let log = seg.log.lock().expect("segment lock");
             tracing::info!(segment = %seg.id, scl = %log.scl(), flushed_lsn = %log.flushed_lsn(), "segment closed");

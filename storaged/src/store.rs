@@ -45,15 +45,13 @@ fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync directory {}", dir.display()))
 }
 
-pub fn fallocate(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    // SAFETY: plain syscall on an owned, open descriptor.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
+/// Allocates `[offset, offset + len)` of `file`.
+pub const ALLOCATE: libc::c_int = 0;
+/// Zeroes `[offset, offset + len)` of `file`, keeping its size and blocks.
+const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
-fn zero_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-    // SAFETY: as above.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: plain syscall on an owned, open descriptor.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
     if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
@@ -84,7 +82,7 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u
         let tmp = path.with_extension("seg.new");
         let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
         f.write_all(&encode_header(id)).context("write segment header")?;
-        fallocate(&f, 0, prealloc).with_context(|| format!("preallocate {} bytes for {}", prealloc, tmp.display()))?;
+        fallocate(&f, ALLOCATE, 0, prealloc).with_context(|| format!("preallocate {} bytes for {}", prealloc, tmp.display()))?;
         f.sync_all().context("fsync new segment file")?;
         fs::rename(&tmp, &path).context("install new segment file")?;
         fsync_dir(dir)?;
@@ -156,7 +154,7 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u
         let block_end = tail_start + BLOCK_BYTES;
         f.write_all_at(&vec![0u8; (block_end - file_end) as usize], file_end).context("zero torn tail block")?;
         if size > block_end {
-            zero_range(&f, block_end, size - block_end).context("zero truncated tail")?;
+            fallocate(&f, ZERO_RANGE, block_end, size - block_end).context("zero truncated tail")?;
         }
         f.sync_data().context("fsync truncated segment")?;
     }

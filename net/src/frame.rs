@@ -1,6 +1,6 @@
 //! Frames on QUIC streams: `len u32 | message`, decoded by `redo_core::wire`.
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::AsyncReadExt;
 use redo_core::wire::{frame_len, Message, FRAME_HEADER_BYTES};
 use redo_core::DecodeError;
@@ -44,6 +44,11 @@ pub async fn read_frame_len(recv: &mut quinn::RecvStream, frame_bytes_max: usize
 
 /// Reads and decodes a frame body of `len` bytes.
 pub async fn read_frame_body(recv: &mut quinn::RecvStream, len: usize) -> Result<Message, FrameError> {
+    Ok(Message::decode(read_frame_bytes(recv, len).await?)?)
+}
+
+/// Reads a frame body of `len` bytes, undecoded.
+pub async fn read_frame_bytes(recv: &mut quinn::RecvStream, len: usize) -> Result<Bytes, FrameError> {
     // Read into uninitialised capacity: zeroing first would touch every byte twice.
     let mut body = BytesMut::with_capacity(len);
     while body.len() < len {
@@ -53,7 +58,7 @@ pub async fn read_frame_body(recv: &mut quinn::RecvStream, len: usize) -> Result
             return Err(FrameError::Read(quinn::ReadExactError::FinishedEarly(body.len())));
         }
     }
-    Ok(Message::decode(body.freeze())?)
+    Ok(body.freeze())
 }
 
 /// Encodes and sends one message.

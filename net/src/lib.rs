@@ -1,6 +1,7 @@
 //! QUIC + mutual TLS plumbing shared by every Borealis daemon and tool:
 //! the cluster CA, endpoint configuration, and message framing on streams.
 
+pub mod api;
 pub mod certs;
 pub mod frame;
 pub mod storage;

@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use redo_core::wire::{encode_append, ErrorCode, Message, SegmentPosition, FRAME_BYTES_MAX};
-use redo_core::{Epoch, Lsn, PgId};
+use redo_core::page::PageImage;
+use redo_core::{Epoch, Lsn, PageId, PgId};
 use thiserror::Error;
 
 use crate::frame::{read_message, write_message, FrameError};
@@ -63,13 +64,40 @@ impl StorageConn {
 
     /// Records with `after < lsn <= upto` (a prefix of them, about `bytes_max`).
     pub async fn pull(&self, pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32) -> Result<Pulled, ClientError> {
-        let (mut send, mut recv) = self.conn.open_bi().await?;
-        write_message(&mut send, &Message::Pull { pg, after, upto, bytes_max }).await?;
-        let _ = send.finish();
-        match next(&mut recv).await? {
+        match self.request(&Message::Pull { pg, after, upto, bytes_max }).await? {
             Message::PullReply { position, last_lsn, records } => Ok(Pulled { position, last_lsn, records }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
+    }
+
+    /// The segment's epoch and position; an `epoch` newer than the segment's is recorded first.
+    pub async fn status(&self, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
+        match self.request(&Message::Status { epoch, pg }).await? {
+            Message::StatusReply { epoch, position } => Ok((epoch, position)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Page `page` of `pg` as of `lsn` (GetPage@LSN), decoded and checked.
+    pub async fn get_page(&self, pg: PgId, page: PageId, lsn: Lsn) -> Result<(SegmentPosition, PageImage), ClientError> {
+        match self.request(&Message::GetPage { pg, page, lsn }).await? {
+            Message::PageReply { position, image } => {
+                let image = PageImage::decode(&image).map_err(|e| ClientError::Unexpected(format!("page image: {e}")))?;
+                if image.page != page || image.lsn > lsn {
+                    return Err(ClientError::Unexpected(format!("asked {page}@{lsn}, got {}@{}", image.page, image.lsn)));
+                }
+                Ok((position, image))
+            }
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// One request on its own stream, one reply.
+    async fn request(&self, msg: &Message) -> Result<Message, ClientError> {
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_message(&mut send, msg).await?;
+        let _ = send.finish();
+        next(&mut recv).await
     }
 
     /// Subscribes to SCL / flushed-LSN changes of `pgs`.

@@ -1,6 +1,7 @@
 //! Borealis core: everything that is not I/O. Formats, wire messages and
 //! state machines take events and return decisions; the daemons do the I/O.
 
+pub mod api;
 mod codec;
 pub mod ids;
 pub mod page;
@@ -8,6 +9,7 @@ pub mod quorum;
 pub mod record;
 pub mod segment_file;
 pub mod segment_log;
+pub mod volume;
 pub mod wire;
 
 pub use codec::DecodeError;

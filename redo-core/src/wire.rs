@@ -9,7 +9,7 @@
 use bytes::Bytes;
 
 use crate::codec::{put_u32, put_u64, DecodeError, Reader};
-use crate::ids::{Epoch, Lsn, PgId};
+use crate::ids::{Epoch, Lsn, PageId, PgId};
 use crate::record::{validate_run, ValidRecords};
 
 pub const FRAME_HEADER_BYTES: usize = 4;
@@ -38,6 +38,8 @@ pub enum ErrorCode {
     Conflict = 7,
     /// The node is shutting down.
     ShuttingDown = 8,
+    /// The segment's SCL is below the requested LSN; ask a node that is caught up.
+    Behind = 9,
 }
 
 impl ErrorCode {
@@ -52,6 +54,7 @@ impl ErrorCode {
             6 => DiskFailed,
             7 => Conflict,
             8 => ShuttingDown,
+            9 => Behind,
             _ => return Err(DecodeError::Invalid { what: "error code", offset, value: v as u64 }),
         })
     }
@@ -82,6 +85,15 @@ pub enum Message {
     /// Storage → subscriber: a segment's SCL or flushed LSN advanced.
     Notify { position: SegmentPosition },
     Error { code: ErrorCode, message: String },
+    /// Writer → storage: report the segment's epoch and position; an `epoch` newer
+    /// than the segment's is recorded durably first (a writer claims its epoch so).
+    Status { epoch: Epoch, pg: PgId },
+    /// Storage → writer: the segment's epoch (after any raise) and position.
+    StatusReply { epoch: Epoch, position: SegmentPosition },
+    /// Reader → storage: page `page` as of `lsn` (GetPage@LSN). Needs the segment's SCL >= `lsn`.
+    GetPage { pg: PgId, page: PageId, lsn: Lsn },
+    /// Storage → reader: an encoded `page::PageImage` holding every record of the page up to `lsn`.
+    PageReply { position: SegmentPosition, image: Bytes },
 }
 
 const KIND_APPEND: u8 = 1;
@@ -91,6 +103,10 @@ const KIND_PULL_REPLY: u8 = 4;
 const KIND_SUBSCRIBE: u8 = 5;
 const KIND_NOTIFY: u8 = 6;
 const KIND_ERROR: u8 = 7;
+const KIND_STATUS: u8 = 8;
+const KIND_STATUS_REPLY: u8 = 9;
+const KIND_GET_PAGE: u8 = 10;
+const KIND_PAGE_REPLY: u8 = 11;
 
 fn put_position(out: &mut Vec<u8>, p: &SegmentPosition) {
     put_u32(out, p.pg.0);
@@ -152,6 +168,27 @@ impl Message {
                 put_u32(out, m.len() as u32);
                 out.extend_from_slice(m);
             }
+            Message::Status { epoch, pg } => {
+                out.push(KIND_STATUS);
+                put_u64(out, epoch.0);
+                put_u32(out, pg.0);
+            }
+            Message::StatusReply { epoch, position } => {
+                out.push(KIND_STATUS_REPLY);
+                put_u64(out, epoch.0);
+                put_position(out, position);
+            }
+            Message::GetPage { pg, page, lsn } => {
+                out.push(KIND_GET_PAGE);
+                put_u32(out, pg.0);
+                put_u64(out, page.0);
+                put_u64(out, lsn.0);
+            }
+            Message::PageReply { position, image } => {
+                out.push(KIND_PAGE_REPLY);
+                put_position(out, position);
+                out.extend_from_slice(image);
+            }
         }
         let len = (out.len() - start - FRAME_HEADER_BYTES) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -210,6 +247,16 @@ impl Message {
                     .map_err(|_| DecodeError::Invalid { what: "error message utf-8", offset: at, value: n as u64 })?;
                 Message::Error { code, message }
             }
+            KIND_STATUS => Message::Status { epoch: Epoch(r.u64()?), pg: PgId(r.u32()?) },
+            KIND_STATUS_REPLY => Message::StatusReply { epoch: Epoch(r.u64()?), position: position(&mut r)? },
+            KIND_GET_PAGE => Message::GetPage { pg: PgId(r.u32()?), page: PageId(r.u64()?), lsn: Lsn(r.u64()?) },
+            KIND_PAGE_REPLY => {
+                let position = position(&mut r)?;
+                let at = r.pos();
+                r.bytes(r.remaining())?;
+                // The image is decoded (and checked) by the reader that asked for it.
+                Message::PageReply { position, image: body.slice(at..) }
+            }
             other => return Err(DecodeError::Invalid { what: "message kind", offset: 0, value: other as u64 }),
         };
         r.finish()?;
@@ -242,7 +289,6 @@ pub fn frame_len(header: [u8; FRAME_HEADER_BYTES], frame_bytes_max: usize) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::PageId;
     use crate::record::RecordHeader;
     use proptest::prelude::*;
 
@@ -269,6 +315,10 @@ mod tests {
             Message::Subscribe { pgs: vec![PgId(1), PgId(2)] },
             Message::Notify { position: pos },
             Message::Error { code: ErrorCode::StaleEpoch, message: "epoch e3 < e4".into() },
+            Message::Status { epoch: Epoch(5), pg: PgId(2) },
+            Message::StatusReply { epoch: Epoch(5), position: pos },
+            Message::GetPage { pg: PgId(2), page: PageId(77), lsn: Lsn(9) },
+            Message::PageReply { position: pos, image: Bytes::from_static(b"image") },
         ]
     }
 
@@ -305,7 +355,7 @@ mod tests {
 
         /// Mutated valid frames never panic, and any that still decode re-encode to the same bytes.
         #[test]
-        fn mutated_frames(which in 0usize..8, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
+        fn mutated_frames(which in 0usize..12, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
             let mut frame = samples()[which].to_frame();
             for (at, x) in flips {
                 let i = at % frame.len();

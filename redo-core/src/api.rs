@@ -1,0 +1,326 @@
+//! The client API of writers (and, later, replicas): transactions of puts and
+//! deletes, and gets. Frames are `len u32 | kind u8 | id u64 | body`; a client
+//! pipelines requests on one stream and matches replies by `id`, which come
+//! back in completion order.
+//!
+//! ```text
+//! Txn:       count u32 | op*          op: 1 u8 | key_len u16 | key | value_len u32 | value   (put)
+//!                                         2 u8 | key_len u16 | key                          (delete)
+//! Get:       key_len u16 | key
+//! Committed: commit_lsn u64
+//! Value:     read_lsn u64 | found u8 | value_len u32 | value
+//! Error:     code u8 | message_len u32 | message
+//! ```
+//!
+//! Decoding checks only the framing; `Request::check` applies the key, value
+//! and transaction limits so that a client gets an `Invalid` error naming the
+//! limit instead of a closed stream.
+
+use thiserror::Error;
+
+use crate::codec::{put_u32, put_u64, DecodeError, Reader};
+use crate::ids::Lsn;
+use crate::page::{OpError, PageOp};
+
+/// Operations one transaction may carry.
+pub const TXN_OPS_MAX: usize = 1024;
+/// Default ceiling on one request frame.
+pub const REQUEST_BYTES_MAX: usize = 4 << 20;
+const MESSAGE_BYTES_MAX: usize = 4096;
+
+const KIND_TXN: u8 = 1;
+const KIND_GET: u8 = 2;
+const KIND_COMMITTED: u8 = 3;
+const KIND_VALUE: u8 = 4;
+const KIND_ERROR: u8 = 5;
+const OP_PUT: u8 = 1;
+const OP_DELETE: u8 = 2;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ApiErrorCode {
+    /// The frame does not decode (unknown request or operation, bad lengths); the stream is closed.
+    Malformed = 1,
+    /// The frame exceeds the server's request limit; the stream is closed.
+    TooLarge = 2,
+    /// The request breaks a limit (key or value size, operations per transaction); nothing was written.
+    Invalid = 3,
+    /// The server cannot take writes now (shutting down, or fenced by a newer writer).
+    Unavailable = 4,
+}
+
+impl ApiErrorCode {
+    fn from_u8(v: u8, offset: usize) -> Result<Self, DecodeError> {
+        Ok(match v {
+            1 => ApiErrorCode::Malformed,
+            2 => ApiErrorCode::TooLarge,
+            3 => ApiErrorCode::Invalid,
+            4 => ApiErrorCode::Unavailable,
+            _ => return Err(DecodeError::Invalid { what: "api error code", offset, value: v as u64 }),
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Applies every operation atomically; answered with `Committed`.
+    Txn(Vec<PageOp>),
+    /// Answered with `Value`.
+    Get(Vec<u8>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Response {
+    /// The transaction is durable (VDL >= `commit_lsn`).
+    Committed { commit_lsn: Lsn },
+    /// The key's value as of `read_lsn`, which is durable.
+    Value { read_lsn: Lsn, value: Option<Vec<u8>> },
+    Error { code: ApiErrorCode, message: String },
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("{0}")]
+    Op(#[from] OpError),
+    #[error("a transaction needs at least one operation")]
+    EmptyTxn,
+    #[error("transaction of {0} operations exceeds {TXN_OPS_MAX}")]
+    TooManyOps(usize),
+}
+
+fn frame(out: &mut Vec<u8>, kind: u8, id: u64, body: impl FnOnce(&mut Vec<u8>)) {
+    let start = out.len();
+    put_u32(out, 0);
+    out.push(kind);
+    put_u64(out, id);
+    body(out);
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+}
+
+fn put_key(out: &mut Vec<u8>, key: &[u8]) {
+    out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    out.extend_from_slice(key);
+}
+
+fn key(r: &mut Reader) -> Result<Vec<u8>, DecodeError> {
+    let n = u16::from_le_bytes(r.bytes(2)?.try_into().expect("2 bytes")) as usize;
+    Ok(r.bytes(n)?.to_vec())
+}
+
+fn value(r: &mut Reader) -> Result<Vec<u8>, DecodeError> {
+    let n = r.len("value length", usize::MAX)?;
+    Ok(r.bytes(n)?.to_vec())
+}
+
+impl Request {
+    /// Checks the limits of the engine; a request that fails is refused whole.
+    pub fn check(&self) -> Result<(), RequestError> {
+        match self {
+            Request::Txn(ops) if ops.is_empty() => Err(RequestError::EmptyTxn),
+            Request::Txn(ops) if ops.len() > TXN_OPS_MAX => Err(RequestError::TooManyOps(ops.len())),
+            Request::Txn(ops) => ops.iter().try_for_each(|op| op.check().map_err(RequestError::from)),
+            Request::Get(key) => PageOp::Delete { key: key.clone() }.check().map_err(RequestError::from),
+        }
+    }
+
+    /// Appends the frame for request `id`. Keys longer than u16 are not representable:
+    /// `check` first.
+    pub fn encode(&self, id: u64, out: &mut Vec<u8>) {
+        match self {
+            Request::Txn(ops) => frame(out, KIND_TXN, id, |out| {
+                put_u32(out, ops.len() as u32);
+                for op in ops {
+                    match op {
+                        PageOp::Put { key, value } => {
+                            out.push(OP_PUT);
+                            put_key(out, key);
+                            put_u32(out, value.len() as u32);
+                            out.extend_from_slice(value);
+                        }
+                        PageOp::Delete { key } => {
+                            out.push(OP_DELETE);
+                            put_key(out, key);
+                        }
+                    }
+                }
+            }),
+            Request::Get(key) => frame(out, KIND_GET, id, |out| put_key(out, key)),
+        }
+    }
+
+    /// Decodes a frame body (`kind | id | body`) into `(id, request)`.
+    pub fn decode(body: &[u8]) -> Result<(u64, Request), DecodeError> {
+        let mut r = Reader::new(body);
+        let kind = r.u8()?;
+        let id = r.u64()?;
+        let req = match kind {
+            KIND_TXN => {
+                let at = r.pos();
+                let n = r.u32()? as usize;
+                // Each operation takes at least 3 bytes: a count beyond that is a lie.
+                if n * 3 > r.remaining() {
+                    return Err(DecodeError::Invalid { what: "operation count", offset: at, value: n as u64 });
+                }
+                let mut ops = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let at = r.pos();
+                    ops.push(match r.u8()? {
+                        OP_PUT => PageOp::Put { key: key(&mut r)?, value: value(&mut r)? },
+                        OP_DELETE => PageOp::Delete { key: key(&mut r)? },
+                        other => return Err(DecodeError::Invalid { what: "operation", offset: at, value: other as u64 }),
+                    });
+                }
+                Request::Txn(ops)
+            }
+            KIND_GET => Request::Get(key(&mut r)?),
+            other => return Err(DecodeError::Invalid { what: "request kind", offset: 0, value: other as u64 }),
+        };
+        r.finish()?;
+        Ok((id, req))
+    }
+}
+
+impl Response {
+    pub fn encode(&self, id: u64, out: &mut Vec<u8>) {
+        match self {
+            Response::Committed { commit_lsn } => frame(out, KIND_COMMITTED, id, |out| put_u64(out, commit_lsn.0)),
+            Response::Value { read_lsn, value } => frame(out, KIND_VALUE, id, |out| {
+                put_u64(out, read_lsn.0);
+                out.push(value.is_some() as u8);
+                let v = value.as_deref().unwrap_or_default();
+                put_u32(out, v.len() as u32);
+                out.extend_from_slice(v);
+            }),
+            Response::Error { code, message } => frame(out, KIND_ERROR, id, |out| {
+                out.push(*code as u8);
+                let mut end = message.len().min(MESSAGE_BYTES_MAX);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                put_u32(out, end as u32);
+                out.extend_from_slice(&message.as_bytes()[..end]);
+            }),
+        }
+    }
+
+    /// Decodes a frame body into `(id, response)`.
+    pub fn decode(body: &[u8]) -> Result<(u64, Response), DecodeError> {
+        let mut r = Reader::new(body);
+        let kind = r.u8()?;
+        let id = r.u64()?;
+        let resp = match kind {
+            KIND_COMMITTED => Response::Committed { commit_lsn: Lsn(r.u64()?) },
+            KIND_VALUE => {
+                let read_lsn = Lsn(r.u64()?);
+                let at = r.pos();
+                let found = r.u8()?;
+                let v = value(&mut r)?;
+                match found {
+                    0 if v.is_empty() => Response::Value { read_lsn, value: None },
+                    1 => Response::Value { read_lsn, value: Some(v) },
+                    _ => return Err(DecodeError::Invalid { what: "value flag", offset: at, value: found as u64 }),
+                }
+            }
+            KIND_ERROR => {
+                let code = ApiErrorCode::from_u8(r.u8()?, r.pos())?;
+                let n = r.len("error message length", MESSAGE_BYTES_MAX)?;
+                let at = r.pos();
+                let message = String::from_utf8(r.bytes(n)?.to_vec())
+                    .map_err(|_| DecodeError::Invalid { what: "error message utf-8", offset: at, value: n as u64 })?;
+                Response::Error { code, message }
+            }
+            other => return Err(DecodeError::Invalid { what: "response kind", offset: 0, value: other as u64 }),
+        };
+        r.finish()?;
+        Ok((id, resp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn requests() -> Vec<Request> {
+        vec![
+            Request::Txn(vec![
+                PageOp::Put { key: b"k1".to_vec(), value: b"v".to_vec() },
+                PageOp::Delete { key: b"k2".to_vec() },
+                PageOp::Put { key: b"k3".to_vec(), value: vec![] },
+            ]),
+            Request::Get(b"key".to_vec()),
+        ]
+    }
+
+    fn responses() -> Vec<Response> {
+        vec![
+            Response::Committed { commit_lsn: Lsn(42) },
+            Response::Value { read_lsn: Lsn(7), value: Some(b"v".to_vec()) },
+            Response::Value { read_lsn: Lsn(7), value: Some(vec![]) },
+            Response::Value { read_lsn: Lsn(7), value: None },
+            Response::Error { code: ApiErrorCode::Invalid, message: "key too long".into() },
+        ]
+    }
+
+    #[test]
+    fn round_trips() {
+        for (i, req) in requests().into_iter().enumerate() {
+            let mut f = Vec::new();
+            req.encode(i as u64, &mut f);
+            assert_eq!(Request::decode(&f[4..]).unwrap(), (i as u64, req));
+        }
+        for (i, resp) in responses().into_iter().enumerate() {
+            let mut f = Vec::new();
+            resp.encode(i as u64, &mut f);
+            assert_eq!(Response::decode(&f[4..]).unwrap(), (i as u64, resp));
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_after_decoding() {
+        let long = Request::Get(vec![b'k'; 2000]);
+        let mut f = Vec::new();
+        long.encode(1, &mut f);
+        let (_, req) = Request::decode(&f[4..]).unwrap();
+        assert_eq!(req.check(), Err(RequestError::Op(OpError::KeySize(2000))));
+        assert_eq!(Request::Txn(vec![]).check(), Err(RequestError::EmptyTxn));
+        let big = Request::Txn(vec![PageOp::Put { key: b"k".to_vec(), value: vec![0; 70_000] }]);
+        assert_eq!(big.check(), Err(RequestError::Op(OpError::ValueSize(70_000))));
+        assert!(requests().iter().all(|r| r.check().is_ok()));
+    }
+
+    #[test]
+    fn unknown_operation_is_malformed() {
+        let mut f = Vec::new();
+        requests()[0].encode(1, &mut f);
+        f[4 + 1 + 8 + 4] = 9; // first operation's tag
+        assert!(matches!(Request::decode(&f[4..]), Err(DecodeError::Invalid { what: "operation", .. })));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// Arbitrary and mutated bytes never panic either decoder, and what decodes re-encodes identically.
+        #[test]
+        fn decoders_are_total(which in 0usize..7, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
+            let mut f = Vec::new();
+            if which < 2 { requests()[which].encode(3, &mut f) } else { responses()[which - 2].encode(3, &mut f) }
+            for (at, x) in flips {
+                let i = at % f.len();
+                f[i] ^= x;
+            }
+            let body = &f[4.min(f.len())..];
+            if let Ok((id, req)) = Request::decode(body) {
+                let mut again = Vec::new();
+                req.encode(id, &mut again);
+                prop_assert_eq!(&again[4..], body);
+            }
+            if let Ok((id, resp)) = Response::decode(body) {
+                let mut again = Vec::new();
+                resp.encode(id, &mut again);
+                prop_assert_eq!(&again[4..], body);
+            }
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub mod segment_file;
 pub mod segment_log;
 pub mod volume;
 pub mod wire;
+pub mod writer;
 
 pub use codec::DecodeError;
 pub use ids::{Epoch, Lsn, NodeId, PageId, PgId, SegmentId};

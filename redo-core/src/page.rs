@@ -155,7 +155,15 @@ impl PageImage {
         if h.prev_lsn_for_page != self.lsn {
             return Err(ApplyError::OutOfChain { lsn: h.lsn, page: self.page, prev: h.prev_lsn_for_page, at: self.lsn });
         }
-        match PageOp::decode(rec.payload()).map_err(|source| ApplyError::BadOperation { lsn: h.lsn, source })? {
+        let op = PageOp::decode(rec.payload()).map_err(|source| ApplyError::BadOperation { lsn: h.lsn, source })?;
+        self.apply_op(h.lsn, op);
+        Ok(())
+    }
+
+    /// Applies an operation that the caller has placed at `lsn` on this page.
+    pub fn apply_op(&mut self, lsn: Lsn, op: PageOp) {
+        debug_assert!(lsn > self.lsn);
+        match op {
             PageOp::Put { key, value } => {
                 self.entries.insert(key, value);
             }
@@ -163,8 +171,7 @@ impl PageImage {
                 self.entries.remove(&key);
             }
         }
-        self.lsn = h.lsn;
-        Ok(())
+        self.lsn = lsn;
     }
 
     pub fn encode(&self, out: &mut Vec<u8>) {

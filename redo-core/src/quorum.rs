@@ -66,6 +66,10 @@ impl VolumeDurability {
     pub fn pgcl(&self, pg: PgId) -> Lsn {
         self.pgs[pg.0 as usize].pgcl
     }
+    /// The highest SCL segment `segment` of `pg` has reported.
+    pub fn segment_scl(&self, pg: PgId, segment: usize) -> Lsn {
+        self.pgs[pg.0 as usize].scl[segment]
+    }
     /// Segments of `pg` whose SCL has reached `lsn`.
     pub fn segments_at(&self, pg: PgId, lsn: Lsn) -> usize {
         self.pgs[pg.0 as usize].scl.iter().filter(|&&s| s >= lsn).count()

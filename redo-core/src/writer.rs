@@ -1,0 +1,435 @@
+//! The writer's engine state machine: turns client transactions into redo
+//! records, allocates LSNs under the allocation limit (LAL), batches each
+//! protection group's records into Append frames, retains frames until every
+//! segment holds them, and folds segment acks into VCL/VDL.
+//!
+//! The daemon around it owns the I/O: one sender per segment asks
+//! `poll_send` for the frames after what that segment holds, and every ack
+//! goes to `handle_ack`. A transaction is one mini-transaction whose last
+//! record is its CPL; it is committed once `vdl() >= commit LSN`.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::ids::{Epoch, Lsn, PageId, PgId};
+use crate::page::{PageImage, PageOp};
+use crate::quorum::{VolumeDurability, SEGMENTS_PER_PG};
+use crate::record::{RecordHeader, RECORD_OVERHEAD_BYTES};
+use crate::volume::Volume;
+use crate::wire::encode_append;
+
+#[derive(Clone, Debug)]
+pub struct WriterConfig {
+    pub epoch: Epoch,
+    /// LSN allocation limit: no LSN beyond VDL + `lal` is allocated.
+    pub lal: u64,
+    /// A PG's pending records are sealed into a frame once they reach this size...
+    pub batch_bytes_max: usize,
+    /// ...or as soon as fewer than this many of its frames await a write quorum.
+    pub batch_inflight_max: usize,
+    /// Frames that a write quorum holds are kept for lagging segments up to this many bytes per PG.
+    pub retain_bytes_max: usize,
+    /// Page images kept for reads.
+    pub cache_pages_max: usize,
+}
+
+/// Where the volume stood when this writer took over.
+#[derive(Clone, Debug)]
+pub struct Recovered {
+    pub vdl: Lsn,
+    /// Per PG, the last LSN of its log (its segments' highest SCL).
+    pub pg_last: Vec<Lsn>,
+}
+
+/// A sealed Append frame of one PG.
+#[derive(Clone, Debug)]
+pub struct Batch {
+    pub last_lsn: Lsn,
+    pub frame: Bytes,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit {
+    /// Records are allocated and queued; the transaction commits at `commit_lsn`.
+    Allocated { commit_lsn: Lsn, pgs: Vec<PgId> },
+    /// The writer does not know these pages' last LSNs: fetch them (GetPage@LSN) and `learn_page`.
+    NeedPages(Vec<(PgId, PageId, Lsn)>),
+    /// Allocation would pass VDL + LAL: retry once VDL reaches `vdl`.
+    Stalled { vdl: Lsn },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadPlan {
+    /// The value as of `lsn`; answer once VDL >= `lsn`.
+    Cached { lsn: Lsn, value: Option<Vec<u8>> },
+    /// Not cached: once VDL >= `lsn`, GetPage@`lsn` from a segment of `pg`.
+    Fetch { pg: PgId, page: PageId, lsn: Lsn },
+}
+
+/// A segment asks for frames after its position but the writer no longer has them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Gap {
+    pub segment_at: Lsn,
+    pub oldest_retained_after: Lsn,
+}
+
+#[derive(Default)]
+struct PgLog {
+    /// Encoded records not yet sealed into a frame.
+    pending: Vec<u8>,
+    /// The last LSN allocated on this PG: the next record's `prev_lsn_in_segment`.
+    last_lsn: Lsn,
+    /// Sealed frames, oldest first, until every segment holds them.
+    batches: VecDeque<Batch>,
+    retained_bytes: usize,
+    /// Frames up to here were released; a segment below it cannot be caught up by resending.
+    released_upto: Lsn,
+}
+
+pub struct WriterCore {
+    volume: Volume,
+    config: WriterConfig,
+    durability: VolumeDurability,
+    pgs: Vec<PgLog>,
+    next_lsn: Lsn,
+    /// Last record LSN of every page touched since the writer started.
+    page_lsn: HashMap<PageId, Lsn>,
+    /// On a new volume every page is known to be empty.
+    all_pages_known: bool,
+    images: HashMap<PageId, PageImage>,
+    recovered: Recovered,
+}
+
+impl WriterCore {
+    pub fn new(volume: Volume, config: WriterConfig, recovered: Recovered) -> Self {
+        assert_eq!(recovered.pg_last.len(), volume.pg_count());
+        assert!(config.lal >= crate::api::TXN_OPS_MAX as u64, "LAL must admit the largest transaction");
+        let pgs = recovered
+            .pg_last
+            .iter()
+            .map(|&last| PgLog { last_lsn: last, released_upto: last, ..PgLog::default() })
+            .collect();
+        WriterCore {
+            durability: VolumeDurability::new(volume.pg_count(), recovered.vdl),
+            pgs,
+            next_lsn: Lsn(recovered.vdl.0 + 1),
+            page_lsn: HashMap::new(),
+            all_pages_known: recovered.vdl == Lsn::ZERO,
+            images: HashMap::new(),
+            volume,
+            config,
+            recovered,
+        }
+    }
+
+    pub fn epoch(&self) -> Epoch {
+        self.config.epoch
+    }
+    pub fn volume(&self) -> &Volume {
+        &self.volume
+    }
+    pub fn vcl(&self) -> Lsn {
+        self.durability.vcl()
+    }
+    pub fn vdl(&self) -> Lsn {
+        self.durability.vdl()
+    }
+    pub fn last_allocated(&self) -> Lsn {
+        Lsn(self.next_lsn.0 - 1)
+    }
+    pub fn pgcl(&self, pg: PgId) -> Lsn {
+        self.durability.pgcl(pg)
+    }
+    /// Segments of `pg` that hold everything allocated on it.
+    pub fn segments_current(&self, pg: PgId) -> usize {
+        self.durability.segments_at(pg, self.pgs[pg.0 as usize].last_lsn)
+    }
+    /// Bytes of records allocated and not yet released: pending plus retained frames.
+    pub fn inflight_bytes(&self) -> usize {
+        self.pgs.iter().map(|p| p.pending.len() + p.retained_bytes).sum()
+    }
+
+    fn known_lsn(&self, page: PageId) -> Option<Lsn> {
+        self.page_lsn.get(&page).copied().or(self.all_pages_known.then_some(Lsn::ZERO))
+    }
+
+    /// Records a page's last LSN as fetched at recovery point or later (a fetch
+    /// racing with a write must not move it back).
+    pub fn learn_page(&mut self, image: PageImage) {
+        if self.known_lsn(image.page).is_none() {
+            self.page_lsn.insert(image.page, image.lsn);
+        }
+        if self.page_lsn.get(&image.page) == Some(&image.lsn) {
+            self.cache(image);
+        }
+    }
+
+    fn cache(&mut self, image: PageImage) {
+        if self.images.len() >= self.config.cache_pages_max && !self.images.contains_key(&image.page) {
+            // Any page will do: every image can be fetched again with GetPage@LSN.
+            let victim = *self.images.keys().next().expect("cache is full, so not empty");
+            self.images.remove(&victim);
+        }
+        if self.config.cache_pages_max > 0 {
+            self.images.insert(image.page, image);
+        }
+    }
+
+    /// Allocates the records of one transaction (checked by the caller).
+    pub fn submit(&mut self, ops: Vec<PageOp>) -> Admit {
+        let placed: Vec<(PageId, PgId)> = ops
+            .iter()
+            .map(|op| {
+                let page = self.volume.page_of(op.key());
+                (page, self.volume.pg_of(page))
+            })
+            .collect();
+        let mut missing: Vec<(PgId, PageId, Lsn)> = placed
+            .iter()
+            .filter(|(page, _)| self.known_lsn(*page).is_none())
+            .map(|&(page, pg)| (pg, page, self.recovered.pg_last[pg.0 as usize]))
+            .collect();
+        if !missing.is_empty() {
+            missing.sort();
+            missing.dedup();
+            return Admit::NeedPages(missing);
+        }
+        let last = self.next_lsn.0 + ops.len() as u64 - 1;
+        if last > self.vdl().0 + self.config.lal {
+            return Admit::Stalled { vdl: Lsn(last - self.config.lal) };
+        }
+        let mut pgs = Vec::new();
+        let n = ops.len();
+        let mut payload = Vec::new();
+        for (i, (op, (page, pg))) in ops.into_iter().zip(placed).enumerate() {
+            let lsn = self.next_lsn;
+            self.next_lsn = Lsn(lsn.0 + 1);
+            let cpl = i + 1 == n;
+            let log = &mut self.pgs[pg.0 as usize];
+            let prev_for_page = self.page_lsn.insert(page, lsn).or(self.all_pages_known.then_some(Lsn::ZERO)).expect("checked above");
+            payload.clear();
+            op.encode(&mut payload);
+            log.pending.reserve(RECORD_OVERHEAD_BYTES + payload.len());
+            RecordHeader { lsn, prev_lsn_in_segment: log.last_lsn, prev_lsn_for_page: prev_for_page, page, cpl }
+                .encode(&payload, &mut log.pending);
+            log.last_lsn = lsn;
+            self.durability.allocate(pg, lsn, cpl);
+            if let Some(img) = self.images.get_mut(&page) {
+                img.apply_op(lsn, op);
+            }
+            if !pgs.contains(&pg) {
+                pgs.push(pg);
+            }
+        }
+        Admit::Allocated { commit_lsn: Lsn(last), pgs }
+    }
+
+    /// How to read `key`.
+    pub fn read(&self, key: &[u8]) -> ReadPlan {
+        let page = self.volume.page_of(key);
+        if let Some(img) = self.images.get(&page) {
+            return ReadPlan::Cached { lsn: img.lsn, value: img.entries.get(key).cloned() };
+        }
+        match self.known_lsn(page) {
+            Some(Lsn::ZERO) => ReadPlan::Cached { lsn: Lsn::ZERO, value: None },
+            known => {
+                let pg = self.volume.pg_of(page);
+                ReadPlan::Fetch { pg, page, lsn: known.unwrap_or(self.recovered.pg_last[pg.0 as usize]) }
+            }
+        }
+    }
+
+    /// Frames of `pg` with records after `segment_at`, for a segment that holds
+    /// everything up to it; seals pending records first when the batching policy allows.
+    pub fn poll_send(&mut self, pg: PgId, segment_at: Lsn, out: &mut Vec<Batch>) -> Result<(), Gap> {
+        let pgcl = self.durability.pgcl(pg);
+        let epoch = self.config.epoch;
+        let log = &mut self.pgs[pg.0 as usize];
+        if segment_at < log.released_upto {
+            return Err(Gap { segment_at, oldest_retained_after: log.released_upto });
+        }
+        let awaiting_quorum = log.batches.iter().rev().take_while(|b| b.last_lsn > pgcl).count();
+        if !log.pending.is_empty()
+            && (awaiting_quorum < self.config.batch_inflight_max || log.pending.len() >= self.config.batch_bytes_max)
+        {
+            let mut frame = Vec::with_capacity(crate::wire::APPEND_HEADER_BYTES + log.pending.len());
+            encode_append(epoch, pg, &log.pending, &mut frame);
+            log.pending.clear();
+            log.retained_bytes += frame.len();
+            log.batches.push_back(Batch { last_lsn: log.last_lsn, frame: Bytes::from(frame) });
+        }
+        let from = log.batches.partition_point(|b| b.last_lsn <= segment_at);
+        out.extend(log.batches.range(from..).cloned());
+        Ok(())
+    }
+
+    /// Segment `segment` of `pg` reports its SCL. Returns whether VDL advanced.
+    pub fn handle_ack(&mut self, pg: PgId, segment: usize, scl: Lsn) -> bool {
+        let advanced = self.durability.handle_ack(pg, segment, scl);
+        let held_by_all = (0..SEGMENTS_PER_PG).map(|s| self.durability.segment_scl(pg, s)).min().expect("six segments");
+        let pgcl = self.durability.pgcl(pg);
+        let log = &mut self.pgs[pg.0 as usize];
+        while let Some(b) = log.batches.front() {
+            // Release frames every segment holds, and beyond the retention budget
+            // also frames a write quorum holds (a segment that needs them is repaired by its peers).
+            let release = b.last_lsn <= held_by_all || (log.retained_bytes > self.config.retain_bytes_max && b.last_lsn <= pgcl);
+            if !release {
+                break;
+            }
+            log.retained_bytes -= b.frame.len();
+            log.released_upto = log.released_upto.max(b.last_lsn);
+            log.batches.pop_front();
+        }
+        advanced
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::NodeSpec;
+    use crate::wire::Message;
+
+    fn volume(pgs: u32) -> Volume {
+        let nodes = (1..=6).map(|i| NodeSpec { id: i, az: ["a", "b", "c"][((i - 1) / 2) as usize].into(), addr: format!("127.0.0.1:{i}") }).collect();
+        Volume::local("127.0.0.1:1".into(), nodes, pgs, 64).unwrap()
+    }
+
+    fn config() -> WriterConfig {
+        WriterConfig { epoch: Epoch(1), lal: 2000, batch_bytes_max: 1 << 20, batch_inflight_max: 1, retain_bytes_max: 1 << 20, cache_pages_max: 16 }
+    }
+
+    fn fresh(pgs: u32) -> WriterCore {
+        WriterCore::new(volume(pgs), config(), Recovered { vdl: Lsn::ZERO, pg_last: vec![Lsn::ZERO; pgs as usize] })
+    }
+
+    fn put(k: &str, v: &str) -> PageOp {
+        PageOp::Put { key: k.into(), value: v.into() }
+    }
+
+    fn commit(w: &mut WriterCore, ops: Vec<PageOp>) -> Lsn {
+        match w.submit(ops) {
+            Admit::Allocated { commit_lsn, .. } => commit_lsn,
+            other => panic!("not allocated: {other:?}"),
+        }
+    }
+
+    fn send(w: &mut WriterCore, pg: u32, at: u64) -> Vec<Batch> {
+        let mut out = Vec::new();
+        w.poll_send(PgId(pg), Lsn(at), &mut out).unwrap();
+        out
+    }
+
+    fn ack(w: &mut WriterCore, pg: u32, segments: std::ops::Range<usize>, scl: u64) {
+        for s in segments {
+            w.handle_ack(PgId(pg), s, Lsn(scl));
+        }
+    }
+
+    /// Decodes a frame back into (lsn, prev_in_segment, cpl) triples.
+    fn records(b: &Batch) -> Vec<(u64, u64, bool)> {
+        let Message::Append { records, .. } = Message::decode(b.frame.slice(4..)).unwrap() else { panic!() };
+        records.iter().map(|(r, _)| (r.lsn().0, r.prev_lsn_in_segment().0, r.header().cpl)).collect()
+    }
+
+    #[test]
+    fn a_transaction_commits_when_a_quorum_acks() {
+        let mut w = fresh(1);
+        let c = commit(&mut w, vec![put("a", "1"), put("b", "2")]);
+        assert_eq!(c, Lsn(2));
+        let b = send(&mut w, 0, 0);
+        assert_eq!(records(&b[0]), [(1, 0, false), (2, 1, true)]);
+        ack(&mut w, 0, 0..3, 2);
+        assert_eq!(w.vdl(), Lsn(0));
+        ack(&mut w, 0, 3..4, 2);
+        assert_eq!(w.vdl(), Lsn(2));
+    }
+
+    #[test]
+    fn batches_fill_while_one_awaits_quorum() {
+        let mut w = fresh(1);
+        commit(&mut w, vec![put("a", "1")]);
+        assert_eq!(send(&mut w, 0, 0).len(), 1, "the first record goes out at once");
+        commit(&mut w, vec![put("b", "1")]);
+        commit(&mut w, vec![put("c", "1")]);
+        assert_eq!(send(&mut w, 0, 1).len(), 0, "one frame awaits quorum: keep filling");
+        ack(&mut w, 0, 0..4, 1);
+        let b = send(&mut w, 0, 1);
+        assert_eq!(records(&b[0]), [(2, 1, true), (3, 2, true)]);
+        // A segment that is behind gets every retained frame.
+        assert_eq!(send(&mut w, 0, 0).len(), 2);
+    }
+
+    #[test]
+    fn a_returning_segment_is_resent_what_it_missed_and_frames_are_released_when_all_hold_them() {
+        let mut w = fresh(1);
+        for i in 0..3 {
+            commit(&mut w, vec![put(&format!("k{i}"), "v")]);
+            send(&mut w, 0, i);
+            ack(&mut w, 0, 0..5, i + 1); // segment 5 is down
+        }
+        assert_eq!(w.vdl(), Lsn(3));
+        let missed = send(&mut w, 0, 0);
+        assert_eq!(missed.iter().map(|b| b.last_lsn.0).collect::<Vec<_>>(), [1, 2, 3]);
+        ack(&mut w, 0, 5..6, 3);
+        assert_eq!(w.inflight_bytes(), 0, "every segment holds everything");
+    }
+
+    #[test]
+    fn retention_past_its_budget_leaves_a_gap() {
+        let mut w = fresh(1);
+        w.config.retain_bytes_max = 0;
+        commit(&mut w, vec![put("a", "1")]);
+        send(&mut w, 0, 0);
+        ack(&mut w, 0, 0..4, 1);
+        let mut out = Vec::new();
+        assert_eq!(w.poll_send(PgId(0), Lsn(0), &mut out), Err(Gap { segment_at: Lsn(0), oldest_retained_after: Lsn(1) }));
+    }
+
+    #[test]
+    fn lal_stalls_allocation_until_vdl_moves() {
+        let mut w = fresh(1);
+        w.config.lal = 2;
+        commit(&mut w, vec![put("a", "1"), put("b", "1")]);
+        assert_eq!(w.submit(vec![put("c", "1")]), Admit::Stalled { vdl: Lsn(1) });
+        send(&mut w, 0, 0);
+        ack(&mut w, 0, 0..4, 2);
+        assert_eq!(commit(&mut w, vec![put("c", "1")]), Lsn(3));
+    }
+
+    #[test]
+    fn a_transaction_over_two_pgs_waits_for_both() {
+        let mut w = fresh(2);
+        let (k0, k1) = {
+            let keys: Vec<String> = (0..100).map(|i| format!("key{i}")).collect();
+            let on = |pg| keys.iter().find(|k| w.volume().pg_of(w.volume().page_of(k.as_bytes())) == PgId(pg)).unwrap().clone();
+            (on(0), on(1))
+        };
+        let c = commit(&mut w, vec![put(&k0, "x"), put(&k1, "y")]);
+        send(&mut w, 0, 0);
+        send(&mut w, 1, 0);
+        ack(&mut w, 1, 0..6, c.0);
+        assert_eq!(w.vdl(), Lsn(0), "PG 0 has not reached quorum");
+        ack(&mut w, 0, 0..4, 1);
+        assert_eq!(w.vdl(), c);
+    }
+
+    #[test]
+    fn reads_come_from_cache_or_need_a_fetch() {
+        let mut w = WriterCore::new(volume(1), config(), Recovered { vdl: Lsn(10), pg_last: vec![Lsn(10)] });
+        let page = w.volume().page_of(b"k");
+        assert_eq!(w.read(b"k"), ReadPlan::Fetch { pg: PgId(0), page, lsn: Lsn(10) });
+        assert_eq!(w.submit(vec![put("k", "v")]), Admit::NeedPages(vec![(PgId(0), page, Lsn(10))]));
+        let mut img = PageImage::empty(page);
+        img.apply_op(Lsn(7), put("k", "old"));
+        w.learn_page(img);
+        assert_eq!(w.read(b"k"), ReadPlan::Cached { lsn: Lsn(7), value: Some(b"old".to_vec()) });
+        let c = commit(&mut w, vec![put("k", "new")]);
+        let b = send(&mut w, 0, 10);
+        let Message::Append { records, .. } = Message::decode(b[0].frame.slice(4..)).unwrap() else { panic!() };
+        let (r, _) = records.iter().next().unwrap();
+        assert_eq!((r.header().prev_lsn_for_page, r.prev_lsn_in_segment()), (Lsn(7), Lsn(10)));
+        assert_eq!(w.read(b"k"), ReadPlan::Cached { lsn: c, value: Some(b"new".to_vec()) });
+    }
+}

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod certs;
 pub mod frame;
+pub mod metrics;
 pub mod storage;
 pub mod tls;
 

@@ -177,7 +177,7 @@ impl WriterCore {
     }
 
     /// Allocates the records of one transaction (checked by the caller).
-    pub fn submit(&mut self, ops: Vec<PageOp>) -> Admit {
+    pub fn submit(&mut self, ops: &[PageOp]) -> Admit {
         let placed: Vec<(PageId, PgId)> = ops
             .iter()
             .map(|op| {
@@ -202,7 +202,7 @@ impl WriterCore {
         let mut pgs = Vec::new();
         let n = ops.len();
         let mut payload = Vec::new();
-        for (i, (op, (page, pg))) in ops.into_iter().zip(placed).enumerate() {
+        for (i, (op, (page, pg))) in ops.iter().zip(placed).enumerate() {
             let lsn = self.next_lsn;
             self.next_lsn = Lsn(lsn.0 + 1);
             let cpl = i + 1 == n;
@@ -216,7 +216,7 @@ impl WriterCore {
             log.last_lsn = lsn;
             self.durability.allocate(pg, lsn, cpl);
             if let Some(img) = self.images.get_mut(&page) {
-                img.apply_op(lsn, op);
+                img.apply_op(lsn, op.clone());
             }
             if !pgs.contains(&pg) {
                 pgs.push(pg);
@@ -309,7 +309,7 @@ mod tests {
     }
 
     fn commit(w: &mut WriterCore, ops: Vec<PageOp>) -> Lsn {
-        match w.submit(ops) {
+        match w.submit(&ops) {
             Admit::Allocated { commit_lsn, .. } => commit_lsn,
             other => panic!("not allocated: {other:?}"),
         }
@@ -392,7 +392,7 @@ mod tests {
         let mut w = fresh(1);
         w.config.lal = 2;
         commit(&mut w, vec![put("a", "1"), put("b", "1")]);
-        assert_eq!(w.submit(vec![put("c", "1")]), Admit::Stalled { vdl: Lsn(1) });
+        assert_eq!(w.submit(&[put("c", "1")]), Admit::Stalled { vdl: Lsn(1) });
         send(&mut w, 0, 0);
         ack(&mut w, 0, 0..4, 2);
         assert_eq!(commit(&mut w, vec![put("c", "1")]), Lsn(3));
@@ -420,7 +420,7 @@ mod tests {
         let mut w = WriterCore::new(volume(1), config(), Recovered { vdl: Lsn(10), pg_last: vec![Lsn(10)] });
         let page = w.volume().page_of(b"k");
         assert_eq!(w.read(b"k"), ReadPlan::Fetch { pg: PgId(0), page, lsn: Lsn(10) });
-        assert_eq!(w.submit(vec![put("k", "v")]), Admit::NeedPages(vec![(PgId(0), page, Lsn(10))]));
+        assert_eq!(w.submit(&[put("k", "v")]), Admit::NeedPages(vec![(PgId(0), page, Lsn(10))]));
         let mut img = PageImage::empty(page);
         img.apply_op(Lsn(7), put("k", "old"));
         w.learn_page(img);

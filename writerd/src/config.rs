@@ -1,0 +1,71 @@
+//! writerd options.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use borealis_net::parse_bytes;
+use clap::Args;
+use redo_core::api::TXN_OPS_MAX;
+use redo_core::volume::Volume;
+
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    /// Volume layout (TOML): storage nodes, protection groups and their six segments, writer address.
+    #[arg(long)]
+    pub volume: PathBuf,
+    /// UDP address of the client API (QUIC) [default: the volume file's `writer`].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Certificate directory (ca.pem and NAME.pem/NAME.key, made by `storaged certs`).
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// Certificate name in --certs to present to storage nodes and clients.
+    #[arg(long, default_value = "writerd")]
+    pub cert_name: String,
+    /// TCP address for `GET /metrics` (Prometheus text); off when absent.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// LSN allocation limit: no LSN beyond VDL + LAL is allocated; new transactions wait instead.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub lal: u64,
+    /// A protection group's queued records are sent as one frame once they reach this size...
+    #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
+    pub batch_bytes_max: u64,
+    /// ...or as soon as fewer than this many of its frames await a write quorum (1 = classic group commit).
+    #[arg(long, default_value_t = 2)]
+    pub batch_inflight_max: usize,
+    /// Per protection group, bytes of frames kept for segments that are behind (down or slow) after a
+    /// write quorum holds them; beyond it such a segment must be repaired from its peers.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub retain_bytes_max: u64,
+    /// Page images kept in memory for reads; a miss is read from storage with GetPage@LSN.
+    #[arg(long, default_value_t = 65536)]
+    pub cache_pages_max: usize,
+    /// Largest client request frame; larger ones are refused with TooLarge.
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    pub request_bytes_max: u64,
+    /// How long to wait at start for a write quorum of every protection group to answer.
+    #[arg(long, default_value_t = 30_000)]
+    pub start_timeout_ms: u64,
+}
+
+impl Config {
+    pub fn load_volume(&self) -> Result<Volume> {
+        let text = std::fs::read_to_string(&self.volume).with_context(|| format!("read volume file {}", self.volume.display()))?;
+        Volume::from_toml(&text).with_context(|| format!("volume file {}", self.volume.display()))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.lal < TXN_OPS_MAX as u64 {
+            bail!("--lal {} is below the largest transaction ({TXN_OPS_MAX} records)", self.lal);
+        }
+        if self.batch_inflight_max == 0 {
+            bail!("--batch-inflight-max must be at least 1");
+        }
+        if self.batch_bytes_max < 4096 {
+            bail!("--batch-bytes-max must be at least 4KiB");
+        }
+        Ok(())
+    }
+}

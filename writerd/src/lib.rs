@@ -1,0 +1,140 @@
+//! writerd: the single writer of a Borealis volume. Runs the paged key-value
+//! engine (`redo_core::writer`), ships each protection group's redo to its six
+//! segments, acknowledges a transaction once a write quorum of every PG it
+//! touched holds it (VDL >= its commit LSN), and serves the client API.
+
+mod api_server;
+pub mod config;
+mod metrics;
+mod segments;
+mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use redo_core::writer::{WriterConfig, WriterCore};
+use redo_core::{Lsn, PgId};
+use tokio::signal::unix::{signal, SignalKind};
+
+pub use config::Config;
+
+use crate::metrics::Gauges;
+use crate::state::Writer;
+
+/// How long a stopping writer waits for its allocated records to become durable.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long VDL may stand still with commits waiting before the writer says why.
+const STALL_REPORT_AFTER: Duration = Duration::from_secs(1);
+
+/// Exit status of a writer deposed by a newer epoch.
+pub const EXIT_FENCED: i32 = 3;
+
+/// Serves until SIGTERM/SIGINT (returns `Ok(0)`) or until a newer writer fences this one (`Ok(EXIT_FENCED)`).
+pub fn run(config: Config) -> Result<i32> {
+    config.validate()?;
+    let volume = config.load_volume()?;
+    let listen = match config.listen {
+        Some(a) => a,
+        None => volume.writer.parse().with_context(|| format!("volume writer address {:?}", volume.writer))?,
+    };
+    let identity = borealis_net::TlsIdentity::load(&config.certs, &config.cert_name)
+        .with_context(|| format!("load certificates for {} from {}", config.cert_name, config.certs.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("start tokio runtime")?;
+    runtime.block_on(async {
+        let storage_endpoint = borealis_net::client_endpoint(&identity)?;
+        let links = segments::NodeLink::for_volume(&volume, &storage_endpoint)?;
+        let (epoch, recovered) = segments::recover(&volume, &links, Duration::from_millis(config.start_timeout_ms)).await?;
+        tracing::info!(%epoch, vdl = %recovered.vdl, "claimed the volume");
+        let core_config = WriterConfig {
+            epoch,
+            lal: config.lal,
+            batch_bytes_max: config.batch_bytes_max as usize,
+            batch_inflight_max: config.batch_inflight_max,
+            retain_bytes_max: config.retain_bytes_max as usize,
+            cache_pages_max: config.cache_pages_max,
+        };
+        let writer = Writer::new(WriterCore::new(volume.clone(), core_config, recovered));
+        for pg in 0..volume.pg_count() {
+            let pg = PgId(pg as u32);
+            for (segment, node) in volume.segments(pg).enumerate() {
+                let link = links.iter().find(|l| l.id == node.id).expect("validated volume").clone();
+                tokio::spawn(segments::segment_loop(writer.clone(), pg, segment, link));
+            }
+        }
+        if let Some(addr) = config.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
+            let w = writer.clone();
+            tokio::spawn(borealis_net::metrics::serve_metrics(listener, Arc::new(move || render_metrics(&w))));
+        }
+        tokio::spawn(report_stalls(writer.clone()));
+        let endpoint = borealis_net::server_endpoint(&identity, listen)?;
+        let api = Arc::new(api_server::Api {
+            writer: writer.clone(),
+            volume: volume.clone(),
+            links,
+            request_bytes_max: config.request_bytes_max as usize,
+        });
+        tokio::spawn(api_server::accept_loop(api, endpoint.clone()));
+        tracing::info!(listen = %endpoint.local_addr()?, %epoch, pgs = volume.pg_count(), "writerd ready");
+
+        let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+        let mut fenced = writer.fenced.subscribe();
+        let code = tokio::select! {
+            _ = term.recv() => 0,
+            _ = int.recv() => 0,
+            _ = fenced.wait_for(|f| f.is_some()) => EXIT_FENCED,
+        };
+        endpoint.set_server_config(None); // no new clients
+        if code == 0 {
+            let last = writer.lock().core.last_allocated();
+            tracing::info!(last_allocated = %last, "stopping: waiting for allocated records to become durable");
+            if tokio::time::timeout(DRAIN_TIMEOUT, writer.wait_vdl(last)).await.is_err() {
+                tracing::warn!(vdl = %writer.lock().core.vdl(), %last, "stopped before every allocated record was durable");
+            }
+        }
+        endpoint.close(0u32.into(), b"writer stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        Ok(code)
+    })
+}
+
+fn render_metrics(w: &Writer) -> String {
+    let g = {
+        let inner = w.lock();
+        let c = &inner.core;
+        Gauges {
+            vcl: c.vcl().0,
+            vdl: c.vdl().0,
+            last_allocated: c.last_allocated().0,
+            inflight_bytes: c.inflight_bytes() as u64,
+            pgcl: (0..c.volume().pg_count()).map(|pg| c.pgcl(PgId(pg as u32)).0).collect(),
+        }
+    };
+    w.metrics.render(&g)
+}
+
+/// Logs, once a second while it lasts, why commits are waiting: the PGs that
+/// lack a write quorum of current segments.
+async fn report_stalls(w: Arc<Writer>) {
+    let mut last_vdl = Lsn::ZERO;
+    let mut tick = tokio::time::interval(STALL_REPORT_AFTER);
+    loop {
+        tick.tick().await;
+        let (vdl, last, short) = {
+            let g = w.lock();
+            let c = &g.core;
+            let short: Vec<String> = (0..c.volume().pg_count())
+                .map(|pg| PgId(pg as u32))
+                .filter(|&pg| c.segments_current(pg) < redo_core::quorum::WRITE_QUORUM)
+                .map(|pg| format!("{pg}: {} of 6 segments current", c.segments_current(pg)))
+                .collect();
+            (c.vdl(), c.last_allocated(), short)
+        };
+        if vdl == last_vdl && last > vdl {
+            tracing::warn!(%vdl, last_allocated = %last, pgs = %short.join(", "), "commits waiting: no write quorum");
+        }
+        last_vdl = vdl;
+    }
+}

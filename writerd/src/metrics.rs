@@ -1,0 +1,96 @@
+//! writerd metrics, rendered in the Prometheus text format at /metrics.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use borealis_net::metrics::Distribution;
+use redo_core::quorum::SEGMENTS_PER_PG;
+use redo_core::volume::Volume;
+use redo_core::PgId;
+
+pub struct Metrics {
+    pub commits: AtomicU64,
+    pub commit_errors: AtomicU64,
+    pub reads: AtomicU64,
+    pub page_fetches: AtomicU64,
+    pub lal_stalls: AtomicU64,
+    pub requests_refused: AtomicU64,
+    pub commit_latency_us: Distribution,
+    /// Per PG, per segment: frame sent to its ack received.
+    pub ack_latency_us: Vec<[Distribution; SEGMENTS_PER_PG]>,
+    /// Per PG, per segment: 1 while a session (connection + append stream) is up.
+    pub segment_up: Vec<[AtomicU64; SEGMENTS_PER_PG]>,
+    /// Node id of each PG's segments, for labels.
+    nodes: Vec<Vec<u32>>,
+}
+
+/// Engine gauges read under the state lock at scrape time.
+pub struct Gauges {
+    pub vcl: u64,
+    pub vdl: u64,
+    pub last_allocated: u64,
+    pub inflight_bytes: u64,
+    pub pgcl: Vec<u64>,
+}
+
+impl Metrics {
+    pub fn new(volume: &Volume) -> Self {
+        let pgs = volume.pg_count();
+        Metrics {
+            commits: AtomicU64::new(0),
+            commit_errors: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            page_fetches: AtomicU64::new(0),
+            lal_stalls: AtomicU64::new(0),
+            requests_refused: AtomicU64::new(0),
+            commit_latency_us: Distribution::default(),
+            ack_latency_us: (0..pgs).map(|_| Default::default()).collect(),
+            segment_up: (0..pgs).map(|_| Default::default()).collect(),
+            nodes: (0..pgs).map(|pg| volume.segments(PgId(pg as u32)).map(|n| n.id).collect()).collect(),
+        }
+    }
+
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::new();
+        let counters = [
+            ("writerd_commits_total", "Transactions acknowledged to clients.", &self.commits),
+            ("writerd_commit_errors_total", "Transactions answered with an error (never acknowledged).", &self.commit_errors),
+            ("writerd_reads_total", "Gets answered.", &self.reads),
+            ("writerd_page_fetches_total", "Page-cache misses served by GetPage@LSN.", &self.page_fetches),
+            ("writerd_lal_stalls_total", "Transactions that waited because allocation would pass VDL + LAL.", &self.lal_stalls),
+            ("writerd_requests_refused_total", "Client requests refused (malformed, too large, invalid, unavailable).", &self.requests_refused),
+        ];
+        for (name, help, c) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Relaxed));
+        }
+        let gauges = [
+            ("writerd_vcl", "Volume complete LSN.", g.vcl),
+            ("writerd_vdl", "Volume durable LSN: commits at or below it are acknowledged.", g.vdl),
+            ("writerd_last_allocated_lsn", "Highest LSN allocated.", g.last_allocated),
+            ("writerd_inflight_bytes", "Record bytes queued or retained for segments that do not hold them yet.", g.inflight_bytes),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let _ = writeln!(out, "# HELP writerd_pgcl Protection-group complete LSN.\n# TYPE writerd_pgcl gauge");
+        for (pg, v) in g.pgcl.iter().enumerate() {
+            let _ = writeln!(out, "writerd_pgcl{{pg=\"{pg}\"}} {v}");
+        }
+        self.commit_latency_us.render(&mut out, "writerd_commit_latency_us", "Transaction received to acknowledged, microseconds.");
+        let ack = "writerd_segment_ack_latency_us";
+        Distribution::render_header(&mut out, ack, "Append frame sent to a segment until its ack, microseconds.");
+        for (pg, segs) in self.ack_latency_us.iter().enumerate() {
+            for (s, d) in segs.iter().enumerate() {
+                d.render_samples(&mut out, ack, &format!("pg=\"{pg}\",node=\"{}\"", self.nodes[pg][s]));
+            }
+        }
+        let up = "writerd_segment_up";
+        let _ = writeln!(out, "# HELP {up} 1 while the writer has a live append session with the segment.\n# TYPE {up} gauge");
+        for (pg, segs) in self.segment_up.iter().enumerate() {
+            for (s, v) in segs.iter().enumerate() {
+                let _ = writeln!(out, "{up}{{pg=\"{pg}\",node=\"{}\"}} {}", self.nodes[pg][s], v.load(Relaxed));
+            }
+        }
+        out
+    }
+}

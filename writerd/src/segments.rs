@@ -1,0 +1,263 @@
+//! The writer's side of storage: one QUIC connection per storage node, the
+//! start-up protocol (learn positions, claim the epoch), and one sender per
+//! segment that streams its PG's frames, feeds acks into the engine, and
+//! resends what a returning segment missed.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use borealis_net::storage::{ClientError, StorageConn};
+use redo_core::page::PageImage;
+use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use redo_core::volume::Volume;
+use redo_core::wire::ErrorCode;
+use redo_core::writer::{Batch, Recovered};
+use redo_core::{Epoch, Lsn, PageId, PgId};
+use tokio::task::JoinSet;
+
+use crate::state::Writer;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// How often a segment that needs repair from its peers is looked at again.
+const GAP_RETRY: Duration = Duration::from_secs(5);
+
+/// The connection to one storage node, re-established on demand.
+pub struct NodeLink {
+    pub id: u32,
+    pub addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    conn: tokio::sync::Mutex<Option<StorageConn>>,
+}
+
+impl NodeLink {
+    pub fn for_volume(volume: &Volume, endpoint: &quinn::Endpoint) -> Result<Vec<Arc<NodeLink>>> {
+        volume
+            .nodes
+            .iter()
+            .map(|n| {
+                let addr = n.addr.parse().with_context(|| format!("node {} address {:?}", n.id, n.addr))?;
+                Ok(Arc::new(NodeLink { id: n.id, addr, endpoint: endpoint.clone(), conn: Default::default() }))
+            })
+            .collect()
+    }
+
+    pub async fn get(&self) -> Result<StorageConn, ClientError> {
+        let mut g = self.conn.lock().await;
+        if let Some(c) = g.as_ref().filter(|c| c.conn.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let c = tokio::time::timeout(CONNECT_TIMEOUT, StorageConn::connect(&self.endpoint, self.addr))
+            .await
+            .map_err(|_| ClientError::Connect { addr: self.addr, source: anyhow::anyhow!("no answer in {CONNECT_TIMEOUT:?}") })??;
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn status(&self, epoch: Epoch, pg: PgId) -> Result<(Epoch, Lsn), ClientError> {
+        let conn = self.get().await?;
+        let (epoch, pos) = tokio::time::timeout(REQUEST_TIMEOUT, conn.status(epoch, pg))
+            .await
+            .map_err(|_| ClientError::Unexpected(format!("no status reply in {REQUEST_TIMEOUT:?}")))??;
+        Ok((epoch, pos.scl))
+    }
+}
+
+fn link_of<'a>(links: &'a [Arc<NodeLink>], id: u32) -> &'a Arc<NodeLink> {
+    links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
+}
+
+/// Asks every segment of every PG for `Status { epoch }` until each PG has a
+/// write quorum of answers; returns per PG the (epoch, SCL) answers.
+async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, deadline: Instant) -> Result<Vec<Vec<(Epoch, Lsn)>>> {
+    let mut answers: Vec<Vec<Option<(Epoch, Lsn)>>> = vec![vec![None; SEGMENTS_PER_PG]; volume.pg_count()];
+    loop {
+        let mut asks = JoinSet::new();
+        for (pg, segs) in answers.iter().enumerate() {
+            for (s, node) in volume.segments(PgId(pg as u32)).enumerate() {
+                if segs[s].is_none() {
+                    let link = link_of(links, node.id).clone();
+                    asks.spawn(async move { (pg, s, link.id, link.status(epoch, PgId(pg as u32)).await) });
+                }
+            }
+        }
+        let mut last_errors = Vec::new();
+        while let Some(r) = asks.join_next().await {
+            let (pg, s, node, r) = r.context("status task")?;
+            match r {
+                Ok(a) => answers[pg][s] = Some(a),
+                Err(e) => last_errors.push(format!("pg{pg} on node {node}: {e}")),
+            }
+        }
+        let short: Vec<String> = answers
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.iter().flatten().count() < WRITE_QUORUM)
+            .map(|(pg, a)| format!("pg{pg}: {} of {SEGMENTS_PER_PG}", a.iter().flatten().count()))
+            .collect();
+        if short.is_empty() {
+            return Ok(answers.into_iter().map(|a| a.into_iter().flatten().collect()).collect());
+        }
+        if Instant::now() >= deadline {
+            bail!("no write quorum of storage nodes answered ({}); last errors: {}", short.join(", "), last_errors.join("; "));
+        }
+        tracing::info!(waiting_for = %short.join(", "), "waiting for storage nodes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Start-up: learns every PG's position from its segments, claims the next
+/// epoch on a write quorum of each PG, and returns the epoch and where the
+/// volume stands.
+///
+/// The volume is taken to end at the highest SCL any segment reports. That is
+/// exact after a clean writer stop (every allocated record reached a quorum
+/// before exit); after a writer crash, records above the last commit would
+/// also need truncating, which is the promotion protocol's job.
+pub async fn recover(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) -> Result<(Epoch, Recovered)> {
+    let deadline = Instant::now() + timeout;
+    let seen = status_quorum(volume, links, Epoch(0), deadline).await?;
+    let epoch = Epoch(seen.iter().flatten().map(|(e, _)| e.0).max().unwrap_or(0) + 1);
+    let pg_last: Vec<Lsn> = seen.iter().map(|a| a.iter().map(|&(_, scl)| scl).max().unwrap_or(Lsn::ZERO)).collect();
+    let claimed = status_quorum(volume, links, epoch, deadline).await?;
+    if let Some((e, _)) = claimed.iter().flatten().find(|(e, _)| *e != epoch) {
+        bail!("another writer claimed {e} while this one claimed {epoch}: not starting");
+    }
+    let vdl = pg_last.iter().copied().max().unwrap_or(Lsn::ZERO);
+    Ok((epoch, Recovered { vdl, pg_last }))
+}
+
+/// GetPage@`lsn` from the first segment of `pg` that can serve it.
+pub async fn fetch_page(volume: &Volume, links: &[Arc<NodeLink>], pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
+    let mut errors = Vec::new();
+    for node in volume.segments(pg) {
+        let link = link_of(links, node.id);
+        let r = async {
+            let conn = link.get().await?;
+            tokio::time::timeout(REQUEST_TIMEOUT, conn.get_page(pg, page, lsn))
+                .await
+                .map_err(|_| ClientError::Unexpected(format!("no page reply in {REQUEST_TIMEOUT:?}")))?
+        };
+        match r.await {
+            Ok((_, image)) => return Ok(image),
+            Err(e) => errors.push(format!("node {}: {e}", node.id)),
+        }
+    }
+    Err(format!("GetPage {page}@{lsn} of {pg} failed on every segment: {}", errors.join("; ")))
+}
+
+/// Why a segment session ended.
+enum End {
+    /// The segment has a newer epoch: this writer is deposed.
+    Fenced(String),
+    /// The segment is behind what the writer still retains: its peers must fill it.
+    Gap(String),
+    /// The node, the connection or the stream failed; reconnect.
+    Failed { error: ClientError, reset_link: bool },
+}
+
+impl From<ClientError> for End {
+    fn from(error: ClientError) -> End {
+        match error {
+            ClientError::Refused { code: ErrorCode::StaleEpoch, message } => End::Fenced(message),
+            e @ ClientError::Refused { .. } => End::Failed { error: e, reset_link: false },
+            e => End::Failed { error: e, reset_link: true },
+        }
+    }
+}
+
+/// Streams `pg`'s frames to segment `segment` on `link` for as long as the writer lives.
+pub async fn segment_loop(w: Arc<Writer>, pg: PgId, segment: usize, link: Arc<NodeLink>) {
+    let mut retry = RETRY_MIN;
+    let mut first = true;
+    loop {
+        let started = Instant::now();
+        let end = session(&w, pg, segment, &link).await;
+        // Report a failure once per outage, not once per retry.
+        let was_up = w.metrics.segment_up[pg.0 as usize][segment].swap(0, Relaxed) == 1 || std::mem::take(&mut first);
+        match end {
+            End::Fenced(why) => return w.fence(format!("node {} for {pg}: {why}", link.id)),
+            End::Gap(why) => {
+                tracing::warn!(node = link.id, %pg, %why, "segment needs repair from its peers; not resending");
+                tokio::time::sleep(GAP_RETRY).await;
+            }
+            End::Failed { error, reset_link } => {
+                if was_up {
+                    tracing::warn!(node = link.id, %pg, error = %error, "segment unreachable; commits continue while a write quorum acks");
+                }
+                if reset_link {
+                    *link.conn.lock().await = None;
+                }
+                retry = if started.elapsed() > RETRY_MAX { RETRY_MIN } else { (retry * 2).min(RETRY_MAX) };
+                tokio::time::sleep(retry).await;
+            }
+        }
+    }
+}
+
+async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
+    let epoch = w.lock().core.epoch();
+    let (seg_epoch, scl) = match link.status(epoch, pg).await {
+        Ok(s) => s,
+        Err(e) => return e.into(),
+    };
+    if seg_epoch > epoch {
+        return End::Fenced(format!("segment is at {seg_epoch}, this writer at {epoch}"));
+    }
+    let conn = match link.get().await {
+        Ok(c) => c,
+        Err(e) => return e.into(),
+    };
+    let (mut tx, mut rx) = match conn.open_append().await {
+        Ok(s) => s,
+        Err(e) => return e.into(),
+    };
+    w.on_ack(pg, segment, scl);
+    w.metrics.segment_up[pg.0 as usize][segment].store(1, Relaxed);
+    tracing::info!(node = link.id, %pg, %scl, "segment session up; sending from its SCL");
+    let sent: Mutex<VecDeque<Instant>> = Mutex::new(VecDeque::new());
+    let acks = async {
+        loop {
+            let (position, _) = match rx.recv().await {
+                Ok(a) => a,
+                Err(e) => return End::from(e),
+            };
+            if let Some(t) = sent.lock().expect("sent lock").pop_front() {
+                w.metrics.ack_latency_us[pg.0 as usize][segment].record(t.elapsed().as_micros() as u64);
+            }
+            w.on_ack(pg, segment, position.scl);
+        }
+    };
+    let sends = async {
+        let mut at = scl;
+        let mut batches: Vec<Batch> = Vec::new();
+        loop {
+            if let Err(gap) = w.lock().core.poll_send(pg, at, &mut batches) {
+                return End::Gap(format!("segment holds up to {}, frames after {} were released", gap.segment_at, gap.oldest_retained_after));
+            }
+            if batches.is_empty() {
+                w.wake_segment(pg, segment).notified().await;
+                continue;
+            }
+            for b in batches.drain(..) {
+                sent.lock().expect("sent lock").push_back(Instant::now());
+                at = b.last_lsn;
+                if let Err(e) = tx.send_frame(b.frame).await {
+                    return End::from(e);
+                }
+            }
+        }
+    };
+    let end = tokio::select! {
+        end = acks => end,
+        end = sends => end,
+    };
+    tx.finish();
+    end
+}

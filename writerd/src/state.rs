@@ -1,0 +1,111 @@
+//! The writer's shared state: the core engine behind one mutex, the commit
+//! waiters ordered by LSN, and the wake-ups of each segment's sender.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use redo_core::quorum::SEGMENTS_PER_PG;
+use redo_core::writer::WriterCore;
+use redo_core::{Lsn, PgId};
+use tokio::sync::{oneshot, watch, Notify};
+
+use crate::metrics::Metrics;
+
+pub struct Inner {
+    pub core: WriterCore,
+    /// Callers waiting for VDL to reach an LSN.
+    waiters: BTreeMap<Lsn, Vec<oneshot::Sender<()>>>,
+}
+
+pub struct Writer {
+    inner: Mutex<Inner>,
+    /// Per PG, per segment: there may be new frames to send.
+    wake: Vec<[Notify; SEGMENTS_PER_PG]>,
+    /// Set once a storage node reports a newer epoch: this writer is deposed.
+    pub fenced: watch::Sender<Option<String>>,
+    pub metrics: Metrics,
+}
+
+/// Why a wait for VDL ended without reaching it.
+#[derive(Debug)]
+pub struct Deposed(pub String);
+
+impl Writer {
+    pub fn new(core: WriterCore) -> Arc<Writer> {
+        let pgs = core.volume().pg_count();
+        let metrics = Metrics::new(core.volume());
+        Arc::new(Writer {
+            inner: Mutex::new(Inner { core, waiters: BTreeMap::new() }),
+            wake: (0..pgs).map(|_| std::array::from_fn(|_| Notify::new())).collect(),
+            fenced: watch::channel(None).0,
+            metrics,
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().expect("writer state lock")
+    }
+
+    pub fn wake_pg(&self, pg: PgId) {
+        self.wake[pg.0 as usize].iter().for_each(Notify::notify_one);
+    }
+
+    pub fn wake_segment(&self, pg: PgId, segment: usize) -> &Notify {
+        &self.wake[pg.0 as usize][segment]
+    }
+
+    /// Folds a segment's SCL in; releases every waiter that VDL now covers.
+    pub fn on_ack(&self, pg: PgId, segment: usize, scl: Lsn) {
+        let ready = {
+            let mut g = self.lock();
+            if !g.core.handle_ack(pg, segment, scl) {
+                drop(g);
+                // The PG's frames may now be sealable or releasable: senders look again.
+                self.wake_pg(pg);
+                return;
+            }
+            let vdl = g.core.vdl();
+            let later = g.waiters.split_off(&Lsn(vdl.0 + 1));
+            std::mem::replace(&mut g.waiters, later)
+        };
+        self.wake_pg(pg);
+        for w in ready.into_values().flatten() {
+            let _ = w.send(());
+        }
+    }
+
+    /// Registers a wait for VDL >= `lsn` under the caller's lock; `None` if it already is.
+    pub fn wait_in(inner: &mut Inner, lsn: Lsn) -> Option<oneshot::Receiver<()>> {
+        if inner.core.vdl() >= lsn {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        inner.waiters.entry(lsn).or_default().push(tx);
+        Some(rx)
+    }
+
+    /// Waits until VDL >= `lsn`.
+    pub async fn wait_vdl(&self, lsn: Lsn) -> Result<(), Deposed> {
+        let rx = Self::wait_in(&mut self.lock(), lsn);
+        match rx {
+            None => Ok(()),
+            Some(rx) => rx.await.map_err(|_| self.deposed()),
+        }
+    }
+
+    fn deposed(&self) -> Deposed {
+        Deposed(self.fenced.borrow().clone().unwrap_or_else(|| "writer stopped".into()))
+    }
+
+    /// A newer writer holds the volume: fail every waiter; nothing more commits here.
+    pub fn fence(&self, why: String) {
+        if self.fenced.send_replace(Some(why.clone())).is_none() {
+            tracing::error!(%why, "fenced by a newer epoch: stepping down");
+        }
+        self.lock().waiters.clear();
+    }
+
+    pub fn is_fenced(&self) -> Option<String> {
+        self.fenced.borrow().clone()
+    }
+}

@@ -5,6 +5,7 @@ pub mod api;
 mod codec;
 pub mod ids;
 pub mod page;
+pub mod page_index;
 pub mod quorum;
 pub mod record;
 pub mod segment_file;

@@ -5,6 +5,9 @@
 //! segment, write the handed-out records at the job's offset, then report
 //! `handle_flushed` (after fdatasync) or `handle_flush_failed`. Pulls call
 //! `read`, which serves from memory or says where on disk to look.
+//! GetPage@LSN and the coalescer call `page_read`, which does the same for
+//! one page's image and records, from the per-page index (`page_index`)
+//! that the log keeps as records join the chain.
 //!
 //! Records form a chain through `prev_lsn_in_segment`. The chain from the
 //! segment's first record up to SCL is complete; records above a hole wait
@@ -16,7 +19,8 @@ use std::collections::{BTreeMap, VecDeque};
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::ids::{Epoch, Lsn, SegmentId};
+use crate::ids::{Epoch, Lsn, PageId, SegmentId};
+use crate::page_index::{Located, PageBroken, PageIndex, PagePlan};
 use crate::record::{TrustedRecords, ValidRecords};
 use crate::segment_file::SEGMENT_HEADER_BYTES;
 use crate::wire::SegmentPosition;
@@ -114,9 +118,31 @@ impl DiskIndex {
     }
 }
 
+/// Where the image and records of one page as of an LSN are: apply the
+/// records of `parts`, in order, to the image `base` (or the empty page).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageRead {
+    /// An image in the shell's page file.
+    pub base: Option<Located>,
+    pub parts: Vec<PagePart>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PagePart {
+    /// One record of the page, from memory.
+    Memory(Bytes),
+    /// One record of the page, in the segment file.
+    Disk(Located),
+    /// Every record of the page in this range of the segment file: for a read
+    /// older than the page index keeps.
+    Scan(DiskRead),
+}
+
 /// A run of records each linking back to the one before: the unit the chain
 /// holds, so that per-record work on the hot path is reading headers only.
 struct Fragment {
+    /// Segment-file offset of the first record, assigned when the fragment joins the chain.
+    offset: u64,
     first_lsn: Lsn,
     /// `prev_lsn_in_segment` of the first record.
     prev: Lsn,
@@ -161,8 +187,12 @@ pub struct SegmentLog {
     clean_bytes: usize,
     /// File offset after the last record handed to a flush.
     file_end: u64,
+    /// File offset after the last record of the chain, once flushed.
+    chain_end: u64,
     flushed_end: u64,
     index: DiskIndex,
+    /// Per-page index for `page_read`; without one, page reads scan the log.
+    pages: Option<PageIndex>,
     disk_failed: Option<String>,
 }
 
@@ -185,14 +215,28 @@ impl SegmentLog {
             pending_bytes: 0,
             clean_bytes: 0,
             file_end,
+            chain_end: file_end,
             flushed_end: file_end,
             index,
+            pages: None,
             disk_failed: None,
         }
     }
 
     pub fn new(id: SegmentId, config: SegmentLogConfig) -> Self {
         Self::recovered(id, config, Epoch(0), Lsn::ZERO, SEGMENT_HEADER_BYTES as u64, DiskIndex::default())
+    }
+
+    /// Keeps `pages` (holding every record of the recovered chain) up to
+    /// date as records join the chain, for `page_read`.
+    pub fn with_page_index(mut self, pages: PageIndex) -> Self {
+        self.pages = Some(pages);
+        self
+    }
+
+    /// The page index, for the coalescer to note the images it stores.
+    pub fn page_index(&mut self) -> Option<&mut PageIndex> {
+        self.pages.as_mut()
     }
 
     pub fn id(&self) -> SegmentId {
@@ -305,7 +349,7 @@ impl SegmentLog {
                     if let Some(f) = frag.take() {
                         inserted += self.place(f, bytes.len());
                     }
-                    frag = Some(Fragment { first_lsn: lsn, prev, last_lsn: lsn, records: 1, bytes: bytes.slice(range) });
+                    frag = Some(Fragment { offset: 0, first_lsn: lsn, prev, last_lsn: lsn, records: 1, bytes: bytes.slice(range) });
                 }
             }
         }
@@ -336,7 +380,7 @@ impl SegmentLog {
             // Overlaps the chain's end: keep the part after SCL, which links to it.
             let cut = TrustedRecords::new(&f.bytes).find(|(r, _)| r.lsn() > self.scl).map(|(_, r)| r.start).expect("last_lsn > scl");
             let skipped = TrustedRecords::new(&f.bytes[..cut]).count() as u32;
-            let rest = Fragment { first_lsn: Lsn::ZERO, prev: self.scl, last_lsn: f.last_lsn, records: f.records - skipped, bytes: f.bytes.slice(cut..) };
+            let rest = Fragment { offset: 0, first_lsn: Lsn::ZERO, prev: self.scl, last_lsn: f.last_lsn, records: f.records - skipped, bytes: f.bytes.slice(cut..) };
             let first_lsn = TrustedRecords::new(&rest.bytes).next().expect("non-empty").0.lsn();
             let n = rest.records;
             self.push_complete(Fragment { first_lsn, bytes: own(rest.bytes, batch_bytes), ..rest });
@@ -355,8 +399,16 @@ impl SegmentLog {
         n
     }
 
-    fn push_complete(&mut self, f: Fragment) {
+    fn push_complete(&mut self, mut f: Fragment) {
         debug_assert_eq!(f.prev, self.scl);
+        f.offset = self.chain_end;
+        self.chain_end += f.bytes.len() as u64;
+        if let Some(pages) = &mut self.pages {
+            for (rec, range) in TrustedRecords::new(&f.bytes) {
+                let at = Located { lsn: rec.lsn(), offset: f.offset + range.start as u64, len: range.len() as u32 };
+                pages.note_record(rec.header().page, at);
+            }
+        }
         self.hot_bytes += f.bytes.len();
         self.scl = f.last_lsn;
         self.chain.push_back(f);
@@ -377,7 +429,7 @@ impl SegmentLog {
                 let p = first.remove();
                 self.hot_bytes -= p.bytes.len();
                 self.pending_bytes -= p.bytes.len();
-                self.push_complete(Fragment { first_lsn: lsn, prev: p.prev, last_lsn: lsn, records: 1, bytes: p.bytes });
+                self.push_complete(Fragment { offset: 0, first_lsn: lsn, prev: p.prev, last_lsn: lsn, records: 1, bytes: p.bytes });
             } else {
                 break;
             }
@@ -490,6 +542,49 @@ impl SegmentLog {
         Ok(last)
     }
 
+    /// Where to find `page` as of `lsn` (clamped to SCL): its newest stored
+    /// image at or below `lsn`, then its records above the image, from
+    /// memory or the segment file.
+    pub fn page_read(&self, page: PageId, lsn: Lsn) -> Result<PageRead, PageBroken> {
+        let lsn = lsn.min(self.scl);
+        let plan = match &self.pages {
+            Some(pages) => pages.plan(page, lsn)?,
+            None => PagePlan::Unindexed,
+        };
+        let (base, records) = match plan {
+            PagePlan::Indexed { base, records } => (base, records),
+            PagePlan::Unindexed => return Ok(self.page_scan(page, lsn)),
+        };
+        let memory_from = self.chain.front().map_or(u64::MAX, |f| f.offset);
+        let parts = records
+            .into_iter()
+            .map(|r| {
+                if r.offset < memory_from {
+                    return PagePart::Disk(r);
+                }
+                let f = &self.chain[self.chain.partition_point(|f| f.offset + f.bytes.len() as u64 <= r.offset)];
+                let at = (r.offset - f.offset) as usize;
+                PagePart::Memory(f.bytes.slice(at..at + r.len as usize))
+            })
+            .collect();
+        Ok(PageRead { base, parts })
+    }
+
+    /// Without the index: the page's flushed records from the file, the rest from memory.
+    fn page_scan(&self, page: PageId, lsn: Lsn) -> PageRead {
+        let on_disk = lsn.min(self.flushed_lsn);
+        let scan = DiskRead { offset: SEGMENT_HEADER_BYTES as u64, prev: Lsn::ZERO, end_offset: self.flushed_end, after: Lsn::ZERO, upto: on_disk };
+        let mut parts = vec![PagePart::Scan(scan)];
+        for f in self.chain.iter().skip(self.clean).take_while(|f| f.first_lsn <= lsn) {
+            for (rec, range) in TrustedRecords::new(&f.bytes) {
+                if rec.lsn() <= lsn && rec.header().page == page {
+                    parts.push(PagePart::Memory(f.bytes.slice(range)));
+                }
+            }
+        }
+        PageRead { base: None, parts }
+    }
+
     /// Checks every invariant; O(records), for tests and debug checks.
     pub fn check_invariants(&self) {
         assert!(self.flushed_lsn <= self.scl, "flushed_lsn {} > scl {}", self.flushed_lsn, self.scl);
@@ -519,6 +614,13 @@ impl SegmentLog {
         assert_eq!(self.hot_bytes, dirty + pending);
         assert_eq!(self.pending_bytes, pending);
         assert!(self.flushed_end <= self.file_end);
+        let mut offset = self.chain.front().map_or(self.chain_end, |f| f.offset);
+        for f in &self.chain {
+            assert_eq!(f.offset, offset, "fragment {} not where the chain puts it", f.first_lsn);
+            offset += f.bytes.len() as u64;
+        }
+        let unflushed: u64 = self.chain.iter().skip(self.clean + self.inflight).map(|f| f.bytes.len() as u64).sum();
+        assert_eq!((offset, self.chain_end), (self.chain_end, self.file_end + unflushed));
     }
 }
 
@@ -746,6 +848,60 @@ mod tests {
         let mut out = vec![];
         assert_eq!(log.read(Lsn(4), Lsn(7), 1 << 20, &mut out), Ok(Lsn(7)));
         assert_eq!(lsns_of(&out), [Lsn(5), Lsn(6), Lsn(7)]);
+    }
+
+    #[test]
+    fn page_reads_find_records_in_memory_then_on_disk() {
+        // Records 1..=12 on pages lsn % 3, each linking to its page's previous record.
+        // One batch (one fragment) each, so that the cache keeps the last few.
+        let mut log = SegmentLog::new(ID, config(1 << 20)).with_page_index(PageIndex::new(64));
+        for l in 1..=12u64 {
+            let mut out = Vec::new();
+            let prev_for_page = if l > 3 { l - 3 } else { 0 };
+            RecordHeader { lsn: Lsn(l), prev_lsn_in_segment: Lsn(l - 1), prev_lsn_for_page: Lsn(prev_for_page), page: PageId(l % 3), cpl: true }
+                .encode(&[l as u8; 9], &mut out);
+            log.handle_append(Epoch(1), &ValidRecords::validate(Bytes::from(out), 0).unwrap().unwrap()).unwrap();
+        }
+        log.check_invariants();
+        let lsns = |read: &PageRead| -> Vec<Lsn> {
+            read.parts
+                .iter()
+                .map(|p| match p {
+                    PagePart::Memory(b) => lsns_of(std::slice::from_ref(b))[0],
+                    PagePart::Disk(at) => at.lsn,
+                    PagePart::Scan(_) => panic!("indexed pages are not scanned"),
+                })
+                .collect()
+        };
+        let read = log.page_read(PageId(1), Lsn(8)).unwrap();
+        assert_eq!((read.base, lsns(&read)), (None, vec![Lsn(1), Lsn(4), Lsn(7)]));
+        assert!(read.parts.iter().all(|p| matches!(p, PagePart::Memory(_))));
+        // Flushed and mostly evicted (the cache keeps 200 bytes): the records
+        // are found where the flush wrote them.
+        let mut file = vec![0u8; SEGMENT_HEADER_BYTES];
+        let mut parts = vec![];
+        while let Some(job) = log.poll_flush(&mut parts) {
+            assert_eq!(job.offset, file.len() as u64);
+            parts.drain(..).for_each(|b| file.extend_from_slice(&b));
+            log.handle_flushed(job);
+        }
+        log.check_invariants();
+        let read = log.page_read(PageId(1), Lsn(100)).unwrap();
+        assert_eq!(lsns(&read), vec![Lsn(1), Lsn(4), Lsn(7), Lsn(10)]);
+        assert!(matches!(read.parts[0], PagePart::Disk(_)) && matches!(read.parts[3], PagePart::Memory(_)));
+        for part in &read.parts {
+            let bytes = match part {
+                PagePart::Memory(b) => b.to_vec(),
+                PagePart::Disk(at) => file[at.offset as usize..at.offset as usize + at.len as usize].to_vec(),
+                PagePart::Scan(_) => unreachable!(),
+            };
+            let rec = crate::record::RecordRef::decode(&bytes, 0).unwrap();
+            assert_eq!(rec.header().page, PageId(1));
+        }
+        // Without an index a page read scans the flushed log, then memory.
+        let plain = SegmentLog::new(ID, config(1 << 20));
+        let read = plain.page_read(PageId(1), Lsn(5)).unwrap();
+        assert!(matches!(read.parts[..], [PagePart::Scan(DiskRead { upto: Lsn::ZERO, .. })]));
     }
 
     mod model {

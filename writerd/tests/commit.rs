@@ -1,0 +1,140 @@
+//! The writer through the real binaries: quorum commits on a six-node local
+//! volume, storage nodes killed under load, a node that returns catching up,
+//! epochs fencing an old writer, and reads served after a writer restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use redo_core::api::ApiErrorCode;
+use redo_core::page::PageOp;
+use redo_core::PgId;
+use borealis_net::api::ApiError;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_delete_and_transactions_commit_and_survive_a_writer_restart() {
+    let mut c = Cluster::start(&[]).await;
+    let mut w = c.start_writer(None, &[]).await;
+    let client = c.client(c.writer_addr()).await;
+
+    let a = client.put(b"alpha", b"1").await.unwrap();
+    let b = client.put(b"beta", b"2").await.unwrap();
+    assert!(b > a, "commit LSNs increase");
+    assert_eq!(client.get(b"alpha").await.unwrap().1.as_deref(), Some(&b"1"[..]));
+    assert!(client.delete(b"alpha").await.unwrap() > b);
+    assert_eq!(client.get(b"alpha").await.unwrap().1, None);
+    // A transaction over keys on both PGs commits at its last record.
+    let ops: Vec<PageOp> = (0..20u64).map(|i| PageOp::Put { key: key(i), value: value(i, 0) }).collect();
+    let pgs: std::collections::BTreeSet<PgId> = ops.iter().map(|o| c.volume.pg_of(c.volume.page_of(o.key()))).collect();
+    assert_eq!(pgs.len(), 2, "the transaction spans both PGs");
+    let t = client.txn(ops).await.unwrap();
+    let (read_lsn, v) = client.get(&key(7)).await.unwrap();
+    assert_eq!(v, Some(value(7, 0)));
+    assert!(read_lsn <= t);
+
+    // A clean stop, then a new writer with an empty cache: reads come from storage (GetPage@LSN).
+    client.close();
+    assert_eq!(w.stop().await.code(), Some(0));
+    let _w2 = c.start_writer(None, &[]).await;
+    let client = c.client(c.writer_addr()).await;
+    assert_all_present(&client, &(0..20).collect::<Vec<_>>()).await;
+    assert_eq!(client.get(b"beta").await.unwrap().1.as_deref(), Some(&b"2"[..]));
+    assert_eq!(client.get(b"alpha").await.unwrap().1, None);
+    // Writes to pages the new writer has not seen fetch them first, then chain onto them.
+    let l = client.put(&key(3), b"new").await.unwrap();
+    assert!(l > t);
+    assert_eq!(client.get(&key(3)).await.unwrap().1.as_deref(), Some(&b"new"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_storage_nodes_killed_under_load_fail_no_commit() {
+    let mut c = Cluster::start(&[]).await;
+    let _w = c.start_writer(None, &[]).await;
+    let client = c.client(c.writer_addr()).await;
+    let load = Load::start(&client, 8, 0);
+    load.wait_more(300, REPLY_TIMEOUT).await;
+    c.kill9(2);
+    c.kill9(5); // one node in each of two AZs
+    load.wait_more(1000, REPLY_TIMEOUT).await;
+    let (acked, errors) = load.finish().await;
+    assert!(errors.is_empty(), "commits failed with two of six nodes down: {errors:?}");
+    assert_all_present(&client, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_down_commits_wait_then_resume_and_a_returning_node_fills_its_hole() {
+    let mut c = Cluster::start(&[]).await;
+    let mut w = c.start_writer(None, &[]).await;
+    let client = c.client(c.writer_addr()).await;
+    let load = Load::start(&client, 4, 0);
+    load.wait_more(200, REPLY_TIMEOUT).await;
+    for id in [1, 3, 6] {
+        c.kill9(id);
+    }
+    // With three segments of six, no write quorum: commits wait, and the writer says why.
+    w.wait_log("commits waiting: no write quorum", REPLY_TIMEOUT).await;
+    let stalled = load.count();
+    let pending = tokio::spawn({
+        let client = client.clone();
+        async move { client.put(b"during-outage", b"v").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await; // a window in which nothing may commit
+    assert_eq!(load.count(), stalled, "a commit was acknowledged without a write quorum");
+    assert!(!pending.is_finished());
+
+    c.restart(3).await;
+    let l = tokio::time::timeout(REPLY_TIMEOUT, pending).await.expect("commit resumes").unwrap().unwrap();
+    load.wait_more(300, REPLY_TIMEOUT).await;
+    let (acked, errors) = load.finish().await;
+    assert!(errors.is_empty(), "commits failed: {errors:?}");
+    assert_all_present(&client, &acked).await;
+    assert_eq!(client.get(b"during-outage").await.unwrap().1.as_deref(), Some(&b"v"[..]));
+
+    // The node that came back (it lost its unflushed tail on kill -9) is resent what it
+    // missed: its SCL reaches everything the writer allocated, with no hole left.
+    let ep = c.endpoint();
+    let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+    for pg in 0..PGS {
+        let pgl = c.volume.pgs[pg as usize].id;
+        loop {
+            let scl = c.scl(&ep, 3, PgId(pgl)).await;
+            let best = live_max_scl(&c, &ep, PgId(pgl)).await;
+            if scl.is_some() && scl == best && best.is_some_and(|b| b.0 > 0) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "node 3 pg{pg} SCL {scl:?} never reached {best:?} (commit {l})");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The highest SCL of `pg` among the live nodes.
+async fn live_max_scl(c: &Cluster, ep: &quinn::Endpoint, pg: PgId) -> Option<redo_core::Lsn> {
+    let mut best = None;
+    for id in [2, 4, 5] {
+        best = best.max(c.scl(ep, id, pg).await);
+    }
+    best
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_writer_fences_the_old_one() {
+    let mut c = Cluster::start(&[]).await;
+    let mut old = c.start_writer(None, &[]).await;
+    let old_client = c.client(c.writer_addr()).await;
+    old_client.put(b"k", b"from-old").await.unwrap();
+
+    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{}", std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).parse().unwrap();
+    let _new = c.start_writer(Some(new_addr), &[]).await;
+    // The old writer's next write meets the new epoch at storage and is refused; it steps down.
+    match old_client.put(b"k", b"late").await {
+        Err(ApiError::Refused { code: ApiErrorCode::Unavailable, .. }) | Err(ApiError::Lost(_)) => {}
+        other => panic!("a deposed writer acknowledged a write: {other:?}"),
+    }
+    assert_eq!(old.wait_exit(REPLY_TIMEOUT).await.code(), Some(3));
+    let new_client = c.client(new_addr).await;
+    assert_eq!(new_client.get(b"k").await.unwrap().1.as_deref(), Some(&b"from-old"[..]));
+    new_client.put(b"k", b"from-new").await.unwrap();
+    assert_eq!(new_client.get(b"k").await.unwrap().1.as_deref(), Some(&b"from-new"[..]));
+}

@@ -1,0 +1,299 @@
+//! Harness for writer end-to-end tests: a local volume of six real `storaged`
+//! processes (two per AZ) and real `writerd` processes on loopback, driven
+//! through the client library. Every wait is on a condition with a deadline.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use borealis_net::api::ApiClient;
+use borealis_net::storage::StorageConn;
+use borealis_net::TlsIdentity;
+use redo_core::volume::{NodeSpec, Volume};
+use redo_core::{Epoch, Lsn, PgId};
+
+pub const WRITERD: &str = env!("CARGO_BIN_EXE_writerd");
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+pub const PGS: u32 = 2;
+
+/// `storaged` is built into the same directory as `writerd`.
+fn storaged_bin() -> PathBuf {
+    Path::new(WRITERD).with_file_name("storaged")
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").expect("probe free UDP port").local_addr().expect("local addr").port()
+}
+
+/// A child process, SIGKILLed on drop unless it was stopped.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, args: &[String], log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).expect("create log");
+        let child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", std::env::var("BOREALIS_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        Proc { child: Some(child), log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; panics if the process exits first.
+    pub async fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains(needle) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("poll child")) {
+                panic!("{} exited ({status}) before logging {needle:?}; log:\n{}", self.log.display(), self.log_text());
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} in {} within {timeout:?}; log:\n{}", self.log.display(), self.log_text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub async fn stop(&mut self) -> ExitStatus {
+        let c = self.child.take().expect("process is running");
+        // SAFETY: signalling a child we own and have not reaped.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        self.wait_exit_of(c).await
+    }
+
+    /// Waits for the process to exit on its own.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.as_mut().expect("process is running").try_wait().expect("poll child") {
+                self.child = None;
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{} still running after {timeout:?}; log:\n{}", self.log.display(), self.log_text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn wait_exit_of(&mut self, mut c: Child) -> ExitStatus {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(s) = c.try_wait().expect("poll child") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{} did not stop; log:\n{}", self.log.display(), self.log_text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub certs: PathBuf,
+    pub volume: Volume,
+    pub volume_path: PathBuf,
+    /// Index i is node id i + 1.
+    pub nodes: Vec<Proc>,
+    storaged_args: Vec<String>,
+    starts: u32,
+}
+
+impl Cluster {
+    /// Six storage nodes, each hosting every PG, plus certificates for writers and clients.
+    pub async fn start(storaged_args: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new().prefix("writerd-e2e-").tempdir().expect("temp dir");
+        let certs = dir.path().join("certs");
+        let mut names: Vec<String> = (1..=6).map(|i| format!("storaged-{i}")).collect();
+        names.extend(["writerd".into(), "client".into()]);
+        borealis_net::certs::generate(&certs, &names).expect("certificates");
+        let nodes = (1..=6)
+            .map(|i| NodeSpec { id: i, az: format!("az{}", (i - 1) / 2 + 1), addr: format!("127.0.0.1:{}", free_udp_port()) })
+            .collect();
+        let volume = Volume::local(format!("127.0.0.1:{}", free_udp_port()), nodes, PGS, 256).expect("volume");
+        let volume_path = dir.path().join("volume.toml");
+        std::fs::write(&volume_path, volume.to_toml()).expect("write volume file");
+        let mut c = Cluster {
+            dir,
+            certs,
+            volume,
+            volume_path,
+            nodes: Vec::new(),
+            storaged_args: storaged_args.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        };
+        for id in 1..=6 {
+            let p = c.spawn_storaged(id);
+            c.nodes.push(p);
+        }
+        for n in &mut c.nodes {
+            n.wait_log("storaged ready", READY_TIMEOUT).await;
+        }
+        c
+    }
+
+    fn spawn_storaged(&mut self, id: u32) -> Proc {
+        self.starts += 1;
+        let spec = &self.volume.nodes[id as usize - 1];
+        let pgs: Vec<String> = (0..PGS).map(|p| p.to_string()).collect();
+        let mut args: Vec<String> = vec!["serve".into(), "--node-id".into(), id.to_string(), "--az".into(), spec.az.clone()];
+        args.extend(["--listen".into(), spec.addr.clone(), "--pgs".into(), pgs.join(",")]);
+        args.extend(["--data-dir".into(), self.dir.path().join(format!("data-{id}")).display().to_string()]);
+        args.extend(["--certs".into(), self.certs.display().to_string(), "--segment-prealloc-bytes".into(), "1MiB".into()]);
+        args.extend(self.storaged_args.iter().cloned());
+        Proc::spawn(&storaged_bin(), &args, self.dir.path().join(format!("storaged-{id}.{}.log", self.starts)))
+    }
+
+    pub fn kill9(&mut self, id: u32) {
+        self.nodes[id as usize - 1].kill9();
+    }
+
+    /// Restarts node `id` on its address and data dir (it recovers from disk).
+    pub async fn restart(&mut self, id: u32) {
+        let mut p = self.spawn_storaged(id);
+        p.wait_log("storaged ready", READY_TIMEOUT).await;
+        self.nodes[id as usize - 1] = p;
+    }
+
+    pub fn writer_addr(&self) -> SocketAddr {
+        self.volume.writer.parse().expect("writer address")
+    }
+
+    /// Starts `writerd serve` on the volume's writer address (or `listen`) and waits until it is ready.
+    pub async fn start_writer(&mut self, listen: Option<SocketAddr>, extra: &[&str]) -> Proc {
+        self.starts += 1;
+        let mut args: Vec<String> = vec!["serve".into(), "--volume".into(), self.volume_path.display().to_string()];
+        args.extend(["--certs".into(), self.certs.display().to_string()]);
+        if let Some(l) = listen {
+            args.extend(["--listen".into(), l.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut p = Proc::spawn(Path::new(WRITERD), &args, self.dir.path().join(format!("writerd.{}.log", self.starts)));
+        p.wait_log("writerd ready", READY_TIMEOUT).await;
+        p
+    }
+
+    pub fn endpoint(&self) -> quinn::Endpoint {
+        let id = TlsIdentity::load(&self.certs, "client").expect("client identity");
+        borealis_net::client_endpoint(&id).expect("client endpoint")
+    }
+
+    pub async fn client(&self, addr: SocketAddr) -> ApiClient {
+        tokio::time::timeout(REPLY_TIMEOUT, ApiClient::connect(&self.endpoint(), addr)).await.expect("connect in time").expect("connect to writer")
+    }
+
+    /// Node `id`'s SCL for `pg`, read without raising its epoch.
+    pub async fn scl(&self, ep: &quinn::Endpoint, id: u32, pg: PgId) -> Option<Lsn> {
+        let addr = self.volume.nodes[id as usize - 1].addr.parse().expect("node address");
+        let r = tokio::time::timeout(Duration::from_secs(2), async {
+            let conn = StorageConn::connect(ep, addr).await.ok()?;
+            conn.status(Epoch(0), pg).await.ok().map(|(_, p)| p.scl)
+        });
+        r.await.ok().flatten()
+    }
+}
+
+/// Keys guaranteed to land on every PG: `key-0`, `key-1`, ... are spread by hash.
+pub fn key(i: u64) -> Vec<u8> {
+    format!("key-{i:08}").into_bytes()
+}
+
+pub fn value(i: u64, round: u64) -> Vec<u8> {
+    format!("value-{i}-{round}-{}", "x".repeat(64)).into_bytes()
+}
+
+/// Closed-loop writers putting distinct keys until stopped; records every outcome.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub committed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<u64>, Vec<String>)>>,
+}
+
+impl Load {
+    /// `workers` concurrent writers on one client; worker w writes keys w, w + workers, ...
+    pub fn start(client: &ApiClient, workers: u64, first_key: u64) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let stop = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(AtomicU64::new(0));
+        let tasks = (0..workers)
+            .map(|w| {
+                let (client, stop, committed) = (client.clone(), stop.clone(), committed.clone());
+                tokio::spawn(async move {
+                    let (mut acked, mut errors) = (Vec::new(), Vec::new());
+                    let mut i = first_key + w;
+                    while !stop.load(Ordering::Relaxed) {
+                        match tokio::time::timeout(REPLY_TIMEOUT, client.put(&key(i), &value(i, 0))).await {
+                            Ok(Ok(_)) => {
+                                acked.push(i);
+                                committed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(Err(e)) => errors.push(format!("key {i}: {e}")),
+                            Err(_) => errors.push(format!("key {i}: no reply in {REPLY_TIMEOUT:?}")),
+                        }
+                        i += workers;
+                    }
+                    (acked, errors)
+                })
+            })
+            .collect();
+        Load { stop, committed, tasks }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.committed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until at least `n` more commits than now have landed.
+    pub async fn wait_more(&self, n: u64, timeout: Duration) {
+        let target = self.count() + n;
+        let deadline = Instant::now() + timeout;
+        while self.count() < target {
+            assert!(Instant::now() < deadline, "only {} of {target} commits within {timeout:?}", self.count());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the writers; returns the acknowledged key indexes and every error.
+    pub async fn finish(self) -> (Vec<u64>, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut acked, mut errors) = (Vec::new(), Vec::new());
+        for t in self.tasks {
+            let (a, e) = t.await.expect("load task");
+            acked.extend(a);
+            errors.extend(e);
+        }
+        (acked, errors)
+    }
+}
+
+/// Reads every key back and asserts it holds its acknowledged value.
+pub async fn assert_all_present(client: &ApiClient, acked: &[u64]) {
+    for &i in acked {
+        let (_, v) = tokio::time::timeout(REPLY_TIMEOUT, client.get(&key(i))).await.expect("get in time").expect("get");
+        assert_eq!(v.as_deref(), Some(value(i, 0).as_slice()), "acknowledged write of key {i} is missing or wrong");
+    }
+}

@@ -27,7 +27,7 @@ pub struct Config {
     /// UDP address for QUIC (writers, replicas, tools).
     #[arg(long, default_value = "127.0.0.1:7100")]
     pub listen: SocketAddr,
-    /// Directory for segment files (`pg-N.seg`) and epochs (`pg-N.epoch`); created if missing.
+    /// Directory for segment files (`pg-N.seg`), page images (`pg-N.pages`) and epochs (`pg-N.epoch`); created if missing.
     #[arg(long)]
     pub data_dir: PathBuf,
     /// Certificate directory made by `storaged certs`: ca.pem and NAME.pem/NAME.key.
@@ -65,6 +65,14 @@ pub struct Config {
     /// How long an append waits for the flush to free hot-log memory before answering Busy.
     #[arg(long, default_value_t = 1000)]
     pub busy_wait_ms: u64,
+    /// Per segment: how often the coalescer writes page images (to `pg-N.pages`) of the pages
+    /// changed since their last image, as of the flushed LSN.
+    #[arg(long, default_value_t = 1000)]
+    pub coalesce_interval_ms: u64,
+    /// A page with more records than this since its last image is coalesced as soon as they are
+    /// flushed, without waiting for the interval.
+    #[arg(long, default_value_t = 64)]
+    pub coalesce_records: usize,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -84,6 +92,9 @@ impl Config {
         }
         if self.frame_bytes_max > redo_core::wire::FRAME_BYTES_MAX as u64 {
             bail!("--frame-bytes-max is at most {}", redo_core::wire::FRAME_BYTES_MAX);
+        }
+        if self.coalesce_interval_ms == 0 || self.coalesce_records == 0 {
+            bail!("--coalesce-interval-ms and --coalesce-records must be at least 1");
         }
         if self.segment_prealloc_bytes < 1 << 20 || self.segment_prealloc_bytes % 4096 != 0 {
             bail!("--segment-prealloc-bytes must be a multiple of 4096 and at least 1MiB");

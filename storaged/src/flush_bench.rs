@@ -14,7 +14,7 @@ use redo_core::{Epoch, Lsn, PageId, PgId};
 
 use crate::config::{AckMode, Config};
 use crate::flusher::Flusher;
-use crate::node::Node;
+use crate::node::{Node, Pages};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FlushBenchArgs {
@@ -53,9 +53,11 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
         flush_bytes_max: args.flush_bytes_max,
         segment_prealloc_bytes: 256 << 20,
         busy_wait_ms: 0,
+        coalesce_interval_ms: 1000,
+        coalesce_records: 64,
         metrics_listen: None,
     };
-    let (node, targets) = Node::open(config)?;
+    let (node, targets) = Node::open(config, Pages::LogOnly)?;
     let flusher = Flusher::spawn(targets, node.wake.clone())?;
 
     let payload = vec![0x5Au8; args.record_bytes];

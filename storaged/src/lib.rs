@@ -1,12 +1,15 @@
 //! storaged: one Borealis storage node. Hosts one segment per configured
 //! protection group; ingests redo over QUIC into each segment's memory log,
-//! acks, flushes with io_uring, serves pulls and pushes position changes.
+//! acks, flushes with io_uring, serves pulls, pushes position changes,
+//! serves GetPage@LSN and coalesces page images in the background.
 
 pub mod config;
 pub mod flush_bench;
+mod coalescer;
 mod flusher;
 mod metrics;
 mod node;
+mod pages;
 mod server;
 mod store;
 
@@ -30,7 +33,7 @@ pub fn run(config: Config) -> Result<()> {
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let identity = borealis_net::TlsIdentity::load(&config.certs, &config.cert_name())
         .with_context(|| format!("load certificates for {} from {}", config.cert_name(), config.certs.display()))?;
-    let (node, targets) = node::Node::open(config.clone())?;
+    let (node, targets) = node::Node::open(config.clone(), node::Pages::Indexed)?;
     let flusher = flusher::Flusher::spawn(targets, node.wake.clone())?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -49,6 +52,9 @@ pub fn run(config: Config) -> Result<()> {
             pgs = ?config.pgs, "storaged ready"
         );
         tokio::spawn(server::accept_loop(node.clone(), endpoint.clone()));
+        for seg in node.segments.values() {
+            tokio::spawn(coalescer::run(node.clone(), seg.clone()));
+        }
         let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
         tokio::select! {

@@ -37,6 +37,10 @@ pub struct Metrics {
     pub appends_busy: AtomicU64,
     pub requests_refused: AtomicU64,
     pub flushed_bytes: AtomicU64,
+    pub get_page_requests: AtomicU64,
+    pub pages_coalesced: AtomicU64,
+    pub page_image_bytes: AtomicU64,
+    pub get_page_latency_us: Distribution,
     pub ack_latency_us: Distribution,
     pub flush_latency_us: Distribution,
     pub append_batch_records: Distribution,
@@ -51,6 +55,10 @@ impl Default for Metrics {
             appends_busy: AtomicU64::new(0),
             requests_refused: AtomicU64::new(0),
             flushed_bytes: AtomicU64::new(0),
+            get_page_requests: AtomicU64::new(0),
+            pages_coalesced: AtomicU64::new(0),
+            page_image_bytes: AtomicU64::new(0),
+            get_page_latency_us: Distribution::new(),
             ack_latency_us: Distribution::new(),
             flush_latency_us: Distribution::new(),
             append_batch_records: Distribution::new(),
@@ -66,6 +74,7 @@ pub struct SegmentGauges {
     pub flushed_lsn: u64,
     pub hot_bytes: u64,
     pub pending_records: u64,
+    pub page_index_records: u64,
     pub disk_failed: bool,
 }
 
@@ -78,6 +87,9 @@ impl Metrics {
             ("storaged_appends_busy_total", "Appends answered Busy because the hot log was full.", &self.appends_busy),
             ("storaged_requests_refused_total", "Requests answered with an error other than Busy.", &self.requests_refused),
             ("storaged_flushed_bytes_total", "Record bytes made durable by fdatasync.", &self.flushed_bytes),
+            ("storaged_get_page_requests_total", "GetPage@LSN requests for a hosted segment.", &self.get_page_requests),
+            ("storaged_pages_coalesced_total", "Page images materialised and written to page files.", &self.pages_coalesced),
+            ("storaged_page_image_bytes_total", "Bytes of page-file entries made durable by fsync.", &self.page_image_bytes),
         ];
         for (name, help, c) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node_id}\"}} {}", c.load(Relaxed));
@@ -86,11 +98,13 @@ impl Metrics {
         self.flush_latency_us.render(&mut out, "storaged_flush_latency_us", "Flush write submitted to fdatasync completed, microseconds.");
         self.append_batch_records.render(&mut out, "storaged_append_batch_records", "Records per append batch.");
         self.flush_batch_bytes.render(&mut out, "storaged_flush_batch_bytes", "Record bytes per flush (one write + fdatasync).");
-        let gauges: [(&str, &str, fn(&SegmentGauges) -> u64); 5] = [
+        self.get_page_latency_us.render(&mut out, "storaged_get_page_latency_us", "GetPage request received to page materialised, microseconds.");
+        let gauges: [(&str, &str, fn(&SegmentGauges) -> u64); 6] = [
             ("storaged_segment_scl", "Segment complete LSN.", |s| s.scl),
             ("storaged_segment_flushed_lsn", "Highest LSN durable on disk.", |s| s.flushed_lsn),
             ("storaged_segment_hot_bytes", "Unflushed bytes in the segment's memory log.", |s| s.hot_bytes),
             ("storaged_segment_pending_records", "Records held above a hole, waiting for it to fill.", |s| s.pending_records),
+            ("storaged_segment_page_index_records", "Records in the per-page index (bounded by the coalescer).", |s| s.page_index_records),
             ("storaged_segment_disk_failed", "1 if the segment stopped accepting appends after a disk error.", |s| s.disk_failed as u64),
         ];
         for (name, help, get) in gauges {

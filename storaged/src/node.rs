@@ -1,5 +1,6 @@
 //! A storage node's shared state: its segments, each a core `SegmentLog`
-//! behind a mutex plus a watch channel that publishes SCL / flushed LSN.
+//! behind a mutex plus a watch channel that publishes SCL / flushed LSN, and
+//! its page file.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
+use redo_core::page_index::PageIndex;
 use redo_core::segment_log::{FlushJob, SegmentLog, SegmentLogConfig};
 use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, NodeId, PgId, SegmentId};
@@ -15,6 +17,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::flusher::{FlushTarget, Wake};
 use crate::metrics::{Metrics, SegmentGauges};
+use crate::pages::PageFile;
 use crate::store;
 
 pub struct Segment {
@@ -27,6 +30,8 @@ pub struct Segment {
     pub metrics: Arc<Metrics>,
     /// The epoch on disk; held while a newer one is written.
     pub persisted_epoch: tokio::sync::Mutex<Epoch>,
+    /// Page images written by the coalescer.
+    pub page_file: PageFile,
 }
 
 impl Segment {
@@ -65,6 +70,14 @@ impl Segment {
     }
 }
 
+/// Whether segments keep a page index (for GetPage@LSN and the coalescer).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Pages {
+    Indexed,
+    /// bench-flush: the flush path alone, without the index's per-record work and memory.
+    LogOnly,
+}
+
 pub struct Node {
     pub config: Config,
     pub node_id: NodeId,
@@ -79,7 +92,7 @@ pub struct Node {
 impl Node {
     /// Recovers every hosted segment from disk and returns the node plus the
     /// flusher's per-segment targets.
-    pub fn open(config: Config) -> Result<(Arc<Node>, Vec<FlushTarget>)> {
+    pub fn open(config: Config, pages: Pages) -> Result<(Arc<Node>, Vec<FlushTarget>)> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("create data dir {}: {e}", config.data_dir.display()))?;
         let node_id = NodeId(config.node_id);
@@ -94,8 +107,24 @@ impl Node {
         let write_bytes_max = config.flush_bytes_max.max(config.frame_bytes_max);
         for &pg in &config.pgs {
             let id = SegmentId { pg: PgId(pg), node: node_id };
-            let r = store::open_segment(&config.data_dir, id, config.segment_prealloc_bytes, write_bytes_max)?;
-            let log = SegmentLog::recovered(id, log_config.clone(), r.epoch, r.last_lsn, r.file_end, r.index);
+            // Images first, so that the log scan indexes only the records they do not cover.
+            let mut index = PageIndex::new(config.coalesce_records);
+            let page_file = PageFile::open(&config.data_dir, id.pg, &mut index)?;
+            let indexed = pages == Pages::Indexed;
+            let open = |index: Option<&mut PageIndex>| store::open_segment(&config.data_dir, id, config.segment_prealloc_bytes, write_bytes_max, index);
+            let mut r = open(indexed.then_some(&mut index))?;
+            if indexed && index.newest_image() > r.last_lsn {
+                // Not this log's images (e.g. the segment file was moved aside to be rebuilt).
+                tracing::warn!(segment = %id, image_lsn = %index.newest_image(), scl = %r.last_lsn,
+                    "page file holds images past the end of the log: discarding it; the coalescer rebuilds images from the log");
+                page_file.truncate(0)?;
+                index = PageIndex::new(config.coalesce_records);
+                r = open(Some(&mut index))?;
+            }
+            let mut log = SegmentLog::recovered(id, log_config.clone(), r.epoch, r.last_lsn, r.file_end, r.index);
+            if indexed {
+                log = log.with_page_index(index);
+            }
             let (position, _) = watch::channel(log.position());
             let seg = Arc::new(Segment {
                 id,
@@ -104,6 +133,7 @@ impl Node {
                 reader: r.reader,
                 metrics: metrics.clone(),
                 persisted_epoch: tokio::sync::Mutex::new(r.epoch),
+                page_file,
             });
             targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, write_bytes_max as usize));
             segments.insert(PgId(pg), seg);
@@ -133,6 +163,7 @@ impl Node {
                     flushed_lsn: log.flushed_lsn().0,
                     hot_bytes: log.hot_bytes() as u64,
                     pending_records: log.pending_records() as u64,
+                    page_index_records: log.page_index().map_or(0, |p| p.records() as u64),
                     disk_failed: log.disk_failed().is_some(),
                 }
             })

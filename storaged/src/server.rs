@@ -1,6 +1,6 @@
 //! The QUIC shell around the node: accepts mutual-TLS connections, runs each
 //! stream as an ordered request/reply pipe (appends pipelined and acked in
-//! order, pulls, subscriptions), and serves /metrics.
+//! order, pulls, status, GetPage@LSN, subscriptions), and serves /metrics.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,16 +8,18 @@ use std::time::{Duration, Instant};
 
 use borealis_net::frame::{read_frame_body, read_frame_len, write_message, FrameError};
 use bytes::{Bytes, BytesMut};
+use redo_core::page_index::IMAGE_BYTES_MAX;
 use redo_core::record::ValidRecords;
 use redo_core::segment_log::AppendError;
 use redo_core::wire::{ErrorCode, Message, SegmentPosition};
-use redo_core::{Epoch, Lsn, PgId};
+use redo_core::{Epoch, Lsn, PageId, PgId};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::config::AckMode;
 use crate::metrics::Metrics;
 use crate::node::{Node, Segment};
+use crate::pages::{self, PageError};
 use crate::store;
 
 /// Replies a stream may have queued before it stops reading requests.
@@ -119,6 +121,14 @@ async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
             None => not_hosted(node, pg),
             Some(seg) => pull(node, seg.clone(), after, upto, bytes_max).await,
         },
+        Message::Status { epoch, pg } => match node.segments.get(&pg) {
+            None => not_hosted(node, pg),
+            Some(seg) => status(node, seg, epoch).await,
+        },
+        Message::GetPage { pg, page, lsn } => match node.segments.get(&pg) {
+            None => not_hosted(node, pg),
+            Some(seg) => get_page(node, seg.clone(), page, lsn, received).await,
+        },
         Message::Subscribe { pgs } => {
             let mut segs = Vec::with_capacity(pgs.len());
             for pg in pgs {
@@ -208,6 +218,57 @@ async fn persist_epoch(node: &Node, seg: &Arc<Segment>, epoch: Epoch) -> Result<
     Ok(())
 }
 
+/// The segment's epoch and position, after moving it to `epoch` if newer.
+async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch) -> Reply {
+    if let Err(reply) = persist_epoch(node, seg, epoch).await {
+        return reply;
+    }
+    let log = seg.log.lock().expect("segment lock");
+    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position: log.position() }, received: None }
+}
+
+/// GetPage@LSN: the page as of `lsn`, from its newest image at or below
+/// `lsn` plus its records up to `lsn`. Refusals that are about the page, not
+/// the stream (Behind, a page that cannot be materialised), keep it open.
+async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, received: Instant) -> Reply {
+    node.metrics.get_page_requests.fetch_add(1, Ordering::Relaxed);
+    let refuse = |code, message: String| Reply::Now { msg: error(code, message), received: None };
+    let (read, position) = {
+        let log = seg.log.lock().expect("segment lock");
+        if log.scl() < lsn {
+            return refuse(ErrorCode::Behind, format!("{} SCL {} < requested {lsn}", seg.id, log.scl()));
+        }
+        (log.page_read(page, lsn), log.position())
+    };
+    let read = match read {
+        Ok(read) => read,
+        Err(broken) => return refuse(ErrorCode::Conflict, format!("{}: {broken}", seg.id)),
+    };
+    let image = if pages::needs_io(&read) {
+        let seg = seg.clone();
+        tokio::task::spawn_blocking(move || pages::materialise(&seg.page_file, &seg.reader, page, &read))
+            .await
+            .unwrap_or_else(|e| Err(PageError::Io(anyhow::anyhow!("page read task: {e}"))))
+    } else {
+        pages::materialise(&seg.page_file, &seg.reader, page, &read)
+    };
+    let image = match image {
+        Ok(image) => image,
+        Err(PageError::Broken(broken, _)) => return refuse(ErrorCode::Conflict, format!("{}: {broken}", seg.id)),
+        Err(PageError::Io(e)) => {
+            tracing::error!(segment = %seg.id, %page, %lsn, error = %format!("{e:#}"), "GetPage read failed");
+            return Reply::Close(error(ErrorCode::DiskFailed, format!("{}: GetPage {page}@{lsn}: {e:#}", seg.id)));
+        }
+    };
+    let mut buf = Vec::new();
+    image.encode(&mut buf);
+    if buf.len() > IMAGE_BYTES_MAX {
+        return refuse(ErrorCode::TooLarge, format!("{}: {page}@{lsn} is {} bytes, more than a reply carries", seg.id, buf.len()));
+    }
+    node.metrics.get_page_latency_us.record(received.elapsed().as_micros() as u64);
+    Reply::Now { msg: Message::PageReply { position, image: Bytes::from(buf) }, received: None }
+}
+
 async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: u32) -> Reply {
     let bytes_max = (bytes_max as usize).min(node.config.frame_bytes_max as usize / 2).max(1);
     let mut parts = Vec::new();
@@ -223,7 +284,7 @@ async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: 
         }
         Err(disk) => {
             let seg2 = seg.clone();
-            match tokio::task::spawn_blocking(move || store::read_from_disk(&seg2.reader, disk, bytes_max)).await {
+            match tokio::task::spawn_blocking(move || store::read_from_disk(&seg2.reader, disk, bytes_max, |_| true)).await {
                 Ok(Ok((buf, last))) => (Bytes::from(buf), last),
                 Ok(Err(e)) => {
                     tracing::error!(segment = %seg.id, error = %format!("{e:#}"), "pull from disk failed");

@@ -9,8 +9,9 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use redo_core::page_index::{Located, PageIndex};
 use redo_core::segment_file::{decode_header, encode_header, scan_records, ScanStop, SEGMENT_HEADER_BYTES};
-use redo_core::record::RECORD_BYTES_MAX;
+use redo_core::record::{RecordRef, RECORD_BYTES_MAX};
 use redo_core::segment_log::{DiskIndex, DiskRead, INDEX_STRIDE_BYTES};
 use redo_core::{Epoch, Lsn, PgId, SegmentId};
 
@@ -41,7 +42,7 @@ pub struct Recovered {
     pub tail: Vec<u8>,
 }
 
-fn fsync_dir(dir: &Path) -> Result<()> {
+pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync directory {}", dir.display()))
 }
 
@@ -71,11 +72,11 @@ fn first_nonzero(file: &File, from: u64, to: u64) -> Result<Option<u64>> {
     Ok(None)
 }
 
-/// Opens (creating if needed) and recovers the segment file of `id`.
-/// `write_bytes_max` is the largest single flush write: a crash can tear at
+/// Opens (creating if needed) and recovers the segment file of `id`, noting
+/// every record of the recovered log in `pages` when given. `write_bytes_max` is the largest single flush write: a crash can tear at
 /// most that much past the durable end, so damage followed by data further
 /// on is corruption, not a torn tail, and recovery refuses to truncate it.
-pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u64) -> Result<Recovered> {
+pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u64, mut pages: Option<&mut PageIndex>) -> Result<Recovered> {
     let path = segment_path(dir, id.pg);
     let exists = path.exists();
     if !exists {
@@ -114,6 +115,9 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u
         }
         let (used, stop) = scan_records(&buf, offset, &mut last_lsn, |rec, at| {
             index.note(rec.lsn(), rec.prev_lsn_in_segment(), at);
+            if let Some(pages) = pages.as_deref_mut() {
+                pages.note_record(rec.header().page, Located { lsn: rec.lsn(), offset: at, len: rec.as_bytes().len() as u32 });
+            }
             records += 1;
         });
         offset += used as u64;
@@ -183,16 +187,18 @@ pub fn write_epoch(dir: &Path, pg: PgId, epoch: Epoch) -> Result<()> {
     fsync_dir(dir)
 }
 
-/// Reads records in `(read.after, read.upto]` from the segment file, about
-/// `bytes_max` at most (at least one record). Returns the bytes and the last LSN.
-pub fn read_from_disk(reader: &File, read: DiskRead, bytes_max: usize) -> Result<(Vec<u8>, Lsn)> {
+/// Reads the records in `(read.after, read.upto]` that `keep` accepts from
+/// the segment file, about `bytes_max` at most (at least one record).
+/// Returns the bytes and the last LSN served.
+pub fn read_from_disk(reader: &File, read: DiskRead, bytes_max: usize, keep: impl Fn(&RecordRef) -> bool) -> Result<(Vec<u8>, Lsn)> {
     let mut out = Vec::new();
     let mut last = read.after;
     let mut prev = read.prev;
     let mut offset = read.offset;
     let mut buf = Vec::new();
-    // Enough for the reply plus the index stride it may start before, and always a whole record.
-    let chunk = (bytes_max + INDEX_STRIDE_BYTES as usize).max(RECORD_BYTES_MAX).min(SCAN_CHUNK_BYTES);
+    // Enough for the reply plus the index stride it may start before; grown
+    // to the largest record when one does not fit.
+    let mut chunk = bytes_max.min(SCAN_CHUNK_BYTES) + INDEX_STRIDE_BYTES as usize;
     while offset < read.end_offset {
         let want = chunk.min((read.end_offset - offset) as usize);
         buf.resize(want, 0);
@@ -200,7 +206,7 @@ pub fn read_from_disk(reader: &File, read: DiskRead, bytes_max: usize) -> Result
         let mut full = false;
         let (used, stop) = scan_records(&buf, offset, &mut prev, |rec, _| {
             let lsn = rec.lsn();
-            if full || lsn <= read.after || lsn > read.upto {
+            if full || lsn <= read.after || lsn > read.upto || !keep(&rec) {
                 full |= lsn > read.upto;
                 return;
             }
@@ -214,9 +220,21 @@ pub fn read_from_disk(reader: &File, read: DiskRead, bytes_max: usize) -> Result
         match stop {
             _ if full => break,
             ScanStop::NeedMore if used > 0 => offset += used as u64,
+            ScanStop::NeedMore if want == chunk && chunk < RECORD_BYTES_MAX => chunk = RECORD_BYTES_MAX,
             ScanStop::End | ScanStop::NeedMore => break,
             ScanStop::Corrupt { offset, reason } => bail!("segment file corrupt at offset {offset}: {reason}"),
         }
     }
     Ok((out, last))
+}
+
+/// Reads the one record at `at` (from the page index), CRC-checked.
+pub fn read_record(reader: &File, at: Located) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; at.len as usize];
+    reader.read_exact_at(&mut buf, at.offset).with_context(|| format!("read record {} at offset {}", at.lsn, at.offset))?;
+    let rec = RecordRef::decode(&buf, at.offset as usize).with_context(|| format!("record {} at offset {}", at.lsn, at.offset))?;
+    if rec.lsn() != at.lsn || rec.as_bytes().len() != buf.len() {
+        bail!("offset {} holds record {}, not {}", at.offset, rec.lsn(), at.lsn);
+    }
+    Ok(buf)
 }

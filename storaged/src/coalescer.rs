@@ -1,0 +1,130 @@
+//! The coalescer: one task per segment that materialises page images and
+//! appends them to the segment's page file, so that GetPage starts from a
+//! recent image and the page index (and, later, the log below the images)
+//! can be dropped. Every `--coalesce-interval-ms` it images every page
+//! changed since its last image; as soon as the flushed LSN covers a page's
+//! `--coalesce-records`+1-th record since its last image, that page at once.
+//! Images are taken at the flushed LSN: an image must never hold a record
+//! that a crash could lose.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use redo_core::page_index::{encode_image_entry, Located, PageBroken};
+use redo_core::segment_log::PageRead;
+use redo_core::{Lsn, PageId};
+use tokio::time::MissedTickBehavior;
+
+use crate::node::{Node, Segment};
+use crate::pages::{self, PageError};
+
+pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(node.config.coalesce_interval_ms));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut position = seg.position.subscribe();
+    let mut flushed = Lsn::ZERO;
+    loop {
+        let every_dirty_page = tokio::select! {
+            _ = tick.tick() => true,
+            changed = position.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = position.borrow_and_update().flushed_lsn;
+                if now == flushed {
+                    continue; // only SCL moved
+                }
+                flushed = now;
+                false
+            }
+        };
+        if node.is_shutting_down() {
+            return;
+        }
+        let (upto, reads) = {
+            let mut log = seg.log.lock().expect("segment lock");
+            let upto = log.flushed_lsn();
+            let index = log.page_index_mut().expect("a serving node indexes pages");
+            let due = if every_dirty_page { index.dirty_pages(upto) } else { index.take_due(upto) };
+            let reads: Vec<(PageId, PageRead)> =
+                due.into_iter().filter_map(|page| log.page_read(page, upto).ok().map(|r| (page, r))).collect();
+            (upto, reads)
+        };
+        if reads.is_empty() {
+            continue;
+        }
+        let seg2 = seg.clone();
+        let written = match tokio::task::spawn_blocking(move || write_images(&seg2, reads)).await {
+            Ok(w) => w,
+            Err(e) => Err(anyhow::anyhow!("coalescer task: {e}")),
+        };
+        let Written { images, broken, bytes } = match written {
+            Ok(w) => w,
+            Err(e) => {
+                // Nothing was noted: the same pages are retried at the next round.
+                tracing::error!(segment = %seg.id, error = %format!("{e:#}"), "coalescing page images failed");
+                continue;
+            }
+        };
+        let mut log = seg.log.lock().expect("segment lock");
+        let index = log.page_index_mut().expect("a serving node indexes pages");
+        for (page, at) in &images {
+            if let Err(e) = index.note_image(*page, *at) {
+                tracing::error!(segment = %seg.id, error = %e, "coalescer wrote an image the index refuses");
+            }
+        }
+        if let Some(first) = broken.first() {
+            // One line per round: a log of foreign payloads (benchmarks) breaks every page.
+            tracing::warn!(segment = %seg.id, pages = broken.len(), first = %first,
+                "pages cannot be materialised; GetPage at or past the failing record is refused");
+        }
+        broken.into_iter().for_each(|b| index.note_broken(b));
+        drop(log);
+        node.metrics.pages_coalesced.fetch_add(images.len() as u64, Ordering::Relaxed);
+        node.metrics.page_image_bytes.fetch_add(bytes, Ordering::Relaxed);
+        tracing::debug!(segment = %seg.id, %upto, pages = images.len(), bytes, "coalesced page images");
+    }
+}
+
+struct Written {
+    images: Vec<(PageId, Located)>,
+    broken: Vec<PageBroken>,
+    bytes: u64,
+}
+
+/// Materialises each page, then appends all images with one write and fsync.
+/// A page whose records stop applying is imaged up to the record before.
+fn write_images(seg: &Segment, reads: Vec<(PageId, PageRead)>) -> Result<Written> {
+    let mut buf = Vec::new();
+    let mut placed = Vec::new();
+    let mut broken = Vec::new();
+    for (page, read) in reads {
+        let image = match pages::materialise(&seg.page_file, &seg.reader, page, &read) {
+            Ok(image) => image,
+            Err(PageError::Broken(b, image)) => {
+                broken.push(b);
+                image
+            }
+            Err(PageError::Io(e)) => return Err(e),
+        };
+        if image.lsn <= pages::base_lsn(&read) {
+            continue;
+        }
+        let start = buf.len();
+        match encode_image_entry(&image, &mut buf) {
+            Ok(()) => placed.push((page, image.lsn, start, buf.len() - start)),
+            Err(e) => tracing::warn!(segment = %seg.id, error = %e, "page not coalesced"),
+        }
+    }
+    if buf.is_empty() {
+        return Ok(Written { images: vec![], broken, bytes: 0 });
+    }
+    let at = seg.page_file.append(&buf)?;
+    let images = placed
+        .into_iter()
+        .map(|(page, lsn, start, len)| (page, Located { lsn, offset: at + start as u64, len: len as u32 }))
+        .collect();
+    Ok(Written { images, broken, bytes: buf.len() as u64 })
+}

@@ -71,6 +71,10 @@ impl TestEnv {
         self.data_dir().join(format!("pg-{pg}.seg"))
     }
 
+    pub fn pages_path(&self, pg: u32) -> PathBuf {
+        self.data_dir().join(format!("pg-{pg}.pages"))
+    }
+
     /// A client endpoint presenting the cluster's `client` certificate.
     pub fn client(&self) -> quinn::Endpoint {
         let id = TlsIdentity::load(&self.certs, "client").expect("load client identity");
@@ -434,5 +438,34 @@ pub async fn wait_position(conn: &StorageConn, pg: u32, what: &str, cond: impl F
         if cond(&p) {
             return p;
         }
+    }
+}
+
+/// A free loopback TCP address, for `--metrics-listen`.
+pub fn free_tcp_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe free TCP port");
+    l.local_addr().expect("local addr").to_string()
+}
+
+/// The value of `series` (name and labels, e.g. `x_total{node="1"}`) on the node's /metrics page.
+pub async fn metric(addr: &str, series: &str) -> Option<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to metrics port");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("send request");
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.expect("read reply");
+    reply.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Waits (with a deadline) until `series` satisfies `cond`; returns its value.
+pub async fn wait_metric(addr: &str, series: &str, cond: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    loop {
+        let v = metric(addr, series).await;
+        if let Some(v) = v.filter(|&v| cond(v)) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{series} not as expected within {REPLY_TIMEOUT:?}: {v:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

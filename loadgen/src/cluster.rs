@@ -1,28 +1,60 @@
-//! Local storage nodes for benchmarks: certificates, data dirs, ports, and
-//! child processes that are stopped (SIGTERM, then SIGKILL) when dropped.
+//! Local clusters for benchmarks: certificates, data dirs, ports, a volume
+//! file, and child processes that are stopped (SIGTERM, then SIGKILL) when
+//! dropped, or killed by the kernel if loadgen itself dies.
 
 use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use borealis_net::api::ApiClient;
 use borealis_net::storage::StorageConn;
+use redo_core::volume::{NodeSpec, Volume};
+use serde::Serialize;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// One readiness probe: QUIC gives up on an unanswered handshake only at the idle timeout (10 s).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// The `storaged` binary next to this one (cargo builds them side by side), or $BOREALIS_STORAGED.
-pub fn storaged_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("BOREALIS_STORAGED") {
+/// Storage acknowledgement mode, passed to storaged as `--ack`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Ack {
+    Memory,
+    Disk,
+}
+
+impl Ack {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ack::Memory => "memory",
+            Ack::Disk => "disk",
+        }
+    }
+}
+
+/// A binary next to this one (cargo builds them side by side), or the path in `$env_var`.
+fn sibling_binary(name: &str, env_var: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var) {
         return Ok(p.into());
     }
     let exe = std::env::current_exe().context("locate loadgen binary")?;
-    let p = exe.with_file_name("storaged");
+    let p = exe.with_file_name(name);
     if !p.exists() {
-        bail!("{} not found: build it (cargo build --release -p storaged) or set BOREALIS_STORAGED", p.display());
+        bail!("{} not found: build it (cargo build --release -p {name}) or set {env_var}", p.display());
     }
     Ok(p)
+}
+
+pub fn storaged_binary() -> Result<PathBuf> {
+    sibling_binary("storaged", "BOREALIS_STORAGED")
+}
+
+pub fn writerd_binary() -> Result<PathBuf> {
+    sibling_binary("writerd", "BOREALIS_WRITERD")
 }
 
 pub fn free_udp_port() -> Result<u16> {
@@ -33,11 +65,115 @@ pub fn free_tcp_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0").context("probe free TCP port")?.local_addr()?.port())
 }
 
+/// Availability zone of a local node: two per AZ (az1, az1, az2, az2, az3, az3), as scripts/cluster places them.
+pub fn az_of(node_id: u32) -> String {
+    format!("az{}", (node_id - 1) / 2 + 1)
+}
+
+/// The volume of a local cluster: `pgs` protection groups, each on the first six of `nodes` (id, address).
+pub fn local_volume(writer: SocketAddr, nodes: impl IntoIterator<Item = (u32, SocketAddr)>, pgs: u32, page_count: u64) -> Result<Volume> {
+    let nodes = nodes.into_iter().map(|(id, addr)| NodeSpec { id, az: az_of(id), addr: addr.to_string() }).collect();
+    Volume::local(writer.to_string(), nodes, pgs, page_count).context("local volume")
+}
+
+/// A working directory: the one given, or a fresh one under the system temp
+/// dir that `cleanup` removes (a failed run keeps it, for the daemons' logs).
+pub struct WorkDir {
+    pub path: PathBuf,
+    temporary: bool,
+}
+
+impl WorkDir {
+    pub fn new(given: Option<&Path>, prefix: &str) -> Result<Self> {
+        let (path, temporary) = match given {
+            Some(p) => (p.to_path_buf(), false),
+            None => (std::env::temp_dir().join(format!("{prefix}-{}", std::process::id())), true),
+        };
+        std::fs::create_dir_all(&path).with_context(|| format!("create {}", path.display()))?;
+        Ok(WorkDir { path, temporary })
+    }
+
+    pub fn cleanup(self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// A child daemon, logging to a file; killed on drop unless stopped first.
+pub struct Daemon {
+    pub name: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Daemon {
+    fn spawn(name: &str, log: PathBuf, cmd: &mut Command) -> Result<Self> {
+        let log_file = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                // Dies with loadgen even when loadgen is killed outright and no destructor runs. (The
+                // signal follows the spawning thread: spawn from the main thread or a runtime worker.)
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("start {name} ({:?})", cmd.get_program()))?;
+        Ok(Daemon { name: name.into(), log, child })
+    }
+
+    /// Fails if the process has exited (it should be serving).
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited during start-up ({status}); see {}", self.name, self.log.display());
+        }
+        Ok(())
+    }
+
+    fn terminate(&self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// Waits for the exit that `terminate` asked for; SIGKILL at the deadline.
+    fn wait_stopped(&mut self, deadline: Instant) -> Result<()> {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("{} exited with {status}; see {}", self.name, self.log.display());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("{} did not stop within {STOP_TIMEOUT:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub struct StorageNode {
     pub node_id: u32,
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
-    child: Child,
+    process: Daemon,
 }
 
 pub struct LocalStorage {
@@ -58,25 +194,24 @@ impl LocalStorage {
         for node_id in 1..=count {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
             let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
-            let log = std::fs::File::create(dir.join(format!("storaged-{node_id}.log"))).context("create node log")?;
-            let child = Command::new(&bin)
-                .arg("serve")
-                .args(["--node-id", &node_id.to_string()])
-                .args(["--az", &format!("az{}", (node_id - 1) / 2 + 1)])
-                .args(["--listen", &addr.to_string()])
-                .args(["--metrics-listen", &metrics_addr.to_string()])
-                .arg("--data-dir")
-                .arg(dir.join(format!("data-{node_id}")))
-                .arg("--certs")
-                .arg(&certs)
-                .args(["--pgs", &pgs_arg])
-                .args(extra_args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("start {}", bin.display()))?;
-            nodes.push(StorageNode { node_id, addr, metrics_addr, child });
+            let name = format!("storaged-{node_id}");
+            let process = Daemon::spawn(
+                &name,
+                dir.join(format!("{name}.log")),
+                Command::new(&bin)
+                    .arg("serve")
+                    .args(["--node-id", &node_id.to_string()])
+                    .args(["--az", &az_of(node_id)])
+                    .args(["--listen", &addr.to_string()])
+                    .args(["--metrics-listen", &metrics_addr.to_string()])
+                    .arg("--data-dir")
+                    .arg(dir.join(format!("data-{node_id}")))
+                    .arg("--certs")
+                    .arg(&certs)
+                    .args(["--pgs", &pgs_arg])
+                    .args(extra_args),
+            )?;
+            nodes.push(StorageNode { node_id, addr, metrics_addr, process });
         }
         Ok(LocalStorage { dir: dir.to_path_buf(), nodes })
     }
@@ -91,13 +226,12 @@ impl LocalStorage {
         let mut conns = Vec::new();
         for node in &mut self.nodes {
             loop {
-                if let Some(status) = node.child.try_wait()? {
-                    bail!("storaged-{} exited during start-up ({status}); see {}/storaged-{}.log", node.node_id, self.dir.display(), node.node_id);
-                }
-                match StorageConn::connect(endpoint, node.addr).await {
-                    Ok(c) => break conns.push(c),
-                    Err(e) if Instant::now() > deadline => return Err(e).context("storage node did not become ready"),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                node.process.check_running()?;
+                match tokio::time::timeout(PROBE_TIMEOUT, StorageConn::connect(endpoint, node.addr)).await {
+                    Ok(Ok(c)) => break conns.push(c),
+                    Ok(Err(e)) if Instant::now() > deadline => return Err(e).context("storage node did not become ready"),
+                    _ if Instant::now() > deadline => bail!("{} did not become ready within {READY_TIMEOUT:?}", node.process.name),
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
             }
         }
@@ -107,37 +241,82 @@ impl LocalStorage {
     /// Stops every node with SIGTERM (each flushes and exits), SIGKILL after a timeout.
     pub fn stop(&mut self) -> Result<()> {
         for n in &self.nodes {
-            // SAFETY: signalling our own child by pid.
-            unsafe { libc::kill(n.child.id() as i32, libc::SIGTERM) };
+            n.process.terminate();
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
-        for n in &mut self.nodes {
-            loop {
-                if let Some(status) = n.child.try_wait()? {
-                    if !status.success() {
-                        bail!("storaged-{} exited with {status}", n.node_id);
-                    }
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = n.child.kill();
-                    let _ = n.child.wait();
-                    bail!("storaged-{} did not stop within {STOP_TIMEOUT:?}", n.node_id);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        Ok(())
+        self.nodes.iter_mut().try_for_each(|n| n.process.wait_stopped(deadline))
     }
 }
 
-impl Drop for LocalStorage {
-    fn drop(&mut self) {
-        for n in &mut self.nodes {
-            if matches!(n.child.try_wait(), Ok(None)) {
-                let _ = n.child.kill();
-                let _ = n.child.wait();
+/// Six storage nodes (two per AZ) and a writerd, with the volume file that ties them together.
+pub struct LocalCluster {
+    pub storage: LocalStorage,
+    pub writer_addr: SocketAddr,
+    pub writer_metrics_addr: SocketAddr,
+    writerd: Daemon,
+}
+
+/// Writes need a full protection group: six segments.
+const CLUSTER_NODES: u32 = 6;
+
+impl LocalCluster {
+    /// Starts the storage nodes, waits for them, then starts writerd and waits until it serves a get.
+    pub async fn start(dir: &Path, pgs: u32, page_count: u64, storaged_args: &[String], writerd_args: &[String]) -> Result<Self> {
+        let all_pgs: Vec<u32> = (0..pgs).collect();
+        let mut storage = LocalStorage::start(dir, CLUSTER_NODES, &all_pgs, storaged_args)?;
+        let certs = dir.join("certs");
+        borealis_net::certs::generate(&certs, &["writerd".to_string()])?;
+        let endpoint = borealis_net::client_endpoint(&storage.identity()?)?;
+        drop(storage.connect_all(&endpoint).await?);
+        let writer_addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+        let writer_metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+        let volume = local_volume(writer_addr, storage.nodes.iter().map(|n| (n.node_id, n.addr)), pgs, page_count)?;
+        let volume_path = dir.join("volume.toml");
+        std::fs::write(&volume_path, volume.to_toml()).with_context(|| format!("write {}", volume_path.display()))?;
+        let mut writerd = Daemon::spawn(
+            "writerd",
+            dir.join("writerd.log"),
+            Command::new(writerd_binary()?)
+                .arg("serve")
+                .arg("--volume")
+                .arg(&volume_path)
+                .arg("--certs")
+                .arg(&certs)
+                .args(["--metrics-listen", &writer_metrics_addr.to_string()])
+                .args(writerd_args),
+        )?;
+        wait_writer_ready(&endpoint, writer_addr, &mut writerd).await?;
+        endpoint.close(0u32.into(), b"ready");
+        Ok(LocalCluster { storage, writer_addr, writer_metrics_addr, writerd })
+    }
+
+    /// Stops writerd first (it stops writing), then the storage nodes.
+    pub fn stop(&mut self) -> Result<()> {
+        self.writerd.terminate();
+        let writer = self.writerd.wait_stopped(Instant::now() + STOP_TIMEOUT);
+        let storage = self.storage.stop();
+        writer.and(storage)
+    }
+}
+
+/// Ready means a client can connect and read.
+async fn wait_writer_ready(endpoint: &quinn::Endpoint, addr: SocketAddr, writerd: &mut Daemon) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        writerd.check_running()?;
+        let probe = async {
+            let client = ApiClient::connect(endpoint, addr).await?;
+            client.get(b"readiness-probe").await?;
+            client.close();
+            Ok::<_, borealis_net::api::ApiError>(())
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) if Instant::now() > deadline => {
+                return Err(e).with_context(|| format!("writerd did not become ready; see {}", writerd.log.display()))
             }
+            _ if Instant::now() > deadline => bail!("writerd did not become ready within {READY_TIMEOUT:?}; see {}", writerd.log.display()),
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }
 }

@@ -64,6 +64,13 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
     if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
 }
 
+/// The middle element of `xs` by `key` (the upper middle for an even count): the run whose histogram represents a set of runs.
+pub fn median_by<T, K: Ord>(xs: &[T], key: impl Fn(&T) -> K) -> &T {
+    let mut sorted: Vec<&T> = xs.iter().collect();
+    sorted.sort_by_key(|x| key(x));
+    sorted[sorted.len() / 2]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +79,7 @@ mod tests {
     fn medians() {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(*median_by(&[30, 10, 20], |&x| x), 20);
     }
 
     #[test]

@@ -18,16 +18,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::ceilings::{self, DiskCeiling, QuicCeiling};
-use crate::cluster::{metric_sum, scrape, LocalStorage};
+use crate::cluster::{metric_sum, scrape, Ack, LocalStorage, WorkDir};
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
-use crate::report::{latency_histogram, median, write_hgrm, LatencyUs};
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Ack {
-    Memory,
-    Disk,
-}
+use crate::report::{latency_histogram, median, median_by, write_hgrm, LatencyUs};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct StorageBenchArgs {
@@ -317,11 +310,7 @@ async fn with_storage(args: &StorageBenchArgs, dir: &std::path::Path, nodes: u32
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let pgs: Vec<u32> = (0..args.pgs).collect();
-    let ack = match args.ack {
-        Ack::Memory => "memory",
-        Ack::Disk => "disk",
-    };
-    let mut extra = vec!["--ack".into(), ack.into(), "--flush-bytes-max".into(), args.flush_bytes_max.to_string()];
+    let mut extra = vec!["--ack".into(), args.ack.as_str().into(), "--flush-bytes-max".into(), args.flush_bytes_max.to_string()];
     extra.extend(args.storaged_args.iter().cloned());
     let mut storage = LocalStorage::start(dir, nodes, &pgs, &extra)?;
     let result = phase(args, &mut storage, rate).await;
@@ -331,15 +320,8 @@ async fn with_storage(args: &StorageBenchArgs, dir: &std::path::Path, nodes: u32
 }
 
 pub async fn run(args: StorageBenchArgs) -> Result<()> {
-    let tmp;
-    let work = match &args.work_dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile_dir()?;
-            tmp.clone()
-        }
-    };
-    std::fs::create_dir_all(&work)?;
+    let work_dir = WorkDir::new(args.work_dir.as_deref(), "borealis-storage-bench")?;
+    let work = work_dir.path.clone();
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     let certs_dir = work.join("ceiling-certs");
     borealis_net::certs::generate(&certs_dir, &["loadgen".to_string()])?;
@@ -382,16 +364,8 @@ pub async fn run(args: StorageBenchArgs) -> Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&json)?).with_context(|| format!("write {}", path.display()))?;
     println!("{}", table(&summary));
     println!("wrote {}", path.display());
-    if args.work_dir.is_none() {
-        let _ = std::fs::remove_dir_all(&work);
-    }
+    work_dir.cleanup();
     Ok(())
-}
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("borealis-storage-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
-    Ok(d)
 }
 
 #[derive(Serialize, Debug)]
@@ -428,9 +402,7 @@ fn summarize(args: &StorageBenchArgs, runs: &[RunResult]) -> Result<Vec<Summary>
         let rs: Vec<&RunResult> = runs.iter().filter(|r| r.nodes == nodes).collect();
         let m = |f: &dyn Fn(&RunResult) -> f64| median(rs.iter().map(|r| f(r)).collect());
         // The median run's histogram goes to disk, for plots.
-        let mut by_p99: Vec<&&RunResult> = rs.iter().collect();
-        by_p99.sort_by_key(|r| r.at_load.quorum_latency_us.p99);
-        if let Some(h) = &by_p99[by_p99.len() / 2].at_load.quorum_hist {
+        if let Some(h) = &median_by(&rs, |r| r.at_load.quorum_latency_us.p99).at_load.quorum_hist {
             write_hgrm(&args.out.join(format!("quorum-ack-latency-{nodes}-nodes.hgrm")), h, 1.0)?;
         }
         out.push(Summary {

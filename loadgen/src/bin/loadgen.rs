@@ -1,10 +1,14 @@
-use anyhow::Result;
+use std::process::ExitCode;
+
 use clap::{Parser, Subcommand};
+use loadgen::client::{self, Outcome};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Borealis load generator and benchmark harness.
+/// Borealis load generator, benchmark harness and command-line client.
+///
+/// Exit status: 0 on success, 1 when `get` finds no value, 2 on any error.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
@@ -18,15 +22,48 @@ enum Command {
     /// with pipelined redo batches at full speed and at a fraction of it, and reports records/s,
     /// MB/s, ack and flush latency against raw io_uring disk and raw QUIC ceilings from the same run.
     StorageBench(loadgen::storage_bench::StorageBenchArgs),
+    /// Benchmark commits: open-loop puts at each offered rate of a sweep, against an embedded
+    /// cluster (6 storaged + writerd, started and stopped by loadgen) or an existing writer;
+    /// reports acknowledged commits/s and commit latency from each commit's due time.
+    CommitBench(loadgen::commit_bench::CommitBenchArgs),
+    /// Put KEY=VALUE in one transaction; prints the commit LSN.
+    Put(client::PutArgs),
+    /// Print the value of KEY, or "(not found)" and exit 1.
+    Get(client::KeyArgs),
+    /// Delete KEY in one transaction; prints the commit LSN.
+    Delete(client::KeyArgs),
+    /// Commit several operations atomically, e.g. `txn put:a=1 put:b=2 del:c`; prints the commit LSN.
+    Txn(client::TxnArgs),
+    /// Print the volume file (TOML) of a local cluster: nodes on 127.0.0.1, each PG on nodes 1-6.
+    Volume(client::VolumeArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    match Cli::parse().command {
-        Command::StorageBench(args) => runtime.block_on(loadgen::storage_bench::run(args)),
+    let command = Cli::parse().command;
+    let outcome = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(anyhow::Error::from).and_then(|runtime| {
+        runtime.block_on(async {
+            let done = |r: anyhow::Result<()>| r.map(|()| Outcome::Done);
+            match command {
+                Command::StorageBench(args) => done(loadgen::storage_bench::run(args).await),
+                Command::CommitBench(args) => done(loadgen::commit_bench::run(args).await),
+                Command::Put(args) => client::put(args).await,
+                Command::Get(args) => client::get(args).await,
+                Command::Delete(args) => client::delete(args).await,
+                Command::Txn(args) => client::txn(args).await,
+                Command::Volume(args) => done(client::volume(args)),
+            }
+        })
+    });
+    match outcome {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::NotFound) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }

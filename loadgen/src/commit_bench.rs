@@ -1,0 +1,493 @@
+//! `loadgen commit-bench`: open-loop commit load against a writer, a sweep of
+//! offered rates, each point measured `--runs` times. Latency counts from
+//! each commit's due time on the open-loop schedule, so a stall of the writer
+//! (or of loadgen) shows up as latency instead of as a pause in sending.
+
+use std::collections::BTreeMap;
+use std::hash::BuildHasher;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use borealis_net::api::ApiClient;
+use hdrhistogram::Histogram;
+use redo_core::page::PageOp;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::client::Target;
+use crate::cluster::{metric_sum, scrape, Ack, LocalCluster, WorkDir};
+use crate::pacing::{pace, TICKS_QUEUED_MAX};
+use crate::report::{latency_histogram, median, median_by, write_hgrm, LatencyUs};
+
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct CommitBenchArgs {
+    /// Target an existing cluster (--writer or --volume; certificates from --certs/--cert-name)
+    /// instead of starting an embedded one (6 storaged, 2 per AZ, and a writerd in a temp dir).
+    #[command(flatten)]
+    #[serde(skip)]
+    pub target: Target,
+    /// Offered commit rates to sweep, commits/s over all connections; each is a separate measurement.
+    #[arg(long, value_delimiter = ',', default_value = "1000,7000,15000,25000,40000")]
+    pub rates: Vec<f64>,
+    /// Client connections (one QUIC connection, one pipelined stream each); commits go round-robin.
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+    /// Seconds measured per point (after the warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Seconds of load at the same rate before measuring (not recorded).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup_seconds: f64,
+    /// Repetitions of every point; the summary reports medians.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Bytes of each put's value.
+    #[arg(long, default_value_t = 100)]
+    pub value_bytes: usize,
+    /// Distinct keys (`key-00000042`), chosen uniformly at random for every put.
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: u64,
+    /// Puts per transaction.
+    #[arg(long, default_value_t = 1)]
+    pub txn_ops: usize,
+    /// Storage ack mode of the embedded cluster (storaged --ack). With --writer, state the cluster's own mode: it is only recorded.
+    #[arg(long, value_enum, default_value = "memory")]
+    pub ack: Ack,
+    /// Protection groups of the embedded cluster's volume.
+    #[arg(long, default_value_t = 2)]
+    pub pgs: u32,
+    /// Pages of the embedded cluster's volume.
+    #[arg(long, default_value_t = 4096)]
+    pub page_count: u64,
+    /// Extra writerd options for the embedded cluster, e.g. `--writerd-arg=--lal=100000` (repeatable).
+    #[arg(long = "writerd-arg", allow_hyphen_values = true)]
+    pub writerd_args: Vec<String>,
+    /// Extra storaged options for the embedded cluster, e.g. `--storaged-arg=--flush-bytes-max=1MiB` (repeatable).
+    #[arg(long = "storaged-arg", allow_hyphen_values = true)]
+    pub storaged_args: Vec<String>,
+    /// Directory for results: summary.json and one .hgrm per rate.
+    #[arg(long, default_value = "bench-results/latest/commit-bench")]
+    pub out: PathBuf,
+    /// Where the embedded cluster keeps certificates, data and logs [default: a temp dir, removed after a successful run].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// After the schedule ends, how long outstanding commits may take before they count as errors.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A point is saturated when the writer acknowledged less than this share of the offered rate.
+const SATURATED_BELOW: f64 = 0.95;
+
+/// writerd's own view of one measurement (embedded cluster only), from its /metrics at the end.
+/// Counters and summaries cover writerd's whole life: the warm-up and the measured seconds.
+#[derive(Serialize, Clone, Debug)]
+pub struct WriterdMetrics {
+    /// `writerd_commits_total`: transactions acknowledged.
+    pub commits: u64,
+    /// `writerd_commit_errors_total`: transactions answered with an error.
+    pub commit_errors: u64,
+    /// `writerd_lal_stalls_total`: transactions that waited for VDL to advance (LSN allocation limit).
+    pub lal_stalls: u64,
+    /// `writerd_page_fetches_total`: page-cache misses read from storage (GetPage@LSN).
+    pub page_fetches: u64,
+    /// `writerd_commit_latency_us`: transaction received to acknowledged, inside writerd.
+    pub commit_latency_us_p50: u64,
+    pub commit_latency_us_p99: u64,
+    pub commit_latency_us_p999: u64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Measurement {
+    pub run: usize,
+    pub rate: f64,
+    /// Commits acknowledged among those due in the measured window.
+    pub commits: u64,
+    /// `commits` over the time from the window's start to the last of their acknowledgements.
+    pub throughput_commits_per_s: f64,
+    /// Due time on the open-loop schedule to acknowledgement.
+    pub commit_latency_us: LatencyUs,
+    /// Commits due in the measured window that failed or got no reply within the drain timeout.
+    pub errors: u64,
+    /// `errors` by message.
+    pub error_kinds: BTreeMap<String, u64>,
+    pub writerd: Option<WriterdMetrics>,
+    #[serde(skip)]
+    pub hist: Histogram<u64>,
+}
+
+/// Medians over runs.
+#[derive(Serialize, Debug)]
+pub struct LatencyMediansUs {
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct Point {
+    pub rate: f64,
+    pub connections: usize,
+    pub value_bytes: usize,
+    pub keys: u64,
+    pub txn_ops: usize,
+    pub ack: Ack,
+    pub runs: usize,
+    pub seconds: f64,
+    pub throughput_commits_per_s: f64,
+    pub commit_latency_us: LatencyMediansUs,
+    /// Sum over runs: every failed commit counts.
+    pub errors: u64,
+    /// Median throughput below 95% of the offered rate.
+    pub saturated: bool,
+    /// The median run's (by p99) latency histogram.
+    pub hgrm: String,
+    /// Medians over runs of writerd's own metrics (embedded cluster only).
+    pub writerd_commit_latency_us_p50: Option<f64>,
+    pub writerd_commit_latency_us_p99: Option<f64>,
+    pub writerd_lal_stalls: Option<f64>,
+}
+
+/// What the in-flight commits report back; the progress line reads and resets the `window_*` part.
+struct Recorder {
+    measure_start: Instant,
+    hist: Histogram<u64>,
+    commits: u64,
+    last_ack: Instant,
+    errors: BTreeMap<String, u64>,
+    /// Measured commits sent and not yet answered.
+    outstanding: u64,
+    window_hist: Histogram<u64>,
+    window_commits: u64,
+    window_errors: u64,
+}
+
+impl Recorder {
+    fn finish(&mut self, due: Instant, result: Result<(), String>) {
+        let now = Instant::now();
+        let measured = due >= self.measure_start;
+        match result {
+            Ok(()) => {
+                let us = (now - due).as_micros() as u64;
+                self.window_hist.saturating_record(us);
+                self.window_commits += 1;
+                if measured {
+                    self.hist.saturating_record(us);
+                    self.commits += 1;
+                    self.last_ack = now;
+                }
+            }
+            Err(e) => {
+                self.window_errors += 1;
+                if measured {
+                    *self.errors.entry(e).or_default() += 1;
+                }
+            }
+        }
+        if measured {
+            self.outstanding -= 1;
+        }
+    }
+}
+
+/// The keys and value of the puts: uniform random keys from a randomly keyed SipHash of the sequence number.
+struct Workload {
+    keys: u64,
+    txn_ops: usize,
+    value: Vec<u8>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Workload {
+    fn txn(&self, seq: u64) -> Vec<PageOp> {
+        (0..self.txn_ops as u64)
+            .map(|i| {
+                let k = self.hasher.hash_one(seq * self.txn_ops as u64 + i) % self.keys;
+                PageOp::Put { key: format!("key-{k:08}").into_bytes(), value: self.value.clone() }
+            })
+            .collect()
+    }
+}
+
+/// Connects `connections` clients, each on an endpoint (UDP socket) of its own, like separate client processes.
+async fn connect(identity: &borealis_net::TlsIdentity, addr: SocketAddr, connections: usize) -> Result<Vec<(quinn::Endpoint, ApiClient)>> {
+    let mut clients = Vec::new();
+    for _ in 0..connections {
+        let endpoint = borealis_net::client_endpoint(identity)?;
+        let client = ApiClient::connect(&endpoint, addr).await?;
+        clients.push((endpoint, client));
+    }
+    Ok(clients)
+}
+
+fn close(clients: Vec<(quinn::Endpoint, ApiClient)>) {
+    for (endpoint, client) in clients {
+        client.close();
+        endpoint.close(0u32.into(), b"done");
+    }
+}
+
+/// Refreshes a one-line status about once a second: in place on a terminal, a line per second otherwise.
+async fn progress(label: String, recorder: Arc<Mutex<Recorder>>, start: Instant) {
+    let tty = std::io::stderr().is_terminal();
+    let mut tick = tokio::time::interval_at((start + Duration::from_secs(1)).into(), Duration::from_secs(1));
+    let mut last = start;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let line = {
+            let mut r = recorder.lock().expect("recorder");
+            let phase = if last < r.measure_start { "warm-up" } else { "measuring" };
+            let line = format!(
+                "{label} {phase} {:>3.0} s: {:>6.0} commits/s, p99 {} us, errors {} (last second)",
+                (now - start).as_secs_f64(),
+                r.window_commits as f64 / (now - last).as_secs_f64(),
+                r.window_hist.value_at_quantile(0.99),
+                r.window_errors
+            );
+            r.window_hist.reset();
+            r.window_commits = 0;
+            r.window_errors = 0;
+            line
+        };
+        last = now;
+        if tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+}
+
+/// One point: open-loop commits at `rate` for the warm-up plus the measured seconds, then waits for every reply.
+async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)], run: usize, rate: f64) -> Result<Measurement> {
+    let warmup = Duration::from_secs_f64(args.warmup_seconds);
+    let total = warmup + Duration::from_secs_f64(args.seconds);
+    // A moment's head start, so the first commits are not late from the start.
+    let start = Instant::now() + Duration::from_millis(20);
+    let measure_start = start + warmup;
+    let recorder = Arc::new(Mutex::new(Recorder {
+        measure_start,
+        hist: latency_histogram(),
+        commits: 0,
+        last_ack: measure_start,
+        errors: BTreeMap::new(),
+        outstanding: 0,
+        window_hist: latency_histogram(),
+        window_commits: 0,
+        window_errors: 0,
+    }));
+    let label = format!("[run {}/{} {rate:.0}/s]", run + 1, args.runs);
+    let progress = tokio::spawn(progress(label, recorder.clone(), start));
+    let (tick_tx, mut ticks) = mpsc::channel(TICKS_QUEUED_MAX);
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    let pacer = std::thread::spawn(move || pace(start, interval, total, vec![tick_tx]));
+    let workload = Workload {
+        keys: args.keys,
+        txn_ops: args.txn_ops,
+        value: vec![0x5A; args.value_bytes],
+        hasher: Default::default(),
+    };
+    let mut inflight = JoinSet::new();
+    let mut seq = 0u64;
+    while let Some(due) = ticks.recv().await {
+        let client = clients[seq as usize % clients.len()].1.clone();
+        let ops = workload.txn(seq);
+        seq += 1;
+        if due >= measure_start {
+            recorder.lock().expect("recorder").outstanding += 1;
+        }
+        let recorder = recorder.clone();
+        inflight.spawn(async move {
+            let result = client.txn(ops).await.map(drop).map_err(|e| e.to_string());
+            recorder.lock().expect("recorder").finish(due, result);
+        });
+        // Reap finished tasks as we go, so the set holds only what is in flight.
+        while inflight.try_join_next().is_some() {}
+    }
+    pacer.join().map_err(|_| anyhow!("pacer thread panicked"))?;
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while inflight.join_next().await.is_some() {} }).await;
+    // Abandon what is still unanswered, and wait until no task can touch the recorder any more.
+    inflight.abort_all();
+    while inflight.join_next().await.is_some() {}
+    progress.abort();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    let mut r = recorder.lock().expect("recorder");
+    if drained.is_err() {
+        let n = std::mem::take(&mut r.outstanding);
+        r.errors.insert(format!("no reply within {DRAIN_TIMEOUT:?} after the schedule ended"), n);
+    }
+    let secs = (r.last_ack - measure_start).as_secs_f64().max(1e-3);
+    Ok(Measurement {
+        run,
+        rate,
+        commits: r.commits,
+        throughput_commits_per_s: r.commits as f64 / secs,
+        commit_latency_us: LatencyUs::of(&r.hist),
+        errors: r.errors.values().sum(),
+        error_kinds: std::mem::take(&mut r.errors),
+        writerd: None,
+        hist: r.hist.clone(),
+    })
+}
+
+async fn writerd_metrics(addr: SocketAddr) -> Result<WriterdMetrics> {
+    let page = scrape(addr).await?;
+    let q = |q: &str| metric_sum(&page, "writerd_commit_latency_us", &format!("quantile=\"{q}\"")) as u64;
+    Ok(WriterdMetrics {
+        commits: metric_sum(&page, "writerd_commits_total", "") as u64,
+        commit_errors: metric_sum(&page, "writerd_commit_errors_total", "") as u64,
+        lal_stalls: metric_sum(&page, "writerd_lal_stalls_total", "") as u64,
+        page_fetches: metric_sum(&page, "writerd_page_fetches_total", "") as u64,
+        commit_latency_us_p50: q("0.5"),
+        commit_latency_us_p99: q("0.99"),
+        commit_latency_us_p999: q("0.999"),
+    })
+}
+
+/// One point on a fresh embedded cluster, stopped afterwards whatever happened.
+async fn measure_embedded(args: &CommitBenchArgs, work: &WorkDir, run: usize, rate: f64) -> Result<Measurement> {
+    let dir = work.path.join("cluster");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut storaged_args = vec!["--ack".to_string(), args.ack.as_str().to_string()];
+    storaged_args.extend(args.storaged_args.iter().cloned());
+    let mut cluster = LocalCluster::start(&dir, args.pgs, args.page_count, &storaged_args, &args.writerd_args).await?;
+    let result = async {
+        let clients = connect(&cluster.storage.identity()?, cluster.writer_addr, args.connections).await?;
+        let mut m = measure(args, &clients, run, rate).await?;
+        close(clients);
+        m.writerd = Some(writerd_metrics(cluster.writer_metrics_addr).await?);
+        Ok::<_, anyhow::Error>(m)
+    }
+    .await;
+    let stopped = cluster.stop();
+    let m = result?;
+    stopped?;
+    Ok(m)
+}
+
+pub async fn run(args: CommitBenchArgs) -> Result<()> {
+    if args.rates.iter().any(|&r| r.is_nan() || r <= 0.0) || args.connections == 0 || args.runs == 0 || args.keys == 0 || args.txn_ops == 0 {
+        bail!("--rates, --connections, --runs, --keys and --txn-ops must be positive");
+    }
+    if let Some(r) = args.rates.iter().enumerate().find_map(|(i, r)| args.rates[..i].contains(r).then_some(r)) {
+        bail!("--rates lists {r} twice (use --runs to repeat a point)");
+    }
+    std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
+    // Ctrl-C drops the benchmark future, and with it the embedded cluster's processes.
+    tokio::select! {
+        r = bench(&args) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    }
+}
+
+async fn bench(args: &CommitBenchArgs) -> Result<()> {
+    let mut runs = Vec::new();
+    let target = match args.target.named_writer()? {
+        Some(addr) => {
+            let clients = connect(&args.target.identity()?, addr, args.connections).await?;
+            for run in 0..args.runs {
+                for &rate in &args.rates {
+                    runs.push(measure(args, &clients, run, rate).await?);
+                }
+            }
+            close(clients);
+            addr.to_string()
+        }
+        None => {
+            let work = WorkDir::new(args.work_dir.as_deref(), "borealis-commit-bench")?;
+            // Rates interleave across runs so that slow drift of the machine spreads over every point.
+            for run in 0..args.runs {
+                for &rate in &args.rates {
+                    let m = measure_embedded(args, &work, run, rate).await.with_context(|| format!("run {} at {rate} commits/s (cluster under {})", run + 1, work.path.display()))?;
+                    runs.push(m);
+                }
+            }
+            work.cleanup();
+            "embedded".to_string()
+        }
+    };
+    let points = summarize(args, &runs)?;
+    let json = serde_json::json!({ "target": target, "params": args, "points": points, "runs": runs });
+    let path = args.out.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?).with_context(|| format!("write {}", path.display()))?;
+    println!("{}", table(&points));
+    if let Some(p) = points.iter().find(|p| p.saturated) {
+        println!("saturated from {:.0} commits/s offered: {:.0} commits/s acknowledged", p.rate, p.throughput_commits_per_s);
+    }
+    println!("wrote {}", path.display());
+    let errors: u64 = points.iter().map(|p| p.errors).sum();
+    if errors > 0 {
+        bail!("{errors} commits failed; see error_kinds in {}", path.display());
+    }
+    Ok(())
+}
+
+fn summarize(args: &CommitBenchArgs, runs: &[Measurement]) -> Result<Vec<Point>> {
+    let mut points = Vec::new();
+    for &rate in &args.rates {
+        let rs: Vec<&Measurement> = runs.iter().filter(|m| m.rate == rate).collect();
+        let m = |f: &dyn Fn(&Measurement) -> f64| median(rs.iter().map(|r| f(r)).collect());
+        let writerd = |f: &dyn Fn(&WriterdMetrics) -> u64| rs.iter().all(|r| r.writerd.is_some()).then(|| m(&|r| f(r.writerd.as_ref().expect("checked")) as f64));
+        let hgrm = format!("commit-latency-{rate:.0}-per-s.hgrm");
+        write_hgrm(&args.out.join(&hgrm), &median_by(&rs, |r| r.commit_latency_us.p99).hist, 1.0)?;
+        let throughput = m(&|r| r.throughput_commits_per_s);
+        points.push(Point {
+            rate,
+            connections: args.connections,
+            value_bytes: args.value_bytes,
+            keys: args.keys,
+            txn_ops: args.txn_ops,
+            ack: args.ack,
+            runs: rs.len(),
+            seconds: args.seconds,
+            throughput_commits_per_s: throughput,
+            commit_latency_us: LatencyMediansUs {
+                p50: m(&|r| r.commit_latency_us.p50 as f64),
+                p99: m(&|r| r.commit_latency_us.p99 as f64),
+                p999: m(&|r| r.commit_latency_us.p999 as f64),
+                max: m(&|r| r.commit_latency_us.max as f64),
+            },
+            errors: rs.iter().map(|r| r.errors).sum(),
+            saturated: throughput < rate * SATURATED_BELOW,
+            hgrm,
+            writerd_commit_latency_us_p50: writerd(&|w| w.commit_latency_us_p50),
+            writerd_commit_latency_us_p99: writerd(&|w| w.commit_latency_us_p99),
+            writerd_lal_stalls: writerd(&|w| w.lal_stalls),
+        });
+    }
+    Ok(points)
+}
+
+fn table(points: &[Point]) -> String {
+    let mut t = String::from(
+        "| offered commits/s | acknowledged commits/s | p50 us | p99 us | p99.9 us | max us | errors | writerd p50/p99 us |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for p in points {
+        let l = &p.commit_latency_us;
+        let writerd = match (p.writerd_commit_latency_us_p50, p.writerd_commit_latency_us_p99) {
+            (Some(p50), Some(p99)) => format!("{p50:.0}/{p99:.0}"),
+            _ => "-".into(),
+        };
+        t += &format!(
+            "| {:.0} | {:.0}{} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {writerd} |\n",
+            p.rate,
+            p.throughput_commits_per_s,
+            if p.saturated { " (saturated)" } else { "" },
+            l.p50,
+            l.p99,
+            l.p999,
+            l.max,
+            p.errors
+        );
+    }
+    t
+}

@@ -73,6 +73,14 @@ pub struct PageBroken {
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("image of {page} at {lsn} is {bytes} bytes, more than the {IMAGE_BYTES_MAX} a page reply can carry")]
+pub struct ImageTooLarge {
+    pub page: PageId,
+    pub lsn: Lsn,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("image of {page} at {lsn} is not newer than its stored image at {newest}")]
 pub struct StaleImage {
     pub page: PageId,
@@ -204,18 +212,22 @@ impl PageIndex {
     }
 }
 
-/// Appends the page-file entry of `image` to `out`.
-pub fn encode_image_entry(image: &PageImage, out: &mut Vec<u8>) {
+/// Appends the page-file entry of `image` to `out` (unchanged on error).
+pub fn encode_image_entry(image: &PageImage, out: &mut Vec<u8>) -> Result<(), ImageTooLarge> {
     let start = out.len();
     out.extend_from_slice(&[0; IMAGE_ENTRY_HEADER_BYTES]);
     image.encode(out);
     let len = out.len() - start - IMAGE_ENTRY_HEADER_BYTES;
-    assert!(len <= IMAGE_BYTES_MAX, "page image of {len} bytes exceeds {IMAGE_BYTES_MAX}");
+    if len > IMAGE_BYTES_MAX {
+        out.truncate(start);
+        return Err(ImageTooLarge { page: image.page, lsn: image.lsn, bytes: len });
+    }
     let crc = crc32c::crc32c(&out[start + IMAGE_ENTRY_HEADER_BYTES..]);
     let mut header = Vec::with_capacity(IMAGE_ENTRY_HEADER_BYTES);
     put_u32(&mut header, len as u32);
     put_u32(&mut header, crc);
     out[start..start + IMAGE_ENTRY_HEADER_BYTES].copy_from_slice(&header);
+    Ok(())
 }
 
 /// The image bytes that follow an entry header. `offset` labels errors.
@@ -362,7 +374,7 @@ mod tests {
         image.lsn = Lsn(42);
         image.entries.insert(b"k".to_vec(), b"v".to_vec());
         let mut buf = Vec::new();
-        encode_image_entry(&image, &mut buf);
+        encode_image_entry(&image, &mut buf).unwrap();
         assert_eq!(decode_image_entry(&buf, 0).unwrap(), image);
         let header: [u8; 8] = buf[..8].try_into().unwrap();
         assert_eq!(image_entry_len(&header, 0).unwrap(), buf.len() - 8);

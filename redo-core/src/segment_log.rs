@@ -234,8 +234,12 @@ impl SegmentLog {
         self
     }
 
+    pub fn page_index(&self) -> Option<&PageIndex> {
+        self.pages.as_ref()
+    }
+
     /// The page index, for the coalescer to note the images it stores.
-    pub fn page_index(&mut self) -> Option<&mut PageIndex> {
+    pub fn page_index_mut(&mut self) -> Option<&mut PageIndex> {
         self.pages.as_mut()
     }
 

@@ -46,6 +46,10 @@ pub struct CommitBenchArgs {
     /// Repetitions of every point; the summary reports medians.
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// After the schedule ends, seconds to wait for outstanding commits; those still unanswered count as errors.
+    /// Past saturation the backlog drains at the acknowledged rate, so allow for it.
+    #[arg(long, default_value_t = 60.0)]
+    pub drain_seconds: f64,
     /// Bytes of each put's value.
     #[arg(long, default_value_t = 100)]
     pub value_bytes: usize,
@@ -78,8 +82,6 @@ pub struct CommitBenchArgs {
     pub work_dir: Option<PathBuf>,
 }
 
-/// After the schedule ends, how long outstanding commits may take before they count as errors.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// A point is saturated when the writer acknowledged less than this share of the offered rate.
 const SATURATED_BELOW: f64 = 0.95;
 
@@ -105,13 +107,14 @@ pub struct WriterdMetrics {
 pub struct Measurement {
     pub run: usize,
     pub rate: f64,
-    /// Commits acknowledged among those due in the measured window.
+    /// Commits due in the measured window and acknowledged (those in `commit_latency_us`).
     pub commits: u64,
-    /// `commits` over the time from the window's start to the last of their acknowledgements.
+    /// Acknowledgements received during the measured seconds (whenever the commits were due), per second:
+    /// the offered rate while the writer keeps up, its capacity once it does not.
     pub throughput_commits_per_s: f64,
     /// Due time on the open-loop schedule to acknowledgement.
     pub commit_latency_us: LatencyUs,
-    /// Commits due in the measured window that failed or got no reply within the drain timeout.
+    /// Commits that failed or got no reply within --drain-seconds, warm-up included.
     pub errors: u64,
     /// `errors` by message.
     pub error_kinds: BTreeMap<String, u64>,
@@ -153,44 +156,43 @@ pub struct Point {
     pub writerd_lal_stalls: Option<f64>,
 }
 
-/// What the in-flight commits report back; the progress line reads and resets the `window_*` part.
+/// What the in-flight commits report back; the progress line reads and resets the `second_*` part.
 struct Recorder {
     measure_start: Instant,
+    measure_end: Instant,
     hist: Histogram<u64>,
     commits: u64,
-    last_ack: Instant,
+    acks_in_window: u64,
+    /// Every failed commit, warm-up included.
     errors: BTreeMap<String, u64>,
-    /// Measured commits sent and not yet answered.
+    /// Commits sent and not yet answered.
     outstanding: u64,
-    window_hist: Histogram<u64>,
-    window_commits: u64,
-    window_errors: u64,
+    second_hist: Histogram<u64>,
+    second_commits: u64,
+    second_errors: u64,
 }
 
 impl Recorder {
     fn finish(&mut self, due: Instant, result: Result<(), String>) {
         let now = Instant::now();
-        let measured = due >= self.measure_start;
+        self.outstanding -= 1;
         match result {
             Ok(()) => {
                 let us = (now - due).as_micros() as u64;
-                self.window_hist.saturating_record(us);
-                self.window_commits += 1;
-                if measured {
+                self.second_hist.saturating_record(us);
+                self.second_commits += 1;
+                if due >= self.measure_start {
                     self.hist.saturating_record(us);
                     self.commits += 1;
-                    self.last_ack = now;
+                }
+                if (self.measure_start..self.measure_end).contains(&now) {
+                    self.acks_in_window += 1;
                 }
             }
             Err(e) => {
-                self.window_errors += 1;
-                if measured {
-                    *self.errors.entry(e).or_default() += 1;
-                }
+                self.second_errors += 1;
+                *self.errors.entry(e).or_default() += 1;
             }
-        }
-        if measured {
-            self.outstanding -= 1;
         }
     }
 }
@@ -246,13 +248,13 @@ async fn progress(label: String, recorder: Arc<Mutex<Recorder>>, start: Instant)
             let line = format!(
                 "{label} {phase} {:>3.0} s: {:>6.0} commits/s, p99 {} us, errors {} (last second)",
                 (now - start).as_secs_f64(),
-                r.window_commits as f64 / (now - last).as_secs_f64(),
-                r.window_hist.value_at_quantile(0.99),
-                r.window_errors
+                r.second_commits as f64 / (now - last).as_secs_f64(),
+                r.second_hist.value_at_quantile(0.99),
+                r.second_errors
             );
-            r.window_hist.reset();
-            r.window_commits = 0;
-            r.window_errors = 0;
+            r.second_hist.reset();
+            r.second_commits = 0;
+            r.second_errors = 0;
             line
         };
         last = now;
@@ -273,14 +275,15 @@ async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)
     let measure_start = start + warmup;
     let recorder = Arc::new(Mutex::new(Recorder {
         measure_start,
+        measure_end: start + total,
         hist: latency_histogram(),
         commits: 0,
-        last_ack: measure_start,
+        acks_in_window: 0,
         errors: BTreeMap::new(),
         outstanding: 0,
-        window_hist: latency_histogram(),
-        window_commits: 0,
-        window_errors: 0,
+        second_hist: latency_histogram(),
+        second_commits: 0,
+        second_errors: 0,
     }));
     let label = format!("[run {}/{} {rate:.0}/s]", run + 1, args.runs);
     let progress = tokio::spawn(progress(label, recorder.clone(), start));
@@ -299,9 +302,7 @@ async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)
         let client = clients[seq as usize % clients.len()].1.clone();
         let ops = workload.txn(seq);
         seq += 1;
-        if due >= measure_start {
-            recorder.lock().expect("recorder").outstanding += 1;
-        }
+        recorder.lock().expect("recorder").outstanding += 1;
         let recorder = recorder.clone();
         inflight.spawn(async move {
             let result = client.txn(ops).await.map(drop).map_err(|e| e.to_string());
@@ -311,7 +312,8 @@ async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)
         while inflight.try_join_next().is_some() {}
     }
     pacer.join().map_err(|_| anyhow!("pacer thread panicked"))?;
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async { while inflight.join_next().await.is_some() {} }).await;
+    let drain = Duration::from_secs_f64(args.drain_seconds);
+    let drained = tokio::time::timeout(drain, async { while inflight.join_next().await.is_some() {} }).await;
     // Abandon what is still unanswered, and wait until no task can touch the recorder any more.
     inflight.abort_all();
     while inflight.join_next().await.is_some() {}
@@ -322,14 +324,13 @@ async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)
     let mut r = recorder.lock().expect("recorder");
     if drained.is_err() {
         let n = std::mem::take(&mut r.outstanding);
-        r.errors.insert(format!("no reply within {DRAIN_TIMEOUT:?} after the schedule ended"), n);
+        r.errors.insert(format!("no reply within --drain-seconds {} after the schedule ended", args.drain_seconds), n);
     }
-    let secs = (r.last_ack - measure_start).as_secs_f64().max(1e-3);
     Ok(Measurement {
         run,
         rate,
         commits: r.commits,
-        throughput_commits_per_s: r.commits as f64 / secs,
+        throughput_commits_per_s: r.acks_in_window as f64 / args.seconds,
         commit_latency_us: LatencyUs::of(&r.hist),
         errors: r.errors.values().sum(),
         error_kinds: std::mem::take(&mut r.errors),

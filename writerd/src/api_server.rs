@@ -163,7 +163,7 @@ async fn commit(api: &Api, ops: &[PageOp]) -> Response {
             Admit::NeedPages(pages) => {
                 for (pg, page, lsn) in pages {
                     w.metrics.page_fetches.fetch_add(1, Relaxed);
-                    match fetch_page(&api.volume, &api.links, pg, page, lsn).await {
+                    match fetch_page(w, &api.volume, &api.links, pg, page, lsn).await {
                         Ok(image) => w.lock().core.learn_page(image),
                         Err(e) => return error(ApiErrorCode::Unavailable, format!("nothing was written: {e}")),
                     }
@@ -192,7 +192,7 @@ async fn get(api: &Api, key: Vec<u8>) -> Response {
                 return unavailable(e.0);
             }
             w.metrics.page_fetches.fetch_add(1, Relaxed);
-            match fetch_page(&api.volume, &api.links, pg, page, lsn).await {
+            match fetch_page(w, &api.volume, &api.links, pg, page, lsn).await {
                 Ok(image) => {
                     let value = image.entries.get(&key).cloned();
                     w.lock().core.learn_page(image);

@@ -14,7 +14,7 @@ use borealis_net::storage::{ClientError, StorageConn};
 use redo_core::page::PageImage;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::volume::Volume;
-use redo_core::wire::ErrorCode;
+use redo_core::wire::{ErrorCode, SegmentPosition};
 use redo_core::writer::{Batch, Recovered};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use tokio::task::JoinSet;
@@ -60,12 +60,12 @@ impl NodeLink {
         Ok(c)
     }
 
-    async fn status(&self, epoch: Epoch, pg: PgId) -> Result<(Epoch, Lsn), ClientError> {
+    async fn status(&self, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
         let conn = self.get().await?;
         let (epoch, pos) = tokio::time::timeout(REQUEST_TIMEOUT, conn.status(epoch, pg))
             .await
             .map_err(|_| ClientError::Unexpected(format!("no status reply in {REQUEST_TIMEOUT:?}")))??;
-        Ok((epoch, pos.scl))
+        Ok((epoch, pos))
     }
 }
 
@@ -91,7 +91,7 @@ async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, d
         while let Some(r) = asks.join_next().await {
             let (pg, s, node, r) = r.context("status task")?;
             match r {
-                Ok(a) => answers[pg][s] = Some(a),
+                Ok((epoch, position)) => answers[pg][s] = Some((epoch, position.scl)),
                 Err(e) => last_errors.push(format!("pg{pg} on node {node}: {e}")),
             }
         }
@@ -133,11 +133,14 @@ pub async fn recover(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration
     Ok((epoch, Recovered { vdl, pg_last }))
 }
 
-/// GetPage@`lsn` from the first segment of `pg` that can serve it.
-pub async fn fetch_page(volume: &Volume, links: &[Arc<NodeLink>], pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
+/// GetPage@`lsn` from a segment of `pg`: those with a live session first, so
+/// that a dead node costs no connection timeout.
+pub async fn fetch_page(w: &Writer, volume: &Volume, links: &[Arc<NodeLink>], pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
+    let mut nodes: Vec<(usize, u32)> = volume.segments(pg).map(|n| n.id).enumerate().collect();
+    nodes.sort_by_key(|&(s, _)| w.metrics.segment_up[pg.0 as usize][s].load(Relaxed) == 0);
     let mut errors = Vec::new();
-    for node in volume.segments(pg) {
-        let link = link_of(links, node.id);
+    for (_, id) in nodes {
+        let link = link_of(links, id);
         let r = async {
             let conn = link.get().await?;
             tokio::time::timeout(REQUEST_TIMEOUT, conn.get_page(pg, page, lsn))
@@ -146,7 +149,7 @@ pub async fn fetch_page(volume: &Volume, links: &[Arc<NodeLink>], pg: PgId, page
         };
         match r.await {
             Ok((_, image)) => return Ok(image),
-            Err(e) => errors.push(format!("node {}: {e}", node.id)),
+            Err(e) => errors.push(format!("node {id}: {e}")),
         }
     }
     Err(format!("GetPage {page}@{lsn} of {pg} failed on every segment: {}", errors.join("; ")))
@@ -203,7 +206,7 @@ pub async fn segment_loop(w: Arc<Writer>, pg: PgId, segment: usize, link: Arc<No
 
 async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
     let epoch = w.lock().core.epoch();
-    let (seg_epoch, scl) = match link.status(epoch, pg).await {
+    let (seg_epoch, position) = match link.status(epoch, pg).await {
         Ok(s) => s,
         Err(e) => return e.into(),
     };
@@ -218,7 +221,8 @@ async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
         Ok(s) => s,
         Err(e) => return e.into(),
     };
-    w.on_ack(pg, segment, scl);
+    let scl = position.scl;
+    w.on_ack(segment, position);
     w.metrics.segment_up[pg.0 as usize][segment].store(1, Relaxed);
     tracing::info!(node = link.id, %pg, %scl, "segment session up; sending from its SCL");
     let sent: Mutex<VecDeque<Instant>> = Mutex::new(VecDeque::new());
@@ -231,7 +235,7 @@ async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
             if let Some(t) = sent.lock().expect("sent lock").pop_front() {
                 w.metrics.ack_latency_us[pg.0 as usize][segment].record(t.elapsed().as_micros() as u64);
             }
-            w.on_ack(pg, segment, position.scl);
+            w.on_ack(segment, position);
         }
     };
     let sends = async {

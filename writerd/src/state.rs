@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use redo_core::quorum::SEGMENTS_PER_PG;
+use redo_core::wire::SegmentPosition;
 use redo_core::writer::WriterCore;
 use redo_core::{Lsn, PgId};
 use tokio::sync::{oneshot, watch, Notify};
@@ -54,11 +55,12 @@ impl Writer {
         &self.wake[pg.0 as usize][segment]
     }
 
-    /// Folds a segment's SCL in; releases every waiter that VDL now covers.
-    pub fn on_ack(&self, pg: PgId, segment: usize, scl: Lsn) {
+    /// Folds a segment's position in; releases every waiter that VDL now covers.
+    pub fn on_ack(&self, segment: usize, position: SegmentPosition) {
+        let pg = position.pg;
         let ready = {
             let mut g = self.lock();
-            if !g.core.handle_ack(pg, segment, scl) {
+            if !g.core.handle_ack(pg, segment, position.scl, position.flushed_lsn) {
                 drop(g);
                 // The PG's frames may now be sealable or releasable: senders look again.
                 self.wake_pg(pg);

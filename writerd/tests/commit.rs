@@ -84,7 +84,10 @@ async fn three_nodes_down_commits_wait_then_resume_and_a_returning_node_fills_it
     assert!(!pending.is_finished());
 
     c.restart(3).await;
-    let l = tokio::time::timeout(REPLY_TIMEOUT, pending).await.expect("commit resumes").unwrap().unwrap();
+    let l = match tokio::time::timeout(REPLY_TIMEOUT, pending).await {
+        Ok(r) => r.unwrap().unwrap(),
+        Err(_) => panic!("the commit did not resume once node 3 returned; writer log:\n{}", w.log_text()),
+    };
     load.wait_more(300, REPLY_TIMEOUT).await;
     let (acked, errors) = load.finish().await;
     assert!(errors.is_empty(), "commits failed: {errors:?}");

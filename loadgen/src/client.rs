@@ -74,7 +74,9 @@ pub struct RequestArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct PutArgs {
+    /// Key, 1 to 1024 bytes.
     pub key: String,
+    /// Value, up to 64 KiB.
     pub value: String,
     #[command(flatten)]
     pub request: RequestArgs,
@@ -82,6 +84,7 @@ pub struct PutArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct KeyArgs {
+    /// Key, 1 to 1024 bytes.
     pub key: String,
     #[command(flatten)]
     pub request: RequestArgs,

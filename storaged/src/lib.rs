@@ -45,7 +45,8 @@ pub fn run(config: Config) -> Result<()> {
         let endpoint = borealis_net::server_endpoint(&identity, config.listen)?;
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
-            tokio::spawn(server::metrics_server(node.clone(), listener));
+            let n = node.clone();
+            tokio::spawn(borealis_net::metrics::serve_metrics(listener, std::sync::Arc::new(move || n.render_metrics())));
         }
         tracing::info!(
             node = %node.node_id, az = %config.az, listen = %endpoint.local_addr()?, ack = ?config.ack,

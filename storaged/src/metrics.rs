@@ -2,34 +2,8 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
 
-use hdrhistogram::Histogram;
-
-/// A latency or size distribution, exported as a Prometheus summary.
-pub struct Distribution {
-    hist: Mutex<Histogram<u64>>,
-}
-
-impl Distribution {
-    fn new() -> Self {
-        Distribution { hist: Mutex::new(Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds")) }
-    }
-
-    pub fn record(&self, v: u64) {
-        self.hist.lock().expect("metrics lock").saturating_record(v.max(1));
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let h = self.hist.lock().expect("metrics lock");
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-        for q in [0.5, 0.99, 0.999] {
-            let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {}", h.value_at_quantile(q));
-        }
-        let sum = h.iter_recorded().map(|v| v.value_iterated_to() * v.count_at_value()).sum::<u64>();
-        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", h.len());
-    }
-}
+use borealis_net::metrics::Distribution;
 
 pub struct Metrics {
     pub ingest_records: AtomicU64,
@@ -58,11 +32,11 @@ impl Default for Metrics {
             get_page_requests: AtomicU64::new(0),
             pages_coalesced: AtomicU64::new(0),
             page_image_bytes: AtomicU64::new(0),
-            get_page_latency_us: Distribution::new(),
-            ack_latency_us: Distribution::new(),
-            flush_latency_us: Distribution::new(),
-            append_batch_records: Distribution::new(),
-            flush_batch_bytes: Distribution::new(),
+            get_page_latency_us: Distribution::default(),
+            ack_latency_us: Distribution::default(),
+            flush_latency_us: Distribution::default(),
+            append_batch_records: Distribution::default(),
+            flush_batch_bytes: Distribution::default(),
         }
     }
 }

@@ -13,7 +13,6 @@ use redo_core::record::ValidRecords;
 use redo_core::segment_log::AppendError;
 use redo_core::wire::{ErrorCode, Message, SegmentPosition};
 use redo_core::{Epoch, Lsn, PageId, PgId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::config::AckMode;
@@ -26,8 +25,6 @@ use crate::store;
 const REPLIES_INFLIGHT_MAX: usize = 1024;
 /// Notifications queued per subscription stream; forwarders wait when full.
 const NOTIFY_QUEUE_MAX: usize = 64;
-const HTTP_REQUEST_BYTES_MAX: usize = 8192;
-const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the reply writer sends, in request order.
 enum Reply {
@@ -370,46 +367,4 @@ async fn push_notifications(mut send: quinn::SendStream, segs: Vec<Arc<Segment>>
         }
     }
     forwarders.iter().for_each(|f| f.abort());
-}
-
-/// Serves `GET /metrics` in the Prometheus text format.
-pub async fn metrics_server(node: Arc<Node>, listener: tokio::net::TcpListener) {
-    loop {
-        let mut sock = match listener.accept().await {
-            Ok((sock, _)) => sock,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let node = node.clone();
-        tokio::spawn(async move {
-            let mut req = Vec::with_capacity(1024);
-            let mut buf = [0u8; 1024];
-            let read_request = async {
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < HTTP_REQUEST_BYTES_MAX {
-                    match sock.read(&mut buf).await {
-                        Ok(0) | Err(_) => return false,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                true
-            };
-            if !matches!(tokio::time::timeout(HTTP_REQUEST_TIMEOUT, read_request).await, Ok(true)) {
-                return;
-            }
-            let (status, body) = if req.starts_with(b"GET /metrics ") {
-                ("200 OK", node.render_metrics())
-            } else {
-                ("404 Not Found", "only GET /metrics is served\n".to_string())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-        });
-    }
 }

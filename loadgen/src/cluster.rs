@@ -256,6 +256,9 @@ pub struct LocalCluster {
     writerd: Daemon,
 }
 
+/// Daemon option that precedes any user-given ones (later options win).
+const ONE_THREAD: [&str; 2] = ["--worker-threads", "1"];
+
 /// Writes need a full protection group: six segments.
 const CLUSTER_NODES: u32 = 6;
 
@@ -263,7 +266,9 @@ impl LocalCluster {
     /// Starts the storage nodes, waits for them, then starts writerd and waits until it serves a get.
     pub async fn start(dir: &Path, pgs: u32, page_count: u64, storaged_args: &[String], writerd_args: &[String]) -> Result<Self> {
         let all_pgs: Vec<u32> = (0..pgs).collect();
-        let mut storage = LocalStorage::start(dir, CLUSTER_NODES, &all_pgs, storaged_args)?;
+        // Seven daemons share this host's cores: one network thread each switches least.
+        let storaged_args: Vec<String> = ONE_THREAD.iter().map(|s| s.to_string()).chain(storaged_args.iter().cloned()).collect();
+        let mut storage = LocalStorage::start(dir, CLUSTER_NODES, &all_pgs, &storaged_args)?;
         let certs = dir.join("certs");
         borealis_net::certs::generate(&certs, &["writerd".to_string()])?;
         let endpoint = borealis_net::client_endpoint(&storage.identity()?)?;
@@ -283,6 +288,7 @@ impl LocalCluster {
                 .arg("--certs")
                 .arg(&certs)
                 .args(["--metrics-listen", &writer_metrics_addr.to_string()])
+                .args(ONE_THREAD)
                 .args(writerd_args),
         )?;
         wait_writer_ready(&endpoint, writer_addr, &mut writerd).await?;

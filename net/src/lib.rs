@@ -10,6 +10,22 @@ pub mod tls;
 
 pub use tls::{client_endpoint, connect, server_endpoint, TlsIdentity};
 
+/// The tokio runtime of a daemon: one thread for `worker_threads == 1`, else a
+/// work-stealing pool of that many.
+pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    use anyhow::Context;
+    let mut b = match worker_threads {
+        0 => anyhow::bail!("--worker-threads must be at least 1"),
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    b.enable_all().build().context("start tokio runtime")
+}
+
 /// Parses `4096`, `64KiB`, `8MiB`, `1GiB`.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();

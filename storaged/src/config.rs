@@ -76,6 +76,10 @@ pub struct Config {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// Threads running network work; 1 runs everything on one thread (best when many
+    /// daemons share few cores, as in a local cluster). Disk writes have their own thread.
+    #[arg(long, default_value_t = 2)]
+    pub worker_threads: usize,
 }
 
 impl Config {

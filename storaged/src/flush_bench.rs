@@ -56,6 +56,7 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
         coalesce_interval_ms: 1000,
         coalesce_records: 64,
         metrics_listen: None,
+        worker_threads: 1,
     };
     let (node, targets) = Node::open(config, Pages::LogOnly)?;
     let flusher = Flusher::spawn(targets, node.wake.clone())?;

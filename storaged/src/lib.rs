@@ -36,11 +36,7 @@ pub fn run(config: Config) -> Result<()> {
     let (node, targets) = node::Node::open(config.clone(), node::Pages::Indexed)?;
     let flusher = flusher::Flusher::spawn(targets, node.wake.clone())?;
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("start tokio runtime")?;
+    let runtime = borealis_net::runtime(config.worker_threads)?;
     runtime.block_on(async {
         let endpoint = borealis_net::server_endpoint(&identity, config.listen)?;
         if let Some(addr) = config.metrics_listen {

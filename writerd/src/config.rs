@@ -45,6 +45,10 @@ pub struct Config {
     /// Largest client request frame; larger ones are refused with TooLarge.
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     pub request_bytes_max: u64,
+    /// Threads running network work; 1 runs everything on one thread (best when many
+    /// daemons share few cores, as in a local cluster).
+    #[arg(long, default_value_t = 2)]
+    pub worker_threads: usize,
     /// How long to wait at start for a write quorum of every protection group to answer.
     #[arg(long, default_value_t = 30_000)]
     pub start_timeout_ms: u64,

@@ -40,7 +40,7 @@ pub fn run(config: Config) -> Result<i32> {
     };
     let identity = borealis_net::TlsIdentity::load(&config.certs, &config.cert_name)
         .with_context(|| format!("load certificates for {} from {}", config.cert_name, config.certs.display()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("start tokio runtime")?;
+    let runtime = borealis_net::runtime(config.worker_threads)?;
     runtime.block_on(async {
         let storage_endpoint = borealis_net::client_endpoint(&identity)?;
         let links = segments::NodeLink::for_volume(&volume, &storage_endpoint)?;

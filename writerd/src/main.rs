@@ -6,7 +6,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Borealis writer: the single writer of a volume.
 #[derive(Parser)]
-#[command(version)]
+#[command(version, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

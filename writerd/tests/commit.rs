@@ -15,7 +15,8 @@ use borealis_net::api::ApiError;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete_and_transactions_commit_and_survive_a_writer_restart() {
     let mut c = Cluster::start(&[]).await;
-    let mut w = c.start_writer(None, &[]).await;
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut w = c.start_writer(None, &["--metrics-listen", &metrics_addr.to_string()]).await;
     let client = c.client(c.writer_addr()).await;
 
     let a = client.put(b"alpha", b"1").await.unwrap();
@@ -32,6 +33,15 @@ async fn put_get_delete_and_transactions_commit_and_survive_a_writer_restart() {
     let (read_lsn, v) = client.get(&key(7)).await.unwrap();
     assert_eq!(v, Some(value(7, 0)));
     assert!(read_lsn <= t);
+
+    // The writer's metrics show the volume's progress and per-segment ack latency.
+    let m = scrape(metrics_addr);
+    assert!(metric(&m, "writerd_vdl") >= t.0 as f64, "{m}");
+    assert!(metric(&m, "writerd_vcl") >= metric(&m, "writerd_vdl"));
+    assert_eq!(metric(&m, "writerd_commits_total"), 4.0);
+    assert!(metric(&m, "writerd_commit_latency_us_count") >= 4.0);
+    assert!(m.contains("writerd_segment_ack_latency_us{pg=\"1\",node=\"6\",quantile=\"0.99\"}"), "{m}");
+    assert!(m.contains("writerd_inflight_bytes "));
 
     // A clean stop, then a new writer with an empty cache: reads come from storage (GetPage@LSN).
     client.close();
@@ -140,4 +150,22 @@ async fn a_newer_writer_fences_the_old_one() {
     assert_eq!(new_client.get(b"k").await.unwrap().1.as_deref(), Some(&b"from-old"[..]));
     new_client.put(b"k", b"from-new").await.unwrap();
     assert_eq!(new_client.get(b"k").await.unwrap().1.as_deref(), Some(&b"from-new"[..]));
+}
+
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of an unlabelled sample.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        .parse()
+        .unwrap()
 }

@@ -63,8 +63,11 @@ impl ApiClient {
         Ok(ApiClient { next_id: Arc::new(AtomicU64::new(1)), pending, tx, conn })
     }
 
-    /// Sends `req` as is (no client-side checks) and waits for its reply.
+    /// Sends `req` without the limit checks (the server applies them) and waits for its reply.
     pub async fn call(&self, req: &Request) -> Result<Response, ApiError> {
+        if !req.encodable() {
+            return Err(ApiError::Unexpected(format!("a key longer than {} bytes cannot be sent", u16::MAX)));
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = Vec::new();
         req.encode(id, &mut frame);
@@ -164,8 +167,11 @@ async fn read_replies(mut recv: quinn::RecvStream, pending: Pending) {
             Err(e) => break ApiError::Lost(e.to_string()),
         };
         match Response::decode(&body) {
-            // Id 0 answers a request the server could not read: it closes the stream after it.
-            Ok((0, Response::Error { code, message })) => break ApiError::Refused { code, message },
+            // Id 0 answers a frame the server could not read, and it closes the stream: the
+            // requests still in flight may or may not have been carried out.
+            Ok((0, Response::Error { code, message })) => {
+                break ApiError::Lost(format!("the server refused the stream ({code:?}: {message}); requests in flight have unknown outcomes"))
+            }
             Ok((id, resp)) => {
                 if let Some(w) = pending.lock().expect("pending lock").waiters.remove(&id) {
                     let _ = w.send(Ok(resp));

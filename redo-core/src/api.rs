@@ -124,9 +124,19 @@ impl Request {
         }
     }
 
-    /// Appends the frame for request `id`. Keys longer than u16 are not representable:
-    /// `check` first.
+    /// Whether the request can be framed at all (key lengths are u16 on the wire);
+    /// `check` is stricter.
+    pub fn encodable(&self) -> bool {
+        let key_fits = |k: &[u8]| k.len() <= u16::MAX as usize;
+        match self {
+            Request::Txn(ops) => ops.iter().all(|op| key_fits(op.key())),
+            Request::Get(key) => key_fits(key),
+        }
+    }
+
+    /// Appends the frame for request `id`; the request must be `encodable`.
     pub fn encode(&self, id: u64, out: &mut Vec<u8>) {
+        assert!(self.encodable(), "a key longer than {} bytes cannot be framed", u16::MAX);
         match self {
             Request::Txn(ops) => frame(out, KIND_TXN, id, |out| {
                 put_u32(out, ops.len() as u32);
@@ -162,7 +172,8 @@ impl Request {
                 if n * 3 > r.remaining() {
                     return Err(DecodeError::Invalid { what: "operation count", offset: at, value: n as u64 });
                 }
-                let mut ops = Vec::with_capacity(n);
+                // Bounded by the limit, not the claim: `check` refuses more operations anyway.
+                let mut ops = Vec::with_capacity(n.min(TXN_OPS_MAX));
                 for _ in 0..n {
                     let at = r.pos();
                     ops.push(match r.u8()? {

@@ -66,6 +66,13 @@ impl VolumeDurability {
     pub fn pgcl(&self, pg: PgId) -> Lsn {
         self.pgs[pg.0 as usize].pgcl
     }
+    /// Sets a segment's SCL to what it reports now, possibly lower than before (it
+    /// restarted and lost unflushed records). PGCL, VCL and VDL never move back:
+    /// what was durable stays so through the other segments of the quorum.
+    pub fn reset_segment(&mut self, pg: PgId, segment: usize, scl: Lsn) {
+        self.pgs[pg.0 as usize].scl[segment] = scl;
+    }
+
     /// The highest SCL segment `segment` of `pg` has reported.
     pub fn segment_scl(&self, pg: PgId, segment: usize) -> Lsn {
         self.pgs[pg.0 as usize].scl[segment]
@@ -182,6 +189,22 @@ mod tests {
         assert_eq!(v.segments_at(PgId(0), Lsn(1)), 3);
         ack_all(&mut v, 0, &[4], 1);
         assert_eq!(v.vdl(), Lsn(1));
+    }
+
+    #[test]
+    fn a_segment_that_restarted_lower_counts_only_for_what_it_holds() {
+        let mut v = VolumeDurability::new(1, Lsn::ZERO);
+        v.allocate(PgId(0), Lsn(1), true);
+        ack_all(&mut v, 0, &[0, 1, 2, 3], 1);
+        assert_eq!(v.vdl(), Lsn(1));
+        v.allocate(PgId(0), Lsn(2), true);
+        ack_all(&mut v, 0, &[0, 1, 2], 2);
+        v.reset_segment(PgId(0), 0, Lsn(1)); // segment 0 restarted and lost record 2
+        ack_all(&mut v, 0, &[3], 2);
+        assert_eq!(v.vdl(), Lsn(1), "only 3 segments hold record 2 now");
+        assert_eq!(v.pgcl(PgId(0)), Lsn(1), "what was complete stays complete");
+        ack_all(&mut v, 0, &[4], 2);
+        assert_eq!(v.vdl(), Lsn(2));
     }
 
     #[test]

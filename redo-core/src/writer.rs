@@ -15,7 +15,7 @@ use bytes::Bytes;
 use crate::ids::{Epoch, Lsn, PageId, PgId};
 use crate::page::{PageImage, PageOp};
 use crate::quorum::{VolumeDurability, SEGMENTS_PER_PG};
-use crate::record::{RecordHeader, RECORD_OVERHEAD_BYTES};
+use crate::record::{RecordHeader, TrustedRecords, RECORD_OVERHEAD_BYTES};
 use crate::volume::Volume;
 use crate::wire::encode_append;
 
@@ -169,14 +169,15 @@ impl WriterCore {
     }
 
     fn cache(&mut self, image: PageImage) {
+        if self.config.cache_pages_max == 0 {
+            return;
+        }
         if self.images.len() >= self.config.cache_pages_max && !self.images.contains_key(&image.page) {
             // Any page will do: every image can be fetched again with GetPage@LSN.
             let victim = *self.images.keys().next().expect("cache is full, so not empty");
             self.images.remove(&victim);
         }
-        if self.config.cache_pages_max > 0 {
-            self.images.insert(image.page, image);
-        }
+        self.images.insert(image.page, image);
     }
 
     /// Allocates the records of one transaction (checked by the caller).
@@ -257,19 +258,34 @@ impl WriterCore {
         if segment_at < log.released_upto {
             return Err(Gap { segment_at, oldest_retained_after: log.released_upto });
         }
-        let awaiting_quorum = log.batches.iter().rev().take_while(|b| b.last_lsn > pgcl).count();
-        if !log.pending.is_empty()
-            && (awaiting_quorum < self.config.batch_inflight_max || log.pending.len() >= self.config.batch_bytes_max)
-        {
-            let mut frame = Vec::with_capacity(crate::wire::APPEND_HEADER_BYTES + log.pending.len());
-            encode_append(epoch, pg, &log.pending, &mut frame);
-            log.pending.clear();
+        let mut awaiting_quorum = log.batches.iter().rev().take_while(|b| b.last_lsn > pgcl).count();
+        let max = self.config.batch_bytes_max;
+        while !log.pending.is_empty() && (awaiting_quorum < self.config.batch_inflight_max || log.pending.len() >= max) {
+            // Whole records up to `max` bytes (at least one): a backlog becomes several
+            // frames, each within the storage nodes' frame limit.
+            let (mut cut, mut last_lsn) = (0, Lsn::ZERO);
+            for (rec, range) in TrustedRecords::new(&log.pending) {
+                if cut > 0 && range.end > max {
+                    break;
+                }
+                (cut, last_lsn) = (range.end, rec.lsn());
+            }
+            let mut frame = Vec::with_capacity(crate::wire::APPEND_HEADER_BYTES + cut);
+            encode_append(epoch, pg, &log.pending[..cut], &mut frame);
+            log.pending.drain(..cut);
             log.retained_bytes += frame.len();
-            log.batches.push_back(Batch { last_lsn: log.last_lsn, frame: Bytes::from(frame) });
+            log.batches.push_back(Batch { last_lsn, frame: Bytes::from(frame) });
+            awaiting_quorum += 1;
         }
         let from = log.batches.partition_point(|b| b.last_lsn <= segment_at);
         out.extend(log.batches.range(from..).cloned());
         Ok(())
+    }
+
+    /// A segment's position as it reports it now, even if lower than it acked before
+    /// (a node that restarted lost its unflushed records): it no longer counts for them.
+    pub fn reset_segment(&mut self, pg: PgId, segment: usize, scl: Lsn) {
+        self.durability.reset_segment(pg, segment, scl);
     }
 
     /// Segment `segment` of `pg` reports its SCL and flushed LSN. Returns whether VDL advanced.
@@ -390,6 +406,28 @@ mod tests {
         assert_eq!(send(&mut w, 0, 1).iter().map(|b| b.last_lsn.0).collect::<Vec<_>>(), [2, 3]);
         w.handle_ack(PgId(0), 2, Lsn(3), Lsn(3));
         assert_eq!(w.inflight_bytes(), 0, "every segment flushed everything");
+    }
+
+    #[test]
+    fn a_backlog_is_cut_into_frames_within_the_size_limit() {
+        let mut w = fresh(1);
+        w.config.batch_bytes_max = 300;
+        commit(&mut w, vec![put("a", "1")]);
+        send(&mut w, 0, 0); // one frame awaits quorum: the rest queues
+        for i in 0..20 {
+            commit(&mut w, vec![put(&format!("k{i}"), &"v".repeat(50))]);
+        }
+        let frames = send(&mut w, 0, 1);
+        assert!(frames.len() > 1, "the backlog passed the limit: it goes out in pieces");
+        let mut next = 2;
+        for f in &frames {
+            assert!(f.frame.len() <= 300 + crate::wire::APPEND_HEADER_BYTES, "frame of {} bytes", f.frame.len());
+            let lsns: Vec<u64> = records(f).iter().map(|r| r.0).collect();
+            assert_eq!(lsns[0], next);
+            assert_eq!(*lsns.last().unwrap(), f.last_lsn.0);
+            next = f.last_lsn.0 + 1;
+        }
+        assert!(next <= 22);
     }
 
     #[test]

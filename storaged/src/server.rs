@@ -221,7 +221,18 @@ async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch) -> Reply {
         return reply;
     }
     let log = seg.log.lock().expect("segment lock");
-    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position: log.position() }, received: None }
+    let position = vouched(node.config.ack, log.position());
+    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position }, received: None }
+}
+
+/// The position a segment reports to writers. With `ack = disk` it vouches only
+/// for what is on disk: its SCL counts as no higher than its flushed LSN, or a
+/// writer would count later batches still in memory towards its quorum.
+fn vouched(ack: AckMode, position: SegmentPosition) -> SegmentPosition {
+    match ack {
+        AckMode::Memory => position,
+        AckMode::Disk => SegmentPosition { scl: position.flushed_lsn, ..position },
+    }
 }
 
 /// GetPage@LSN: the page as of `lsn`, from its newest image at or below
@@ -331,7 +342,7 @@ async fn wait_flushed(seg: &Segment, last_lsn: Lsn) -> Message {
         // A batch above a hole cannot be flushed until the hole is filled:
         // answer now with the position, which shows it is not durable.
         if position.flushed_lsn >= last_lsn || position.scl < last_lsn {
-            return Message::Ack { position, batch_last_lsn: last_lsn };
+            return Message::Ack { position: vouched(AckMode::Disk, position), batch_last_lsn: last_lsn };
         }
         if let Some(why) = seg.log.lock().expect("segment lock").disk_failed() {
             return error(ErrorCode::DiskFailed, format!("{}: {why}", seg.id));

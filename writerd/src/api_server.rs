@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 use crate::segments::{fetch_page, NodeLink};
 use crate::state::Writer;
 
-/// Replies queued per stream before its requests stop being read.
-const REPLIES_INFLIGHT_MAX: usize = 4096;
+/// Requests a stream may have in flight (read, not yet answered) before the
+/// server stops reading it: bounds what one client can make the writer hold.
+const REQUESTS_INFLIGHT_MAX: usize = 4096;
 
 pub struct Api {
     pub writer: Arc<Writer>,
@@ -47,9 +48,11 @@ pub async fn accept_loop(api: Arc<Api>, endpoint: quinn::Endpoint) {
 }
 
 async fn serve_stream(api: Arc<Api>, send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let (tx, rx) = mpsc::channel(REPLIES_INFLIGHT_MAX);
+    let (tx, rx) = mpsc::channel(REQUESTS_INFLIGHT_MAX);
     let writer = tokio::spawn(write_replies(send, rx));
+    let inflight = Arc::new(tokio::sync::Semaphore::new(REQUESTS_INFLIGHT_MAX));
     loop {
+        let Ok(permit) = inflight.clone().acquire_owned().await else { break };
         let body = match read_frame_len(&mut recv, api.request_bytes_max).await {
             Ok(Some(len)) => read_frame_bytes(&mut recv, len).await,
             Ok(None) => break,
@@ -61,6 +64,7 @@ async fn serve_stream(api: Arc<Api>, send: quinn::SendStream, mut recv: quinn::R
                     let (api, tx) = (api.clone(), tx.clone());
                     tokio::spawn(async move {
                         let _ = tx.send((id, handle(&api, req).await)).await;
+                        drop(permit);
                     });
                     continue;
                 }
@@ -142,6 +146,9 @@ async fn commit(api: &Api, ops: &[PageOp]) -> Response {
             // Checked under the lock: `fence` clears waiters under it.
             if let Some(why) = w.is_fenced() {
                 return error(ApiErrorCode::Unavailable, format!("writer deposed, nothing was written: {why}"));
+            }
+            if w.stopping.load(Relaxed) {
+                return error(ApiErrorCode::Unavailable, "writer stopping, nothing was written");
             }
             let admit = g.core.submit(ops);
             let committed = match &admit {

@@ -67,8 +67,9 @@ impl Config {
         if self.batch_inflight_max == 0 {
             bail!("--batch-inflight-max must be at least 1");
         }
-        if self.batch_bytes_max < 4096 {
-            bail!("--batch-bytes-max must be at least 4KiB");
+        // A frame holds up to this much plus one record: it must fit a storage node's frame limit.
+        if self.batch_bytes_max < 4096 || self.batch_bytes_max > 4 << 20 {
+            bail!("--batch-bytes-max must be between 4KiB and 4MiB (storage nodes take frames of 8MiB by default)");
         }
         Ok(())
     }

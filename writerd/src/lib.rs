@@ -88,7 +88,11 @@ pub fn run(config: Config) -> Result<i32> {
         };
         endpoint.set_server_config(None); // no new clients
         if code == 0 {
-            let last = writer.lock().core.last_allocated();
+            let last = {
+                let g = writer.lock();
+                writer.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+                g.core.last_allocated()
+            };
             tracing::info!(last_allocated = %last, "stopping: waiting for allocated records to become durable");
             if tokio::time::timeout(DRAIN_TIMEOUT, writer.wait_vdl(last)).await.is_err() {
                 tracing::warn!(vdl = %writer.lock().core.vdl(), %last, "stopped before every allocated record was durable");

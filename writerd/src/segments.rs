@@ -62,10 +62,22 @@ impl NodeLink {
 
     async fn status(&self, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
         let conn = self.get().await?;
-        let (epoch, pos) = tokio::time::timeout(REQUEST_TIMEOUT, conn.status(epoch, pg))
+        self.status_on(&conn, epoch, pg).await
+    }
+
+    async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, conn.status(epoch, pg))
             .await
-            .map_err(|_| ClientError::Unexpected(format!("no status reply in {REQUEST_TIMEOUT:?}")))??;
-        Ok((epoch, pos))
+            .map_err(|_| ClientError::Unexpected(format!("no status reply in {REQUEST_TIMEOUT:?}")))?
+    }
+
+    /// Drops the cached connection if it is still the one that failed (another
+    /// session may already have replaced it).
+    async fn forget(&self, failed: usize) {
+        let mut g = self.conn.lock().await;
+        if g.as_ref().is_some_and(|c| c.conn.stable_id() == failed) {
+            *g = None;
+        }
     }
 }
 
@@ -125,6 +137,16 @@ pub async fn recover(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration
     let seen = status_quorum(volume, links, Epoch(0), deadline).await?;
     let epoch = Epoch(seen.iter().flatten().map(|(e, _)| e.0).max().unwrap_or(0) + 1);
     let pg_last: Vec<Lsn> = seen.iter().map(|a| a.iter().map(|&(_, scl)| scl).max().unwrap_or(Lsn::ZERO)).collect();
+    for (pg, answers) in seen.iter().enumerate() {
+        let lowest = answers.iter().map(|&(_, scl)| scl).min().unwrap_or(Lsn::ZERO);
+        if lowest != pg_last[pg] {
+            tracing::warn!(
+                pg, lowest = %lowest, highest = %pg_last[pg],
+                "segments disagree: a node is behind, or the previous writer did not stop cleanly \
+                 (its unacknowledged tail is kept as committed until promotion truncates it)"
+            );
+        }
+    }
     let claimed = status_quorum(volume, links, epoch, deadline).await?;
     if let Some((e, _)) = claimed.iter().flatten().find(|(e, _)| *e != epoch) {
         bail!("another writer claimed {e} while this one claimed {epoch}: not starting");
@@ -161,16 +183,16 @@ enum End {
     Fenced(String),
     /// The segment is behind what the writer still retains: its peers must fill it.
     Gap(String),
-    /// The node, the connection or the stream failed; reconnect.
-    Failed { error: ClientError, reset_link: bool },
+    /// The node, the connection (`reset_link`: its stable id) or the stream failed; reconnect.
+    Failed { error: ClientError, reset_link: Option<usize> },
 }
 
-impl From<ClientError> for End {
-    fn from(error: ClientError) -> End {
+impl End {
+    fn from_error(error: ClientError, conn: Option<&StorageConn>) -> End {
         match error {
             ClientError::Refused { code: ErrorCode::StaleEpoch, message } => End::Fenced(message),
-            e @ ClientError::Refused { .. } => End::Failed { error: e, reset_link: false },
-            e => End::Failed { error: e, reset_link: true },
+            e @ ClientError::Refused { .. } => End::Failed { error: e, reset_link: None },
+            e => End::Failed { error: e, reset_link: conn.map(|c| c.conn.stable_id()) },
         }
     }
 }
@@ -194,8 +216,8 @@ pub async fn segment_loop(w: Arc<Writer>, pg: PgId, segment: usize, link: Arc<No
                 if was_up {
                     tracing::warn!(node = link.id, %pg, error = %error, "segment unreachable; commits continue while a write quorum acks");
                 }
-                if reset_link {
-                    *link.conn.lock().await = None;
+                if let Some(failed) = reset_link {
+                    link.forget(failed).await;
                 }
                 retry = if started.elapsed() > RETRY_MAX { RETRY_MIN } else { (retry * 2).min(RETRY_MAX) };
                 tokio::time::sleep(retry).await;
@@ -206,36 +228,41 @@ pub async fn segment_loop(w: Arc<Writer>, pg: PgId, segment: usize, link: Arc<No
 
 async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
     let epoch = w.lock().core.epoch();
-    let (seg_epoch, position) = match link.status(epoch, pg).await {
+    let conn = match link.get().await {
+        Ok(c) => c,
+        Err(e) => return End::from_error(e, None),
+    };
+    let fail = |e: ClientError| End::from_error(e, Some(&conn));
+    let (seg_epoch, position) = match link.status_on(&conn, epoch, pg).await {
         Ok(s) => s,
-        Err(e) => return e.into(),
+        Err(e) => return fail(e),
     };
     if seg_epoch > epoch {
         return End::Fenced(format!("segment is at {seg_epoch}, this writer at {epoch}"));
     }
-    let conn = match link.get().await {
-        Ok(c) => c,
-        Err(e) => return e.into(),
-    };
-    let (mut tx, mut rx) = match conn.open_append().await {
-        Ok(s) => s,
-        Err(e) => return e.into(),
+    let opened = tokio::time::timeout(REQUEST_TIMEOUT, conn.open_append()).await;
+    let (mut tx, mut rx) = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return fail(e),
+        Err(_) => return fail(ClientError::Unexpected(format!("no append stream in {REQUEST_TIMEOUT:?}"))),
     };
     let scl = position.scl;
-    w.on_ack(segment, position);
+    // The segment may have restarted with less than it acked before: count what it holds now.
+    w.on_position(segment, position, true);
     w.metrics.segment_up[pg.0 as usize][segment].store(1, Relaxed);
     tracing::info!(node = link.id, %pg, %scl, "segment session up; sending from its SCL");
     let sent: Mutex<VecDeque<Instant>> = Mutex::new(VecDeque::new());
     let acks = async {
         loop {
             let (position, _) = match rx.recv().await {
-                Ok(a) => a,
-                Err(e) => return End::from(e),
+                Ok(a) if a.0.pg == pg => a,
+                Ok((p, _)) => return fail(ClientError::Unexpected(format!("ack for {} on the {pg} stream", p.pg))),
+                Err(e) => return fail(e),
             };
             if let Some(t) = sent.lock().expect("sent lock").pop_front() {
                 w.metrics.ack_latency_us[pg.0 as usize][segment].record(t.elapsed().as_micros() as u64);
             }
-            w.on_ack(segment, position);
+            w.on_position(segment, position, false);
         }
     };
     let sends = async {
@@ -253,7 +280,7 @@ async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
                 sent.lock().expect("sent lock").push_back(Instant::now());
                 at = b.last_lsn;
                 if let Err(e) = tx.send_frame(b.frame).await {
-                    return End::from(e);
+                    return fail(e);
                 }
             }
         }

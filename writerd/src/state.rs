@@ -2,6 +2,7 @@
 //! waiters ordered by LSN, and the wake-ups of each segment's sender.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use redo_core::quorum::SEGMENTS_PER_PG;
@@ -24,6 +25,8 @@ pub struct Writer {
     wake: Vec<[Notify; SEGMENTS_PER_PG]>,
     /// Set once a storage node reports a newer epoch: this writer is deposed.
     pub fenced: watch::Sender<Option<String>>,
+    /// Set (under the state lock) when the writer stops: no transaction is admitted after it.
+    pub stopping: AtomicBool,
     pub metrics: Metrics,
 }
 
@@ -39,6 +42,7 @@ impl Writer {
             inner: Mutex::new(Inner { core, waiters: BTreeMap::new() }),
             wake: (0..pgs).map(|_| std::array::from_fn(|_| Notify::new())).collect(),
             fenced: watch::channel(None).0,
+            stopping: AtomicBool::new(false),
             metrics,
         })
     }
@@ -55,11 +59,15 @@ impl Writer {
         &self.wake[pg.0 as usize][segment]
     }
 
-    /// Folds a segment's position in; releases every waiter that VDL now covers.
-    pub fn on_ack(&self, segment: usize, position: SegmentPosition) {
+    /// Folds a segment's position in (from an ack, or from `Status` at the start of a
+    /// session, which may be lower after a restart); releases every waiter that VDL now covers.
+    pub fn on_position(&self, segment: usize, position: SegmentPosition, from_status: bool) {
         let pg = position.pg;
         let ready = {
             let mut g = self.lock();
+            if from_status {
+                g.core.reset_segment(pg, segment, position.scl);
+            }
             if !g.core.handle_ack(pg, segment, position.scl, position.flushed_lsn) {
                 drop(g);
                 // The PG's frames may now be sealable or releasable: senders look again.
@@ -88,7 +96,14 @@ impl Writer {
 
     /// Waits until VDL >= `lsn`.
     pub async fn wait_vdl(&self, lsn: Lsn) -> Result<(), Deposed> {
-        let rx = Self::wait_in(&mut self.lock(), lsn);
+        let rx = {
+            let mut g = self.lock();
+            // Checked under the lock: `fence` clears waiters under it.
+            if self.is_fenced().is_some() {
+                return Err(self.deposed());
+            }
+            Self::wait_in(&mut g, lsn)
+        };
         match rx {
             None => Ok(()),
             Some(rx) => rx.await.map_err(|_| self.deposed()),

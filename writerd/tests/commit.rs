@@ -174,3 +174,23 @@ fn metric(text: &str, name: &str) -> f64 {
         .parse()
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_evicted_pages_come_from_storage_at_the_page_lsn() {
+    let mut c = Cluster::start(&[]).await;
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // One cached page: nearly every read is a miss served by GetPage@LSN.
+    let _w = c.start_writer(None, &["--cache-pages-max", "1", "--metrics-listen", &metrics_addr.to_string()]).await;
+    let client = c.client(c.writer_addr()).await;
+    for round in 0..3 {
+        for i in 0..40 {
+            client.put(&key(i), &value(i, round)).await.unwrap();
+        }
+    }
+    client.delete(&key(0)).await.unwrap();
+    for i in 1..40 {
+        assert_eq!(client.get(&key(i)).await.unwrap().1, Some(value(i, 2)), "key {i}");
+    }
+    assert_eq!(client.get(&key(0)).await.unwrap().1, None);
+    assert!(metric(&scrape(metrics_addr), "writerd_page_fetches_total") >= 30.0);
+}

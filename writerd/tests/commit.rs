@@ -194,3 +194,28 @@ async fn reads_of_evicted_pages_come_from_storage_at_the_page_lsn() {
     assert_eq!(client.get(&key(0)).await.unwrap().1, None);
     assert!(metric(&scrape(metrics_addr), "writerd_page_fetches_total") >= 30.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lal_makes_new_transactions_wait_for_vdl() {
+    let mut c = Cluster::start(&[]).await;
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // Room for one 1000-record transaction above VDL at a time.
+    let _w = c.start_writer(None, &["--lal", "1024", "--metrics-listen", &metrics_addr.to_string()]).await;
+    let client = c.client(c.writer_addr()).await;
+    let txns: Vec<_> = (0..4u64)
+        .map(|t| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let ops = (0..1000).map(|i| PageOp::Put { key: key(t * 1000 + i), value: value(i, t) }).collect();
+                client.txn(ops).await
+            })
+        })
+        .collect();
+    for t in txns {
+        tokio::time::timeout(REPLY_TIMEOUT, t).await.expect("commits in time").unwrap().unwrap();
+    }
+    let m = scrape(metrics_addr);
+    assert!(metric(&m, "writerd_lal_stalls_total") >= 1.0, "no transaction waited for LAL:\n{m}");
+    assert_eq!(metric(&m, "writerd_commits_total"), 4.0);
+    assert_eq!(client.get(&key(3999)).await.unwrap().1, Some(value(999, 3)));
+}

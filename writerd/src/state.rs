@@ -63,22 +63,27 @@ impl Writer {
     /// session, which may be lower after a restart); releases every waiter that VDL now covers.
     pub fn on_position(&self, segment: usize, position: SegmentPosition, from_status: bool) {
         let pg = position.pg;
-        let ready = {
+        let (ready, sealable) = {
             let mut g = self.lock();
             if from_status {
                 g.core.reset_segment(pg, segment, position.scl);
             }
-            if !g.core.handle_ack(pg, segment, position.scl, position.flushed_lsn) {
-                drop(g);
-                // The PG's frames may now be sealable or releasable: senders look again.
-                self.wake_pg(pg);
-                return;
-            }
-            let vdl = g.core.vdl();
-            let later = g.waiters.split_off(&Lsn(vdl.0 + 1));
-            std::mem::replace(&mut g.waiters, later)
+            let pgcl = g.core.pgcl(pg);
+            let vdl_advanced = g.core.handle_ack(pg, segment, position.scl, position.flushed_lsn);
+            // Fewer frames await quorum: the PG's queued records may be sealed now.
+            let sealable = g.core.pgcl(pg) > pgcl;
+            let ready = if vdl_advanced {
+                let vdl = g.core.vdl();
+                let later = g.waiters.split_off(&Lsn(vdl.0 + 1));
+                std::mem::replace(&mut g.waiters, later)
+            } else {
+                BTreeMap::new()
+            };
+            (ready, sealable)
         };
-        self.wake_pg(pg);
+        if sealable {
+            self.wake_pg(pg);
+        }
         for w in ready.into_values().flatten() {
             let _ = w.send(());
         }

@@ -89,8 +89,10 @@ fn transport() -> quinn::TransportConfig {
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
-    // Each stream may hold one frame in memory: bound what one peer can pin.
-    t.max_concurrent_bidi_streams(64u32.into());
+    // A writer keeps one append stream per PG it shares with a node, plus short
+    // request streams; what the streams hold in memory is bounded by the
+    // server's byte budget for frames in flight, not by this count.
+    t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("10 s fits")));

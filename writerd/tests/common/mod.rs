@@ -55,8 +55,13 @@ impl Proc {
 
     /// Waits until the log contains `needle`; panics if the process exits first.
     pub async fn wait_log(&mut self, needle: &str, timeout: Duration) {
+        self.wait_log_more(needle, 0, timeout).await
+    }
+
+    /// Waits until the log contains `needle` more than `seen` times.
+    pub async fn wait_log_more(&mut self, needle: &str, seen: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while !self.log_text().contains(needle) {
+        while self.log_text().matches(needle).count() <= seen {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().expect("poll child")) {
                 panic!("{} exited ({status}) before logging {needle:?}; log:\n{}", self.log.display(), self.log_text());
             }

@@ -40,6 +40,16 @@ pub struct Recovered {
     pub vdl: Lsn,
     /// Per PG, the last LSN of its log (its segments' highest SCL).
     pub pg_last: Vec<Lsn>,
+    /// Per PG, the lowest SCL among its segments and the encoded records after
+    /// it (up to `pg_last`), to resend to the segments that lack them.
+    pub tails: Vec<(Lsn, Vec<Bytes>)>,
+}
+
+impl Recovered {
+    /// A volume with no log yet.
+    pub fn new_volume(pg_count: usize) -> Self {
+        Recovered { vdl: Lsn::ZERO, pg_last: vec![Lsn::ZERO; pg_count], tails: vec![(Lsn::ZERO, Vec::new()); pg_count] }
+    }
 }
 
 /// A sealed Append frame of one PG.
@@ -111,7 +121,22 @@ impl WriterCore {
         let pgs = recovered
             .pg_last
             .iter()
-            .map(|&last| PgLog { last_lsn: last, released_upto: last, flushed: [last; SEGMENTS_PER_PG], ..PgLog::default() })
+            .zip(&recovered.tails)
+            .enumerate()
+            .map(|(pg, (&last, (from, runs)))| {
+                // The tail goes out as frames like any other, to every segment below `last`.
+                let batches: VecDeque<Batch> = runs
+                    .iter()
+                    .filter_map(|run| {
+                        let last_lsn = TrustedRecords::new(run).last()?.0.lsn();
+                        let mut frame = Vec::with_capacity(crate::wire::APPEND_HEADER_BYTES + run.len());
+                        encode_append(config.epoch, PgId(pg as u32), run, &mut frame);
+                        Some(Batch { last_lsn, frame: Bytes::from(frame) })
+                    })
+                    .collect();
+                let retained_bytes = batches.iter().map(|b| b.frame.len()).sum();
+                PgLog { last_lsn: last, released_upto: *from, flushed: [*from; SEGMENTS_PER_PG], batches, retained_bytes, ..PgLog::default() }
+            })
             .collect();
         WriterCore {
             durability: VolumeDurability::new(volume.pg_count(), recovered.vdl),
@@ -326,7 +351,7 @@ mod tests {
     }
 
     fn fresh(pgs: u32) -> WriterCore {
-        WriterCore::new(volume(pgs), config(), Recovered { vdl: Lsn::ZERO, pg_last: vec![Lsn::ZERO; pgs as usize] })
+        WriterCore::new(volume(pgs), config(), Recovered::new_volume(pgs as usize))
     }
 
     fn put(k: &str, v: &str) -> PageOp {
@@ -470,8 +495,33 @@ mod tests {
     }
 
     #[test]
+    fn a_recovered_tail_is_resent_to_segments_below_it() {
+        // The last writer crashed: some segments hold LSNs 6..8 of the PG, others stop at 5.
+        let mut tail = Vec::new();
+        for l in 6..=8u64 {
+            let mut payload = Vec::new();
+            put(&format!("k{l}"), "v").encode(&mut payload);
+            RecordHeader { lsn: Lsn(l), prev_lsn_in_segment: Lsn(l - 1), prev_lsn_for_page: Lsn::ZERO, page: PageId(1), cpl: true }
+                .encode(&payload, &mut tail);
+        }
+        let recovered = Recovered { vdl: Lsn(8), pg_last: vec![Lsn(8)], tails: vec![(Lsn(5), vec![Bytes::from(tail)])] };
+        let mut w = WriterCore::new(volume(1), config(), recovered);
+        let resent = send(&mut w, 0, 5);
+        assert_eq!(records(&resent[0]).iter().map(|r| r.0).collect::<Vec<_>>(), [6, 7, 8]);
+        assert!(send(&mut w, 0, 8).is_empty(), "a segment at the end needs nothing");
+        for s in 0..6 {
+            w.handle_ack(PgId(0), s, Lsn(8), Lsn(8));
+        }
+        assert_eq!(w.inflight_bytes(), 0);
+        let page = w.volume().page_of(b"new");
+        w.learn_page(PageImage::empty(page)); // as GetPage@LSN would answer
+        let c = commit(&mut w, vec![put("new", "v")]);
+        assert_eq!(records(&send(&mut w, 0, 8)[0]), [(c.0, 8, true)], "new records chain onto the tail");
+    }
+
+    #[test]
     fn reads_come_from_cache_or_need_a_fetch() {
-        let mut w = WriterCore::new(volume(1), config(), Recovered { vdl: Lsn(10), pg_last: vec![Lsn(10)] });
+        let mut w = WriterCore::new(volume(1), config(), Recovered { vdl: Lsn(10), pg_last: vec![Lsn(10)], tails: vec![(Lsn(10), vec![])] });
         let page = w.volume().page_of(b"k");
         assert_eq!(w.read(b"k"), ReadPlan::Fetch { pg: PgId(0), page, lsn: Lsn(10) });
         assert_eq!(w.submit(&[put("k", "v")]), Admit::NeedPages(vec![(PgId(0), page, Lsn(10))]));

@@ -154,7 +154,7 @@ impl Sim {
             // Every page stays cached: eviction picks a HashMap victim, which is not deterministic.
             cache_pages_max: PAGE_COUNT as usize,
         };
-        let writer = WriterCore::new(volume, config, Recovered { vdl: Lsn::ZERO, pg_last: vec![Lsn::ZERO; pgs] });
+        let writer = WriterCore::new(volume, config, Recovered::new_volume(pgs));
         let segments = (0..pgs)
             .map(|pg| {
                 (0..SEGMENTS_PER_PG)

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bytes::Bytes;
 use borealis_net::storage::{ClientError, StorageConn};
 use redo_core::page::PageImage;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
@@ -85,10 +86,18 @@ fn link_of<'a>(links: &'a [Arc<NodeLink>], id: u32) -> &'a Arc<NodeLink> {
     links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
 }
 
+/// One segment's answer to `Status`.
+#[derive(Clone, Copy)]
+struct Answer {
+    node: u32,
+    epoch: Epoch,
+    scl: Lsn,
+}
+
 /// Asks every segment of every PG for `Status { epoch }` until each PG has a
-/// write quorum of answers; returns per PG the (epoch, SCL) answers.
-async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, deadline: Instant) -> Result<Vec<Vec<(Epoch, Lsn)>>> {
-    let mut answers: Vec<Vec<Option<(Epoch, Lsn)>>> = vec![vec![None; SEGMENTS_PER_PG]; volume.pg_count()];
+/// write quorum of answers; returns the answers per PG.
+async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, deadline: Instant) -> Result<Vec<Vec<Answer>>> {
+    let mut answers: Vec<Vec<Option<Answer>>> = vec![vec![None; SEGMENTS_PER_PG]; volume.pg_count()];
     loop {
         let mut asks = JoinSet::new();
         for (pg, segs) in answers.iter().enumerate() {
@@ -103,7 +112,7 @@ async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, d
         while let Some(r) = asks.join_next().await {
             let (pg, s, node, r) = r.context("status task")?;
             match r {
-                Ok((epoch, position)) => answers[pg][s] = Some((epoch, position.scl)),
+                Ok((epoch, position)) => answers[pg][s] = Some(Answer { node, epoch, scl: position.scl }),
                 Err(e) => last_errors.push(format!("pg{pg} on node {node}: {e}")),
             }
         }
@@ -128,31 +137,60 @@ async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, d
 /// epoch on a write quorum of each PG, and returns the epoch and where the
 /// volume stands.
 ///
-/// The volume is taken to end at the highest SCL any segment reports. That is
-/// exact after a clean writer stop (every allocated record reached a quorum
-/// before exit); after a writer crash, records above the last commit would
-/// also need truncating, which is the promotion protocol's job.
+/// The volume is taken to end at the highest SCL any answering segment
+/// reports. That is exact after a clean writer stop (every allocated record
+/// reached a quorum before exit). After a writer crash the segments may
+/// disagree: the records between the lowest and the highest SCL are pulled
+/// from the segment that has them and resent to the others like any frame, so
+/// no segment is left with a hole. (Truncating such an unacknowledged tail
+/// instead is the promotion protocol's job.)
 pub async fn recover(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) -> Result<(Epoch, Recovered)> {
     let deadline = Instant::now() + timeout;
     let seen = status_quorum(volume, links, Epoch(0), deadline).await?;
-    let epoch = Epoch(seen.iter().flatten().map(|(e, _)| e.0).max().unwrap_or(0) + 1);
-    let pg_last: Vec<Lsn> = seen.iter().map(|a| a.iter().map(|&(_, scl)| scl).max().unwrap_or(Lsn::ZERO)).collect();
-    for (pg, answers) in seen.iter().enumerate() {
-        let lowest = answers.iter().map(|&(_, scl)| scl).min().unwrap_or(Lsn::ZERO);
-        if lowest != pg_last[pg] {
-            tracing::warn!(
-                pg, lowest = %lowest, highest = %pg_last[pg],
-                "segments disagree: a node is behind, or the previous writer did not stop cleanly \
-                 (its unacknowledged tail is kept as committed until promotion truncates it)"
-            );
-        }
-    }
+    let epoch = Epoch(seen.iter().flatten().map(|a| a.epoch.0).max().unwrap_or(0) + 1);
+    // After the claim no older writer can append: positions are final.
     let claimed = status_quorum(volume, links, epoch, deadline).await?;
-    if let Some((e, _)) = claimed.iter().flatten().find(|(e, _)| *e != epoch) {
-        bail!("another writer claimed {e} while this one claimed {epoch}: not starting");
+    if let Some(a) = claimed.iter().flatten().find(|a| a.epoch != epoch) {
+        bail!("another writer claimed {} while this one claimed {epoch}: not starting", a.epoch);
+    }
+    let mut pg_last = Vec::new();
+    let mut tails = Vec::new();
+    for (pg, answers) in claimed.iter().enumerate() {
+        let best = *answers.iter().max_by_key(|a| a.scl).expect("a write quorum answered");
+        let lowest = answers.iter().map(|a| a.scl).min().expect("a write quorum answered");
+        let tail = if lowest < best.scl {
+            tracing::warn!(
+                pg, lowest = %lowest, highest = %best.scl, from_node = best.node,
+                "segments disagree (the previous writer did not stop cleanly, or a node is behind): \
+                 resending the records between to the segments that lack them"
+            );
+            pull_range(link_of(links, best.node), PgId(pg as u32), lowest, best.scl).await?
+        } else {
+            Vec::new()
+        };
+        pg_last.push(best.scl);
+        tails.push((lowest, tail));
     }
     let vdl = pg_last.iter().copied().max().unwrap_or(Lsn::ZERO);
-    Ok((epoch, Recovered { vdl, pg_last }))
+    Ok((epoch, Recovered { vdl, pg_last, tails }))
+}
+
+/// Records of `pg` with `after < lsn <= upto`, from one node, in pull-sized runs.
+async fn pull_range(link: &NodeLink, pg: PgId, after: Lsn, upto: Lsn) -> Result<Vec<Bytes>> {
+    const PULL_BYTES_MAX: u32 = 1 << 20;
+    let conn = link.get().await.with_context(|| format!("connect to node {} to read {pg}'s tail", link.id))?;
+    let (mut at, mut runs) = (after, Vec::new());
+    while at < upto {
+        let p = tokio::time::timeout(REQUEST_TIMEOUT, conn.pull(pg, at, upto, PULL_BYTES_MAX))
+            .await
+            .map_err(|_| anyhow::anyhow!("no pull reply from node {} in {REQUEST_TIMEOUT:?}", link.id))?
+            .with_context(|| format!("pull {pg} ({at}, {upto}] from node {}", link.id))?;
+        if p.last_lsn <= at {
+            bail!("node {} returned nothing of {pg} after {at} although its SCL is {upto}", link.id);
+        }
+        (at, runs) = (p.last_lsn, [runs, vec![p.records]].concat());
+    }
+    Ok(runs)
 }
 
 /// GetPage@`lsn` from a segment of `pg`: those with a live session first, so

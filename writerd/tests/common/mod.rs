@@ -70,6 +70,13 @@ impl Proc {
         }
     }
 
+    /// Sends `sig` (e.g. SIGSTOP/SIGCONT) to the running process.
+    pub fn signal(&self, sig: i32) {
+        let c = self.child.as_ref().expect("process is running");
+        // SAFETY: signalling a child we own and have not reaped.
+        unsafe { libc::kill(c.id() as i32, sig) };
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -42,6 +42,17 @@ impl Lsn {
     pub const ZERO: Lsn = Lsn(0);
 }
 
+impl Epoch {
+    /// The epoch a new writer claims after `seen` (the highest any segment
+    /// reported): the next generation in the high 32 bits, and the claimant's
+    /// random `nonce` in the low 32. Two writers that start at once claim
+    /// different epochs, so the higher one fences the other, instead of both
+    /// claiming the same epoch and both writing under it.
+    pub fn claim_after(seen: Epoch, nonce: u32) -> Epoch {
+        Epoch((((seen.0 >> 32) + 1) << 32) | nonce as u64)
+    }
+}
+
 /// A segment: one protection group's copy on one storage node.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SegmentId {
@@ -52,5 +63,20 @@ pub struct SegmentId {
 impl fmt::Display for SegmentId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}@{}", self.pg, self.node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claimed_epochs_are_newer_and_distinct_per_claimant() {
+        let seen = Epoch::claim_after(Epoch(0), 7);
+        let (a, b) = (Epoch::claim_after(seen, 1), Epoch::claim_after(seen, 2));
+        assert!(a > seen && b > seen && a != b);
+        // A claim made later, after either of them, is newer than both.
+        assert!(Epoch::claim_after(a.max(b), 0) > a.max(b));
+        assert!(Epoch::claim_after(Epoch(1), 0) > Epoch(1), "epochs of older writers (small numbers) are passed too");
     }
 }

@@ -147,7 +147,7 @@ async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, d
 pub async fn recover(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) -> Result<(Epoch, Recovered)> {
     let deadline = Instant::now() + timeout;
     let seen = status_quorum(volume, links, Epoch(0), deadline).await?;
-    let epoch = Epoch(seen.iter().flatten().map(|a| a.epoch.0).max().unwrap_or(0) + 1);
+    let epoch = Epoch::claim_after(seen.iter().flatten().map(|a| a.epoch).max().unwrap_or_default(), nonce());
     // After the claim no older writer can append: positions are final.
     let claimed = status_quorum(volume, links, epoch, deadline).await?;
     if let Some(a) = claimed.iter().flatten().find(|a| a.epoch != epoch) {
@@ -173,6 +173,17 @@ pub async fn recover(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration
     }
     let vdl = pg_last.iter().copied().max().unwrap_or(Lsn::ZERO);
     Ok((epoch, Recovered { vdl, pg_last, tails }))
+}
+
+/// 32 bits that differ between writers starting at the same moment.
+fn nonce() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's randomness; mixing in the pid and the
+    // clock makes two processes' values independent.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish() as u32
 }
 
 /// Records of `pg` with `after < lsn <= upto`, from one node, in pull-sized runs.

@@ -10,7 +10,7 @@ use common::*;
 use redo_core::api::ApiErrorCode;
 use redo_core::page::PageOp;
 use redo_core::PgId;
-use borealis_net::api::ApiError;
+use borealis_net::api::{ApiClient, ApiError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete_and_transactions_commit_and_survive_a_writer_restart() {
@@ -257,4 +257,45 @@ async fn a_writer_killed_while_segments_lag_is_replaced_and_every_segment_catche
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_starting_at_once_never_both_commit() {
+    let mut c = Cluster::start(&[]).await;
+    let addrs: Vec<std::net::SocketAddr> = (0..2).map(|_| format!("127.0.0.1:{}", free_udp_port()).parse().unwrap()).collect();
+    let mut writers: Vec<Proc> = addrs.iter().map(|a| c.spawn_writer(Some(*a), &[])).collect();
+    // Each either becomes ready or gives up at start-up because the other claimed a newer epoch.
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    let mut ready = Vec::new();
+    for (w, addr) in writers.iter_mut().zip(&addrs) {
+        loop {
+            if w.log_text().contains("writerd ready") {
+                ready.push(*addr);
+                break;
+            }
+            if w.child.as_mut().unwrap().try_wait().unwrap().is_some() {
+                assert!(w.log_text().contains("another writer claimed"), "{}", w.log_text());
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "writer neither ready nor gone:\n{}", w.log_text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert!(!ready.is_empty(), "neither writer started");
+    // Both claims are done: only the newer epoch may commit. (The older writer may
+    // already have met the newer epoch at storage and exited: it cannot be reached.)
+    let mut committed = Vec::new();
+    let ep = c.endpoint();
+    for addr in &ready {
+        let put = async {
+            let client = ApiClient::connect(&ep, *addr).await?;
+            client.put(b"race", addr.to_string().as_bytes()).await
+        };
+        if let Ok(Ok(_)) = tokio::time::timeout(REPLY_TIMEOUT, put).await {
+            committed.push(*addr);
+        }
+    }
+    assert_eq!(committed.len(), 1, "writers that acknowledged a write: {committed:?}");
+    let survivor = c.client(committed[0]).await;
+    assert_eq!(survivor.get(b"race").await.unwrap().1, Some(committed[0].to_string().into_bytes()));
 }

@@ -25,7 +25,7 @@ fn storaged_bin() -> PathBuf {
     Path::new(WRITERD).with_file_name("storaged")
 }
 
-fn free_udp_port() -> u16 {
+pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").expect("probe free UDP port").local_addr().expect("local addr").port()
 }
 
@@ -196,6 +196,13 @@ impl Cluster {
 
     /// Starts `writerd serve` on the volume's writer address (or `listen`) and waits until it is ready.
     pub async fn start_writer(&mut self, listen: Option<SocketAddr>, extra: &[&str]) -> Proc {
+        let mut p = self.spawn_writer(listen, extra);
+        p.wait_log("writerd ready", READY_TIMEOUT).await;
+        p
+    }
+
+    /// Starts `writerd serve` without waiting for it.
+    pub fn spawn_writer(&mut self, listen: Option<SocketAddr>, extra: &[&str]) -> Proc {
         self.starts += 1;
         let mut args: Vec<String> = vec!["serve".into(), "--volume".into(), self.volume_path.display().to_string()];
         args.extend(["--certs".into(), self.certs.display().to_string()]);
@@ -203,9 +210,7 @@ impl Cluster {
             args.extend(["--listen".into(), l.to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut p = Proc::spawn(Path::new(WRITERD), &args, self.dir.path().join(format!("writerd.{}.log", self.starts)));
-        p.wait_log("writerd ready", READY_TIMEOUT).await;
-        p
+        Proc::spawn(Path::new(WRITERD), &args, self.dir.path().join(format!("writerd.{}.log", self.starts)))
     }
 
     pub fn endpoint(&self) -> quinn::Endpoint {

@@ -20,6 +20,9 @@ use tokio::time::MissedTickBehavior;
 use crate::node::{Node, Segment};
 use crate::pages::{self, PageError};
 
+/// Pages whose reads are planned per hold of the segment lock.
+const PAGES_PER_LOCK: usize = 32;
+
 pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
     let mut tick = tokio::time::interval(Duration::from_millis(node.config.coalesce_interval_ms));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -43,15 +46,18 @@ pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
         if node.is_shutting_down() {
             return;
         }
-        let (upto, reads) = {
+        let (upto, due) = {
             let mut log = seg.log.lock().expect("segment lock");
             let upto = log.flushed_lsn();
             let index = log.page_index_mut().expect("a serving node indexes pages");
-            let due = if every_dirty_page { index.dirty_pages(upto) } else { index.take_due(upto) };
-            let reads: Vec<(PageId, PageRead)> =
-                due.into_iter().filter_map(|page| log.page_read(page, upto).ok().map(|r| (page, r))).collect();
-            (upto, reads)
+            (upto, if every_dirty_page { index.dirty_pages(upto) } else { index.take_due(upto) })
         };
+        // A few pages per lock hold: appends wait on this lock, and a round may cover thousands of pages.
+        let mut reads: Vec<(PageId, PageRead)> = Vec::with_capacity(due.len());
+        for chunk in due.chunks(PAGES_PER_LOCK) {
+            let log = seg.log.lock().expect("segment lock");
+            reads.extend(chunk.iter().filter_map(|&page| log.page_read(page, upto).ok().map(|r| (page, r))));
+        }
         if reads.is_empty() {
             continue;
         }

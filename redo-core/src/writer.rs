@@ -169,9 +169,12 @@ impl WriterCore {
     pub fn pgcl(&self, pg: PgId) -> Lsn {
         self.durability.pgcl(pg)
     }
-    /// Segments of `pg` that hold everything allocated on it.
+    /// Segments of `pg` at the newest position any of them acknowledged (those
+    /// keeping up). Frames go out only a few ahead of quorum, so with fewer
+    /// than a write quorum keeping up, this is what shows which are missing.
     pub fn segments_current(&self, pg: PgId) -> usize {
-        self.durability.segments_at(pg, self.pgs[pg.0 as usize].last_lsn)
+        let newest = (0..SEGMENTS_PER_PG).map(|s| self.durability.segment_scl(pg, s)).max().expect("six segments");
+        self.durability.segments_at(pg, newest)
     }
     /// Bytes of records allocated and not yet released: pending plus retained frames.
     pub fn inflight_bytes(&self) -> usize {

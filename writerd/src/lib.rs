@@ -114,6 +114,7 @@ fn render_metrics(w: &Writer) -> String {
             last_allocated: c.last_allocated().0,
             inflight_bytes: c.inflight_bytes() as u64,
             pgcl: (0..c.volume().pg_count()).map(|pg| c.pgcl(PgId(pg as u32)).0).collect(),
+            segments_current: (0..c.volume().pg_count()).map(|pg| c.segments_current(PgId(pg as u32)) as u64).collect(),
         }
     };
     w.metrics.render(&g)

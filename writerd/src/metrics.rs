@@ -31,6 +31,8 @@ pub struct Gauges {
     pub last_allocated: u64,
     pub inflight_bytes: u64,
     pub pgcl: Vec<u64>,
+    /// Per PG, segments at the newest position any of them acknowledged.
+    pub segments_current: Vec<u64>,
 }
 
 impl Metrics {
@@ -75,6 +77,11 @@ impl Metrics {
         let _ = writeln!(out, "# HELP writerd_pgcl Protection-group complete LSN.\n# TYPE writerd_pgcl gauge");
         for (pg, v) in g.pgcl.iter().enumerate() {
             let _ = writeln!(out, "writerd_pgcl{{pg=\"{pg}\"}} {v}");
+        }
+        let cur = "writerd_pg_segments_current";
+        let _ = writeln!(out, "# HELP {cur} Segments of the PG at the newest position any of them acknowledged; below 4, its commits wait.\n# TYPE {cur} gauge");
+        for (pg, v) in g.segments_current.iter().enumerate() {
+            let _ = writeln!(out, "{cur}{{pg=\"{pg}\"}} {v}");
         }
         self.commit_latency_us.render(&mut out, "writerd_commit_latency_us", "Transaction received to acknowledged, microseconds.");
         let ack = "writerd_segment_ack_latency_us";

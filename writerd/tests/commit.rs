@@ -80,7 +80,8 @@ async fn two_storage_nodes_killed_under_load_fail_no_commit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_down_commits_wait_then_resume_and_a_returning_node_fills_its_hole() {
     let mut c = Cluster::start(&[]).await;
-    let mut w = c.start_writer(None, &[]).await;
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut w = c.start_writer(None, &["--metrics-listen", &metrics_addr.to_string()]).await;
     let client = c.client(c.writer_addr()).await;
     let load = Load::start(&client, 4, 0);
     load.wait_more(200, REPLY_TIMEOUT).await;
@@ -99,6 +100,12 @@ async fn three_nodes_down_commits_wait_then_resume_and_a_returning_node_fills_it
     tokio::time::sleep(Duration::from_millis(500)).await; // a window in which nothing may commit
     assert_eq!(load.count(), stalled, "a commit was acknowledged without a write quorum");
     assert!(!pending.is_finished());
+    // The metrics say why: no PG has a write quorum of current segments.
+    let m = scrape(metrics_addr);
+    for pg in 0..PGS {
+        let line = m.lines().find(|l| l.starts_with(&format!("writerd_pg_segments_current{{pg=\"{pg}\"}}"))).expect("gauge");
+        assert!(line.ends_with(" 3"), "{line}");
+    }
 
     c.restart(3).await;
     let l = match tokio::time::timeout(REPLY_TIMEOUT, pending).await {

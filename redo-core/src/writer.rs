@@ -24,6 +24,10 @@ pub struct WriterConfig {
     pub epoch: Epoch,
     /// LSN allocation limit: no LSN beyond VDL + `lal` is allocated.
     pub lal: u64,
+    /// The same limit in bytes: while records not yet on a write quorum take more
+    /// than this, new transactions wait for VDL to move (LAL alone would let
+    /// large values fill memory while a PG has no quorum).
+    pub unquorumed_bytes_max: usize,
     /// A PG's pending records are sealed into a frame once they reach this size...
     pub batch_bytes_max: usize,
     /// ...or as soon as fewer than this many of its frames await a write quorum.
@@ -176,6 +180,18 @@ impl WriterCore {
         let newest = (0..SEGMENTS_PER_PG).map(|s| self.durability.segment_scl(pg, s)).max().expect("six segments");
         self.durability.segments_at(pg, newest)
     }
+    /// Bytes of records not yet on a write quorum: pending, plus frames above PGCL.
+    pub fn unquorumed_bytes(&self) -> usize {
+        self.pgs
+            .iter()
+            .enumerate()
+            .map(|(pg, log)| {
+                let pgcl = self.durability.pgcl(PgId(pg as u32));
+                log.pending.len() + log.batches.iter().rev().take_while(|b| b.last_lsn > pgcl).map(|b| b.frame.len()).sum::<usize>()
+            })
+            .sum()
+    }
+
     /// Bytes of records allocated and not yet released: pending plus retained frames.
     pub fn inflight_bytes(&self) -> usize {
         self.pgs.iter().map(|p| p.pending.len() + p.retained_bytes).sum()
@@ -230,6 +246,9 @@ impl WriterCore {
         let last = self.next_lsn.0 + ops.len() as u64 - 1;
         if last > self.vdl().0 + self.config.lal {
             return Admit::Stalled { vdl: Lsn(last - self.config.lal) };
+        }
+        if self.unquorumed_bytes() > self.config.unquorumed_bytes_max {
+            return Admit::Stalled { vdl: Lsn(self.vdl().0 + 1) };
         }
         let mut pgs = Vec::new();
         let n = ops.len();
@@ -350,7 +369,15 @@ mod tests {
     }
 
     fn config() -> WriterConfig {
-        WriterConfig { epoch: Epoch(1), lal: 2000, batch_bytes_max: 1 << 20, batch_inflight_max: 1, retain_bytes_max: 1 << 20, cache_pages_max: 16 }
+        WriterConfig {
+            epoch: Epoch(1),
+            lal: 2000,
+            unquorumed_bytes_max: 1 << 20,
+            batch_bytes_max: 1 << 20,
+            batch_inflight_max: 1,
+            retain_bytes_max: 1 << 20,
+            cache_pages_max: 16,
+        }
     }
 
     fn fresh(pgs: u32) -> WriterCore {
@@ -478,6 +505,19 @@ mod tests {
         send(&mut w, 0, 0);
         ack(&mut w, 0, 0..4, 2);
         assert_eq!(commit(&mut w, vec![put("c", "1")]), Lsn(3));
+    }
+
+    #[test]
+    fn bytes_without_quorum_stall_allocation_until_vdl_moves() {
+        let mut w = fresh(1);
+        w.config.unquorumed_bytes_max = 1000;
+        let big = "v".repeat(1200);
+        commit(&mut w, vec![put("a", &big)]);
+        assert_eq!(w.submit(&[put("b", "1")]), Admit::Stalled { vdl: Lsn(1) }, "1.2 KB await quorum");
+        send(&mut w, 0, 0);
+        assert!(matches!(w.submit(&[put("b", "1")]), Admit::Stalled { .. }), "sent is not enough");
+        ack(&mut w, 0, 0..4, 1);
+        assert_eq!(commit(&mut w, vec![put("b", "1")]), Lsn(2));
     }
 
     #[test]

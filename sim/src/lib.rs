@@ -147,6 +147,8 @@ impl Sim {
         let config = WriterConfig {
             epoch: Epoch(1),
             lal: redo_core::api::TXN_OPS_MAX as u64,
+            // Small, so that faults make transactions wait for quorum in bytes too.
+            unquorumed_bytes_max: 16 << 10,
             batch_bytes_max: 1024,
             batch_inflight_max: 2,
             // Unbounded retention: a restarted segment must always be caught up by resending.

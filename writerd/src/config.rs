@@ -29,6 +29,10 @@ pub struct Config {
     /// LSN allocation limit: no LSN beyond VDL + LAL is allocated; new transactions wait instead.
     #[arg(long, default_value_t = 1_000_000)]
     pub lal: u64,
+    /// The allocation limit in bytes: while records not yet on a write quorum take more than
+    /// this, new transactions wait (LAL counts records, which may be large).
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub unquorumed_bytes_max: u64,
     /// A protection group's queued records are sent as one frame once they reach this size...
     #[arg(long, default_value = "1MiB", value_parser = parse_bytes)]
     pub batch_bytes_max: u64,

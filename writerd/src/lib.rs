@@ -49,6 +49,7 @@ pub fn run(config: Config) -> Result<i32> {
         let core_config = WriterConfig {
             epoch,
             lal: config.lal,
+            unquorumed_bytes_max: config.unquorumed_bytes_max as usize,
             batch_bytes_max: config.batch_bytes_max as usize,
             batch_inflight_max: config.batch_inflight_max,
             retain_bytes_max: config.retain_bytes_max as usize,

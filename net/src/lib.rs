@@ -8,7 +8,7 @@ pub mod metrics;
 pub mod storage;
 pub mod tls;
 
-pub use tls::{client_endpoint, connect, server_endpoint, TlsIdentity};
+pub use tls::{client_endpoint, connect, serve_streams, server_endpoint, TlsIdentity};
 
 /// The tokio runtime of a daemon: one thread for `worker_threads == 1`, else a
 /// work-stealing pool of that many.

@@ -139,6 +139,33 @@ pub fn client_endpoint(identity: &TlsIdentity) -> Result<quinn::Endpoint> {
     Ok(ep)
 }
 
+/// Accepts connections on a server endpoint (a peer without a cluster
+/// certificate fails the handshake) and runs `serve` on every bidirectional
+/// stream they open, each as its own task, until the endpoint closes.
+pub async fn serve_streams<F, Fut>(endpoint: quinn::Endpoint, serve: F)
+where
+    F: Fn(quinn::SendStream, quinn::RecvStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    while let Some(incoming) = endpoint.accept().await {
+        let serve = serve.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => return tracing::warn!(%remote, error = %e, "refused connection"),
+            };
+            tracing::debug!(%remote, "connection established");
+            loop {
+                match conn.accept_bi().await {
+                    Ok((send, recv)) => drop(tokio::spawn(serve(send, recv))),
+                    Err(e) => return tracing::debug!(%remote, error = %e, "connection closed"),
+                }
+            }
+        });
+    }
+}
+
 pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection> {
     endpoint
         .connect(addr, SERVER_NAME)

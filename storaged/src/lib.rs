@@ -48,7 +48,8 @@ pub fn run(config: Config) -> Result<()> {
             node = %node.node_id, az = %config.az, listen = %endpoint.local_addr()?, ack = ?config.ack,
             pgs = ?config.pgs, "storaged ready"
         );
-        tokio::spawn(server::accept_loop(node.clone(), endpoint.clone()));
+        let n = node.clone();
+        tokio::spawn(borealis_net::serve_streams(endpoint.clone(), move |send, recv| server::serve_stream(n.clone(), send, recv)));
         for seg in node.segments.values() {
             tokio::spawn(coalescer::run(node.clone(), seg.clone()));
         }

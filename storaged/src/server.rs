@@ -40,36 +40,7 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Message {
     Message::Error { code, message: message.into() }
 }
 
-pub async fn accept_loop(node: Arc<Node>, endpoint: quinn::Endpoint) {
-    while let Some(incoming) = endpoint.accept().await {
-        let node = node.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => serve_connection(node, conn).await,
-                Err(e) => tracing::warn!(%remote, error = %e, "refused connection"),
-            }
-        });
-    }
-}
-
-async fn serve_connection(node: Arc<Node>, conn: quinn::Connection) {
-    let remote = conn.remote_address();
-    tracing::debug!(%remote, "connection established");
-    loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                tokio::spawn(serve_stream(node.clone(), send, recv));
-            }
-            Err(e) => {
-                tracing::debug!(%remote, error = %e, "connection closed");
-                return;
-            }
-        }
-    }
-}
-
-async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: quinn::RecvStream) {
+pub async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let (tx, rx) = mpsc::channel(REPLIES_INFLIGHT_MAX);
     let writer = tokio::spawn(write_replies(send, rx, node.metrics.clone()));
     let frame_max = node.config.frame_bytes_max as usize;

@@ -30,24 +30,7 @@ fn error(code: ApiErrorCode, message: impl Into<String>) -> Response {
     Response::Error { code, message: message.into() }
 }
 
-pub async fn accept_loop(api: Arc<Api>, endpoint: quinn::Endpoint) {
-    while let Some(incoming) = endpoint.accept().await {
-        let api = api.clone();
-        tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => {
-                    while let Ok((send, recv)) = conn.accept_bi().await {
-                        tokio::spawn(serve_stream(api.clone(), send, recv));
-                    }
-                }
-                Err(e) => tracing::warn!(%remote, error = %e, "refused client connection"),
-            }
-        });
-    }
-}
-
-async fn serve_stream(api: Arc<Api>, send: quinn::SendStream, mut recv: quinn::RecvStream) {
+pub async fn serve_stream(api: Arc<Api>, send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let (tx, rx) = mpsc::channel(REQUESTS_INFLIGHT_MAX);
     let writer = tokio::spawn(write_replies(send, rx));
     let inflight = Arc::new(tokio::sync::Semaphore::new(REQUESTS_INFLIGHT_MAX));

@@ -104,6 +104,16 @@ struct PgLog {
     flushed: [Lsn; SEGMENTS_PER_PG],
 }
 
+impl PgLog {
+    /// Retains `records` (ending at `last_lsn`) as an Append frame to send.
+    fn seal(&mut self, epoch: Epoch, pg: PgId, records: &[u8], last_lsn: Lsn) {
+        let mut frame = Vec::with_capacity(crate::wire::APPEND_HEADER_BYTES + records.len());
+        encode_append(epoch, pg, records, &mut frame);
+        self.retained_bytes += frame.len();
+        self.batches.push_back(Batch { last_lsn, frame: Bytes::from(frame) });
+    }
+}
+
 pub struct WriterCore {
     volume: Volume,
     config: WriterConfig,
@@ -128,18 +138,14 @@ impl WriterCore {
             .zip(&recovered.tails)
             .enumerate()
             .map(|(pg, (&last, (from, runs)))| {
+                let mut log = PgLog { last_lsn: last, released_upto: *from, flushed: [*from; SEGMENTS_PER_PG], ..PgLog::default() };
                 // The tail goes out as frames like any other, to every segment below `last`.
-                let batches: VecDeque<Batch> = runs
-                    .iter()
-                    .filter_map(|run| {
-                        let last_lsn = TrustedRecords::new(run).last()?.0.lsn();
-                        let mut frame = Vec::with_capacity(crate::wire::APPEND_HEADER_BYTES + run.len());
-                        encode_append(config.epoch, PgId(pg as u32), run, &mut frame);
-                        Some(Batch { last_lsn, frame: Bytes::from(frame) })
-                    })
-                    .collect();
-                let retained_bytes = batches.iter().map(|b| b.frame.len()).sum();
-                PgLog { last_lsn: last, released_upto: *from, flushed: [*from; SEGMENTS_PER_PG], batches, retained_bytes, ..PgLog::default() }
+                for run in runs {
+                    if let Some((rec, _)) = TrustedRecords::new(run).last() {
+                        log.seal(config.epoch, PgId(pg as u32), run, rec.lsn());
+                    }
+                }
+                log
             })
             .collect();
         WriterCore {
@@ -317,11 +323,10 @@ impl WriterCore {
                 }
                 (cut, last_lsn) = (range.end, rec.lsn());
             }
-            let mut frame = Vec::with_capacity(crate::wire::APPEND_HEADER_BYTES + cut);
-            encode_append(epoch, pg, &log.pending[..cut], &mut frame);
+            let pending = std::mem::take(&mut log.pending); // borrowed by `seal` without a copy
+            log.seal(epoch, pg, &pending[..cut], last_lsn);
+            log.pending = pending;
             log.pending.drain(..cut);
-            log.retained_bytes += frame.len();
-            log.batches.push_back(Batch { last_lsn, frame: Bytes::from(frame) });
             awaiting_quorum += 1;
         }
         let from = log.batches.partition_point(|b| b.last_lsn <= segment_at);

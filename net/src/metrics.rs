@@ -13,6 +13,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const REQUEST_BYTES_MAX: usize = 8192;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Writes a metric family's HELP and TYPE lines (`kind`: counter, gauge, summary).
+pub fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
 /// A latency or size distribution, exported as a Prometheus summary.
 pub struct Distribution {
     hist: Mutex<Histogram<u64>>,
@@ -29,10 +34,6 @@ impl Distribution {
         self.hist.lock().expect("metrics lock").saturating_record(v.max(1));
     }
 
-    /// Writes the summary's HELP and TYPE lines.
-    pub fn render_header(out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-    }
 
     /// Writes the summary's samples; `labels` is empty or like `pg="0",segment="1"`.
     pub fn render_samples(&self, out: &mut String, name: &str, labels: &str) {
@@ -47,7 +48,7 @@ impl Distribution {
     }
 
     pub fn render(&self, out: &mut String, name: &str, help: &str) {
-        Self::render_header(out, name, help);
+        header(out, name, "summary", help);
         self.render_samples(out, name, "");
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use borealis_net::metrics::Distribution;
+use borealis_net::metrics::{header, Distribution};
 
 pub struct Metrics {
     pub ingest_records: AtomicU64,
@@ -66,7 +66,8 @@ impl Metrics {
             ("storaged_page_image_bytes_total", "Bytes of page-file entries made durable by fsync.", &self.page_image_bytes),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node_id}\"}} {}", c.load(Relaxed));
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name}{{node=\"{node_id}\"}} {}", c.load(Relaxed));
         }
         self.ack_latency_us.render(&mut out, "storaged_ack_latency_us", "Append frame received to ack sent, microseconds.");
         self.flush_latency_us.render(&mut out, "storaged_flush_latency_us", "Flush write submitted to fdatasync completed, microseconds.");
@@ -82,7 +83,7 @@ impl Metrics {
             ("storaged_segment_disk_failed", "1 if the segment stopped accepting appends after a disk error.", |s| s.disk_failed as u64),
         ];
         for (name, help, get) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            header(&mut out, name, "gauge", help);
             for s in segments {
                 let _ = writeln!(out, "{name}{{node=\"{node_id}\",pg=\"{}\"}} {}", s.pg, get(s));
             }

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use redo_core::writer::{WriterConfig, WriterCore};
+use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::{Lsn, PgId};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -128,17 +129,16 @@ async fn report_stalls(w: Arc<Writer>) {
     let mut tick = tokio::time::interval(STALL_REPORT_AFTER);
     loop {
         tick.tick().await;
-        let (vdl, last, short) = {
-            let g = w.lock();
-            let c = &g.core;
-            let short: Vec<String> = (0..c.volume().pg_count())
-                .map(|pg| PgId(pg as u32))
-                .filter(|&pg| c.segments_current(pg) < redo_core::quorum::WRITE_QUORUM)
-                .map(|pg| format!("{pg}: {} of 6 segments current", c.segments_current(pg)))
-                .collect();
-            (c.vdl(), c.last_allocated(), short)
-        };
+        let g = w.lock();
+        let c = &g.core;
+        let (vdl, last) = (c.vdl(), c.last_allocated());
         if vdl == last_vdl && last > vdl {
+            let short: Vec<String> = (0..c.volume().pg_count() as u32)
+                .map(|pg| (PgId(pg), c.segments_current(PgId(pg))))
+                .filter(|&(_, n)| n < WRITE_QUORUM)
+                .map(|(pg, n)| format!("{pg}: {n} of {SEGMENTS_PER_PG} segments current"))
+                .collect();
+            drop(g);
             tracing::warn!(%vdl, last_allocated = %last, pgs = %short.join(", "), "commits waiting: no write quorum");
         }
         last_vdl = vdl;

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use borealis_net::metrics::Distribution;
+use borealis_net::metrics::{header, Distribution};
 use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::volume::Volume;
 use redo_core::PgId;
@@ -63,7 +63,8 @@ impl Metrics {
             ("writerd_requests_refused_total", "Client requests refused (malformed, too large, invalid, unavailable).", &self.requests_refused),
         ];
         for (name, help, c) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", c.load(Relaxed));
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", c.load(Relaxed));
         }
         let gauges = [
             ("writerd_vcl", "Volume complete LSN.", g.vcl),
@@ -72,27 +73,28 @@ impl Metrics {
             ("writerd_inflight_bytes", "Record bytes queued or retained for segments that do not hold them yet.", g.inflight_bytes),
         ];
         for (name, help, v) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            header(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {v}");
         }
-        let _ = writeln!(out, "# HELP writerd_pgcl Protection-group complete LSN.\n# TYPE writerd_pgcl gauge");
+        header(&mut out, "writerd_pgcl", "gauge", "Protection-group complete LSN.");
         for (pg, v) in g.pgcl.iter().enumerate() {
             let _ = writeln!(out, "writerd_pgcl{{pg=\"{pg}\"}} {v}");
         }
         let cur = "writerd_pg_segments_current";
-        let _ = writeln!(out, "# HELP {cur} Segments of the PG at the newest position any of them acknowledged; below 4, its commits wait.\n# TYPE {cur} gauge");
+        header(&mut out, cur, "gauge", "Segments of the PG at the newest position any of them acknowledged; below 4, its commits wait.");
         for (pg, v) in g.segments_current.iter().enumerate() {
             let _ = writeln!(out, "{cur}{{pg=\"{pg}\"}} {v}");
         }
         self.commit_latency_us.render(&mut out, "writerd_commit_latency_us", "Transaction received to acknowledged, microseconds.");
         let ack = "writerd_segment_ack_latency_us";
-        Distribution::render_header(&mut out, ack, "Append frame sent to a segment until its ack, microseconds.");
+        header(&mut out, ack, "summary", "Append frame sent to a segment until its ack, microseconds.");
         for (pg, segs) in self.ack_latency_us.iter().enumerate() {
             for (s, d) in segs.iter().enumerate() {
                 d.render_samples(&mut out, ack, &format!("pg=\"{pg}\",node=\"{}\"", self.nodes[pg][s]));
             }
         }
         let up = "writerd_segment_up";
-        let _ = writeln!(out, "# HELP {up} 1 while the writer has a live append session with the segment.\n# TYPE {up} gauge");
+        header(&mut out, up, "gauge", "1 while the writer has a live append session with the segment.");
         for (pg, segs) in self.segment_up.iter().enumerate() {
             for (s, v) in segs.iter().enumerate() {
                 let _ = writeln!(out, "{up}{{pg=\"{pg}\",node=\"{}\"}} {}", self.nodes[pg][s], v.load(Relaxed));

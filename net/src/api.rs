@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use redo_core::api::{ApiErrorCode, Request, RequestError, Response, REQUEST_BYTES_MAX};
+use redo_core::api::{ApiErrorCode, Progress, Request, RequestError, Response, REQUEST_BYTES_MAX};
 use redo_core::page::PageOp;
 use redo_core::Lsn;
 use thiserror::Error;
@@ -111,12 +111,29 @@ impl ApiClient {
 
     /// The key's value and the durable LSN it was read at.
     pub async fn get(&self, key: &[u8]) -> Result<(Lsn, Option<Vec<u8>>), ApiError> {
-        let req = Request::Get(key.to_vec());
+        self.get_at(key, Lsn::ZERO).await
+    }
+
+    /// Like `get`, read at `min_lsn` or later: pass a commit LSN to read your own
+    /// write on a replica (it waits until it has applied that far, or answers `Timeout`).
+    pub async fn get_at(&self, key: &[u8], min_lsn: Lsn) -> Result<(Lsn, Option<Vec<u8>>), ApiError> {
+        let req = Request::Get { key: key.to_vec(), min_lsn };
         req.check()?;
         match self.call(&req).await? {
             Response::Value { read_lsn, value } => Ok((read_lsn, value)),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Follows the server's read point on a stream of its own: VDL from a
+    /// writer, the applied VDL from a replica.
+    pub async fn follow(&self) -> Result<Follower, ApiError> {
+        let lost = |e: &dyn std::fmt::Display| ApiError::Lost(e.to_string());
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
+        let mut frame = Vec::new();
+        Request::Follow.encode(1, &mut frame);
+        send.write_all(&frame).await.map_err(|e| lost(&e))?;
+        Ok(Follower { _send: send, recv })
     }
 
     pub fn close(&self) {
@@ -181,4 +198,26 @@ async fn read_replies(mut recv: quinn::RecvStream, pending: Pending) {
         }
     };
     lose(&pending, err);
+}
+
+/// A `Follow` feed: the server's progress, newest first skipped to when behind.
+pub struct Follower {
+    _send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Follower {
+    pub async fn next(&mut self) -> Result<Progress, ApiError> {
+        let len = match read_frame_len(&mut self.recv, REQUEST_BYTES_MAX).await {
+            Ok(Some(len)) => len,
+            Ok(None) => return Err(ApiError::Lost("server finished the feed".into())),
+            Err(e) => return Err(ApiError::Lost(e.to_string())),
+        };
+        let body = read_frame_bytes(&mut self.recv, len).await.map_err(|e| ApiError::Lost(e.to_string()))?;
+        match Response::decode(&body) {
+            Ok((_, Response::Progress(p))) => Ok(p),
+            Ok((_, other)) => Err(unexpected(other)),
+            Err(e) => Err(ApiError::Unexpected(format!("undecodable progress: {e}"))),
+        }
+    }
 }

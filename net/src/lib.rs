@@ -2,6 +2,7 @@
 //! the cluster CA, endpoint configuration, and message framing on streams.
 
 pub mod api;
+pub mod api_server;
 pub mod certs;
 pub mod frame;
 pub mod metrics;

@@ -6,11 +6,17 @@
 //! ```text
 //! Txn:       count u32 | op*          op: 1 u8 | key_len u16 | key | value_len u32 | value   (put)
 //!                                         2 u8 | key_len u16 | key                          (delete)
-//! Get:       key_len u16 | key
+//! Get:       key_len u16 | key | min_lsn u64
+//! Follow:    (empty)
 //! Committed: commit_lsn u64
 //! Value:     read_lsn u64 | found u8 | value_len u32 | value
 //! Error:     code u8 | message_len u32 | message
+//! Progress:  vdl u64 | pg_count u32 | pgcl u64 * pg_count
 //! ```
+//!
+//! `Follow` turns its stream into a feed: the server answers with a `Progress`
+//! frame (same id) whenever its read point advances, until the stream closes.
+//! Replicas follow the writer's VDL this way; tools follow a replica's.
 //!
 //! Decoding checks only the framing; `Request::check` applies the key, value
 //! and transaction limits so that a client gets an `Invalid` error naming the
@@ -33,6 +39,10 @@ const KIND_GET: u8 = 2;
 const KIND_COMMITTED: u8 = 3;
 const KIND_VALUE: u8 = 4;
 const KIND_ERROR: u8 = 5;
+const KIND_FOLLOW: u8 = 6;
+const KIND_PROGRESS: u8 = 7;
+/// Protection groups a `Progress` frame may list.
+const PROGRESS_PGS_MAX: usize = 1 << 16;
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
 
@@ -47,6 +57,8 @@ pub enum ApiErrorCode {
     Invalid = 3,
     /// The server cannot take writes now (shutting down, or fenced by a newer writer).
     Unavailable = 4,
+    /// A replica's read point did not reach the requested `min_lsn` in time; retry, or read from the writer.
+    Timeout = 5,
 }
 
 impl ApiErrorCode {
@@ -56,6 +68,7 @@ impl ApiErrorCode {
             2 => ApiErrorCode::TooLarge,
             3 => ApiErrorCode::Invalid,
             4 => ApiErrorCode::Unavailable,
+            5 => ApiErrorCode::Timeout,
             _ => return Err(DecodeError::Invalid { what: "api error code", offset, value: v as u64 }),
         })
     }
@@ -65,8 +78,20 @@ impl ApiErrorCode {
 pub enum Request {
     /// Applies every operation atomically; answered with `Committed`.
     Txn(Vec<PageOp>),
-    /// Answered with `Value`.
-    Get(Vec<u8>),
+    /// Answered with `Value` read at a durable LSN >= `min_lsn` (read-your-writes: pass a
+    /// commit LSN; a replica waits until it has applied that far).
+    Get { key: Vec<u8>, min_lsn: Lsn },
+    /// Answered with a `Progress` frame now and at every advance, until the stream closes.
+    Follow,
+}
+
+/// A server's read point: everything at or below `vdl` is durable and visible.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub vdl: Lsn,
+    /// From a writer, per PG, its PGCL: at or above every record of that PG at or below
+    /// `vdl`, so a segment whose SCL reaches `min(pgcl, vdl)` holds all of them. Empty from a replica.
+    pub pgcl: Vec<Lsn>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -76,6 +101,7 @@ pub enum Response {
     /// The key's value as of `read_lsn`, which is durable.
     Value { read_lsn: Lsn, value: Option<Vec<u8>> },
     Error { code: ApiErrorCode, message: String },
+    Progress(Progress),
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -120,7 +146,8 @@ impl Request {
             Request::Txn(ops) if ops.is_empty() => Err(RequestError::EmptyTxn),
             Request::Txn(ops) if ops.len() > TXN_OPS_MAX => Err(RequestError::TooManyOps(ops.len())),
             Request::Txn(ops) => ops.iter().try_for_each(|op| op.check().map_err(RequestError::from)),
-            Request::Get(key) => PageOp::Delete { key: key.clone() }.check().map_err(RequestError::from),
+            Request::Get { key, .. } => PageOp::Delete { key: key.clone() }.check().map_err(RequestError::from),
+            Request::Follow => Ok(()),
         }
     }
 
@@ -130,7 +157,8 @@ impl Request {
         let key_fits = |k: &[u8]| k.len() <= u16::MAX as usize;
         match self {
             Request::Txn(ops) => ops.iter().all(|op| key_fits(op.key())),
-            Request::Get(key) => key_fits(key),
+            Request::Get { key, .. } => key_fits(key),
+            Request::Follow => true,
         }
     }
 
@@ -155,7 +183,11 @@ impl Request {
                     }
                 }
             }),
-            Request::Get(key) => frame(out, KIND_GET, id, |out| put_key(out, key)),
+            Request::Get { key, min_lsn } => frame(out, KIND_GET, id, |out| {
+                put_key(out, key);
+                put_u64(out, min_lsn.0);
+            }),
+            Request::Follow => frame(out, KIND_FOLLOW, id, |_| {}),
         }
     }
 
@@ -184,7 +216,8 @@ impl Request {
                 }
                 Request::Txn(ops)
             }
-            KIND_GET => Request::Get(key(&mut r)?),
+            KIND_GET => Request::Get { key: key(&mut r)?, min_lsn: Lsn(r.u64()?) },
+            KIND_FOLLOW => Request::Follow,
             other => return Err(DecodeError::Invalid { what: "request kind", offset: 0, value: other as u64 }),
         };
         r.finish()?;
@@ -211,6 +244,11 @@ impl Response {
                 }
                 put_u32(out, end as u32);
                 out.extend_from_slice(&message.as_bytes()[..end]);
+            }),
+            Response::Progress(p) => frame(out, KIND_PROGRESS, id, |out| {
+                put_u64(out, p.vdl.0);
+                put_u32(out, p.pgcl.len() as u32);
+                p.pgcl.iter().for_each(|l| put_u64(out, l.0));
             }),
         }
     }
@@ -241,6 +279,12 @@ impl Response {
                     .map_err(|_| DecodeError::Invalid { what: "error message utf-8", offset: at, value: n as u64 })?;
                 Response::Error { code, message }
             }
+            KIND_PROGRESS => {
+                let vdl = Lsn(r.u64()?);
+                let n = r.len("progress pg count", PROGRESS_PGS_MAX)?;
+                let pgcl = (0..n).map(|_| r.u64().map(Lsn)).collect::<Result<_, _>>()?;
+                Response::Progress(Progress { vdl, pgcl })
+            }
             other => return Err(DecodeError::Invalid { what: "response kind", offset: 0, value: other as u64 }),
         };
         r.finish()?;
@@ -260,7 +304,8 @@ mod tests {
                 PageOp::Delete { key: b"k2".to_vec() },
                 PageOp::Put { key: b"k3".to_vec(), value: vec![] },
             ]),
-            Request::Get(b"key".to_vec()),
+            Request::Get { key: b"key".to_vec(), min_lsn: Lsn(9) },
+            Request::Follow,
         ]
     }
 
@@ -271,6 +316,7 @@ mod tests {
             Response::Value { read_lsn: Lsn(7), value: Some(vec![]) },
             Response::Value { read_lsn: Lsn(7), value: None },
             Response::Error { code: ApiErrorCode::Invalid, message: "key too long".into() },
+            Response::Progress(Progress { vdl: Lsn(5), pgcl: vec![Lsn(3), Lsn(5)] }),
         ]
     }
 
@@ -290,7 +336,7 @@ mod tests {
 
     #[test]
     fn limits_are_checked_after_decoding() {
-        let long = Request::Get(vec![b'k'; 2000]);
+        let long = Request::Get { key: vec![b'k'; 2000], min_lsn: Lsn::ZERO };
         let mut f = Vec::new();
         long.encode(1, &mut f);
         let (_, req) = Request::decode(&f[4..]).unwrap();
@@ -314,9 +360,9 @@ mod tests {
 
         /// Arbitrary and mutated bytes never panic either decoder, and what decodes re-encodes identically.
         #[test]
-        fn decoders_are_total(which in 0usize..7, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
+        fn decoders_are_total(which in 0usize..9, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
             let mut f = Vec::new();
-            if which < 2 { requests()[which].encode(3, &mut f) } else { responses()[which - 2].encode(3, &mut f) }
+            if which < 3 { requests()[which].encode(3, &mut f) } else { responses()[which - 3].encode(3, &mut f) }
             for (at, x) in flips {
                 let i = at % f.len();
                 f[i] ^= x;

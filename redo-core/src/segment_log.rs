@@ -506,8 +506,9 @@ impl SegmentLog {
 
     /// Serves records in `(after, upto]` (clamped to SCL) from memory into
     /// `out`, about `bytes_max` at most but at least one record, returning the
-    /// last LSN served (`after` when nothing). When memory no longer holds the
-    /// record after `after`, returns where to read on disk instead.
+    /// LSN through which the segment's records are now all served: the clamped
+    /// `upto` when everything fit, else the last record served. When memory no
+    /// longer holds the record after `after`, returns where to read on disk instead.
     pub fn read(&self, after: Lsn, upto: Lsn, bytes_max: usize, out: &mut Vec<Bytes>) -> Result<Lsn, DiskRead> {
         let upto = upto.min(self.scl);
         if after >= upto {
@@ -518,8 +519,7 @@ impl SegmentLog {
             return Err(DiskRead { offset, prev, end_offset: self.flushed_end, after, upto: upto.min(self.chain_base) });
         }
         let start = self.chain.partition_point(|f| f.last_lsn <= after);
-        let mut last = after;
-        let mut bytes = 0;
+        let (mut last, mut bytes, mut cut) = (after, 0, false);
         for f in self.chain.range(start..) {
             let (mut from, mut to) = (None, 0);
             for (rec, range) in TrustedRecords::new(&f.bytes) {
@@ -527,7 +527,11 @@ impl SegmentLog {
                 if lsn <= after {
                     continue;
                 }
-                if lsn > upto || (bytes > 0 && bytes + range.len() > bytes_max) {
+                if lsn > upto {
+                    break;
+                }
+                if bytes > 0 && bytes + range.len() > bytes_max {
+                    cut = true;
                     break;
                 }
                 from.get_or_insert(range.start);
@@ -539,11 +543,12 @@ impl SegmentLog {
                 Some(from) => out.push(f.bytes.slice(from..to)),
                 None => break,
             }
-            if to < f.bytes.len() {
+            if cut || to < f.bytes.len() {
                 break;
             }
         }
-        Ok(last)
+        // The chain is gap-free up to SCL: unless cut short, nothing else lies in `(after, upto]`.
+        Ok(if cut { last } else { upto })
     }
 
     /// Where to find `page` as of `lsn` (clamped to SCL): its newest stored

@@ -77,8 +77,9 @@ pub enum Message {
     Ack { position: SegmentPosition, batch_last_lsn: Lsn },
     /// Reader → storage: records with `after < lsn <= upto`, at most about `bytes_max`.
     Pull { pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32 },
-    /// Storage → reader: a prefix of the requested range; `last_lsn` is the last record
-    /// included (or `after` when none). Ask again from `last_lsn` for more.
+    /// Storage → reader: a prefix of the requested range. The segment holds no records in
+    /// `(after, last_lsn]` beyond those included (`last_lsn` is `upto` clamped to SCL when
+    /// all fit, else the last record included). Ask again from `last_lsn` for more.
     PullReply { position: SegmentPosition, last_lsn: Lsn, records: Bytes },
     /// Subscriber → storage: push me SCL / flushed LSN changes for these segments.
     Subscribe { pgs: Vec<PgId> },

@@ -1,23 +1,19 @@
-//! The client API: QUIC + mutual TLS, one pipelined stream per client
-//! connection (or several), each request answered by id as it completes.
+//! The writer's client API: transactions and reads (the request loop is
+//! `borealis_net::api_server`); `Follow` streams VDL to replicas.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use borealis_net::frame::{read_frame_bytes, read_frame_len, FrameError};
-use redo_core::api::{ApiErrorCode, Request, Response};
+use borealis_net::api_server::{error, ApiService};
+use redo_core::api::{ApiErrorCode, Progress, Request, Response};
 use redo_core::page::PageOp;
 use redo_core::volume::Volume;
 use redo_core::writer::{Admit, ReadPlan};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
 use crate::segments::{fetch_page, NodeLink};
 use crate::state::Writer;
-
-/// Requests a stream may have in flight (read, not yet answered) before the
-/// server stops reading it: bounds what one client can make the writer hold.
-const REQUESTS_INFLIGHT_MAX: usize = 4096;
 
 pub struct Api {
     pub writer: Arc<Writer>,
@@ -26,71 +22,19 @@ pub struct Api {
     pub request_bytes_max: usize,
 }
 
-fn error(code: ApiErrorCode, message: impl Into<String>) -> Response {
-    Response::Error { code, message: message.into() }
-}
-
-pub async fn serve_stream(api: Arc<Api>, send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let (tx, rx) = mpsc::channel(REQUESTS_INFLIGHT_MAX);
-    let writer = tokio::spawn(write_replies(send, rx));
-    let inflight = Arc::new(tokio::sync::Semaphore::new(REQUESTS_INFLIGHT_MAX));
-    loop {
-        let Ok(permit) = inflight.clone().acquire_owned().await else { break };
-        let body = match read_frame_len(&mut recv, api.request_bytes_max).await {
-            Ok(Some(len)) => read_frame_bytes(&mut recv, len).await,
-            Ok(None) => break,
-            Err(e) => Err(e),
-        };
-        let refusal = match body.as_ref().map(|b| Request::decode(b)) {
-            Ok(Ok((id, req))) => match req.check() {
-                Ok(()) => {
-                    let (api, tx) = (api.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        let _ = tx.send((id, handle(&api, req).await)).await;
-                        drop(permit);
-                    });
-                    continue;
-                }
-                Err(e) => {
-                    api.writer.metrics.requests_refused.fetch_add(1, Relaxed);
-                    let _ = tx.send((id, error(ApiErrorCode::Invalid, e.to_string()))).await;
-                    continue;
-                }
-            },
-            Ok(Err(e)) => error(ApiErrorCode::Malformed, format!("malformed request: {e}")),
-            Err(e @ FrameError::TooLarge { .. }) => error(ApiErrorCode::TooLarge, e.to_string()),
-            Err(e @ FrameError::Malformed(_)) => error(ApiErrorCode::Malformed, e.to_string()),
-            Err(e) => {
-                tracing::debug!(error = %e, "client stream ended");
-                break;
-            }
-        };
-        // The stream's framing is lost: answer with id 0 and close it.
-        api.writer.metrics.requests_refused.fetch_add(1, Relaxed);
-        if let Response::Error { code, message } = &refusal {
-            tracing::warn!(?code, %message, "refusing client stream");
-        }
-        let _ = tx.send((0, refusal)).await;
-        let _ = recv.stop(0u32.into());
-        break;
+impl ApiService for Api {
+    async fn handle(self: Arc<Self>, req: Request) -> Response {
+        handle(&self, req).await
     }
-    drop(tx);
-    let _ = writer.await;
-}
-
-async fn write_replies(mut send: quinn::SendStream, mut rx: mpsc::Receiver<(u64, Response)>) {
-    let mut buf = Vec::new();
-    while let Some((id, resp)) = rx.recv().await {
-        buf.clear();
-        resp.encode(id, &mut buf);
-        while let Ok((id, resp)) = rx.try_recv() {
-            resp.encode(id, &mut buf);
-        }
-        if send.write_all(&buf).await.is_err() {
-            return;
-        }
+    fn progress(&self) -> watch::Receiver<Progress> {
+        self.writer.progress.subscribe()
     }
-    let _ = send.finish();
+    fn refused(&self) {
+        self.writer.metrics.requests_refused.fetch_add(1, Relaxed);
+    }
+    fn request_bytes_max(&self) -> usize {
+        self.request_bytes_max
+    }
 }
 
 async fn handle(api: &Api, req: Request) -> Response {
@@ -110,10 +54,12 @@ async fn handle(api: &Api, req: Request) -> Response {
             }
             r
         }
-        Request::Get(key) => {
+        // The writer's reads are at VDL, which covers every commit it acknowledged.
+        Request::Get { key, .. } => {
             w.metrics.reads.fetch_add(1, Relaxed);
             get(api, key).await
         }
+        Request::Follow => unreachable!("the request loop serves Follow itself"),
     }
 }
 

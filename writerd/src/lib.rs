@@ -77,7 +77,7 @@ pub fn run(config: Config) -> Result<i32> {
             links,
             request_bytes_max: config.request_bytes_max as usize,
         });
-        tokio::spawn(borealis_net::serve_streams(endpoint.clone(), move |send, recv| api_server::serve_stream(api.clone(), send, recv)));
+        tokio::spawn(borealis_net::serve_streams(endpoint.clone(), move |send, recv| borealis_net::api_server::serve_stream(api.clone(), send, recv)));
         tracing::info!(listen = %endpoint.local_addr()?, %epoch, pgs = volume.pg_count(), "writerd ready");
 
         let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;

@@ -6,6 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use redo_core::quorum::SEGMENTS_PER_PG;
+use redo_core::api::Progress;
 use redo_core::wire::SegmentPosition;
 use redo_core::writer::WriterCore;
 use redo_core::{Lsn, PgId};
@@ -23,6 +24,8 @@ pub struct Writer {
     inner: Mutex<Inner>,
     /// Per PG, per segment: there may be new frames to send.
     wake: Vec<[Notify; SEGMENTS_PER_PG]>,
+    /// VDL and every PG's PGCL, pushed to replicas (`Follow`) as VDL advances.
+    pub progress: watch::Sender<Progress>,
     /// Set once a storage node reports a newer epoch: this writer is deposed.
     pub fenced: watch::Sender<Option<String>>,
     /// Set (under the state lock) when the writer stops: no transaction is admitted after it.
@@ -38,13 +41,19 @@ impl Writer {
     pub fn new(core: WriterCore) -> Arc<Writer> {
         let pgs = core.volume().pg_count();
         let metrics = Metrics::new(core.volume());
+        let progress = watch::channel(Self::progress_of(&core)).0;
         Arc::new(Writer {
+            progress,
             inner: Mutex::new(Inner { core, waiters: BTreeMap::new() }),
             wake: (0..pgs).map(|_| std::array::from_fn(|_| Notify::new())).collect(),
             fenced: watch::channel(None).0,
             stopping: AtomicBool::new(false),
             metrics,
         })
+    }
+
+    fn progress_of(core: &WriterCore) -> Progress {
+        Progress { vdl: core.vdl(), pgcl: (0..core.volume().pg_count() as u32).map(|pg| core.pgcl(PgId(pg))).collect() }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -63,7 +72,7 @@ impl Writer {
     /// session, which may be lower after a restart); releases every waiter that VDL now covers.
     pub fn on_position(&self, segment: usize, position: SegmentPosition, from_status: bool) {
         let pg = position.pg;
-        let (ready, sealable) = {
+        let (ready, sealable, progress) = {
             let mut g = self.lock();
             if from_status {
                 g.core.reset_segment(pg, segment, position.scl);
@@ -72,15 +81,25 @@ impl Writer {
             let vdl_advanced = g.core.handle_ack(pg, segment, position.scl, position.flushed_lsn);
             // Fewer frames await quorum: the PG's queued records may be sealed now.
             let sealable = g.core.pgcl(pg) > pgcl;
-            let ready = if vdl_advanced {
+            let (ready, progress) = if vdl_advanced {
                 let vdl = g.core.vdl();
                 let later = g.waiters.split_off(&Lsn(vdl.0 + 1));
-                std::mem::replace(&mut g.waiters, later)
+                (std::mem::replace(&mut g.waiters, later), Some(Self::progress_of(&g.core)))
             } else {
-                BTreeMap::new()
+                (BTreeMap::new(), None)
             };
-            (ready, sealable)
+            (ready, sealable, progress)
         };
+        if let Some(p) = progress {
+            // Under concurrent acks an older value may arrive late: keep the newest.
+            self.progress.send_if_modified(|cur| {
+                let newer = p.vdl > cur.vdl;
+                if newer {
+                    *cur = p;
+                }
+                newer
+            });
+        }
         if sealable {
             self.wake_pg(pg);
         }

@@ -25,7 +25,7 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
     let _w = c.start_writer(None, &[]).await;
     let client = c.client(c.writer_addr()).await;
 
-    let (code, msg) = refused(&client, Request::Get(vec![b'k'; KEY_BYTES_MAX + 1])).await;
+    let (code, msg) = refused(&client, Request::Get { key: vec![b'k'; KEY_BYTES_MAX + 1], min_lsn: Lsn::ZERO }).await;
     assert_eq!(code, ApiErrorCode::Invalid);
     assert!(msg.contains(&format!("key of {} bytes", KEY_BYTES_MAX + 1)), "{msg}");
     // One bad operation refuses the whole transaction: the good one is not written either.

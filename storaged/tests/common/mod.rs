@@ -364,7 +364,7 @@ pub struct Pulled {
 
 /// Pulls `(after, upto]` of `pg`, looping on `last_lsn`, in replies of about
 /// `bytes_max`. Checks each reply: CRC-valid records, in order, `last_lsn`
-/// equal to the last record's. Stops when a reply makes no progress.
+/// at or above the last record's and within SCL. Stops when a reply makes no progress.
 pub async fn pull_all(conn: &StorageConn, pg: u32, after: Lsn, upto: Lsn, bytes_max: u32) -> (Vec<Pulled>, SegmentPosition) {
     let mut out = Vec::new();
     let mut from = after;
@@ -378,11 +378,12 @@ pub async fn pull_all(conn: &StorageConn, pg: u32, after: Lsn, upto: Lsn, bytes_
             last = rec.lsn();
             out.push(Pulled { header: rec.header(), bytes: rec.as_bytes().to_vec() });
         }
-        assert_eq!(reply.last_lsn, last, "pull reply's last_lsn does not match its records");
-        if last == from || last >= upto {
+        assert!(reply.last_lsn >= last, "pull reply's last_lsn {} is below its last record {last}", reply.last_lsn);
+        assert!(reply.last_lsn <= upto.min(reply.position.scl).max(from), "pull reply claims {} beyond SCL", reply.last_lsn);
+        if reply.last_lsn == from || reply.last_lsn >= upto {
             return (out, reply.position);
         }
-        from = last;
+        from = reply.last_lsn;
     }
 }
 

@@ -8,6 +8,7 @@ pub mod page;
 pub mod page_index;
 pub mod quorum;
 pub mod record;
+pub mod replica;
 pub mod segment_file;
 pub mod segment_log;
 pub mod volume;

@@ -1,0 +1,690 @@
+//! A read replica's engine: which log to pull, what to apply, what to keep.
+//!
+//! Inputs are events: the writer's progress (VDL and, per PG, a bound at or
+//! above every record of that PG at or below VDL), storage positions (SCL and
+//! flushed LSN of each segment), pulled records and fetched pages. Outputs are
+//! decisions: which segment to pull from and how much, and the read point.
+//!
+//! - **Whole transactions, never past VDL.** Pulled records wait in `pending`
+//!   until every PG holds all its records up to a CPL at or below VDL; then
+//!   every record up to that CPL is applied at once and the read point moves
+//!   to it. A reader never sees half a transaction or an uncommitted write.
+//! - **Only cached pages are touched.** A page a reader needs is fetched with
+//!   GetPage@LSN at the read point; records applied while the fetch is in
+//!   flight are kept for that page and applied to the image when it arrives.
+//! - **Retain until flushed.** Applied records stay in `retained` until a
+//!   write quorum of their PG's segments has flushed them.
+//! - **Backpressure.** Pending plus retained bytes are bounded by
+//!   `buffer_bytes_max`: with the buffer full nothing is pulled, except what
+//!   the read point needs when nothing retained is left to free (so a
+//!   transaction larger than the buffer still gets through: the limit may be
+//!   exceeded by at most one transaction).
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::api::TXN_OPS_MAX;
+use crate::ids::{Lsn, PageId, PgId};
+use crate::page::PageImage;
+use crate::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use crate::record::{RecordRef, TrustedRecords, ValidRecords};
+use crate::volume::Volume;
+use crate::wire::SegmentPosition;
+use crate::DecodeError;
+
+/// Smallest pull asked for when the buffer has no room but the read point needs records.
+const PULL_BYTES_MIN: usize = 64 << 10;
+/// Largest pull asked for at once.
+pub const PULL_BYTES_MAX: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub buffer_bytes_max: usize,
+    pub cache_pages_max: usize,
+}
+
+/// Where a replica starts, from storage alone (no writer needed).
+#[derive(Clone, Debug)]
+pub struct Start {
+    /// Every record at or below it is on a write quorum of its PG (it need not be a CPL).
+    pub durable: Lsn,
+    /// Per PG, an LSN at or above every record of the PG at or below `durable`.
+    pub bounds: Vec<Lsn>,
+}
+
+impl Start {
+    /// From the SCLs a replica read from the segments (`None`: no answer): per PG, the
+    /// `WRITE_QUORUM`-th highest SCL is complete; the volume is durable up to their minimum.
+    /// `None` until every PG has a write quorum of answers.
+    pub fn from_scls(scls: &[[Option<Lsn>; SEGMENTS_PER_PG]]) -> Option<Start> {
+        let bounds = scls
+            .iter()
+            .map(|pg| {
+                let mut s: Vec<Lsn> = pg.iter().flatten().copied().collect();
+                s.sort_unstable_by(|a, b| b.cmp(a));
+                s.get(WRITE_QUORUM - 1).copied()
+            })
+            .collect::<Option<Vec<Lsn>>>()?;
+        Some(Start { durable: bounds.iter().copied().min().unwrap_or(Lsn::ZERO), bounds })
+    }
+}
+
+struct Rec {
+    lsn: Lsn,
+    cpl: bool,
+    page: PageId,
+    /// The whole record, CRC-checked when it was pulled.
+    bytes: Bytes,
+}
+
+impl Rec {
+    fn as_ref(&self) -> RecordRef<'_> {
+        TrustedRecords::new(&self.bytes).next().expect("one valid record").0
+    }
+}
+
+struct PgState {
+    /// SCL and flushed LSN each segment last reported.
+    segments: [SegmentPosition; SEGMENTS_PER_PG],
+    /// Highest flushed LSN a write quorum of segments reached (never moves back).
+    flushed: Lsn,
+    /// At or above every record of this PG at or below `ReplicaCore::vdl`.
+    bound: Lsn,
+    /// Every record of this PG at or below `have` is pending or was applied.
+    have: Lsn,
+    /// The last record pulled, to check the next one links back to it.
+    last_record: Option<Lsn>,
+    pending: VecDeque<Rec>,
+    retained: VecDeque<Rec>,
+    pulling: bool,
+}
+
+impl PgState {
+    /// Whether this PG holds every record at or below `vdl`.
+    fn complete_to(&self, vdl: Lsn) -> Lsn {
+        if self.have >= self.bound.min(vdl) {
+            vdl
+        } else {
+            self.have
+        }
+    }
+}
+
+/// A pull to make: records of `pg` after `after`, about `bytes_max`, from one of
+/// `segments` (indices into the PG's six, every one holding records past `after`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PullPlan {
+    pub pg: PgId,
+    pub after: Lsn,
+    pub bytes_max: usize,
+    /// Candidates; the first `covering` hold everything the read point needs.
+    pub segments: Vec<usize>,
+    pub covering: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PullError {
+    #[error("records do not decode: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("record {lsn} is outside the pulled range ({after}, {last}]")]
+    OutOfRange { lsn: Lsn, after: Lsn, last: Lsn },
+    #[error("record {lsn} links back to {prev}, but the last record of the segment pulled is {last}")]
+    Broken { lsn: Lsn, prev: Lsn, last: Lsn },
+}
+
+pub enum ReadPlan {
+    /// The page is cached: the value as of `read_point`.
+    Cached { read_point: Lsn, value: Option<Vec<u8>> },
+    /// Fetch `page` of `pg` at `lsn` (from a segment whose SCL reached it), then call `fetched`.
+    Fetch { pg: PgId, page: PageId, lsn: Lsn, segments: Vec<usize> },
+    /// No read point yet: the replica has not reached its first CPL.
+    NotReady,
+}
+
+struct Fetching {
+    /// Fetches of the page in flight.
+    count: usize,
+    /// Records of the page applied while they were.
+    records: Vec<Bytes>,
+}
+
+pub struct ReplicaCore {
+    volume: Volume,
+    config: ReplicaConfig,
+    /// Highest known durable LSN (the writer's VDL, or the storage-derived start).
+    vdl: Lsn,
+    /// Every committed record at or below it is applied; `None` before the first CPL.
+    read_point: Option<Lsn>,
+    pgs: Vec<PgState>,
+    cache: HashMap<PageId, PageImage>,
+    /// Cached pages, oldest first: the eviction order.
+    cache_order: VecDeque<PageId>,
+    fetching: HashMap<PageId, Fetching>,
+    pending_bytes: usize,
+    retained_bytes: usize,
+    /// Cached pages dropped because a record did not link to them (a broken log).
+    pages_dropped: u64,
+}
+
+impl ReplicaCore {
+    /// A replica that starts from `start`: it pulls from a little before
+    /// `start.durable` so as to find the first CPL, which becomes its read point.
+    pub fn new(volume: Volume, config: ReplicaConfig, start: Start) -> Self {
+        assert_eq!(start.bounds.len(), volume.pg_count(), "a bound per protection group");
+        // Each transaction is one MTR of at most TXN_OPS_MAX records with consecutive
+        // LSNs: that many LSNs before `durable` contain a CPL (or the start of the log).
+        let from = Lsn(start.durable.0.saturating_sub(TXN_OPS_MAX as u64));
+        let pgs = start
+            .bounds
+            .iter()
+            .map(|&bound| PgState {
+                segments: [SegmentPosition::default(); SEGMENTS_PER_PG],
+                flushed: Lsn::ZERO,
+                bound,
+                have: from,
+                last_record: None,
+                pending: VecDeque::new(),
+                retained: VecDeque::new(),
+                pulling: false,
+            })
+            .collect();
+        ReplicaCore {
+            volume,
+            config,
+            vdl: start.durable,
+            read_point: (from == Lsn::ZERO).then_some(Lsn::ZERO),
+            pgs,
+            cache: HashMap::new(),
+            cache_order: VecDeque::new(),
+            fetching: HashMap::new(),
+            pending_bytes: 0,
+            retained_bytes: 0,
+            pages_dropped: 0,
+        }
+    }
+
+    pub fn volume(&self) -> &Volume {
+        &self.volume
+    }
+    pub fn read_point(&self) -> Option<Lsn> {
+        self.read_point
+    }
+    pub fn vdl(&self) -> Lsn {
+        self.vdl
+    }
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
+    }
+    pub fn retained_bytes(&self) -> usize {
+        self.retained_bytes
+    }
+    pub fn pages_dropped(&self) -> u64 {
+        self.pages_dropped
+    }
+    pub fn cached_pages(&self) -> usize {
+        self.cache.len()
+    }
+    pub fn buffer_full(&self) -> bool {
+        self.pending_bytes + self.retained_bytes >= self.config.buffer_bytes_max
+    }
+
+    /// The volume flushed LSN: every record at or below it is flushed on a write quorum.
+    pub fn flushed_lsn(&self) -> Lsn {
+        // Below the oldest record still retained or pending, everything applied was flushed.
+        let oldest = self.pgs.iter().filter_map(|p| p.retained.front().or(p.pending.front())).map(|r| r.lsn).min();
+        let applied = self.read_point.unwrap_or(Lsn::ZERO);
+        match oldest {
+            Some(l) => Lsn(l.0 - 1).min(applied),
+            None => applied,
+        }
+    }
+
+    /// The writer's progress: records up to `vdl` are durable, and each PG's records at or
+    /// below it are at or below `bounds[pg]`. Returns the new read point if it moved.
+    pub fn on_progress(&mut self, vdl: Lsn, bounds: &[Lsn]) -> Option<Lsn> {
+        if vdl <= self.vdl {
+            return None;
+        }
+        self.vdl = vdl;
+        if bounds.len() == self.pgs.len() {
+            for (p, &b) in self.pgs.iter_mut().zip(bounds) {
+                p.bound = p.bound.max(b);
+            }
+        } else {
+            // No per-PG bounds: a PG is complete only once pulled up to VDL itself.
+            self.pgs.iter_mut().for_each(|p| p.bound = p.bound.max(vdl));
+        }
+        self.apply()
+    }
+
+    /// A segment's position, from a notification or a reply. Returns whether retained
+    /// records were released (the buffer has room again).
+    pub fn on_position(&mut self, segment: usize, position: SegmentPosition) -> bool {
+        let Some(p) = self.pgs.get_mut(position.pg.0 as usize) else { return false };
+        p.segments[segment] = position;
+        let mut flushed: Vec<Lsn> = p.segments.iter().map(|s| s.flushed_lsn).collect();
+        flushed.sort_unstable_by(|a, b| b.cmp(a));
+        p.flushed = p.flushed.max(flushed[WRITE_QUORUM - 1]);
+        let mut freed = 0;
+        while p.retained.front().is_some_and(|r| r.lsn <= p.flushed) {
+            freed += p.retained.pop_front().expect("front exists").bytes.len();
+        }
+        self.retained_bytes -= freed;
+        freed > 0
+    }
+
+    /// The next pull for `pg`, if any segment has records the replica lacks and the
+    /// buffer allows. Marks the PG as pulling until `on_pulled` or `pull_failed`.
+    pub fn plan_pull(&mut self, pg: PgId) -> Option<PullPlan> {
+        let vdl = self.vdl;
+        let used = self.pending_bytes + self.retained_bytes;
+        let nothing_to_free = self.retained_bytes == 0;
+        let p = &mut self.pgs[pg.0 as usize];
+        if p.pulling {
+            return None;
+        }
+        let need = p.bound.min(vdl);
+        let mut segments: Vec<usize> = (0..SEGMENTS_PER_PG).filter(|&s| p.segments[s].scl > p.have).collect();
+        if segments.is_empty() {
+            return None;
+        }
+        let needed = p.have < need;
+        let room = self.config.buffer_bytes_max.saturating_sub(used);
+        let bytes_max = match (room, needed && nothing_to_free) {
+            (0, false) => return None,
+            (0, true) => PULL_BYTES_MIN,
+            (room, _) => room.min(PULL_BYTES_MAX),
+        };
+        segments.sort_by_key(|&s| p.segments[s].scl < need);
+        let covering = segments.iter().filter(|&&s| p.segments[s].scl >= need).count();
+        p.pulling = true;
+        Some(PullPlan { pg, after: p.have, bytes_max, segments, covering })
+    }
+
+    pub fn pull_failed(&mut self, pg: PgId) {
+        self.pgs[pg.0 as usize].pulling = false;
+    }
+
+    /// A pull reply from `segment`: records of `pg` after `after`; the segment holds no
+    /// others up to `last_lsn`. Returns the new read point if it moved.
+    pub fn on_pulled(&mut self, segment: usize, after: Lsn, position: SegmentPosition, last_lsn: Lsn, records: Bytes) -> Result<Option<Lsn>, PullError> {
+        let pg = position.pg;
+        self.on_position(segment, position);
+        let p = &mut self.pgs[pg.0 as usize];
+        p.pulling = false;
+        if after != p.have {
+            return Ok(None); // stale: another reply moved on
+        }
+        let mut recs = Vec::new();
+        let mut chain = p.last_record;
+        if let Some(valid) = ValidRecords::validate(records, 0)? {
+            for (rec, range) in valid.iter() {
+                let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
+                if lsn <= after || lsn > last_lsn.max(after) {
+                    return Err(PullError::OutOfRange { lsn, after, last: last_lsn });
+                }
+                if let Some(last) = chain.filter(|&l| l != prev) {
+                    return Err(PullError::Broken { lsn, prev, last });
+                }
+                chain = Some(lsn);
+                let h = rec.header();
+                recs.push(Rec { lsn, cpl: h.cpl, page: h.page, bytes: valid.bytes().slice(range) });
+            }
+        }
+        p.last_record = chain;
+        p.have = p.have.max(last_lsn).max(chain.unwrap_or(Lsn::ZERO));
+        self.pending_bytes += recs.iter().map(|r| r.bytes.len()).sum::<usize>();
+        p.pending.extend(recs);
+        Ok(self.apply())
+    }
+
+    /// Applies every pending record up to the highest CPL that all PGs hold and VDL covers.
+    fn apply(&mut self) -> Option<Lsn> {
+        let vdl = self.vdl;
+        let frontier = self.pgs.iter().map(|p| p.complete_to(vdl)).min().unwrap_or(vdl).min(vdl);
+        let to = self
+            .pgs
+            .iter()
+            .filter_map(|p| p.pending.iter().take_while(|r| r.lsn <= frontier).filter(|r| r.cpl).last())
+            .map(|r| r.lsn)
+            .max()?;
+        for pg in 0..self.pgs.len() {
+            while self.pgs[pg].pending.front().is_some_and(|r| r.lsn <= to) {
+                let rec = self.pgs[pg].pending.pop_front().expect("front exists");
+                self.apply_record(&rec);
+                self.pending_bytes -= rec.bytes.len();
+                self.retained_bytes += rec.bytes.len();
+                self.pgs[pg].retained.push_back(rec);
+            }
+        }
+        // What a write quorum already flushed need not be retained.
+        for pg in 0..self.pgs.len() {
+            let p = &mut self.pgs[pg];
+            while p.retained.front().is_some_and(|r| r.lsn <= p.flushed) {
+                self.retained_bytes -= p.retained.pop_front().expect("front exists").bytes.len();
+            }
+        }
+        self.read_point = Some(to);
+        Some(to)
+    }
+
+    fn apply_record(&mut self, rec: &Rec) {
+        if let Some(img) = self.cache.get_mut(&rec.page) {
+            if img.apply(rec.as_ref()).is_err() {
+                // Cannot happen with a consistent log; the page is read from storage again.
+                self.pages_dropped += 1;
+                self.cache.remove(&rec.page);
+            }
+        }
+        if let Some(f) = self.fetching.get_mut(&rec.page) {
+            f.records.push(rec.bytes.clone());
+        }
+    }
+
+    /// How to read `key` at the read point.
+    pub fn read(&mut self, key: &[u8]) -> ReadPlan {
+        let Some(read_point) = self.read_point else { return ReadPlan::NotReady };
+        let page = self.volume.page_of(key);
+        if let Some(img) = self.cache.get(&page) {
+            return ReadPlan::Cached { read_point, value: img.entries.get(key).cloned() };
+        }
+        let pg = self.volume.pg_of(page);
+        let p = &self.pgs[pg.0 as usize];
+        // The PG has no records in (lsn, read_point]: the page as of `lsn` is the page now,
+        // and a write quorum of segments holds `lsn` (the bound came from their SCLs).
+        let lsn = read_point.min(p.bound);
+        let segments = (0..SEGMENTS_PER_PG).filter(|&s| p.segments[s].scl >= lsn).collect();
+        self.fetching.entry(page).or_insert(Fetching { count: 0, records: Vec::new() }).count += 1;
+        ReadPlan::Fetch { pg, page, lsn, segments }
+    }
+
+    /// A fetch from `read` ended (`None`: it failed). Returns the page as of the read
+    /// point, caching it, when the image could be brought up to date.
+    pub fn fetched(&mut self, page: PageId, image: Option<PageImage>) -> Option<(Lsn, &PageImage)> {
+        let f = self.fetching.get_mut(&page).expect("fetched follows read");
+        f.count -= 1;
+        let records = if f.count == 0 { self.fetching.remove(&page).expect("present").records } else { f.records.clone() };
+        let read_point = self.read_point.expect("a fetch needs a read point");
+        if !self.cache.contains_key(&page) {
+            let mut img = image?;
+            for bytes in &records {
+                let rec = TrustedRecords::new(bytes).next().expect("one valid record").0;
+                if rec.lsn() > img.lsn && img.apply(rec).is_err() {
+                    return None;
+                }
+            }
+            self.insert(img);
+        }
+        self.cache.get(&page).map(|img| (read_point, img))
+    }
+
+    fn insert(&mut self, img: PageImage) {
+        if self.config.cache_pages_max == 0 {
+            return;
+        }
+        while self.cache.len() >= self.config.cache_pages_max {
+            let Some(old) = self.cache_order.pop_front() else { break };
+            self.cache.remove(&old);
+        }
+        self.cache_order.push_back(img.page);
+        self.cache.insert(img.page, img);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page::PageOp;
+    use crate::record::RecordHeader;
+    use crate::volume::NodeSpec;
+
+    fn volume() -> Volume {
+        let nodes = (1..=6).map(|i| NodeSpec { id: i, az: format!("az{}", (i + 1) / 2), addr: format!("127.0.0.1:{i}") }).collect();
+        Volume::local("127.0.0.1:9".into(), nodes, 2, 64).unwrap()
+    }
+
+    /// Builds a volume's log the way the writer does: one record per put, the last a CPL.
+    struct Log {
+        volume: Volume,
+        next: u64,
+        seg_last: Vec<Lsn>,
+        page_last: HashMap<PageId, Lsn>,
+        /// Per PG, encoded records.
+        records: Vec<Vec<(Lsn, Vec<u8>)>>,
+    }
+
+    impl Log {
+        fn new() -> Log {
+            Log { volume: volume(), next: 1, seg_last: vec![Lsn::ZERO; 2], page_last: HashMap::new(), records: vec![vec![], vec![]] }
+        }
+        /// Appends a transaction; returns its commit LSN.
+        fn txn(&mut self, puts: &[(&[u8], &[u8])]) -> Lsn {
+            for (i, (k, v)) in puts.iter().enumerate() {
+                let (lsn, page) = (Lsn(self.next), self.volume.page_of(k));
+                self.next += 1;
+                let pg = self.volume.pg_of(page).0 as usize;
+                let h = RecordHeader {
+                    lsn,
+                    prev_lsn_in_segment: self.seg_last[pg],
+                    prev_lsn_for_page: self.page_last.get(&page).copied().unwrap_or(Lsn::ZERO),
+                    page,
+                    cpl: i + 1 == puts.len(),
+                };
+                let (mut payload, mut out) = (Vec::new(), Vec::new());
+                PageOp::Put { key: k.to_vec(), value: v.to_vec() }.encode(&mut payload);
+                h.encode(&payload, &mut out);
+                self.seg_last[pg] = lsn;
+                self.page_last.insert(page, lsn);
+                self.records[pg].push((lsn, out));
+            }
+            Lsn(self.next - 1)
+        }
+        /// Records of `pg` in `(after, upto]`, as a pull reply carries them.
+        fn pull(&self, pg: usize, after: Lsn, upto: Lsn) -> Bytes {
+            let b: Vec<u8> = self.records[pg].iter().filter(|(l, _)| *l > after && *l <= upto).flat_map(|(_, r)| r.clone()).collect();
+            Bytes::from(b)
+        }
+        fn key_in(&self, pg: u32, n: usize) -> Vec<Vec<u8>> {
+            (0..).map(|i: u32| format!("k{i}").into_bytes()).filter(|k| self.volume.pg_of(self.volume.page_of(k)).0 == pg).take(n).collect()
+        }
+    }
+
+    fn pos(pg: u32, scl: Lsn, flushed: Lsn) -> SegmentPosition {
+        SegmentPosition { pg: PgId(pg), scl, flushed_lsn: flushed }
+    }
+
+    fn replica(buffer: usize) -> ReplicaCore {
+        ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: buffer, cache_pages_max: 16 }, Start { durable: Lsn::ZERO, bounds: vec![Lsn::ZERO; 2] })
+    }
+
+    /// Tells `r` every segment of both PGs holds the log up to `scl`, flushed to `flushed`.
+    fn segments_at(r: &mut ReplicaCore, scl: Lsn, flushed: Lsn) {
+        for pg in 0..2 {
+            for s in 0..SEGMENTS_PER_PG {
+                r.on_position(s, pos(pg, scl, flushed));
+            }
+        }
+    }
+
+    /// Makes the pull `r` plans for `pg`, served as storage would from a log up to `scl`:
+    /// about `bytes_max` (at least one record), `last_lsn` = `scl` when all fit.
+    fn pull(r: &mut ReplicaCore, log: &Log, pg: u32, scl: Lsn) -> Option<Lsn> {
+        let plan = r.plan_pull(PgId(pg))?;
+        let (mut out, mut last) = (Vec::new(), scl);
+        for (lsn, rec) in log.records[pg as usize].iter().filter(|(l, _)| *l > plan.after && *l <= scl) {
+            if !out.is_empty() && out.len() + rec.len() > plan.bytes_max {
+                break;
+            }
+            out.extend_from_slice(rec);
+            last = *lsn;
+        }
+        let last = if last == scl || log.records[pg as usize].iter().any(|(l, _)| *l > last && *l <= scl) { last } else { scl };
+        r.on_pulled(plan.segments[0], plan.after, pos(pg, scl, Lsn::ZERO), last, Bytes::from(out)).unwrap()
+    }
+
+    #[test]
+    fn applies_whole_transactions_and_never_past_vdl() {
+        let mut log = Log::new();
+        let (a, b) = (log.key_in(0, 2), log.key_in(1, 2));
+        let t1 = log.txn(&[(&a[0], b"1"), (&b[0], b"1")]);
+        let t2 = log.txn(&[(&a[1], b"2"), (&b[1], b"2")]);
+        let mut r = replica(1 << 20);
+        assert_eq!(r.read_point(), Some(Lsn::ZERO));
+        segments_at(&mut r, t2, Lsn::ZERO);
+        // Both transactions pulled ahead of VDL: nothing applied yet.
+        assert_eq!(pull(&mut r, &log, 0, t2), None);
+        assert_eq!(pull(&mut r, &log, 1, t2), None);
+        assert_eq!(r.read_point(), Some(Lsn::ZERO));
+        // VDL covers t1: exactly t1 becomes visible.
+        assert_eq!(r.on_progress(t1, &[t1, t1]), Some(t1));
+        assert_eq!(r.on_progress(t2, &[t2, t2]), Some(t2));
+        assert_eq!(r.pending_bytes(), 0);
+        assert!(r.retained_bytes() > 0);
+    }
+
+    #[test]
+    fn half_a_transaction_waits_for_the_other_pg() {
+        let mut log = Log::new();
+        let (a, b) = (log.key_in(0, 1), log.key_in(1, 1));
+        let t1 = log.txn(&[(&a[0], b"1"), (&b[0], b"1")]);
+        let mut r = replica(1 << 20);
+        for s in 0..SEGMENTS_PER_PG {
+            r.on_position(s, pos(0, Lsn(1), Lsn::ZERO));
+        }
+        r.on_progress(t1, &[Lsn(1), t1]);
+        assert_eq!(pull(&mut r, &log, 0, Lsn(1)), None, "PG 1's half is missing");
+        for s in 0..SEGMENTS_PER_PG {
+            r.on_position(s, pos(1, t1, Lsn::ZERO));
+        }
+        assert_eq!(pull(&mut r, &log, 1, t1), Some(t1));
+    }
+
+    #[test]
+    fn an_idle_pg_does_not_hold_the_read_point_back() {
+        let mut log = Log::new();
+        let a = log.key_in(0, 3);
+        let t: Vec<Lsn> = a.iter().map(|k| log.txn(&[(k, b"v")])).collect();
+        let mut r = replica(1 << 20);
+        for s in 0..SEGMENTS_PER_PG {
+            r.on_position(s, pos(0, t[2], Lsn::ZERO));
+        }
+        // PG 1 has no records: its PGCL stays 0, so it is complete whatever VDL is.
+        r.on_progress(t[2], &[t[2], Lsn::ZERO]);
+        assert_eq!(pull(&mut r, &log, 0, t[2]), Some(t[2]));
+        assert!(r.plan_pull(PgId(1)).is_none(), "nothing to pull from an idle PG");
+    }
+
+    #[test]
+    fn reads_fetch_missing_pages_and_catch_them_up() {
+        let mut log = Log::new();
+        let k = log.key_in(0, 1).remove(0);
+        let t1 = log.txn(&[(&k, b"old")]);
+        let mut r = replica(1 << 20);
+        segments_at(&mut r, t1, Lsn::ZERO);
+        r.on_progress(t1, &[t1, Lsn::ZERO]);
+        assert_eq!(pull(&mut r, &log, 0, t1), Some(t1));
+        let page = log.volume.page_of(&k);
+        let ReadPlan::Fetch { lsn, segments, .. } = r.read(&k) else { panic!("page not cached yet") };
+        assert_eq!((lsn, segments.len()), (t1, 6));
+        // A new write lands while the fetch is in flight: the image from storage is older.
+        let t2 = log.txn(&[(&k, b"new")]);
+        segments_at(&mut r, t2, Lsn::ZERO);
+        r.on_progress(t2, &[t2, Lsn::ZERO]);
+        assert_eq!(pull(&mut r, &log, 0, t2), Some(t2));
+        let mut old = PageImage::empty(page);
+        old.apply_op(t1, PageOp::Put { key: k.clone(), value: b"old".to_vec() });
+        let (at, img) = r.fetched(page, Some(old)).expect("image caught up");
+        assert_eq!((at, img.entries.get(&k).map(Vec::as_slice)), (t2, Some(&b"new"[..])));
+        // Cached now: later records apply to it directly.
+        let t3 = log.txn(&[(&k, b"newer")]);
+        segments_at(&mut r, t3, Lsn::ZERO);
+        r.on_progress(t3, &[t3, Lsn::ZERO]);
+        pull(&mut r, &log, 0, t3);
+        assert!(matches!(r.read(&k), ReadPlan::Cached { read_point, value: Some(v) } if read_point == t3 && v == b"newer"));
+    }
+
+    #[test]
+    fn a_full_buffer_stops_pulls_until_a_flush_frees_it() {
+        let mut log = Log::new();
+        let a = log.key_in(0, 40);
+        let t: Vec<Lsn> = a.iter().map(|k| log.txn(&[(k, &[7u8; 100][..])])).collect();
+        let last = *t.last().unwrap();
+        let mut r = replica(1000);
+        segments_at(&mut r, last, Lsn::ZERO);
+        r.on_progress(last, &[last, Lsn::ZERO]);
+        let mut seen = Vec::new();
+        while let Some(rp) = pull(&mut r, &log, 0, last) {
+            seen.push(rp);
+        }
+        let behind = r.read_point().unwrap();
+        assert!(behind < last && behind > Lsn::ZERO, "a partial catch-up: {behind}");
+        assert!(r.buffer_full() && r.plan_pull(PgId(0)).is_none(), "full and something to free: wait");
+        // Storage flushes what was applied: room again, and the pulls resume until caught up.
+        for _ in 0..100 {
+            let rp = r.read_point().unwrap();
+            for s in 0..SEGMENTS_PER_PG {
+                r.on_position(s, pos(0, last, rp));
+            }
+            assert_eq!(r.flushed_lsn(), rp);
+            if rp == last {
+                break;
+            }
+            pull(&mut r, &log, 0, last).expect("progress after the flush");
+        }
+        assert_eq!(r.read_point(), Some(last));
+        assert_eq!(r.retained_bytes(), 0);
+    }
+
+    #[test]
+    fn a_transaction_larger_than_the_buffer_still_gets_through() {
+        let mut log = Log::new();
+        let a = log.key_in(0, 30);
+        let puts: Vec<(&[u8], &[u8])> = a.iter().map(|k| (k.as_slice(), &[1u8; 100][..])).collect();
+        let t = log.txn(&puts);
+        let mut r = replica(500);
+        segments_at(&mut r, t, Lsn::ZERO);
+        r.on_progress(t, &[t, Lsn::ZERO]);
+        let mut applied = None;
+        for _ in 0..100 {
+            applied = pull(&mut r, &log, 0, t);
+            if applied.is_some() {
+                break;
+            }
+        }
+        assert_eq!(applied, Some(t));
+    }
+
+    #[test]
+    fn a_broken_chain_or_foreign_range_is_refused() {
+        let mut log = Log::new();
+        let a = log.key_in(0, 3);
+        for k in &a {
+            log.txn(&[(k, b"v")]);
+        }
+        let mut r = replica(1 << 20);
+        segments_at(&mut r, Lsn(3), Lsn::ZERO);
+        let plan = r.plan_pull(PgId(0)).unwrap();
+        r.on_pulled(0, plan.after, pos(0, Lsn(1), Lsn::ZERO), Lsn(1), log.pull(0, Lsn::ZERO, Lsn(1))).unwrap();
+        let plan = r.plan_pull(PgId(0)).unwrap();
+        // Record 3 without record 2: its backlink names 2.
+        let err = r.on_pulled(0, plan.after, pos(0, Lsn(3), Lsn::ZERO), Lsn(3), log.pull(0, Lsn(2), Lsn(3))).unwrap_err();
+        assert_eq!(err, PullError::Broken { lsn: Lsn(3), prev: Lsn(2), last: Lsn(1) });
+        r.pull_failed(PgId(0));
+        let plan = r.plan_pull(PgId(0)).unwrap();
+        let err = r.on_pulled(0, plan.after, pos(0, Lsn(3), Lsn::ZERO), Lsn(2), log.pull(0, Lsn(1), Lsn(3))).unwrap_err();
+        assert!(matches!(err, PullError::OutOfRange { lsn: Lsn(3), .. }));
+    }
+
+    #[test]
+    fn a_new_replica_starts_from_a_write_quorum_of_scls() {
+        let mut scls = [[Some(Lsn(10)), Some(Lsn(9)), Some(Lsn(8)), None, Some(Lsn(7)), Some(Lsn(3))]; 2];
+        let s = Start::from_scls(&scls).unwrap();
+        assert_eq!((s.durable, s.bounds), (Lsn(7), vec![Lsn(7), Lsn(7)]));
+        scls[1] = [Some(Lsn(5)), None, None, Some(Lsn(5)), Some(Lsn(5)), None];
+        assert!(Start::from_scls(&scls).is_none(), "PG 1 lacks a write quorum of answers");
+        // Far into the log, the replica starts without a read point until it meets a CPL.
+        let r = ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: 1, cache_pages_max: 1 }, Start { durable: Lsn(5000), bounds: vec![Lsn(5000); 2] });
+        assert_eq!(r.read_point(), None);
+    }
+}

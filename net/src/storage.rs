@@ -1,14 +1,22 @@
 //! Client side of the storage protocol, for writers, replicas, tools and tests.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 
 use bytes::Bytes;
 use redo_core::wire::{encode_append, ErrorCode, Message, SegmentPosition, FRAME_BYTES_MAX};
 use redo_core::page::PageImage;
+use redo_core::volume::Volume;
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use thiserror::Error;
 
 use crate::frame::{read_message, write_message, FrameError};
+
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -166,4 +174,75 @@ impl Subscription {
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
+}
+
+/// The connection to one storage node, re-established on demand.
+pub struct NodeLink {
+    pub id: u32,
+    pub addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    conn: tokio::sync::Mutex<Option<StorageConn>>,
+}
+
+impl NodeLink {
+    pub fn for_volume(volume: &Volume, endpoint: &quinn::Endpoint) -> anyhow::Result<Vec<Arc<NodeLink>>> {
+        volume
+            .nodes
+            .iter()
+            .map(|n| {
+                let addr = n.addr.parse().with_context(|| format!("node {} address {:?}", n.id, n.addr))?;
+                Ok(Arc::new(NodeLink { id: n.id, addr, endpoint: endpoint.clone(), conn: Default::default() }))
+            })
+            .collect()
+    }
+
+    pub async fn get(&self) -> Result<StorageConn, ClientError> {
+        let mut g = self.conn.lock().await;
+        if let Some(c) = g.as_ref().filter(|c| c.conn.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let c = tokio::time::timeout(CONNECT_TIMEOUT, StorageConn::connect(&self.endpoint, self.addr))
+            .await
+            .map_err(|_| ClientError::Connect { addr: self.addr, source: anyhow::anyhow!("no answer in {CONNECT_TIMEOUT:?}") })??;
+        *g = Some(c.clone());
+        Ok(c)
+    }
+
+    pub async fn status(&self, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
+        let conn = self.get().await?;
+        self.status_on(&conn, epoch, pg).await
+    }
+
+    pub async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, conn.status(epoch, pg))
+            .await
+            .map_err(|_| ClientError::Unexpected(format!("no status reply in {REQUEST_TIMEOUT:?}")))?
+    }
+
+    /// Drops the cached connection if it is still the one that failed (another
+    /// session may already have replaced it).
+    pub async fn forget(&self, failed: usize) {
+        let mut g = self.conn.lock().await;
+        if g.as_ref().is_some_and(|c| c.conn.stable_id() == failed) {
+            *g = None;
+        }
+    }
+}
+
+/// GetPage@`lsn` of `pg` from the first of `links` that answers.
+pub async fn get_page_from(links: impl IntoIterator<Item = &NodeLink>, pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
+    let mut errors = Vec::new();
+    for link in links {
+        let r = async {
+            let conn = link.get().await?;
+            tokio::time::timeout(REQUEST_TIMEOUT, conn.get_page(pg, page, lsn))
+                .await
+                .map_err(|_| ClientError::Unexpected(format!("no page reply in {REQUEST_TIMEOUT:?}")))?
+        };
+        match r.await {
+            Ok((_, image)) => return Ok(image),
+            Err(e) => errors.push(format!("node {}: {e}", link.id)),
+        }
+    }
+    Err(format!("GetPage {page}@{lsn} of {pg} failed on every segment tried: {}", errors.join("; ")))
 }

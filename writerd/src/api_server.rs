@@ -12,7 +12,9 @@ use redo_core::volume::Volume;
 use redo_core::writer::{Admit, ReadPlan};
 use tokio::sync::watch;
 
-use crate::segments::{fetch_page, NodeLink};
+use borealis_net::storage::NodeLink;
+
+use crate::segments::fetch_page;
 use crate::state::Writer;
 
 pub struct Api {

@@ -44,7 +44,7 @@ pub fn run(config: Config) -> Result<i32> {
     let runtime = borealis_net::runtime(config.worker_threads)?;
     runtime.block_on(async {
         let storage_endpoint = borealis_net::client_endpoint(&identity)?;
-        let links = segments::NodeLink::for_volume(&volume, &storage_endpoint)?;
+        let links = borealis_net::storage::NodeLink::for_volume(&volume, &storage_endpoint)?;
         let (epoch, recovered) = segments::recover(&volume, &links, Duration::from_millis(config.start_timeout_ms)).await?;
         tracing::info!(%epoch, vdl = %recovered.vdl, "claimed the volume");
         let core_config = WriterConfig {

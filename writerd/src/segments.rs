@@ -4,83 +4,27 @@
 //! resends what a returning segment missed.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use borealis_net::storage::{ClientError, StorageConn};
+use borealis_net::storage::{get_page_from, ClientError, NodeLink, StorageConn, REQUEST_TIMEOUT};
 use redo_core::page::PageImage;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::volume::Volume;
-use redo_core::wire::{ErrorCode, SegmentPosition};
+use redo_core::wire::ErrorCode;
 use redo_core::writer::{Batch, Recovered};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use tokio::task::JoinSet;
 
 use crate::state::Writer;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// How often a segment that needs repair from its peers is looked at again.
 const GAP_RETRY: Duration = Duration::from_secs(5);
-
-/// The connection to one storage node, re-established on demand.
-pub struct NodeLink {
-    pub id: u32,
-    pub addr: SocketAddr,
-    endpoint: quinn::Endpoint,
-    conn: tokio::sync::Mutex<Option<StorageConn>>,
-}
-
-impl NodeLink {
-    pub fn for_volume(volume: &Volume, endpoint: &quinn::Endpoint) -> Result<Vec<Arc<NodeLink>>> {
-        volume
-            .nodes
-            .iter()
-            .map(|n| {
-                let addr = n.addr.parse().with_context(|| format!("node {} address {:?}", n.id, n.addr))?;
-                Ok(Arc::new(NodeLink { id: n.id, addr, endpoint: endpoint.clone(), conn: Default::default() }))
-            })
-            .collect()
-    }
-
-    pub async fn get(&self) -> Result<StorageConn, ClientError> {
-        let mut g = self.conn.lock().await;
-        if let Some(c) = g.as_ref().filter(|c| c.conn.close_reason().is_none()) {
-            return Ok(c.clone());
-        }
-        let c = tokio::time::timeout(CONNECT_TIMEOUT, StorageConn::connect(&self.endpoint, self.addr))
-            .await
-            .map_err(|_| ClientError::Connect { addr: self.addr, source: anyhow::anyhow!("no answer in {CONNECT_TIMEOUT:?}") })??;
-        *g = Some(c.clone());
-        Ok(c)
-    }
-
-    async fn status(&self, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
-        let conn = self.get().await?;
-        self.status_on(&conn, epoch, pg).await
-    }
-
-    async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, conn.status(epoch, pg))
-            .await
-            .map_err(|_| ClientError::Unexpected(format!("no status reply in {REQUEST_TIMEOUT:?}")))?
-    }
-
-    /// Drops the cached connection if it is still the one that failed (another
-    /// session may already have replaced it).
-    async fn forget(&self, failed: usize) {
-        let mut g = self.conn.lock().await;
-        if g.as_ref().is_some_and(|c| c.conn.stable_id() == failed) {
-            *g = None;
-        }
-    }
-}
 
 fn link_of<'a>(links: &'a [Arc<NodeLink>], id: u32) -> &'a Arc<NodeLink> {
     links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
@@ -209,21 +153,8 @@ async fn pull_range(link: &NodeLink, pg: PgId, after: Lsn, upto: Lsn) -> Result<
 pub async fn fetch_page(w: &Writer, volume: &Volume, links: &[Arc<NodeLink>], pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
     let mut nodes: Vec<(usize, u32)> = volume.segments(pg).map(|n| n.id).enumerate().collect();
     nodes.sort_by_key(|&(s, _)| w.metrics.segment_up[pg.0 as usize][s].load(Relaxed) == 0);
-    let mut errors = Vec::new();
-    for (_, id) in nodes {
-        let link = link_of(links, id);
-        let r = async {
-            let conn = link.get().await?;
-            tokio::time::timeout(REQUEST_TIMEOUT, conn.get_page(pg, page, lsn))
-                .await
-                .map_err(|_| ClientError::Unexpected(format!("no page reply in {REQUEST_TIMEOUT:?}")))?
-        };
-        match r.await {
-            Ok((_, image)) => return Ok(image),
-            Err(e) => errors.push(format!("node {id}: {e}")),
-        }
-    }
-    Err(format!("GetPage {page}@{lsn} of {pg} failed on every segment: {}", errors.join("; ")))
+    let order: Vec<&NodeLink> = nodes.iter().map(|&(_, id)| link_of(links, id).as_ref()).collect();
+    get_page_from(order, pg, page, lsn).await
 }
 
 /// Why a segment session ended.

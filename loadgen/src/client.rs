@@ -1,13 +1,16 @@
-//! `loadgen put|get|delete|txn`: one request to a writer's client API from
-//! the command line, and `loadgen volume`, the volume file of a local cluster.
+//! `loadgen put|get|delete|txn`: one request to a writer's (or, for `get`, a
+//! replica's) client API from the command line, and `loadgen volume`, the
+//! volume file of a local cluster.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use borealis_net::api::ApiClient;
+use borealis_net::api::{ApiClient, ApiError};
+use redo_core::api::ApiErrorCode;
 use redo_core::page::PageOp;
+use redo_core::Lsn;
 use redo_core::volume::Volume;
 
 use crate::cluster::local_volume;
@@ -91,6 +94,21 @@ pub struct KeyArgs {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct GetArgs {
+    /// Key, 1 to 1024 bytes.
+    pub key: String,
+    /// Read from the replica with this client API address instead of the writer.
+    #[arg(long)]
+    pub replica: Option<SocketAddr>,
+    /// Read at this LSN or later: pass the commit LSN that put/txn printed to read your own
+    /// write on a replica (it waits until it has applied that far, else answers Timeout).
+    #[arg(long, default_value_t = 0)]
+    pub min_lsn: u64,
+    #[command(flatten)]
+    pub request: RequestArgs,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct TxnArgs {
     /// Operations, applied atomically in order: `put:KEY=VALUE` (the key ends at the first `=`) or `del:KEY`.
     #[arg(required = true, value_parser = parse_op)]
@@ -118,9 +136,12 @@ pub enum Outcome {
     NotFound,
 }
 
-/// Connects, sends one request, and prints the reply (commit LSN, or the value).
-async fn request(args: &RequestArgs, what: &str, call: impl AsyncFnOnce(&ApiClient) -> Result<Outcome>) -> Result<Outcome> {
-    let addr = args.target.writer_addr()?;
+/// Connects to `replica`, else to the writer, sends one request, and prints the reply (commit LSN, or the value).
+async fn request(args: &RequestArgs, replica: Option<SocketAddr>, what: &str, call: impl AsyncFnOnce(&ApiClient) -> Result<Outcome>) -> Result<Outcome> {
+    let (server, addr, hint) = match replica {
+        Some(addr) => ("replica", addr, "is replicad running? see --replica"),
+        None => ("writer", args.target.writer_addr()?, "is writerd running? see --writer, --volume"),
+    };
     let endpoint = borealis_net::client_endpoint(&args.target.identity()?)?;
     let work = async {
         let client = ApiClient::connect(&endpoint, addr).await?;
@@ -129,15 +150,15 @@ async fn request(args: &RequestArgs, what: &str, call: impl AsyncFnOnce(&ApiClie
         outcome
     };
     let outcome = match tokio::time::timeout(Duration::from_secs_f64(args.timeout), work).await {
-        Ok(r) => r.with_context(|| format!("{what} at writer {addr}"))?,
-        Err(_) => bail!("{what} at writer {addr}: no reply within {} s (is writerd running? see --writer, --volume)", args.timeout),
+        Ok(r) => r.with_context(|| format!("{what} at {server} {addr}"))?,
+        Err(_) => bail!("{what} at {server} {addr}: no reply within {} s ({hint})", args.timeout),
     };
     endpoint.wait_idle().await;
     Ok(outcome)
 }
 
 async fn commit(args: &RequestArgs, what: &str, ops: Vec<PageOp>) -> Result<Outcome> {
-    request(args, what, async |c: &ApiClient| {
+    request(args, None, what, async |c: &ApiClient| {
         println!("{}", c.txn(ops).await?);
         Ok(Outcome::Done)
     })
@@ -156,11 +177,19 @@ pub async fn txn(args: TxnArgs) -> Result<Outcome> {
     commit(&args.request, "txn", args.ops).await
 }
 
-pub async fn get(args: KeyArgs) -> Result<Outcome> {
+pub async fn get(args: GetArgs) -> Result<Outcome> {
     let key = args.key.into_bytes();
-    request(&args.request, "get", async |c: &ApiClient| {
+    let min_lsn = Lsn(args.min_lsn);
+    request(&args.request, args.replica, "get", async |c: &ApiClient| {
         use std::io::Write;
-        match c.get(&key).await?.1 {
+        let value = match c.get_at(&key, min_lsn).await {
+            Ok((_, value)) => value,
+            Err(ApiError::Refused { code: ApiErrorCode::Timeout, message }) => {
+                bail!("the server had not applied --min-lsn {min_lsn} when its read wait ran out ({message}); retry, or read from the writer")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match value {
             Some(value) => {
                 let mut out = std::io::stdout().lock();
                 out.write_all(&value)?;

@@ -57,6 +57,10 @@ pub fn writerd_binary() -> Result<PathBuf> {
     sibling_binary("writerd", "BOREALIS_WRITERD")
 }
 
+pub fn replicad_binary() -> Result<PathBuf> {
+    sibling_binary("replicad", "BOREALIS_REPLICAD")
+}
+
 pub fn free_udp_port() -> Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0").context("probe free UDP port")?.local_addr()?.port())
 }
@@ -160,6 +164,16 @@ impl Daemon {
     }
 }
 
+/// SIGTERM to every daemon at once, then waits for each to exit; SIGKILL after a timeout.
+fn stop_all<'a>(daemons: impl IntoIterator<Item = &'a mut Daemon>) -> Result<()> {
+    let mut daemons: Vec<&mut Daemon> = daemons.into_iter().collect();
+    for d in &daemons {
+        d.terminate();
+    }
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    daemons.iter_mut().map(|d| d.wait_stopped(deadline)).fold(Ok(()), Result::and)
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
@@ -240,20 +254,34 @@ impl LocalStorage {
 
     /// Stops every node with SIGTERM (each flushes and exits), SIGKILL after a timeout.
     pub fn stop(&mut self) -> Result<()> {
-        for n in &self.nodes {
-            n.process.terminate();
-        }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        self.nodes.iter_mut().try_for_each(|n| n.process.wait_stopped(deadline))
+        stop_all(self.nodes.iter_mut().map(|n| &mut n.process))
     }
 }
 
-/// Six storage nodes (two per AZ) and a writerd, with the volume file that ties them together.
+/// Six storage nodes (two per AZ), a writerd and read replicas, with the volume file that ties them together.
 pub struct LocalCluster {
     pub storage: LocalStorage,
     pub writer_addr: SocketAddr,
     pub writer_metrics_addr: SocketAddr,
     writerd: Daemon,
+    pub replicas: Vec<Replica>,
+}
+
+/// A replicad of a local cluster.
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    process: Daemon,
+}
+
+/// What a local cluster runs: its volume, how many replicas, and extra options per daemon.
+pub struct ClusterSpec<'a> {
+    pub pgs: u32,
+    pub page_count: u64,
+    pub replicas: usize,
+    pub storaged_args: &'a [String],
+    pub writerd_args: &'a [String],
+    pub replicad_args: &'a [String],
 }
 
 /// Daemon option that precedes any user-given ones (later options win).
@@ -263,19 +291,21 @@ const ONE_THREAD: [&str; 2] = ["--worker-threads", "1"];
 const CLUSTER_NODES: u32 = 6;
 
 impl LocalCluster {
-    /// Starts the storage nodes, waits for them, then starts writerd and waits until it serves a get.
-    pub async fn start(dir: &Path, pgs: u32, page_count: u64, storaged_args: &[String], writerd_args: &[String]) -> Result<Self> {
-        let all_pgs: Vec<u32> = (0..pgs).collect();
-        // Seven daemons share this host's cores: one network thread each switches least.
-        let storaged_args: Vec<String> = ONE_THREAD.iter().map(|s| s.to_string()).chain(storaged_args.iter().cloned()).collect();
+    /// Starts the storage nodes, waits for them, then starts writerd and then
+    /// the replicas, waiting until each serves a get.
+    pub async fn start(dir: &Path, spec: &ClusterSpec<'_>) -> Result<Self> {
+        let all_pgs: Vec<u32> = (0..spec.pgs).collect();
+        // The daemons share this host's cores: one network thread each switches least.
+        let storaged_args: Vec<String> = ONE_THREAD.iter().map(|s| s.to_string()).chain(spec.storaged_args.iter().cloned()).collect();
         let mut storage = LocalStorage::start(dir, CLUSTER_NODES, &all_pgs, &storaged_args)?;
         let certs = dir.join("certs");
-        borealis_net::certs::generate(&certs, &["writerd".to_string()])?;
+        // The CA made by LocalStorage::start signs these too.
+        borealis_net::certs::generate(&certs, &["writerd".to_string(), "replicad".to_string()])?;
         let endpoint = borealis_net::client_endpoint(&storage.identity()?)?;
         drop(storage.connect_all(&endpoint).await?);
         let writer_addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
         let writer_metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
-        let volume = local_volume(writer_addr, storage.nodes.iter().map(|n| (n.node_id, n.addr)), pgs, page_count)?;
+        let volume = local_volume(writer_addr, storage.nodes.iter().map(|n| (n.node_id, n.addr)), spec.pgs, spec.page_count)?;
         let volume_path = dir.join("volume.toml");
         std::fs::write(&volume_path, volume.to_toml()).with_context(|| format!("write {}", volume_path.display()))?;
         let mut writerd = Daemon::spawn(
@@ -289,39 +319,66 @@ impl LocalCluster {
                 .arg(&certs)
                 .args(["--metrics-listen", &writer_metrics_addr.to_string()])
                 .args(ONE_THREAD)
-                .args(writerd_args),
+                .args(spec.writerd_args),
         )?;
-        wait_writer_ready(&endpoint, writer_addr, &mut writerd).await?;
+        wait_serving(&endpoint, writer_addr, &mut writerd).await?;
+        let mut replicas = Vec::new();
+        for i in 1..=spec.replicas {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
+            let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+            let name = format!("replicad-{i}");
+            let process = Daemon::spawn(
+                &name,
+                dir.join(format!("{name}.log")),
+                Command::new(replicad_binary()?)
+                    .arg("serve")
+                    .arg("--volume")
+                    .arg(&volume_path)
+                    .args(["--listen", &addr.to_string()])
+                    .arg("--certs")
+                    .arg(&certs)
+                    .args(["--metrics-listen", &metrics_addr.to_string()])
+                    .args(ONE_THREAD)
+                    .args(spec.replicad_args),
+            )?;
+            replicas.push(Replica { addr, metrics_addr, process });
+        }
+        // Started together, they catch up together; then each must answer.
+        for r in &mut replicas {
+            wait_serving(&endpoint, r.addr, &mut r.process).await?;
+        }
         endpoint.close(0u32.into(), b"ready");
-        Ok(LocalCluster { storage, writer_addr, writer_metrics_addr, writerd })
+        Ok(LocalCluster { storage, writer_addr, writer_metrics_addr, writerd, replicas })
     }
 
-    /// Stops writerd first (it stops writing), then the storage nodes.
+    /// Stops the replicas first (they read from the writer and storage), then
+    /// writerd (it stops writing), then the storage nodes.
     pub fn stop(&mut self) -> Result<()> {
-        self.writerd.terminate();
-        let writer = self.writerd.wait_stopped(Instant::now() + STOP_TIMEOUT);
+        let replicas = stop_all(self.replicas.iter_mut().map(|r| &mut r.process));
+        let writer = stop_all([&mut self.writerd]);
         let storage = self.storage.stop();
-        writer.and(storage)
+        replicas.and(writer).and(storage)
     }
 }
 
 /// Ready means a client can connect and read.
-async fn wait_writer_ready(endpoint: &quinn::Endpoint, addr: SocketAddr, writerd: &mut Daemon) -> Result<()> {
+async fn wait_serving(endpoint: &quinn::Endpoint, addr: SocketAddr, daemon: &mut Daemon) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        writerd.check_running()?;
+        daemon.check_running()?;
         let probe = async {
             let client = ApiClient::connect(endpoint, addr).await?;
             client.get(b"readiness-probe").await?;
             client.close();
             Ok::<_, borealis_net::api::ApiError>(())
         };
+        let name = &daemon.name;
         match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) if Instant::now() > deadline => {
-                return Err(e).with_context(|| format!("writerd did not become ready; see {}", writerd.log.display()))
+                return Err(e).with_context(|| format!("{name} did not become ready; see {}", daemon.log.display()))
             }
-            _ if Instant::now() > deadline => bail!("writerd did not become ready within {READY_TIMEOUT:?}; see {}", writerd.log.display()),
+            _ if Instant::now() > deadline => bail!("{name} did not become ready within {READY_TIMEOUT:?}; see {}", daemon.log.display()),
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }
     }

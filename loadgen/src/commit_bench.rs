@@ -2,6 +2,8 @@
 //! offered rates, each point measured `--runs` times. Latency counts from
 //! each commit's due time on the open-loop schedule, so a stall of the writer
 //! (or of loadgen) shows up as latency instead of as a pause in sending.
+//! Meanwhile every replica's and the writer's `Follow` feeds give the replica
+//! visibility lag of each acknowledged commit (see `lag`).
 
 use std::collections::BTreeMap;
 use std::hash::BuildHasher;
@@ -12,25 +14,36 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use borealis_net::api::ApiClient;
+use borealis_net::api::{ApiClient, Follower};
 use hdrhistogram::Histogram;
 use redo_core::page::PageOp;
+use redo_core::Lsn;
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 use crate::client::Target;
-use crate::cluster::{metric_sum, scrape, Ack, LocalCluster, WorkDir};
+use crate::cluster::{metric_sum, scrape, Ack, ClusterSpec, LocalCluster, WorkDir};
+use crate::lag::LagTracker;
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::report::{latency_histogram, median, median_by, write_hgrm, LatencyUs};
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct CommitBenchArgs {
     /// Target an existing cluster (--writer or --volume; certificates from --certs/--cert-name)
-    /// instead of starting an embedded one (6 storaged, 2 per AZ, and a writerd in a temp dir).
+    /// instead of starting an embedded one (6 storaged, 2 per AZ, a writerd and --replicas replicads in a temp dir).
     #[command(flatten)]
     #[serde(skip)]
     pub target: Target,
+    /// Read replicas of the embedded cluster [default: 1]. Each one's visibility lag is measured:
+    /// from a commit's acknowledgement until the replica's Follow feed reports an applied VDL at or
+    /// past its commit LSN. The replica-to-loadgen notification hop is included, so the lag errs high.
+    #[arg(long)]
+    pub replicas: Option<usize>,
+    /// Client API address of a replica of the existing cluster (--writer/--volume) whose
+    /// visibility lag to measure, as with --replicas (repeatable).
+    #[arg(long = "replica")]
+    pub replica_addrs: Vec<SocketAddr>,
     /// Offered commit rates to sweep, commits/s over all connections; each is a separate measurement.
     #[arg(long, value_delimiter = ',', default_value = "1000,7000,15000,25000,40000")]
     pub rates: Vec<f64>,
@@ -74,7 +87,10 @@ pub struct CommitBenchArgs {
     /// Extra storaged options for the embedded cluster, e.g. `--storaged-arg=--flush-bytes-max=1MiB` (repeatable).
     #[arg(long = "storaged-arg", allow_hyphen_values = true)]
     pub storaged_args: Vec<String>,
-    /// Directory for results: summary.json and one .hgrm per rate.
+    /// Extra replicad options for the embedded cluster, e.g. `--replicad-arg=--buffer-bytes-max=16MiB` (repeatable).
+    #[arg(long = "replicad-arg", allow_hyphen_values = true)]
+    pub replicad_args: Vec<String>,
+    /// Directory for results: summary.json and .hgrm files per rate (commit latency, replica lag).
     #[arg(long, default_value = "bench-results/latest/commit-bench")]
     pub out: PathBuf,
     /// Where the embedded cluster keeps certificates, data and logs [default: a temp dir, removed after a successful run].
@@ -84,6 +100,12 @@ pub struct CommitBenchArgs {
 
 /// A point is saturated when the writer acknowledged less than this share of the offered rate.
 const SATURATED_BELOW: f64 = 0.95;
+
+/// After the load, how long replicas get to show the commits they have not shown yet; the rest count as unseen.
+const REPLICA_CATCH_UP: Duration = Duration::from_secs(5);
+
+/// A Follow feed's first progress (the server's current read point) is due at once.
+const FEED_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// writerd's own view of one measurement (embedded cluster only), from its /metrics at the end.
 /// Counters and summaries cover writerd's whole life: the warm-up and the measured seconds.
@@ -103,6 +125,34 @@ pub struct WriterdMetrics {
     pub commit_latency_us_p999: u64,
 }
 
+/// A replica's own gauges at the end of a measurement (embedded cluster only).
+#[derive(Serialize, Clone, Debug)]
+pub struct ReplicadMetrics {
+    pub applied_vdl: u64,
+    pub writer_vdl: u64,
+    pub flushed_lsn: u64,
+    pub retained_bytes: u64,
+    pub pending_bytes: u64,
+}
+
+/// One replica's part of a measurement.
+#[derive(Serialize, Clone, Debug)]
+pub struct ReplicaLagRun {
+    pub addr: SocketAddr,
+    pub lag_us: LatencyUs,
+    /// Measured commits this replica had not shown `REPLICA_CATCH_UP` after the load (not in `lag_us`).
+    pub unseen: u64,
+    pub replicad: Option<ReplicadMetrics>,
+}
+
+/// Distance in LSNs from the writer's VDL to a replica's at its progress events.
+#[derive(Serialize, Clone, Copy, Debug)]
+pub struct LsnLag {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
 #[derive(Serialize, Clone, Debug)]
 pub struct Measurement {
     pub run: usize,
@@ -119,8 +169,16 @@ pub struct Measurement {
     /// `errors` by message.
     pub error_kinds: BTreeMap<String, u64>,
     pub writerd: Option<WriterdMetrics>,
+    /// Visibility lag of the measured commits on every replica together (null without replicas).
+    pub replica_lag_us: Option<LatencyUs>,
+    pub replica_lag_lsn: Option<LsnLag>,
+    /// Sum over replicas of `unseen`.
+    pub replica_lag_unseen: u64,
+    pub replicas: Vec<ReplicaLagRun>,
     #[serde(skip)]
     pub hist: Histogram<u64>,
+    #[serde(skip)]
+    pub replica_hist: Histogram<u64>,
 }
 
 /// Medians over runs.
@@ -130,6 +188,7 @@ pub struct LatencyMediansUs {
     pub p99: f64,
     pub p999: f64,
     pub max: f64,
+    pub count: f64,
 }
 
 #[derive(Serialize, Debug)]
@@ -154,6 +213,13 @@ pub struct Point {
     pub writerd_commit_latency_us_p50: Option<f64>,
     pub writerd_commit_latency_us_p99: Option<f64>,
     pub writerd_lal_stalls: Option<f64>,
+    /// Medians over runs of the replica visibility lag (null without replicas).
+    pub replica_lag_us: Option<LatencyMediansUs>,
+    pub replica_lag_lsn: Option<LsnLag>,
+    /// Sum over runs: measured commits a replica never showed (within 5 s after the load).
+    pub replica_lag_unseen: u64,
+    /// The median run's (by p99) replica lag histogram.
+    pub replica_lag_hgrm: Option<String>,
 }
 
 /// What the in-flight commits report back; the progress line reads and resets the `second_*` part.
@@ -170,29 +236,50 @@ struct Recorder {
     second_hist: Histogram<u64>,
     second_commits: u64,
     second_errors: u64,
+    lag: LagTracker,
+}
+
+/// Whose Follow feed a progress event came from.
+#[derive(Clone, Copy)]
+enum Feed {
+    Writer,
+    Replica(usize),
 }
 
 impl Recorder {
-    fn finish(&mut self, due: Instant, result: Result<(), String>) {
+    fn in_window(&self, t: Instant) -> bool {
+        (self.measure_start..self.measure_end).contains(&t)
+    }
+
+    fn finish(&mut self, due: Instant, result: Result<Lsn, String>) {
         let now = Instant::now();
         self.outstanding -= 1;
         match result {
-            Ok(()) => {
+            Ok(commit_lsn) => {
                 let us = (now - due).as_micros() as u64;
+                let measured = due >= self.measure_start;
                 self.second_hist.saturating_record(us);
                 self.second_commits += 1;
-                if due >= self.measure_start {
+                if measured {
                     self.hist.saturating_record(us);
                     self.commits += 1;
                 }
-                if (self.measure_start..self.measure_end).contains(&now) {
+                if self.in_window(now) {
                     self.acks_in_window += 1;
                 }
+                self.lag.ack(commit_lsn, now, measured);
             }
             Err(e) => {
                 self.second_errors += 1;
                 *self.errors.entry(e).or_default() += 1;
             }
+        }
+    }
+
+    fn progress(&mut self, feed: Feed, vdl: Lsn, at: Instant) {
+        match feed {
+            Feed::Writer => self.lag.writer_progress(vdl),
+            Feed::Replica(i) => self.lag.replica_progress(i, vdl, at, self.in_window(at)),
         }
     }
 }
@@ -216,6 +303,23 @@ impl Workload {
     }
 }
 
+/// A replica whose visibility lag is measured.
+pub struct ReplicaTarget {
+    pub addr: SocketAddr,
+    /// Where to scrape its gauges, when loadgen started it.
+    pub metrics_addr: Option<SocketAddr>,
+    pub client: (quinn::Endpoint, ApiClient),
+}
+
+async fn connect_replicas(identity: &borealis_net::TlsIdentity, replicas: impl IntoIterator<Item = (SocketAddr, Option<SocketAddr>)>) -> Result<Vec<ReplicaTarget>> {
+    let mut targets = Vec::new();
+    for (addr, metrics_addr) in replicas {
+        let client = connect(identity, addr, 1).await?.pop().expect("one connection");
+        targets.push(ReplicaTarget { addr, metrics_addr, client });
+    }
+    Ok(targets)
+}
+
 /// Connects `connections` clients, each on an endpoint (UDP socket) of its own, like separate client processes.
 async fn connect(identity: &borealis_net::TlsIdentity, addr: SocketAddr, connections: usize) -> Result<Vec<(quinn::Endpoint, ApiClient)>> {
     let mut clients = Vec::new();
@@ -227,7 +331,7 @@ async fn connect(identity: &borealis_net::TlsIdentity, addr: SocketAddr, connect
     Ok(clients)
 }
 
-fn close(clients: Vec<(quinn::Endpoint, ApiClient)>) {
+fn close(clients: impl IntoIterator<Item = (quinn::Endpoint, ApiClient)>) {
     for (endpoint, client) in clients {
         client.close();
         endpoint.close(0u32.into(), b"done");
@@ -245,14 +349,21 @@ async fn progress(label: String, recorder: Arc<Mutex<Recorder>>, start: Instant)
         let line = {
             let mut r = recorder.lock().expect("recorder");
             let phase = if last < r.measure_start { "warm-up" } else { "measuring" };
+            let lag = if r.lag.replicas() > 0 {
+                let h = &r.lag.second_lag_us;
+                format!(", replica lag p50/p99 {}/{} us", h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+            } else {
+                String::new()
+            };
             let line = format!(
-                "{label} {phase} {:>3.0} s: {:>6.0} commits/s, p99 {} us, errors {} (last second)",
+                "{label} {phase} {:>3.0} s: {:>6.0} commits/s, p99 {} us{lag}, errors {} (last second)",
                 (now - start).as_secs_f64(),
                 r.second_commits as f64 / (now - last).as_secs_f64(),
                 r.second_hist.value_at_quantile(0.99),
                 r.second_errors
             );
             r.second_hist.reset();
+            r.lag.second_lag_us.reset();
             r.second_commits = 0;
             r.second_errors = 0;
             line
@@ -266,8 +377,42 @@ async fn progress(label: String, recorder: Arc<Mutex<Recorder>>, start: Instant)
     }
 }
 
-/// One point: open-loop commits at `rate` for the warm-up plus the measured seconds, then waits for every reply.
-async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)], run: usize, rate: f64) -> Result<Measurement> {
+/// Opens a Follow feed and takes its first progress (the current read point): every later advance is reported.
+async fn open_feed(client: &ApiClient, name: &str) -> Result<(Follower, Lsn)> {
+    let mut feed = client.follow().await.with_context(|| format!("open the {name} follow feed"))?;
+    let first = tokio::time::timeout(FEED_OPEN_TIMEOUT, feed.next()).await.map_err(|_| anyhow!("{name} follow feed: no progress within {FEED_OPEN_TIMEOUT:?}"))?;
+    Ok((feed, first.with_context(|| format!("{name} follow feed"))?.vdl))
+}
+
+/// Hands a feed's progress to the recorder until aborted; a lost feed counts as an error.
+async fn follow(mut feed: Follower, source: Feed, name: String, recorder: Arc<Mutex<Recorder>>, advanced: Arc<Notify>) {
+    loop {
+        match feed.next().await {
+            Ok(p) => {
+                let at = Instant::now();
+                recorder.lock().expect("recorder").progress(source, p.vdl, at);
+                advanced.notify_waiters();
+            }
+            Err(e) => {
+                *recorder.lock().expect("recorder").errors.entry(format!("{name} follow feed: {e}")).or_default() += 1;
+                return;
+            }
+        }
+    }
+}
+
+/// One point: open-loop commits at `rate` for the warm-up plus the measured seconds, then waits for
+/// every reply and for the replicas to show every acknowledged commit (up to `REPLICA_CATCH_UP`).
+async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)], replicas: &[ReplicaTarget], run: usize, rate: f64) -> Result<Measurement> {
+    // The writer's feed gives the replicas' distance in LSNs; without replicas no feed is needed.
+    let writer = replicas.first().map(|_| (Feed::Writer, "writer".to_string(), &clients[0].1));
+    let sources = writer.into_iter().chain(replicas.iter().enumerate().map(|(i, r)| (Feed::Replica(i), format!("replica {}", r.addr), &r.client.1)));
+    // Feeds open before the load, so that every commit is acknowledged while they report.
+    let mut feeds = Vec::new();
+    for (source, name, client) in sources {
+        let (feed, vdl) = open_feed(client, &name).await?;
+        feeds.push((source, name, feed, vdl));
+    }
     let warmup = Duration::from_secs_f64(args.warmup_seconds);
     let total = warmup + Duration::from_secs_f64(args.seconds);
     // A moment's head start, so the first commits are not late from the start.
@@ -284,7 +429,14 @@ async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)
         second_hist: latency_histogram(),
         second_commits: 0,
         second_errors: 0,
+        lag: LagTracker::new(replicas.len()),
     }));
+    let advanced = Arc::new(Notify::new());
+    let mut followers = JoinSet::new();
+    for (source, name, feed, vdl) in feeds {
+        recorder.lock().expect("recorder").progress(source, vdl, Instant::now());
+        followers.spawn(follow(feed, source, name, recorder.clone(), advanced.clone()));
+    }
     let label = format!("[run {}/{} {rate:.0}/s]", run + 1, args.runs);
     let progress = tokio::spawn(progress(label, recorder.clone(), start));
     let (tick_tx, mut ticks) = mpsc::channel(TICKS_QUEUED_MAX);
@@ -305,7 +457,7 @@ async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)
         recorder.lock().expect("recorder").outstanding += 1;
         let recorder = recorder.clone();
         inflight.spawn(async move {
-            let result = client.txn(ops).await.map(drop).map_err(|e| e.to_string());
+            let result = client.txn(ops).await.map_err(|e| e.to_string());
             recorder.lock().expect("recorder").finish(due, result);
         });
         // Reap finished tasks as we go, so the set holds only what is in flight.
@@ -317,26 +469,62 @@ async fn measure(args: &CommitBenchArgs, clients: &[(quinn::Endpoint, ApiClient)
     // Abandon what is still unanswered, and wait until no task can touch the recorder any more.
     inflight.abort_all();
     while inflight.join_next().await.is_some() {}
+    let catch_up = tokio::time::Instant::now() + REPLICA_CATCH_UP;
+    loop {
+        // Registered before the check, so an advance in between is not missed.
+        let advanced = advanced.notified();
+        if recorder.lock().expect("recorder").lag.all_seen() || tokio::time::timeout_at(catch_up, advanced).await.is_err() {
+            break;
+        }
+    }
+    followers.abort_all();
+    while followers.join_next().await.is_some() {}
     progress.abort();
     if std::io::stderr().is_terminal() {
         eprintln!();
     }
-    let mut r = recorder.lock().expect("recorder");
-    if drained.is_err() {
-        let n = std::mem::take(&mut r.outstanding);
-        r.errors.insert(format!("no reply within --drain-seconds {} after the schedule ended", args.drain_seconds), n);
+    let mut m = {
+        let mut guard = recorder.lock().expect("recorder");
+        let r = &mut *guard;
+        if drained.is_err() {
+            let n = std::mem::take(&mut r.outstanding);
+            r.errors.insert(format!("no reply within --drain-seconds {} after the schedule ended", args.drain_seconds), n);
+        }
+        let lag = &r.lag;
+        let replica_runs: Vec<ReplicaLagRun> = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ReplicaLagRun { addr: t.addr, lag_us: LatencyUs::of(lag.lag_us(i)), unseen: lag.unseen(i), replicad: None })
+            .collect();
+        let replica_hist = lag.all_lag_us();
+        let lsn = lag.lag_lsn();
+        Measurement {
+            run,
+            rate,
+            commits: r.commits,
+            throughput_commits_per_s: r.acks_in_window as f64 / args.seconds,
+            commit_latency_us: LatencyUs::of(&r.hist),
+            errors: r.errors.values().sum(),
+            error_kinds: std::mem::take(&mut r.errors),
+            writerd: None,
+            replica_lag_us: (!replicas.is_empty()).then(|| LatencyUs::of(&replica_hist)),
+            replica_lag_lsn: (!replicas.is_empty()).then(|| LsnLag {
+                p50: lsn.value_at_quantile(0.5) as f64,
+                p99: lsn.value_at_quantile(0.99) as f64,
+                max: lsn.max() as f64,
+            }),
+            replica_lag_unseen: replica_runs.iter().map(|r| r.unseen).sum(),
+            replicas: replica_runs,
+            hist: r.hist.clone(),
+            replica_hist,
+        }
+    };
+    for (run, t) in m.replicas.iter_mut().zip(replicas) {
+        if let Some(addr) = t.metrics_addr {
+            run.replicad = Some(replicad_metrics(addr).await?);
+        }
     }
-    Ok(Measurement {
-        run,
-        rate,
-        commits: r.commits,
-        throughput_commits_per_s: r.acks_in_window as f64 / args.seconds,
-        commit_latency_us: LatencyUs::of(&r.hist),
-        errors: r.errors.values().sum(),
-        error_kinds: std::mem::take(&mut r.errors),
-        writerd: None,
-        hist: r.hist.clone(),
-    })
+    Ok(m)
 }
 
 async fn writerd_metrics(addr: SocketAddr) -> Result<WriterdMetrics> {
@@ -353,6 +541,18 @@ async fn writerd_metrics(addr: SocketAddr) -> Result<WriterdMetrics> {
     })
 }
 
+async fn replicad_metrics(addr: SocketAddr) -> Result<ReplicadMetrics> {
+    let page = scrape(addr).await?;
+    let gauge = |name: &str| metric_sum(&page, name, "") as u64;
+    Ok(ReplicadMetrics {
+        applied_vdl: gauge("replicad_applied_vdl"),
+        writer_vdl: gauge("replicad_writer_vdl"),
+        flushed_lsn: gauge("replicad_flushed_lsn"),
+        retained_bytes: gauge("replicad_retained_bytes"),
+        pending_bytes: gauge("replicad_pending_bytes"),
+    })
+}
+
 /// One point on a fresh embedded cluster, stopped afterwards whatever happened.
 async fn measure_embedded(args: &CommitBenchArgs, work: &WorkDir, run: usize, rate: f64) -> Result<Measurement> {
     let dir = work.path.join("cluster");
@@ -360,11 +560,21 @@ async fn measure_embedded(args: &CommitBenchArgs, work: &WorkDir, run: usize, ra
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let mut storaged_args = vec!["--ack".to_string(), args.ack.as_str().to_string()];
     storaged_args.extend(args.storaged_args.iter().cloned());
-    let mut cluster = LocalCluster::start(&dir, args.pgs, args.page_count, &storaged_args, &args.writerd_args).await?;
+    let spec = ClusterSpec {
+        pgs: args.pgs,
+        page_count: args.page_count,
+        replicas: args.replicas.expect("run() sets the default"),
+        storaged_args: &storaged_args,
+        writerd_args: &args.writerd_args,
+        replicad_args: &args.replicad_args,
+    };
+    let mut cluster = LocalCluster::start(&dir, &spec).await?;
     let result = async {
-        let clients = connect(&cluster.storage.identity()?, cluster.writer_addr, args.connections).await?;
-        let mut m = measure(args, &clients, run, rate).await?;
-        close(clients);
+        let identity = cluster.storage.identity()?;
+        let clients = connect(&identity, cluster.writer_addr, args.connections).await?;
+        let replicas = connect_replicas(&identity, cluster.replicas.iter().map(|r| (r.addr, Some(r.metrics_addr)))).await?;
+        let mut m = measure(args, &clients, &replicas, run, rate).await?;
+        close(clients.into_iter().chain(replicas.into_iter().map(|r| r.client)));
         m.writerd = Some(writerd_metrics(cluster.writer_metrics_addr).await?);
         Ok::<_, anyhow::Error>(m)
     }
@@ -375,32 +585,44 @@ async fn measure_embedded(args: &CommitBenchArgs, work: &WorkDir, run: usize, ra
     Ok(m)
 }
 
-pub async fn run(args: CommitBenchArgs) -> Result<()> {
+/// Embedded clusters start this many replicas unless --replicas says otherwise.
+const DEFAULT_REPLICAS: usize = 1;
+
+pub async fn run(mut args: CommitBenchArgs) -> Result<()> {
     if args.rates.iter().any(|&r| r.is_nan() || r <= 0.0) || args.connections == 0 || args.runs == 0 || args.keys == 0 || args.txn_ops == 0 {
         bail!("--rates, --connections, --runs, --keys and --txn-ops must be positive");
     }
     if let Some(r) = args.rates.iter().enumerate().find_map(|(i, r)| args.rates[..i].contains(r).then_some(r)) {
         bail!("--rates lists {r} twice (use --runs to repeat a point)");
     }
+    let writer = args.target.named_writer()?;
+    match (writer, args.replicas) {
+        (Some(_), Some(_)) => bail!("--replicas sizes the embedded cluster; name an existing cluster's replicas with --replica ADDR"),
+        (None, _) if !args.replica_addrs.is_empty() => bail!("--replica needs --writer or --volume (the embedded cluster starts --replicas replicads)"),
+        (None, None) => args.replicas = Some(DEFAULT_REPLICAS),
+        _ => {}
+    }
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     // Ctrl-C drops the benchmark future, and with it the embedded cluster's processes.
     tokio::select! {
-        r = bench(&args) => r,
+        r = bench(&args, writer) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
     }
 }
 
-async fn bench(args: &CommitBenchArgs) -> Result<()> {
+async fn bench(args: &CommitBenchArgs, writer: Option<SocketAddr>) -> Result<()> {
     let mut runs = Vec::new();
-    let target = match args.target.named_writer()? {
+    let target = match writer {
         Some(addr) => {
-            let clients = connect(&args.target.identity()?, addr, args.connections).await?;
+            let identity = args.target.identity()?;
+            let clients = connect(&identity, addr, args.connections).await?;
+            let replicas = connect_replicas(&identity, args.replica_addrs.iter().map(|&a| (a, None))).await?;
             for run in 0..args.runs {
                 for &rate in &args.rates {
-                    runs.push(measure(args, &clients, run, rate).await?);
+                    runs.push(measure(args, &clients, &replicas, run, rate).await?);
                 }
             }
-            close(clients);
+            close(clients.into_iter().chain(replicas.into_iter().map(|r| r.client)));
             addr.to_string()
         }
         None => {
@@ -424,10 +646,17 @@ async fn bench(args: &CommitBenchArgs) -> Result<()> {
     if let Some(p) = points.iter().find(|p| p.saturated) {
         println!("saturated from {:.0} commits/s offered: {:.0} commits/s acknowledged", p.rate, p.throughput_commits_per_s);
     }
+    let unseen: u64 = points.iter().map(|p| p.replica_lag_unseen).sum();
+    if unseen > 0 {
+        println!(
+            "replica lag: {unseen} acknowledged commits were not visible on a replica {} s after the load stopped (replica_lag_unseen; not in the lag percentiles)",
+            REPLICA_CATCH_UP.as_secs()
+        );
+    }
     println!("wrote {}", path.display());
     let errors: u64 = points.iter().map(|p| p.errors).sum();
     if errors > 0 {
-        bail!("{errors} commits failed; see error_kinds in {}", path.display());
+        bail!("{errors} errors (failed commits, lost follow feeds); see error_kinds in {}", path.display());
     }
     Ok(())
 }
@@ -441,6 +670,21 @@ fn summarize(args: &CommitBenchArgs, runs: &[Measurement]) -> Result<Vec<Point>>
         let hgrm = format!("commit-latency-{rate:.0}-per-s.hgrm");
         write_hgrm(&args.out.join(&hgrm), &median_by(&rs, |r| r.commit_latency_us.p99).hist, 1.0)?;
         let throughput = m(&|r| r.throughput_commits_per_s);
+        let medians = |f: &dyn Fn(&Measurement) -> LatencyUs| LatencyMediansUs {
+            p50: m(&|r| f(r).p50 as f64),
+            p99: m(&|r| f(r).p99 as f64),
+            p999: m(&|r| f(r).p999 as f64),
+            max: m(&|r| f(r).max as f64),
+            count: m(&|r| f(r).count as f64),
+        };
+        // Every run of a point has the same replicas: all or none measured a lag.
+        let lagged = rs.iter().all(|r| r.replica_lag_us.is_some());
+        let replica_lag_hgrm = lagged.then(|| format!("replica-lag-{rate:.0}-per-s.hgrm"));
+        if let Some(name) = &replica_lag_hgrm {
+            let median_run = median_by(&rs, |r| r.replica_lag_us.expect("checked").p99);
+            write_hgrm(&args.out.join(name), &median_run.replica_hist, 1.0)?;
+        }
+        let lsn = |f: &dyn Fn(&LsnLag) -> f64| m(&|r| f(&r.replica_lag_lsn.expect("measured with replicas")));
         points.push(Point {
             rate,
             connections: args.connections,
@@ -451,18 +695,17 @@ fn summarize(args: &CommitBenchArgs, runs: &[Measurement]) -> Result<Vec<Point>>
             runs: rs.len(),
             seconds: args.seconds,
             throughput_commits_per_s: throughput,
-            commit_latency_us: LatencyMediansUs {
-                p50: m(&|r| r.commit_latency_us.p50 as f64),
-                p99: m(&|r| r.commit_latency_us.p99 as f64),
-                p999: m(&|r| r.commit_latency_us.p999 as f64),
-                max: m(&|r| r.commit_latency_us.max as f64),
-            },
+            commit_latency_us: medians(&|r| r.commit_latency_us),
             errors: rs.iter().map(|r| r.errors).sum(),
             saturated: throughput < rate * SATURATED_BELOW,
             hgrm,
             writerd_commit_latency_us_p50: writerd(&|w| w.commit_latency_us_p50),
             writerd_commit_latency_us_p99: writerd(&|w| w.commit_latency_us_p99),
             writerd_lal_stalls: writerd(&|w| w.lal_stalls),
+            replica_lag_us: lagged.then(|| medians(&|r| r.replica_lag_us.expect("checked"))),
+            replica_lag_lsn: lagged.then(|| LsnLag { p50: lsn(&|l| l.p50), p99: lsn(&|l| l.p99), max: lsn(&|l| l.max) }),
+            replica_lag_unseen: rs.iter().map(|r| r.replica_lag_unseen).sum(),
+            replica_lag_hgrm,
         });
     }
     Ok(points)
@@ -470,7 +713,7 @@ fn summarize(args: &CommitBenchArgs, runs: &[Measurement]) -> Result<Vec<Point>>
 
 fn table(points: &[Point]) -> String {
     let mut t = String::from(
-        "| offered commits/s | acknowledged commits/s | p50 us | p99 us | p99.9 us | max us | errors | writerd p50/p99 us |\n|---|---|---|---|---|---|---|---|\n",
+        "| offered commits/s | acknowledged commits/s | p50 us | p99 us | p99.9 us | max us | errors | writerd p50/p99 us | replica lag p50/p99 us |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         let l = &p.commit_latency_us;
@@ -478,8 +721,13 @@ fn table(points: &[Point]) -> String {
             (Some(p50), Some(p99)) => format!("{p50:.0}/{p99:.0}"),
             _ => "-".into(),
         };
+        let lag = match (&p.replica_lag_us, p.replica_lag_unseen) {
+            (Some(l), 0) => format!("{:.0}/{:.0}", l.p50, l.p99),
+            (Some(l), unseen) => format!("{:.0}/{:.0} ({unseen} unseen)", l.p50, l.p99),
+            (None, _) => "-".into(),
+        };
         t += &format!(
-            "| {:.0} | {:.0}{} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {writerd} |\n",
+            "| {:.0} | {:.0}{} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {writerd} | {lag} |\n",
             p.rate,
             p.throughput_commits_per_s,
             if p.saturated { " (saturated)" } else { "" },

@@ -1,6 +1,7 @@
-//! `scripts/cluster up` starts six storage nodes and a writerd, the loadgen
-//! client commits and reads through it, and `down` leaves no process behind.
-//! Needs storaged and writerd built next to loadgen (`cargo build --release`).
+//! `scripts/cluster up` starts six storage nodes, a writerd and two replicas,
+//! the loadgen client commits through the writer and reads its writes back
+//! from the writer and from each replica, and `down` leaves no process behind.
+//! Needs storaged, writerd and replicad built next to loadgen (`cargo build --release`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -61,7 +62,7 @@ fn pid_alive(pid: i32) -> bool {
 
 #[test]
 fn up_put_get_down() {
-    for daemon in ["storaged", "writerd"] {
+    for daemon in ["storaged", "writerd", "replicad"] {
         assert!(bin_dir().join(daemon).exists(), "{daemon} is not built next to loadgen: run cargo build --release first");
     }
     let tmp = tempfile::tempdir().expect("temp dir");
@@ -72,20 +73,33 @@ fn up_put_get_down() {
     assert!(out.status.success(), "up failed: {}", text(&out));
     let out = text(&out);
     let pids: Vec<i32> = out.lines().filter_map(|l| l.split("running pid ").nth(1)?.trim().parse().ok()).collect();
-    assert_eq!(pids.len(), 7, "six storage nodes and writerd: {out}");
-    assert!(out.contains("writerd running pid"), "{out}");
+    assert_eq!(pids.len(), 9, "six storage nodes, writerd and two replicas: {out}");
+    assert!(out.contains("writerd running pid") && out.contains("replicad-2 running pid"), "{out}");
     assert!(pids.iter().all(|&p| pid_alive(p)));
+    let replicas: Vec<String> = std::fs::read_to_string(dir.join("replicas")).expect("up lists the replicas").lines().map(String::from).collect();
+    assert_eq!(replicas, [format!("127.0.0.1:{}", base - 21), format!("127.0.0.1:{}", base - 22)]);
 
     let first = committed_lsn(&loadgen(&dir, &["put", "k1", "v1"]));
     let got = loadgen(&dir, &["get", "k1"]);
     assert!(got.status.success(), "{}", text(&got));
     assert_eq!(stdout(&got), "v1");
+    // Read-your-writes on a replica: it answers once it has applied the commit LSN.
+    let first_lsn = first.to_string();
+    for replica in &replicas {
+        let got = loadgen(&dir, &["get", "k1", "--replica", replica, "--min-lsn", &first_lsn]);
+        assert!(got.status.success(), "{}", text(&got));
+        assert_eq!(stdout(&got), "v1", "from {replica}");
+    }
+    let refused = loadgen(&dir, &["put", "k1", "v2", "--writer", &replicas[0]]);
+    assert!(refused.status.code() == Some(2) && text(&refused).contains("Unavailable"), "a replica takes no writes: {}", text(&refused));
 
     let second = committed_lsn(&loadgen(&dir, &["txn", "put:k2=v=2", "del:k1"]));
     assert!(second > first, "LSNs increase: {first} then {second}");
     let gone = loadgen(&dir, &["get", "k1"]);
     assert_eq!(gone.status.code(), Some(1), "{}", text(&gone));
     assert_eq!(stdout(&gone), "(not found)");
+    let gone = loadgen(&dir, &["get", "k1", "--replica", &replicas[1], "--min-lsn", &second.to_string()]);
+    assert_eq!((gone.status.code(), stdout(&gone)), (Some(1), "(not found)".to_string()), "{}", text(&gone));
     assert_eq!(stdout(&loadgen(&dir, &["get", "k2"])), "v=2");
     assert!(committed_lsn(&loadgen(&dir, &["delete", "k2"])) > second);
 
@@ -95,6 +109,7 @@ fn up_put_get_down() {
 
     let status = text(&cluster(&dir, &["status"]));
     assert!(status.contains("writerd running pid") && status.contains(&format!("127.0.0.1:{}", base - 10)), "{status}");
+    assert!(status.contains(&format!("replicad-2 client API {}", replicas[1])), "{status}");
 
     drop(guard);
     let deadline = Instant::now() + GONE_TIMEOUT;

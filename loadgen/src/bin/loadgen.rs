@@ -28,8 +28,9 @@ enum Command {
     CommitBench(loadgen::commit_bench::CommitBenchArgs),
     /// Put KEY=VALUE in one transaction; prints the commit LSN.
     Put(client::PutArgs),
-    /// Print the value of KEY, or "(not found)" and exit 1.
-    Get(client::KeyArgs),
+    /// Print the value of KEY, or "(not found)" and exit 1; from the writer, or from a
+    /// replica with --replica (with --min-lsn to read your own write there).
+    Get(client::GetArgs),
     /// Delete KEY in one transaction; prints the commit LSN.
     Delete(client::KeyArgs),
     /// Commit several operations atomically, e.g. `txn put:a=1 put:b=2 del:c`; prints the commit LSN.

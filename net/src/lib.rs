@@ -27,6 +27,13 @@ pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime>
     b.enable_all().build().context("start tokio runtime")
 }
 
+/// Reads and validates a volume layout file (TOML).
+pub fn load_volume(path: &std::path::Path) -> anyhow::Result<redo_core::volume::Volume> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path).with_context(|| format!("read volume file {}", path.display()))?;
+    redo_core::volume::Volume::from_toml(&text).with_context(|| format!("volume file {}", path.display()))
+}
+
 /// Parses `4096`, `64KiB`, `8MiB`, `1GiB`.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();

@@ -165,6 +165,9 @@ pub struct ReplicaCore {
     retained_bytes: usize,
     /// Cached pages dropped because a record did not link to them (a broken log).
     pages_dropped: u64,
+    /// Whether the last pull was refused for a full buffer, and how often that began.
+    throttled: bool,
+    throttle_episodes: u64,
 }
 
 impl ReplicaCore {
@@ -201,6 +204,8 @@ impl ReplicaCore {
             pending_bytes: 0,
             retained_bytes: 0,
             pages_dropped: 0,
+            throttled: false,
+            throttle_episodes: 0,
         }
     }
 
@@ -219,11 +224,18 @@ impl ReplicaCore {
     pub fn retained_bytes(&self) -> usize {
         self.retained_bytes
     }
+    pub fn buffer_bytes_max(&self) -> usize {
+        self.config.buffer_bytes_max
+    }
     pub fn pages_dropped(&self) -> u64 {
         self.pages_dropped
     }
     pub fn cached_pages(&self) -> usize {
         self.cache.len()
+    }
+    /// Whether pulls are stopped for a full buffer now, and how many times they were.
+    pub fn throttled(&self) -> (bool, u64) {
+        (self.throttled, self.throttle_episodes)
     }
     pub fn buffer_full(&self) -> bool {
         self.pending_bytes + self.retained_bytes >= self.config.buffer_bytes_max
@@ -292,10 +304,15 @@ impl ReplicaCore {
         let needed = p.have < need;
         let room = self.config.buffer_bytes_max.saturating_sub(used);
         let bytes_max = match (room, needed && nothing_to_free) {
-            (0, false) => return None,
+            (0, false) => {
+                self.throttle_episodes += !self.throttled as u64;
+                self.throttled = true;
+                return None;
+            }
             (0, true) => PULL_BYTES_MIN,
             (room, _) => room.min(PULL_BYTES_MAX),
         };
+        self.throttled = false;
         segments.sort_by_key(|&s| p.segments[s].scl < need);
         let covering = segments.iter().filter(|&&s| p.segments[s].scl >= need).count();
         p.pulling = true;
@@ -620,6 +637,7 @@ mod tests {
         let behind = r.read_point().unwrap();
         assert!(behind < last && behind > Lsn::ZERO, "a partial catch-up: {behind}");
         assert!(r.buffer_full() && r.plan_pull(PgId(0)).is_none(), "full and something to free: wait");
+        assert_eq!(r.throttled(), (true, 1));
         // Storage flushes what was applied: room again, and the pulls resume until caught up.
         for _ in 0..100 {
             let rp = r.read_point().unwrap();

@@ -1,1 +1,31 @@
-fn main() {}
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Borealis read replica of a volume.
+#[derive(Parser)]
+#[command(version, args_override_self = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Learn where the volume stands from its storage nodes, then follow the writer's VDL,
+    /// pull the redo log from storage, apply whole transactions up to VDL and serve reads at
+    /// that read point. Needs no writer to start; exits 0 on SIGTERM.
+    Serve(replicad::Config),
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Serve(config) => replicad::run(config),
+    }
+}

@@ -3,11 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use borealis_net::parse_bytes;
 use clap::Args;
 use redo_core::api::TXN_OPS_MAX;
-use redo_core::volume::Volume;
 
 #[derive(Args, Debug, Clone)]
 pub struct Config {
@@ -59,11 +58,6 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn load_volume(&self) -> Result<Volume> {
-        let text = std::fs::read_to_string(&self.volume).with_context(|| format!("read volume file {}", self.volume.display()))?;
-        Volume::from_toml(&text).with_context(|| format!("volume file {}", self.volume.display()))
-    }
-
     pub fn validate(&self) -> Result<()> {
         if self.lal < TXN_OPS_MAX as u64 {
             bail!("--lal {} is below the largest transaction ({TXN_OPS_MAX} records)", self.lal);

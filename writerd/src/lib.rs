@@ -34,7 +34,7 @@ pub const EXIT_FENCED: i32 = 3;
 /// Serves until SIGTERM/SIGINT (returns `Ok(0)`) or until a newer writer fences this one (`Ok(EXIT_FENCED)`).
 pub fn run(config: Config) -> Result<i32> {
     config.validate()?;
-    let volume = config.load_volume()?;
+    let volume = borealis_net::load_volume(&config.volume)?;
     let listen = match config.listen {
         Some(a) => a,
         None => volume.writer.parse().with_context(|| format!("volume writer address {:?}", volume.writer))?,

@@ -1,0 +1,82 @@
+//! The replica's client API: gets at the read point, read-your-writes with
+//! `min_lsn`, and `Follow` of the read point; transactions go to the writer.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use borealis_net::api_server::{error, ApiService};
+use borealis_net::storage::{get_page_from, NodeLink};
+use redo_core::api::{ApiErrorCode, Progress, Request, Response};
+use redo_core::replica::ReadPlan;
+use redo_core::Lsn;
+use tokio::sync::watch;
+
+use crate::feeds::link_of;
+use crate::state::Replica;
+
+pub struct Api {
+    pub replica: Arc<Replica>,
+    pub links: Vec<Arc<NodeLink>>,
+    pub writer: String,
+    pub read_wait: Duration,
+    pub request_bytes_max: usize,
+}
+
+impl ApiService for Api {
+    async fn handle(self: Arc<Self>, req: Request) -> Response {
+        match req {
+            Request::Txn(_) => {
+                self.refused();
+                error(ApiErrorCode::Unavailable, format!("a read replica takes no writes; send transactions to the writer at {}", self.writer))
+            }
+            Request::Get { key, min_lsn } => {
+                self.replica.metrics.reads.fetch_add(1, Relaxed);
+                self.get(key, min_lsn).await
+            }
+            Request::Follow => unreachable!("the request loop serves Follow itself"),
+        }
+    }
+    fn progress(&self) -> watch::Receiver<Progress> {
+        self.replica.progress.subscribe()
+    }
+    fn refused(&self) {
+        self.replica.metrics.requests_refused.fetch_add(1, Relaxed);
+    }
+    fn request_bytes_max(&self) -> usize {
+        self.request_bytes_max
+    }
+}
+
+impl Api {
+    async fn get(&self, key: Vec<u8>, min_lsn: Lsn) -> Response {
+        let r = &self.replica;
+        let mut progress = r.progress.subscribe();
+        if tokio::time::timeout(self.read_wait, progress.wait_for(|p| p.vdl >= min_lsn)).await.is_err() {
+            r.metrics.read_timeouts.fetch_add(1, Relaxed);
+            let at = r.progress.borrow().vdl;
+            return error(
+                ApiErrorCode::Timeout,
+                format!("replica applied VDL {at} did not reach {min_lsn} within {:?}; retry, or read from the writer", self.read_wait),
+            );
+        }
+        let plan = r.lock().read(&key);
+        match plan {
+            ReadPlan::Cached { read_point, value } => Response::Value { read_lsn: read_point, value },
+            ReadPlan::NotReady => error(ApiErrorCode::Unavailable, "replica starting: it has not reached its first read point yet"),
+            ReadPlan::Fetch { pg, page, lsn, segments } => {
+                r.metrics.page_fetches.fetch_add(1, Relaxed);
+                let nodes: Vec<u32> = r.lock().volume().segments(pg).map(|n| n.id).collect();
+                let order: Vec<&NodeLink> = segments.iter().map(|&s| link_of(&self.links, nodes[s]).as_ref()).collect();
+                let image = get_page_from(order, pg, page, lsn).await;
+                let failure = image.as_ref().err().cloned();
+                let mut core = r.lock();
+                match (core.fetched(page, image.ok()), failure) {
+                    (Some((read_lsn, img)), _) => Response::Value { read_lsn, value: img.entries.get(&key).cloned() },
+                    (None, Some(e)) => error(ApiErrorCode::Unavailable, e),
+                    (None, None) => error(ApiErrorCode::Unavailable, format!("page {page} from storage does not link to the records applied since; retry")),
+                }
+            }
+        }
+    }
+}

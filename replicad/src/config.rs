@@ -1,0 +1,62 @@
+//! replicad options.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use borealis_net::parse_bytes;
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct Config {
+    /// Volume layout (TOML): storage nodes, protection groups and their six segments, writer address.
+    #[arg(long)]
+    pub volume: PathBuf,
+    /// UDP address of this replica's client API (QUIC).
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Certificate directory (ca.pem and NAME.pem/NAME.key, made by `storaged certs`).
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// Certificate name in --certs to present to storage nodes, the writer and clients.
+    #[arg(long, default_value = "replicad")]
+    pub cert_name: String,
+    /// TCP address for `GET /metrics` (Prometheus text); off when absent.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Bytes of redo held in memory: records pulled but not yet applied, plus records applied
+    /// but not yet flushed by a write quorum. When full the replica stops pulling and lags
+    /// (reads go on at its read point) until a flush frees room. One transaction larger than
+    /// this still gets through.
+    #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
+    pub buffer_bytes_max: u64,
+    /// Page images kept in memory; redo is applied only to these, and a miss is read from
+    /// storage with GetPage@LSN at the read point.
+    #[arg(long, default_value_t = 65536)]
+    pub cache_pages_max: usize,
+    /// How long a read-your-writes get (min_lsn above the read point) waits before Timeout.
+    #[arg(long, default_value_t = 5000)]
+    pub read_wait_ms: u64,
+    /// Largest client request frame; larger ones are refused with TooLarge.
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    pub request_bytes_max: u64,
+    /// Threads running network work; 1 runs everything on one thread (best when many
+    /// daemons share few cores, as in a local cluster).
+    #[arg(long, default_value_t = 2)]
+    pub worker_threads: usize,
+    /// How long to wait at start for a write quorum of every protection group to answer.
+    #[arg(long, default_value_t = 30_000)]
+    pub start_timeout_ms: u64,
+}
+
+/// Smallest buffer: a few records, so that a test can make a replica fall behind.
+const BUFFER_BYTES_MIN: u64 = 4096;
+
+impl Config {
+    pub fn validate(&self) -> Result<()> {
+        if self.buffer_bytes_max < BUFFER_BYTES_MIN {
+            bail!("--buffer-bytes-max must be at least {BUFFER_BYTES_MIN} bytes");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,207 @@
+//! Everything the replica hears and fetches: its start from storage, the
+//! storage nodes' position notifications, the writer's VDL feed, and one
+//! puller per protection group that pulls the log when notified.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use borealis_net::api::ApiClient;
+use borealis_net::storage::{ClientError, NodeLink, REQUEST_TIMEOUT};
+use redo_core::quorum::SEGMENTS_PER_PG;
+use redo_core::replica::{PullPlan, Start};
+use redo_core::volume::Volume;
+use redo_core::wire::SegmentPosition;
+use redo_core::{Epoch, Lsn, PgId};
+use tokio::task::JoinSet;
+
+use crate::state::Replica;
+
+const RETRY_MIN: Duration = Duration::from_millis(20);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+/// Safety net under the notifications: a puller looks again this often even when
+/// nothing woke it (a notification lost with a connection is then late, not lost).
+const RECHECK: Duration = Duration::from_secs(1);
+
+pub fn link_of(links: &[Arc<NodeLink>], id: u32) -> &Arc<NodeLink> {
+    links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
+}
+
+/// Where to start, from the segments' SCLs (read without raising any epoch), once every PG
+/// has a write quorum of answers. Also returns the positions heard.
+pub async fn start(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) -> Result<(Start, Vec<(usize, SegmentPosition)>)> {
+    let deadline = Instant::now() + timeout;
+    let mut scls = vec![[None; SEGMENTS_PER_PG]; volume.pg_count()];
+    let mut positions = Vec::new();
+    loop {
+        let mut asks = JoinSet::new();
+        for pg in 0..volume.pg_count() as u32 {
+            for (segment, node) in volume.segments(PgId(pg)).enumerate() {
+                if scls[pg as usize][segment].is_none() {
+                    let link = link_of(links, node.id).clone();
+                    asks.spawn(async move { (pg, segment, link.status(Epoch(0), PgId(pg)).await) });
+                }
+            }
+        }
+        while let Some(joined) = asks.join_next().await {
+            let (pg, segment, answer) = joined.expect("status task");
+            if let Ok((_, position)) = answer {
+                scls[pg as usize][segment] = Some(position.scl);
+                positions.push((segment, position));
+            }
+        }
+        if let Some(start) = Start::from_scls(&scls) {
+            return Ok((start, positions));
+        }
+        if Instant::now() > deadline {
+            let short: Vec<String> = scls
+                .iter()
+                .enumerate()
+                .map(|(pg, s)| format!("pg{pg}: {} of {SEGMENTS_PER_PG} answered", s.iter().flatten().count()))
+                .collect();
+            bail!("no write quorum of segments answered within {timeout:?} ({})", short.join(", "));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Follows one storage node's position notifications for every PG it hosts, reconnecting forever.
+pub async fn storage_feed(replica: Arc<Replica>, volume: Volume, link: Arc<NodeLink>) {
+    let pgs = volume.pgs_on(redo_core::NodeId(link.id));
+    let segment_of = |pg: PgId| volume.segments(pg).position(|n| n.id == link.id).expect("hosted pg");
+    let mut backoff = RETRY_MIN;
+    loop {
+        let session = async {
+            let conn = link.get().await?;
+            let mut sub = conn.subscribe(pgs.clone()).await?;
+            loop {
+                let position = sub.next().await?;
+                if pgs.contains(&position.pg) {
+                    replica.on_position(segment_of(position.pg), position);
+                    backoff = RETRY_MIN;
+                }
+            }
+        };
+        let e: ClientError = match session.await {
+            Ok(()) => unreachable!("the feed ends only by an error"),
+            Err(e) => e,
+        };
+        tracing::debug!(node = link.id, error = %e, "storage notifications lost; resubscribing");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RETRY_MAX);
+    }
+}
+
+/// Follows the writer's VDL, reconnecting forever: the replica serves at its read
+/// point while the writer is away.
+pub async fn writer_feed(replica: Arc<Replica>, endpoint: quinn::Endpoint, writer: SocketAddr) {
+    let mut backoff = RETRY_MIN;
+    let mut connected = true;
+    loop {
+        let session = async {
+            let client = tokio::time::timeout(REQUEST_TIMEOUT, ApiClient::connect(&endpoint, writer))
+                .await
+                .map_err(|_| borealis_net::api::ApiError::Lost(format!("no answer in {REQUEST_TIMEOUT:?}")))??;
+            let mut follower = client.follow().await?;
+            loop {
+                let p = follower.next().await?;
+                if !connected {
+                    tracing::info!(%writer, vdl = %p.vdl, "following the writer");
+                    connected = true;
+                }
+                backoff = RETRY_MIN;
+                replica.on_progress(&p);
+            }
+        };
+        let e: borealis_net::api::ApiError = match session.await {
+            Ok(()) => unreachable!("the feed ends only by an error"),
+            Err(e) => e,
+        };
+        if connected {
+            tracing::warn!(%writer, error = %e, "lost the writer's VDL feed; serving at the current read point and retrying");
+            connected = false;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RETRY_MAX);
+    }
+}
+
+/// Pull latency per segment (smoothed, µs): the fastest segment that has the records serves them.
+pub struct Latency([std::sync::atomic::AtomicU64; SEGMENTS_PER_PG]);
+
+impl Latency {
+    pub fn new() -> Self {
+        Latency(Default::default())
+    }
+    fn record(&self, segment: usize, us: u64) {
+        let old = self.0[segment].load(Relaxed);
+        self.0[segment].store(if old == 0 { us } else { (old * 7 + us) / 8 }, Relaxed);
+    }
+    /// A failed segment goes to the back until it serves again.
+    fn penalize(&self, segment: usize) {
+        self.0[segment].store(u64::MAX / 16, Relaxed);
+    }
+    fn order(&self, plan: &PullPlan) -> Vec<usize> {
+        let mut covering = plan.segments[..plan.covering].to_vec();
+        let mut rest = plan.segments[plan.covering..].to_vec();
+        covering.sort_by_key(|&s| self.0[s].load(Relaxed));
+        rest.sort_by_key(|&s| self.0[s].load(Relaxed));
+        covering.extend(rest);
+        covering
+    }
+}
+
+/// Pulls `pg`'s log whenever woken and the engine has a pull to make.
+pub async fn puller(replica: Arc<Replica>, volume: Volume, links: Vec<Arc<NodeLink>>, pg: PgId) {
+    let nodes: Vec<u32> = volume.segments(pg).map(|n| n.id).collect();
+    let latency = Latency::new();
+    loop {
+        let plan = replica.lock().plan_pull(pg);
+        let Some(plan) = plan else {
+            let _ = tokio::time::timeout(RECHECK, replica.kick(pg.0 as usize).notified()).await;
+            continue;
+        };
+        if !pull(&replica, &links, &nodes, &latency, &plan).await {
+            replica.lock().pull_failed(pg);
+            // Every segment that had the records failed: wait for news (or the safety net).
+            let _ = tokio::time::timeout(RECHECK, replica.kick(pg.0 as usize).notified()).await;
+        }
+    }
+}
+
+/// Makes `plan`'s pull from the fastest candidate, falling over to the next on failure.
+async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], latency: &Latency, plan: &PullPlan) -> bool {
+    let m = &replica.metrics;
+    for (i, segment) in latency.order(plan).into_iter().enumerate() {
+        if i > 0 {
+            m.pull_failovers.fetch_add(1, Relaxed);
+        }
+        let link = link_of(links, nodes[segment]);
+        let started = Instant::now();
+        let reply = async {
+            let conn = link.get().await?;
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, conn.pull(plan.pg, plan.after, Lsn(u64::MAX), plan.bytes_max as u32)).await;
+            r.map_err(|_| ClientError::Unexpected(format!("no pull reply in {REQUEST_TIMEOUT:?}")))?
+        };
+        match reply.await {
+            Ok(p) => {
+                latency.record(segment, started.elapsed().as_micros() as u64);
+                m.pulls.fetch_add(1, Relaxed);
+                m.pull_bytes.fetch_add(p.records.len() as u64, Relaxed);
+                let applied = replica.lock().on_pulled(segment, plan.after, p.position, p.last_lsn, p.records);
+                match applied {
+                    Ok(read_point) => {
+                        replica.publish(read_point);
+                        return true;
+                    }
+                    Err(e) => tracing::warn!(pg = %plan.pg, node = link.id, error = %e, "refusing a pull reply; trying another segment"),
+                }
+            }
+            Err(e) => tracing::debug!(pg = %plan.pg, node = link.id, error = %e, "pull failed; trying another segment"),
+        }
+        latency.penalize(segment);
+    }
+    false
+}

@@ -1,0 +1,64 @@
+//! replicad metrics, rendered in the Prometheus text format at /metrics.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use borealis_net::metrics::header;
+use redo_core::replica::ReplicaCore;
+
+#[derive(Default)]
+pub struct Metrics {
+    pub reads: AtomicU64,
+    pub read_timeouts: AtomicU64,
+    pub page_fetches: AtomicU64,
+    pub pulls: AtomicU64,
+    pub pull_bytes: AtomicU64,
+    pub pull_failovers: AtomicU64,
+    pub requests_refused: AtomicU64,
+}
+
+impl Metrics {
+    /// Renders the counters and the engine's gauges (read under its lock by the caller).
+    pub fn render(&self, core: &ReplicaCore) -> String {
+        let mut out = String::new();
+        let counters = [
+            ("replicad_reads_total", "Gets answered or refused.", &self.reads),
+            ("replicad_read_timeouts_total", "Read-your-writes gets whose min_lsn was not applied in time.", &self.read_timeouts),
+            ("replicad_page_fetches_total", "Pages read from storage with GetPage@LSN (cache misses).", &self.page_fetches),
+            ("replicad_pulls_total", "Log pulls answered by storage.", &self.pulls),
+            ("replicad_pull_bytes_total", "Redo bytes pulled from storage.", &self.pull_bytes),
+            ("replicad_pull_failovers_total", "Pulls retried on another segment after one failed.", &self.pull_failovers),
+            ("replicad_requests_refused_total", "Client requests refused (malformed, too large, invalid, writes).", &self.requests_refused),
+        ];
+        for (name, help, v) in counters {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {}", v.load(Relaxed));
+        }
+        let read_point = core.read_point().unwrap_or_default().0;
+        let (throttled, episodes) = core.throttled();
+        let engine_counters = [
+            ("replicad_backpressure_total", "Times pulling stopped because the buffer was full.", episodes),
+            ("replicad_pages_dropped_total", "Cached pages dropped because a record did not link to them.", core.pages_dropped()),
+        ];
+        for (name, help, v) in engine_counters {
+            header(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+        let gauges = [
+            ("replicad_applied_vdl", "Read point: every committed record at or below it is applied.", read_point),
+            ("replicad_writer_vdl", "Newest VDL heard (from the writer, or from storage at start).", core.vdl().0),
+            ("replicad_lag_lsn", "LSNs between the newest VDL heard and the read point.", core.vdl().0.saturating_sub(read_point)),
+            ("replicad_flushed_lsn", "Volume flushed LSN: every record at or below it is on disk on a write quorum.", core.flushed_lsn().0),
+            ("replicad_retained_bytes", "Applied records kept until a write quorum flushes them.", core.retained_bytes() as u64),
+            ("replicad_pending_bytes", "Pulled records not yet applied (beyond VDL, or awaiting another PG).", core.pending_bytes() as u64),
+            ("replicad_buffer_bytes_max", "Limit on pending plus retained bytes.", core.buffer_bytes_max() as u64),
+            ("replicad_throttled", "1 while pulling is stopped for a full buffer.", throttled as u64),
+            ("replicad_cached_pages", "Page images in memory.", core.cached_pages() as u64),
+        ];
+        for (name, help, v) in gauges {
+            header(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {v}");
+        }
+        out
+    }
+}

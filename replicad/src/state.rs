@@ -1,0 +1,80 @@
+//! The replica's shared state: the engine behind one mutex, the read point
+//! published to readers and `Follow` streams, and the wake-ups of the pullers.
+
+use std::sync::{Mutex, MutexGuard};
+
+use redo_core::api::Progress;
+use redo_core::replica::ReplicaCore;
+use redo_core::wire::SegmentPosition;
+use redo_core::Lsn;
+use tokio::sync::{watch, Notify};
+
+use crate::metrics::Metrics;
+
+pub struct Replica {
+    core: Mutex<ReplicaCore>,
+    /// The read point (applied VDL); `Follow` streams and read-your-writes waits watch it.
+    pub progress: watch::Sender<Progress>,
+    /// Set once the replica has a read point.
+    pub ready: watch::Sender<bool>,
+    /// Per PG: a segment or the writer reported progress; there may be records to pull.
+    kick: Vec<Notify>,
+    pub metrics: Metrics,
+}
+
+impl Replica {
+    pub fn new(core: ReplicaCore) -> Replica {
+        let pgs = core.volume().pg_count();
+        let read_point = core.read_point();
+        Replica {
+            progress: watch::channel(Progress { vdl: read_point.unwrap_or(Lsn::ZERO), pgcl: Vec::new() }).0,
+            ready: watch::channel(read_point.is_some()).0,
+            core: Mutex::new(core),
+            kick: (0..pgs).map(|_| Notify::new()).collect(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, ReplicaCore> {
+        self.core.lock().expect("replica state lock")
+    }
+
+    /// Publishes a read point the engine moved to.
+    pub fn publish(&self, read_point: Option<Lsn>) {
+        let Some(vdl) = read_point else { return };
+        self.progress.send_if_modified(|p| {
+            let newer = vdl > p.vdl;
+            if newer {
+                p.vdl = vdl;
+            }
+            newer
+        });
+        self.ready.send_if_modified(|r| !std::mem::replace(r, true));
+    }
+
+    pub fn kick(&self, pg: usize) -> &Notify {
+        &self.kick[pg]
+    }
+
+    fn kick_all(&self) {
+        self.kick.iter().for_each(Notify::notify_one);
+    }
+
+    /// The writer's VDL advanced.
+    pub fn on_progress(&self, p: &Progress) {
+        let moved = self.lock().on_progress(p.vdl, &p.pgcl);
+        self.publish(moved);
+        self.kick_all();
+    }
+
+    /// A segment's SCL or flushed LSN moved: its PG may have records to pull, and a
+    /// flush may have freed room for every PG.
+    pub fn on_position(&self, segment: usize, position: SegmentPosition) {
+        let freed = self.lock().on_position(segment, position);
+        if freed {
+            self.kick_all();
+        } else {
+            self.kick[position.pg.0 as usize].notify_one();
+        }
+    }
+}

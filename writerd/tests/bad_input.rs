@@ -3,10 +3,11 @@
 
 mod common;
 
-use borealis_net::api::{ApiClient, ApiError};
+use borealis_net::api::ApiClient;
 use common::*;
 use redo_core::api::{ApiErrorCode, Request, Response, TXN_OPS_MAX};
 use redo_core::page::{PageOp, KEY_BYTES_MAX, VALUE_BYTES_MAX};
+use redo_core::Lsn;
 
 fn put(k: &[u8], v: &[u8]) -> PageOp {
     PageOp::Put { key: k.to_vec(), value: v.to_vec() }
@@ -40,39 +41,11 @@ async fn bad_requests_get_clear_errors_and_write_nothing() {
     assert_eq!(client.get(b"good").await.unwrap().1, None);
     client.put(b"good", b"after").await.unwrap();
 
-    // An unknown operation breaks the framing: Malformed, and that stream closes.
-    let mut frame = Vec::new();
-    Request::Txn(vec![put(b"x", b"v")]).encode(77, &mut frame);
-    frame[4 + 1 + 8 + 4] = 9;
-    let bad = c.client(c.writer_addr()).await;
-    match bad.call_raw(77, frame).await {
-        Err(ApiError::Lost(message)) => assert!(message.contains("Malformed") && message.contains("operation"), "{message}"),
-        other => panic!("expected Malformed, got {other:?}"),
-    }
-    assert!(bad.get(b"good").await.is_err(), "the refused stream is closed");
-
-    // A frame beyond the request limit: TooLarge, before the writer buffers it.
-    let huge = c.client(c.writer_addr()).await;
-    let mut frame = ((64u32 << 20) as u32).to_le_bytes().to_vec();
-    frame.extend_from_slice(&[1; 64]);
-    match huge.call_raw(1, frame).await {
-        Err(ApiError::Lost(message)) if message.contains("TooLarge") => {}
-        other => panic!("expected TooLarge, got {other:?}"),
-    }
-
-    // Garbage bytes.
-    let junk = c.client(c.writer_addr()).await;
-    match junk.call_raw(1, vec![9, 0, 0, 0, 42, 1, 2, 3, 4, 5, 6, 7, 8]).await {
-        Err(ApiError::Lost(message)) if message.contains("Malformed") => {}
-        other => panic!("expected Malformed, got {other:?}"),
-    }
+    // Frames that break the framing close their own stream only.
+    assert_bad_frames_refused(&c, c.writer_addr()).await;
 
     // A client whose certificate is not from the cluster CA is refused.
-    let foreign = c.dir.path().join("foreign");
-    borealis_net::certs::generate(&foreign, &["client".to_string()]).unwrap();
-    let id = borealis_net::TlsIdentity::load(&foreign, "client").unwrap();
-    let ep = borealis_net::client_endpoint(&id).unwrap();
-    let outsider = match ApiClient::connect(&ep, c.writer_addr()).await {
+    let outsider = match ApiClient::connect(&foreign_endpoint(&c), c.writer_addr()).await {
         Err(_) => None,
         Ok(cl) => Some(cl.put(b"intruder", b"v").await),
     };

@@ -166,24 +166,6 @@ async fn a_newer_writer_fences_the_old_one() {
     assert_eq!(new_client.get(b"k").await.unwrap().1.as_deref(), Some(&b"from-new"[..]));
 }
 
-fn scrape(addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of an unlabelled sample.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_of_evicted_pages_come_from_storage_at_the_page_lsn() {
     let mut c = Cluster::start(&[]).await;

@@ -1,6 +1,8 @@
-//! Harness for writer end-to-end tests: a local volume of six real `storaged`
-//! processes (two per AZ) and real `writerd` processes on loopback, driven
-//! through the client library. Every wait is on a condition with a deadline.
+//! Harness for end-to-end tests: a local volume of six real `storaged`
+//! processes (two per AZ), real `writerd` and `replicad` processes on
+//! loopback, driven through the client library. Every wait is on a condition
+//! with a deadline. Shared by writerd's tests and replicad's (which include it
+//! with `#[path]`); the binaries are found next to the test's own.
 
 #![allow(dead_code)]
 
@@ -15,18 +17,26 @@ use borealis_net::TlsIdentity;
 use redo_core::volume::{NodeSpec, Volume};
 use redo_core::{Epoch, Lsn, PgId};
 
-pub const WRITERD: &str = env!("CARGO_BIN_EXE_writerd");
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 pub const PGS: u32 = 2;
 
-/// `storaged` is built into the same directory as `writerd`.
-fn storaged_bin() -> PathBuf {
-    Path::new(WRITERD).with_file_name("storaged")
+/// A daemon's binary, from the directory cargo built the tested package's binary into
+/// (`cargo test -p replicad` builds only replicad: `cargo build --release` builds the others).
+pub fn bin(name: &str) -> PathBuf {
+    let tested = option_env!("CARGO_BIN_EXE_writerd").or(option_env!("CARGO_BIN_EXE_replicad")).expect("tested from writerd or replicad");
+    let path = Path::new(tested).with_file_name(name);
+    assert!(path.exists(), "no {} (build the workspace first: cargo build --release)", path.display());
+    path
 }
 
 pub fn free_udp_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0").expect("probe free UDP port").local_addr().expect("local addr").port()
+}
+
+/// A loopback TCP address free a moment ago (for `--metrics-listen`).
+pub fn free_tcp_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("probe free TCP port").local_addr().expect("local addr")
 }
 
 /// A child process, SIGKILLed on drop unless it was stopped.
@@ -140,7 +150,7 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("writerd-e2e-").tempdir().expect("temp dir");
         let certs = dir.path().join("certs");
         let mut names: Vec<String> = (1..=6).map(|i| format!("storaged-{i}")).collect();
-        names.extend(["writerd".into(), "client".into()]);
+        names.extend(["writerd".into(), "replicad".into(), "client".into()]);
         borealis_net::certs::generate(&certs, &names).expect("certificates");
         let nodes = (1..=6)
             .map(|i| NodeSpec { id: i, az: format!("az{}", (i - 1) / 2 + 1), addr: format!("127.0.0.1:{}", free_udp_port()) })
@@ -167,6 +177,11 @@ impl Cluster {
         c
     }
 
+    /// Where the logs are: kept when the test fails.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
     fn spawn_storaged(&mut self, id: u32) -> Proc {
         self.starts += 1;
         let spec = &self.volume.nodes[id as usize - 1];
@@ -176,7 +191,7 @@ impl Cluster {
         args.extend(["--data-dir".into(), self.dir.path().join(format!("data-{id}")).display().to_string()]);
         args.extend(["--certs".into(), self.certs.display().to_string(), "--segment-prealloc-bytes".into(), "1MiB".into()]);
         args.extend(self.storaged_args.iter().cloned());
-        Proc::spawn(&storaged_bin(), &args, self.dir.path().join(format!("storaged-{id}.{}.log", self.starts)))
+        Proc::spawn(&bin("storaged"), &args, self.dir.path().join(format!("storaged-{id}.{}.log", self.starts)))
     }
 
     pub fn kill9(&mut self, id: u32) {
@@ -210,7 +225,28 @@ impl Cluster {
             args.extend(["--listen".into(), l.to_string()]);
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Proc::spawn(Path::new(WRITERD), &args, self.dir.path().join(format!("writerd.{}.log", self.starts)))
+        Proc::spawn(&bin("writerd"), &args, self.dir.path().join(format!("writerd.{}.log", self.starts)))
+    }
+
+    /// Starts `replicad serve` on `listen` (a fresh address when `None`), with metrics on
+    /// a fresh TCP address, and waits until it is ready.
+    pub async fn start_replica(&mut self, listen: Option<SocketAddr>, extra: &[&str]) -> Replica {
+        let mut r = self.spawn_replica(listen, extra);
+        r.proc.wait_log("replicad ready", READY_TIMEOUT).await;
+        r
+    }
+
+    /// Starts `replicad serve` without waiting for it.
+    pub fn spawn_replica(&mut self, listen: Option<SocketAddr>, extra: &[&str]) -> Replica {
+        self.starts += 1;
+        let addr = listen.unwrap_or_else(|| format!("127.0.0.1:{}", free_udp_port()).parse().expect("address"));
+        let metrics = free_tcp_addr();
+        let mut args: Vec<String> = vec!["serve".into(), "--volume".into(), self.volume_path.display().to_string()];
+        args.extend(["--listen".into(), addr.to_string(), "--certs".into(), self.certs.display().to_string()]);
+        args.extend(["--metrics-listen".into(), metrics.to_string()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(&bin("replicad"), &args, self.dir.path().join(format!("replicad.{}.log", self.starts)));
+        Replica { proc, addr, metrics }
     }
 
     pub fn endpoint(&self) -> quinn::Endpoint {
@@ -219,7 +255,7 @@ impl Cluster {
     }
 
     pub async fn client(&self, addr: SocketAddr) -> ApiClient {
-        tokio::time::timeout(REPLY_TIMEOUT, ApiClient::connect(&self.endpoint(), addr)).await.expect("connect in time").expect("connect to writer")
+        tokio::time::timeout(REPLY_TIMEOUT, ApiClient::connect(&self.endpoint(), addr)).await.expect("connect in time").expect("connect to server")
     }
 
     /// Node `id`'s SCL for `pg`, read without raising its epoch.
@@ -230,6 +266,119 @@ impl Cluster {
             conn.status(Epoch(0), pg).await.ok().map(|(_, p)| p.scl)
         });
         r.await.ok().flatten()
+    }
+}
+
+impl Drop for Cluster {
+    /// A failing test keeps its directory (logs, data, certificates) and says where.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!("test failed: cluster directory kept at {}", self.dir.path().display());
+        }
+    }
+}
+
+/// A running `replicad`: its client API and metrics addresses.
+pub struct Replica {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+impl Replica {
+    /// Its metrics now; the process must be serving them.
+    pub fn scrape(&self) -> String {
+        scrape(self.metrics)
+    }
+}
+
+/// `GET /metrics` from `addr` (status line and headers included).
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of an unlabelled sample.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// A server's read point (VDL from a writer, applied VDL from a replica) as of now: the
+/// first report of a new `Follow` feed, which is at least the read point when this was called.
+pub async fn read_point(client: &ApiClient) -> Lsn {
+    let first = async { client.follow().await?.next().await };
+    tokio::time::timeout(REPLY_TIMEOUT, first).await.expect("progress in time").expect("follow").vdl
+}
+
+/// A server's read point, followed in the background.
+pub struct ReadPoint {
+    rx: tokio::sync::watch::Receiver<Lsn>,
+    /// Set when a report went below the one before: the feed stops there.
+    went_back: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReadPoint {
+    pub async fn follow(client: &ApiClient) -> ReadPoint {
+        let mut feed = tokio::time::timeout(REPLY_TIMEOUT, client.follow()).await.expect("follow in time").expect("follow");
+        let first = tokio::time::timeout(REPLY_TIMEOUT, feed.next()).await.expect("progress in time").expect("progress").vdl;
+        let (tx, rx) = tokio::sync::watch::channel(first);
+        let went_back = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let task = tokio::spawn({
+            let went_back = went_back.clone();
+            async move {
+                while let Ok(p) = feed.next().await {
+                    let last = *tx.borrow();
+                    if p.vdl < last {
+                        *went_back.lock().unwrap() = Some(format!("the read point went back from {last} to {}", p.vdl));
+                        return;
+                    }
+                    if tx.send(p.vdl).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        ReadPoint { rx, went_back, task }
+    }
+
+    /// Panics if the feed ever reported a lower read point than before.
+    pub fn assert_monotonic(&self) {
+        if let Some(e) = self.went_back.lock().unwrap().as_ref() {
+            panic!("{e}");
+        }
+    }
+
+    /// The last reported read point: at or below the server's read point now.
+    pub fn now(&self) -> Lsn {
+        self.assert_monotonic();
+        *self.rx.borrow()
+    }
+
+    /// Waits until the read point reaches `lsn`; panics (saying `why`) at the deadline.
+    pub async fn wait_for(&mut self, lsn: Lsn, timeout: Duration, why: impl FnOnce() -> String) -> Lsn {
+        let r = tokio::time::timeout(timeout, self.rx.wait_for(|&at| at >= lsn)).await.map(|r| r.map(|at| *at));
+        self.assert_monotonic();
+        match r {
+            Ok(Ok(at)) => at,
+            Ok(Err(_)) => panic!("the feed ended at {} before reaching {lsn}: {}", *self.rx.borrow(), why()),
+            Err(_) => panic!("the read point stayed at {} below {lsn} for {timeout:?}: {}", *self.rx.borrow(), why()),
+        }
+    }
+}
+
+impl Drop for ReadPoint {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -252,6 +401,11 @@ pub struct Load {
 impl Load {
     /// `workers` concurrent writers on one client; worker w writes keys w, w + workers, ...
     pub fn start(client: &ApiClient, workers: u64, first_key: u64) -> Load {
+        Load::start_values(client, workers, first_key, |i| value(i, 0))
+    }
+
+    /// Like `start`, writing `value_of(i)` to key i.
+    pub fn start_values(client: &ApiClient, workers: u64, first_key: u64, value_of: fn(u64) -> Vec<u8>) -> Load {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         use std::sync::Arc;
         let stop = Arc::new(AtomicBool::new(false));
@@ -263,7 +417,7 @@ impl Load {
                     let (mut acked, mut errors) = (Vec::new(), Vec::new());
                     let mut i = first_key + w;
                     while !stop.load(Ordering::Relaxed) {
-                        match tokio::time::timeout(REPLY_TIMEOUT, client.put(&key(i), &value(i, 0))).await {
+                        match tokio::time::timeout(REPLY_TIMEOUT, client.put(&key(i), &value_of(i))).await {
                             Ok(Ok(_)) => {
                                 acked.push(i);
                                 committed.fetch_add(1, Ordering::Relaxed);
@@ -313,4 +467,45 @@ pub async fn assert_all_present(client: &ApiClient, acked: &[u64]) {
         let (_, v) = tokio::time::timeout(REPLY_TIMEOUT, client.get(&key(i))).await.expect("get in time").expect("get");
         assert_eq!(v.as_deref(), Some(value(i, 0).as_slice()), "acknowledged write of key {i} is missing or wrong");
     }
+}
+
+/// Frames a server cannot read, each on a client of its own: an unknown operation and
+/// garbage are `Malformed`, a frame beyond the request limit is `TooLarge` (refused
+/// before it is buffered), and the refused stream is closed.
+pub async fn assert_bad_frames_refused(c: &Cluster, addr: SocketAddr) {
+    use borealis_net::api::ApiError;
+    use redo_core::api::Request;
+    use redo_core::page::PageOp;
+
+    let mut frame = Vec::new();
+    Request::Txn(vec![PageOp::Put { key: b"x".to_vec(), value: b"v".to_vec() }]).encode(77, &mut frame);
+    frame[4 + 1 + 8 + 4] = 9;
+    let bad = c.client(addr).await;
+    match bad.call_raw(77, frame).await {
+        Err(ApiError::Lost(message)) => assert!(message.contains("Malformed") && message.contains("operation"), "{message}"),
+        other => panic!("expected Malformed, got {other:?}"),
+    }
+    assert!(bad.get(b"good").await.is_err(), "the refused stream is closed");
+
+    let huge = c.client(addr).await;
+    let mut frame = (64u32 << 20).to_le_bytes().to_vec();
+    frame.extend_from_slice(&[1; 64]);
+    match huge.call_raw(1, frame).await {
+        Err(ApiError::Lost(message)) if message.contains("TooLarge") => {}
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+
+    let junk = c.client(addr).await;
+    match junk.call_raw(1, vec![9, 0, 0, 0, 42, 1, 2, 3, 4, 5, 6, 7, 8]).await {
+        Err(ApiError::Lost(message)) if message.contains("Malformed") => {}
+        other => panic!("expected Malformed, got {other:?}"),
+    }
+}
+
+/// A client endpoint whose certificate is from a CA other than the cluster's.
+pub fn foreign_endpoint(c: &Cluster) -> quinn::Endpoint {
+    let foreign = c.dir.path().join("foreign");
+    borealis_net::certs::generate(&foreign, &["client".to_string()]).expect("foreign certificates");
+    let id = TlsIdentity::load(&foreign, "client").expect("foreign identity");
+    borealis_net::client_endpoint(&id).expect("foreign endpoint")
 }

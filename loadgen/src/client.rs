@@ -185,7 +185,7 @@ pub async fn get(args: GetArgs) -> Result<Outcome> {
         let value = match c.get_at(&key, min_lsn).await {
             Ok((_, value)) => value,
             Err(ApiError::Refused { code: ApiErrorCode::Timeout, message }) => {
-                bail!("the server had not applied --min-lsn {min_lsn} when its read wait ran out ({message}); retry, or read from the writer")
+                bail!("its read point did not reach --min-lsn {min_lsn} within its read wait (Timeout: {message})")
             }
             Err(e) => return Err(e.into()),
         };

@@ -69,6 +69,12 @@ pub fn free_tcp_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0").context("probe free TCP port")?.local_addr()?.port())
 }
 
+/// A daemon's addresses on loopback: a free UDP one for QUIC and a free TCP one for metrics.
+fn daemon_addrs() -> Result<(SocketAddr, SocketAddr)> {
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    Ok((loopback(free_udp_port()?), loopback(free_tcp_port()?)))
+}
+
 /// Availability zone of a local node: two per AZ (az1, az1, az2, az2, az3, az3), as scripts/cluster places them.
 pub fn az_of(node_id: u32) -> String {
     format!("az{}", (node_id - 1) / 2 + 1)
@@ -206,8 +212,7 @@ impl LocalStorage {
         let pgs_arg = pgs.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
         let mut nodes = Vec::new();
         for node_id in 1..=count {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
-            let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+            let (addr, metrics_addr) = daemon_addrs()?;
             let name = format!("storaged-{node_id}");
             let process = Daemon::spawn(
                 &name,
@@ -303,43 +308,24 @@ impl LocalCluster {
         borealis_net::certs::generate(&certs, &["writerd".to_string(), "replicad".to_string()])?;
         let endpoint = borealis_net::client_endpoint(&storage.identity()?)?;
         drop(storage.connect_all(&endpoint).await?);
-        let writer_addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
-        let writer_metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+        let (writer_addr, writer_metrics_addr) = daemon_addrs()?;
         let volume = local_volume(writer_addr, storage.nodes.iter().map(|n| (n.node_id, n.addr)), spec.pgs, spec.page_count)?;
         let volume_path = dir.join("volume.toml");
         std::fs::write(&volume_path, volume.to_toml()).with_context(|| format!("write {}", volume_path.display()))?;
         let mut writerd = Daemon::spawn(
             "writerd",
             dir.join("writerd.log"),
-            Command::new(writerd_binary()?)
-                .arg("serve")
-                .arg("--volume")
-                .arg(&volume_path)
-                .arg("--certs")
-                .arg(&certs)
-                .args(["--metrics-listen", &writer_metrics_addr.to_string()])
-                .args(ONE_THREAD)
-                .args(spec.writerd_args),
+            serve_volume(writerd_binary()?, &volume_path, &certs, writer_metrics_addr).args(spec.writerd_args),
         )?;
         wait_serving(&endpoint, writer_addr, &mut writerd).await?;
         let mut replicas = Vec::new();
         for i in 1..=spec.replicas {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()?).parse()?;
-            let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_tcp_port()?).parse()?;
+            let (addr, metrics_addr) = daemon_addrs()?;
             let name = format!("replicad-{i}");
             let process = Daemon::spawn(
                 &name,
                 dir.join(format!("{name}.log")),
-                Command::new(replicad_binary()?)
-                    .arg("serve")
-                    .arg("--volume")
-                    .arg(&volume_path)
-                    .args(["--listen", &addr.to_string()])
-                    .arg("--certs")
-                    .arg(&certs)
-                    .args(["--metrics-listen", &metrics_addr.to_string()])
-                    .args(ONE_THREAD)
-                    .args(spec.replicad_args),
+                serve_volume(replicad_binary()?, &volume_path, &certs, metrics_addr).args(["--listen", &addr.to_string()]).args(spec.replicad_args),
             )?;
             replicas.push(Replica { addr, metrics_addr, process });
         }
@@ -359,6 +345,13 @@ impl LocalCluster {
         let storage = self.storage.stop();
         replicas.and(writer).and(storage)
     }
+}
+
+/// How writerd and replicad start: serving the volume, one network thread (user options come after and win).
+fn serve_volume(bin: PathBuf, volume: &Path, certs: &Path, metrics_addr: SocketAddr) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve").arg("--volume").arg(volume).arg("--certs").arg(certs).args(["--metrics-listen", &metrics_addr.to_string()]).args(ONE_THREAD);
+    cmd
 }
 
 /// Ready means a client can connect and read.

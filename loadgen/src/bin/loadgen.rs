@@ -23,8 +23,9 @@ enum Command {
     /// MB/s, ack and flush latency against raw io_uring disk and raw QUIC ceilings from the same run.
     StorageBench(loadgen::storage_bench::StorageBenchArgs),
     /// Benchmark commits: open-loop puts at each offered rate of a sweep, against an embedded
-    /// cluster (6 storaged + writerd, started and stopped by loadgen) or an existing writer;
-    /// reports acknowledged commits/s and commit latency from each commit's due time.
+    /// cluster (6 storaged + writerd + replicads, started and stopped by loadgen) or an existing
+    /// writer; reports acknowledged commits/s, commit latency from each commit's due time, and
+    /// replica visibility lag from each commit's acknowledgement.
     CommitBench(loadgen::commit_bench::CommitBenchArgs),
     /// Put KEY=VALUE in one transaction; prints the commit LSN.
     Put(client::PutArgs),

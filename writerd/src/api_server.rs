@@ -56,9 +56,17 @@ async fn handle(api: &Api, req: Request) -> Response {
             }
             r
         }
-        // The writer's reads are at VDL, which covers every commit it acknowledged.
-        Request::Get { key, .. } => {
+        Request::Get { key, min_lsn } => {
             w.metrics.reads.fetch_add(1, Relaxed);
+            // Every commit this writer acknowledged is at or below VDL; a later LSN it
+            // allocated becomes durable soon; one it never allocated cannot be waited for.
+            let last = w.lock().core.last_allocated();
+            if min_lsn > last {
+                return error(ApiErrorCode::Invalid, format!("min_lsn {min_lsn} is beyond the last LSN this writer allocated ({last})"));
+            }
+            if let Err(e) = w.wait_vdl(min_lsn).await {
+                return unavailable(e.0);
+            }
             get(api, key).await
         }
         Request::Follow => unreachable!("the request loop serves Follow itself"),

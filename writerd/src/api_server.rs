@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use borealis_net::storage::NodeLink;
 
 use crate::segments::fetch_page;
-use crate::state::Writer;
+use crate::state::{Deposed, Writer};
 
 pub struct Api {
     pub writer: Arc<Writer>,
@@ -65,12 +65,16 @@ async fn handle(api: &Api, req: Request) -> Response {
                 return error(ApiErrorCode::Invalid, format!("min_lsn {min_lsn} is beyond the last LSN this writer allocated ({last})"));
             }
             if let Err(e) = w.wait_vdl(min_lsn).await {
-                return unavailable(e.0);
+                return read_unavailable(e);
             }
             get(api, key).await
         }
         Request::Follow => unreachable!("the request loop serves Follow itself"),
     }
+}
+
+fn read_unavailable(e: Deposed) -> Response {
+    error(ApiErrorCode::Unavailable, format!("writer unavailable: {}", e.0))
 }
 
 fn unavailable(why: String) -> Response {
@@ -131,11 +135,11 @@ async fn get(api: &Api, key: Vec<u8>) -> Response {
     match plan {
         ReadPlan::Cached { lsn, value } => match w.wait_vdl(lsn).await {
             Ok(()) => Response::Value { read_lsn: lsn, value },
-            Err(e) => unavailable(e.0),
+            Err(e) => read_unavailable(e),
         },
         ReadPlan::Fetch { pg, page, lsn } => {
             if let Err(e) = w.wait_vdl(lsn).await {
-                return unavailable(e.0);
+                return read_unavailable(e);
             }
             w.metrics.page_fetches.fetch_add(1, Relaxed);
             match fetch_page(w, &api.volume, &api.links, pg, page, lsn).await {

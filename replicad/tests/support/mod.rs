@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use borealis_net::api::ApiClient;
+use borealis_net::api::{ApiClient, ApiError};
+use redo_core::api::ApiErrorCode;
 use redo_core::page::PageOp;
 use redo_core::volume::Volume;
 use redo_core::{Lsn, PgId};
@@ -18,6 +19,8 @@ use crate::common::*;
 
 /// How long a replica may take to reach the writer's VDL once the load stops.
 pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a transfer may wait to commit: through a freeze of the storage nodes.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keys compared at once between writer and replica.
 const COMPARE_INFLIGHT_MAX: usize = 32;
 
@@ -194,6 +197,8 @@ pub struct AccountsReport {
     pub transfers: usize,
     pub reads: usize,
     pub read_points: usize,
+    /// Reads at the writer's VDL refused with Timeout.
+    pub timeouts: u64,
 }
 
 /// Groups of accounts (each spread over both PGs) with one task per group moving money
@@ -207,6 +212,10 @@ pub struct Accounts {
     stop: Arc<AtomicBool>,
     committed: Arc<AtomicU64>,
     read: Arc<AtomicU64>,
+    /// Reads at a min_lsn the replica did not reach within --read-wait-ms.
+    timeouts: Arc<AtomicU64>,
+    /// The first reader or transfer failure, as soon as it happens.
+    failed: Arc<std::sync::Mutex<Option<String>>>,
     transfers: Vec<tokio::task::JoinHandle<Result<History, String>>>,
     readers: Vec<tokio::task::JoinHandle<Result<Vec<Seen>, String>>>,
 }
@@ -220,11 +229,16 @@ impl Accounts {
         let stop = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicU64::new(0));
         let read = Arc::new(AtomicU64::new(0));
-        let transfers = (0..groups).map(|g| tokio::spawn(transfer(g, writer.clone(), stop.clone(), committed.clone()))).collect();
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let timeouts = Arc::new(AtomicU64::new(0));
+        let transfers = (0..groups).map(|g| tokio::spawn(noting_failure(failed.clone(), transfer(g, writer.clone(), stop.clone(), committed.clone())))).collect();
         let readers = (0..readers)
-            .map(|r| tokio::spawn(reader(r, groups, replica.clone(), writer.clone(), writer_vdl.clone(), stop.clone(), read.clone())))
+            .map(|r| {
+                let read = reader(r, groups, replica.clone(), writer.clone(), writer_vdl.clone(), stop.clone(), read.clone(), timeouts.clone());
+                tokio::spawn(noting_failure(failed.clone(), read))
+            })
             .collect();
-        Accounts { groups, stop, committed, read, transfers, readers }
+        Accounts { groups, stop, committed, read, timeouts, failed, transfers, readers }
     }
 
     pub fn transfers(&self) -> u64 {
@@ -235,12 +249,17 @@ impl Accounts {
         self.read.load(Relaxed)
     }
 
+    /// The first failure of a reader or a transfer so far.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap().clone()
+    }
+
     /// Waits until `n` more transfers than now have committed.
     pub async fn wait_transfers(&self, n: u64, timeout: Duration) {
         let target = self.transfers() + n;
         let deadline = Instant::now() + timeout;
         while self.transfers() < target {
-            assert!(Instant::now() < deadline, "only {} of {target} transfers within {timeout:?}", self.transfers());
+            assert!(Instant::now() < deadline, "only {} of {target} transfers within {timeout:?}; {:?}", self.transfers(), self.failure());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -250,7 +269,7 @@ impl Accounts {
         let target = self.reads() + n;
         let deadline = Instant::now() + timeout;
         while self.reads() < target {
-            assert!(Instant::now() < deadline, "only {} of {target} replica reads within {timeout:?}: {}", self.reads(), why());
+            assert!(Instant::now() < deadline, "only {} of {target} replica reads within {timeout:?} ({:?}): {}", self.reads(), self.failure(), why());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
@@ -271,8 +290,18 @@ impl Accounts {
             read_points.insert(s.read_lsn);
             check_read(&histories[s.group], s)?;
         }
-        Ok(AccountsReport { transfers: histories.iter().map(|h| h.commits.len()).sum(), reads: seen.len(), read_points: read_points.len() })
+        let transfers = histories.iter().map(|h| h.commits.len()).sum();
+        Ok(AccountsReport { transfers, reads: seen.len(), read_points: read_points.len(), timeouts: self.timeouts.load(Relaxed) })
     }
+}
+
+/// Runs `task`, noting its error (if it is the first) where the test can see it at once.
+async fn noting_failure<T>(failed: Arc<std::sync::Mutex<Option<String>>>, task: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    let r = task.await;
+    if let Err(e) = &r {
+        failed.lock().unwrap().get_or_insert_with(|| e.clone());
+    }
+    r
 }
 
 /// A read at `read_lsn` shows the last transfer of its group committed at or below it.
@@ -343,10 +372,10 @@ async fn transfer(g: usize, writer: ApiClient, stop: Arc<AtomicBool>, committed:
         }
         assert_eq!(balances.iter().sum::<u64>(), BALANCE_START * ACCOUNTS as u64);
         let ops = (0..ACCOUNTS).map(|a| PageOp::Put { key: account_key(g, a), value: account_value(g, t, balances[a]) }).collect();
-        let lsn = match tokio::time::timeout(REPLY_TIMEOUT, writer.txn(ops)).await {
+        let lsn = match tokio::time::timeout(TRANSFER_TIMEOUT, writer.txn(ops)).await {
             Ok(Ok(lsn)) => lsn,
             Ok(Err(e)) => return Err(format!("transfer {t} of group {g} failed: {e}")),
-            Err(_) => return Err(format!("transfer {t} of group {g}: no reply in {REPLY_TIMEOUT:?}")),
+            Err(_) => return Err(format!("transfer {t} of group {g}: no reply in {TRANSFER_TIMEOUT:?}")),
         };
         if let Some(&before) = h.commits.last() {
             if lsn <= before {
@@ -361,7 +390,8 @@ async fn transfer(g: usize, writer: ApiClient, stop: Arc<AtomicBool>, committed:
 }
 
 /// Reads every account of one group after another from the replica, in turn: plain
-/// reads, and reads at the writer's VDL last seen (they wait for the replica to get there).
+/// reads, and reads at the writer's VDL last seen (they wait for the replica to get there,
+/// or are refused with Timeout: counted, not checked).
 async fn reader(
     r: usize,
     groups: usize,
@@ -370,6 +400,7 @@ async fn reader(
     writer_vdl: Arc<ReadPoint>,
     stop: Arc<AtomicBool>,
     read: Arc<AtomicU64>,
+    timeouts: Arc<AtomicU64>,
 ) -> Result<Vec<Seen>, String> {
     let mut seen = Vec::new();
     let mut last = Lsn::ZERO;
@@ -378,9 +409,16 @@ async fn reader(
         let group = (r + round) % groups;
         let min_lsn = if round % 2 == 1 { writer_vdl.now() } else { Lsn::ZERO };
         for account in 0..ACCOUNTS {
+            let started = Instant::now();
             let (read_lsn, value) = match tokio::time::timeout(REPLY_TIMEOUT, replica.get_at(&account_key(group, account), min_lsn)).await {
                 Ok(Ok(v)) => v,
-                Ok(Err(e)) => return Err(format!("replica read of account {group}/{account} (min {min_lsn}) failed: {e}")),
+                // Allowed by the API when the replica cannot get there within --read-wait-ms
+                // (a plain read, at the read point, must never time out).
+                Ok(Err(ApiError::Refused { code: ApiErrorCode::Timeout, .. })) if min_lsn > Lsn::ZERO => {
+                    timeouts.fetch_add(1, Relaxed);
+                    continue;
+                }
+                Ok(Err(e)) => return Err(format!("replica read of account {group}/{account} (min {min_lsn}) failed after {:?}: {e}", started.elapsed())),
                 Err(_) => return Err(format!("replica read of account {group}/{account}: no reply in {REPLY_TIMEOUT:?}")),
             };
             if read_lsn < last {

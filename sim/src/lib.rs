@@ -6,6 +6,9 @@
 //! must converge (liveness). `SIM_SEED=n cargo test --release -p sim`
 //! replays one seed.
 //!
+//! Read replicas (`ReplicaCore`, in `replica`) run beside the writer over
+//! the same network; what they serve is checked against the committed history.
+//!
 //! The writer side is driven the way writerd drives it: one sender per
 //! segment with a cursor `at`, sending the Append frames `poll_send` returns
 //! after it and feeding every ack into `handle_ack`. A session fails when
@@ -13,11 +16,15 @@
 //! lost) or the segment crashes; the sender then reconnects, re-learns the
 //! segment's position (writerd's Status) and resends from its SCL.
 
+mod replica;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use redo_core::page::PageOp;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use redo_core::record::RECORD_OVERHEAD_BYTES;
+use redo_core::replica::ReplicaConfig;
 use redo_core::segment_file::SEGMENT_HEADER_BYTES;
 use redo_core::segment_log::{DiskIndex, SegmentLog, SegmentLogConfig};
 use redo_core::volume::{NodeSpec, Volume};
@@ -49,7 +56,15 @@ impl Rng {
     pub fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
+
+    pub fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            v.swap(i, self.below(i as u64 + 1) as usize);
+        }
+    }
 }
+
+pub use replica::Bug;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Faults {
@@ -71,6 +86,16 @@ pub struct Stats {
     pub commits: u64,
     pub crashes: u64,
     pub reconnects: u64,
+    /// Replica reads answered and checked, and how many of them fetched their page.
+    pub reads: u64,
+    pub fetches: u64,
+    /// Times a replica's pulls stopped for a full buffer.
+    pub throttles: u64,
+    /// The most a replica's pending plus retained bytes went over `buffer_bytes_max`.
+    pub buffer_over_bytes_max: usize,
+    /// Checks that found a replica's read point past the writer's VDL (allowed
+    /// only up to where a replica started from storage).
+    pub read_points_past_vdl: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -79,6 +104,11 @@ impl std::ops::AddAssign for Stats {
         self.commits += o.commits;
         self.crashes += o.crashes;
         self.reconnects += o.reconnects;
+        self.reads += o.reads;
+        self.fetches += o.fetches;
+        self.throttles += o.throttles;
+        self.read_points_past_vdl += o.read_points_past_vdl;
+        self.buffer_over_bytes_max = self.buffer_over_bytes_max.max(o.buffer_over_bytes_max);
     }
 }
 
@@ -86,13 +116,20 @@ impl std::ops::AddAssign for Stats {
 enum Msg {
     Append { pg: usize, seg: usize, session: u64, frame: Bytes },
     Ack { seg: usize, session: u64, position: SegmentPosition },
+    /// The writer's progress feed (`Follow`) to replica `to`.
+    Progress { to: usize, vdl: Lsn, pgcl: Vec<Lsn> },
+    /// A segment's position notification to replica `to`.
+    Position { to: usize, seg: usize, position: SegmentPosition },
+    /// A replica's request to one segment, and the segment's answer.
+    Ask { from: usize, seg: usize, id: u64, ask: replica::Ask },
+    Answer { to: usize, seg: usize, id: u64, answer: replica::Answer },
 }
 
 /// A storage node's segment: its log and what survives a crash.
 struct Segment {
     log: SegmentLog,
-    /// End of the flushed part of the segment file.
-    file_end: u64,
+    /// The segment file: what it flushed, which pulls and page reads may read back.
+    file: Vec<u8>,
     /// Crashed and unreachable until this tick.
     down_until: u64,
     /// The highest SCL it lost in a crash. With `ack = memory` those records
@@ -113,6 +150,19 @@ struct Sender {
 
 const PAGE_COUNT: u64 = 64;
 const KEYS: u64 = 200;
+const TXN_PUTS_MAX: u64 = 4;
+
+fn key(n: u64) -> Vec<u8> {
+    format!("k{n}").into_bytes()
+}
+
+/// The most one transaction's records take: `TXN_PUTS_MAX` puts of the longest key.
+pub fn txn_bytes_max() -> usize {
+    let mut payload = Vec::new();
+    PageOp::Put { key: key(KEYS - 1), value: vec![0; 8] }.encode(&mut payload);
+    TXN_PUTS_MAX as usize * (RECORD_OVERHEAD_BYTES + payload.len())
+}
+
 /// Longer than a round trip at the largest delay: a sender with unacked
 /// frames and no progress for this long has lost its session.
 const RECONNECT_AFTER_TICKS: u64 = 40;
@@ -129,13 +179,17 @@ pub struct Sim {
     writer: WriterCore,
     segments: Vec<Vec<Segment>>,
     senders: Vec<Vec<Sender>>,
-    /// The oracle: each PG's LSNs in allocation order, every commit LSN, each key's last value.
+    /// The oracle: each PG's LSNs in allocation order, every commit LSN, each key's values by commit LSN.
     allocated: Vec<Vec<Lsn>>,
     commits: BTreeSet<Lsn>,
-    values: BTreeMap<Vec<u8>, Vec<u8>>,
+    history: BTreeMap<Vec<u8>, BTreeMap<Lsn, Vec<u8>>>,
     vdl_seen: Lsn,
+    replicas: Vec<replica::Replica>,
+    /// Replicas to start at a tick (or as soon after as a write quorum of every PG answers).
+    to_start: Vec<(u64, ReplicaConfig)>,
     stats: Stats,
     pub faults: Faults,
+    pub bug: Option<Bug>,
 }
 
 impl Sim {
@@ -162,7 +216,7 @@ impl Sim {
                 (0..SEGMENTS_PER_PG)
                     .map(|n| Segment {
                         log: SegmentLog::new(SegmentId { pg: PgId(pg as u32), node: NodeId(n as u32) }, SEGMENT_CONFIG),
-                        file_end: SEGMENT_HEADER_BYTES as u64,
+                        file: vec![0; SEGMENT_HEADER_BYTES],
                         down_until: 0,
                         lost_upto: Lsn::ZERO,
                     })
@@ -182,15 +236,22 @@ impl Sim {
             senders,
             allocated: vec![Vec::new(); pgs],
             commits: BTreeSet::new(),
-            values: BTreeMap::new(),
+            history: BTreeMap::new(),
             vdl_seen: Lsn::ZERO,
+            replicas: Vec::new(),
+            to_start: Vec::new(),
             stats: Stats::default(),
             faults: NO_FAULTS,
+            bug: None,
         }
     }
 
     pub fn vdl(&self) -> Lsn {
         self.writer.vdl()
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats { throttles: self.replicas.iter().map(|r| r.core.throttled().1).sum(), ..self.stats }
     }
 
     pub fn last_commit(&self) -> Lsn {
@@ -209,11 +270,10 @@ impl Sim {
         }
     }
 
-    /// One client transaction: 1 to 4 puts over random keys, so some span both PGs.
+    /// One client transaction: 1 to `TXN_PUTS_MAX` puts over random keys, so some span both PGs.
     pub fn write_txn(&mut self) {
-        let ops: Vec<PageOp> = (0..1 + self.rng.below(4))
-            .map(|_| PageOp::Put { key: format!("k{}", self.rng.below(KEYS)).into_bytes(), value: self.rng.next().to_le_bytes().to_vec() })
-            .collect();
+        let ops: Vec<PageOp> =
+            (0..1 + self.rng.below(TXN_PUTS_MAX)).map(|_| PageOp::Put { key: key(self.rng.below(KEYS)), value: self.rng.next().to_le_bytes().to_vec() }).collect();
         match self.writer.submit(&ops) {
             Admit::Allocated { commit_lsn, .. } => {
                 let volume = self.writer.volume();
@@ -221,7 +281,7 @@ impl Sim {
                     let pg = volume.pg_of(volume.page_of(op.key()));
                     self.allocated[pg.0 as usize].push(Lsn(lsn));
                     if let PageOp::Put { key, value } = op {
-                        self.values.insert(key, value);
+                        self.history.entry(key).or_default().insert(commit_lsn, value);
                     }
                 }
                 self.commits.insert(commit_lsn);
@@ -264,6 +324,14 @@ impl Sim {
                     }
                     self.writer.handle_ack(position.pg, seg, position.scl, position.flushed_lsn);
                 }
+                Msg::Progress { to, vdl, pgcl } => {
+                    self.replicas[to].core.on_progress(vdl, &pgcl);
+                }
+                Msg::Position { to, seg, position } => {
+                    self.replicas[to].core.on_position(seg, position);
+                }
+                Msg::Ask { from, seg, id, ask } => self.serve(from, seg, id, ask),
+                Msg::Answer { to, seg, id, answer } => self.answered(to, seg, id, answer),
             }
             self.stats.delivered += 1;
             self.check_safety();
@@ -277,14 +345,17 @@ impl Sim {
             for seg in 0..SEGMENTS_PER_PG {
                 if self.rng.chance(FLUSH_PERCENT) {
                     let s = &mut self.segments[pg][seg];
-                    if let Some(job) = s.log.poll_flush(&mut Vec::new()) {
+                    let mut records = Vec::new();
+                    if let Some(job) = s.log.poll_flush(&mut records) {
+                        assert_eq!(job.offset, s.file.len() as u64, "flushes append to the file");
+                        records.iter().for_each(|r| s.file.extend_from_slice(r));
                         s.log.handle_flushed(job);
-                        s.file_end = job.end_offset;
                     }
                 }
                 self.run_sender(pg, seg);
             }
         }
+        self.run_replicas();
         self.check_safety();
     }
 
@@ -293,7 +364,7 @@ impl Sim {
     fn crash(&mut self, pg: usize, seg: usize) {
         let s = &mut self.segments[pg][seg];
         s.lost_upto = s.lost_upto.max(s.log.scl());
-        s.log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.log.epoch(), s.log.flushed_lsn(), s.file_end, DiskIndex::default());
+        s.log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.log.epoch(), s.log.flushed_lsn(), s.file.len() as u64, DiskIndex::default());
         s.down_until = self.now + 1 + self.rng.below(CRASH_DOWN_TICKS_MAX);
         self.senders[pg][seg].at = None;
         self.stats.crashes += 1;
@@ -328,34 +399,42 @@ impl Sim {
         self.senders[pg][seg].at = Some(at);
     }
 
-    /// Safety: VDL only moves forward, to a commit LSN within VCL, and every
-    /// LSN up to it is held by a write quorum of its PG (counting what a
-    /// crash took, which the writer must resend); every segment's own
-    /// invariants hold.
+    /// Safety: VDL only moves forward, to a commit LSN within VCL that is
+    /// durable; every segment's own invariants hold; so do the replicas'.
     pub fn check_safety(&mut self) {
         let vdl = self.writer.vdl();
         assert!(vdl >= self.vdl_seen, "vdl went back from {} to {vdl}", self.vdl_seen);
         self.vdl_seen = vdl;
         assert!(vdl <= self.writer.vcl());
         assert!(vdl == Lsn::ZERO || self.commits.contains(&vdl), "vdl {vdl} is not a commit LSN");
+        self.assert_durable(vdl, "vdl");
+        self.segments.iter().flatten().for_each(|s| s.log.check_invariants());
+        self.check_replicas();
+    }
+
+    /// Every LSN up to `upto` is held by a write quorum of its PG (counting
+    /// what a crash took, which the writer must resend).
+    fn assert_durable(&self, upto: Lsn, what: &str) {
         for (pg, segs) in self.segments.iter().enumerate() {
             let log = &self.allocated[pg];
-            if let Some(&lsn) = log[..log.partition_point(|&l| l <= vdl)].last() {
+            if let Some(&lsn) = log[..log.partition_point(|&l| l <= upto)].last() {
                 let holders = segs.iter().filter(|s| s.log.scl() >= lsn || s.lost_upto >= lsn).count();
-                assert!(holders >= WRITE_QUORUM, "{lsn} of pg{pg} is durable (vdl {vdl}) but only {holders} segments hold it");
+                assert!(holders >= WRITE_QUORUM, "{lsn} of pg{pg} is durable ({what} {upto}) but only {holders} segments hold it");
             }
-            segs.iter().for_each(|s| s.log.check_invariants());
         }
     }
 
-    /// Liveness: with the network quiet, VDL reaches the last commit and
-    /// every segment holds and has flushed its whole PG log.
+    /// Liveness: with the network quiet, VDL reaches the last commit,
+    /// every segment holds and has flushed its whole PG log, and every
+    /// replica has applied it all and released what it retained.
     pub fn converged(&self) -> bool {
         self.writer.vdl() == self.last_commit()
             && self.segments.iter().zip(&self.allocated).all(|(segs, log)| {
                 let last = log.last().copied().unwrap_or(Lsn::ZERO);
                 segs.iter().all(|s| s.log.scl() == last && s.log.flushed_lsn() == last)
             })
+            && self.to_start.is_empty()
+            && self.replicas.iter().all(|r| r.caught_up(self.writer.vdl()))
     }
 
     /// After convergence: once the writer learns every segment's position it
@@ -369,20 +448,29 @@ impl Sim {
             }
         }
         assert_eq!(self.writer.inflight_bytes(), 0, "every segment flushed everything, yet frames are retained");
-        for (key, value) in &self.values {
+        for (key, versions) in &self.history {
             match self.writer.read(key) {
-                ReadPlan::Cached { lsn, value: Some(v) } if lsn <= self.writer.vdl() => assert_eq!(&v, value),
+                ReadPlan::Cached { lsn, value: Some(v) } if lsn <= self.writer.vdl() => assert_eq!(Some(&v), versions.values().next_back()),
                 other => panic!("{} reads as {other:?}", String::from_utf8_lossy(key)),
             }
         }
     }
 }
 
-/// Runs one seed: a faulty phase with writes, then a quiet phase that must converge.
-pub fn run(seed: u64, faults: Faults) -> Stats {
+/// Runs one seed: a faulty phase with writes, then a quiet phase that must
+/// converge. A replica follows from the start; on most seeds a second one
+/// joins during the faulty phase.
+pub fn run(seed: u64, faults: Faults, bug: Option<Bug>) -> Stats {
+    const WRITE_TICKS: u64 = 400;
     let mut sim = Sim::new(seed, 2);
     sim.faults = faults;
-    for _ in 0..400 {
+    sim.bug = bug;
+    sim.add_replica(0);
+    if sim.rng.chance(70) {
+        let at = 1 + sim.rng.below(WRITE_TICKS);
+        sim.add_replica(at);
+    }
+    for _ in 0..WRITE_TICKS {
         if sim.rng.chance(60) {
             sim.write_txn();
         }
@@ -393,8 +481,8 @@ pub fn run(seed: u64, faults: Faults) -> Stats {
         sim.tick();
         if sim.converged() {
             sim.check_converged_state();
-            return sim.stats;
+            return sim.stats();
         }
     }
-    panic!("seed {seed}: no convergence: vdl {} of last commit {}", sim.vdl(), sim.last_commit());
+    panic!("seed {seed}: no convergence: vdl {} of last commit {}; replicas {:?}", sim.vdl(), sim.last_commit(), sim.replica_states());
 }

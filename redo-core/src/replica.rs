@@ -15,10 +15,13 @@
 //! - **Retain until flushed.** Applied records stay in `retained` until a
 //!   write quorum of their PG's segments has flushed them.
 //! - **Backpressure.** Pending plus retained bytes are bounded by
-//!   `buffer_bytes_max`: with the buffer full nothing is pulled, except what
-//!   the read point needs when nothing retained is left to free (so a
-//!   transaction larger than the buffer still gets through: the limit may be
-//!   exceeded by at most one transaction).
+//!   `buffer_bytes_max` (a pull in flight reserves its share): with the buffer
+//!   full nothing is pulled, except, one record at a time, what the PG that
+//!   holds the read point back needs when nothing retained is left to free (so
+//!   a transaction larger than the buffer still gets through: the limit may be
+//!   exceeded by at most one transaction plus one record: storage serves at
+//!   least one record however little is asked, so near the limit pulls go one
+//!   at a time).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -33,8 +36,6 @@ use crate::volume::Volume;
 use crate::wire::SegmentPosition;
 use crate::DecodeError;
 
-/// Smallest pull asked for when the buffer has no room but the read point needs records.
-const PULL_BYTES_MIN: usize = 64 << 10;
 /// Largest pull asked for at once.
 pub const PULL_BYTES_MAX: usize = 1 << 20;
 
@@ -97,7 +98,8 @@ struct PgState {
     last_record: Option<Lsn>,
     pending: VecDeque<Rec>,
     retained: VecDeque<Rec>,
-    pulling: bool,
+    /// Buffer bytes set aside for the pull in flight, if any.
+    pulling: Option<usize>,
 }
 
 impl PgState {
@@ -189,7 +191,7 @@ impl ReplicaCore {
                 last_record: None,
                 pending: VecDeque::new(),
                 retained: VecDeque::new(),
-                pulling: false,
+                pulling: None,
             })
             .collect();
         ReplicaCore {
@@ -290,10 +292,11 @@ impl ReplicaCore {
     /// buffer allows. Marks the PG as pulling until `on_pulled` or `pull_failed`.
     pub fn plan_pull(&mut self, pg: PgId) -> Option<PullPlan> {
         let vdl = self.vdl;
-        let used = self.pending_bytes + self.retained_bytes;
-        let nothing_to_free = self.retained_bytes == 0;
-        let p = &mut self.pgs[pg.0 as usize];
-        if p.pulling {
+        let frontier = self.pgs.iter().map(|p| p.complete_to(vdl)).min().unwrap_or(vdl);
+        let reserved: usize = self.pgs.iter().filter_map(|p| p.pulling).sum();
+        let used = self.pending_bytes + self.retained_bytes + reserved;
+        let p = &self.pgs[pg.0 as usize];
+        if p.pulling.is_some() {
             return None;
         }
         let need = p.bound.min(vdl);
@@ -301,26 +304,34 @@ impl ReplicaCore {
         if segments.is_empty() {
             return None;
         }
-        let needed = p.have < need;
-        let room = self.config.buffer_bytes_max.saturating_sub(used);
-        let bytes_max = match (room, needed && nothing_to_free) {
-            (0, false) => {
+        // With the buffer full of records that wait for this PG, and nothing retained
+        // left for a flush to free, only pulling more of this PG can make progress:
+        // one record at a time, so the overshoot stays within one transaction.
+        let holds_back = p.complete_to(vdl) == frontier && frontier < vdl;
+        let must = holds_back && self.retained_bytes == 0 && reserved == 0;
+        let bytes_max = match self.config.buffer_bytes_max.saturating_sub(used) {
+            0 if must => 1,
+            0 => {
                 self.throttle_episodes += !self.throttled as u64;
                 self.throttled = true;
                 return None;
             }
-            (0, true) => PULL_BYTES_MIN,
-            (room, _) => room.min(PULL_BYTES_MAX),
+            // Storage serves at least one record, whatever the size asked: near the
+            // limit, one pull at a time, so the buffer overshoots by one record at most.
+            room if room < PULL_BYTES_MAX && reserved > 0 => return None,
+            room => room.min(PULL_BYTES_MAX),
         };
         self.throttled = false;
         segments.sort_by_key(|&s| p.segments[s].scl < need);
         let covering = segments.iter().filter(|&&s| p.segments[s].scl >= need).count();
-        p.pulling = true;
-        Some(PullPlan { pg, after: p.have, bytes_max, segments, covering })
+        let after = p.have;
+        self.pgs[pg.0 as usize].pulling = Some(bytes_max);
+        Some(PullPlan { pg, after, bytes_max, segments, covering })
     }
 
+    /// The pull planned for `pg` failed on every segment tried.
     pub fn pull_failed(&mut self, pg: PgId) {
-        self.pgs[pg.0 as usize].pulling = false;
+        self.pgs[pg.0 as usize].pulling = None;
     }
 
     /// A pull reply from `segment`: records of `pg` after `after`; the segment holds no
@@ -329,7 +340,6 @@ impl ReplicaCore {
         let pg = position.pg;
         self.on_position(segment, position);
         let p = &mut self.pgs[pg.0 as usize];
-        p.pulling = false;
         if after != p.have {
             return Ok(None); // stale: another reply moved on
         }
@@ -349,6 +359,9 @@ impl ReplicaCore {
                 recs.push(Rec { lsn, cpl: h.cpl, page: h.page, bytes: valid.bytes().slice(range) });
             }
         }
+        // Accepted: the reservation becomes the records themselves. (A refused reply
+        // keeps it for the retry on another segment, or `pull_failed`.)
+        p.pulling = None;
         p.last_record = chain;
         p.have = p.have.max(last_lsn).max(chain.unwrap_or(Lsn::ZERO));
         self.pending_bytes += recs.iter().map(|r| r.bytes.len()).sum::<usize>();

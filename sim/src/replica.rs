@@ -284,10 +284,11 @@ impl Sim {
                 assert!(at == Lsn::ZERO || self.commits.contains(&at), "replica {r} reads at {at}, not a commit LSN");
                 self.assert_durable(at, "replica read point");
             }
-            // Measured, not asserted here: ReplicaCore goes over by more than a
-            // transaction (see the ignored test in tests/seeds.rs).
+            // ReplicaCore's promise: over its buffer by at most one transaction plus one record.
             let core = &replica.core;
             let over = (core.pending_bytes() + core.retained_bytes()).saturating_sub(core.buffer_bytes_max());
+            let allowed = crate::txn_bytes_max() + crate::txn_bytes_max() / crate::TXN_PUTS_MAX as usize;
+            assert!(over <= allowed, "replica {r} holds {over} bytes beyond its buffer (allowed: {allowed})");
             self.stats.buffer_over_bytes_max = self.stats.buffer_over_bytes_max.max(over);
             self.replicas[r].read_point = read_point;
         }

@@ -2,7 +2,7 @@
 //! file, and child processes that are stopped (SIGTERM, then SIGKILL) when
 //! dropped, or killed by the kernel if loadgen itself dies.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -61,18 +61,8 @@ pub fn replicad_binary() -> Result<PathBuf> {
     sibling_binary("replicad", "BOREALIS_REPLICAD")
 }
 
-/// A loopback UDP port free a moment ago, never one this process handed out before
-/// (the kernel may offer a just-released port again, and two daemons would collide).
 pub fn free_udp_port() -> Result<u16> {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().expect("ports lock");
-    loop {
-        let port = UdpSocket::bind("127.0.0.1:0").context("probe free UDP port")?.local_addr()?.port();
-        if !given.contains(&port) {
-            given.push(port);
-            return Ok(port);
-        }
-    }
+    borealis_net::free_udp_port().context("probe free UDP port")
 }
 
 pub fn free_tcp_port() -> Result<u16> {

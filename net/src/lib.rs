@@ -27,6 +27,21 @@ pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime>
     b.enable_all().build().context("start tokio runtime")
 }
 
+/// A loopback UDP port free a moment ago, never one this process handed out before
+/// (the kernel may offer a just-released port again, and two daemons would collide).
+/// For local clusters and tests.
+pub fn free_udp_port() -> std::io::Result<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().expect("ports lock");
+    loop {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+}
+
 /// Reads and validates a volume layout file (TOML).
 pub fn load_volume(path: &std::path::Path) -> anyhow::Result<redo_core::volume::Volume> {
     use anyhow::Context;

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -41,7 +41,7 @@ pub fn make_certs(out: &Path, names: &[&str]) {
 }
 
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").expect("probe free UDP port").local_addr().expect("local addr").port()
+    borealis_net::free_udp_port().expect("probe free UDP port")
 }
 
 /// A temporary directory with the cluster certificates (`storaged-1`, `client`).

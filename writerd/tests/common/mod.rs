@@ -6,7 +6,7 @@
 
 #![allow(dead_code)]
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -30,18 +30,8 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A loopback UDP port free a moment ago, never one this process handed out before
-/// (the kernel may offer a just-released port again, and two daemons would collide).
 pub fn free_udp_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().expect("ports lock");
-    loop {
-        let port = UdpSocket::bind("127.0.0.1:0").expect("probe free UDP port").local_addr().expect("local addr").port();
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
+    borealis_net::free_udp_port().expect("probe free UDP port")
 }
 
 /// A loopback TCP address free a moment ago (for `--metrics-listen`).

@@ -229,19 +229,18 @@ impl NodeLink {
     }
 }
 
-/// GetPage@`lsn` of `pg` from the first of `links` that answers.
-pub async fn get_page_from(links: impl IntoIterator<Item = &NodeLink>, pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
+/// GetPage@`lsn` of `pg` from the first of `links` that answers, each given its own time.
+pub async fn get_page_from(links: impl IntoIterator<Item = (&NodeLink, Duration)>, pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
     let mut errors = Vec::new();
-    for link in links {
+    for (link, wait) in links {
         let r = async {
             let conn = link.get().await?;
-            tokio::time::timeout(REQUEST_TIMEOUT, conn.get_page(pg, page, lsn))
-                .await
-                .map_err(|_| ClientError::Unexpected(format!("no page reply in {REQUEST_TIMEOUT:?}")))?
+            conn.get_page(pg, page, lsn).await
         };
-        match r.await {
-            Ok((_, image)) => return Ok(image),
-            Err(e) => errors.push(format!("node {}: {e}", link.id)),
+        match tokio::time::timeout(wait, r).await {
+            Ok(Ok((_, image))) => return Ok(image),
+            Ok(Err(e)) => errors.push(format!("node {}: {e}", link.id)),
+            Err(_) => errors.push(format!("node {}: no page reply in {wait:?}", link.id)),
         }
     }
     Err(format!("GetPage {page}@{lsn} of {pg} failed on every segment tried: {}", errors.join("; ")))

@@ -67,7 +67,8 @@ impl Api {
             ReadPlan::Fetch { pg, page, lsn, segments } => {
                 r.metrics.page_fetches.fetch_add(1, Relaxed);
                 let nodes: Vec<u32> = r.lock().volume().segments(pg).map(|n| n.id).collect();
-                let order: Vec<&NodeLink> = segments.iter().map(|&s| link_of(&self.links, nodes[s]).as_ref()).collect();
+                let order = r.latency[pg.0 as usize].order(&[&segments]);
+                let order: Vec<(&NodeLink, Duration)> = order.into_iter().map(|(s, wait)| (link_of(&self.links, nodes[s]).as_ref(), wait)).collect();
                 let image = get_page_from(order, pg, page, lsn).await;
                 let failure = image.as_ref().err().cloned();
                 let mut core = r.lock();

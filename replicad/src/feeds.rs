@@ -24,6 +24,10 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// Safety net under the notifications: a puller looks again this often even when
 /// nothing woke it (a notification lost with a connection is then late, not lost).
 const RECHECK: Duration = Duration::from_secs(1);
+/// Bounds on how long a pull may take before the next segment is tried (the last
+/// candidate gets the full request timeout).
+const PATIENCE_MIN: Duration = Duration::from_millis(50);
+const PATIENCE_MAX: Duration = Duration::from_secs(1);
 
 pub fn link_of(links: &[Arc<NodeLink>], id: u32) -> &Arc<NodeLink> {
     links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
@@ -128,13 +132,12 @@ pub async fn writer_feed(replica: Arc<Replica>, endpoint: quinn::Endpoint, write
     }
 }
 
-/// Pull latency per segment (smoothed, µs): the fastest segment that has the records serves them.
+/// Request latency per segment of one PG (smoothed, µs): pulls and page reads go to the
+/// fastest segment that has what they need.
+#[derive(Default)]
 pub struct Latency([std::sync::atomic::AtomicU64; SEGMENTS_PER_PG]);
 
 impl Latency {
-    pub fn new() -> Self {
-        Latency(Default::default())
-    }
     fn record(&self, segment: usize, us: u64) {
         let old = self.0[segment].load(Relaxed);
         self.0[segment].store(if old == 0 { us } else { (old * 7 + us) / 8 }, Relaxed);
@@ -143,27 +146,38 @@ impl Latency {
     fn penalize(&self, segment: usize) {
         self.0[segment].store(u64::MAX / 16, Relaxed);
     }
-    fn order(&self, plan: &PullPlan) -> Vec<usize> {
-        let mut covering = plan.segments[..plan.covering].to_vec();
-        let mut rest = plan.segments[plan.covering..].to_vec();
-        covering.sort_by_key(|&s| self.0[s].load(Relaxed));
-        rest.sort_by_key(|&s| self.0[s].load(Relaxed));
-        covering.extend(rest);
-        covering
+    /// Candidates fastest first within each group, groups in order, each with how long to
+    /// wait for it: a few times its usual time, so that a frozen or overloaded node costs
+    /// little; the last candidate gets the full request timeout.
+    pub fn order(&self, groups: &[&[usize]]) -> Vec<(usize, Duration)> {
+        let mut order = Vec::new();
+        for group in groups {
+            let mut g = group.to_vec();
+            g.sort_by_key(|&s| self.0[s].load(Relaxed));
+            order.extend(g);
+        }
+        let last = order.len().saturating_sub(1);
+        order
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let usual = Duration::from_micros(self.0[s].load(Relaxed).min(PATIENCE_MAX.as_micros() as u64));
+                (s, if i == last { REQUEST_TIMEOUT } else { (usual * 8).clamp(PATIENCE_MIN, PATIENCE_MAX) })
+            })
+            .collect()
     }
 }
 
 /// Pulls `pg`'s log whenever woken and the engine has a pull to make.
 pub async fn puller(replica: Arc<Replica>, volume: Volume, links: Vec<Arc<NodeLink>>, pg: PgId) {
     let nodes: Vec<u32> = volume.segments(pg).map(|n| n.id).collect();
-    let latency = Latency::new();
     loop {
         let plan = replica.lock().plan_pull(pg);
         let Some(plan) = plan else {
             let _ = tokio::time::timeout(RECHECK, replica.kick(pg.0 as usize).notified()).await;
             continue;
         };
-        if !pull(&replica, &links, &nodes, &latency, &plan).await {
+        if !pull(&replica, &links, &nodes, &plan).await {
             replica.lock().pull_failed(pg);
             // Every segment that had the records failed: wait for news (or the safety net).
             let _ = tokio::time::timeout(RECHECK, replica.kick(pg.0 as usize).notified()).await;
@@ -172,9 +186,11 @@ pub async fn puller(replica: Arc<Replica>, volume: Volume, links: Vec<Arc<NodeLi
 }
 
 /// Makes `plan`'s pull from the fastest candidate, falling over to the next on failure.
-async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], latency: &Latency, plan: &PullPlan) -> bool {
+async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], plan: &PullPlan) -> bool {
     let m = &replica.metrics;
-    for (i, segment) in latency.order(plan).into_iter().enumerate() {
+    let latency = &replica.latency[plan.pg.0 as usize];
+    let (covering, rest) = plan.segments.split_at(plan.covering);
+    for (i, (segment, wait)) in latency.order(&[covering, rest]).into_iter().enumerate() {
         if i > 0 {
             m.pull_failovers.fetch_add(1, Relaxed);
         }
@@ -182,10 +198,10 @@ async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], latency
         let started = Instant::now();
         let reply = async {
             let conn = link.get().await?;
-            let r = tokio::time::timeout(REQUEST_TIMEOUT, conn.pull(plan.pg, plan.after, Lsn(u64::MAX), plan.bytes_max as u32)).await;
-            r.map_err(|_| ClientError::Unexpected(format!("no pull reply in {REQUEST_TIMEOUT:?}")))?
+            conn.pull(plan.pg, plan.after, Lsn(u64::MAX), plan.bytes_max as u32).await
         };
-        match reply.await {
+        let reply = tokio::time::timeout(wait, reply).await.unwrap_or_else(|_| Err(ClientError::Unexpected(format!("no pull reply in {wait:?}"))));
+        match reply {
             Ok(p) => {
                 latency.record(segment, started.elapsed().as_micros() as u64);
                 m.pulls.fetch_add(1, Relaxed);

@@ -9,6 +9,7 @@ use redo_core::wire::SegmentPosition;
 use redo_core::Lsn;
 use tokio::sync::{watch, Notify};
 
+use crate::feeds::Latency;
 use crate::metrics::Metrics;
 
 pub struct Replica {
@@ -19,6 +20,8 @@ pub struct Replica {
     pub ready: watch::Sender<bool>,
     /// Per PG: a segment or the writer reported progress; there may be records to pull.
     kick: Vec<Notify>,
+    /// Per PG, how fast each segment answers.
+    pub latency: Vec<Latency>,
     pub metrics: Metrics,
 }
 
@@ -31,6 +34,7 @@ impl Replica {
             ready: watch::channel(read_point.is_some()).0,
             core: Mutex::new(core),
             kick: (0..pgs).map(|_| Notify::new()).collect(),
+            latency: (0..pgs).map(|_| Latency::default()).collect(),
             metrics: Metrics::default(),
         }
     }

@@ -153,7 +153,7 @@ async fn pull_range(link: &NodeLink, pg: PgId, after: Lsn, upto: Lsn) -> Result<
 pub async fn fetch_page(w: &Writer, volume: &Volume, links: &[Arc<NodeLink>], pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
     let mut nodes: Vec<(usize, u32)> = volume.segments(pg).map(|n| n.id).enumerate().collect();
     nodes.sort_by_key(|&(s, _)| w.metrics.segment_up[pg.0 as usize][s].load(Relaxed) == 0);
-    let order: Vec<&NodeLink> = nodes.iter().map(|&(_, id)| link_of(links, id).as_ref()).collect();
+    let order: Vec<(&NodeLink, Duration)> = nodes.iter().map(|&(_, id)| (link_of(links, id).as_ref(), REQUEST_TIMEOUT)).collect();
     get_page_from(order, pg, page, lsn).await
 }
 

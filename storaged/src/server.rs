@@ -23,8 +23,6 @@ use crate::store;
 
 /// Replies a stream may have queued before it stops reading requests.
 const REPLIES_INFLIGHT_MAX: usize = 1024;
-/// Notifications queued per subscription stream; forwarders wait when full.
-const NOTIFY_QUEUE_MAX: usize = 64;
 
 /// What the reply writer sends, in request order.
 enum Reply {
@@ -324,28 +322,38 @@ async fn wait_flushed(seg: &Segment, last_lsn: Lsn) -> Message {
     }
 }
 
-/// Pushes every SCL / flushed-LSN change of `segs` until the subscriber goes away.
+/// Pushes the SCL / flushed-LSN changes of `segs` until the subscriber goes away: each
+/// write carries the latest position of every segment that changed since the last one,
+/// so a busy node sends fewer, fuller packets instead of a queue of stale positions.
 async fn push_notifications(mut send: quinn::SendStream, segs: Vec<Arc<Segment>>) {
-    let (tx, mut rx) = mpsc::channel(NOTIFY_QUEUE_MAX);
+    let wake = Arc::new(tokio::sync::Notify::new());
     let forwarders: Vec<_> = segs
         .iter()
         .map(|seg| {
-            let mut watch = seg.position.subscribe();
-            let tx = tx.clone();
+            let (mut watch, wake) = (seg.position.subscribe(), wake.clone());
             tokio::spawn(async move {
-                loop {
-                    let position = *watch.borrow_and_update();
-                    if tx.send(position).await.is_err() || watch.changed().await.is_err() {
-                        return;
-                    }
+                while watch.changed().await.is_ok() {
+                    wake.notify_one();
                 }
             })
         })
         .collect();
-    drop(tx);
-    while let Some(position) = rx.recv().await {
-        if write_message(&mut send, &Message::Notify { position }).await.is_err() {
+    let mut latest: Vec<_> = segs.iter().map(|seg| seg.position.subscribe()).collect();
+    latest.iter_mut().for_each(|w| w.mark_changed());
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        for w in &mut latest {
+            if w.has_changed().unwrap_or(false) {
+                Message::Notify { position: *w.borrow_and_update() }.encode(&mut buf);
+            }
+        }
+        if !buf.is_empty() && send.write_all(&buf).await.is_err() {
             break;
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = send.stopped() => break,
         }
     }
     forwarders.iter().for_each(|f| f.abort());

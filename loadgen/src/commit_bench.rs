@@ -133,6 +133,9 @@ pub struct ReplicadMetrics {
     pub flushed_lsn: u64,
     pub retained_bytes: u64,
     pub pending_bytes: u64,
+    /// Inside the replica: from hearing a VDL to the read point reaching it.
+    pub apply_delay_us_p50: u64,
+    pub apply_delay_us_p99: u64,
 }
 
 /// One replica's part of a measurement.
@@ -550,6 +553,8 @@ async fn replicad_metrics(addr: SocketAddr) -> Result<ReplicadMetrics> {
         flushed_lsn: gauge("replicad_flushed_lsn"),
         retained_bytes: gauge("replicad_retained_bytes"),
         pending_bytes: gauge("replicad_pending_bytes"),
+        apply_delay_us_p50: metric_sum(&page, "replicad_apply_delay_us", "quantile=\"0.5\"") as u64,
+        apply_delay_us_p99: metric_sum(&page, "replicad_apply_delay_us", "quantile=\"0.99\"") as u64,
     })
 }
 

@@ -11,6 +11,15 @@ pub mod tls;
 
 pub use tls::{client_endpoint, connect, serve_streams, server_endpoint, TlsIdentity};
 
+/// Logs to stderr at `default_level` unless RUST_LOG says otherwise; colours only on a terminal.
+pub fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
 /// The tokio runtime of a daemon: one thread for `worker_threads == 1`, else a
 /// work-stealing pool of that many.
 pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {

@@ -21,10 +21,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    borealis_net::init_logging("info");
     match Cli::parse().command {
         Command::Serve(config) => replicad::run(config),
     }

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use borealis_net::metrics::header;
+use borealis_net::metrics::{header, Distribution};
 use redo_core::replica::ReplicaCore;
 
 #[derive(Default)]
@@ -15,6 +15,8 @@ pub struct Metrics {
     pub pull_bytes: AtomicU64,
     pub pull_failovers: AtomicU64,
     pub requests_refused: AtomicU64,
+    /// From hearing a VDL from the writer to the read point reaching it.
+    pub apply_delay_us: Distribution,
 }
 
 impl Metrics {
@@ -34,6 +36,7 @@ impl Metrics {
             header(&mut out, name, "counter", help);
             let _ = writeln!(out, "{name} {}", v.load(Relaxed));
         }
+        self.apply_delay_us.render(&mut out, "replicad_apply_delay_us", "From hearing a VDL from the writer to the read point reaching it (µs).");
         let read_point = core.read_point().unwrap_or_default().0;
         let (throttled, episodes) = core.throttled();
         let engine_counters = [

@@ -1,7 +1,9 @@
 //! The replica's shared state: the engine behind one mutex, the read point
 //! published to readers and `Follow` streams, and the wake-ups of the pullers.
 
+use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
 
 use redo_core::api::Progress;
 use redo_core::replica::ReplicaCore;
@@ -11,6 +13,9 @@ use tokio::sync::{watch, Notify};
 
 use crate::feeds::Latency;
 use crate::metrics::Metrics;
+
+/// VDLs remembered for `replicad_apply_delay_us` while the read point lags (beyond, unmeasured).
+const HEARD_MAX: usize = 65536;
 
 pub struct Replica {
     core: Mutex<ReplicaCore>,
@@ -22,6 +27,8 @@ pub struct Replica {
     kick: Vec<Notify>,
     /// Per PG, how fast each segment answers.
     pub latency: Vec<Latency>,
+    /// VDLs heard from the writer and when, until the read point reaches them.
+    heard: Mutex<VecDeque<(Lsn, Instant)>>,
     pub metrics: Metrics,
 }
 
@@ -35,6 +42,7 @@ impl Replica {
             core: Mutex::new(core),
             kick: (0..pgs).map(|_| Notify::new()).collect(),
             latency: (0..pgs).map(|_| Latency::default()).collect(),
+            heard: Mutex::new(VecDeque::new()),
             metrics: Metrics::default(),
         }
     }
@@ -46,6 +54,13 @@ impl Replica {
     /// Publishes a read point the engine moved to.
     pub fn publish(&self, read_point: Option<Lsn>) {
         let Some(vdl) = read_point else { return };
+        {
+            let mut heard = self.heard.lock().expect("heard lock");
+            while heard.front().is_some_and(|&(l, _)| l <= vdl) {
+                let (_, at) = heard.pop_front().expect("front exists");
+                self.metrics.apply_delay_us.record(at.elapsed().as_micros() as u64);
+            }
+        }
         self.progress.send_if_modified(|p| {
             let newer = vdl > p.vdl;
             if newer {
@@ -66,6 +81,11 @@ impl Replica {
 
     /// The writer's VDL advanced.
     pub fn on_progress(&self, p: &Progress) {
+        let mut heard = self.heard.lock().expect("heard lock");
+        if heard.back().is_none_or(|&(l, _)| p.vdl > l) && heard.len() < HEARD_MAX {
+            heard.push_back((p.vdl, Instant::now()));
+        }
+        drop(heard);
         let moved = self.lock().on_progress(p.vdl, &p.pgcl);
         self.publish(moved);
         self.kick_all();

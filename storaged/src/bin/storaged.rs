@@ -66,11 +66,7 @@ fn args_with_config_file() -> Result<Vec<String>> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    borealis_net::init_logging("info");
     match Cli::parse_from(args_with_config_file()?).command {
         Command::Serve { options, .. } => storaged::run(options),
         Command::BenchFlush(args) => storaged::flush_bench::run(args),

@@ -38,6 +38,8 @@ use crate::DecodeError;
 
 /// Largest pull asked for at once.
 pub const PULL_BYTES_MAX: usize = 1 << 20;
+/// Pulls of one PG in flight at once.
+const PULLS_INFLIGHT_MAX: usize = 2;
 
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
@@ -98,8 +100,17 @@ struct PgState {
     last_record: Option<Lsn>,
     pending: VecDeque<Rec>,
     retained: VecDeque<Rec>,
-    /// Buffer bytes set aside for the pull in flight, if any.
-    pulling: Option<usize>,
+    /// Pulls in flight, oldest first.
+    pulls: Vec<Inflight>,
+}
+
+/// A pull in flight: records after `after`, expected through `target` at least
+/// (every candidate segment's SCL had reached it), with `reserved` buffer bytes.
+#[derive(Clone, Copy)]
+struct Inflight {
+    after: Lsn,
+    target: Lsn,
+    reserved: usize,
 }
 
 impl PgState {
@@ -191,7 +202,7 @@ impl ReplicaCore {
                 last_record: None,
                 pending: VecDeque::new(),
                 retained: VecDeque::new(),
-                pulling: None,
+                pulls: Vec::new(),
             })
             .collect();
         ReplicaCore {
@@ -289,18 +300,21 @@ impl ReplicaCore {
     }
 
     /// The next pull for `pg`, if any segment has records the replica lacks and the
-    /// buffer allows. Marks the PG as pulling until `on_pulled` or `pull_failed`.
+    /// buffer allows. A second pull may start while one is in flight, from where that
+    /// one is expected to end: new records then need not wait for the older reply.
+    /// The pull stays in flight until `on_pulled` accepts a reply or `pull_failed`.
     pub fn plan_pull(&mut self, pg: PgId) -> Option<PullPlan> {
         let vdl = self.vdl;
         let frontier = self.pgs.iter().map(|p| p.complete_to(vdl)).min().unwrap_or(vdl);
-        let reserved: usize = self.pgs.iter().filter_map(|p| p.pulling).sum();
+        let reserved: usize = self.pgs.iter().flat_map(|p| &p.pulls).map(|f| f.reserved).sum();
         let used = self.pending_bytes + self.retained_bytes + reserved;
         let p = &self.pgs[pg.0 as usize];
-        if p.pulling.is_some() {
+        if p.pulls.len() >= PULLS_INFLIGHT_MAX {
             return None;
         }
+        let after = p.pulls.iter().map(|f| f.target).fold(p.have, Lsn::max);
         let need = p.bound.min(vdl);
-        let mut segments: Vec<usize> = (0..SEGMENTS_PER_PG).filter(|&s| p.segments[s].scl > p.have).collect();
+        let mut segments: Vec<usize> = (0..SEGMENTS_PER_PG).filter(|&s| p.segments[s].scl > after).collect();
         if segments.is_empty() {
             return None;
         }
@@ -324,32 +338,42 @@ impl ReplicaCore {
         self.throttled = false;
         segments.sort_by_key(|&s| p.segments[s].scl < need);
         let covering = segments.iter().filter(|&&s| p.segments[s].scl >= need).count();
-        let after = p.have;
-        self.pgs[pg.0 as usize].pulling = Some(bytes_max);
+        let target = segments.iter().map(|&s| p.segments[s].scl).min().expect("a candidate");
+        self.pgs[pg.0 as usize].pulls.push(Inflight { after, target, reserved: bytes_max });
         Some(PullPlan { pg, after, bytes_max, segments, covering })
     }
 
-    /// The pull planned for `pg` failed on every segment tried.
-    pub fn pull_failed(&mut self, pg: PgId) {
-        self.pgs[pg.0 as usize].pulling = None;
+    /// The pull of `pg` after `after` failed on every segment tried.
+    pub fn pull_failed(&mut self, pg: PgId, after: Lsn) {
+        self.pgs[pg.0 as usize].pulls.retain(|f| f.after != after);
     }
 
     /// A pull reply from `segment`: records of `pg` after `after`; the segment holds no
-    /// others up to `last_lsn`. Returns the new read point if it moved.
+    /// others up to `last_lsn`. Records the replica already holds (an earlier reply of an
+    /// overlapping pull) are skipped; a reply that starts beyond them, after an earlier
+    /// reply fell short, is dropped (its records are pulled again). Returns the new read
+    /// point if it moved.
     pub fn on_pulled(&mut self, segment: usize, after: Lsn, position: SegmentPosition, last_lsn: Lsn, records: Bytes) -> Result<Option<Lsn>, PullError> {
         let pg = position.pg;
         self.on_position(segment, position);
         let p = &mut self.pgs[pg.0 as usize];
-        if after != p.have {
-            return Ok(None); // stale: another reply moved on
+        let Some(i) = p.pulls.iter().position(|f| f.after == after) else {
+            return Ok(None); // not (or no longer) in flight
+        };
+        if after > p.have {
+            p.pulls.remove(i);
+            return Ok(None);
         }
+        let (have, mut chain) = (p.have, p.last_record);
         let mut recs = Vec::new();
-        let mut chain = p.last_record;
         if let Some(valid) = ValidRecords::validate(records, 0)? {
             for (rec, range) in valid.iter() {
                 let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
                 if lsn <= after || lsn > last_lsn.max(after) {
                     return Err(PullError::OutOfRange { lsn, after, last: last_lsn });
+                }
+                if lsn <= have {
+                    continue;
                 }
                 if let Some(last) = chain.filter(|&l| l != prev) {
                     return Err(PullError::Broken { lsn, prev, last });
@@ -361,7 +385,7 @@ impl ReplicaCore {
         }
         // Accepted: the reservation becomes the records themselves. (A refused reply
         // keeps it for the retry on another segment, or `pull_failed`.)
-        p.pulling = None;
+        p.pulls.remove(i);
         p.last_record = chain;
         p.have = p.have.max(last_lsn).max(chain.unwrap_or(Lsn::ZERO));
         self.pending_bytes += recs.iter().map(|r| r.bytes.len()).sum::<usize>();
@@ -701,7 +725,7 @@ mod tests {
         // Record 3 without record 2: its backlink names 2.
         let err = r.on_pulled(0, plan.after, pos(0, Lsn(3), Lsn::ZERO), Lsn(3), log.pull(0, Lsn(2), Lsn(3))).unwrap_err();
         assert_eq!(err, PullError::Broken { lsn: Lsn(3), prev: Lsn(2), last: Lsn(1) });
-        r.pull_failed(PgId(0));
+        r.pull_failed(PgId(0), plan.after);
         let plan = r.plan_pull(PgId(0)).unwrap();
         let err = r.on_pulled(0, plan.after, pos(0, Lsn(3), Lsn::ZERO), Lsn(2), log.pull(0, Lsn(1), Lsn(3))).unwrap_err();
         assert!(matches!(err, PullError::OutOfRange { lsn: Lsn(3), .. }));
@@ -717,5 +741,40 @@ mod tests {
         // Far into the log, the replica starts without a read point until it meets a CPL.
         let r = ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: 1, cache_pages_max: 1 }, Start { durable: Lsn(5000), bounds: vec![Lsn(5000); 2] });
         assert_eq!(r.read_point(), None);
+    }
+    #[test]
+    fn pipelined_pulls_skip_what_is_held_and_drop_what_would_leave_a_gap() {
+        let mut log = Log::new();
+        let a = log.key_in(0, 3);
+        let t: Vec<Lsn> = a.iter().map(|k| log.txn(&[(k, b"v")])).collect();
+        let mut r = replica(4 << 20);
+        r.on_progress(t[2], &[t[2], Lsn::ZERO]);
+        let answer = |r: &mut ReplicaCore, after: Lsn, upto: Lsn| r.on_pulled(0, after, pos(0, upto, Lsn::ZERO), upto, log.pull(0, after, upto));
+        for s in 0..SEGMENTS_PER_PG {
+            r.on_position(s, pos(0, t[0], Lsn::ZERO));
+        }
+        let first = r.plan_pull(PgId(0)).unwrap();
+        for s in 0..SEGMENTS_PER_PG {
+            r.on_position(s, pos(0, t[1], Lsn::ZERO));
+        }
+        // The second pull starts where the first is expected to end.
+        let second = r.plan_pull(PgId(0)).unwrap();
+        assert_eq!((first.after, second.after), (Lsn::ZERO, t[0]));
+        assert!(r.plan_pull(PgId(0)).is_none(), "two in flight at most");
+        // The second answers first: it would leave a gap, so it is dropped.
+        assert_eq!(answer(&mut r, second.after, t[1]), Ok(None));
+        // The first is served with more than expected (the segment moved on).
+        assert_eq!(answer(&mut r, first.after, t[1]), Ok(Some(t[1])));
+        for s in 0..SEGMENTS_PER_PG {
+            r.on_position(s, pos(0, t[2], Lsn::ZERO));
+        }
+        let third = r.plan_pull(PgId(0)).unwrap();
+        let fourth_base = t[1];
+        assert_eq!(third.after, fourth_base);
+        // An overlapping reply: its records up to what is held are skipped, not refused.
+        let overlap = r.plan_pull(PgId(0));
+        assert!(overlap.is_none(), "nothing beyond the in-flight pull's target");
+        assert_eq!(answer(&mut r, third.after, t[2]), Ok(Some(t[2])));
+        assert_eq!(r.pending_bytes(), 0);
     }
 }

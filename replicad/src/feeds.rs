@@ -24,6 +24,8 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 /// Safety net under the notifications: a puller looks again this often even when
 /// nothing woke it (a notification lost with a connection is then late, not lost).
 const RECHECK: Duration = Duration::from_secs(1);
+/// Pause after a pull failed on every candidate segment.
+const FAILED_PULL_BACKOFF: Duration = Duration::from_millis(100);
 /// Bounds on how long a pull may take before the next segment is tried (the last
 /// candidate gets the full request timeout).
 const PATIENCE_MIN: Duration = Duration::from_millis(50);
@@ -168,20 +170,23 @@ impl Latency {
     }
 }
 
-/// Pulls `pg`'s log whenever woken and the engine has a pull to make.
+/// Starts `pg`'s pulls whenever woken and the engine has a pull to make; each runs as
+/// its own task (a second may overlap the first) and wakes the puller when done.
 pub async fn puller(replica: Arc<Replica>, volume: Volume, links: Vec<Arc<NodeLink>>, pg: PgId) {
-    let nodes: Vec<u32> = volume.segments(pg).map(|n| n.id).collect();
+    let nodes: Arc<Vec<u32>> = Arc::new(volume.segments(pg).map(|n| n.id).collect());
     loop {
-        let plan = replica.lock().plan_pull(pg);
-        let Some(plan) = plan else {
-            let _ = tokio::time::timeout(RECHECK, replica.kick(pg.0 as usize).notified()).await;
-            continue;
-        };
-        if !pull(&replica, &links, &nodes, &plan).await {
-            replica.lock().pull_failed(pg);
-            // Every segment that had the records failed: wait for news (or the safety net).
-            let _ = tokio::time::timeout(RECHECK, replica.kick(pg.0 as usize).notified()).await;
+        while let Some(plan) = replica.lock().plan_pull(pg) {
+            let (replica, links, nodes) = (replica.clone(), links.clone(), nodes.clone());
+            tokio::spawn(async move {
+                if !pull(&replica, &links, &nodes, &plan).await {
+                    replica.lock().pull_failed(pg, plan.after);
+                    // Every segment that had the records failed: back off instead of spinning.
+                    tokio::time::sleep(FAILED_PULL_BACKOFF).await;
+                }
+                replica.kick(pg.0 as usize).notify_one();
+            });
         }
+        let _ = tokio::time::timeout(RECHECK, replica.kick(pg.0 as usize).notified()).await;
     }
 }
 

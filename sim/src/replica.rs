@@ -204,7 +204,7 @@ impl Sim {
     fn ask_next(&mut self, r: usize, mut req: Request) {
         let Some(seg) = req.left.pop() else {
             match req.ask {
-                Ask::Pull(plan) => self.replicas[r].core.pull_failed(plan.pg),
+                Ask::Pull(plan) => self.replicas[r].core.pull_failed(plan.pg, plan.after),
                 Ask::Page { key, page, .. } => self.fetched(r, &key, page, None),
             }
             return;

@@ -104,8 +104,8 @@ struct PgState {
     pulls: Vec<Inflight>,
 }
 
-/// A pull in flight: records after `after`, expected through `target` at least
-/// (every candidate segment's SCL had reached it), with `reserved` buffer bytes.
+/// A pull in flight: records in `(after, target]` (every candidate segment's SCL had
+/// reached `target`), with `reserved` buffer bytes.
 #[derive(Clone, Copy)]
 struct Inflight {
     after: Lsn,
@@ -124,12 +124,14 @@ impl PgState {
     }
 }
 
-/// A pull to make: records of `pg` after `after`, about `bytes_max`, from one of
-/// `segments` (indices into the PG's six, every one holding records past `after`).
+/// A pull to make: records of `pg` in `(after, upto]`, about `bytes_max`, from one of
+/// `segments` (indices into the PG's six, every one holding records through `upto`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PullPlan {
     pub pg: PgId,
     pub after: Lsn,
+    /// Where the next pull starts: pulls in flight together do not overlap.
+    pub upto: Lsn,
     pub bytes_max: usize,
     /// Candidates; the first `covering` hold everything the read point needs.
     pub segments: Vec<usize>,
@@ -340,7 +342,7 @@ impl ReplicaCore {
         let covering = segments.iter().filter(|&&s| p.segments[s].scl >= need).count();
         let target = segments.iter().map(|&s| p.segments[s].scl).min().expect("a candidate");
         self.pgs[pg.0 as usize].pulls.push(Inflight { after, target, reserved: bytes_max });
-        Some(PullPlan { pg, after, bytes_max, segments, covering })
+        Some(PullPlan { pg, after, upto: target, bytes_max, segments, covering })
     }
 
     /// The pull of `pg` after `after` failed on every segment tried.

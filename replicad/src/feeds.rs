@@ -14,7 +14,7 @@ use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::replica::{PullPlan, Start};
 use redo_core::volume::Volume;
 use redo_core::wire::SegmentPosition;
-use redo_core::{Epoch, Lsn, PgId};
+use redo_core::{Epoch, PgId};
 use tokio::task::JoinSet;
 
 use crate::state::Replica;
@@ -203,7 +203,7 @@ async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], plan: &
         let started = Instant::now();
         let reply = async {
             let conn = link.get().await?;
-            conn.pull(plan.pg, plan.after, Lsn(u64::MAX), plan.bytes_max as u32).await
+            conn.pull(plan.pg, plan.after, plan.upto, plan.bytes_max as u32).await
         };
         let reply = tokio::time::timeout(wait, reply).await.unwrap_or_else(|_| Err(ClientError::Unexpected(format!("no pull reply in {wait:?}"))));
         match reply {

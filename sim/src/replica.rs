@@ -224,7 +224,7 @@ impl Sim {
         }
         let answer = match ask {
             Ask::Pull(plan) => {
-                let (records, last_lsn) = pull(s, plan.after, plan.bytes_max);
+                let (records, last_lsn) = pull(s, plan.after, plan.upto, plan.bytes_max);
                 Answer::Pulled { position: s.log.position(), last_lsn, records }
             }
             Ask::Page { page, lsn, .. } => {
@@ -304,9 +304,9 @@ impl Sim {
 }
 
 /// A pull as storaged serves it: from memory, else from the segment file.
-fn pull(s: &Segment, after: Lsn, bytes_max: usize) -> (Bytes, Lsn) {
+fn pull(s: &Segment, after: Lsn, upto: Lsn, bytes_max: usize) -> (Bytes, Lsn) {
     let mut parts = Vec::new();
-    match s.log.read(after, Lsn(u64::MAX), bytes_max, &mut parts) {
+    match s.log.read(after, upto, bytes_max, &mut parts) {
         Ok(last) => (Bytes::from(parts.concat()), last),
         Err(disk) => {
             let (records, last) = read_file(&s.file, disk, bytes_max, |_| true);

@@ -104,11 +104,11 @@ struct PgState {
     pulls: Vec<Inflight>,
 }
 
-/// A pull in flight: records in `(after, target]` (every candidate segment's SCL had
-/// reached `target`), with `reserved` buffer bytes.
+/// A pull in flight: records up to `target` (every candidate segment's SCL had
+/// reached it), with `reserved` buffer bytes.
 #[derive(Clone, Copy)]
 struct Inflight {
-    after: Lsn,
+    id: u64,
     target: Lsn,
     reserved: usize,
 }
@@ -128,6 +128,8 @@ impl PgState {
 /// `segments` (indices into the PG's six, every one holding records through `upto`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PullPlan {
+    /// Names the pull in `on_pulled` and `pull_failed`.
+    pub id: u64,
     pub pg: PgId,
     pub after: Lsn,
     /// Where the next pull starts: pulls in flight together do not overlap.
@@ -146,6 +148,10 @@ pub enum PullError {
     OutOfRange { lsn: Lsn, after: Lsn, last: Lsn },
     #[error("record {lsn} links back to {prev}, but the last record of the segment pulled is {last}")]
     Broken { lsn: Lsn, prev: Lsn, last: Lsn },
+    #[error("the reply is for {got}, not {asked}")]
+    WrongPg { asked: PgId, got: PgId },
+    #[error("nothing served after {after}, although the segment's SCL was past it")]
+    Empty { after: Lsn },
 }
 
 pub enum ReadPlan {
@@ -183,6 +189,7 @@ pub struct ReplicaCore {
     /// Whether the last pull was refused for a full buffer, and how often that began.
     throttled: bool,
     throttle_episodes: u64,
+    next_pull_id: u64,
 }
 
 impl ReplicaCore {
@@ -211,7 +218,7 @@ impl ReplicaCore {
             volume,
             config,
             vdl: start.durable,
-            read_point: (from == Lsn::ZERO).then_some(Lsn::ZERO),
+            read_point: (start.durable == Lsn::ZERO).then_some(Lsn::ZERO),
             pgs,
             cache: HashMap::new(),
             cache_order: VecDeque::new(),
@@ -221,6 +228,7 @@ impl ReplicaCore {
             pages_dropped: 0,
             throttled: false,
             throttle_episodes: 0,
+            next_pull_id: 0,
         }
     }
 
@@ -259,12 +267,17 @@ impl ReplicaCore {
     /// The volume flushed LSN: every record at or below it is flushed on a write quorum.
     pub fn flushed_lsn(&self) -> Lsn {
         // Below the oldest record still retained or pending, everything applied was flushed.
-        let oldest = self.pgs.iter().filter_map(|p| p.retained.front().or(p.pending.front())).map(|r| r.lsn).min();
         let applied = self.read_point.unwrap_or(Lsn::ZERO);
-        match oldest {
-            Some(l) => Lsn(l.0 - 1).min(applied),
-            None => applied,
-        }
+        let per_pg = self.pgs.iter().map(|p| {
+            // The PG's records up to the read point are at or below its bound; all of them
+            // are flushed once its write quorum's flushed LSN covers that, else up to it.
+            let quorum = if p.flushed >= applied.min(p.bound) { applied } else { p.flushed };
+            match p.retained.front().or(p.pending.front()) {
+                Some(r) => quorum.min(Lsn(r.lsn.0 - 1)),
+                None => quorum,
+            }
+        });
+        per_pg.fold(applied, Lsn::min)
     }
 
     /// The writer's progress: records up to `vdl` are durable, and each PG's records at or
@@ -274,6 +287,9 @@ impl ReplicaCore {
             return None;
         }
         self.vdl = vdl;
+        if self.read_point.is_none() {
+            self.rebase(Lsn(vdl.0.saturating_sub(TXN_OPS_MAX as u64)));
+        }
         if bounds.len() == self.pgs.len() {
             for (p, &b) in self.pgs.iter_mut().zip(bounds) {
                 p.bound = p.bound.max(b);
@@ -283,6 +299,23 @@ impl ReplicaCore {
             self.pgs.iter_mut().for_each(|p| p.bound = p.bound.max(vdl));
         }
         self.apply()
+    }
+
+    /// Before its first read point, a replica that started from storage alone may start
+    /// pulling much further back than the writer's VDL needs (one idle PG holds `durable`
+    /// back): move every PG's start up to `from`, dropping what was pulled below it. Nothing
+    /// is cached or being fetched yet, so no page depends on the records dropped.
+    fn rebase(&mut self, from: Lsn) {
+        for p in &mut self.pgs {
+            if p.have >= from {
+                continue;
+            }
+            let dropped: usize = p.pending.iter().map(|r| r.bytes.len()).sum();
+            self.pending_bytes -= dropped;
+            p.pending.clear();
+            p.pulls.clear();
+            (p.have, p.last_record) = (from, None);
+        }
     }
 
     /// A segment's position, from a notification or a reply. Returns whether retained
@@ -341,13 +374,15 @@ impl ReplicaCore {
         segments.sort_by_key(|&s| p.segments[s].scl < need);
         let covering = segments.iter().filter(|&&s| p.segments[s].scl >= need).count();
         let target = segments.iter().map(|&s| p.segments[s].scl).min().expect("a candidate");
-        self.pgs[pg.0 as usize].pulls.push(Inflight { after, target, reserved: bytes_max });
-        Some(PullPlan { pg, after, upto: target, bytes_max, segments, covering })
+        self.next_pull_id += 1;
+        let id = self.next_pull_id;
+        self.pgs[pg.0 as usize].pulls.push(Inflight { id, target, reserved: bytes_max });
+        Some(PullPlan { id, pg, after, upto: target, bytes_max, segments, covering })
     }
 
-    /// The pull of `pg` after `after` failed on every segment tried.
-    pub fn pull_failed(&mut self, pg: PgId, after: Lsn) {
-        self.pgs[pg.0 as usize].pulls.retain(|f| f.after != after);
+    /// `plan` failed on every segment tried.
+    pub fn pull_failed(&mut self, plan: &PullPlan) {
+        self.pgs[plan.pg.0 as usize].pulls.retain(|f| f.id != plan.id);
     }
 
     /// A pull reply from `segment`: records of `pg` after `after`; the segment holds no
@@ -355,16 +390,22 @@ impl ReplicaCore {
     /// overlapping pull) are skipped; a reply that starts beyond them, after an earlier
     /// reply fell short, is dropped (its records are pulled again). Returns the new read
     /// point if it moved.
-    pub fn on_pulled(&mut self, segment: usize, after: Lsn, position: SegmentPosition, last_lsn: Lsn, records: Bytes) -> Result<Option<Lsn>, PullError> {
-        let pg = position.pg;
+    pub fn on_pulled(&mut self, segment: usize, plan: &PullPlan, position: SegmentPosition, last_lsn: Lsn, records: Bytes) -> Result<Option<Lsn>, PullError> {
+        let (pg, after) = (plan.pg, plan.after);
+        if position.pg != pg {
+            return Err(PullError::WrongPg { asked: pg, got: position.pg });
+        }
         self.on_position(segment, position);
         let p = &mut self.pgs[pg.0 as usize];
-        let Some(i) = p.pulls.iter().position(|f| f.after == after) else {
-            return Ok(None); // not (or no longer) in flight
+        let Some(i) = p.pulls.iter().position(|f| f.id == plan.id) else {
+            return Ok(None); // forgotten: an earlier reply fell short
         };
         if after > p.have {
             p.pulls.remove(i);
             return Ok(None);
+        }
+        if records.is_empty() && last_lsn <= p.have {
+            return Err(PullError::Empty { after });
         }
         let (have, mut chain) = (p.have, p.last_record);
         let mut recs = Vec::new();
@@ -387,9 +428,14 @@ impl ReplicaCore {
         }
         // Accepted: the reservation becomes the records themselves. (A refused reply
         // keeps it for the retry on another segment, or `pull_failed`.)
-        p.pulls.remove(i);
+        let target = p.pulls.remove(i).target;
         p.last_record = chain;
         p.have = p.have.max(last_lsn).max(chain.unwrap_or(Lsn::ZERO));
+        if p.have < target {
+            // Short (a byte limit, a disk read, a restarted segment): later pulls of this PG
+            // start beyond what is held and would be dropped; forget them and go on from here.
+            p.pulls.clear();
+        }
         self.pending_bytes += recs.iter().map(|r| r.bytes.len()).sum::<usize>();
         p.pending.extend(recs);
         Ok(self.apply())
@@ -576,7 +622,7 @@ mod tests {
             last = *lsn;
         }
         let last = if last == scl || log.records[pg as usize].iter().any(|(l, _)| *l > last && *l <= scl) { last } else { scl };
-        r.on_pulled(plan.segments[0], plan.after, pos(pg, scl, Lsn::ZERO), last, Bytes::from(out)).unwrap()
+        r.on_pulled(plan.segments[0], &plan, pos(pg, scl, Lsn::ZERO), last, Bytes::from(out)).unwrap()
     }
 
     #[test]
@@ -713,7 +759,7 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_chain_or_foreign_range_is_refused() {
+    fn a_broken_chain_a_foreign_range_or_pg_or_an_empty_reply_is_refused() {
         let mut log = Log::new();
         let a = log.key_in(0, 3);
         for k in &a {
@@ -722,15 +768,24 @@ mod tests {
         let mut r = replica(1 << 20);
         segments_at(&mut r, Lsn(3), Lsn::ZERO);
         let plan = r.plan_pull(PgId(0)).unwrap();
-        r.on_pulled(0, plan.after, pos(0, Lsn(1), Lsn::ZERO), Lsn(1), log.pull(0, Lsn::ZERO, Lsn(1))).unwrap();
+        r.on_pulled(0, &plan, pos(0, Lsn(1), Lsn::ZERO), Lsn(1), log.pull(0, Lsn::ZERO, Lsn(1))).unwrap();
         let plan = r.plan_pull(PgId(0)).unwrap();
         // Record 3 without record 2: its backlink names 2.
-        let err = r.on_pulled(0, plan.after, pos(0, Lsn(3), Lsn::ZERO), Lsn(3), log.pull(0, Lsn(2), Lsn(3))).unwrap_err();
+        let err = r.on_pulled(0, &plan, pos(0, Lsn(3), Lsn::ZERO), Lsn(3), log.pull(0, Lsn(2), Lsn(3))).unwrap_err();
         assert_eq!(err, PullError::Broken { lsn: Lsn(3), prev: Lsn(2), last: Lsn(1) });
-        r.pull_failed(PgId(0), plan.after);
-        let plan = r.plan_pull(PgId(0)).unwrap();
-        let err = r.on_pulled(0, plan.after, pos(0, Lsn(3), Lsn::ZERO), Lsn(2), log.pull(0, Lsn(1), Lsn(3))).unwrap_err();
+        // The pull stays in flight for the next segment: a record beyond `last_lsn`...
+        let err = r.on_pulled(1, &plan, pos(0, Lsn(3), Lsn::ZERO), Lsn(2), log.pull(0, Lsn(1), Lsn(3))).unwrap_err();
         assert!(matches!(err, PullError::OutOfRange { lsn: Lsn(3), .. }));
+        // ...a reply naming another PG (it must not touch that PG's state)...
+        let err = r.on_pulled(2, &plan, pos(7, Lsn(3), Lsn::ZERO), Lsn(3), Bytes::new()).unwrap_err();
+        assert_eq!(err, PullError::WrongPg { asked: PgId(0), got: PgId(7) });
+        // ...and nothing at all, from a segment that said it had more.
+        let err = r.on_pulled(3, &plan, pos(0, Lsn(3), Lsn::ZERO), Lsn(1), Bytes::new()).unwrap_err();
+        assert_eq!(err, PullError::Empty { after: Lsn(1) });
+        r.pull_failed(&plan);
+        let plan = r.plan_pull(PgId(0)).unwrap();
+        assert_eq!(r.on_pulled(4, &plan, pos(0, Lsn(3), Lsn::ZERO), Lsn(3), log.pull(0, Lsn(1), Lsn(3))), Ok(None));
+        assert_eq!(r.on_progress(Lsn(3), &[Lsn(3), Lsn::ZERO]), Some(Lsn(3)), "all three, once VDL covers them");
     }
 
     #[test]
@@ -745,38 +800,50 @@ mod tests {
         assert_eq!(r.read_point(), None);
     }
     #[test]
-    fn pipelined_pulls_skip_what_is_held_and_drop_what_would_leave_a_gap() {
+    fn pipelined_pulls_drop_what_would_leave_a_gap_and_go_on_after_a_short_reply() {
         let mut log = Log::new();
-        let a = log.key_in(0, 3);
+        let a = log.key_in(0, 40);
         let t: Vec<Lsn> = a.iter().map(|k| log.txn(&[(k, b"v")])).collect();
         let mut r = replica(4 << 20);
-        r.on_progress(t[2], &[t[2], Lsn::ZERO]);
-        let answer = |r: &mut ReplicaCore, after: Lsn, upto: Lsn| r.on_pulled(0, after, pos(0, upto, Lsn::ZERO), upto, log.pull(0, after, upto));
-        for s in 0..SEGMENTS_PER_PG {
-            r.on_position(s, pos(0, t[0], Lsn::ZERO));
-        }
+        r.on_progress(t[39], &[t[39], Lsn::ZERO]);
+        let at = |r: &mut ReplicaCore, scl: Lsn| (0..SEGMENTS_PER_PG).for_each(|s| drop(r.on_position(s, pos(0, scl, Lsn::ZERO))));
+        let answer = |r: &mut ReplicaCore, plan: &PullPlan, last: Lsn| {
+            r.on_pulled(0, plan, pos(0, plan.upto, Lsn::ZERO), last, log.pull(0, plan.after, last))
+        };
+        at(&mut r, t[9]);
         let first = r.plan_pull(PgId(0)).unwrap();
-        for s in 0..SEGMENTS_PER_PG {
-            r.on_position(s, pos(0, t[1], Lsn::ZERO));
-        }
+        at(&mut r, t[19]);
         // The second pull starts where the first is expected to end.
         let second = r.plan_pull(PgId(0)).unwrap();
-        assert_eq!((first.after, second.after), (Lsn::ZERO, t[0]));
+        assert_eq!((first.after, first.upto, second.after, second.upto), (Lsn::ZERO, t[9], t[9], t[19]));
         assert!(r.plan_pull(PgId(0)).is_none(), "two in flight at most");
-        // The second answers first: it would leave a gap, so it is dropped.
-        assert_eq!(answer(&mut r, second.after, t[1]), Ok(None));
-        // The first is served with more than expected (the segment moved on).
-        assert_eq!(answer(&mut r, first.after, t[1]), Ok(Some(t[1])));
-        for s in 0..SEGMENTS_PER_PG {
-            r.on_position(s, pos(0, t[2], Lsn::ZERO));
-        }
+        // The first falls short (a byte limit): the second is forgotten, and pulls go on
+        // from what is held, even while writes keep coming.
+        assert_eq!(answer(&mut r, &first, t[4]), Ok(Some(t[4])));
+        assert_eq!(answer(&mut r, &second, t[19]), Ok(None), "forgotten");
+        at(&mut r, t[29]);
         let third = r.plan_pull(PgId(0)).unwrap();
-        let fourth_base = t[1];
-        assert_eq!(third.after, fourth_base);
-        // An overlapping reply: its records up to what is held are skipped, not refused.
-        let overlap = r.plan_pull(PgId(0));
-        assert!(overlap.is_none(), "nothing beyond the in-flight pull's target");
-        assert_eq!(answer(&mut r, third.after, t[2]), Ok(Some(t[2])));
+        assert_eq!(third.after, t[4]);
+        at(&mut r, t[39]);
+        let fourth = r.plan_pull(PgId(0)).unwrap();
+        // The fourth answers first: it would leave a gap, so it is dropped.
+        assert_eq!(answer(&mut r, &fourth, t[39]), Ok(None));
+        assert_eq!(answer(&mut r, &third, t[29]), Ok(Some(t[29])));
+        let fifth = r.plan_pull(PgId(0)).unwrap();
+        assert_eq!(answer(&mut r, &fifth, t[39]), Ok(Some(t[39])));
         assert_eq!(r.pending_bytes(), 0);
+    }
+
+    #[test]
+    fn a_replica_started_far_behind_moves_up_to_the_writers_vdl() {
+        // Storage alone says LSN 10 is durable (an idle PG holds it back); the writer's
+        // VDL is 5000: the replica starts pulling near 5000, not from 0.
+        let mut r = ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: 1 << 20, cache_pages_max: 4 }, Start { durable: Lsn(10), bounds: vec![Lsn(10); 2] });
+        assert_eq!(r.read_point(), None, "no read point before a CPL");
+        for s in 0..SEGMENTS_PER_PG {
+            r.on_position(s, pos(0, Lsn(5000), Lsn::ZERO));
+        }
+        r.on_progress(Lsn(5000), &[Lsn(5000), Lsn(10)]);
+        assert_eq!(r.plan_pull(PgId(0)).unwrap().after, Lsn(5000 - TXN_OPS_MAX as u64));
     }
 }

@@ -57,6 +57,9 @@ impl Config {
         if self.buffer_bytes_max < BUFFER_BYTES_MIN {
             bail!("--buffer-bytes-max must be at least {BUFFER_BYTES_MIN} bytes");
         }
+        if self.cache_pages_max == 0 {
+            bail!("--cache-pages-max must be at least 1: a page read from storage is applied in the cache");
+        }
         Ok(())
     }
 }

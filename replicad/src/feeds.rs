@@ -179,11 +179,12 @@ pub async fn puller(replica: Arc<Replica>, volume: Volume, links: Vec<Arc<NodeLi
             let (replica, links, nodes) = (replica.clone(), links.clone(), nodes.clone());
             tokio::spawn(async move {
                 if !pull(&replica, &links, &nodes, &plan).await {
-                    replica.lock().pull_failed(pg, plan.after);
+                    replica.lock().pull_failed(&plan);
                     // Every segment that had the records failed: back off instead of spinning.
                     tokio::time::sleep(FAILED_PULL_BACKOFF).await;
                 }
-                replica.kick(pg.0 as usize).notify_one();
+                // A reservation was released: any PG may pull now.
+                replica.kick_all();
             });
         }
         let _ = tokio::time::timeout(RECHECK, replica.kick(pg.0 as usize).notified()).await;
@@ -211,7 +212,7 @@ async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], plan: &
                 latency.record(segment, started.elapsed().as_micros() as u64);
                 m.pulls.fetch_add(1, Relaxed);
                 m.pull_bytes.fetch_add(p.records.len() as u64, Relaxed);
-                let applied = replica.lock().on_pulled(segment, plan.after, p.position, p.last_lsn, p.records);
+                let applied = replica.lock().on_pulled(segment, plan, p.position, p.last_lsn, p.records);
                 match applied {
                     Ok(read_point) => {
                         replica.publish(read_point);

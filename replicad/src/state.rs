@@ -75,7 +75,7 @@ impl Replica {
         &self.kick[pg]
     }
 
-    fn kick_all(&self) {
+    pub fn kick_all(&self) {
         self.kick.iter().for_each(Notify::notify_one);
     }
 

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use redo_core::page::PageImage;
 use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::record::{RecordRef, Records};
-use redo_core::replica::{PullPlan, ReadPlan, ReplicaConfig, ReplicaCore, Start};
+use redo_core::replica::{PullError, PullPlan, ReadPlan, ReplicaConfig, ReplicaCore, Start};
 use redo_core::segment_log::{DiskRead, PagePart};
 use redo_core::wire::SegmentPosition;
 use redo_core::{Lsn, PageId, PgId};
@@ -92,7 +92,7 @@ impl Sim {
     /// A replica to start at tick `at`: on some seeds with a buffer small
     /// enough to throttle pulls, or a cache small enough to evict.
     pub fn add_replica(&mut self, at: u64) {
-        let buffer_bytes_max = if self.rng.chance(50) { 256 + self.rng.below(2048) as usize } else { 1 << 20 };
+        let buffer_bytes_max = if self.rng.chance(50) { 256 + self.rng.below(2048) as usize } else { 4 << 20 };
         let cache_pages_max = if self.rng.chance(50) { 1 + self.rng.below(8) as usize } else { PAGE_COUNT as usize };
         self.to_start.push((at, ReplicaConfig { buffer_bytes_max, cache_pages_max }));
     }
@@ -204,7 +204,7 @@ impl Sim {
     fn ask_next(&mut self, r: usize, mut req: Request) {
         let Some(seg) = req.left.pop() else {
             match req.ask {
-                Ask::Pull(plan) => self.replicas[r].core.pull_failed(plan.pg, plan.after),
+                Ask::Pull(plan) => self.replicas[r].core.pull_failed(&plan),
                 Ask::Page { key, page, .. } => self.fetched(r, &key, page, None),
             }
             return;
@@ -241,11 +241,12 @@ impl Sim {
         let Some(i) = inflight.iter().position(|q| q.id == id) else { return };
         let req = inflight.remove(i);
         match (req.ask, answer) {
-            (Ask::Pull(plan), Answer::Pulled { position, last_lsn, records }) => {
-                if let Err(e) = self.replicas[r].core.on_pulled(seg, plan.after, position, last_lsn, records) {
-                    panic!("replica {r} refuses the log segment {seg} of {} served after {}: {e}", plan.pg, plan.after);
-                }
-            }
+            (Ask::Pull(plan), Answer::Pulled { position, last_lsn, records }) => match self.replicas[r].core.on_pulled(seg, &plan, position, last_lsn, records) {
+                Ok(_) => {}
+                // The segment lost records in a crash since it reported its SCL: try another.
+                Err(PullError::Empty { .. }) => self.ask_next(r, Request { ask: Ask::Pull(plan), ..req }),
+                Err(e) => panic!("replica {r} refuses the log segment {seg} of {} served after {}: {e}", plan.pg, plan.after),
+            },
             (Ask::Page { key, page, .. }, Answer::Page(Some(image))) => self.fetched(r, &key, page, Some(image)),
             // Behind (it lost records in a crash): another segment may have the page.
             (ask, Answer::Page(None)) => self.ask_next(r, Request { ask, ..req }),

@@ -23,6 +23,9 @@ pub use config::Config;
 
 use crate::state::Replica;
 
+/// How often a replica that has no read point yet says why it is not serving.
+const NOT_READY_REPORT: Duration = Duration::from_secs(5);
+
 /// Serves until SIGTERM/SIGINT.
 pub fn run(config: Config) -> Result<()> {
     config.validate()?;
@@ -57,10 +60,17 @@ pub fn run(config: Config) -> Result<()> {
         let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
         let mut ready = replica.ready.subscribe();
-        tokio::select! {
-            _ = ready.wait_for(|r| *r) => {}
-            _ = term.recv() => return Ok(()),
-            _ = int.recv() => return Ok(()),
+        let mut waiting = tokio::time::interval_at(tokio::time::Instant::now() + NOT_READY_REPORT, NOT_READY_REPORT);
+        loop {
+            tokio::select! {
+                _ = ready.wait_for(|r| *r) => break,
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+                _ = waiting.tick() => {
+                    let (vdl, pending) = { let c = replica.lock(); (c.vdl(), c.pending_bytes()) };
+                    tracing::warn!(%vdl, pending_bytes = pending, %writer, "no read point yet: waiting for the writer's VDL and the records up to a commit");
+                }
+            }
         }
         let server = borealis_net::server_endpoint(&identity, config.listen)?;
         let api = Arc::new(api::Api {

@@ -409,6 +409,7 @@ impl ReplicaCore {
         }
         let (have, mut chain) = (p.have, p.last_record);
         let mut recs = Vec::new();
+        let reply_len = records.len();
         if let Some(valid) = ValidRecords::validate(records, 0)? {
             for (rec, range) in valid.iter() {
                 let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
@@ -425,6 +426,12 @@ impl ReplicaCore {
                 let h = rec.header();
                 recs.push(Rec { lsn, cpl: h.cpl, page: h.page, bytes: valid.bytes().slice(range) });
             }
+        }
+        // Records share their reply's memory: when most of a reply was already held,
+        // copy the rest so the buffer's count stays the memory it pins.
+        let kept: usize = recs.iter().map(|r| r.bytes.len()).sum();
+        if kept < reply_len / 2 {
+            recs.iter_mut().for_each(|r| r.bytes = Bytes::copy_from_slice(&r.bytes));
         }
         // Accepted: the reservation becomes the records themselves. (A refused reply
         // keeps it for the retry on another segment, or `pull_failed`.)

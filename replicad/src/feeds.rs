@@ -209,7 +209,9 @@ async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], plan: &
         let reply = tokio::time::timeout(wait, reply).await.unwrap_or_else(|_| Err(ClientError::Unexpected(format!("no pull reply in {wait:?}"))));
         match reply {
             Ok(p) => {
-                latency.record(segment, started.elapsed().as_micros() as u64);
+                let us = started.elapsed().as_micros() as u64;
+                latency.record(segment, us);
+                m.pull_latency_us.record(us);
                 m.pulls.fetch_add(1, Relaxed);
                 m.pull_bytes.fetch_add(p.records.len() as u64, Relaxed);
                 let applied = replica.lock().on_pulled(segment, plan, p.position, p.last_lsn, p.records);

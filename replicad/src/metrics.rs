@@ -17,6 +17,8 @@ pub struct Metrics {
     pub requests_refused: AtomicU64,
     /// From hearing a VDL from the writer to the read point reaching it.
     pub apply_delay_us: Distribution,
+    /// Pull request to reply, successful pulls.
+    pub pull_latency_us: Distribution,
 }
 
 impl Metrics {
@@ -37,6 +39,7 @@ impl Metrics {
             let _ = writeln!(out, "{name} {}", v.load(Relaxed));
         }
         self.apply_delay_us.render(&mut out, "replicad_apply_delay_us", "From hearing a VDL from the writer to the read point reaching it (µs).");
+        self.pull_latency_us.render(&mut out, "replicad_pull_latency_us", "Log pull request to reply (µs).");
         let read_point = core.read_point().unwrap_or_default().0;
         let (throttled, episodes) = core.throttled();
         let engine_counters = [

@@ -1,6 +1,6 @@
 //! Replicas that start empty, through the real binaries: one killed with
-//! SIGKILL under load and restarted on its address, and a new one joining a
-//! volume that already holds data. Each learns VDL from storage, reads pages
+//! SIGKILL under load and restarted on its address, a new one joining a
+//! volume that already holds data, and one started with no writer at all. Each learns VDL from storage, reads pages
 //! with GetPage@LSN, pulls the log, and converges to the writer's values.
 
 #[path = "../../writerd/tests/common/mod.rs"]
@@ -8,6 +8,7 @@ mod common;
 mod support;
 
 use borealis_net::api::ApiClient;
+use redo_core::page::PageOp;
 use common::*;
 use support::*;
 
@@ -33,6 +34,45 @@ async fn a_new_replica_joins_a_volume_with_data_and_converges() {
     load.wait_more(3000, 2 * REPLY_TIMEOUT).await;
     let replica = c.start_replica(None, &[]).await;
     assert_started_empty_and_converges(&c, &replica, &writer, load).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_serves_without_any_writer() {
+    let (mut c, mut w, writer) = cluster_with_writer(&[]).await;
+    let load = Load::start(&writer, 4, 0);
+    load.wait_more(2000, 2 * REPLY_TIMEOUT).await;
+    let (acked, errors) = load.finish().await;
+    assert!(errors.is_empty(), "commits failed: {errors:?}");
+    // A transaction over both PGs, then one put on each PG after it: storage alone shows
+    // a commit complete only once every PG has records beyond it.
+    let ops: Vec<PageOp> = (0..8).map(|i| PageOp::Put { key: format!("both-{i}").into_bytes(), value: b"v".to_vec() }).collect();
+    let both = writer.txn(ops).await.expect("transaction over both PGs");
+    let mut tail = Vec::new();
+    for pg in 0..PGS {
+        let k = (0..).map(|i| format!("tail-{i}").into_bytes()).find(|k| c.volume.pg_of(c.volume.page_of(k)).0 == pg).expect("a key");
+        tail.push((writer.put(&k, b"t").await.expect("tail put"), k));
+    }
+    writer.close();
+    assert!(w.stop().await.success(), "writerd stops cleanly");
+
+    // Storage alone: the replica learns where the volume stands, reads pages and the log.
+    let replica = c.start_replica(None, &[]).await;
+    let rc = c.client(replica.addr).await;
+    let (at, _) = tokio::time::timeout(REPLY_TIMEOUT, rc.get_at(b"both-0", both)).await.expect("replica read in time").expect("replica read");
+    assert!(at >= both, "read point {at} below the transaction {both}, which every PG has records after{}", diagnose(&replica));
+    for i in 0..8 {
+        let (_, v) = rc.get(format!("both-{i}").as_bytes()).await.expect("replica read");
+        assert_eq!(v.as_deref(), Some(&b"v"[..]), "part of the transaction over both PGs is missing{}", diagnose(&replica));
+    }
+    for &i in &acked {
+        let (_, v) = rc.get(&key(i)).await.expect("replica read");
+        assert_eq!(v, Some(value(i, 0)), "key {i} without a writer{}", diagnose(&replica));
+    }
+    // The newest puts show exactly when the read point covers them.
+    for (lsn, k) in &tail {
+        let (at, v) = rc.get(k).await.expect("replica read");
+        assert_eq!(v.is_some(), at >= *lsn, "tail put at {lsn} read at {at} shows {v:?}");
+    }
 }
 
 /// For a replica started empty while `load` runs: it serves a write committed before it

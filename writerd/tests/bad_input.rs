@@ -22,9 +22,7 @@ async fn refused(client: &ApiClient, req: Request) -> (ApiErrorCode, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_write_nothing() {
-    let mut c = Cluster::start(&[]).await;
-    let _w = c.start_writer(None, &[]).await;
-    let client = c.client(c.writer_addr()).await;
+    let (c, _w, client) = cluster_with_writer(&[]).await;
 
     let (code, msg) = refused(&client, Request::Get { key: vec![b'k'; KEY_BYTES_MAX + 1], min_lsn: Lsn::ZERO }).await;
     assert_eq!(code, ApiErrorCode::Invalid);

@@ -14,10 +14,8 @@ use borealis_net::api::{ApiClient, ApiError};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete_and_transactions_commit_and_survive_a_writer_restart() {
-    let mut c = Cluster::start(&[]).await;
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut w = c.start_writer(None, &["--metrics-listen", &metrics_addr.to_string()]).await;
-    let client = c.client(c.writer_addr()).await;
+    let metrics_addr = free_tcp_addr();
+    let (mut c, mut w, client) = cluster_with_writer(&["--metrics-listen", &metrics_addr.to_string()]).await;
 
     let a = client.put(b"alpha", b"1").await.unwrap();
     let b = client.put(b"beta", b"2").await.unwrap();
@@ -59,9 +57,7 @@ async fn put_get_delete_and_transactions_commit_and_survive_a_writer_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_storage_nodes_killed_under_load_fail_no_commit() {
-    let mut c = Cluster::start(&[]).await;
-    let mut w = c.start_writer(None, &[]).await;
-    let client = c.client(c.writer_addr()).await;
+    let (mut c, mut w, client) = cluster_with_writer(&[]).await;
     let load = Load::start(&client, 8, 0);
     load.wait_more(300, REPLY_TIMEOUT).await;
     c.kill9(2);
@@ -79,10 +75,8 @@ async fn two_storage_nodes_killed_under_load_fail_no_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_down_commits_wait_then_resume_and_a_returning_node_fills_its_hole() {
-    let mut c = Cluster::start(&[]).await;
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let mut w = c.start_writer(None, &["--metrics-listen", &metrics_addr.to_string()]).await;
-    let client = c.client(c.writer_addr()).await;
+    let metrics_addr = free_tcp_addr();
+    let (mut c, mut w, client) = cluster_with_writer(&["--metrics-listen", &metrics_addr.to_string()]).await;
     let load = Load::start(&client, 4, 0);
     load.wait_more(200, REPLY_TIMEOUT).await;
     let stall_line = "commits waiting: no write quorum";
@@ -147,12 +141,10 @@ async fn live_max_scl(c: &Cluster, ep: &quinn::Endpoint, pg: PgId) -> Option<red
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_writer_fences_the_old_one() {
-    let mut c = Cluster::start(&[]).await;
-    let mut old = c.start_writer(None, &[]).await;
-    let old_client = c.client(c.writer_addr()).await;
+    let (mut c, mut old, old_client) = cluster_with_writer(&[]).await;
     old_client.put(b"k", b"from-old").await.unwrap();
 
-    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{}", std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()).parse().unwrap();
+    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
     let _new = c.start_writer(Some(new_addr), &[]).await;
     // The old writer's next write meets the new epoch at storage and is refused; it steps down.
     match old_client.put(b"k", b"late").await {
@@ -168,11 +160,9 @@ async fn a_newer_writer_fences_the_old_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_of_evicted_pages_come_from_storage_at_the_page_lsn() {
-    let mut c = Cluster::start(&[]).await;
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let metrics_addr = free_tcp_addr();
     // One cached page: nearly every read is a miss served by GetPage@LSN.
-    let _w = c.start_writer(None, &["--cache-pages-max", "1", "--metrics-listen", &metrics_addr.to_string()]).await;
-    let client = c.client(c.writer_addr()).await;
+    let (_c, _w, client) = cluster_with_writer(&["--cache-pages-max", "1", "--metrics-listen", &metrics_addr.to_string()]).await;
     for round in 0..3 {
         for i in 0..40 {
             client.put(&key(i), &value(i, round)).await.unwrap();
@@ -188,11 +178,9 @@ async fn reads_of_evicted_pages_come_from_storage_at_the_page_lsn() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lal_makes_new_transactions_wait_for_vdl() {
-    let mut c = Cluster::start(&[]).await;
-    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let metrics_addr = free_tcp_addr();
     // Room for one 1000-record transaction above VDL at a time.
-    let _w = c.start_writer(None, &["--lal", "1024", "--metrics-listen", &metrics_addr.to_string()]).await;
-    let client = c.client(c.writer_addr()).await;
+    let (_c, _w, client) = cluster_with_writer(&["--lal", "1024", "--metrics-listen", &metrics_addr.to_string()]).await;
     let txns: Vec<_> = (0..4u64)
         .map(|t| {
             let client = client.clone();
@@ -213,9 +201,7 @@ async fn lal_makes_new_transactions_wait_for_vdl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_killed_while_segments_lag_is_replaced_and_every_segment_catches_up() {
-    let mut c = Cluster::start(&[]).await;
-    let mut w = c.start_writer(None, &[]).await;
-    let client = c.client(c.writer_addr()).await;
+    let (mut c, mut w, client) = cluster_with_writer(&[]).await;
     let load = Load::start(&client, 4, 0);
     load.wait_more(200, REPLY_TIMEOUT).await;
     // Two nodes freeze: commits go on with the other four, which get ahead of them.

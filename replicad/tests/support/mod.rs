@@ -24,14 +24,6 @@ pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Keys compared at once between writer and replica.
 const COMPARE_INFLIGHT_MAX: usize = 32;
 
-/// A cluster, a writer on the volume's address, and a client of it.
-pub async fn cluster_with_writer(writer_args: &[&str]) -> (Cluster, Proc, ApiClient) {
-    let mut c = Cluster::start(&[]).await;
-    let w = c.start_writer(None, writer_args).await;
-    let client = c.client(c.writer_addr()).await;
-    (c, w, client)
-}
-
 /// What to look at when a replica misbehaves: where its log is, its tail, and its metrics.
 pub fn diagnose(r: &Replica) -> String {
     let log = r.proc.log_text();

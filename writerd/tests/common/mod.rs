@@ -382,6 +382,14 @@ impl Drop for ReadPoint {
     }
 }
 
+/// A cluster, a writer on the volume's address, and a client of it.
+pub async fn cluster_with_writer(writer_args: &[&str]) -> (Cluster, Proc, ApiClient) {
+    let mut c = Cluster::start(&[]).await;
+    let w = c.start_writer(None, writer_args).await;
+    let client = c.client(c.writer_addr()).await;
+    (c, w, client)
+}
+
 /// Keys guaranteed to land on every PG: `key-0`, `key-1`, ... are spread by hash.
 pub fn key(i: u64) -> Vec<u8> {
     format!("key-{i:08}").into_bytes()

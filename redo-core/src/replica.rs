@@ -113,14 +113,30 @@ struct Inflight {
     reserved: usize,
 }
 
+/// Where to start pulling so as to meet a CPL at or before `lsn`: each transaction is one
+/// MTR of at most TXN_OPS_MAX records with consecutive LSNs, so that many LSNs before
+/// `lsn` contain a CPL (or the start of the log).
+fn cpl_window_start(lsn: Lsn) -> Lsn {
+    Lsn(lsn.0.saturating_sub(TXN_OPS_MAX as u64))
+}
+
 impl PgState {
-    /// Whether this PG holds every record at or below `vdl`.
+    /// How far this PG holds every record, up to `vdl` (never beyond it).
     fn complete_to(&self, vdl: Lsn) -> Lsn {
         if self.have >= self.bound.min(vdl) {
             vdl
         } else {
             self.have
         }
+    }
+
+    /// Drops retained records a write quorum has flushed; returns their bytes.
+    fn release_flushed(&mut self) -> usize {
+        let mut freed = 0;
+        while self.retained.front().is_some_and(|r| r.lsn <= self.flushed) {
+            freed += self.retained.pop_front().expect("front exists").bytes.len();
+        }
+        freed
     }
 }
 
@@ -197,9 +213,7 @@ impl ReplicaCore {
     /// `start.durable` so as to find the first CPL, which becomes its read point.
     pub fn new(volume: Volume, config: ReplicaConfig, start: Start) -> Self {
         assert_eq!(start.bounds.len(), volume.pg_count(), "a bound per protection group");
-        // Each transaction is one MTR of at most TXN_OPS_MAX records with consecutive
-        // LSNs: that many LSNs before `durable` contain a CPL (or the start of the log).
-        let from = Lsn(start.durable.0.saturating_sub(TXN_OPS_MAX as u64));
+        let from = cpl_window_start(start.durable);
         let pgs = start
             .bounds
             .iter()
@@ -288,7 +302,7 @@ impl ReplicaCore {
         }
         self.vdl = vdl;
         if self.read_point.is_none() {
-            self.rebase(Lsn(vdl.0.saturating_sub(TXN_OPS_MAX as u64)));
+            self.rebase(cpl_window_start(vdl));
         }
         if bounds.len() == self.pgs.len() {
             for (p, &b) in self.pgs.iter_mut().zip(bounds) {
@@ -326,10 +340,7 @@ impl ReplicaCore {
         let mut flushed: Vec<Lsn> = p.segments.iter().map(|s| s.flushed_lsn).collect();
         flushed.sort_unstable_by(|a, b| b.cmp(a));
         p.flushed = p.flushed.max(flushed[WRITE_QUORUM - 1]);
-        let mut freed = 0;
-        while p.retained.front().is_some_and(|r| r.lsn <= p.flushed) {
-            freed += p.retained.pop_front().expect("front exists").bytes.len();
-        }
+        let freed = p.release_flushed();
         self.retained_bytes -= freed;
         freed > 0
     }
@@ -339,8 +350,7 @@ impl ReplicaCore {
     /// one is expected to end: new records then need not wait for the older reply.
     /// The pull stays in flight until `on_pulled` accepts a reply or `pull_failed`.
     pub fn plan_pull(&mut self, pg: PgId) -> Option<PullPlan> {
-        let vdl = self.vdl;
-        let frontier = self.pgs.iter().map(|p| p.complete_to(vdl)).min().unwrap_or(vdl);
+        let (vdl, frontier) = (self.vdl, self.frontier());
         let reserved: usize = self.pgs.iter().flat_map(|p| &p.pulls).map(|f| f.reserved).sum();
         let used = self.pending_bytes + self.retained_bytes + reserved;
         let p = &self.pgs[pg.0 as usize];
@@ -448,10 +458,14 @@ impl ReplicaCore {
         Ok(self.apply())
     }
 
+    /// How far every PG holds all its records, within VDL.
+    fn frontier(&self) -> Lsn {
+        self.pgs.iter().map(|p| p.complete_to(self.vdl)).min().unwrap_or(self.vdl)
+    }
+
     /// Applies every pending record up to the highest CPL that all PGs hold and VDL covers.
     fn apply(&mut self) -> Option<Lsn> {
-        let vdl = self.vdl;
-        let frontier = self.pgs.iter().map(|p| p.complete_to(vdl)).min().unwrap_or(vdl).min(vdl);
+        let frontier = self.frontier();
         let to = self
             .pgs
             .iter()
@@ -468,12 +482,8 @@ impl ReplicaCore {
             }
         }
         // What a write quorum already flushed need not be retained.
-        for pg in 0..self.pgs.len() {
-            let p = &mut self.pgs[pg];
-            while p.retained.front().is_some_and(|r| r.lsn <= p.flushed) {
-                self.retained_bytes -= p.retained.pop_front().expect("front exists").bytes.len();
-            }
-        }
+        let freed: usize = self.pgs.iter_mut().map(PgState::release_flushed).sum();
+        self.retained_bytes -= freed;
         self.read_point = Some(to);
         Some(to)
     }
@@ -610,9 +620,14 @@ mod tests {
     /// Tells `r` every segment of both PGs holds the log up to `scl`, flushed to `flushed`.
     fn segments_at(r: &mut ReplicaCore, scl: Lsn, flushed: Lsn) {
         for pg in 0..2 {
-            for s in 0..SEGMENTS_PER_PG {
-                r.on_position(s, pos(pg, scl, flushed));
-            }
+            pg_at(r, pg, scl, flushed);
+        }
+    }
+
+    /// Tells `r` every segment of `pg` holds the log up to `scl`, flushed to `flushed`.
+    fn pg_at(r: &mut ReplicaCore, pg: u32, scl: Lsn, flushed: Lsn) {
+        for s in 0..SEGMENTS_PER_PG {
+            r.on_position(s, pos(pg, scl, flushed));
         }
     }
 
@@ -658,14 +673,10 @@ mod tests {
         let (a, b) = (log.key_in(0, 1), log.key_in(1, 1));
         let t1 = log.txn(&[(&a[0], b"1"), (&b[0], b"1")]);
         let mut r = replica(1 << 20);
-        for s in 0..SEGMENTS_PER_PG {
-            r.on_position(s, pos(0, Lsn(1), Lsn::ZERO));
-        }
+        pg_at(&mut r, 0, Lsn(1), Lsn::ZERO);
         r.on_progress(t1, &[Lsn(1), t1]);
         assert_eq!(pull(&mut r, &log, 0, Lsn(1)), None, "PG 1's half is missing");
-        for s in 0..SEGMENTS_PER_PG {
-            r.on_position(s, pos(1, t1, Lsn::ZERO));
-        }
+        pg_at(&mut r, 1, t1, Lsn::ZERO);
         assert_eq!(pull(&mut r, &log, 1, t1), Some(t1));
     }
 
@@ -675,9 +686,7 @@ mod tests {
         let a = log.key_in(0, 3);
         let t: Vec<Lsn> = a.iter().map(|k| log.txn(&[(k, b"v")])).collect();
         let mut r = replica(1 << 20);
-        for s in 0..SEGMENTS_PER_PG {
-            r.on_position(s, pos(0, t[2], Lsn::ZERO));
-        }
+        pg_at(&mut r, 0, t[2], Lsn::ZERO);
         // PG 1 has no records: its PGCL stays 0, so it is complete whatever VDL is.
         r.on_progress(t[2], &[t[2], Lsn::ZERO]);
         assert_eq!(pull(&mut r, &log, 0, t[2]), Some(t[2]));
@@ -733,9 +742,7 @@ mod tests {
         // Storage flushes what was applied: room again, and the pulls resume until caught up.
         for _ in 0..100 {
             let rp = r.read_point().unwrap();
-            for s in 0..SEGMENTS_PER_PG {
-                r.on_position(s, pos(0, last, rp));
-            }
+            pg_at(&mut r, 0, last, rp);
             assert_eq!(r.flushed_lsn(), rp);
             if rp == last {
                 break;
@@ -813,13 +820,12 @@ mod tests {
         let t: Vec<Lsn> = a.iter().map(|k| log.txn(&[(k, b"v")])).collect();
         let mut r = replica(4 << 20);
         r.on_progress(t[39], &[t[39], Lsn::ZERO]);
-        let at = |r: &mut ReplicaCore, scl: Lsn| (0..SEGMENTS_PER_PG).for_each(|s| drop(r.on_position(s, pos(0, scl, Lsn::ZERO))));
         let answer = |r: &mut ReplicaCore, plan: &PullPlan, last: Lsn| {
             r.on_pulled(0, plan, pos(0, plan.upto, Lsn::ZERO), last, log.pull(0, plan.after, last))
         };
-        at(&mut r, t[9]);
+        pg_at(&mut r, 0, t[9], Lsn::ZERO);
         let first = r.plan_pull(PgId(0)).unwrap();
-        at(&mut r, t[19]);
+        pg_at(&mut r, 0, t[19], Lsn::ZERO);
         // The second pull starts where the first is expected to end.
         let second = r.plan_pull(PgId(0)).unwrap();
         assert_eq!((first.after, first.upto, second.after, second.upto), (Lsn::ZERO, t[9], t[9], t[19]));
@@ -828,10 +834,10 @@ mod tests {
         // from what is held, even while writes keep coming.
         assert_eq!(answer(&mut r, &first, t[4]), Ok(Some(t[4])));
         assert_eq!(answer(&mut r, &second, t[19]), Ok(None), "forgotten");
-        at(&mut r, t[29]);
+        pg_at(&mut r, 0, t[29], Lsn::ZERO);
         let third = r.plan_pull(PgId(0)).unwrap();
         assert_eq!(third.after, t[4]);
-        at(&mut r, t[39]);
+        pg_at(&mut r, 0, t[39], Lsn::ZERO);
         let fourth = r.plan_pull(PgId(0)).unwrap();
         // The fourth answers first: it would leave a gap, so it is dropped.
         assert_eq!(answer(&mut r, &fourth, t[39]), Ok(None));
@@ -847,9 +853,7 @@ mod tests {
         // VDL is 5000: the replica starts pulling near 5000, not from 0.
         let mut r = ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: 1 << 20, cache_pages_max: 4 }, Start { durable: Lsn(10), bounds: vec![Lsn(10); 2] });
         assert_eq!(r.read_point(), None, "no read point before a CPL");
-        for s in 0..SEGMENTS_PER_PG {
-            r.on_position(s, pos(0, Lsn(5000), Lsn::ZERO));
-        }
+        pg_at(&mut r, 0, Lsn(5000), Lsn::ZERO);
         r.on_progress(Lsn(5000), &[Lsn(5000), Lsn(10)]);
         assert_eq!(r.plan_pull(PgId(0)).unwrap().after, Lsn(5000 - TXN_OPS_MAX as u64));
     }

@@ -229,6 +229,11 @@ impl NodeLink {
     }
 }
 
+/// The link to node `id` among `links` (made by `NodeLink::for_volume`).
+pub fn link_of(links: &[Arc<NodeLink>], id: u32) -> &Arc<NodeLink> {
+    links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
+}
+
 /// GetPage@`lsn` of `pg` from the first of `links` that answers, each given its own time.
 pub async fn get_page_from(links: impl IntoIterator<Item = (&NodeLink, Duration)>, pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
     let mut errors = Vec::new();

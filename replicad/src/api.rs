@@ -6,13 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use borealis_net::api_server::{error, ApiService};
-use borealis_net::storage::{get_page_from, NodeLink};
+use borealis_net::storage::{get_page_from, link_of, NodeLink};
 use redo_core::api::{ApiErrorCode, Progress, Request, Response};
 use redo_core::replica::ReadPlan;
 use redo_core::Lsn;
 use tokio::sync::watch;
 
-use crate::feeds::link_of;
 use crate::state::Replica;
 
 pub struct Api {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use borealis_net::api::ApiClient;
-use borealis_net::storage::{ClientError, NodeLink, REQUEST_TIMEOUT};
+use borealis_net::storage::{link_of, ClientError, NodeLink, REQUEST_TIMEOUT};
 use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::replica::{PullPlan, Start};
 use redo_core::volume::Volume;
@@ -30,10 +30,6 @@ const FAILED_PULL_BACKOFF: Duration = Duration::from_millis(100);
 /// candidate gets the full request timeout).
 const PATIENCE_MIN: Duration = Duration::from_millis(50);
 const PATIENCE_MAX: Duration = Duration::from_secs(1);
-
-pub fn link_of(links: &[Arc<NodeLink>], id: u32) -> &Arc<NodeLink> {
-    links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
-}
 
 /// Where to start, from the segments' SCLs (read without raising any epoch), once every PG
 /// has a write quorum of answers. Also returns the positions heard.

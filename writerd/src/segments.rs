@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use borealis_net::storage::{get_page_from, ClientError, NodeLink, StorageConn, REQUEST_TIMEOUT};
+use borealis_net::storage::{get_page_from, link_of, ClientError, NodeLink, StorageConn, REQUEST_TIMEOUT};
 use redo_core::page::PageImage;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::volume::Volume;
@@ -25,10 +25,6 @@ const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// How often a segment that needs repair from its peers is looked at again.
 const GAP_RETRY: Duration = Duration::from_secs(5);
-
-fn link_of<'a>(links: &'a [Arc<NodeLink>], id: u32) -> &'a Arc<NodeLink> {
-    links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
-}
 
 /// One segment's answer to `Status`.
 #[derive(Clone, Copy)]

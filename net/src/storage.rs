@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use bytes::Bytes;
-use redo_core::wire::{encode_append, ErrorCode, Message, SegmentPosition, FRAME_BYTES_MAX};
+use redo_core::wire::{encode_append, ErrorCode, Message, SegmentPosition, Truncation, FRAME_BYTES_MAX};
 use redo_core::page::PageImage;
 use redo_core::volume::Volume;
 use redo_core::{Epoch, Lsn, PageId, PgId};
@@ -40,6 +40,14 @@ pub enum ClientError {
 #[derive(Clone)]
 pub struct StorageConn {
     pub conn: quinn::Connection,
+}
+
+/// A segment's answer to `Status`.
+#[derive(Clone, Debug)]
+pub struct SegmentStatus {
+    pub epoch: Epoch,
+    pub position: SegmentPosition,
+    pub truncations: Vec<Truncation>,
 }
 
 /// One segment's records from a pull.
@@ -78,10 +86,11 @@ impl StorageConn {
         }
     }
 
-    /// The segment's epoch and position; an `epoch` newer than the segment's is recorded first.
-    pub async fn status(&self, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
-        match self.request(&Message::Status { epoch, pg }).await? {
-            Message::StatusReply { epoch, position } => Ok((epoch, position)),
+    /// The segment's epoch, position and truncations. A nonzero `epoch` claims
+    /// it first; `truncate_above` then has the segment discard what lies above.
+    pub async fn status(&self, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>) -> Result<SegmentStatus, ClientError> {
+        match self.request(&Message::Status { epoch, pg, truncate_above }).await? {
+            Message::StatusReply { epoch, position, truncations } if position.pg == pg => Ok(SegmentStatus { epoch, position, truncations }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -208,13 +217,13 @@ impl NodeLink {
         Ok(c)
     }
 
-    pub async fn status(&self, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
+    pub async fn status(&self, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>) -> Result<SegmentStatus, ClientError> {
         let conn = self.get().await?;
-        self.status_on(&conn, epoch, pg).await
+        self.status_on(&conn, epoch, pg, truncate_above).await
     }
 
-    pub async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId) -> Result<(Epoch, SegmentPosition), ClientError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, conn.status(epoch, pg))
+    pub async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>) -> Result<SegmentStatus, ClientError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, conn.status(epoch, pg, truncate_above))
             .await
             .map_err(|_| ClientError::Unexpected(format!("no status reply in {REQUEST_TIMEOUT:?}")))?
     }

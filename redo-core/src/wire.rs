@@ -16,6 +16,8 @@ pub const FRAME_HEADER_BYTES: usize = 4;
 /// Default ceiling on one frame; a storage node may configure a lower one.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
 const SUBSCRIBE_PGS_MAX: usize = 4096;
+/// Truncations a segment reports: storage keeps no more than this many (the newest).
+pub const TRUNCATIONS_MAX: usize = 64;
 const ERROR_MESSAGE_BYTES_MAX: usize = 4096;
 
 /// Error codes a storage node answers with; clients branch on them.
@@ -68,6 +70,14 @@ pub struct SegmentPosition {
     pub flushed_lsn: Lsn,
 }
 
+/// A recovery's decision, recorded by every segment that heard it: the
+/// records above `above` written before `epoch` are discarded.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Truncation {
+    pub epoch: Epoch,
+    pub above: Lsn,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Writer → storage: records for one segment, already CRC-checked and in LSN order.
@@ -86,11 +96,15 @@ pub enum Message {
     /// Storage → subscriber: a segment's SCL or flushed LSN advanced.
     Notify { position: SegmentPosition },
     Error { code: ErrorCode, message: String },
-    /// Writer → storage: report the segment's epoch and position; an `epoch` newer
-    /// than the segment's is recorded durably first (a writer claims its epoch so).
-    Status { epoch: Epoch, pg: PgId },
-    /// Storage → writer: the segment's epoch (after any raise) and position.
-    StatusReply { epoch: Epoch, position: SegmentPosition },
+    /// Writer → storage: report the segment's epoch and position. A nonzero
+    /// `epoch` is a claim: granted (and recorded durably) if it is the segment's
+    /// epoch or of a newer generation (`Epoch::grant`), else refused with
+    /// `StaleEpoch`. With `truncate_above`, the claimant (at its epoch) also has
+    /// the segment discard every record above that LSN, durably, before replying.
+    Status { epoch: Epoch, pg: PgId, truncate_above: Option<Lsn> },
+    /// Storage → writer: the segment's epoch (after any claim), position, and
+    /// the truncations it recorded, oldest first (at most `TRUNCATIONS_MAX`).
+    StatusReply { epoch: Epoch, position: SegmentPosition, truncations: Vec<Truncation> },
     /// Reader → storage: page `page` as of `lsn` (GetPage@LSN). Needs the segment's SCL >= `lsn`.
     GetPage { pg: PgId, page: PageId, lsn: Lsn },
     /// Storage → reader: an encoded `page::PageImage` holding every record of the page up to `lsn`.
@@ -169,15 +183,23 @@ impl Message {
                 put_u32(out, m.len() as u32);
                 out.extend_from_slice(m);
             }
-            Message::Status { epoch, pg } => {
+            Message::Status { epoch, pg, truncate_above } => {
                 out.push(KIND_STATUS);
                 put_u64(out, epoch.0);
                 put_u32(out, pg.0);
+                if let Some(lsn) = truncate_above {
+                    put_u64(out, lsn.0);
+                }
             }
-            Message::StatusReply { epoch, position } => {
+            Message::StatusReply { epoch, position, truncations } => {
                 out.push(KIND_STATUS_REPLY);
                 put_u64(out, epoch.0);
                 put_position(out, position);
+                put_u32(out, truncations.len() as u32);
+                for t in truncations {
+                    put_u64(out, t.epoch.0);
+                    put_u64(out, t.above.0);
+                }
             }
             Message::GetPage { pg, page, lsn } => {
                 out.push(KIND_GET_PAGE);
@@ -248,8 +270,20 @@ impl Message {
                     .map_err(|_| DecodeError::Invalid { what: "error message utf-8", offset: at, value: n as u64 })?;
                 Message::Error { code, message }
             }
-            KIND_STATUS => Message::Status { epoch: Epoch(r.u64()?), pg: PgId(r.u32()?) },
-            KIND_STATUS_REPLY => Message::StatusReply { epoch: Epoch(r.u64()?), position: position(&mut r)? },
+            KIND_STATUS => {
+                let (epoch, pg) = (Epoch(r.u64()?), PgId(r.u32()?));
+                let truncate_above = if r.remaining() > 0 { Some(Lsn(r.u64()?)) } else { None };
+                Message::Status { epoch, pg, truncate_above }
+            }
+            KIND_STATUS_REPLY => {
+                let (epoch, position) = (Epoch(r.u64()?), position(&mut r)?);
+                let n = r.len("truncation count", TRUNCATIONS_MAX)?;
+                let mut truncations = Vec::with_capacity(n);
+                for _ in 0..n {
+                    truncations.push(Truncation { epoch: Epoch(r.u64()?), above: Lsn(r.u64()?) });
+                }
+                Message::StatusReply { epoch, position, truncations }
+            }
             KIND_GET_PAGE => Message::GetPage { pg: PgId(r.u32()?), page: PageId(r.u64()?), lsn: Lsn(r.u64()?) },
             KIND_PAGE_REPLY => {
                 let position = position(&mut r)?;
@@ -316,8 +350,14 @@ mod tests {
             Message::Subscribe { pgs: vec![PgId(1), PgId(2)] },
             Message::Notify { position: pos },
             Message::Error { code: ErrorCode::StaleEpoch, message: "epoch e3 < e4".into() },
-            Message::Status { epoch: Epoch(5), pg: PgId(2) },
-            Message::StatusReply { epoch: Epoch(5), position: pos },
+            Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: None },
+            Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)) },
+            Message::StatusReply { epoch: Epoch(5), position: pos, truncations: vec![] },
+            Message::StatusReply {
+                epoch: Epoch(5),
+                position: pos,
+                truncations: vec![Truncation { epoch: Epoch(3), above: Lsn(4) }, Truncation { epoch: Epoch(5), above: Lsn(9) }],
+            },
             Message::GetPage { pg: PgId(2), page: PageId(77), lsn: Lsn(9) },
             Message::PageReply { position: pos, image: Bytes::from_static(b"image") },
         ]
@@ -356,7 +396,7 @@ mod tests {
 
         /// Mutated valid frames never panic, and any that still decode re-encode to the same bytes.
         #[test]
-        fn mutated_frames(which in 0usize..12, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
+        fn mutated_frames(which in 0usize..14, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
             let mut frame = samples()[which].to_frame();
             for (at, x) in flips {
                 let i = at % frame.len();

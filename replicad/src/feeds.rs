@@ -43,13 +43,14 @@ pub async fn start(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) 
             for (segment, node) in volume.segments(PgId(pg)).enumerate() {
                 if scls[pg as usize][segment].is_none() {
                     let link = link_of(links, node.id).clone();
-                    asks.spawn(async move { (pg, segment, link.status(Epoch(0), PgId(pg)).await) });
+                    asks.spawn(async move { (pg, segment, link.status(Epoch(0), PgId(pg), None).await) });
                 }
             }
         }
         while let Some(joined) = asks.join_next().await {
             let (pg, segment, answer) = joined.expect("status task");
-            if let Ok((_, position)) = answer {
+            if let Ok(status) = answer {
+                let position = status.position;
                 scls[pg as usize][segment] = Some(position.scl);
                 positions.push((segment, position));
             }

@@ -87,8 +87,9 @@ async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
             None => not_hosted(node, pg),
             Some(seg) => pull(node, seg.clone(), after, upto, bytes_max).await,
         },
-        Message::Status { epoch, pg } => match node.segments.get(&pg) {
+        Message::Status { epoch, pg, truncate_above } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
+            Some(_) if truncate_above.is_some() => Reply::Close(error(ErrorCode::Malformed, "truncation is not implemented yet")),
             Some(seg) => status(node, seg, epoch).await,
         },
         Message::GetPage { pg, page, lsn } => match node.segments.get(&pg) {
@@ -191,7 +192,7 @@ async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch) -> Reply {
     }
     let log = seg.log.lock().expect("segment lock");
     let position = vouched(node.config.ack, log.position());
-    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position }, received: None }
+    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position, truncations: Vec::new() }, received: None }
 }
 
 /// The position a segment reports to writers. With `ack = disk` it vouches only

@@ -44,7 +44,7 @@ async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, d
             for (s, node) in volume.segments(PgId(pg as u32)).enumerate() {
                 if segs[s].is_none() {
                     let link = link_of(links, node.id).clone();
-                    asks.spawn(async move { (pg, s, link.id, link.status(epoch, PgId(pg as u32)).await) });
+                    asks.spawn(async move { (pg, s, link.id, link.status(epoch, PgId(pg as u32), None).await) });
                 }
             }
         }
@@ -52,7 +52,7 @@ async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, d
         while let Some(r) = asks.join_next().await {
             let (pg, s, node, r) = r.context("status task")?;
             match r {
-                Ok((epoch, position)) => answers[pg][s] = Some(Answer { node, epoch, scl: position.scl }),
+                Ok(st) => answers[pg][s] = Some(Answer { node, epoch: st.epoch, scl: st.position.scl }),
                 Err(e) => last_errors.push(format!("pg{pg} on node {node}: {e}")),
             }
         }
@@ -209,8 +209,8 @@ async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
         Err(e) => return End::from_error(e, None),
     };
     let fail = |e: ClientError| End::from_error(e, Some(&conn));
-    let (seg_epoch, position) = match link.status_on(&conn, epoch, pg).await {
-        Ok(s) => s,
+    let (seg_epoch, position) = match link.status_on(&conn, epoch, pg, None).await {
+        Ok(s) => (s.epoch, s.position),
         Err(e) => return fail(e),
     };
     if seg_epoch > epoch {

@@ -263,7 +263,7 @@ impl Cluster {
         let addr = self.volume.nodes[id as usize - 1].addr.parse().expect("node address");
         let r = tokio::time::timeout(Duration::from_secs(2), async {
             let conn = StorageConn::connect(ep, addr).await.ok()?;
-            conn.status(Epoch(0), pg).await.ok().map(|(_, p)| p.scl)
+            conn.status(Epoch(0), pg, None).await.ok().map(|s| s.position.scl)
         });
         r.await.ok().flatten()
     }

@@ -7,6 +7,7 @@ pub mod ids;
 pub mod page;
 pub mod page_index;
 pub mod quorum;
+pub mod recovery;
 pub mod record;
 pub mod replica;
 pub mod segment_file;

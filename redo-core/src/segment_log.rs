@@ -13,17 +13,36 @@
 //! segment's first record up to SCL is complete; records above a hole wait
 //! in `pending` until the hole is filled. Only the complete chain is flushed,
 //! so the segment file is always a gap-free prefix and `flushed_lsn <= scl`.
+//!
+//! Epochs: `handle_append` and the shell's claims follow `Epoch::grant` (a
+//! generation is granted to one claimant only). Truncation, when a new writer
+//! recovers the volume: `truncation_needed`, then `begin_truncate` (appends
+//! get `Truncating`, no new flush starts), wait until `flush_inflight` is
+//! false, then `truncate_above` (which may first ask for a disk scan), cut the
+//! file where it says, rebuild the page index if it says so
+//! (`install_page_index`), record the truncation durably, `note_truncation`,
+//! and `end_truncate`.
 
 use std::collections::{BTreeMap, VecDeque};
 
 use bytes::Bytes;
 use thiserror::Error;
 
-use crate::ids::{Epoch, Lsn, PageId, SegmentId};
+use crate::ids::{Epoch, EpochRefused, Lsn, PageId, SegmentId};
 use crate::page_index::{Located, PageBroken, PageIndex, PagePlan};
 use crate::record::{TrustedRecords, ValidRecords};
 use crate::segment_file::SEGMENT_HEADER_BYTES;
-use crate::wire::SegmentPosition;
+use crate::wire::{SegmentPosition, Truncation, TRUNCATIONS_MAX};
+
+/// `Epoch::grant` for a segment at `current`, where `Epoch(0)` means no
+/// claim was ever granted: the first claimant of any epoch gets it (so
+/// generation 0 too is granted to one claimant only).
+pub fn grant_epoch(current: Epoch, requested: Epoch) -> Result<bool, EpochRefused> {
+    if current == Epoch(0) && requested != current {
+        return Ok(true);
+    }
+    current.grant(requested)
+}
 
 /// One sparse disk-index entry per this many bytes of segment file.
 pub const INDEX_STRIDE_BYTES: u64 = 64 << 10;
@@ -43,8 +62,10 @@ pub struct SegmentLogConfig {
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum AppendError {
-    #[error("stale epoch: request at {request}, segment at {current}")]
-    StaleEpoch { request: Epoch, current: Epoch },
+    #[error("stale epoch: {0}")]
+    StaleEpoch(EpochRefused),
+    #[error("segment is truncating its log for a new writer")]
+    Truncating,
     #[error("hot log full: {hot_bytes} bytes unflushed, limit {hot_bytes_max}")]
     Busy { hot_bytes: usize, hot_bytes_max: usize },
     #[error("segment cannot write to disk: {0}")]
@@ -108,6 +129,12 @@ impl DiskIndex {
         }
     }
 
+    /// Forgets the entries at or past `end` (a truncated file's new end).
+    fn truncate(&mut self, end: u64) {
+        self.entries.retain(|e| e.offset < end);
+        self.next_offset = self.entries.last().map_or(0, |e| e.offset + INDEX_STRIDE_BYTES);
+    }
+
     /// The last indexed record at or before the first record above `after`.
     fn seek(&self, after: Lsn) -> (u64, Lsn) {
         let i = self.entries.partition_point(|e| e.lsn <= after);
@@ -160,6 +187,32 @@ fn own(part: Bytes, batch_bytes: usize) -> Bytes {
     }
 }
 
+/// Where a truncation falls in the part of the log that memory no longer
+/// holds, found by scanning the segment file as `truncate_above` asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskCut {
+    /// The last record at or below the truncation point (`Lsn::ZERO` if none).
+    pub last_lsn: Lsn,
+    /// File offset after it: where the first record above the point starts.
+    pub offset: u64,
+    /// Records above the point in the scanned range (for metrics).
+    pub records: u64,
+}
+
+/// What a truncation changed, and what the shell must do on disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Truncated {
+    /// Zero the segment file from this offset on and fdatasync, before the
+    /// truncation is reported: flushed records above the point lie there.
+    pub cut_offset: Option<u64>,
+    /// Records discarded (chain, pending and, from the scan, on disk).
+    pub records: u64,
+    /// The page index was dropped (it held records above the point): rebuild
+    /// it from the page file and the segment file up to `flushed_end`, then
+    /// `install_page_index`. Page images above the point must go too.
+    pub reindex: bool,
+}
+
 /// A record waiting above a hole.
 struct Pending {
     prev: Lsn,
@@ -194,6 +247,10 @@ pub struct SegmentLog {
     /// Per-page index for `page_read`; without one, page reads scan the log.
     pages: Option<PageIndex>,
     disk_failed: Option<String>,
+    /// Set between `begin_truncate` and `end_truncate`: no appends, no new flushes.
+    truncating: bool,
+    /// Truncations recorded (durably, by the shell), oldest first, at most `TRUNCATIONS_MAX`.
+    truncations: VecDeque<Truncation>,
 }
 
 impl SegmentLog {
@@ -220,7 +277,15 @@ impl SegmentLog {
             index,
             pages: None,
             disk_failed: None,
+            truncating: false,
+            truncations: VecDeque::new(),
         }
+    }
+
+    /// The truncations recovered from the segment's persisted epoch state.
+    pub fn with_truncations(mut self, truncations: &[Truncation]) -> Self {
+        truncations.iter().for_each(|&t| self.note_truncation(t));
+        self
     }
 
     pub fn new(id: SegmentId, config: SegmentLogConfig) -> Self {
@@ -269,17 +334,160 @@ impl SegmentLog {
         self.disk_failed.as_deref()
     }
 
-    /// Moves the segment to `epoch` (if higher): from now on older epochs get
-    /// `StaleEpoch`. The shell persists the epoch before calling this.
+    /// Moves the segment to `epoch`, which `Epoch::grant` must allow: from now
+    /// on older epochs and other claimants of its generation get `StaleEpoch`.
+    /// The shell persists the epoch before calling this.
     pub fn raise_epoch(&mut self, epoch: Epoch) {
-        self.epoch = self.epoch.max(epoch);
+        assert!(grant_epoch(self.epoch, epoch).is_ok(), "raising {} to {epoch}, which it does not grant", self.epoch);
+        self.epoch = epoch;
+    }
+
+    /// Truncations recorded, oldest first.
+    pub fn truncations(&self) -> Vec<Truncation> {
+        self.truncations.iter().copied().collect()
+    }
+
+    /// Whether a claimant at `epoch` asking to truncate above `above` needs a
+    /// truncation: `Ok(false)` if this one is recorded already (a repeat),
+    /// `Err` unless `epoch` is the segment's epoch (claim it first).
+    pub fn truncation_needed(&self, epoch: Epoch, above: Lsn) -> Result<bool, EpochRefused> {
+        if epoch != self.epoch {
+            return Err(EpochRefused { requested: epoch, current: self.epoch });
+        }
+        Ok(!self.truncations.contains(&Truncation { epoch, above }))
+    }
+
+    /// Records a truncation, once it is durable; keeps the newest `TRUNCATIONS_MAX`.
+    pub fn note_truncation(&mut self, t: Truncation) {
+        if self.truncations.contains(&t) {
+            return;
+        }
+        self.truncations.push_back(t);
+        while self.truncations.len() > TRUNCATIONS_MAX {
+            self.truncations.pop_front();
+        }
+    }
+
+    /// Holds appends (`AppendError::Truncating`) and new flushes off until `end_truncate`.
+    pub fn begin_truncate(&mut self) {
+        self.truncating = true;
+    }
+
+    pub fn end_truncate(&mut self) {
+        self.truncating = false;
+    }
+
+    /// A flush job is out: wait for its completion before `truncate_above`.
+    pub fn flush_inflight(&self) -> bool {
+        self.inflight > 0
+    }
+
+    /// Discards every record above `above`: the chain ends at its last record
+    /// at or below it (SCL and flushed LSN drop to it if higher), records
+    /// waiting above holes past it go. Call between `begin_truncate` and
+    /// `end_truncate` with no flush in flight. When the point lies below what
+    /// memory holds, returns where to scan the file; call again with the
+    /// scan's `DiskCut`. A point at or above SCL leaves the chain alone.
+    pub fn truncate_above(&mut self, above: Lsn, disk: Option<DiskCut>) -> Result<Truncated, DiskRead> {
+        assert!(self.truncating && self.inflight == 0, "truncate_above outside begin_truncate or with a flush in flight");
+        debug_assert_eq!(self.file_end, self.flushed_end);
+        let mut records = 0u64;
+        let flushed_end_before = self.flushed_end;
+        // Records above holes: all of them when the chain itself is cut.
+        let dropped: Vec<Lsn> = self.pending.range(Lsn(above.0.saturating_add(1))..).map(|(&l, _)| l).collect();
+        if above >= self.scl {
+            for l in dropped {
+                let p = self.pending.remove(&l).expect("listed above");
+                self.hot_bytes -= p.bytes.len();
+                self.pending_bytes -= p.bytes.len();
+                records += 1;
+            }
+            return Ok(Truncated { cut_offset: None, records, reindex: false });
+        }
+        if above < self.chain_base {
+            let Some(cut) = disk else {
+                let (offset, prev) = self.index.seek(above);
+                return Err(DiskRead { offset, prev, end_offset: self.flushed_end, after: above, upto: self.chain_base });
+            };
+            assert!(cut.last_lsn <= above && cut.offset <= self.flushed_end, "disk cut {cut:?} outside the flushed log");
+            records += cut.records + self.pending.len() as u64;
+            records += self.chain.iter().map(|f| f.records as u64).sum::<u64>();
+            self.chain.clear();
+            self.pending.clear();
+            (self.clean, self.clean_bytes, self.hot_bytes, self.pending_bytes) = (0, 0, 0, 0);
+            (self.scl, self.flushed_lsn, self.chain_base) = (cut.last_lsn, cut.last_lsn, cut.last_lsn);
+            (self.file_end, self.flushed_end, self.chain_end) = (cut.offset, cut.offset, cut.offset);
+        } else {
+            records += self.pending.len() as u64;
+            self.pending.clear();
+            self.hot_bytes -= self.pending_bytes;
+            self.pending_bytes = 0;
+            // The first fragment holding a record above the point: keep its records at or below.
+            let i = self.chain.partition_point(|f| f.last_lsn <= above);
+            let f = &mut self.chain[i];
+            let (mut keep_bytes, mut keep_records, mut keep_last) = (0, 0, f.prev);
+            for (rec, range) in TrustedRecords::new(&f.bytes) {
+                if rec.lsn() > above {
+                    break;
+                }
+                (keep_bytes, keep_records, keep_last) = (range.end, keep_records + 1, rec.lsn());
+            }
+            let cut = f.offset + keep_bytes as u64;
+            let mut first_dropped = i;
+            if keep_records > 0 {
+                // Split mid-fragment: the kept head stays clean or dirty as it was.
+                let tail_bytes = f.bytes.len() - keep_bytes;
+                records += (f.records - keep_records) as u64;
+                f.bytes.truncate(keep_bytes);
+                (f.records, f.last_lsn) = (keep_records, keep_last);
+                if i < self.clean {
+                    self.clean_bytes -= tail_bytes;
+                } else {
+                    self.hot_bytes -= tail_bytes;
+                }
+                first_dropped = i + 1;
+            }
+            for (j, g) in self.chain.drain(first_dropped..).enumerate() {
+                records += g.records as u64;
+                if first_dropped + j < self.clean {
+                    self.clean_bytes -= g.bytes.len();
+                } else {
+                    self.hot_bytes -= g.bytes.len();
+                }
+            }
+            self.clean = self.clean.min(self.chain.len());
+            self.scl = keep_last;
+            if self.flushed_lsn > keep_last {
+                self.flushed_lsn = keep_last;
+                (self.file_end, self.flushed_end) = (cut, cut);
+            }
+            self.chain_end = cut;
+        }
+        // Flushed records above the point lie from the new flushed end on.
+        let cut_offset = (self.flushed_end < flushed_end_before).then_some(self.flushed_end);
+        self.index.truncate(self.flushed_end);
+        self.pages = None;
+        Ok(Truncated { cut_offset, records, reindex: true })
+    }
+
+    /// The page index rebuilt after a truncation from the page file and the
+    /// segment file up to the flushed end: notes the records memory holds past
+    /// that end, then serves page reads from it.
+    pub fn install_page_index(&mut self, mut pages: PageIndex) {
+        for f in self.chain.iter().filter(|f| f.offset >= self.flushed_end) {
+            for (rec, range) in TrustedRecords::new(&f.bytes) {
+                pages.note_record(rec.header().page, Located { lsn: rec.lsn(), offset: f.offset + range.start as u64, len: range.len() as u32 });
+            }
+        }
+        self.pages = Some(pages);
     }
 
     /// Inserts a batch of records. Duplicates of held records are ignored, so
     /// a writer may resend freely. All-or-nothing: on error nothing changed.
     pub fn handle_append(&mut self, epoch: Epoch, records: &ValidRecords) -> Result<AppendOutcome, AppendError> {
-        if epoch < self.epoch {
-            return Err(AppendError::StaleEpoch { request: epoch, current: self.epoch });
+        let epoch_raised = grant_epoch(self.epoch, epoch).map_err(AppendError::StaleEpoch)?;
+        if self.truncating {
+            return Err(AppendError::Truncating);
         }
         if let Some(why) = &self.disk_failed {
             return Err(AppendError::DiskFailed(why.clone()));
@@ -334,7 +542,6 @@ impl SegmentLog {
         if over(self.hot_bytes - self.pending_bytes, to_chain) || over(self.pending_bytes, to_pending) {
             return Err(AppendError::Busy { hot_bytes: self.hot_bytes, hot_bytes_max: limit });
         }
-        let epoch_raised = epoch > self.epoch;
         self.epoch = epoch;
         let hot_before = self.hot_bytes;
         let mut inserted = 0;
@@ -445,7 +652,7 @@ impl SegmentLog {
     /// `flush_bytes_max` (at least one fragment). `None` while a flush is in
     /// flight or nothing is dirty. The records' bytes are pushed to `out`.
     pub fn poll_flush(&mut self, out: &mut Vec<Bytes>) -> Option<FlushJob> {
-        if self.inflight > 0 || self.disk_failed.is_some() || self.clean == self.chain.len() {
+        if self.inflight > 0 || self.truncating || self.disk_failed.is_some() || self.clean == self.chain.len() {
             return None;
         }
         let offset = self.file_end;
@@ -721,8 +928,15 @@ mod tests {
         let mut log = SegmentLog::new(ID, config(1 << 20));
         assert!(log.handle_append(Epoch(5), &batch(&[(1, 0)])).unwrap().epoch_raised);
         let err = log.handle_append(Epoch(4), &batch(&[(2, 1)])).unwrap_err();
-        assert_eq!(err, AppendError::StaleEpoch { request: Epoch(4), current: Epoch(5) });
+        assert_eq!(err, AppendError::StaleEpoch(EpochRefused { requested: Epoch(4), current: Epoch(5) }));
+        // Epochs 4, 5 and 6 are all generation 0: 5 holds it, 6 is another claimant of it.
+        assert!(matches!(log.handle_append(Epoch(6), &batch(&[(2, 1)])), Err(AppendError::StaleEpoch(_))));
         assert!(!log.handle_append(Epoch(5), &batch(&[(2, 1)])).unwrap().epoch_raised);
+        // The next generation is granted whatever its low bits; then the old one is refused.
+        let next = Epoch::claim_after(Epoch(5), 1);
+        assert!(log.handle_append(next, &batch(&[(3, 2)])).unwrap().epoch_raised);
+        assert!(matches!(log.handle_append(Epoch(5), &batch(&[(4, 3)])), Err(AppendError::StaleEpoch(_))));
+        assert_eq!(log.scl(), Lsn(3));
     }
 
     #[test]
@@ -911,6 +1125,186 @@ mod tests {
         let plain = SegmentLog::new(ID, config(1 << 20));
         let read = plain.page_read(PageId(1), Lsn(5)).unwrap();
         assert!(matches!(read.parts[..], [PagePart::Scan(DiskRead { upto: Lsn::ZERO, .. })]));
+    }
+
+    /// Flushes everything into `file` (the segment file's bytes).
+    fn flush_into(log: &mut SegmentLog, file: &mut Vec<u8>) {
+        let mut parts = vec![];
+        while let Some(job) = log.poll_flush(&mut parts) {
+            file.truncate(job.offset as usize);
+            assert_eq!(job.offset, file.len() as u64);
+            parts.drain(..).for_each(|b| file.extend_from_slice(&b));
+            log.handle_flushed(job);
+            log.check_invariants();
+        }
+    }
+
+    fn truncate(log: &mut SegmentLog, above: u64, disk: Option<DiskCut>) -> Result<Truncated, DiskRead> {
+        log.begin_truncate();
+        let out = log.truncate_above(Lsn(above), disk);
+        log.check_invariants();
+        if out.is_ok() {
+            log.end_truncate();
+        }
+        out
+    }
+
+    #[test]
+    fn truncation_splits_the_chain_mid_fragment_and_appends_chain_on() {
+        let mut log = SegmentLog::new(ID, SegmentLogConfig { cache_bytes_max: 1 << 20, ..config(1 << 20) });
+        append(&mut log, &[(1, 0), (2, 1), (3, 2), (4, 3), (5, 4), (6, 5)]).unwrap();
+        let mut file = vec![0u8; SEGMENT_HEADER_BYTES];
+        flush_into(&mut log, &mut file);
+        append(&mut log, &[(7, 6), (8, 7), (9, 8), (10, 9)]).unwrap(); // dirty
+        append(&mut log, &[(12, 11)]).unwrap(); // above a hole
+        assert_eq!((log.scl(), log.flushed_lsn(), log.pending_records()), (Lsn(10), Lsn(6), 1));
+        // 5 and 6 are on disk (inside the flushed fragment): cut the file after 4.
+        let out = truncate(&mut log, 4, None).unwrap();
+        assert_eq!(out, Truncated { cut_offset: Some(4096 + 4 * 50), records: 7, reindex: true });
+        assert_eq!((log.scl(), log.flushed_lsn(), log.pending_records(), log.hot_bytes()), (Lsn(4), Lsn(4), 0, 0));
+        // The new writer's records link to the last record at or below the point.
+        assert!(matches!(append(&mut log, &[(5, 2)]), Err(AppendError::Conflict { .. })));
+        assert_eq!(append(&mut log, &[(5, 4), (6, 5)]).unwrap().position.scl, Lsn(6));
+        file.truncate(out.cut_offset.unwrap() as usize);
+        flush_into(&mut log, &mut file);
+        let mut parts = vec![];
+        assert_eq!(log.read(Lsn(0), Lsn(100), 1 << 20, &mut parts), Ok(Lsn(6)));
+        assert_eq!(lsns_of(&parts), (1..=6).map(Lsn).collect::<Vec<_>>());
+        assert_eq!(lsns_of(&[Bytes::from(file[SEGMENT_HEADER_BYTES..].to_vec())]), (1..=6).map(Lsn).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn truncation_of_unflushed_records_leaves_the_file_alone() {
+        let mut log = SegmentLog::new(ID, SegmentLogConfig { cache_bytes_max: 1 << 20, ..config(1 << 20) });
+        append(&mut log, &[(1, 0), (2, 1)]).unwrap();
+        flush_all(&mut log);
+        append(&mut log, &[(3, 2)]).unwrap();
+        append(&mut log, &[(4, 3), (5, 4)]).unwrap();
+        // Cut at a fragment boundary, then inside a dirty fragment.
+        assert_eq!(truncate(&mut log, 4, None).unwrap(), Truncated { cut_offset: None, records: 1, reindex: true });
+        assert_eq!(truncate(&mut log, 2, None).unwrap(), Truncated { cut_offset: None, records: 2, reindex: true });
+        assert_eq!((log.scl(), log.flushed_lsn(), log.hot_bytes()), (Lsn(2), Lsn(2), 0));
+        assert_eq!(flush_all(&mut log), Vec::<Lsn>::new());
+        // Everything, down to nothing.
+        assert_eq!(truncate(&mut log, 0, None).unwrap(), Truncated { cut_offset: Some(4096), records: 2, reindex: true });
+        assert_eq!((log.scl(), log.flushed_lsn()), (Lsn(0), Lsn(0)));
+        append(&mut log, &[(3, 0)]).unwrap();
+        assert_eq!(flush_all(&mut log), vec![Lsn(3)]);
+    }
+
+    #[test]
+    fn truncation_at_or_above_scl_drops_only_records_above_holes() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        append(&mut log, &[(1, 0), (2, 1)]).unwrap();
+        append(&mut log, &[(5, 4), (8, 7)]).unwrap();
+        assert_eq!(truncate(&mut log, 6, None).unwrap(), Truncated { cut_offset: None, records: 1, reindex: false });
+        assert_eq!((log.scl(), log.pending_records()), (Lsn(2), 1));
+        assert_eq!(truncate(&mut log, 2, None).unwrap(), Truncated { cut_offset: None, records: 1, reindex: false });
+        assert_eq!((log.scl(), log.pending_records(), log.hot_bytes()), (Lsn(2), 0, 100));
+        assert_eq!(truncate(&mut log, 2, None).unwrap().records, 0, "a repeat is a no-op");
+        assert_eq!(flush_all(&mut log), vec![Lsn(1), Lsn(2)]);
+    }
+
+    #[test]
+    fn truncation_below_memory_asks_for_a_disk_scan() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        for l in 1..=10 {
+            append(&mut log, &[(l, l - 1)]).unwrap();
+        }
+        flush_all(&mut log); // the cache keeps 7..=10
+        append(&mut log, &[(11, 10)]).unwrap();
+        log.begin_truncate();
+        let scan = log.truncate_above(Lsn(3), None).unwrap_err();
+        assert_eq!((scan.after, scan.upto, scan.end_offset), (Lsn(3), Lsn(6), 4096 + 500));
+        assert!(scan.offset <= 4096 + 150);
+        let cut = DiskCut { last_lsn: Lsn(3), offset: 4096 + 150, records: 3 };
+        assert_eq!(log.truncate_above(Lsn(3), Some(cut)), Ok(Truncated { cut_offset: Some(4096 + 150), records: 3 + 5, reindex: true }));
+        log.check_invariants();
+        log.end_truncate();
+        assert_eq!((log.scl(), log.flushed_lsn(), log.hot_bytes()), (Lsn(3), Lsn(3), 0));
+        append(&mut log, &[(4, 3)]).unwrap();
+        let mut out = vec![];
+        assert_eq!(log.poll_flush(&mut out).unwrap().offset, 4096 + 150);
+        // Reads below memory go to the disk up to the new end only.
+        let disk = log.read(Lsn(0), Lsn(9), 1 << 20, &mut out).unwrap_err();
+        assert_eq!((disk.end_offset, disk.upto), (4096 + 150, Lsn(3)));
+    }
+
+    #[test]
+    fn truncating_holds_appends_and_flushes_off() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        append(&mut log, &[(1, 0)]).unwrap();
+        let mut out = vec![];
+        let job = log.poll_flush(&mut out).unwrap();
+        append(&mut log, &[(2, 1)]).unwrap();
+        log.begin_truncate();
+        assert!(log.flush_inflight());
+        assert_eq!(append(&mut log, &[(3, 2)]), Err(AppendError::Truncating));
+        log.handle_flushed(job);
+        assert!(!log.flush_inflight());
+        assert_eq!(log.poll_flush(&mut out), None, "no new flush while truncating");
+        log.truncate_above(Lsn(1), None).unwrap();
+        log.end_truncate();
+        log.check_invariants();
+        assert_eq!(append(&mut log, &[(3, 1)]).unwrap().position.scl, Lsn(3));
+    }
+
+    #[test]
+    fn truncations_are_checked_against_the_epoch_and_kept_bounded() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        let e = Epoch::claim_after(Epoch(0), 9);
+        assert!(log.truncation_needed(e, Lsn(5)).is_err(), "claim first");
+        log.raise_epoch(e);
+        assert_eq!(log.truncation_needed(e, Lsn(5)), Ok(true));
+        log.note_truncation(Truncation { epoch: e, above: Lsn(5) });
+        assert_eq!(log.truncation_needed(e, Lsn(5)), Ok(false));
+        assert_eq!(log.truncation_needed(e, Lsn(4)), Ok(true));
+        assert!(log.truncation_needed(Epoch::claim_after(e, 1), Lsn(5)).is_err());
+        for l in 0..100 {
+            log.note_truncation(Truncation { epoch: e, above: Lsn(l) });
+        }
+        let kept = log.truncations();
+        assert_eq!((kept.len(), kept[0].above, kept[TRUNCATIONS_MAX - 1].above), (TRUNCATIONS_MAX, Lsn(36), Lsn(99)));
+        // Generation 0 goes to its first claimant too.
+        let mut fresh = SegmentLog::new(ID, config(1 << 20));
+        assert_eq!(grant_epoch(Epoch(0), Epoch(1)), Ok(true));
+        fresh.raise_epoch(Epoch(1));
+        assert!(grant_epoch(fresh.epoch(), Epoch(2)).is_err());
+    }
+
+    #[test]
+    fn page_index_is_rebuilt_after_truncation() {
+        let mut log = SegmentLog::new(ID, SegmentLogConfig { cache_bytes_max: 1 << 20, ..config(1 << 20) }).with_page_index(PageIndex::new(64));
+        let rec = |l: u64| {
+            let mut out = Vec::new();
+            RecordHeader { lsn: Lsn(l), prev_lsn_in_segment: Lsn(l - 1), prev_lsn_for_page: Lsn(l.saturating_sub(3)), page: PageId(l % 3), cpl: true }
+                .encode(&[l as u8; 9], &mut out);
+            ValidRecords::validate(Bytes::from(out), 0).unwrap().unwrap()
+        };
+        let mut file = vec![0u8; SEGMENT_HEADER_BYTES];
+        for l in 1..=6 {
+            log.handle_append(Epoch(1), &rec(l)).unwrap();
+        }
+        flush_into(&mut log, &mut file);
+        for l in 7..=9 {
+            log.handle_append(Epoch(1), &rec(l)).unwrap();
+        }
+        let out = truncate(&mut log, 8, None).unwrap();
+        assert!(out.reindex && out.cut_offset.is_none() && log.page_index().is_none());
+        // What the shell does: index the file up to the flushed end, then install.
+        let mut pages = PageIndex::new(64);
+        let mut prev = Lsn::ZERO;
+        crate::segment_file::scan_records(&file[SEGMENT_HEADER_BYTES..], SEGMENT_HEADER_BYTES as u64, &mut prev, |r, at| {
+            pages.note_record(r.header().page, Located { lsn: r.lsn(), offset: at, len: r.as_bytes().len() as u32 })
+        });
+        log.install_page_index(pages);
+        let lsns: Vec<Lsn> = log.page_read(PageId(2), Lsn(100)).unwrap().parts.iter().map(|p| match p {
+            PagePart::Memory(b) => lsns_of(std::slice::from_ref(b))[0],
+            PagePart::Disk(at) => at.lsn,
+            PagePart::Scan(_) => panic!("indexed"),
+        }).collect();
+        assert_eq!(lsns, vec![Lsn(2), Lsn(5), Lsn(8)]);
+        assert_eq!(log.page_read(PageId(0), Lsn(100)).unwrap().parts.len(), 2, "3 and 6, not 9");
     }
 
     mod model {

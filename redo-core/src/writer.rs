@@ -164,6 +164,10 @@ impl WriterCore {
     pub fn epoch(&self) -> Epoch {
         self.config.epoch
     }
+    /// The VDL this writer recovered: storage discards records above it at its epoch.
+    pub fn truncated_above(&self) -> Lsn {
+        self.recovered.vdl
+    }
     pub fn volume(&self) -> &Volume {
         &self.volume
     }

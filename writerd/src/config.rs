@@ -25,6 +25,27 @@ pub struct Config {
     /// TCP address for `GET /metrics` (Prometheus text); off when absent.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tuning: Tuning,
+    /// Page images kept in memory for reads; a miss is read from storage with GetPage@LSN.
+    #[arg(long, default_value_t = 65536)]
+    pub cache_pages_max: usize,
+    /// Largest client request frame; larger ones are refused with TooLarge.
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
+    pub request_bytes_max: u64,
+    /// Threads running network work; 1 runs everything on one thread (best when many
+    /// daemons share few cores, as in a local cluster).
+    #[arg(long, default_value_t = 2)]
+    pub worker_threads: usize,
+    /// How long to wait at start for a write quorum of every protection group to answer.
+    #[arg(long, default_value_t = 30_000)]
+    pub start_timeout_ms: u64,
+}
+
+/// How the engine batches, retains and limits its log: shared by writerd and a
+/// replica that may be promoted to writer.
+#[derive(Args, Debug, Clone)]
+pub struct Tuning {
     /// LSN allocation limit: no LSN beyond VDL + LAL is allocated; new transactions wait instead.
     #[arg(long, default_value_t = 1_000_000)]
     pub lal: u64,
@@ -42,22 +63,15 @@ pub struct Config {
     /// write quorum holds them; beyond it such a segment must be repaired from its peers.
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
     pub retain_bytes_max: u64,
-    /// Page images kept in memory for reads; a miss is read from storage with GetPage@LSN.
-    #[arg(long, default_value_t = 65536)]
-    pub cache_pages_max: usize,
-    /// Largest client request frame; larger ones are refused with TooLarge.
-    #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
-    pub request_bytes_max: u64,
-    /// Threads running network work; 1 runs everything on one thread (best when many
-    /// daemons share few cores, as in a local cluster).
-    #[arg(long, default_value_t = 2)]
-    pub worker_threads: usize,
-    /// How long to wait at start for a write quorum of every protection group to answer.
-    #[arg(long, default_value_t = 30_000)]
-    pub start_timeout_ms: u64,
 }
 
 impl Config {
+    pub fn validate(&self) -> Result<()> {
+        self.tuning.validate()
+    }
+}
+
+impl Tuning {
     pub fn validate(&self) -> Result<()> {
         if self.lal < TXN_OPS_MAX as u64 {
             bail!("--lal {} is below the largest transaction ({TXN_OPS_MAX} records)", self.lal);

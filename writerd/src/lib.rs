@@ -3,22 +3,26 @@
 //! segments, acknowledges a transaction once a write quorum of every PG it
 //! touched holds it (VDL >= its commit LSN), and serves the client API.
 
-mod api_server;
+pub mod api_server;
 pub mod config;
 mod metrics;
+pub mod recovery;
 mod segments;
-mod state;
+pub mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use redo_core::writer::{WriterConfig, WriterCore};
+use borealis_net::storage::NodeLink;
+use redo_core::volume::Volume;
+use redo_core::writer::{Recovered, WriterConfig, WriterCore};
+use redo_core::Epoch;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::{Lsn, PgId};
 use tokio::signal::unix::{signal, SignalKind};
 
-pub use config::Config;
+pub use config::{Config, Tuning};
 
 use crate::metrics::Gauges;
 use crate::state::Writer;
@@ -45,31 +49,16 @@ pub fn run(config: Config) -> Result<i32> {
     runtime.block_on(async {
         let storage_endpoint = borealis_net::client_endpoint(&identity)?;
         let links = borealis_net::storage::NodeLink::for_volume(&volume, &storage_endpoint)?;
-        let (epoch, recovered) = segments::recover(&volume, &links, Duration::from_millis(config.start_timeout_ms)).await?;
+        let (epoch, recovered, _) = recovery::take_over(&volume, &links, Lsn::ZERO, Vec::new(), Duration::from_millis(config.start_timeout_ms))
+            .await
+            .context("claim the volume")?;
         tracing::info!(%epoch, vdl = %recovered.vdl, "claimed the volume");
-        let core_config = WriterConfig {
-            epoch,
-            lal: config.lal,
-            unquorumed_bytes_max: config.unquorumed_bytes_max as usize,
-            batch_bytes_max: config.batch_bytes_max as usize,
-            batch_inflight_max: config.batch_inflight_max,
-            retain_bytes_max: config.retain_bytes_max as usize,
-            cache_pages_max: config.cache_pages_max,
-        };
-        let writer = Writer::new(WriterCore::new(volume.clone(), core_config, recovered));
-        for pg in 0..volume.pg_count() {
-            let pg = PgId(pg as u32);
-            for (segment, node) in volume.segments(pg).enumerate() {
-                let link = links.iter().find(|l| l.id == node.id).expect("validated volume").clone();
-                tokio::spawn(segments::segment_loop(writer.clone(), pg, segment, link));
-            }
-        }
+        let writer = start(&volume, &links, epoch, recovered, &config.tuning, config.cache_pages_max);
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
             let w = writer.clone();
             tokio::spawn(borealis_net::metrics::serve_metrics(listener, Arc::new(move || render_metrics(&w))));
         }
-        tokio::spawn(report_stalls(writer.clone()));
         let endpoint = borealis_net::server_endpoint(&identity, listen)?;
         let api = Arc::new(api_server::Api {
             writer: writer.clone(),
@@ -104,6 +93,30 @@ pub fn run(config: Config) -> Result<i32> {
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         Ok(code)
     })
+}
+
+/// Starts the engine of a claimed volume: one sender per segment and the stall
+/// reporter. The caller serves `api_server::Api` over it.
+pub fn start(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, recovered: Recovered, tuning: &Tuning, cache_pages_max: usize) -> Arc<Writer> {
+    let core_config = WriterConfig {
+        epoch,
+        lal: tuning.lal,
+        unquorumed_bytes_max: tuning.unquorumed_bytes_max as usize,
+        batch_bytes_max: tuning.batch_bytes_max as usize,
+        batch_inflight_max: tuning.batch_inflight_max,
+        retain_bytes_max: tuning.retain_bytes_max as usize,
+        cache_pages_max,
+    };
+    let writer = Writer::new(WriterCore::new(volume.clone(), core_config, recovered));
+    for pg in 0..volume.pg_count() {
+        let pg = PgId(pg as u32);
+        for (segment, node) in volume.segments(pg).enumerate() {
+            let link = borealis_net::storage::link_of(links, node.id).clone();
+            tokio::spawn(segments::segment_loop(writer.clone(), pg, segment, link));
+        }
+    }
+    tokio::spawn(report_stalls(writer.clone()));
+    writer
 }
 
 fn render_metrics(w: &Writer) -> String {

@@ -1,5 +1,4 @@
-//! The writer's side of storage: one QUIC connection per storage node, the
-//! start-up protocol (learn positions, claim the epoch), and one sender per
+//! The writer's side of storage: one QUIC connection per storage node, and one sender per
 //! segment that streams its PG's frames, feeds acks into the engine, and
 //! resends what a returning segment missed.
 
@@ -8,141 +7,19 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use bytes::Bytes;
 use borealis_net::storage::{get_page_from, link_of, ClientError, NodeLink, StorageConn, REQUEST_TIMEOUT};
 use redo_core::page::PageImage;
-use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::volume::Volume;
 use redo_core::wire::ErrorCode;
-use redo_core::writer::{Batch, Recovered};
-use redo_core::{Epoch, Lsn, PageId, PgId};
-use tokio::task::JoinSet;
+use redo_core::writer::Batch;
+use redo_core::{Lsn, PageId, PgId};
 
 use crate::state::Writer;
 
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
 /// How often a segment that needs repair from its peers is looked at again.
-const GAP_RETRY: Duration = Duration::from_secs(5);
-
-/// One segment's answer to `Status`.
-#[derive(Clone, Copy)]
-struct Answer {
-    node: u32,
-    epoch: Epoch,
-    scl: Lsn,
-}
-
-/// Asks every segment of every PG for `Status { epoch }` until each PG has a
-/// write quorum of answers; returns the answers per PG.
-async fn status_quorum(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, deadline: Instant) -> Result<Vec<Vec<Answer>>> {
-    let mut answers: Vec<Vec<Option<Answer>>> = vec![vec![None; SEGMENTS_PER_PG]; volume.pg_count()];
-    loop {
-        let mut asks = JoinSet::new();
-        for (pg, segs) in answers.iter().enumerate() {
-            for (s, node) in volume.segments(PgId(pg as u32)).enumerate() {
-                if segs[s].is_none() {
-                    let link = link_of(links, node.id).clone();
-                    asks.spawn(async move { (pg, s, link.id, link.status(epoch, PgId(pg as u32), None).await) });
-                }
-            }
-        }
-        let mut last_errors = Vec::new();
-        while let Some(r) = asks.join_next().await {
-            let (pg, s, node, r) = r.context("status task")?;
-            match r {
-                Ok(st) => answers[pg][s] = Some(Answer { node, epoch: st.epoch, scl: st.position.scl }),
-                Err(e) => last_errors.push(format!("pg{pg} on node {node}: {e}")),
-            }
-        }
-        let short: Vec<String> = answers
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| a.iter().flatten().count() < WRITE_QUORUM)
-            .map(|(pg, a)| format!("pg{pg}: {} of {SEGMENTS_PER_PG}", a.iter().flatten().count()))
-            .collect();
-        if short.is_empty() {
-            return Ok(answers.into_iter().map(|a| a.into_iter().flatten().collect()).collect());
-        }
-        if Instant::now() >= deadline {
-            bail!("no write quorum of storage nodes answered ({}); last errors: {}", short.join(", "), last_errors.join("; "));
-        }
-        tracing::info!(waiting_for = %short.join(", "), "waiting for storage nodes");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Start-up: learns every PG's position from its segments, claims the next
-/// epoch on a write quorum of each PG, and returns the epoch and where the
-/// volume stands.
-///
-/// The volume is taken to end at the highest SCL any answering segment
-/// reports. That is exact after a clean writer stop (every allocated record
-/// reached a quorum before exit). After a writer crash the segments may
-/// disagree: the records between the lowest and the highest SCL are pulled
-/// from the segment that has them and resent to the others like any frame, so
-/// no segment is left with a hole. (Truncating such an unacknowledged tail
-/// instead is the promotion protocol's job.)
-pub async fn recover(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) -> Result<(Epoch, Recovered)> {
-    let deadline = Instant::now() + timeout;
-    let seen = status_quorum(volume, links, Epoch(0), deadline).await?;
-    let epoch = Epoch::claim_after(seen.iter().flatten().map(|a| a.epoch).max().unwrap_or_default(), nonce());
-    // After the claim no older writer can append: positions are final.
-    let claimed = status_quorum(volume, links, epoch, deadline).await?;
-    if let Some(a) = claimed.iter().flatten().find(|a| a.epoch != epoch) {
-        bail!("another writer claimed {} while this one claimed {epoch}: not starting", a.epoch);
-    }
-    let mut pg_last = Vec::new();
-    let mut tails = Vec::new();
-    for (pg, answers) in claimed.iter().enumerate() {
-        let best = *answers.iter().max_by_key(|a| a.scl).expect("a write quorum answered");
-        let lowest = answers.iter().map(|a| a.scl).min().expect("a write quorum answered");
-        let tail = if lowest < best.scl {
-            tracing::warn!(
-                pg, lowest = %lowest, highest = %best.scl, from_node = best.node,
-                "segments disagree (the previous writer did not stop cleanly, or a node is behind): \
-                 resending the records between to the segments that lack them"
-            );
-            pull_range(link_of(links, best.node), PgId(pg as u32), lowest, best.scl).await?
-        } else {
-            Vec::new()
-        };
-        pg_last.push(best.scl);
-        tails.push((lowest, tail));
-    }
-    let vdl = pg_last.iter().copied().max().unwrap_or(Lsn::ZERO);
-    Ok((epoch, Recovered { vdl, pg_last, tails }))
-}
-
-/// 32 bits that differ between writers starting at the same moment.
-fn nonce() -> u32 {
-    use std::hash::{BuildHasher, Hasher};
-    // RandomState is seeded from the OS's randomness; mixing in the pid and the
-    // clock makes two processes' values independent.
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(std::process::id());
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    h.finish() as u32
-}
-
-/// Records of `pg` with `after < lsn <= upto`, from one node, in pull-sized runs.
-async fn pull_range(link: &NodeLink, pg: PgId, after: Lsn, upto: Lsn) -> Result<Vec<Bytes>> {
-    const PULL_BYTES_MAX: u32 = 1 << 20;
-    let conn = link.get().await.with_context(|| format!("connect to node {} to read {pg}'s tail", link.id))?;
-    let (mut at, mut runs) = (after, Vec::new());
-    while at < upto {
-        let p = tokio::time::timeout(REQUEST_TIMEOUT, conn.pull(pg, at, upto, PULL_BYTES_MAX))
-            .await
-            .map_err(|_| anyhow::anyhow!("no pull reply from node {} in {REQUEST_TIMEOUT:?}", link.id))?
-            .with_context(|| format!("pull {pg} ({at}, {upto}] from node {}", link.id))?;
-        if p.last_lsn <= at {
-            bail!("node {} returned nothing of {pg} after {at} although its SCL is {upto}", link.id);
-        }
-        (at, runs) = (p.last_lsn, [runs, vec![p.records]].concat());
-    }
-    Ok(runs)
-}
+const GAP_RETRY: Duration = Duration::from_secs(1);
 
 /// GetPage@`lsn` from a segment of `pg`: those with a live session first, so
 /// that a dead node costs no connection timeout.
@@ -209,7 +86,10 @@ async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
         Err(e) => return End::from_error(e, None),
     };
     let fail = |e: ClientError| End::from_error(e, Some(&conn));
-    let (seg_epoch, position) = match link.status_on(&conn, epoch, pg, None).await {
+    // Claiming again with the recovery's truncation: a segment that missed the
+    // takeover drops the old writer's records above VDL before taking new ones.
+    let truncate_above = w.lock().core.truncated_above();
+    let (seg_epoch, position) = match link.status_on(&conn, epoch, pg, Some(truncate_above)).await {
         Ok(s) => (s.epoch, s.position),
         Err(e) => return fail(e),
     };

@@ -1,0 +1,212 @@
+//! Taking over a volume (a writer starting, or a replica being promoted):
+//! claim the next epoch on a write quorum of every PG, offer back records the
+//! caller still holds, decide VDL from the segments' answers and the records
+//! above a known-complete point (`redo_core::recovery`), and have storage
+//! truncate everything above it for the new epoch.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use borealis_net::storage::{link_of, ClientError, NodeLink, SegmentStatus, REQUEST_TIMEOUT};
+use bytes::Bytes;
+use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use redo_core::recovery::{self, Answer};
+use redo_core::volume::Volume;
+use redo_core::wire::ErrorCode;
+use redo_core::writer::Recovered;
+use redo_core::{Epoch, Lsn, PgId};
+use tokio::task::JoinSet;
+
+/// How long a recovery step waits between rounds for segments that did not answer.
+const ROUND_PAUSE: Duration = Duration::from_millis(20);
+
+/// How long each step of a takeover took.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    pub claim: Duration,
+    pub offer: Duration,
+    pub decide: Duration,
+    pub truncate: Duration,
+}
+
+/// Why a takeover failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    /// Another candidate holds this generation (or a newer one) on too many segments.
+    #[error("another candidate claimed the volume: {0}")]
+    Lost(String),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// Asks every segment `Status { epoch, truncate_above }` until each PG has a
+/// write quorum of answers (or `deadline`). Refusals count as lost claims.
+async fn ask_all(
+    volume: &Volume,
+    links: &[Arc<NodeLink>],
+    epoch: Epoch,
+    truncate_above: Option<Lsn>,
+    deadline: Instant,
+) -> Result<Vec<Vec<(usize, SegmentStatus)>>, TakeoverError> {
+    let pgs = volume.pg_count();
+    let mut answers: Vec<Vec<Option<SegmentStatus>>> = vec![vec![None; SEGMENTS_PER_PG]; pgs];
+    let mut refused: Vec<Vec<bool>> = vec![vec![false; SEGMENTS_PER_PG]; pgs];
+    loop {
+        let mut asks = JoinSet::new();
+        for pg in 0..pgs {
+            for (s, node) in volume.segments(PgId(pg as u32)).enumerate() {
+                if answers[pg][s].is_none() && !refused[pg][s] {
+                    let link = link_of(links, node.id).clone();
+                    asks.spawn(async move { (pg, s, link.id, link.status(epoch, PgId(pg as u32), truncate_above).await) });
+                }
+            }
+        }
+        let mut errors = Vec::new();
+        while let Some(r) = asks.join_next().await {
+            let (pg, s, node, r) = r.context("status task")?;
+            match r {
+                Ok(st) => answers[pg][s] = Some(st),
+                Err(ClientError::Refused { code: ErrorCode::StaleEpoch, message }) => {
+                    refused[pg][s] = true;
+                    errors.push(format!("pg{pg} on node {node}: {message}"));
+                }
+                Err(e) => errors.push(format!("pg{pg} on node {node}: {e}")),
+            }
+        }
+        if let Some(pg) = (0..pgs).find(|&pg| refused[pg].iter().filter(|&&r| r).count() > SEGMENTS_PER_PG - WRITE_QUORUM) {
+            return Err(TakeoverError::Lost(format!("{epoch} refused by a third of pg{pg}'s segments: {}", errors.join("; "))));
+        }
+        let short: Vec<String> = (0..pgs)
+            .filter(|&pg| answers[pg].iter().flatten().count() < WRITE_QUORUM)
+            .map(|pg| format!("pg{pg}: {} of {SEGMENTS_PER_PG}", answers[pg].iter().flatten().count()))
+            .collect();
+        if short.is_empty() {
+            return Ok(answers.into_iter().map(|a| a.into_iter().enumerate().filter_map(|(s, a)| Some((s, a?))).collect()).collect());
+        }
+        if Instant::now() >= deadline {
+            return Err(anyhow::anyhow!("no write quorum of storage nodes answered ({}); last errors: {}", short.join(", "), errors.join("; ")).into());
+        }
+        tokio::time::sleep(ROUND_PAUSE).await;
+    }
+}
+
+/// Records a promoted replica still holds, per PG, to offer back to storage.
+pub type Offer = Vec<Vec<Bytes>>;
+
+/// Claims the volume and decides where it ends. `known_cpl` is a CPL every PG
+/// is known complete up to (a replica's last VDL from the writer; `Lsn::ZERO`
+/// when nothing is known). `offer[pg]` are encoded records to append to every
+/// claimed segment first (a replica's retained log), so that a commit
+/// acknowledged from memory survives segments that restarted before flushing it.
+pub async fn take_over(
+    volume: &Volume,
+    links: &[Arc<NodeLink>],
+    known_cpl: Lsn,
+    offer: Offer,
+    timeout: Duration,
+) -> Result<(Epoch, Recovered, Timings), TakeoverError> {
+    let deadline = Instant::now() + timeout;
+    let mut t = Timings::default();
+    let started = Instant::now();
+    let seen = ask_all(volume, links, Epoch(0), None, deadline).await?;
+    let newest = seen.iter().flatten().map(|(_, st)| st.epoch).max().unwrap_or_default();
+    let epoch = Epoch::claim_after(newest, nonce());
+    let mut claimed = ask_all(volume, links, epoch, None, deadline).await?;
+    t.claim = started.elapsed();
+
+    let started = Instant::now();
+    if offer.iter().any(|runs| !runs.is_empty()) {
+        offer_back(volume, links, epoch, &offer).await;
+        claimed = ask_all(volume, links, epoch, None, deadline).await?;
+    }
+    t.offer = started.elapsed();
+
+    let started = Instant::now();
+    let answers: Vec<Vec<Answer>> = claimed
+        .iter()
+        .map(|pg| {
+            pg.iter().map(|(s, st)| Answer { segment: *s, epoch: st.epoch, scl: st.position.scl, truncations: st.truncations.clone() }).collect()
+        })
+        .collect();
+    let plan = recovery::plan(&answers, known_cpl).context("recovery plan")?;
+    let mut pulls = JoinSet::new();
+    for pg in 0..volume.pg_count() {
+        let node = volume.segments(PgId(pg as u32)).nth(plan.source[pg]).expect("six segments").id;
+        let link = link_of(links, node).clone();
+        let (from, upto) = (plan.from[pg], plan.upto[pg]);
+        pulls.spawn(async move { (pg, pull_range(&link, PgId(pg as u32), from, upto).await) });
+    }
+    let mut pulled = vec![Vec::new(); volume.pg_count()];
+    while let Some(r) = pulls.join_next().await {
+        let (pg, runs) = r.context("pull task")?;
+        pulled[pg] = runs?;
+    }
+    let d = recovery::decide(&plan, &pulled);
+    t.decide = started.elapsed();
+    tracing::info!(%epoch, vcl = %d.vcl, vdl = %d.vdl, complete = ?plan.complete, "recovery decided; truncating above VDL");
+
+    let started = Instant::now();
+    ask_all(volume, links, epoch, Some(d.vdl), deadline).await?;
+    t.truncate = started.elapsed();
+    Ok((epoch, Recovered { vdl: d.vdl, pg_last: d.pg_last, tails: d.tails }, t))
+}
+
+/// Appends `offer[pg]` at `epoch` to every segment of each PG (best effort:
+/// segments that hold the records ignore them as duplicates).
+async fn offer_back(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, offer: &Offer) {
+    let mut sends = JoinSet::new();
+    for (pg, runs) in offer.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+        for node in volume.segments(PgId(pg as u32)) {
+            let (link, runs) = (link_of(links, node.id).clone(), runs.clone());
+            sends.spawn(async move {
+                let r = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                    let conn = link.get().await?;
+                    let (mut tx, mut rx) = conn.open_append().await?;
+                    for run in &runs {
+                        tx.send(epoch, PgId(pg as u32), run).await?;
+                    }
+                    for _ in &runs {
+                        rx.recv().await?;
+                    }
+                    Ok::<_, ClientError>(())
+                })
+                .await;
+                if let Ok(Err(e)) | Err(e) = r.map_err(|_| ClientError::Unexpected("offer timed out".into())) {
+                    tracing::warn!(node = link.id, pg, error = %e, "offering retained records back failed");
+                }
+            });
+        }
+    }
+    while sends.join_next().await.is_some() {}
+}
+
+/// Records of `pg` with `after < lsn <= upto`, from one node, in pull-sized runs.
+pub async fn pull_range(link: &NodeLink, pg: PgId, after: Lsn, upto: Lsn) -> Result<Vec<Bytes>> {
+    const PULL_BYTES_MAX: u32 = 1 << 20;
+    let conn = link.get().await.with_context(|| format!("connect to node {} to read {pg}'s tail", link.id))?;
+    let (mut at, mut runs) = (after, Vec::new());
+    while at < upto {
+        let p = tokio::time::timeout(REQUEST_TIMEOUT, conn.pull(pg, at, upto, PULL_BYTES_MAX))
+            .await
+            .map_err(|_| anyhow::anyhow!("no pull reply from node {} in {REQUEST_TIMEOUT:?}", link.id))?
+            .with_context(|| format!("pull {pg} ({at}, {upto}] from node {}", link.id))?;
+        if p.last_lsn <= at {
+            bail!("node {} returned nothing of {pg} after {at} although its SCL is {upto}", link.id);
+        }
+        at = p.last_lsn;
+        runs.push(p.records);
+    }
+    Ok(runs)
+}
+
+/// 32 bits that differ between writers starting at the same moment.
+fn nonce() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS's randomness; mixing in the pid and the
+    // clock makes two processes' values independent.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish() as u32
+}

@@ -207,7 +207,7 @@ pub struct Truncated {
     pub cut_offset: Option<u64>,
     /// Records discarded (chain, pending and, from the scan, on disk).
     pub records: u64,
-    /// The page index was dropped (it held records above the point): rebuild
+    /// The page index was taken out (it may hold records above the point): rebuild
     /// it from the page file and the segment file up to `flushed_end`, then
     /// `install_page_index`. Page images above the point must go too.
     pub reindex: bool,
@@ -320,6 +320,10 @@ impl SegmentLog {
     pub fn flushed_lsn(&self) -> Lsn {
         self.flushed_lsn
     }
+    /// File offset after the last flushed record.
+    pub fn flushed_end(&self) -> u64 {
+        self.flushed_end
+    }
     pub fn hot_bytes(&self) -> usize {
         self.hot_bytes
     }
@@ -345,6 +349,11 @@ impl SegmentLog {
     /// Truncations recorded, oldest first.
     pub fn truncations(&self) -> Vec<Truncation> {
         self.truncations.iter().copied().collect()
+    }
+
+    /// The newest truncation recorded.
+    pub fn last_truncation(&self) -> Option<Truncation> {
+        self.truncations.back().copied()
     }
 
     /// Whether a claimant at `epoch` asking to truncate above `above` needs a
@@ -466,8 +475,7 @@ impl SegmentLog {
         // Flushed records above the point lie from the new flushed end on.
         let cut_offset = (self.flushed_end < flushed_end_before).then_some(self.flushed_end);
         self.index.truncate(self.flushed_end);
-        self.pages = None;
-        Ok(Truncated { cut_offset, records, reindex: true })
+        Ok(Truncated { cut_offset, records, reindex: self.pages.take().is_some() })
     }
 
     /// The page index rebuilt after a truncation from the page file and the
@@ -1160,7 +1168,7 @@ mod tests {
         assert_eq!((log.scl(), log.flushed_lsn(), log.pending_records()), (Lsn(10), Lsn(6), 1));
         // 5 and 6 are on disk (inside the flushed fragment): cut the file after 4.
         let out = truncate(&mut log, 4, None).unwrap();
-        assert_eq!(out, Truncated { cut_offset: Some(4096 + 4 * 50), records: 7, reindex: true });
+        assert_eq!(out, Truncated { cut_offset: Some(4096 + 4 * 50), records: 7, reindex: false });
         assert_eq!((log.scl(), log.flushed_lsn(), log.pending_records(), log.hot_bytes()), (Lsn(4), Lsn(4), 0, 0));
         // The new writer's records link to the last record at or below the point.
         assert!(matches!(append(&mut log, &[(5, 2)]), Err(AppendError::Conflict { .. })));
@@ -1181,12 +1189,12 @@ mod tests {
         append(&mut log, &[(3, 2)]).unwrap();
         append(&mut log, &[(4, 3), (5, 4)]).unwrap();
         // Cut at a fragment boundary, then inside a dirty fragment.
-        assert_eq!(truncate(&mut log, 4, None).unwrap(), Truncated { cut_offset: None, records: 1, reindex: true });
-        assert_eq!(truncate(&mut log, 2, None).unwrap(), Truncated { cut_offset: None, records: 2, reindex: true });
+        assert_eq!(truncate(&mut log, 4, None).unwrap(), Truncated { cut_offset: None, records: 1, reindex: false });
+        assert_eq!(truncate(&mut log, 2, None).unwrap(), Truncated { cut_offset: None, records: 2, reindex: false });
         assert_eq!((log.scl(), log.flushed_lsn(), log.hot_bytes()), (Lsn(2), Lsn(2), 0));
         assert_eq!(flush_all(&mut log), Vec::<Lsn>::new());
         // Everything, down to nothing.
-        assert_eq!(truncate(&mut log, 0, None).unwrap(), Truncated { cut_offset: Some(4096), records: 2, reindex: true });
+        assert_eq!(truncate(&mut log, 0, None).unwrap(), Truncated { cut_offset: Some(4096), records: 2, reindex: false });
         assert_eq!((log.scl(), log.flushed_lsn()), (Lsn(0), Lsn(0)));
         append(&mut log, &[(3, 0)]).unwrap();
         assert_eq!(flush_all(&mut log), vec![Lsn(3)]);
@@ -1218,7 +1226,7 @@ mod tests {
         assert_eq!((scan.after, scan.upto, scan.end_offset), (Lsn(3), Lsn(6), 4096 + 500));
         assert!(scan.offset <= 4096 + 150);
         let cut = DiskCut { last_lsn: Lsn(3), offset: 4096 + 150, records: 3 };
-        assert_eq!(log.truncate_above(Lsn(3), Some(cut)), Ok(Truncated { cut_offset: Some(4096 + 150), records: 3 + 5, reindex: true }));
+        assert_eq!(log.truncate_above(Lsn(3), Some(cut)), Ok(Truncated { cut_offset: Some(4096 + 150), records: 3 + 5, reindex: false }));
         log.check_invariants();
         log.end_truncate();
         assert_eq!((log.scl(), log.flushed_lsn(), log.hot_bytes()), (Lsn(3), Lsn(3), 0));

@@ -9,6 +9,7 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -114,6 +115,9 @@ pub struct FlushTarget {
     prealloc: u64,
     /// Bytes of the partial last block: rewritten at the front of the next write.
     tail: Vec<u8>,
+    /// File offset where `tail` ends. A job starting elsewhere follows a
+    /// truncation that cut the file: the tail is read back from the file.
+    end: u64,
     buf: AlignedBuf,
     inflight: Option<Inflight>,
 }
@@ -128,9 +132,11 @@ struct Inflight {
 impl FlushTarget {
     /// `write_bytes_max`: the largest flush job, i.e. the larger of the flush
     /// limit and the largest fragment (one append frame).
-    pub fn new(seg: Arc<Segment>, direct: File, allocated: u64, prealloc: u64, tail: Vec<u8>, write_bytes_max: usize) -> Self {
+    /// `file_end`: where the recovered log (and `tail`) ends.
+    pub fn new(seg: Arc<Segment>, direct: File, allocated: u64, prealloc: u64, tail: Vec<u8>, file_end: u64, write_bytes_max: usize) -> Self {
         let cap = (write_bytes_max.max(RECORD_BYTES_MAX) + 2 * BLOCK_BYTES as usize).next_multiple_of(BLOCK_BYTES as usize);
-        FlushTarget { seg, direct, allocated, prealloc, tail, buf: AlignedBuf::new(cap), inflight: None }
+        debug_assert_eq!(file_end % BLOCK_BYTES, tail.len() as u64 % BLOCK_BYTES);
+        FlushTarget { seg, direct, allocated, prealloc, tail, end: file_end, buf: AlignedBuf::new(cap), inflight: None }
     }
 }
 
@@ -227,6 +233,20 @@ impl Flusher {
         let job = self.targets[i].seg.log.lock().expect("segment lock").poll_flush(&mut self.records);
         let Some(job) = job else { return Ok(()) };
         let t = &mut self.targets[i];
+        if job.offset != t.end {
+            // A truncation moved the end of the log back: the block it ends in holds
+            // the records before it (then zeros), on disk.
+            let block = job.offset / BLOCK_BYTES * BLOCK_BYTES;
+            let mut tail = vec![0u8; (job.offset - block) as usize];
+            if let Err(e) = t.seg.reader.read_exact_at(&mut tail, block) {
+                let why = format!("read the last block at {block} after a truncation: {e}");
+                tracing::error!(segment = %t.seg.id, %why, "flush failed; segment stops accepting appends");
+                t.seg.fail_flush(job, why);
+                return Ok(());
+            }
+            t.tail = tail;
+        }
+        t.end = job.end_offset;
         let write_at = job.offset - t.tail.len() as u64;
         debug_assert_eq!(write_at % BLOCK_BYTES, 0);
         t.buf.len = 0;
@@ -301,6 +321,7 @@ impl Flusher {
                 // The write began with the old tail block; keep it for a retry after restart.
                 let keep = (inflight.job.offset % BLOCK_BYTES) as usize;
                 t.tail = t.buf.as_slice()[..keep].to_vec();
+                t.end = inflight.job.offset;
                 t.seg.fail_flush(inflight.job, why);
             }
         }

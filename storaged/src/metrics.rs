@@ -10,6 +10,9 @@ pub struct Metrics {
     pub ingest_bytes: AtomicU64,
     pub appends_busy: AtomicU64,
     pub requests_refused: AtomicU64,
+    /// Truncations performed for a new writer, and the records they discarded.
+    pub truncations: AtomicU64,
+    pub truncated_records: AtomicU64,
     pub flushed_bytes: AtomicU64,
     pub get_page_requests: AtomicU64,
     pub pages_coalesced: AtomicU64,
@@ -28,6 +31,8 @@ impl Default for Metrics {
             ingest_bytes: AtomicU64::new(0),
             appends_busy: AtomicU64::new(0),
             requests_refused: AtomicU64::new(0),
+            truncations: AtomicU64::new(0),
+            truncated_records: AtomicU64::new(0),
             flushed_bytes: AtomicU64::new(0),
             get_page_requests: AtomicU64::new(0),
             pages_coalesced: AtomicU64::new(0),
@@ -50,6 +55,7 @@ pub struct SegmentGauges {
     pub pending_records: u64,
     pub page_index_records: u64,
     pub disk_failed: bool,
+    pub epoch_generation: u64,
 }
 
 impl Metrics {
@@ -60,6 +66,8 @@ impl Metrics {
             ("storaged_ingest_bytes_total", "Record bytes newly inserted into segment logs.", &self.ingest_bytes),
             ("storaged_appends_busy_total", "Appends answered Busy because the hot log was full.", &self.appends_busy),
             ("storaged_requests_refused_total", "Requests answered with an error other than Busy.", &self.requests_refused),
+            ("storaged_truncations_total", "Truncations of a segment's log above a new writer's point (repeats not counted).", &self.truncations),
+            ("storaged_truncated_records_total", "Records discarded by truncations.", &self.truncated_records),
             ("storaged_flushed_bytes_total", "Record bytes made durable by fdatasync.", &self.flushed_bytes),
             ("storaged_get_page_requests_total", "GetPage@LSN requests for a hosted segment.", &self.get_page_requests),
             ("storaged_pages_coalesced_total", "Page images materialised and written to page files.", &self.pages_coalesced),
@@ -74,13 +82,14 @@ impl Metrics {
         self.append_batch_records.render(&mut out, "storaged_append_batch_records", "Records per append batch.");
         self.flush_batch_bytes.render(&mut out, "storaged_flush_batch_bytes", "Record bytes per flush (one write + fdatasync).");
         self.get_page_latency_us.render(&mut out, "storaged_get_page_latency_us", "GetPage request received to page materialised, microseconds.");
-        let gauges: [(&str, &str, fn(&SegmentGauges) -> u64); 6] = [
+        let gauges: [(&str, &str, fn(&SegmentGauges) -> u64); 7] = [
             ("storaged_segment_scl", "Segment complete LSN.", |s| s.scl),
             ("storaged_segment_flushed_lsn", "Highest LSN durable on disk.", |s| s.flushed_lsn),
             ("storaged_segment_hot_bytes", "Unflushed bytes in the segment's memory log.", |s| s.hot_bytes),
             ("storaged_segment_pending_records", "Records held above a hole, waiting for it to fill.", |s| s.pending_records),
             ("storaged_segment_page_index_records", "Records in the per-page index (bounded by the coalescer).", |s| s.page_index_records),
             ("storaged_segment_disk_failed", "1 if the segment stopped accepting appends after a disk error.", |s| s.disk_failed as u64),
+            ("storaged_segment_epoch_generation", "Generation (high 32 bits) of the epoch the segment granted last.", |s| s.epoch_generation),
         ];
         for (name, help, get) in gauges {
             header(&mut out, name, "gauge", help);

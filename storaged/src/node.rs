@@ -11,7 +11,7 @@ use anyhow::Result;
 use redo_core::page_index::PageIndex;
 use redo_core::segment_log::{FlushJob, SegmentLog, SegmentLogConfig};
 use redo_core::wire::SegmentPosition;
-use redo_core::{Epoch, NodeId, PgId, SegmentId};
+use redo_core::{NodeId, PgId, SegmentId};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -28,8 +28,13 @@ pub struct Segment {
     /// Buffered descriptor for pulls served from disk.
     pub reader: std::fs::File,
     pub metrics: Arc<Metrics>,
-    /// The epoch on disk; held while a newer one is written.
-    pub persisted_epoch: tokio::sync::Mutex<Epoch>,
+    /// The epoch state on disk; held while a newer one is written and
+    /// throughout a truncation.
+    pub persisted_epoch: tokio::sync::Mutex<store::EpochState>,
+    /// Held shared by whoever reads the segment or page file outside the log
+    /// lock (pulls and GetPage from disk, a coalescer round), exclusively by a
+    /// truncation while it cuts and re-reads them.
+    pub files: tokio::sync::RwLock<()>,
     /// Page images written by the coalescer.
     pub page_file: PageFile,
 }
@@ -121,7 +126,8 @@ impl Node {
                 index = PageIndex::new(config.coalesce_records);
                 r = open(Some(&mut index))?;
             }
-            let mut log = SegmentLog::recovered(id, log_config.clone(), r.epoch, r.last_lsn, r.file_end, r.index);
+            let mut log = SegmentLog::recovered(id, log_config.clone(), r.epoch.epoch, r.last_lsn, r.file_end, r.index)
+                .with_truncations(&r.epoch.truncations);
             if indexed {
                 log = log.with_page_index(index);
             }
@@ -133,9 +139,10 @@ impl Node {
                 reader: r.reader,
                 metrics: metrics.clone(),
                 persisted_epoch: tokio::sync::Mutex::new(r.epoch),
+                files: tokio::sync::RwLock::new(()),
                 page_file,
             });
-            targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, write_bytes_max as usize));
+            targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, r.file_end, write_bytes_max as usize));
             segments.insert(PgId(pg), seg);
         }
         let frame_budget = tokio::sync::Semaphore::new(config.inflight_bytes_max as usize);
@@ -165,6 +172,7 @@ impl Node {
                     pending_records: log.pending_records() as u64,
                     page_index_records: log.page_index().map_or(0, |p| p.records() as u64),
                     disk_failed: log.disk_failed().is_some(),
+                    epoch_generation: log.epoch().generation(),
                 }
             })
             .collect();

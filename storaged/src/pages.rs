@@ -39,8 +39,39 @@ impl PageFile {
         let path = page_file_path(dir, pg);
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)
             .with_context(|| format!("open {}", path.display()))?;
+        let (end, images, damage) = load(&file, &path, index, Lsn(u64::MAX))?;
+        let pages = PageFile { file, path, end: AtomicU64::new(end) };
+        if let Some(reason) = damage {
+            tracing::warn!(path = %pages.path.display(), offset = end, %reason, "truncating page file at a torn or corrupt entry");
+            pages.truncate(end)?;
+        }
+        tracing::info!(path = %pages.path.display(), images, bytes = end, "loaded page file");
+        Ok(pages)
+    }
+
+    /// A truncation discarded the records above `above`: cuts the file before
+    /// its first image above it (images after that one are dropped too: the
+    /// coalescer rebuilds them from the log) and notes the images kept in
+    /// `index`. Returns the bytes cut. The coalescer must not be appending
+    /// meanwhile.
+    pub fn cut_above(&self, above: Lsn, index: &mut PageIndex) -> Result<u64> {
+        let (end, kept, _) = load(&self.file, &self.path, index, above)?;
+        let size = self.end.load(Ordering::Acquire);
+        if end < size {
+            self.truncate(end)?;
+            tracing::info!(path = %self.path.display(), %above, kept, bytes_cut = size - end, "cut page file for a truncation");
+        }
+        Ok(size.saturating_sub(end))
+    }
+}
+
+/// Reads the page file's entries from the start, noting their images in
+/// `index`, up to the first damaged entry or image above `above`. Returns
+/// where that is, the images noted and the damage, if any.
+fn load(file: &File, path: &Path, index: &mut PageIndex, above: Lsn) -> Result<(u64, u64, Option<String>)> {
+    {
         let size = file.metadata().with_context(|| format!("stat {}", path.display()))?.len();
-        let mut reader = BufReader::with_capacity(1 << 20, &file);
+        let mut reader = BufReader::with_capacity(1 << 20, file);
         let mut end = 0u64;
         let mut images = 0u64;
         let damage = loop {
@@ -63,6 +94,9 @@ impl PageFile {
                 Ok(image) => image,
                 Err(e) => break Some(e.to_string()),
             };
+            if image.lsn > above {
+                break None;
+            }
             let at = Located { lsn: image.lsn, offset: end, len: entry.len() as u32 };
             if let Err(e) = index.note_image(image.page, at) {
                 break Some(e.to_string());
@@ -70,16 +104,11 @@ impl PageFile {
             end += entry.len() as u64;
             images += 1;
         };
-        drop(reader);
-        let pages = PageFile { file, path, end: AtomicU64::new(end) };
-        if let Some(reason) = damage {
-            tracing::warn!(path = %pages.path.display(), offset = end, size, %reason, "truncating page file at a torn or corrupt entry");
-            pages.truncate(end)?;
-        }
-        tracing::info!(path = %pages.path.display(), images, bytes = end, "loaded page file");
-        Ok(pages)
+        Ok((end, images, damage))
     }
+}
 
+impl PageFile {
     /// Cuts the file to `len` bytes, durably.
     pub fn truncate(&self, len: u64) -> Result<()> {
         self.file.set_len(len).with_context(|| format!("truncate {}", self.path.display()))?;

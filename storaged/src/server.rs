@@ -1,6 +1,7 @@
 //! The QUIC shell around the node: accepts mutual-TLS connections, runs each
 //! stream as an ordered request/reply pipe (appends pipelined and acked in
-//! order, pulls, status, GetPage@LSN, subscriptions), and serves /metrics.
+//! order, pulls, status with claims and truncations, GetPage@LSN,
+//! subscriptions), and serves /metrics.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -8,10 +9,11 @@ use std::time::{Duration, Instant};
 
 use borealis_net::frame::{read_frame_body, read_frame_len, write_message, FrameError};
 use bytes::{Bytes, BytesMut};
-use redo_core::page_index::IMAGE_BYTES_MAX;
+use redo_core::page_index::{PageIndex, IMAGE_BYTES_MAX};
 use redo_core::record::ValidRecords;
-use redo_core::segment_log::AppendError;
-use redo_core::wire::{ErrorCode, Message, SegmentPosition};
+use redo_core::segment_log::{grant_epoch, AppendError};
+use redo_core::wire::{ErrorCode, Message, SegmentPosition, Truncation, TRUNCATIONS_MAX};
+use redo_core::ids::EpochRefused;
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use tokio::sync::mpsc;
 
@@ -89,8 +91,7 @@ async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
         },
         Message::Status { epoch, pg, truncate_above } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
-            Some(_) if truncate_above.is_some() => Reply::Close(error(ErrorCode::Malformed, "truncation is not implemented yet")),
-            Some(seg) => status(node, seg, epoch).await,
+            Some(seg) => status(node, seg, epoch, truncate_above).await,
         },
         Message::GetPage { pg, page, lsn } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
@@ -148,7 +149,7 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
             Err(e) => e,
         };
         let code = match err {
-            AppendError::Busy { .. } => {
+            AppendError::Busy { .. } | AppendError::Truncating => {
                 node.metrics.appends_busy.fetch_add(1, Ordering::Relaxed);
                 let left = deadline.saturating_duration_since(Instant::now());
                 if !left.is_zero() && tokio::time::timeout(left, position.changed()).await.is_ok() {
@@ -156,7 +157,7 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
                 }
                 return Reply::Now { msg: error(ErrorCode::Busy, err.to_string()), received: None };
             }
-            AppendError::StaleEpoch { .. } => ErrorCode::StaleEpoch,
+            AppendError::StaleEpoch(_) => ErrorCode::StaleEpoch,
             AppendError::DiskFailed(_) => ErrorCode::DiskFailed,
             AppendError::Conflict { .. } => ErrorCode::Conflict,
         };
@@ -164,35 +165,168 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
     }
 }
 
-/// A request at a newer epoch moves the segment there: durably first, so
-/// that after a restart the older epoch is still refused, then in memory,
-/// so that no request at an older epoch is applied after this one.
+fn stale(seg: &Segment, refused: EpochRefused) -> Reply {
+    Reply::Close(error(ErrorCode::StaleEpoch, format!("{}: {refused}", seg.id.pg)))
+}
+
+/// A request at an epoch the segment grants (`grant_epoch`: a newer
+/// generation, or the first claim) moves the segment there: durably first, so
+/// that after a restart the older epoch (and any other claimant of the
+/// generation) is still refused, then in memory, so that no request at an
+/// older epoch is applied after this one. A refused epoch is `StaleEpoch`.
 async fn persist_epoch(node: &Node, seg: &Arc<Segment>, epoch: Epoch) -> Result<(), Reply> {
-    if epoch <= seg.log.lock().expect("segment lock").epoch() {
+    let current = seg.log.lock().expect("segment lock").epoch();
+    if !grant_epoch(current, epoch).map_err(|r| stale(seg, r))? {
         return Ok(());
     }
     let mut persisted = seg.persisted_epoch.lock().await;
-    if epoch > *persisted {
-        let (dir, pg) = (node.data_dir().clone(), seg.id.pg);
-        let written = tokio::task::spawn_blocking(move || store::write_epoch(&dir, pg, epoch)).await;
-        if let Err(e) = written.map_err(anyhow::Error::from).and_then(|r| r) {
-            return Err(Reply::Close(error(ErrorCode::DiskFailed, format!("persist {epoch} for {pg}: {e:#}"))));
-        }
-        *persisted = epoch;
-        seg.with_log(|log| log.raise_epoch(epoch));
-        tracing::info!(segment = %seg.id, %epoch, "segment moved to a new epoch");
+    // Decided again under the lock: another claim may have been granted meanwhile.
+    if !grant_epoch(persisted.epoch, epoch).map_err(|r| stale(seg, r))? {
+        return Ok(());
     }
+    let state = store::EpochState { epoch, truncations: persisted.truncations.clone() };
+    write_epoch_state(node, seg, state.clone()).await?;
+    *persisted = state;
+    seg.with_log(|log| log.raise_epoch(epoch));
+    tracing::info!(segment = %seg.id, %epoch, "segment moved to a new epoch");
     Ok(())
 }
 
-/// The segment's epoch and position, after moving it to `epoch` if newer.
-async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch) -> Reply {
-    if let Err(reply) = persist_epoch(node, seg, epoch).await {
-        return reply;
+async fn write_epoch_state(node: &Node, seg: &Segment, state: store::EpochState) -> Result<(), Reply> {
+    let (dir, pg, epoch) = (node.data_dir().clone(), seg.id.pg, state.epoch);
+    let written = tokio::task::spawn_blocking(move || store::write_epoch(&dir, pg, &state)).await;
+    written
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r)
+        .map_err(|e| Reply::Close(error(ErrorCode::DiskFailed, format!("persist {epoch} for {pg}: {e:#}"))))
+}
+
+/// The segment's epoch, position and truncations. A nonzero `epoch` is a
+/// claim (see `persist_epoch`); with `truncate_above`, the claimant also has
+/// the segment discard its records above that LSN, durably, before the reply.
+async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: Option<Lsn>) -> Reply {
+    if epoch != Epoch(0) {
+        if let Err(reply) = persist_epoch(node, seg, epoch).await {
+            return reply;
+        }
+    }
+    if let Some(above) = truncate_above {
+        if epoch == Epoch(0) {
+            return Reply::Close(error(ErrorCode::Malformed, "a truncation needs the claimant's epoch, not epoch 0"));
+        }
+        if let Err(reply) = truncate(node, seg, epoch, above).await {
+            return reply;
+        }
     }
     let log = seg.log.lock().expect("segment lock");
     let position = vouched(node.config.ack, log.position());
-    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position, truncations: Vec::new() }, received: None }
+    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position, truncations: log.truncations() }, received: None }
+}
+
+/// How often a truncation re-checks whether the flush in flight has landed.
+const FLUSH_WAIT_POLL: Duration = Duration::from_millis(10);
+
+/// Discards the segment's records above `above` for the claimant at `epoch`
+/// (the segment's epoch), unless this truncation is recorded already. Appends
+/// wait (or get Busy) and no flush starts meanwhile; readers of the segment
+/// and page files and the coalescer are held off by `Segment::files`. On
+/// disk: the segment file is zeroed from the first record above `above`
+/// (fdatasync), the page file cut before its first image above it, then the
+/// truncation is added to the persisted epoch state; only then is it noted
+/// in memory and reported.
+async fn truncate(node: &Node, seg: &Arc<Segment>, epoch: Epoch, above: Lsn) -> Result<(), Reply> {
+    let mut persisted = seg.persisted_epoch.lock().await;
+    let needed = seg.log.lock().expect("segment lock").truncation_needed(epoch, above);
+    if !needed.map_err(|r| stale(seg, r))? {
+        return Ok(());
+    }
+    assert_eq!(persisted.epoch, epoch, "the log's epoch is persisted before it is raised");
+    let started = Instant::now();
+    let files = seg.files.write().await;
+    seg.with_log(|log| log.begin_truncate());
+    let result = truncate_held(node, seg, above).await;
+    seg.with_log(|log| log.end_truncate());
+    drop(files);
+    // Appends waiting for the truncation retry; the flusher takes what is dirty.
+    seg.position.send_modify(|_| {});
+    node.wake.wake();
+    let records = result?;
+    let t = Truncation { epoch, above };
+    let mut state = persisted.clone();
+    state.truncations.push(t);
+    let skip = state.truncations.len().saturating_sub(TRUNCATIONS_MAX);
+    state.truncations.drain(..skip);
+    write_epoch_state(node, seg, state.clone()).await?;
+    *persisted = state;
+    seg.with_log(|log| log.note_truncation(t));
+    node.metrics.truncations.fetch_add(1, Ordering::Relaxed);
+    node.metrics.truncated_records.fetch_add(records, Ordering::Relaxed);
+    let scl = seg.log.lock().expect("segment lock").scl();
+    tracing::info!(segment = %seg.id, %epoch, %above, records, %scl, elapsed_ms = started.elapsed().as_millis() as u64, "truncated the segment log");
+    Ok(())
+}
+
+/// The truncation proper, between `begin_truncate` and `end_truncate`: returns the records discarded.
+async fn truncate_held(node: &Node, seg: &Arc<Segment>, above: Lsn) -> Result<u64, Reply> {
+    let disk_failed = |why: String| Reply::Close(error(ErrorCode::DiskFailed, format!("{}: truncate above {above}: {why}", seg.id)));
+    loop {
+        let mut position = seg.position.subscribe();
+        {
+            let log = seg.log.lock().expect("segment lock");
+            if let Some(why) = log.disk_failed() {
+                return Err(disk_failed(why.to_string()));
+            }
+            if !log.flush_inflight() {
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(FLUSH_WAIT_POLL, position.changed()).await;
+    }
+    let truncated = match seg.with_log(|log| log.truncate_above(above, None)) {
+        Ok(t) => t,
+        Err(scan) => {
+            // Below what memory holds: find the cut in the file (nothing changed yet).
+            let seg2 = seg.clone();
+            let cut = match tokio::task::spawn_blocking(move || store::find_cut(&seg2.reader, scan)).await {
+                Ok(Ok(cut)) => cut,
+                Ok(Err(e)) => return Err(disk_failed(format!("{e:#}"))),
+                Err(e) => return Err(disk_failed(format!("scan task: {e}"))),
+            };
+            seg.with_log(|log| log.truncate_above(above, Some(cut))).expect("truncate_above with the disk cut it asked for")
+        }
+    };
+    let flushed_end = seg.log.lock().expect("segment lock").flushed_end();
+    let (dir, seg2, coalesce_records) = (node.data_dir().clone(), seg.clone(), node.config.coalesce_records);
+    let disk = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<PageIndex>> {
+        if let Some(offset) = truncated.cut_offset {
+            store::cut_segment(&dir, seg2.id.pg, offset)?;
+        }
+        if !truncated.reindex {
+            return Ok(None);
+        }
+        let mut index = PageIndex::new(coalesce_records);
+        seg2.page_file.cut_above(above, &mut index)?;
+        store::index_pages(&seg2.reader, flushed_end, &mut index)?;
+        Ok(Some(index))
+    })
+    .await
+    .map_err(anyhow::Error::from)
+    .and_then(|r| r);
+    match disk {
+        Ok(index) => {
+            if let Some(index) = index {
+                seg.with_log(|log| log.install_page_index(index));
+            }
+            Ok(truncated.records)
+        }
+        Err(e) => {
+            // Memory and disk disagree now: the segment must take no more appends.
+            let why = format!("truncation above {above} failed on disk: {e:#}");
+            tracing::error!(segment = %seg.id, %why, "segment stops accepting appends");
+            seg.lose_disk(why.clone());
+            Err(disk_failed(why))
+        }
+    }
 }
 
 /// The position a segment reports to writers. With `ack = disk` it vouches only
@@ -211,6 +345,7 @@ fn vouched(ack: AckMode, position: SegmentPosition) -> SegmentPosition {
 async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, received: Instant) -> Reply {
     node.metrics.get_page_requests.fetch_add(1, Ordering::Relaxed);
     let refuse = |code, message: String| Reply::Now { msg: error(code, message), received: None };
+    let _files = seg.files.read().await;
     let (read, position) = {
         let log = seg.log.lock().expect("segment lock");
         if log.scl() < lsn {
@@ -250,6 +385,7 @@ async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, receiv
 async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: u32) -> Reply {
     let bytes_max = (bytes_max as usize).min(node.config.frame_bytes_max as usize / 2).max(1);
     let mut parts = Vec::new();
+    let _files = seg.files.read().await;
     let (read, position) = {
         let log = seg.log.lock().expect("segment lock");
         (log.read(after, upto, bytes_max, &mut parts), log.position())

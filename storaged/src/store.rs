@@ -1,5 +1,6 @@
 //! Segment files on disk: create, recover (CRC-check, truncate a torn tail),
-//! persist epochs, and serve pulls that memory no longer holds. Plain
+//! persist epochs and truncations, cut the log for a new writer, and serve
+//! pulls that memory no longer holds. Plain
 //! syscalls: none of this is on the append path (the flusher is).
 
 use std::fs::{self, File, OpenOptions};
@@ -12,7 +13,8 @@ use anyhow::{bail, Context, Result};
 use redo_core::page_index::{Located, PageIndex};
 use redo_core::segment_file::{decode_header, encode_header, scan_records, ScanStop, SEGMENT_HEADER_BYTES};
 use redo_core::record::{RecordRef, RECORD_BYTES_MAX};
-use redo_core::segment_log::{DiskIndex, DiskRead, INDEX_STRIDE_BYTES};
+use redo_core::segment_log::{DiskCut, DiskIndex, DiskRead, INDEX_STRIDE_BYTES};
+use redo_core::wire::{Truncation, TRUNCATIONS_MAX};
 use redo_core::{Epoch, Lsn, PgId, SegmentId};
 
 /// O_DIRECT alignment for offsets, lengths and buffers.
@@ -37,7 +39,7 @@ pub struct Recovered {
     pub file_end: u64,
     pub allocated: u64,
     pub index: DiskIndex,
-    pub epoch: Epoch,
+    pub epoch: EpochState,
     /// Bytes of the partial last block, which the flusher rewrites with the next records.
     pub tail: Vec<u8>,
 }
@@ -163,25 +165,64 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u
         f.sync_data().context("fsync truncated segment")?;
     }
     let epoch = read_epoch(dir, id.pg)?;
-    tracing::info!(segment = %id, records, scl = %last_lsn, file_end, %epoch, "recovered segment");
+    tracing::info!(segment = %id, records, scl = %last_lsn, file_end, epoch = %epoch.epoch, truncations = epoch.truncations.len(), "recovered segment");
     Ok(Recovered { direct, reader, last_lsn, file_end, allocated: size.max(file_end), index, epoch, tail })
 }
 
-fn read_epoch(dir: &Path, pg: PgId) -> Result<Epoch> {
+/// A segment's persisted epoch state, `pg-N.epoch`: the epoch on the first
+/// line, then one line `truncation <epoch> <above>` per recorded truncation,
+/// oldest first (at most `TRUNCATIONS_MAX`). Files of one line (written
+/// before truncations existed) hold the epoch alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EpochState {
+    pub epoch: Epoch,
+    pub truncations: Vec<Truncation>,
+}
+
+impl EpochState {
+    fn parse(text: &str) -> Option<EpochState> {
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        let epoch = Epoch(lines.next()?.parse().ok()?);
+        let mut truncations = Vec::new();
+        for line in lines {
+            let mut words = line.split_whitespace();
+            if words.next()? != "truncation" {
+                return None;
+            }
+            let (e, above) = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
+            if words.next().is_some() {
+                return None;
+            }
+            truncations.push(Truncation { epoch: Epoch(e), above: Lsn(above) });
+        }
+        Some(EpochState { epoch, truncations })
+    }
+
+    fn render(&self) -> String {
+        let mut out = format!("{}\n", self.epoch.0);
+        let skip = self.truncations.len().saturating_sub(TRUNCATIONS_MAX);
+        for t in &self.truncations[skip..] {
+            out.push_str(&format!("truncation {} {}\n", t.epoch.0, t.above.0));
+        }
+        out
+    }
+}
+
+fn read_epoch(dir: &Path, pg: PgId) -> Result<EpochState> {
     let path = epoch_path(dir, pg);
     match fs::read_to_string(&path) {
-        Ok(s) => Ok(Epoch(s.trim().parse().with_context(|| format!("{} does not hold an epoch", path.display()))?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Epoch(0)),
+        Ok(s) => EpochState::parse(&s).with_context(|| format!("{} does not hold an epoch state", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EpochState::default()),
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }
 }
 
-/// Durably records a segment's epoch (write, fsync, rename, fsync dir).
-pub fn write_epoch(dir: &Path, pg: PgId, epoch: Epoch) -> Result<()> {
+/// Durably records a segment's epoch state (write, fsync, rename, fsync dir).
+pub fn write_epoch(dir: &Path, pg: PgId, state: &EpochState) -> Result<()> {
     let path = epoch_path(dir, pg);
     let tmp = path.with_extension("epoch.new");
     let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    writeln!(f, "{}", epoch.0).context("write epoch")?;
+    f.write_all(state.render().as_bytes()).context("write epoch")?;
     f.sync_all().context("fsync epoch")?;
     fs::rename(&tmp, &path).context("install epoch file")?;
     fsync_dir(dir)
@@ -237,4 +278,84 @@ pub fn read_record(reader: &File, at: Located) -> Result<Vec<u8>> {
         bail!("offset {} holds record {}, not {}", at.offset, rec.lsn(), at.lsn);
     }
     Ok(buf)
+}
+
+/// Calls `on_record` for every record of the segment file in `[from, end)`,
+/// the first of which links back to `prev`. CRC- and backlink-checked.
+fn scan_file(reader: &File, from: u64, mut prev: Lsn, end: u64, mut on_record: impl FnMut(RecordRef, u64)) -> Result<()> {
+    let mut offset = from;
+    let mut buf: Vec<u8> = Vec::new();
+    while offset < end {
+        let old = buf.len();
+        let want = SCAN_CHUNK_BYTES.min((end - offset) as usize - old);
+        if want == 0 {
+            bail!("segment file ends inside a record at offset {offset}");
+        }
+        buf.resize(old + want, 0);
+        reader.read_exact_at(&mut buf[old..], offset + old as u64).context("read segment file")?;
+        let (used, stop) = scan_records(&buf, offset, &mut prev, &mut on_record);
+        offset += used as u64;
+        buf.drain(..used);
+        match stop {
+            ScanStop::NeedMore => continue,
+            ScanStop::End if offset == end => break,
+            ScanStop::End => bail!("segment file ends at offset {offset}, before the flushed end {end}"),
+            ScanStop::Corrupt { offset, reason } => bail!("segment file corrupt at offset {offset}: {reason}"),
+        }
+    }
+    Ok(())
+}
+
+/// Scans the file as `SegmentLog::truncate_above` asked (`read`): where the
+/// first record above `read.after` starts, and how many records lie in
+/// `(read.after, read.upto]`.
+pub fn find_cut(reader: &File, read: DiskRead) -> Result<DiskCut> {
+    let mut cut = DiskCut { last_lsn: read.prev, offset: read.offset, records: 0 };
+    scan_file(reader, read.offset, read.prev, read.end_offset, |rec, at| {
+        if rec.lsn() <= read.after {
+            (cut.last_lsn, cut.offset) = (rec.lsn(), at + rec.as_bytes().len() as u64);
+        } else if rec.lsn() <= read.upto {
+            cut.records += 1;
+        }
+    })?;
+    Ok(cut)
+}
+
+/// Zeroes the segment file of `pg` from `offset` to its end and fdatasyncs:
+/// after a restart, recovery finds the log ending at `offset`.
+pub fn cut_segment(dir: &Path, pg: PgId, offset: u64) -> Result<()> {
+    let path = segment_path(dir, pg);
+    let f = OpenOptions::new().write(true).open(&path).with_context(|| format!("open {} to cut it", path.display()))?;
+    let size = f.metadata().context("stat segment file")?.len();
+    let block_end = (offset / BLOCK_BYTES + 1) * BLOCK_BYTES;
+    let zeros = block_end.min(size).saturating_sub(offset);
+    f.write_all_at(&vec![0u8; zeros as usize], offset).context("zero the cut block")?;
+    if size > block_end {
+        fallocate(&f, ZERO_RANGE, block_end, size - block_end).context("zero the cut log")?;
+    }
+    f.sync_data().with_context(|| format!("fdatasync {}", path.display()))
+}
+
+/// Notes every record of the segment file below `end` in `pages`.
+pub fn index_pages(reader: &File, end: u64, pages: &mut PageIndex) -> Result<()> {
+    scan_file(reader, SEGMENT_HEADER_BYTES as u64, Lsn::ZERO, end, |rec, at| {
+        pages.note_record(rec.header().page, Located { lsn: rec.lsn(), offset: at, len: rec.as_bytes().len() as u32 })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_state_reads_old_files_and_round_trips() {
+        assert_eq!(EpochState::parse("42\n"), Some(EpochState { epoch: Epoch(42), truncations: vec![] }));
+        let state = EpochState {
+            epoch: Epoch(9 << 32),
+            truncations: vec![Truncation { epoch: Epoch(5 << 32), above: Lsn(7) }, Truncation { epoch: Epoch(9 << 32), above: Lsn(12) }],
+        };
+        assert_eq!(EpochState::parse(&state.render()), Some(state));
+        assert_eq!(EpochState::parse("7\ntruncation 7\n"), None);
+        assert_eq!(EpochState::parse("x"), None);
+    }
 }

@@ -46,10 +46,13 @@ pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
         if node.is_shutting_down() {
             return;
         }
+        // A truncation waits for the round and holds the next one off.
+        let _files = seg.files.read().await;
         let (upto, due) = {
             let mut log = seg.log.lock().expect("segment lock");
             let upto = log.flushed_lsn();
-            let index = log.page_index_mut().expect("a serving node indexes pages");
+            // None after a truncation that could not rebuild it (the disk failed).
+            let Some(index) = log.page_index_mut() else { continue };
             (upto, if every_dirty_page { index.dirty_pages(upto) } else { index.take_due(upto) })
         };
         // A few pages per lock hold: appends wait on this lock, and a round may cover thousands of pages.
@@ -75,7 +78,7 @@ pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
             }
         };
         let mut log = seg.log.lock().expect("segment lock");
-        let index = log.page_index_mut().expect("a serving node indexes pages");
+        let Some(index) = log.page_index_mut() else { continue };
         for (page, at) in &images {
             if let Err(e) = index.note_image(*page, *at) {
                 tracing::error!(segment = %seg.id, error = %e, "coalescer wrote an image the index refuses");

@@ -14,6 +14,10 @@ use crate::frame::{read_frame_bytes, read_frame_len, FrameError};
 /// Requests a stream may have in flight (read, not yet answered) before the
 /// server stops reading it: bounds what one client can make the server hold.
 const REQUESTS_INFLIGHT_MAX: usize = 4096;
+/// A `Follow` feed repeats its progress at least this often: the writer's
+/// heartbeat, whose silence tells replicas it is gone. The feed is a stream of
+/// its own on a connection that carries no log, so large transfers cannot delay it.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// What a daemon plugs into the shared request loop.
 pub trait ApiService: Send + Sync + 'static {
@@ -114,7 +118,7 @@ async fn write_replies(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Reply
 }
 
 /// Sends the current progress, then the latest one after every change (a
-/// slow reader skips intermediate values), until the client goes away.
+/// slow reader skips intermediate values) or `HEARTBEAT`, until the client goes away.
 async fn follow(mut send: quinn::SendStream, id: u64, mut progress: watch::Receiver<Progress>) {
     let mut buf = Vec::new();
     loop {
@@ -125,6 +129,7 @@ async fn follow(mut send: quinn::SendStream, id: u64, mut progress: watch::Recei
         }
         tokio::select! {
             changed = progress.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(HEARTBEAT) => {}
             _ = send.stopped() => return,
         }
     }

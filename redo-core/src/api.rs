@@ -8,15 +8,22 @@
 //!                                         2 u8 | key_len u16 | key                          (delete)
 //! Get:       key_len u16 | key | min_lsn u64
 //! Follow:    (empty)
+//! Role:      (empty)
+//! Promote:   (empty)
 //! Committed: commit_lsn u64
 //! Value:     read_lsn u64 | found u8 | value_len u32 | value
 //! Error:     code u8 | message_len u32 | message
-//! Progress:  vdl u64 | pg_count u32 | pgcl u64 * pg_count
+//! Progress:  epoch u64 | vdl u64 | pg_count u32 | pgcl u64 * pg_count
+//! RoleIs:    writer u8 | epoch u64 | vdl u64 | priority u32 | writer_silent_ms u64
+//! Promoted:  epoch u64 | vdl u64 | claim_us u64 | offer_us u64 | decide_us u64 | truncate_us u64 | total_us u64
 //! ```
 //!
 //! `Follow` turns its stream into a feed: the server answers with a `Progress`
-//! frame (same id) whenever its read point advances, until the stream closes.
-//! Replicas follow the writer's VDL this way; tools follow a replica's.
+//! frame (same id) whenever its read point advances, and at least every
+//! heartbeat interval, until the stream closes. Replicas follow the writer's
+//! VDL this way (its silence is how they detect a dead writer); tools follow a
+//! replica's. `Role` tells a client or a peer replica who is the writer;
+//! `Promote` (an admin call to a replica) makes it take over the volume.
 //!
 //! Decoding checks only the framing; `Request::check` applies the key, value
 //! and transaction limits so that a client gets an `Invalid` error naming the
@@ -25,7 +32,7 @@
 use thiserror::Error;
 
 use crate::codec::{put_u32, put_u64, DecodeError, Reader};
-use crate::ids::Lsn;
+use crate::ids::{Epoch, Lsn};
 use crate::page::{OpError, PageOp};
 
 /// Operations one transaction may carry.
@@ -41,6 +48,10 @@ const KIND_VALUE: u8 = 4;
 const KIND_ERROR: u8 = 5;
 const KIND_FOLLOW: u8 = 6;
 const KIND_PROGRESS: u8 = 7;
+const KIND_ROLE: u8 = 8;
+const KIND_PROMOTE: u8 = 9;
+const KIND_ROLE_IS: u8 = 10;
+const KIND_PROMOTED: u8 = 11;
 /// Protection groups a `Progress` frame may list.
 const PROGRESS_PGS_MAX: usize = 1 << 16;
 const OP_PUT: u8 = 1;
@@ -83,11 +94,18 @@ pub enum Request {
     Get { key: Vec<u8>, min_lsn: Lsn },
     /// Answered with a `Progress` frame now and at every advance, until the stream closes.
     Follow,
+    /// Answered with `RoleIs`: whether this server is the writer, and how far it is.
+    Role,
+    /// Admin, to a replica: take over the volume now; answered with `Promoted` once it accepts writes.
+    Promote,
 }
 
 /// A server's read point: everything at or below `vdl` is durable and visible.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
+    /// The epoch of the writer this comes from: a new one means a recovery
+    /// truncated the log above its first `vdl`.
+    pub epoch: Epoch,
     pub vdl: Lsn,
     /// From a writer, per PG, its PGCL: at or above every record of that PG at or below
     /// `vdl`, so a segment whose SCL reaches `min(pgcl, vdl)` holds all of them. Empty from a replica.
@@ -102,6 +120,33 @@ pub enum Response {
     Value { read_lsn: Lsn, value: Option<Vec<u8>> },
     Error { code: ApiErrorCode, message: String },
     Progress(Progress),
+    RoleIs(Role),
+    Promoted(Promoted),
+}
+
+/// Who a server is: the writer (of `epoch`) or a replica following it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Role {
+    pub writer: bool,
+    pub epoch: Epoch,
+    /// A writer's VDL, a replica's read point.
+    pub vdl: Lsn,
+    /// A replica's promotion priority (higher wins among equal read points).
+    pub priority: u32,
+    /// How long a replica has not heard from the writer (0 for a writer).
+    pub writer_silent_ms: u64,
+}
+
+/// A promotion that finished: the replica is the writer of `epoch` from `vdl` on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Promoted {
+    pub epoch: Epoch,
+    pub vdl: Lsn,
+    pub claim_us: u64,
+    pub offer_us: u64,
+    pub decide_us: u64,
+    pub truncate_us: u64,
+    pub total_us: u64,
 }
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -147,7 +192,7 @@ impl Request {
             Request::Txn(ops) if ops.len() > TXN_OPS_MAX => Err(RequestError::TooManyOps(ops.len())),
             Request::Txn(ops) => ops.iter().try_for_each(|op| op.check().map_err(RequestError::from)),
             Request::Get { key, .. } => PageOp::Delete { key: key.clone() }.check().map_err(RequestError::from),
-            Request::Follow => Ok(()),
+            Request::Follow | Request::Role | Request::Promote => Ok(()),
         }
     }
 
@@ -158,7 +203,7 @@ impl Request {
         match self {
             Request::Txn(ops) => ops.iter().all(|op| key_fits(op.key())),
             Request::Get { key, .. } => key_fits(key),
-            Request::Follow => true,
+            Request::Follow | Request::Role | Request::Promote => true,
         }
     }
 
@@ -188,6 +233,8 @@ impl Request {
                 put_u64(out, min_lsn.0);
             }),
             Request::Follow => frame(out, KIND_FOLLOW, id, |_| {}),
+            Request::Role => frame(out, KIND_ROLE, id, |_| {}),
+            Request::Promote => frame(out, KIND_PROMOTE, id, |_| {}),
         }
     }
 
@@ -218,6 +265,8 @@ impl Request {
             }
             KIND_GET => Request::Get { key: key(&mut r)?, min_lsn: Lsn(r.u64()?) },
             KIND_FOLLOW => Request::Follow,
+            KIND_ROLE => Request::Role,
+            KIND_PROMOTE => Request::Promote,
             other => return Err(DecodeError::Invalid { what: "request kind", offset: 0, value: other as u64 }),
         };
         r.finish()?;
@@ -246,9 +295,22 @@ impl Response {
                 out.extend_from_slice(&message.as_bytes()[..end]);
             }),
             Response::Progress(p) => frame(out, KIND_PROGRESS, id, |out| {
+                put_u64(out, p.epoch.0);
                 put_u64(out, p.vdl.0);
                 put_u32(out, p.pgcl.len() as u32);
                 p.pgcl.iter().for_each(|l| put_u64(out, l.0));
+            }),
+            Response::RoleIs(r) => frame(out, KIND_ROLE_IS, id, |out| {
+                out.push(r.writer as u8);
+                put_u64(out, r.epoch.0);
+                put_u64(out, r.vdl.0);
+                put_u32(out, r.priority);
+                put_u64(out, r.writer_silent_ms);
+            }),
+            Response::Promoted(p) => frame(out, KIND_PROMOTED, id, |out| {
+                for v in [p.epoch.0, p.vdl.0, p.claim_us, p.offer_us, p.decide_us, p.truncate_us, p.total_us] {
+                    put_u64(out, v);
+                }
             }),
         }
     }
@@ -280,10 +342,27 @@ impl Response {
                 Response::Error { code, message }
             }
             KIND_PROGRESS => {
-                let vdl = Lsn(r.u64()?);
+                let (epoch, vdl) = (Epoch(r.u64()?), Lsn(r.u64()?));
                 let n = r.len("progress pg count", PROGRESS_PGS_MAX)?;
                 let pgcl = (0..n).map(|_| r.u64().map(Lsn)).collect::<Result<_, _>>()?;
-                Response::Progress(Progress { vdl, pgcl })
+                Response::Progress(Progress { epoch, vdl, pgcl })
+            }
+            KIND_ROLE_IS => {
+                let at = r.pos();
+                let writer = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(DecodeError::Invalid { what: "writer flag", offset: at, value: v as u64 }),
+                };
+                Response::RoleIs(Role { writer, epoch: Epoch(r.u64()?), vdl: Lsn(r.u64()?), priority: r.u32()?, writer_silent_ms: r.u64()? })
+            }
+            KIND_PROMOTED => {
+                let mut v = [0u64; 7];
+                for x in &mut v {
+                    *x = r.u64()?;
+                }
+                let [epoch, vdl, claim_us, offer_us, decide_us, truncate_us, total_us] = v;
+                Response::Promoted(Promoted { epoch: Epoch(epoch), vdl: Lsn(vdl), claim_us, offer_us, decide_us, truncate_us, total_us })
             }
             other => return Err(DecodeError::Invalid { what: "response kind", offset: 0, value: other as u64 }),
         };
@@ -306,6 +385,8 @@ mod tests {
             ]),
             Request::Get { key: b"key".to_vec(), min_lsn: Lsn(9) },
             Request::Follow,
+            Request::Role,
+            Request::Promote,
         ]
     }
 
@@ -316,7 +397,9 @@ mod tests {
             Response::Value { read_lsn: Lsn(7), value: Some(vec![]) },
             Response::Value { read_lsn: Lsn(7), value: None },
             Response::Error { code: ApiErrorCode::Invalid, message: "key too long".into() },
-            Response::Progress(Progress { vdl: Lsn(5), pgcl: vec![Lsn(3), Lsn(5)] }),
+            Response::Progress(Progress { epoch: Epoch(3 << 32), vdl: Lsn(5), pgcl: vec![Lsn(3), Lsn(5)] }),
+            Response::RoleIs(Role { writer: true, epoch: Epoch(7), vdl: Lsn(9), priority: 2, writer_silent_ms: 0 }),
+            Response::Promoted(Promoted { epoch: Epoch(8), vdl: Lsn(9), claim_us: 1, offer_us: 2, decide_us: 3, truncate_us: 4, total_us: 11 }),
         ]
     }
 
@@ -360,9 +443,9 @@ mod tests {
 
         /// Arbitrary and mutated bytes never panic either decoder, and what decodes re-encodes identically.
         #[test]
-        fn decoders_are_total(which in 0usize..9, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
+        fn decoders_are_total(which in 0usize..13, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
             let mut f = Vec::new();
-            if which < 3 { requests()[which].encode(3, &mut f) } else { responses()[which - 3].encode(3, &mut f) }
+            if which < 5 { requests()[which].encode(3, &mut f) } else { responses()[which - 5].encode(3, &mut f) }
             for (at, x) in flips {
                 let i = at % f.len();
                 f[i] ^= x;

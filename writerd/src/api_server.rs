@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use borealis_net::api_server::{error, ApiService};
-use redo_core::api::{ApiErrorCode, Progress, Request, Response};
+use redo_core::api::{ApiErrorCode, Progress, Request, Response, Role};
 use redo_core::page::PageOp;
 use redo_core::volume::Volume;
 use redo_core::writer::{Admit, ReadPlan};
@@ -69,6 +69,11 @@ async fn handle(api: &Api, req: Request) -> Response {
             }
             get(api, key).await
         }
+        Request::Role => {
+            let g = w.lock();
+            Response::RoleIs(Role { writer: w.is_fenced().is_none(), epoch: g.core.epoch(), vdl: g.core.vdl(), priority: 0, writer_silent_ms: 0 })
+        }
+        Request::Promote => error(ApiErrorCode::Invalid, "this server is the writer already"),
         Request::Follow => unreachable!("the request loop serves Follow itself"),
     }
 }

@@ -135,23 +135,24 @@ async fn get_page_and_status_through_memory_disk_images_and_restarts() {
 
     // Status: learn the epoch and position; a newer epoch is recorded and
     // fences appends at the old one.
-    let (epoch, pos) = timely("status", conn.status(Epoch(0), PG)).await.expect("status");
-    assert_eq!((epoch, pos.scl), (Epoch(1), log.last_lsn));
-    let (epoch, _) = timely("status", conn.status(Epoch(4), PG)).await.expect("status raising the epoch");
-    assert_eq!(epoch, Epoch(4));
+    let s = timely("status", conn.status(Epoch(0), PG, None)).await.expect("status");
+    assert_eq!((s.epoch, s.position.scl), (Epoch(1), log.last_lsn));
+    // A new generation (the high 32 bits): epochs 1 and 4 are both generation 0.
+    let s = timely("status", conn.status(Epoch(4 << 32), PG, None)).await.expect("status raising the epoch");
+    assert_eq!(s.epoch, Epoch(4 << 32));
     let refused = Batch { bytes: log.clone().batch(1), lsns: vec![] };
     assert_eq!(refusal(timely("stale append", append_once(&conn, 1, PG, &refused)).await), ErrorCode::StaleEpoch);
-    assert_eq!(refusal(conn.status(Epoch(0), PgId(9)).await), ErrorCode::NotHosted);
+    assert_eq!(refusal(conn.status(Epoch(0), PgId(9), None).await), ErrorCode::NotHosted);
 
     // kill -9, then with a coalescer that images pages every 50 ms and after 8 records.
     node.kill9();
     let coalescing = env.launch(&[0], &["--cache-bytes-max", "4096", "--coalesce-interval-ms", "50", "--coalesce-records", "8", "--metrics-listen", &metrics]);
     let mut node = env.start(&coalescing).await;
     let conn = node.connect(&ep).await;
-    let (epoch, _) = timely("status", conn.status(Epoch(0), PG)).await.expect("status");
-    assert_eq!(epoch, Epoch(4), "the raised epoch survived kill -9");
+    let s = timely("status", conn.status(Epoch(0), PG, None)).await.expect("status");
+    assert_eq!(s.epoch, Epoch(4 << 32), "the raised epoch survived kill -9");
     wait_metric(&metrics, COALESCED, |n| n >= PAGES as f64).await;
-    append(&conn, 4, &mut log, 10).await;
+    append(&conn, 4 << 32, &mut log, 10).await;
     let coalesced = wait_metric(&metrics, COALESCED, |n| n >= 2.0 * PAGES as f64).await;
     assert!(std::fs::metadata(env.pages_path(0)).expect("page file").len() > 0);
     assert!(metric(&metrics, "storaged_page_image_bytes_total{node=\"1\"}").await.unwrap() > 0.0);

@@ -315,6 +315,45 @@ impl ReplicaCore {
         self.apply()
     }
 
+    /// A new writer took over: its recovery truncated the log above `vdl` (at or
+    /// above every read point, since it keeps every durable commit). Records
+    /// pulled above it came from the old writer's unacknowledged tail: drop them,
+    /// and the pulls that may bring more, and go on from `vdl`.
+    pub fn new_epoch(&mut self, vdl: Lsn, bounds: &[Lsn]) {
+        for (pg, p) in self.pgs.iter_mut().enumerate() {
+            let keep = p.pending.iter().take_while(|r| r.lsn <= vdl).count();
+            let dropped: usize = p.pending.iter().skip(keep).map(|r| r.bytes.len()).sum();
+            p.pending.truncate(keep);
+            self.pending_bytes -= dropped;
+            p.pulls.clear();
+            if p.have > vdl {
+                p.have = vdl;
+                p.last_record = p.pending.back().or(p.retained.back()).map(|r| r.lsn);
+            }
+            p.bound = bounds.get(pg).copied().unwrap_or(vdl);
+        }
+        self.vdl = self.vdl.min(vdl);
+    }
+
+    /// The records this replica holds, per PG in LSN order (retained, then
+    /// pending), as runs of at most `run_bytes_max`: what a promoted replica
+    /// offers back to storage.
+    pub fn held_records(&self, run_bytes_max: usize) -> Vec<Vec<Bytes>> {
+        self.pgs
+            .iter()
+            .map(|p| {
+                let mut runs: Vec<Vec<u8>> = Vec::new();
+                for r in p.retained.iter().chain(&p.pending) {
+                    match runs.last_mut() {
+                        Some(run) if run.len() + r.bytes.len() <= run_bytes_max => run.extend_from_slice(&r.bytes),
+                        _ => runs.push(r.bytes.to_vec()),
+                    }
+                }
+                runs.into_iter().map(Bytes::from).collect()
+            })
+            .collect()
+    }
+
     /// Before its first read point, a replica that started from storage alone may start
     /// pulling much further back than the writer's VDL needs (one idle PG holds `durable`
     /// back): move every PG's start up to `from`, dropping what was pulled below it. Nothing
@@ -856,5 +895,36 @@ mod tests {
         pg_at(&mut r, 0, Lsn(5000), Lsn::ZERO);
         r.on_progress(Lsn(5000), &[Lsn(5000), Lsn(10)]);
         assert_eq!(r.plan_pull(PgId(0)).unwrap().after, Lsn(5000 - TXN_OPS_MAX as u64));
+    }
+
+    #[test]
+    fn a_new_epoch_drops_the_old_writers_unacknowledged_tail() {
+        let (mut old, mut new) = (Log::new(), Log::new());
+        let (a, b) = (old.key_in(0, 2), old.key_in(1, 2));
+        let t1 = old.txn(&[(&a[0], b"1"), (&b[0], b"1")]);
+        assert_eq!(new.txn(&[(&a[0], b"1"), (&b[0], b"1")]), t1);
+        // The old writer's t2 reached the segments but was never acknowledged; the new
+        // writer's recovery truncated it and wrote t2' at the same LSNs, other keys.
+        let t2 = old.txn(&[(&a[1], b"old"), (&b[1], b"old")]);
+        assert_eq!(new.txn(&[(&b[1], b"new"), (&a[1], b"new")]), t2);
+        let mut r = replica(1 << 20);
+        r.on_progress(t1, &[t1, t1]);
+        segments_at(&mut r, t2, Lsn::ZERO);
+        pull(&mut r, &old, 0, t2);
+        pull(&mut r, &old, 1, t2);
+        assert_eq!(r.read_point(), Some(t1));
+        let held: usize = r.held_records(1 << 20).iter().flatten().map(|b| b.len()).sum();
+        assert_eq!(held, r.pending_bytes() + r.retained_bytes(), "everything held is offered back");
+        r.new_epoch(t1, &[t1, t1]);
+        assert!(r.pending_bytes() == 0, "the old tail is dropped");
+        segments_at(&mut r, t2, Lsn::ZERO);
+        pull(&mut r, &new, 0, t2);
+        pull(&mut r, &new, 1, t2);
+        assert_eq!(r.on_progress(t2, &[t2, t2]), Some(t2));
+        // What it applied and retains is the new writer's log, not the old tail.
+        let held = r.held_records(1 << 20);
+        for pg in 0..2 {
+            assert_eq!(held[pg].concat(), new.pull(pg, Lsn::ZERO, t2), "pg{pg}");
+        }
     }
 }

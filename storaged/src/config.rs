@@ -76,6 +76,14 @@ pub struct Config {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// The volume layout (the TOML file writerd reads): with it, each segment learns its
+    /// PG's peers and fills its holes by gossip with them. Without it, no gossip.
+    #[arg(long)]
+    pub volume: Option<PathBuf>,
+    /// With --volume: how often each segment asks its peers their SCL and pulls what it
+    /// misses (sooner while it holds records above a hole); 0 disables gossip.
+    #[arg(long, default_value_t = 100)]
+    pub gossip_interval_ms: u64,
     /// Threads running network work; 1 runs everything on one thread (best when many
     /// daemons share few cores, as in a local cluster). Disk writes have their own thread.
     #[arg(long, default_value_t = 2)]

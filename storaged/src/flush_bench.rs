@@ -56,6 +56,8 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
         coalesce_interval_ms: 1000,
         coalesce_records: 64,
         metrics_listen: None,
+        volume: None,
+        gossip_interval_ms: 0,
         worker_threads: 1,
     };
     let (node, targets) = Node::open(config, Pages::LogOnly)?;

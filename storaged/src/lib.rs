@@ -1,12 +1,14 @@
 //! storaged: one Borealis storage node. Hosts one segment per configured
 //! protection group; ingests redo over QUIC into each segment's memory log,
 //! acks, flushes with io_uring, serves pulls, pushes position changes,
-//! serves GetPage@LSN and coalesces page images in the background.
+//! serves GetPage@LSN and coalesces page images in the background. With a
+//! volume file, each segment fills its holes by gossip with its PG's peers.
 
 pub mod config;
 pub mod flush_bench;
 mod coalescer;
 mod flusher;
+mod gossip;
 mod metrics;
 mod node;
 mod pages;
@@ -33,6 +35,14 @@ pub fn run(config: Config) -> Result<()> {
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let identity = borealis_net::TlsIdentity::load(&config.certs, &config.cert_name())
         .with_context(|| format!("load certificates for {} from {}", config.cert_name(), config.certs.display()))?;
+    let volume = match &config.volume {
+        Some(path) => {
+            let v = borealis_net::load_volume(path)?;
+            gossip::check_volume(&v, redo_core::NodeId(config.node_id), &config.pgs).with_context(|| format!("volume file {}", path.display()))?;
+            Some(v)
+        }
+        None => None,
+    };
     let (node, targets) = node::Node::open(config.clone(), node::Pages::Indexed)?;
     let flusher = flusher::Flusher::spawn(targets, node.wake.clone())?;
 
@@ -52,6 +62,16 @@ pub fn run(config: Config) -> Result<()> {
         tokio::spawn(borealis_net::serve_streams(endpoint.clone(), move |send, recv| server::serve_stream(n.clone(), send, recv)));
         for seg in node.segments.values() {
             tokio::spawn(coalescer::run(node.clone(), seg.clone()));
+        }
+        match &volume {
+            Some(volume) if config.gossip_interval_ms > 0 => {
+                // Peers accept cluster members: this node's certificate serves as a client one too.
+                let peers = borealis_net::client_endpoint(&identity).context("client endpoint for gossip")?;
+                gossip::spawn(&node, volume, &peers, Duration::from_millis(config.gossip_interval_ms))?;
+                tracing::info!(interval_ms = config.gossip_interval_ms, "gossip with PG peers started");
+            }
+            Some(_) => tracing::info!("gossip disabled (--gossip-interval-ms 0)"),
+            None => tracing::info!("no --volume: segments do not know their peers; no gossip"),
         }
         let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;

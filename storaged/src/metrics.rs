@@ -1,7 +1,9 @@
 //! storaged metrics, rendered in the Prometheus text format at /metrics.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use borealis_net::metrics::{header, Distribution};
 
@@ -17,6 +19,15 @@ pub struct Metrics {
     pub get_page_requests: AtomicU64,
     pub pages_coalesced: AtomicU64,
     pub page_image_bytes: AtomicU64,
+    /// Gossip: rounds (each asks every peer its position), pull requests sent to peers, records newly inserted from their
+    /// replies, record bytes received in them, and failed exchanges.
+    pub gossip_rounds: AtomicU64,
+    pub gossip_pulls: AtomicU64,
+    pub gossip_records: AtomicU64,
+    pub gossip_bytes: AtomicU64,
+    pub gossip_failures: AtomicU64,
+    /// Per PG id: what gossip last learned about the segment's peers.
+    pub gossip_segments: Mutex<BTreeMap<u32, Arc<GossipGauges>>>,
     pub get_page_latency_us: Distribution,
     pub ack_latency_us: Distribution,
     pub flush_latency_us: Distribution,
@@ -37,6 +48,12 @@ impl Default for Metrics {
             get_page_requests: AtomicU64::new(0),
             pages_coalesced: AtomicU64::new(0),
             page_image_bytes: AtomicU64::new(0),
+            gossip_rounds: AtomicU64::new(0),
+            gossip_pulls: AtomicU64::new(0),
+            gossip_records: AtomicU64::new(0),
+            gossip_bytes: AtomicU64::new(0),
+            gossip_failures: AtomicU64::new(0),
+            gossip_segments: Mutex::new(BTreeMap::new()),
             get_page_latency_us: Distribution::default(),
             ack_latency_us: Distribution::default(),
             flush_latency_us: Distribution::default(),
@@ -44,6 +61,17 @@ impl Default for Metrics {
             flush_batch_bytes: Distribution::default(),
         }
     }
+}
+
+/// One segment's gossip state, written by its gossip task.
+#[derive(Default)]
+pub struct GossipGauges {
+    /// Highest SCL among the peers at the segment's epoch (and newest
+    /// truncation) at the last round; 0 before the first answer.
+    pub peer_scl: AtomicU64,
+    /// The LSN gossip is filling up to: a peer held it at least a round ago
+    /// (or the segment holds records above a hole); 0 when nothing is missing.
+    pub missing_through: AtomicU64,
 }
 
 /// One segment's gauges at scrape time.
@@ -72,6 +100,11 @@ impl Metrics {
             ("storaged_get_page_requests_total", "GetPage@LSN requests for a hosted segment.", &self.get_page_requests),
             ("storaged_pages_coalesced_total", "Page images materialised and written to page files.", &self.pages_coalesced),
             ("storaged_page_image_bytes_total", "Bytes of page-file entries made durable by fsync.", &self.page_image_bytes),
+            ("storaged_gossip_rounds_total", "Gossip rounds: each segment asking its PG peers their position.", &self.gossip_rounds),
+            ("storaged_gossip_pulls_total", "Pull requests sent to PG peers to fill holes.", &self.gossip_pulls),
+            ("storaged_gossip_records_total", "Records pulled from PG peers that were new to the segment.", &self.gossip_records),
+            ("storaged_gossip_bytes_total", "Record bytes received from PG peers by gossip pulls.", &self.gossip_bytes),
+            ("storaged_gossip_failures_total", "Gossip exchanges with a PG peer that failed (unreachable, refused, bad reply).", &self.gossip_failures),
         ];
         for (name, help, c) in counters {
             header(&mut out, name, "counter", help);
@@ -96,6 +129,25 @@ impl Metrics {
             for s in segments {
                 let _ = writeln!(out, "{name}{{node=\"{node_id}\",pg=\"{}\"}} {}", s.pg, get(s));
             }
+        }
+        let gossip = self.gossip_segments.lock().expect("gossip gauges lock");
+        let gossip_of = |pg: u32, get: fn(&GossipGauges) -> u64| gossip.get(&pg).map_or(0, |g| get(g));
+        let name = "storaged_segment_holes";
+        header(
+            &mut out,
+            name,
+            "gauge",
+            "1 while the segment knows it misses records: it holds records above a hole, or gossip found a peer at its epoch \
+             whose SCL has been above the segment's for a whole round; else 0.",
+        );
+        for s in segments {
+            let missing = gossip_of(s.pg, |g| g.missing_through.load(Relaxed));
+            let _ = writeln!(out, "{name}{{node=\"{node_id}\",pg=\"{}\"}} {}", s.pg, (s.pending_records > 0 || missing > s.scl) as u64);
+        }
+        let name = "storaged_segment_peer_scl";
+        header(&mut out, name, "gauge", "Highest SCL a PG peer at the segment's epoch reported at the last gossip round (0: none yet, or no gossip).");
+        for s in segments {
+            let _ = writeln!(out, "{name}{{node=\"{node_id}\",pg=\"{}\"}} {}", s.pg, gossip_of(s.pg, |g| g.peer_scl.load(Relaxed)));
         }
         out
     }

@@ -1,0 +1,475 @@
+//! Hole filling by gossip (DESIGN.md paths 6 and 9). A segment that missed
+//! records (the node was down, lost its memory log, or a batch was dropped)
+//! asks its PG's peers their position, and pulls what it misses from one of
+//! them into its log through the path appends take.
+//!
+//! One task per hosted segment runs rounds: every `--gossip-interval-ms`,
+//! and at once when records start waiting above a hole. A round asks every
+//! peer `Status` at epoch 0 (read-only), hands the answers to `Repair` (the
+//! sans-IO decision: whom to pull from, up to where), then pulls
+//! `(SCL, upto]` in runs of at most `PULL_BYTES_MAX`.
+//!
+//! Safety: records are taken only from a peer at the segment's own epoch
+//! and newest truncation, checked before the round and again after every
+//! pulled run (a peer at another epoch may still hold records that a
+//! recovery truncated), and inserted only while the segment is still at
+//! that epoch. No lock is held across I/O.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use borealis_net::storage::{NodeLink, SegmentStatus, StorageConn};
+use redo_core::record::ValidRecords;
+use redo_core::segment_log::{AppendError, SegmentLog};
+use redo_core::volume::Volume;
+use redo_core::wire::Truncation;
+use redo_core::{Epoch, Lsn, NodeId, PgId};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::metrics::GossipGauges;
+use crate::node::{Node, Segment};
+
+/// Largest pull reply asked of a peer.
+pub const PULL_BYTES_MAX: u32 = 1 << 20;
+/// A peer that does not answer a request within this is skipped for the round.
+const PEER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a segment looks for records waiting above a hole between rounds.
+const HOLE_CHECK_INTERVAL: Duration = Duration::from_millis(10);
+/// After failures, a peer sits out 1, 2, 4, ... rounds, at most this many.
+const PEER_BACKOFF_ROUNDS_MAX: u32 = 32;
+
+/// Checks that the volume places every hosted segment on this node.
+pub fn check_volume(volume: &Volume, node: NodeId, pgs: &[u32]) -> Result<()> {
+    if volume.node(node).is_none() {
+        bail!("the volume does not declare {node}");
+    }
+    let placed = volume.pgs_on(node);
+    for &pg in pgs {
+        if !placed.contains(&PgId(pg)) {
+            bail!("--pgs names {} but the volume does not place a segment of it on {node} (it places {placed:?})", PgId(pg));
+        }
+    }
+    Ok(())
+}
+
+/// Starts one gossip task per hosted segment, talking to peers through
+/// `endpoint` (which presents this node's certificate).
+pub fn spawn(node: &Arc<Node>, volume: &Volume, endpoint: &quinn::Endpoint, interval: Duration) -> Result<()> {
+    let links: HashMap<u32, Arc<NodeLink>> = NodeLink::for_volume(volume, endpoint)?.into_iter().map(|l| (l.id, l)).collect();
+    for (&pg, seg) in &node.segments {
+        let peers: Vec<Peer> = volume
+            .segments(pg)
+            .filter(|n| n.id != node.node_id.0)
+            .map(|n| Peer { link: links[&n.id].clone(), backoff: Backoff::default() })
+            .collect();
+        let gauges = Arc::new(GossipGauges::default());
+        node.metrics.gossip_segments.lock().expect("gossip gauges lock").insert(pg.0, gauges.clone());
+        let task = SegmentGossip { node: node.clone(), seg: seg.clone(), peers, repair: Repair::default(), gauges, interval };
+        tokio::spawn(task.run());
+    }
+    Ok(())
+}
+
+/// What a segment knows of itself at the start of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Own {
+    pub epoch: Epoch,
+    /// The newest truncation the segment applied.
+    pub truncation: Option<Truncation>,
+    pub scl: Lsn,
+    /// Records wait above a hole.
+    pub pending: bool,
+}
+
+/// One peer's answer to `Status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerView {
+    pub node: u32,
+    pub epoch: Epoch,
+    pub truncation: Option<Truncation>,
+    pub scl: Lsn,
+}
+
+impl PeerView {
+    fn from_status(node: u32, s: &SegmentStatus) -> Self {
+        PeerView { node, epoch: s.epoch, truncation: s.truncations.last().copied(), scl: s.position.scl }
+    }
+
+    /// Whether the peer's log has the same history as ours up to its SCL.
+    fn agrees_with(&self, own: &Own) -> bool {
+        self.epoch == own.epoch && self.truncation == own.truncation
+    }
+}
+
+/// The gossip decision of one segment, round after round (sans-IO).
+///
+/// A segment that is merely behind (the writer's batches to it are in
+/// flight) is not repaired: it pulls only up to the highest SCL a peer
+/// reported a round ago, so gossip fills lag that lasts a whole interval.
+/// A segment holding records above a hole pulls up to the best peer's
+/// current SCL at once.
+#[derive(Debug, Default)]
+pub struct Repair {
+    /// The best agreeing peer SCL of the previous round, and the epoch and truncation it agreed with.
+    seen: Option<(Epoch, Option<Truncation>, Lsn)>,
+    /// What the last plan was filling up to (`Lsn::ZERO`: nothing).
+    missing_through: Lsn,
+}
+
+impl Repair {
+    /// A round's answers: the peers to pull from, best first, each with the
+    /// LSN to pull up to (`(own.scl, upto]`). Empty when nothing is missing.
+    pub fn handle_round(&mut self, own: Own, peers: &[PeerView]) -> Vec<(u32, Lsn)> {
+        let mut agreeing: Vec<&PeerView> = peers.iter().filter(|p| p.agrees_with(&own)).collect();
+        agreeing.sort_by_key(|p| std::cmp::Reverse(p.scl));
+        let best = agreeing.first().map_or(Lsn::ZERO, |p| p.scl);
+        let seen_before = match self.seen {
+            Some((epoch, truncation, lsn)) if epoch == own.epoch && truncation == own.truncation => lsn,
+            _ => Lsn::ZERO,
+        };
+        self.seen = Some((own.epoch, own.truncation, best));
+        let target = if own.pending { best } else { best.min(seen_before) };
+        self.missing_through = if target > own.scl { target } else { Lsn::ZERO };
+        if self.missing_through == Lsn::ZERO {
+            return Vec::new();
+        }
+        agreeing.iter().filter(|p| p.scl > own.scl).map(|p| (p.node, p.scl.min(target))).collect()
+    }
+
+    /// The best SCL an agreeing peer reported at the last round.
+    pub fn peer_scl(&self) -> Lsn {
+        self.seen.map_or(Lsn::ZERO, |(_, _, lsn)| lsn)
+    }
+
+    /// The LSN the segment is missing records up to (`Lsn::ZERO`: none known).
+    pub fn missing_through(&self) -> Lsn {
+        self.missing_through
+    }
+}
+
+struct Peer {
+    link: Arc<NodeLink>,
+    backoff: Backoff,
+}
+
+/// Rounds an unreachable peer sits out: 1, 2, 4, ... after consecutive
+/// failures, at most `PEER_BACKOFF_ROUNDS_MAX`; none once it answers.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    skip_rounds: u32,
+}
+
+impl Backoff {
+    fn failed(&mut self) {
+        self.failures = self.failures.saturating_add(1);
+        self.skip_rounds = (1u32 << (self.failures - 1).min(5)).min(PEER_BACKOFF_ROUNDS_MAX);
+    }
+
+    fn answered(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Whether to leave the peer out of this round (counts the round).
+    fn sit_out(&mut self) -> bool {
+        let skip = self.skip_rounds > 0;
+        self.skip_rounds = self.skip_rounds.saturating_sub(1);
+        skip
+    }
+}
+
+/// How pulling from one peer ended.
+enum PullEnd {
+    /// Reached `upto` (or the segment already had it).
+    Done,
+    /// The segment cannot take records now (shutting down, hot log full,
+    /// disk failed, epoch moved): not the peer's fault; try next round.
+    Stop(String),
+}
+
+struct SegmentGossip {
+    node: Arc<Node>,
+    seg: Arc<Segment>,
+    peers: Vec<Peer>,
+    repair: Repair,
+    gauges: Arc<GossipGauges>,
+    interval: Duration,
+}
+
+/// The segment's newest truncation.
+fn own_truncation(log: &SegmentLog) -> Option<Truncation> {
+    log.truncations().last().copied()
+}
+
+impl SegmentGossip {
+    async fn run(mut self) {
+        let mut last_round: Option<Instant> = None;
+        // Whether the last round left records waiting above a hole that it could not fill:
+        // then the next round waits for the interval instead of coming at once.
+        let mut hole_unfilled = false;
+        loop {
+            if self.node.is_shutting_down() {
+                return;
+            }
+            let pending = self.seg.log.lock().expect("segment lock").pending_records() > 0;
+            let since = last_round.map_or(self.interval, |t| t.elapsed());
+            if since < self.interval && !(pending && !hole_unfilled) {
+                if !pending {
+                    hole_unfilled = false;
+                }
+                tokio::time::sleep(HOLE_CHECK_INTERVAL.min(self.interval - since)).await;
+                continue;
+            }
+            last_round = Some(Instant::now());
+            let own = self.round().await;
+            hole_unfilled = own.pending;
+        }
+    }
+
+    fn own(&self) -> Own {
+        let log = self.seg.log.lock().expect("segment lock");
+        Own { epoch: log.epoch(), truncation: own_truncation(&log), scl: log.scl(), pending: log.pending_records() > 0 }
+    }
+
+    /// One round; returns the segment's state after it.
+    async fn round(&mut self) -> Own {
+        self.node.metrics.gossip_rounds.fetch_add(1, Relaxed);
+        let own = self.own();
+        let views = self.ask_peers(self.seg.id.pg).await;
+        let plan = self.repair.handle_round(own, &views);
+        self.gauges.peer_scl.store(self.repair.peer_scl().0, Relaxed);
+        self.gauges.missing_through.store(self.repair.missing_through().0, Relaxed);
+        for (peer, upto) in plan {
+            let i = self.peers.iter().position(|p| p.link.id == peer).expect("plans name our peers");
+            match self.pull_from(i, own, upto).await {
+                Ok(PullEnd::Done) => break,
+                Ok(PullEnd::Stop(why)) => {
+                    tracing::debug!(segment = %self.seg.id, %why, "gossip paused for this round");
+                    break;
+                }
+                Err(e) => {
+                    self.node.metrics.gossip_failures.fetch_add(1, Relaxed);
+                    self.peers[i].backoff.failed();
+                    tracing::warn!(segment = %self.seg.id, peer = peer, error = %format!("{e:#}"), "gossip pull failed; trying another peer");
+                }
+            }
+        }
+        let after = self.own();
+        if after.scl >= self.repair.missing_through() {
+            self.gauges.missing_through.store(0, Relaxed);
+        }
+        after
+    }
+
+    /// Asks every peer not sitting out its position, at once, each within `PEER_TIMEOUT`.
+    async fn ask_peers(&mut self, pg: PgId) -> Vec<PeerView> {
+        let mut asks = JoinSet::new();
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            if peer.backoff.sit_out() {
+                continue;
+            }
+            let link = peer.link.clone();
+            asks.spawn(async move { (i, status(&link, pg).await) });
+        }
+        let mut views = Vec::with_capacity(self.peers.len());
+        while let Some(joined) = asks.join_next().await {
+            let Ok((i, answer)) = joined else { continue };
+            let peer = &mut self.peers[i];
+            match answer {
+                Ok(s) => {
+                    peer.backoff.answered();
+                    views.push(PeerView::from_status(peer.link.id, &s));
+                }
+                Err(e) => {
+                    tracing::debug!(segment = %self.seg.id, peer = peer.link.id, error = %format!("{e:#}"), "gossip: no position from peer");
+                    self.node.metrics.gossip_failures.fetch_add(1, Relaxed);
+                    peer.backoff.failed();
+                }
+            }
+        }
+        views
+    }
+
+    /// Pulls `(SCL, upto]` from peer `i` into the segment, run by run.
+    async fn pull_from(&mut self, i: usize, own: Own, upto: Lsn) -> Result<PullEnd> {
+        let link = self.peers[i].link.clone();
+        let conn = match tokio::time::timeout(PEER_TIMEOUT, link.get()).await {
+            Ok(c) => c?,
+            Err(_) => bail!("no connection to node {} in {PEER_TIMEOUT:?}", link.id),
+        };
+        let result = self.pull_runs(&link, &conn, own, upto).await;
+        if result.is_err() {
+            link.forget(conn.conn.stable_id()).await;
+        }
+        result
+    }
+
+    async fn pull_runs(&mut self, link: &NodeLink, conn: &StorageConn, own: Own, upto: Lsn) -> Result<PullEnd> {
+        let (pg, peer) = (self.seg.id.pg, link.id);
+        let metrics = self.node.metrics.clone();
+        let start = self.own().scl;
+        let (mut from, mut inserted_total) = (start, 0u64);
+        while from < upto {
+            metrics.gossip_pulls.fetch_add(1, Relaxed);
+            let pulled = match tokio::time::timeout(PEER_TIMEOUT, conn.pull(pg, from, upto, PULL_BYTES_MAX)).await {
+                Ok(p) => p?,
+                Err(_) => bail!("no pull reply from node {peer} in {PEER_TIMEOUT:?}"),
+            };
+            metrics.gossip_bytes.fetch_add(pulled.records.len() as u64, Relaxed);
+            if pulled.last_lsn <= from {
+                bail!("node {peer} served nothing above {from} (its SCL is {})", pulled.position.scl);
+            }
+            let records = ValidRecords::validate(pulled.records, 0).map_err(|e| anyhow::anyhow!("node {peer} sent bad records: {e}"))?;
+            if let Some(r) = &records {
+                let run = r.run();
+                if run.first_lsn <= from || run.last_lsn > pulled.last_lsn {
+                    bail!("node {peer} answered a pull after {from} with records {}..={} (complete through {})", run.first_lsn, run.last_lsn, pulled.last_lsn);
+                }
+            }
+            // The peer must still be at our epoch and truncation: then the
+            // records were part of the history we share when it served them.
+            let now = match tokio::time::timeout(PEER_TIMEOUT, conn.status(Epoch(0), pg, None)).await {
+                Ok(s) => PeerView::from_status(peer, &s?),
+                Err(_) => bail!("no Status reply from node {peer} in {PEER_TIMEOUT:?}"),
+            };
+            if !now.agrees_with(&own) {
+                return Ok(PullEnd::Stop(format!("node {peer} moved to {} / {:?} while we pulled", now.epoch, now.truncation)));
+            }
+            let Some(records) = records else {
+                from = pulled.last_lsn;
+                continue;
+            };
+            let node = &self.node;
+            let result = self.seg.with_log(|log| {
+                // Checked under the segment lock, as appends are: no record lands after the final flush began.
+                if node.is_shutting_down() {
+                    return Err(PullEnd::Stop("shutting down".into()));
+                }
+                if log.epoch() != own.epoch || own_truncation(log) != own.truncation {
+                    return Err(PullEnd::Stop(format!("segment moved to {} while it pulled", log.epoch())));
+                }
+                let epoch = log.epoch();
+                log.handle_append(epoch, &records).map(|out| (out, log.scl())).map_err(|e| match e {
+                    AppendError::Conflict { .. } => PullEnd::Stop(format!("records from node {peer} conflict with the segment's: {e}")),
+                    // Busy, disk failed, truncating: the segment cannot take them now.
+                    _ => PullEnd::Stop(e.to_string()),
+                })
+            });
+            let (out, scl) = match result {
+                Ok(r) => r,
+                Err(stop) => return Ok(stop),
+            };
+            metrics.ingest_records.fetch_add(out.inserted as u64, Relaxed);
+            metrics.ingest_bytes.fetch_add(out.inserted_bytes as u64, Relaxed);
+            metrics.gossip_records.fetch_add(out.inserted as u64, Relaxed);
+            inserted_total += out.inserted as u64;
+            node.wake.wake();
+            if scl < pulled.last_lsn {
+                bail!("records from node {peer} up to {} left the segment's SCL at {scl}: they do not continue its chain", pulled.last_lsn);
+            }
+            from = scl;
+        }
+        if inserted_total > 0 {
+            tracing::info!(segment = %self.seg.id, peer, from = %start, to = %from, records = inserted_total, "gossip filled records from a peer");
+        }
+        Ok(PullEnd::Done)
+    }
+}
+
+/// The segment's position from `link`'s node: a connection and a request,
+/// each within `PEER_TIMEOUT`; a connection that failed a request is dropped.
+async fn status(link: &NodeLink, pg: PgId) -> Result<SegmentStatus> {
+    let conn = match tokio::time::timeout(PEER_TIMEOUT, link.get()).await {
+        Ok(c) => c?,
+        Err(_) => bail!("no connection in {PEER_TIMEOUT:?}"),
+    };
+    let answer = match tokio::time::timeout(PEER_TIMEOUT, conn.status(Epoch(0), pg, None)).await {
+        Ok(Ok(s)) => return Ok(s),
+        Ok(Err(e)) => anyhow::Error::from(e),
+        Err(_) => anyhow::anyhow!("no Status reply in {PEER_TIMEOUT:?}"),
+    };
+    link.forget(conn.conn.stable_id()).await;
+    Err(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own(scl: u64, pending: bool) -> Own {
+        Own { epoch: Epoch(1), truncation: None, scl: Lsn(scl), pending }
+    }
+
+    fn peer(node: u32, epoch: u64, scl: u64) -> PeerView {
+        PeerView { node, epoch: Epoch(epoch), truncation: None, scl: Lsn(scl) }
+    }
+
+    #[test]
+    fn lag_is_repaired_only_once_it_lasts_a_round() {
+        let mut r = Repair::default();
+        // First sight of peers ahead: the writer may still be sending to us.
+        assert!(r.handle_round(own(10, false), &[peer(2, 1, 50), peer(3, 1, 40)]).is_empty());
+        assert_eq!((r.peer_scl(), r.missing_through()), (Lsn(50), Lsn::ZERO));
+        // A round later we are still below what they had: pull up to that, best peer first.
+        assert_eq!(r.handle_round(own(20, false), &[peer(2, 1, 90), peer(3, 1, 60)]), vec![(2, Lsn(50)), (3, Lsn(50))]);
+        assert_eq!(r.missing_through(), Lsn(50));
+        // Caught up with what they had a round ago: nothing to do.
+        assert!(r.handle_round(own(95, false), &[peer(2, 1, 120)]).is_empty());
+        assert_eq!(r.missing_through(), Lsn::ZERO);
+    }
+
+    #[test]
+    fn a_hole_is_filled_at_once_from_every_peer_ahead() {
+        let mut r = Repair::default();
+        let plan = r.handle_round(own(10, true), &[peer(2, 1, 50), peer(3, 1, 10), peer(4, 1, 30)]);
+        assert_eq!(plan, vec![(2, Lsn(50)), (4, Lsn(30))]);
+        assert_eq!(r.missing_through(), Lsn(50));
+    }
+
+    #[test]
+    fn peers_at_another_epoch_or_truncation_are_never_pulled_from() {
+        let mut r = Repair::default();
+        let t = |epoch, above| Some(Truncation { epoch: Epoch(epoch), above: Lsn(above) });
+        let other_truncation = PeerView { truncation: t(1, 5), ..peer(5, 1, 99) };
+        for _ in 0..3 {
+            let plan = r.handle_round(own(10, true), &[peer(2, 2, 90), peer(3, 0, 80), other_truncation]);
+            assert!(plan.is_empty(), "{plan:?}");
+            assert_eq!(r.peer_scl(), Lsn::ZERO);
+        }
+        // Same epoch and the same newest truncation: agreed.
+        let ours = Own { truncation: t(1, 5), ..own(10, true) };
+        assert_eq!(r.handle_round(ours, &[other_truncation]), vec![(5, Lsn(99))]);
+    }
+
+    #[test]
+    fn what_was_seen_at_an_older_epoch_does_not_count() {
+        let mut r = Repair::default();
+        assert!(r.handle_round(own(10, false), &[peer(2, 1, 50)]).is_empty());
+        let moved = Own { epoch: Epoch(2), ..own(10, false) };
+        assert!(r.handle_round(moved, &[peer(2, 2, 60)]).is_empty(), "the epoch-1 sighting must not be pulled at epoch 2");
+        assert_eq!(r.handle_round(moved, &[peer(2, 2, 60)]), vec![(2, Lsn(60))]);
+    }
+
+    #[test]
+    fn unreachable_peers_sit_out_more_rounds_each_time() {
+        let mut b = Backoff::default();
+        assert!(!b.sit_out());
+        let mut sat_out = Vec::new();
+        for _ in 0..7 {
+            b.failed();
+            let mut n = 0;
+            while b.sit_out() {
+                n += 1;
+            }
+            sat_out.push(n);
+        }
+        assert_eq!(sat_out, [1, 2, 4, 8, 16, 32, 32]);
+        b.answered();
+        b.failed();
+        assert!(b.sit_out() && !b.sit_out(), "an answer resets the backoff");
+    }
+}

@@ -1,5 +1,7 @@
 //! The replica's client API: gets at the read point, read-your-writes with
 //! `min_lsn`, and `Follow` of the read point; transactions go to the writer.
+//! `Role` and `Promote` serve failover; once promoted, transactions and gets
+//! are served by the writer this replica became.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -12,10 +14,12 @@ use redo_core::replica::ReadPlan;
 use redo_core::Lsn;
 use tokio::sync::watch;
 
+use crate::promote::Promoter;
 use crate::state::Replica;
 
 pub struct Api {
     pub replica: Arc<Replica>,
+    pub promoter: Arc<Promoter>,
     pub links: Vec<Arc<NodeLink>>,
     pub writer: String,
     pub read_wait: Duration,
@@ -24,7 +28,15 @@ pub struct Api {
 
 impl ApiService for Api {
     async fn handle(self: Arc<Self>, req: Request) -> Response {
+        if let (Some(writer), Request::Txn(_) | Request::Get { .. }) = (self.promoter.writer.get(), &req) {
+            return writer.clone().handle(req).await;
+        }
         match req {
+            Request::Role => Response::RoleIs(self.promoter.role()),
+            Request::Promote => match self.promoter.promote().await {
+                Ok(p) => Response::Promoted(p),
+                Err(e) => error(ApiErrorCode::Unavailable, e),
+            },
             Request::Txn(_) => {
                 self.refused();
                 error(ApiErrorCode::Unavailable, format!("a read replica takes no writes; send transactions to the writer at {}", self.writer))

@@ -47,6 +47,24 @@ pub struct Config {
     /// How long to wait at start for a write quorum of every protection group to answer.
     #[arg(long, default_value_t = 30_000)]
     pub start_timeout_ms: u64,
+    /// The other replicas' client-API addresses (comma-separated). They agree which of them
+    /// promotes when the writer falls silent, and follow whichever is the writer after.
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<SocketAddr>,
+    /// Promotion priority: among replicas with the same read point, the highest promotes.
+    #[arg(long, default_value_t = 0)]
+    pub priority: u32,
+    /// Promote automatically once the writer's heartbeat (every 50 ms) has been silent this
+    /// long and this replica is the best one that answers (highest read point, then
+    /// priority); 0 never promotes automatically (only `replicad promote`).
+    #[arg(long, default_value_t = 300)]
+    pub failover_silence_ms: u64,
+    /// How long a promotion may take to claim the volume before it gives up.
+    #[arg(long, default_value_t = 10_000)]
+    pub promote_timeout_ms: u64,
+    /// The writer this replica becomes when promoted.
+    #[command(flatten)]
+    pub tuning: writerd::Tuning,
 }
 
 /// Smallest buffer: a few records, so that a test can make a replica fall behind.
@@ -60,6 +78,9 @@ impl Config {
         if self.cache_pages_max == 0 {
             bail!("--cache-pages-max must be at least 1: a page read from storage is applied in the cache");
         }
-        Ok(())
+        if self.failover_silence_ms != 0 && self.failover_silence_ms <= 2 * borealis_net::api_server::HEARTBEAT.as_millis() as u64 {
+            bail!("--failover-silence-ms must exceed two heartbeats ({:?}), or be 0", 2 * borealis_net::api_server::HEARTBEAT);
+        }
+        self.tuning.validate()
     }
 }

@@ -17,10 +17,13 @@ use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, PgId};
 use tokio::task::JoinSet;
 
+use crate::promote::Promoter;
 use crate::state::Replica;
 
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);
+/// A writer feed with no heartbeat for this long is dropped and the writer looked for.
+const WRITER_SILENT: Duration = Duration::from_millis(4 * borealis_net::api_server::HEARTBEAT.as_millis() as u64);
 /// Safety net under the notifications: a puller looks again this often even when
 /// nothing woke it (a notification lost with a connection is then late, not lost).
 const RECHECK: Duration = Duration::from_secs(1);
@@ -97,12 +100,17 @@ pub async fn storage_feed(replica: Arc<Replica>, volume: Volume, link: Arc<NodeL
     }
 }
 
-/// Follows the writer's VDL, reconnecting forever: the replica serves at its read
-/// point while the writer is away.
-pub async fn writer_feed(replica: Arc<Replica>, endpoint: quinn::Endpoint, writer: SocketAddr) {
+/// Follows the writer's VDL (and heartbeat), reconnecting while the replica is not
+/// the writer itself: the replica serves at its read point while the writer is away.
+/// When the writer it follows is lost, it asks the volume's writer address and the
+/// peer replicas who the writer is now (one of them may have been promoted).
+pub async fn writer_feed(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, volume_writer: SocketAddr, peers: Vec<SocketAddr>) {
+    let replica = promoter.replica.clone();
+    let candidates: Vec<SocketAddr> = std::iter::once(volume_writer).chain(peers).collect();
+    let mut writer = volume_writer;
     let mut backoff = RETRY_MIN;
     let mut connected = true;
-    loop {
+    while promoter.writer.get().is_none() {
         let session = async {
             let client = tokio::time::timeout(REQUEST_TIMEOUT, ApiClient::connect(&endpoint, writer))
                 .await
@@ -111,23 +119,48 @@ pub async fn writer_feed(replica: Arc<Replica>, endpoint: quinn::Endpoint, write
             loop {
                 let p = follower.next().await?;
                 if !connected {
-                    tracing::info!(%writer, vdl = %p.vdl, "following the writer");
+                    tracing::info!(%writer, epoch = %p.epoch, vdl = %p.vdl, "following the writer");
                     connected = true;
                 }
                 backoff = RETRY_MIN;
                 replica.on_progress(&p);
             }
         };
-        let e: borealis_net::api::ApiError = match session.await {
-            Ok(()) => unreachable!("the feed ends only by an error"),
-            Err(e) => e,
+        let e: borealis_net::api::ApiError = tokio::select! {
+            r = session => match r {
+                Ok(()) => unreachable!("the feed ends only by an error"),
+                Err(e) => e,
+            },
+            // A silent writer whose connection lingers (QUIC idle timeout) counts as lost.
+            _ = silent(&replica, Instant::now()) => borealis_net::api::ApiError::Lost(format!("no heartbeat for {WRITER_SILENT:?}")),
         };
         if connected {
-            tracing::warn!(%writer, error = %e, "lost the writer's VDL feed; serving at the current read point and retrying");
+            tracing::warn!(%writer, error = %e, "lost the writer's VDL feed; serving at the current read point and looking for the writer");
             connected = false;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(RETRY_MAX);
+        let known = replica.writer().map(|h| h.epoch).unwrap_or_default();
+        let newest = crate::promote::roles_of(&endpoint, &candidates).await.into_iter().filter(|(_, r)| r.writer && r.epoch >= known).max_by_key(|(_, r)| r.epoch);
+        match newest {
+            Some((addr, _)) if addr != writer => {
+                tracing::info!(from = %writer, to = %addr, "the writer moved");
+                writer = addr;
+            }
+            _ => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// Resolves once the writer has not been heard for `WRITER_SILENT` since `since`.
+async fn silent(replica: &Replica, since: Instant) {
+    loop {
+        let quiet = replica.writer().map_or(since, |h| h.at.max(since)).elapsed();
+        if quiet >= WRITER_SILENT {
+            return;
+        }
+        tokio::time::sleep(WRITER_SILENT - quiet).await;
     }
 }
 

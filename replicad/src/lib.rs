@@ -8,6 +8,7 @@ mod api;
 pub mod config;
 mod feeds;
 mod metrics;
+mod promote;
 mod state;
 
 use std::sync::Arc;
@@ -26,8 +27,8 @@ use crate::state::Replica;
 /// How often a replica that has no read point yet says why it is not serving.
 const NOT_READY_REPORT: Duration = Duration::from_secs(5);
 
-/// Serves until SIGTERM/SIGINT.
-pub fn run(config: Config) -> Result<()> {
+/// Serves until SIGTERM/SIGINT (`Ok(0)`), or, once promoted, until a newer writer fences it (`Ok(writerd::EXIT_FENCED)`).
+pub fn run(config: Config) -> Result<i32> {
     config.validate()?;
     let volume = borealis_net::load_volume(&config.volume)?;
     let writer = volume.writer.parse().with_context(|| format!("volume writer address {:?}", volume.writer))?;
@@ -50,7 +51,17 @@ pub fn run(config: Config) -> Result<()> {
         for link in &links {
             tokio::spawn(feeds::storage_feed(replica.clone(), volume.clone(), link.clone()));
         }
-        tokio::spawn(feeds::writer_feed(replica.clone(), endpoint.clone(), writer));
+        let promoter = Arc::new(promote::Promoter::new(
+            replica.clone(),
+            volume.clone(),
+            links.clone(),
+            config.tuning.clone(),
+            config.cache_pages_max,
+            config.request_bytes_max as usize,
+            Duration::from_millis(config.promote_timeout_ms),
+            config.priority,
+        ));
+        tokio::spawn(feeds::writer_feed(promoter.clone(), endpoint.clone(), writer, config.peers.clone()));
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
             let r = replica.clone();
@@ -64,8 +75,8 @@ pub fn run(config: Config) -> Result<()> {
         loop {
             tokio::select! {
                 _ = ready.wait_for(|r| *r) => break,
-                _ = term.recv() => return Ok(()),
-                _ = int.recv() => return Ok(()),
+                _ = term.recv() => return Ok(0),
+                _ = int.recv() => return Ok(0),
                 _ = waiting.tick() => {
                     let (vdl, pending) = { let c = replica.lock(); (c.vdl(), c.pending_bytes()) };
                     tracing::warn!(%vdl, pending_bytes = pending, %writer, "no read point yet: waiting for the writer's VDL and the records up to a commit");
@@ -73,8 +84,13 @@ pub fn run(config: Config) -> Result<()> {
             }
         }
         let server = borealis_net::server_endpoint(&identity, config.listen)?;
+        if config.failover_silence_ms > 0 {
+            let silence = Duration::from_millis(config.failover_silence_ms);
+            tokio::spawn(promote::watch(promoter.clone(), endpoint.clone(), config.listen, config.peers.clone(), silence));
+        }
         let api = Arc::new(api::Api {
             replica: replica.clone(),
+            promoter: promoter.clone(),
             links,
             writer: volume.writer.clone(),
             read_wait: Duration::from_millis(config.read_wait_ms),
@@ -83,12 +99,56 @@ pub fn run(config: Config) -> Result<()> {
         tokio::spawn(borealis_net::serve_streams(server.clone(), move |send, recv| borealis_net::api_server::serve_stream(api.clone(), send, recv)));
         let read_point = replica.progress.borrow().vdl;
         tracing::info!(listen = %server.local_addr()?, %read_point, "replicad ready");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
+        let fenced = async {
+            loop {
+                if let Some(api) = promoter.writer.get() {
+                    let _ = api.writer.fenced.subscribe().wait_for(|f| f.is_some()).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let code = tokio::select! {
+            _ = term.recv() => 0,
+            _ = int.recv() => 0,
+            _ = fenced => writerd::EXIT_FENCED,
+        };
         server.close(0u32.into(), b"replica stopping");
         let _ = tokio::time::timeout(Duration::from_secs(1), server.wait_idle()).await;
-        Ok(())
+        Ok(code)
+    })
+}
+
+/// `replicad promote`.
+#[derive(clap::Args, Debug)]
+pub struct PromoteArgs {
+    /// Client-API address of the replica to promote.
+    #[arg(long)]
+    pub replica: std::net::SocketAddr,
+    /// Certificate directory of the cluster (ca.pem, NAME.pem, NAME.key).
+    #[arg(long)]
+    pub certs: std::path::PathBuf,
+    /// Certificate to present.
+    #[arg(long, default_value = "client")]
+    pub cert_name: String,
+}
+
+/// Sends `Promote` to a replica and prints the outcome as JSON.
+pub fn promote_cmd(args: PromoteArgs) -> Result<i32> {
+    let identity = borealis_net::TlsIdentity::load(&args.certs, &args.cert_name)
+        .with_context(|| format!("load certificates for {} from {}", args.cert_name, args.certs.display()))?;
+    borealis_net::runtime(1)?.block_on(async {
+        let endpoint = borealis_net::client_endpoint(&identity)?;
+        let client = borealis_net::api::ApiClient::connect(&endpoint, args.replica).await.with_context(|| format!("connect to {}", args.replica))?;
+        match client.call(&redo_core::api::Request::Promote).await.context("promote")? {
+            redo_core::api::Response::Promoted(p) => {
+                println!(
+                    "{{\"epoch\":{},\"vdl\":{},\"claim_us\":{},\"offer_us\":{},\"decide_us\":{},\"truncate_us\":{},\"total_us\":{}}}",
+                    p.epoch.0, p.vdl.0, p.claim_us, p.offer_us, p.decide_us, p.truncate_us, p.total_us
+                );
+                Ok(0)
+            }
+            other => anyhow::bail!("{} did not promote: {other:?}", args.replica),
+        }
     })
 }

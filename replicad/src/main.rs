@@ -18,11 +18,16 @@ enum Command {
     /// pull the redo log from storage, apply whole transactions up to VDL and serve reads at
     /// that read point. Needs no writer to start; exits 0 on SIGTERM.
     Serve(replicad::Config),
+    /// Make the replica at --replica take over the volume now (claim the next epoch, recover,
+    /// accept writes); prints how long each step took, as JSON. For a writer known dead: a
+    /// live writer is fenced by the new epoch and stops.
+    Promote(replicad::PromoteArgs),
 }
 
 fn main() -> Result<()> {
     borealis_net::init_logging("info");
     match Cli::parse().command {
-        Command::Serve(config) => replicad::run(config),
+        Command::Serve(config) => std::process::exit(replicad::run(config)?),
+        Command::Promote(args) => std::process::exit(replicad::promote_cmd(args)?),
     }
 }

@@ -15,6 +15,11 @@ pub struct Metrics {
     pub pull_bytes: AtomicU64,
     pub pull_failovers: AtomicU64,
     pub requests_refused: AtomicU64,
+    pub promotions_auto: AtomicU64,
+    pub promotions_lost: AtomicU64,
+    pub promotions_failed: AtomicU64,
+    /// How long the promotion that made this replica the writer took (0: not promoted).
+    pub promoted_total_us: AtomicU64,
     /// From hearing a VDL from the writer to the read point reaching it.
     pub apply_delay_us: Distribution,
     /// Pull request to reply, successful pulls.
@@ -33,6 +38,10 @@ impl Metrics {
             ("replicad_pull_bytes_total", "Redo bytes pulled from storage.", &self.pull_bytes),
             ("replicad_pull_failovers_total", "Pulls retried on another segment after one failed.", &self.pull_failovers),
             ("replicad_requests_refused_total", "Client requests refused (malformed, too large, invalid, writes).", &self.requests_refused),
+            ("replicad_promotions_auto_total", "Automatic promotions started (writer silent, this replica the best).", &self.promotions_auto),
+            ("replicad_promotions_lost_total", "Promotions given up because another candidate claimed the volume.", &self.promotions_lost),
+            ("replicad_promotions_failed_total", "Promotions that failed (storage unreachable); the replica stays one.", &self.promotions_failed),
+            ("replicad_promoted_us", "How long the promotion that made this replica the writer took (0: not promoted).", &self.promoted_total_us),
         ];
         for (name, help, v) in counters {
             header(&mut out, name, "counter", help);

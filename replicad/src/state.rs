@@ -8,7 +8,7 @@ use std::time::Instant;
 use redo_core::api::Progress;
 use redo_core::replica::ReplicaCore;
 use redo_core::wire::SegmentPosition;
-use redo_core::Lsn;
+use redo_core::{Epoch, Lsn};
 use tokio::sync::{watch, Notify};
 
 use crate::feeds::Latency;
@@ -29,7 +29,17 @@ pub struct Replica {
     pub latency: Vec<Latency>,
     /// VDLs heard from the writer and when, until the read point reaches them.
     heard: Mutex<VecDeque<(Lsn, Instant)>>,
+    /// The writer followed: its epoch, the highest VDL it reported, and when it was last
+    /// heard (its heartbeat); `None` before any writer was heard.
+    writer: Mutex<Option<Heard>>,
     pub metrics: Metrics,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Heard {
+    pub epoch: Epoch,
+    pub vdl: Lsn,
+    pub at: Instant,
 }
 
 impl Replica {
@@ -37,12 +47,13 @@ impl Replica {
         let pgs = core.volume().pg_count();
         let read_point = core.read_point();
         Replica {
-            progress: watch::channel(Progress { vdl: read_point.unwrap_or(Lsn::ZERO), pgcl: Vec::new() }).0,
+            progress: watch::channel(Progress { epoch: Epoch(0), vdl: read_point.unwrap_or(Lsn::ZERO), pgcl: Vec::new() }).0,
             ready: watch::channel(read_point.is_some()).0,
             core: Mutex::new(core),
             kick: (0..pgs).map(|_| Notify::new()).collect(),
             latency: (0..pgs).map(|_| Latency::default()).collect(),
             heard: Mutex::new(VecDeque::new()),
+            writer: Mutex::new(None),
             metrics: Metrics::default(),
         }
     }
@@ -79,8 +90,27 @@ impl Replica {
         self.kick.iter().for_each(Notify::notify_one);
     }
 
-    /// The writer's VDL advanced.
+    /// The writer that was last heard from.
+    pub fn writer(&self) -> Option<Heard> {
+        *self.writer.lock().expect("writer lock")
+    }
+
+    /// The writer's progress (or heartbeat) arrived.
     pub fn on_progress(&self, p: &Progress) {
+        let before = {
+            let mut w = self.writer.lock().expect("writer lock");
+            let before = w.map(|w| w.epoch);
+            let vdl = w.filter(|w| w.epoch == p.epoch).map_or(p.vdl, |w| w.vdl.max(p.vdl));
+            *w = Some(Heard { epoch: p.epoch, vdl, at: Instant::now() });
+            before
+        };
+        if before != Some(p.epoch) {
+            if before.is_some() {
+                tracing::info!(epoch = %p.epoch, vdl = %p.vdl, "a new writer took over: dropping what the old one wrote above its VDL");
+                self.lock().new_epoch(p.vdl, &p.pgcl);
+            }
+            self.progress.send_modify(|cur| cur.epoch = p.epoch);
+        }
         let mut heard = self.heard.lock().expect("heard lock");
         if heard.back().is_none_or(|&(l, _)| p.vdl > l) && heard.len() < HEARD_MAX {
             heard.push_back((p.vdl, Instant::now()));

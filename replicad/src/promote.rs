@@ -1,0 +1,190 @@
+//! Promotion: the replica takes over the volume (claim, offer back what it
+//! holds, recover, truncate: `writerd::recovery`) and from then on serves
+//! transactions as the writer, with writerd's engine. Triggered by hand
+//! (`Promote`) or by `watch`, when the writer's heartbeat has been silent and
+//! this replica is the best of those that answer.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use borealis_net::api::ApiClient;
+use borealis_net::storage::NodeLink;
+use redo_core::api::{Promoted, Request, Response, Role};
+use redo_core::volume::Volume;
+use redo_core::Lsn;
+use tokio::task::JoinSet;
+use writerd::recovery::TakeoverError;
+
+use crate::state::Replica;
+
+/// Records per offered run (one Append frame each).
+const OFFER_RUN_BYTES_MAX: usize = 1 << 20;
+/// How long a peer gets to answer `Role` during the agreement.
+const PEER_WAIT: Duration = Duration::from_millis(200);
+
+pub struct Promoter {
+    pub replica: Arc<Replica>,
+    pub volume: Volume,
+    pub links: Vec<Arc<NodeLink>>,
+    pub tuning: writerd::Tuning,
+    pub cache_pages_max: usize,
+    pub request_bytes_max: usize,
+    pub timeout: Duration,
+    pub priority: u32,
+    /// Set once promoted: the writer this replica now is.
+    pub writer: OnceLock<Arc<writerd::api_server::Api>>,
+    /// One promotion at a time; its outcome once it succeeded.
+    done: tokio::sync::Mutex<Option<Promoted>>,
+}
+
+impl Promoter {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        replica: Arc<Replica>,
+        volume: Volume,
+        links: Vec<Arc<NodeLink>>,
+        tuning: writerd::Tuning,
+        cache_pages_max: usize,
+        request_bytes_max: usize,
+        timeout: Duration,
+        priority: u32,
+    ) -> Self {
+        Promoter { replica, volume, links, tuning, cache_pages_max, request_bytes_max, timeout, priority, writer: OnceLock::new(), done: Default::default() }
+    }
+
+    /// What this server is, for `Role`.
+    pub fn role(&self) -> Role {
+        if let Some(api) = self.writer.get() {
+            let g = api.writer.lock();
+            return Role { writer: api.writer.is_fenced().is_none(), epoch: g.core.epoch(), vdl: g.core.vdl(), priority: self.priority, writer_silent_ms: 0 };
+        }
+        let heard = self.replica.writer();
+        Role {
+            writer: false,
+            epoch: heard.map(|h| h.epoch).unwrap_or_default(),
+            vdl: self.replica.progress.borrow().vdl,
+            priority: self.priority,
+            writer_silent_ms: heard.map_or(u64::MAX, |h| h.at.elapsed().as_millis() as u64),
+        }
+    }
+
+    /// Takes over the volume, or returns how the earlier promotion went.
+    pub async fn promote(&self) -> Result<Promoted, String> {
+        let mut done = self.done.lock().await;
+        if let Some(p) = done.as_ref() {
+            return Ok(p.clone());
+        }
+        let started = Instant::now();
+        let r = &self.replica;
+        // Every PG is complete up to the read point (a CPL), and up to the last VDL the
+        // writer reported; what lies above is decided from storage.
+        let known = r.writer().map_or(Lsn::ZERO, |h| h.vdl).max(r.progress.borrow().vdl);
+        let offer = r.lock().held_records(OFFER_RUN_BYTES_MAX);
+        tracing::warn!(%known, offered_bytes = offer.iter().flatten().map(|b| b.len()).sum::<usize>(), "promoting: taking over the volume");
+        let (epoch, recovered, t) = match writerd::recovery::take_over(&self.volume, &self.links, known, offer, self.timeout).await {
+            Ok(x) => x,
+            Err(TakeoverError::Lost(why)) => {
+                r.metrics.promotions_lost.fetch_add(1, Relaxed);
+                tracing::warn!(%why, "another replica won the promotion; standing down");
+                return Err(format!("another candidate won the promotion: {why}"));
+            }
+            Err(TakeoverError::Failed(e)) => {
+                r.metrics.promotions_failed.fetch_add(1, Relaxed);
+                tracing::error!(error = %format!("{e:#}"), "promotion failed; still a replica");
+                return Err(format!("promotion failed: {e:#}"));
+            }
+        };
+        let vdl = recovered.vdl;
+        let writer = writerd::start(&self.volume, &self.links, epoch, recovered, &self.tuning, self.cache_pages_max);
+        // Follow streams opened on this replica now report the writer's progress.
+        let (mut from, to) = (writer.progress.subscribe(), r.progress.clone());
+        tokio::spawn(async move {
+            loop {
+                to.send_replace(from.borrow_and_update().clone());
+                if from.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let api = writerd::api_server::Api { writer, volume: self.volume.clone(), links: self.links.clone(), request_bytes_max: self.request_bytes_max };
+        if self.writer.set(Arc::new(api)).is_err() {
+            unreachable!("promotions are serialised by `done`");
+        }
+        let us = |d: Duration| d.as_micros() as u64;
+        let p = Promoted {
+            epoch,
+            vdl,
+            claim_us: us(t.claim),
+            offer_us: us(t.offer),
+            decide_us: us(t.decide),
+            truncate_us: us(t.truncate),
+            total_us: us(started.elapsed()),
+        };
+        r.metrics.promoted_total_us.store(p.total_us, Relaxed);
+        tracing::warn!(%epoch, %vdl, ?p, "promoted: this replica is the writer");
+        *done = Some(p.clone());
+        Ok(p)
+    }
+}
+
+/// Promotes automatically: once the writer that was followed has been silent
+/// for `silence`, asks the peers their `Role`, and promotes only if no peer is
+/// the writer and none that also lost the writer is better (higher read point,
+/// then priority, then lower address).
+pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: SocketAddr, peers: Vec<SocketAddr>, silence: Duration) {
+    let r = promoter.replica.clone();
+    loop {
+        tokio::time::sleep(silence / 4).await;
+        if promoter.writer.get().is_some() {
+            return;
+        }
+        // Never promote for a writer never heard (a replica started while none runs).
+        if r.writer().is_none_or(|h| h.at.elapsed() < silence) {
+            continue;
+        }
+        let mine = promoter.role();
+        let roles = roles_of(&endpoint, &peers).await;
+        if roles.iter().any(|(_, role)| role.writer && role.epoch > mine.epoch) {
+            continue; // a new writer exists: the writer feed finds it
+        }
+        let rank = |addr: SocketAddr, role: &Role| (role.vdl, role.priority, std::cmp::Reverse(addr));
+        let better = roles
+            .iter()
+            .filter(|(_, role)| !role.writer && role.writer_silent_ms >= silence.as_millis() as u64)
+            .find(|(addr, role)| rank(*addr, role) > rank(me, &mine));
+        if let Some((addr, role)) = better {
+            tracing::info!(peer = %addr, peer_vdl = %role.vdl, vdl = %mine.vdl, "writer silent; a better replica should promote");
+            continue;
+        }
+        tracing::warn!(silent_ms = r.writer().map_or(0, |h| h.at.elapsed().as_millis()), "writer silent and this replica is the best: promoting");
+        r.metrics.promotions_auto.fetch_add(1, Relaxed);
+        let _ = promoter.promote().await;
+    }
+}
+
+/// The `Role` of each address that answers within `PEER_WAIT`.
+pub async fn roles_of(endpoint: &quinn::Endpoint, addrs: &[SocketAddr]) -> Vec<(SocketAddr, Role)> {
+    let mut asks = JoinSet::new();
+    for &addr in addrs {
+        let endpoint = endpoint.clone();
+        asks.spawn(async move {
+            let ask = async {
+                let client = ApiClient::connect(&endpoint, addr).await.ok()?;
+                let role = match client.call(&Request::Role).await {
+                    Ok(Response::RoleIs(role)) => Some(role),
+                    _ => None,
+                };
+                client.close();
+                role
+            };
+            tokio::time::timeout(PEER_WAIT, ask).await.ok().flatten().map(|role| (addr, role))
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = asks.join_next().await {
+        out.extend(r.ok().flatten());
+    }
+    out
+}

@@ -204,15 +204,29 @@ pub struct LocalStorage {
 impl LocalStorage {
     /// Starts `count` storage nodes, each hosting `pgs`, under `dir`.
     pub fn start(dir: &Path, count: u32, pgs: &[u32], extra_args: &[String]) -> Result<Self> {
+        Self::start_nodes(dir, count, pgs, extra_args, None)
+    }
+
+    /// `start`; with `volume` (writer address, PG count, page count), first
+    /// writes DIR/volume.toml placing every PG on these nodes and passes it to
+    /// them (`--volume`), so that they fill holes by gossip with their peers.
+    fn start_nodes(dir: &Path, count: u32, pgs: &[u32], extra_args: &[String], volume: Option<(SocketAddr, u32, u64)>) -> Result<Self> {
         let certs = dir.join("certs");
         let mut names: Vec<String> = (1..=count).map(|i| format!("storaged-{i}")).collect();
         names.push("loadgen".into());
         borealis_net::certs::generate(&certs, &names)?;
         let bin = storaged_binary()?;
         let pgs_arg = pgs.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
+        let addrs = (1..=count).map(|_| daemon_addrs()).collect::<Result<Vec<_>>>()?;
+        let mut volume_args = Vec::new();
+        if let Some((writer, pg_count, page_count)) = volume {
+            let volume = local_volume(writer, (1..=count).zip(addrs.iter().map(|a| a.0)), pg_count, page_count)?;
+            let path = dir.join("volume.toml");
+            std::fs::write(&path, volume.to_toml()).with_context(|| format!("write {}", path.display()))?;
+            volume_args = vec!["--volume".into(), path.into_os_string()];
+        }
         let mut nodes = Vec::new();
-        for node_id in 1..=count {
-            let (addr, metrics_addr) = daemon_addrs()?;
+        for (node_id, (addr, metrics_addr)) in (1..=count).zip(addrs) {
             let name = format!("storaged-{node_id}");
             let process = Daemon::spawn(
                 &name,
@@ -228,6 +242,7 @@ impl LocalStorage {
                     .arg("--certs")
                     .arg(&certs)
                     .args(["--pgs", &pgs_arg])
+                    .args(&volume_args)
                     .args(extra_args),
             )?;
             nodes.push(StorageNode { node_id, addr, metrics_addr, process });
@@ -302,16 +317,15 @@ impl LocalCluster {
         let all_pgs: Vec<u32> = (0..spec.pgs).collect();
         // The daemons share this host's cores: one network thread each switches least.
         let storaged_args: Vec<String> = ONE_THREAD.iter().map(|s| s.to_string()).chain(spec.storaged_args.iter().cloned()).collect();
-        let mut storage = LocalStorage::start(dir, CLUSTER_NODES, &all_pgs, &storaged_args)?;
+        let (writer_addr, writer_metrics_addr) = daemon_addrs()?;
+        let volume = (writer_addr, spec.pgs, spec.page_count);
+        let mut storage = LocalStorage::start_nodes(dir, CLUSTER_NODES, &all_pgs, &storaged_args, Some(volume))?;
         let certs = dir.join("certs");
         // The CA made by LocalStorage::start signs these too.
         borealis_net::certs::generate(&certs, &["writerd".to_string(), "replicad".to_string()])?;
         let endpoint = borealis_net::client_endpoint(&storage.identity()?)?;
         drop(storage.connect_all(&endpoint).await?);
-        let (writer_addr, writer_metrics_addr) = daemon_addrs()?;
-        let volume = local_volume(writer_addr, storage.nodes.iter().map(|n| (n.node_id, n.addr)), spec.pgs, spec.page_count)?;
         let volume_path = dir.join("volume.toml");
-        std::fs::write(&volume_path, volume.to_toml()).with_context(|| format!("write {}", volume_path.display()))?;
         let mut writerd = Daemon::spawn(
             "writerd",
             dir.join("writerd.log"),

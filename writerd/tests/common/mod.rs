@@ -190,6 +190,7 @@ impl Cluster {
         args.extend(["--listen".into(), spec.addr.clone(), "--pgs".into(), pgs.join(",")]);
         args.extend(["--data-dir".into(), self.dir.path().join(format!("data-{id}")).display().to_string()]);
         args.extend(["--certs".into(), self.certs.display().to_string(), "--segment-prealloc-bytes".into(), "1MiB".into()]);
+        args.extend(["--volume".into(), self.volume_path.display().to_string()]);
         args.extend(self.storaged_args.iter().cloned());
         Proc::spawn(&bin("storaged"), &args, self.dir.path().join(format!("storaged-{id}.{}.log", self.starts)))
     }

@@ -285,6 +285,9 @@ pub struct LocalCluster {
     pub writer_metrics_addr: SocketAddr,
     writerd: Daemon,
     pub replicas: Vec<Replica>,
+    /// The certificate directory (a `loadgen` client certificate included) and the volume file.
+    pub certs: PathBuf,
+    pub volume_path: PathBuf,
 }
 
 /// A replicad of a local cluster.
@@ -314,6 +317,16 @@ impl LocalCluster {
     /// Starts the storage nodes, waits for them, then starts writerd and then
     /// the replicas, waiting until each serves a get.
     pub async fn start(dir: &Path, spec: &ClusterSpec<'_>) -> Result<Self> {
+        Self::launch(dir, spec, false).await
+    }
+
+    /// Like `start`, with replicas that can take over: each gets the others' addresses
+    /// (`--peers`) and a distinct `--priority`, replica 1 the highest.
+    pub async fn start_for_failover(dir: &Path, spec: &ClusterSpec<'_>) -> Result<Self> {
+        Self::launch(dir, spec, true).await
+    }
+
+    async fn launch(dir: &Path, spec: &ClusterSpec<'_>, failover: bool) -> Result<Self> {
         let all_pgs: Vec<u32> = (0..spec.pgs).collect();
         // The daemons share this host's cores: one network thread each switches least.
         let storaged_args: Vec<String> = ONE_THREAD.iter().map(|s| s.to_string()).chain(spec.storaged_args.iter().cloned()).collect();
@@ -333,14 +346,19 @@ impl LocalCluster {
         )?;
         wait_serving(&endpoint, writer_addr, &mut writerd).await?;
         let mut replicas = Vec::new();
-        for i in 1..=spec.replicas {
-            let (addr, metrics_addr) = daemon_addrs()?;
-            let name = format!("replicad-{i}");
-            let process = Daemon::spawn(
-                &name,
-                dir.join(format!("{name}.log")),
-                serve_volume(replicad_binary()?, &volume_path, &certs, metrics_addr).args(["--listen", &addr.to_string()]).args(spec.replicad_args),
-            )?;
+        let replica_addrs = (0..spec.replicas).map(|_| daemon_addrs()).collect::<Result<Vec<_>>>()?;
+        for (i, &(addr, metrics_addr)) in replica_addrs.iter().enumerate() {
+            let name = format!("replicad-{}", i + 1);
+            let mut cmd = serve_volume(replicad_binary()?, &volume_path, &certs, metrics_addr);
+            cmd.args(["--listen", &addr.to_string()]);
+            if failover {
+                let peers: Vec<String> = replica_addrs.iter().filter(|(a, _)| *a != addr).map(|(a, _)| a.to_string()).collect();
+                if !peers.is_empty() {
+                    cmd.args(["--peers", &peers.join(",")]);
+                }
+                cmd.args(["--priority", &(spec.replicas - i).to_string()]);
+            }
+            let process = Daemon::spawn(&name, dir.join(format!("{name}.log")), cmd.args(spec.replicad_args))?;
             replicas.push(Replica { addr, metrics_addr, process });
         }
         // Started together, they catch up together; then each must answer.
@@ -348,14 +366,39 @@ impl LocalCluster {
             wait_serving(&endpoint, r.addr, &mut r.process).await?;
         }
         endpoint.close(0u32.into(), b"ready");
-        Ok(LocalCluster { storage, writer_addr, writer_metrics_addr, writerd, replicas })
+        Ok(LocalCluster { storage, writer_addr, writer_metrics_addr, writerd, replicas, certs, volume_path })
+    }
+
+    /// The client API addresses of every server that is or may become the writer: writerd's, then the replicas'.
+    pub fn api_addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(self.writer_addr).chain(self.replicas.iter().map(|r| r.addr)).collect()
+    }
+
+    /// SIGKILLs writerd (no flush, no goodbye) and reaps it; returns when the signal was sent.
+    pub fn kill_writer(&mut self) -> Instant {
+        let at = Instant::now();
+        let _ = self.writerd.child.kill();
+        let _ = self.writerd.child.wait();
+        at
+    }
+
+    /// Starts a new writerd on the old one's addresses (after `kill_writer`), and waits until it serves.
+    pub async fn restart_writer(&mut self, extra_args: &[String]) -> Result<()> {
+        let dir = self.storage.dir.clone();
+        let log = dir.join("writerd-restarted.log");
+        self.writerd = Daemon::spawn("writerd", log, serve_volume(writerd_binary()?, &self.volume_path, &self.certs, self.writer_metrics_addr).args(extra_args))?;
+        let endpoint = borealis_net::client_endpoint(&self.storage.identity()?)?;
+        let served = wait_serving(&endpoint, self.writer_addr, &mut self.writerd).await;
+        endpoint.close(0u32.into(), b"ready");
+        served
     }
 
     /// Stops the replicas first (they read from the writer and storage), then
     /// writerd (it stops writing), then the storage nodes.
     pub fn stop(&mut self) -> Result<()> {
         let replicas = stop_all(self.replicas.iter_mut().map(|r| &mut r.process));
-        let writer = stop_all([&mut self.writerd]);
+        // A writerd killed by `kill_writer` has nothing left to stop.
+        let writer = if matches!(self.writerd.child.try_wait(), Ok(Some(_))) { Ok(()) } else { stop_all([&mut self.writerd]) };
         let storage = self.storage.stop();
         replicas.and(writer).and(storage)
     }

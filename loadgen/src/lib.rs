@@ -1,13 +1,16 @@
 //! loadgen: the Borealis benchmark harness and command-line client.
 //! `storage-bench` measures storage nodes against raw disk and raw QUIC
 //! ceilings; `commit-bench` drives a writer with open-loop commits and
-//! measures how soon read replicas show them;
+//! measures how soon read replicas show them; `failover` kills the writer
+//! under load and measures how soon a promoted replica commits, with no
+//! acknowledged write lost;
 //! `put`/`get`/`delete`/`txn` send single requests; `volume` prints a local volume file.
 
 pub mod ceilings;
 pub mod client;
 pub mod cluster;
 pub mod commit_bench;
+pub mod failover;
 pub mod lag;
 pub mod pacing;
 pub mod report;

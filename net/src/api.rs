@@ -2,17 +2,24 @@
 //! delete and multi-key transactions against a writer. One QUIC connection,
 //! one pipelined stream; any number of requests may be outstanding and each
 //! caller waits only for its own reply.
+//!
+//! `ClusterClient` adds failover: it knows every endpoint of a cluster (the
+//! writer and the replicas, any of which may be promoted), finds the current
+//! writer with `find_writer`, and re-sends a call whose outcome it did not
+//! learn to whichever server is the writer next.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use redo_core::api::{ApiErrorCode, Progress, Request, RequestError, Response, REQUEST_BYTES_MAX};
+use redo_core::api::{ApiErrorCode, Progress, Promoted, Request, RequestError, Response, Role, REQUEST_BYTES_MAX};
 use redo_core::page::PageOp;
-use redo_core::Lsn;
+use redo_core::{Epoch, Lsn};
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinSet;
 
 use crate::frame::{read_frame_bytes, read_frame_len};
 
@@ -136,6 +143,27 @@ impl ApiClient {
         Ok(Follower { _send: send, recv })
     }
 
+    /// Who the server is: the writer (of which epoch) or a replica.
+    pub async fn role(&self) -> Result<Role, ApiError> {
+        match self.call(&Request::Role).await? {
+            Response::RoleIs(role) => Ok(role),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Admin, to a replica: take over the volume now. Returns once it accepts writes.
+    pub async fn promote(&self) -> Result<Promoted, ApiError> {
+        match self.call(&Request::Promote).await? {
+            Response::Promoted(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Whether the connection is gone (every call fails at once).
+    pub fn is_lost(&self) -> bool {
+        self.pending.lock().expect("pending lock").lost.is_some() || self.conn.close_reason().is_some()
+    }
+
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"done");
     }
@@ -219,5 +247,424 @@ impl Follower {
             Ok((_, other)) => Err(unexpected(other)),
             Err(e) => Err(ApiError::Unexpected(format!("undecodable progress: {e}"))),
         }
+    }
+}
+
+/// How long `find_writer` waits for each address's answer, connection included.
+pub const ROLE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// Asks `Role` of every address at once (each on a fresh connection, at most
+/// `ROLE_TIMEOUT` each) and returns the writer with the highest epoch. A fenced
+/// writer answers `writer: false`; one that does not answer in time is skipped.
+pub async fn find_writer(endpoint: &quinn::Endpoint, addrs: &[SocketAddr]) -> Option<(SocketAddr, Role)> {
+    find_writer_within(endpoint, addrs, ROLE_TIMEOUT).await
+}
+
+/// `find_writer` with a timeout of the caller's choice.
+pub async fn find_writer_within(endpoint: &quinn::Endpoint, addrs: &[SocketAddr], timeout: Duration) -> Option<(SocketAddr, Role)> {
+    let mut asks = JoinSet::new();
+    for &addr in addrs {
+        let endpoint = endpoint.clone();
+        asks.spawn(async move {
+            let ask = async {
+                let client = ApiClient::connect(&endpoint, addr).await?;
+                let role = client.role().await;
+                client.close();
+                role
+            };
+            (addr, tokio::time::timeout(timeout, ask).await)
+        });
+    }
+    let mut best: Option<(SocketAddr, Role)> = None;
+    while let Some(answer) = asks.join_next().await {
+        if let Ok((addr, Ok(Ok(role)))) = answer {
+            if role.writer && best.as_ref().is_none_or(|(_, b)| role.epoch > b.epoch) {
+                best = Some((addr, role));
+            }
+        }
+    }
+    best
+}
+
+/// How a `ClusterClient` waits, suspects and retries.
+#[derive(Clone, Debug)]
+pub struct FailoverConfig {
+    /// Longest a call may take, retries included; past it the call fails with `ClusterError::Unknown`.
+    pub deadline: Duration,
+    /// A reply slower than this puts the writer in doubt: every endpoint is asked who the
+    /// writer is (the call keeps waiting for its reply meanwhile).
+    pub suspect_after: Duration,
+    /// Between two `Role` asks of one endpoint while the writer is in doubt.
+    pub probe_interval: Duration,
+    /// Longest one `Role` ask may take (a dead server never answers; the connection included).
+    pub role_timeout: Duration,
+    /// How long a doubt lasts after the last slow call.
+    pub doubt: Duration,
+    /// Longest pause before re-sending a call that failed while no other writer was found
+    /// (it starts at 1 ms and doubles).
+    pub backoff_max: Duration,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            deadline: Duration::from_secs(10),
+            suspect_after: Duration::from_millis(20),
+            probe_interval: Duration::from_millis(5),
+            role_timeout: Duration::from_millis(200),
+            doubt: Duration::from_millis(500),
+            backoff_max: Duration::from_millis(50),
+        }
+    }
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(1);
+
+#[derive(Debug, Error, Clone)]
+pub enum ClusterError {
+    #[error("no writer among {addrs:?} within {waited:?}")]
+    NoWriter { addrs: Vec<SocketAddr>, waited: Duration },
+    /// The writer refused the request as such (limits, framing): retrying would not help. Nothing was written.
+    #[error("refused: {code:?}: {message}")]
+    Refused { code: ApiErrorCode, message: String },
+    #[error("invalid request: {0}")]
+    Invalid(#[from] RequestError),
+    /// No answer within the deadline: a write may or may not have committed.
+    #[error("outcome unknown after {attempts} attempts within {deadline:?} (a write may or may not have committed); last: {last}")]
+    Unknown { attempts: u32, deadline: Duration, last: String },
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+/// A transaction the writer acknowledged: durable at `commit_lsn` in `epoch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub commit_lsn: Lsn,
+    /// The writer that acknowledged it, and its epoch.
+    pub writer: SocketAddr,
+    pub epoch: Epoch,
+    /// Sends it took (1 without failover).
+    pub attempts: u32,
+}
+
+/// The writer a `ClusterClient` sends to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriterInfo {
+    pub addr: SocketAddr,
+    pub epoch: Epoch,
+    /// When the client switched to it.
+    pub since: Instant,
+}
+
+struct Writer {
+    info: WriterInfo,
+    /// Bumped at every switch, so that a failure reported against an old writer is ignored.
+    generation: u64,
+    client: ApiClient,
+}
+
+#[derive(Default)]
+struct Doubt {
+    /// Slow replies put the writer in doubt until then.
+    until: Option<Instant>,
+    /// The writer of this generation failed (connection lost, `Unavailable`): find one, even itself again.
+    failed: Option<u64>,
+}
+
+struct Shared {
+    endpoint: quinn::Endpoint,
+    config: FailoverConfig,
+    writer: watch::Sender<Option<Arc<Writer>>>,
+    doubt: Mutex<Doubt>,
+    /// Wakes the probes when a doubt starts.
+    doubted: Notify,
+    /// One switch at a time.
+    switching: tokio::sync::Mutex<()>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    probes: JoinSet<()>,
+}
+
+/// A client of a whole cluster that follows the writer through failovers.
+///
+/// It sends every call to the current writer. A call that fails with a lost
+/// connection or `Unavailable`, or gets no reply within `suspect_after`, puts
+/// the writer in doubt: one probe per endpoint asks `Role` every
+/// `probe_interval` and the client switches to a writer of a higher epoch as
+/// soon as one answers (or, after a failure, to any writer, the same one on a
+/// fresh connection included). Calls in flight on the old writer are then
+/// re-sent to the new one; a call that fails while no other writer is known is
+/// re-sent after a backoff (1 ms doubling to `backoff_max`), until `deadline`.
+///
+/// Semantics. A write is reported committed only when a writer answered
+/// `Committed`. A re-sent write may therefore have been carried out twice, or
+/// once by a writer that was then deposed: our transactions are blind puts and
+/// deletes, so applying one again leaves the same state (unless another client
+/// wrote the same keys in between; order conflicting writes by waiting for
+/// each one's outcome). Recovery truncates the log at a consistency point, so
+/// a write whose outcome was never learnt is afterwards either wholly present
+/// or wholly absent, never torn; `ClusterError::Unknown` reports such a write.
+/// Reads go to the writer too and are re-sent the same way.
+#[derive(Clone)]
+pub struct ClusterClient {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.probes.abort_all();
+        if let Some(w) = self.shared.writer.borrow().as_ref() {
+            w.client.close();
+        }
+    }
+}
+
+enum Attempt {
+    Reply(Response),
+    Lost(ApiError),
+    Replaced,
+    Deadline,
+}
+
+impl ClusterClient {
+    /// Finds the writer among `addrs` (the volume's writer address and every replica's)
+    /// and connects to it; waits up to `config.deadline` for one.
+    pub async fn connect(endpoint: &quinn::Endpoint, addrs: &[SocketAddr], config: FailoverConfig) -> Result<Self, ClusterError> {
+        assert!(!addrs.is_empty(), "a cluster client needs at least one endpoint");
+        let (writer, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            endpoint: endpoint.clone(),
+            config: config.clone(),
+            writer,
+            doubt: Mutex::new(Doubt::default()),
+            doubted: Notify::new(),
+            switching: tokio::sync::Mutex::new(()),
+        });
+        let mut probes = JoinSet::new();
+        for &addr in addrs {
+            probes.spawn(probe(shared.clone(), addr));
+        }
+        let client = ClusterClient { inner: Arc::new(Inner { shared: shared.clone(), probes }) };
+        shared.failed(0);
+        let mut rx = shared.writer.subscribe();
+        let found = tokio::time::timeout(config.deadline, rx.wait_for(|w| w.is_some())).await.is_ok_and(|r| r.is_ok());
+        if !found {
+            return Err(ClusterError::NoWriter { addrs: addrs.to_vec(), waited: config.deadline });
+        }
+        Ok(client)
+    }
+
+    /// The writer calls go to now.
+    pub fn writer(&self) -> Option<WriterInfo> {
+        self.inner.shared.writer.borrow().as_ref().map(|w| w.info)
+    }
+
+    /// Commits `ops` atomically on the current writer, following failovers; see the type's doc for the semantics.
+    pub async fn txn(&self, ops: Vec<PageOp>) -> Result<Committed, ClusterError> {
+        let req = Request::Txn(ops);
+        req.check()?;
+        match self.call(&req).await? {
+            (Response::Committed { commit_lsn }, info, attempts) => Ok(Committed { commit_lsn, writer: info.addr, epoch: info.epoch, attempts }),
+            (other, ..) => Err(ClusterError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Committed, ClusterError> {
+        self.txn(vec![PageOp::Put { key: key.to_vec(), value: value.to_vec() }]).await
+    }
+
+    pub async fn delete(&self, key: &[u8]) -> Result<Committed, ClusterError> {
+        self.txn(vec![PageOp::Delete { key: key.to_vec() }]).await
+    }
+
+    /// The key's value on the current writer and the durable LSN it was read at.
+    pub async fn get(&self, key: &[u8]) -> Result<(Lsn, Option<Vec<u8>>), ClusterError> {
+        let req = Request::Get { key: key.to_vec(), min_lsn: Lsn::ZERO };
+        req.check()?;
+        match self.call(&req).await? {
+            (Response::Value { read_lsn, value }, ..) => Ok((read_lsn, value)),
+            (other, ..) => Err(ClusterError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends `req` to the writer until one answers it (anything but `Unavailable`) or the deadline passes.
+    async fn call(&self, req: &Request) -> Result<(Response, WriterInfo, u32), ClusterError> {
+        let shared = &self.inner.shared;
+        let deadline = tokio::time::Instant::now() + shared.config.deadline;
+        let mut attempts = 0u32;
+        let mut backoff = BACKOFF_MIN;
+        let mut last = String::from("no writer known");
+        let unknown = |attempts, last: String| ClusterError::Unknown { attempts, deadline: shared.config.deadline, last };
+        loop {
+            let current = shared.writer.borrow().clone();
+            let Some(w) = current else {
+                shared.failed(0);
+                let mut rx = shared.writer.subscribe();
+                if tokio::time::timeout_at(deadline, rx.wait_for(|w| w.is_some())).await.is_err() {
+                    return Err(unknown(attempts, last));
+                }
+                continue;
+            };
+            attempts += 1;
+            match self.attempt(&w, req, deadline).await {
+                Attempt::Reply(Response::Error { code: code @ (ApiErrorCode::Unavailable | ApiErrorCode::Timeout), message }) => {
+                    if code == ApiErrorCode::Unavailable {
+                        shared.failed(w.generation);
+                    }
+                    last = format!("{} answered {code:?}: {message}", w.info.addr);
+                }
+                Attempt::Reply(Response::Error { code, message }) => return Err(ClusterError::Refused { code, message }),
+                Attempt::Reply(resp) => return Ok((resp, w.info, attempts)),
+                Attempt::Lost(e) => {
+                    shared.failed(w.generation);
+                    last = format!("{}: {e}", w.info.addr);
+                }
+                Attempt::Replaced => {
+                    backoff = BACKOFF_MIN;
+                    continue;
+                }
+                Attempt::Deadline => return Err(unknown(attempts, format!("{last}; then no reply from {}", w.info.addr))),
+            }
+            // Re-send as soon as another writer is known, else after the backoff.
+            let replaced = shared.replaced(w.generation);
+            tokio::select! {
+                _ = replaced => backoff = BACKOFF_MIN,
+                _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(shared.config.backoff_max),
+                _ = tokio::time::sleep_until(deadline) => return Err(unknown(attempts, last)),
+            }
+        }
+    }
+
+    async fn attempt(&self, w: &Writer, req: &Request, deadline: tokio::time::Instant) -> Attempt {
+        let shared = &self.inner.shared;
+        let call = w.client.call(req);
+        tokio::pin!(call);
+        let slow = tokio::time::sleep(shared.config.suspect_after);
+        tokio::pin!(slow);
+        let replaced = shared.replaced(w.generation);
+        tokio::pin!(replaced);
+        let mut doubted = false;
+        loop {
+            tokio::select! {
+                r = &mut call => return match r {
+                    Ok(resp) => Attempt::Reply(resp),
+                    Err(e) => Attempt::Lost(e),
+                },
+                _ = &mut slow, if !doubted => {
+                    doubted = true;
+                    shared.doubt();
+                }
+                _ = &mut replaced => return Attempt::Replaced,
+                _ = tokio::time::sleep_until(deadline) => return Attempt::Deadline,
+            }
+        }
+    }
+
+    /// Closes the connection to the writer and stops probing (also done when the last clone is dropped).
+    pub fn close(&self) {
+        if let Some(w) = self.inner.shared.writer.borrow().as_ref() {
+            w.client.close();
+        }
+    }
+}
+
+impl Shared {
+    fn generation(&self) -> u64 {
+        self.writer.borrow().as_ref().map_or(0, |w| w.generation)
+    }
+
+    /// Waits until the writer of `generation` has been replaced.
+    async fn replaced(&self, generation: u64) {
+        let mut rx = self.writer.subscribe();
+        let _ = rx.wait_for(|w| w.as_ref().map_or(0, |w| w.generation) != generation).await;
+    }
+
+    /// A reply was slow: ask around for a while.
+    fn doubt(&self) {
+        self.doubt.lock().expect("doubt lock").until = Some(Instant::now() + self.config.doubt);
+        self.doubted.notify_waiters();
+    }
+
+    /// The writer of `generation` failed (0: none is known): find one.
+    fn failed(&self, generation: u64) {
+        if generation != self.generation() {
+            return;
+        }
+        self.doubt.lock().expect("doubt lock").failed = Some(generation);
+        self.doubted.notify_waiters();
+    }
+
+    /// Returns at once while the writer is in doubt, else when a doubt starts.
+    async fn in_doubt(&self) {
+        loop {
+            let notified = self.doubted.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let d = self.doubt.lock().expect("doubt lock");
+                if d.failed.is_some() || d.until.is_some_and(|u| Instant::now() < u) {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// `addr` answered `role`: switch to it if it is a newer writer, or any writer after a failure.
+    async fn consider(&self, addr: SocketAddr, role: &Role) {
+        if !role.writer {
+            return;
+        }
+        let _one = self.switching.lock().await;
+        let current = self.writer.borrow().clone();
+        let failed = self.doubt.lock().expect("doubt lock").failed == Some(current.as_ref().map_or(0, |w| w.generation));
+        let newer = match &current {
+            None => true,
+            Some(w) => role.epoch > w.info.epoch || (failed && role.epoch >= w.info.epoch),
+        };
+        if !newer {
+            return;
+        }
+        let client = match tokio::time::timeout(self.config.role_timeout, ApiClient::connect(&self.endpoint, addr)).await {
+            Ok(Ok(c)) => c,
+            _ => return,
+        };
+        let generation = current.as_ref().map_or(0, |w| w.generation) + 1;
+        let info = WriterInfo { addr, epoch: role.epoch, since: Instant::now() };
+        tracing::info!(%addr, epoch = %role.epoch, "client switches to the writer");
+        self.writer.send_replace(Some(Arc::new(Writer { info, generation, client })));
+        *self.doubt.lock().expect("doubt lock") = Doubt::default();
+        if let Some(old) = current {
+            // Fails what is still in flight there at once: those calls are re-sent.
+            old.client.close();
+        }
+    }
+}
+
+/// Asks `addr` who it is every `probe_interval` while the writer is in doubt, on a connection kept between asks.
+async fn probe(shared: Arc<Shared>, addr: SocketAddr) {
+    let mut conn: Option<ApiClient> = None;
+    loop {
+        shared.in_doubt().await;
+        let started = tokio::time::Instant::now();
+        let ask = async {
+            let client = match conn.take() {
+                Some(c) if !c.is_lost() => c,
+                _ => ApiClient::connect(&shared.endpoint, addr).await?,
+            };
+            let role = client.role().await;
+            Ok::<_, ApiError>((client, role?))
+        };
+        match tokio::time::timeout(shared.config.role_timeout, ask).await {
+            Ok(Ok((client, role))) => {
+                conn = Some(client);
+                shared.consider(addr, &role).await;
+            }
+            Ok(Err(e)) => tracing::debug!(%addr, error = %e, "role probe failed"),
+            Err(_) => tracing::debug!(%addr, "role probe timed out"),
+        }
+        tokio::time::sleep_until(started + shared.config.probe_interval).await;
     }
 }

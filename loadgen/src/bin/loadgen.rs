@@ -27,6 +27,12 @@ enum Command {
     /// writer; reports acknowledged commits/s, commit latency from each commit's due time, and
     /// replica visibility lag from each commit's acknowledgement.
     CommitBench(loadgen::commit_bench::CommitBenchArgs),
+    /// Measure failover: open-loop commits through a failover-aware client against an embedded
+    /// cluster (6 storaged + writerd + --replicas replicads), SIGKILL of writerd after the warm-up,
+    /// and a replica's promotion (automatic, or --promote now); reports kill to first new commit
+    /// (failover_ms), the unavailability window, the promotion's breakdown, and lost_acked_writes
+    /// from reading back every write. Repeated --runs times on fresh clusters.
+    Failover(loadgen::failover::FailoverArgs),
     /// Put KEY=VALUE in one transaction; prints the commit LSN.
     Put(client::PutArgs),
     /// Print the value of KEY, or "(not found)" and exit 1; from the writer, or from a
@@ -49,6 +55,7 @@ fn main() -> ExitCode {
             match command {
                 Command::StorageBench(args) => done(loadgen::storage_bench::run(args).await),
                 Command::CommitBench(args) => done(loadgen::commit_bench::run(args).await),
+                Command::Failover(args) => done(loadgen::failover::run(args).await),
                 Command::Put(args) => client::put(args).await,
                 Command::Get(args) => client::get(args).await,
                 Command::Delete(args) => client::delete(args).await,

@@ -1,0 +1,592 @@
+//! `loadgen failover`: open-loop commits through a `ClusterClient` against an
+//! embedded cluster, SIGKILL of writerd after the warm-up, and a replica's
+//! promotion (automatic, or `Promote` sent right after the kill). Reports how
+//! long clients could not commit and checks that no acknowledged write was
+//! lost: every write is read back from the new writer afterwards.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use borealis_net::api::{ApiClient, ClusterClient, Committed, FailoverConfig};
+use redo_core::api::Promoted;
+use redo_core::page::PageOp;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::cluster::{Ack, ClusterSpec, LocalCluster, WorkDir};
+use crate::pacing::{pace, TICKS_QUEUED_MAX};
+use crate::report::{latency_histogram, median, LatencyUs};
+
+/// How the new writer is chosen after the kill.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PromoteMode {
+    /// The replicas notice the writer's silence (replicad --failover-silence-ms) and the best one promotes.
+    Auto,
+    /// loadgen sends `Promote` to replica 1 right after the kill (as `pg_ctl promote` in the PostgreSQL comparison).
+    Now,
+}
+
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct FailoverArgs {
+    /// How a replica takes over once writerd is killed.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub promote: PromoteMode,
+    /// Read replicas of the embedded cluster; each knows the others (--peers) and has a distinct priority, replica 1 the highest.
+    #[arg(long, default_value_t = 2)]
+    pub replicas: usize,
+    /// Offered commits/s, open loop, every one on keys of its own.
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Seconds of load before writerd is killed.
+    #[arg(long, visible_alias = "warmup-secs", default_value_t = 2.0)]
+    pub warmup_seconds: f64,
+    /// Seconds of load after the kill.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Fresh clusters, one failover each; the summary reports medians.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Cluster clients (a QUIC endpoint and connection each); commits go round-robin.
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    /// Puts per transaction, each on a key of its own: read back, a transaction must be wholly present or wholly absent.
+    #[arg(long, default_value_t = 2)]
+    pub txn_ops: usize,
+    /// Bytes of each put's value.
+    #[arg(long, default_value_t = 100)]
+    pub value_bytes: usize,
+    /// Longest a commit may take, re-sends to a new writer included; later it counts as unacknowledged.
+    #[arg(long, default_value_t = 10.0)]
+    pub deadline_seconds: f64,
+    /// The replicas' automatic-promotion silence (replicad --failover-silence-ms) [default: replicad's].
+    #[arg(long)]
+    pub failover_silence_ms: Option<u64>,
+    /// Storage ack mode (storaged --ack).
+    #[arg(long, value_enum, default_value = "memory")]
+    pub ack: Ack,
+    /// Protection groups of the volume.
+    #[arg(long, default_value_t = 2)]
+    pub pgs: u32,
+    /// Pages of the volume.
+    #[arg(long, default_value_t = 4096)]
+    pub page_count: u64,
+    /// Extra writerd options (repeatable).
+    #[arg(long = "writerd-arg", allow_hyphen_values = true)]
+    pub writerd_args: Vec<String>,
+    /// Extra storaged options (repeatable).
+    #[arg(long = "storaged-arg", allow_hyphen_values = true)]
+    pub storaged_args: Vec<String>,
+    /// Extra replicad options (repeatable).
+    #[arg(long = "replicad-arg", allow_hyphen_values = true)]
+    pub replicad_args: Vec<String>,
+    /// Where to write the results (JSON).
+    #[arg(long, default_value = "bench-results/latest/failover/summary.json")]
+    pub json: PathBuf,
+    /// Where the clusters keep certificates, data and logs [default: a temp dir, removed after a successful run].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+/// Where the time from the kill to the first new commit went, in milliseconds.
+#[derive(Serialize, Clone, Debug, Default)]
+pub struct Breakdown {
+    /// Kill to the start of the promotion. `now`: until loadgen sent `Promote`. `auto`: the
+    /// client's switch to the new writer minus the promotion, so it includes the client's
+    /// probing delay (at most one probe interval, 5 ms).
+    pub detection_ms: Option<f64>,
+    /// The promotion's steps (from its `Promoted` reply): claim the new epoch on a write
+    /// quorum of every PG, offer held records back, decide VDL, truncate above it.
+    pub claim_ms: f64,
+    pub offer_ms: f64,
+    pub decide_ms: f64,
+    pub truncate_ms: f64,
+    /// The whole promotion, from its start until it accepts writes.
+    pub promotion_ms: f64,
+    /// Kill to the client's switch to the new writer (the first client to switch).
+    pub discover_ms: f64,
+    /// The switch to the first commit the new writer acknowledged.
+    pub first_commit_ms: f64,
+}
+
+#[derive(Serialize, Clone, Debug)]
+pub struct Run {
+    pub run: usize,
+    pub promote: PromoteMode,
+    /// Kill to the first commit acknowledged by the new writer (client-observed).
+    pub failover_ms: f64,
+    /// The last acknowledgement before the kill to the first after it.
+    pub unavailable_ms: f64,
+    pub breakdown: Breakdown,
+    pub old_writer: SocketAddr,
+    pub old_epoch: u64,
+    pub new_writer: SocketAddr,
+    pub new_epoch: u64,
+    pub promoted: PromotedReply,
+    /// Transactions sent.
+    pub writes: u64,
+    /// Transactions acknowledged, before and after the kill.
+    pub acked_writes: u64,
+    pub acked_before_kill: u64,
+    /// Acknowledged by the old writer after the kill was sent (replies already on their way).
+    pub acked_by_old_after_kill: u64,
+    /// Acknowledged transactions whose keys did not all read back with their values from the new writer. Must be 0.
+    pub lost_acked_writes: u64,
+    /// Transactions without an acknowledgement (the deadline passed) found wholly present, wholly absent, or torn (must be 0).
+    pub unacked_present: u64,
+    pub unacked_absent: u64,
+    pub torn_writes: u64,
+    /// Acknowledged transactions the client had to send more than once.
+    pub resent_writes: u64,
+    /// Due time on the open-loop schedule to acknowledgement, every acknowledged transaction.
+    pub commit_latency_us: LatencyUs,
+    /// Unacknowledged transactions by error.
+    pub error_kinds: BTreeMap<String, u64>,
+}
+
+/// `Promoted` as JSON.
+#[derive(Serialize, Clone, Debug)]
+pub struct PromotedReply {
+    pub epoch: u64,
+    pub vdl: u64,
+    pub claim_us: u64,
+    pub offer_us: u64,
+    pub decide_us: u64,
+    pub truncate_us: u64,
+    pub total_us: u64,
+}
+
+impl From<&Promoted> for PromotedReply {
+    fn from(p: &Promoted) -> Self {
+        PromotedReply { epoch: p.epoch.0, vdl: p.vdl.0, claim_us: p.claim_us, offer_us: p.offer_us, decide_us: p.decide_us, truncate_us: p.truncate_us, total_us: p.total_us }
+    }
+}
+
+/// Medians over runs (sums for the counts).
+#[derive(Serialize, Debug)]
+pub struct Summary {
+    pub promote: PromoteMode,
+    pub runs: usize,
+    pub rate: f64,
+    pub failover_ms: f64,
+    pub failover_ms_max: f64,
+    pub unavailable_ms: f64,
+    pub detection_ms: Option<f64>,
+    pub claim_ms: f64,
+    pub offer_ms: f64,
+    pub decide_ms: f64,
+    pub truncate_ms: f64,
+    pub promotion_ms: f64,
+    pub discover_ms: f64,
+    pub first_commit_ms: f64,
+    pub lost_acked_writes: u64,
+    pub torn_writes: u64,
+    pub unacked_present: u64,
+    pub unacked_absent: u64,
+    pub acked_writes: u64,
+}
+
+/// What one transaction came to.
+struct Outcome {
+    seq: u64,
+    due: Instant,
+    result: Result<(Committed, Instant), String>,
+}
+
+/// Keys and values: every transaction writes keys of its own, with values that name it.
+struct Workload {
+    run: usize,
+    txn_ops: usize,
+    value_bytes: usize,
+}
+
+impl Workload {
+    fn key(&self, seq: u64, op: usize) -> Vec<u8> {
+        format!("failover-{}-{seq:010}-{op}", self.run).into_bytes()
+    }
+
+    fn value(&self, seq: u64, op: usize) -> Vec<u8> {
+        let mut v = format!("{seq}/{op}:").into_bytes();
+        v.resize(self.value_bytes.max(v.len()), b'v');
+        v
+    }
+
+    fn txn(&self, seq: u64) -> Vec<PageOp> {
+        (0..self.txn_ops).map(|op| PageOp::Put { key: self.key(seq, op), value: self.value(seq, op) }).collect()
+    }
+}
+
+/// Reads in flight during the read-back.
+const READS_INFLIGHT_MAX: usize = 256;
+
+pub async fn run(args: FailoverArgs) -> Result<()> {
+    if args.rate.is_nan() || args.rate <= 0.0 || args.runs == 0 || args.connections == 0 || args.txn_ops == 0 || args.replicas == 0 {
+        bail!("--rate, --runs, --connections, --txn-ops and --replicas must be positive");
+    }
+    if args.warmup_seconds <= 0.0 || args.seconds <= 0.0 || args.deadline_seconds <= 0.0 {
+        bail!("--warmup-seconds, --seconds and --deadline-seconds must be positive");
+    }
+    if let Some(dir) = args.json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    tokio::select! {
+        r = bench(&args) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    }
+}
+
+async fn bench(args: &FailoverArgs) -> Result<()> {
+    let work = WorkDir::new(args.work_dir.as_deref(), "borealis-failover")?;
+    let mut runs = Vec::new();
+    for run in 0..args.runs {
+        let r = measure_embedded(args, &work, run).await.with_context(|| format!("run {} (cluster under {})", run + 1, work.path.display()))?;
+        eprintln!(
+            "[run {}/{}] failover {:.1} ms, unavailable {:.1} ms, {} acknowledged, {} lost",
+            run + 1,
+            args.runs,
+            r.failover_ms,
+            r.unavailable_ms,
+            r.acked_writes,
+            r.lost_acked_writes
+        );
+        runs.push(r);
+    }
+    let summary = summarize(args, &runs);
+    let json = serde_json::json!({
+        "failover_ms": summary.failover_ms,
+        "unavailable_ms": summary.unavailable_ms,
+        "lost_acked_writes": summary.lost_acked_writes,
+        "summary": summary,
+        "params": args,
+        "runs": runs,
+    });
+    std::fs::write(&args.json, serde_json::to_string_pretty(&json)?).with_context(|| format!("write {}", args.json.display()))?;
+    println!("{}", table(&summary, &runs));
+    println!("wrote {}", args.json.display());
+    if summary.lost_acked_writes > 0 || summary.torn_writes > 0 {
+        bail!("{} acknowledged writes lost, {} torn; see {}", summary.lost_acked_writes, summary.torn_writes, args.json.display());
+    }
+    work.cleanup();
+    Ok(())
+}
+
+/// One failover on a fresh cluster, stopped afterwards whatever happened.
+async fn measure_embedded(args: &FailoverArgs, work: &WorkDir, run: usize) -> Result<Run> {
+    let dir = work.path.join(format!("run-{}", run + 1));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut storaged_args = vec!["--ack".to_string(), args.ack.as_str().to_string()];
+    storaged_args.extend(args.storaged_args.iter().cloned());
+    let mut replicad_args = Vec::new();
+    if let Some(ms) = args.failover_silence_ms {
+        replicad_args.extend(["--failover-silence-ms".to_string(), ms.to_string()]);
+    }
+    replicad_args.extend(args.replicad_args.iter().cloned());
+    let spec = ClusterSpec {
+        pgs: args.pgs,
+        page_count: args.page_count,
+        replicas: args.replicas,
+        storaged_args: &storaged_args,
+        writerd_args: &args.writerd_args,
+        replicad_args: &replicad_args,
+    };
+    let mut cluster = LocalCluster::start_for_failover(&dir, &spec).await?;
+    let result = measure(args, &mut cluster, run).await;
+    let stopped = cluster.stop();
+    let r = result?;
+    if let Err(e) = stopped {
+        tracing::warn!(error = %format!("{e:#}"), "stopping the cluster");
+    }
+    Ok(r)
+}
+
+async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) -> Result<Run> {
+    let identity = cluster.storage.identity()?;
+    let addrs = cluster.api_addrs();
+    let config = FailoverConfig { deadline: Duration::from_secs_f64(args.deadline_seconds), ..FailoverConfig::default() };
+    let mut clients = Vec::new();
+    for _ in 0..args.connections {
+        let endpoint = borealis_net::client_endpoint(&identity)?;
+        let client = ClusterClient::connect(&endpoint, &addrs, config.clone()).await?;
+        clients.push((endpoint, client));
+    }
+    let old = clients[0].1.writer().context("no writer")?;
+    if old.addr != cluster.writer_addr {
+        bail!("the clients found the writer at {}, not at writerd's {}", old.addr, cluster.writer_addr);
+    }
+    // Connected before the kill, so that `Promote` is not delayed by a handshake.
+    let admin_endpoint = borealis_net::client_endpoint(&identity)?;
+    let admin = ApiClient::connect(&admin_endpoint, cluster.replicas[0].addr).await.context("connect to replica 1")?;
+
+    let workload = Arc::new(Workload { run, txn_ops: args.txn_ops, value_bytes: args.value_bytes });
+    let warmup = Duration::from_secs_f64(args.warmup_seconds);
+    let total = warmup + Duration::from_secs_f64(args.seconds);
+    let start = Instant::now() + Duration::from_millis(20);
+    let (tick_tx, mut ticks) = mpsc::channel(TICKS_QUEUED_MAX);
+    let interval = Duration::from_secs_f64(1.0 / args.rate);
+    let pacer = std::thread::spawn(move || pace(start, interval, total, vec![tick_tx]));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let load = {
+        let clients: Vec<ClusterClient> = clients.iter().map(|(_, c)| c.clone()).collect();
+        let outcomes = outcomes.clone();
+        let workload = workload.clone();
+        tokio::spawn(async move {
+            let mut inflight = JoinSet::new();
+            let mut seq = 0u64;
+            while let Some(due) = ticks.recv().await {
+                let client = clients[seq as usize % clients.len()].clone();
+                let ops = workload.txn(seq);
+                let outcomes = outcomes.clone();
+                inflight.spawn(async move {
+                    let result = client.txn(ops).await.map(|c| (c, Instant::now())).map_err(|e| e.to_string());
+                    outcomes.lock().expect("outcomes").push(Outcome { seq, due, result });
+                });
+                seq += 1;
+                while inflight.try_join_next().is_some() {}
+            }
+            // Every call ends by its deadline.
+            while inflight.join_next().await.is_some() {}
+            seq
+        })
+    };
+
+    tokio::time::sleep_until((start + warmup).into()).await;
+    let killed_at = cluster.kill_writer();
+    let promoted_now = match args.promote {
+        PromoteMode::Now => {
+            let sent_at = Instant::now();
+            let p = admin.promote().await.context("promote replica 1")?;
+            Some((sent_at, p))
+        }
+        PromoteMode::Auto => None,
+    };
+    let writes = load.await.context("load task")?;
+    pacer.join().map_err(|_| anyhow!("pacer thread panicked"))?;
+
+    let new = clients.iter().filter_map(|(_, c)| c.writer()).max_by_key(|w| w.epoch).context("no writer")?;
+    let discovered_at = clients.iter().filter_map(|(_, c)| c.writer()).filter(|w| w.epoch == new.epoch).map(|w| w.since).min().expect("one at least");
+    if new.epoch <= old.epoch {
+        bail!("no new writer: the clients still send to {} ({}) after the kill", new.addr, new.epoch);
+    }
+    // The promoted replica answers `Promote` with how its promotion went.
+    let promoted = match &promoted_now {
+        Some((_, p)) => p.clone(),
+        None => {
+            let c = ApiClient::connect(&admin_endpoint, new.addr).await.context("connect to the new writer")?;
+            let p = c.promote().await.context("ask the new writer how its promotion went")?;
+            c.close();
+            p
+        }
+    };
+    if promoted.epoch != new.epoch {
+        bail!("the new writer {} reports a promotion to {}, the clients see {}", new.addr, promoted.epoch, new.epoch);
+    }
+    admin.close();
+    admin_endpoint.close(0u32.into(), b"done");
+
+    let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
+    let reads = read_back(&clients[0].1, &workload, &outcomes).await?;
+    for (endpoint, client) in clients {
+        client.close();
+        endpoint.close(0u32.into(), b"done");
+    }
+
+    let mut latency = latency_histogram();
+    let mut errors = BTreeMap::<String, u64>::new();
+    let (mut acked_before_kill, mut by_old_after_kill, mut resent) = (0, 0, 0);
+    let mut last_before: Option<Instant> = None;
+    let mut first_new: Option<Instant> = None;
+    for o in &outcomes {
+        match &o.result {
+            Ok((c, at)) => {
+                latency.saturating_record((*at - o.due).as_micros() as u64);
+                resent += (c.attempts > 1) as u64;
+                if c.epoch == old.epoch {
+                    if *at <= killed_at {
+                        acked_before_kill += 1;
+                        last_before = last_before.max(Some(*at));
+                    } else {
+                        by_old_after_kill += 1;
+                    }
+                } else if c.epoch == new.epoch {
+                    first_new = Some(first_new.map_or(*at, |f| f.min(*at)));
+                }
+            }
+            Err(e) => *errors.entry(e.clone()).or_default() += 1,
+        }
+    }
+    let first_new = first_new.context("no commit acknowledged by the new writer")?;
+    let last_before = last_before.context("no commit acknowledged before the kill")?;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let us_ms = |us: u64| us as f64 / 1e3;
+    let failover_ms = ms(first_new - killed_at);
+    let discover_ms = ms(discovered_at.saturating_duration_since(killed_at));
+    let promotion_ms = us_ms(promoted.total_us);
+    let detection_ms = match &promoted_now {
+        Some((sent_at, _)) => Some(ms(*sent_at - killed_at)),
+        None => Some((discover_ms - promotion_ms).max(0.0)),
+    };
+    Ok(Run {
+        run,
+        promote: args.promote,
+        failover_ms,
+        unavailable_ms: ms(first_new - last_before),
+        breakdown: Breakdown {
+            detection_ms,
+            claim_ms: us_ms(promoted.claim_us),
+            offer_ms: us_ms(promoted.offer_us),
+            decide_ms: us_ms(promoted.decide_us),
+            truncate_ms: us_ms(promoted.truncate_us),
+            promotion_ms,
+            discover_ms,
+            first_commit_ms: ms(first_new.saturating_duration_since(discovered_at)),
+        },
+        old_writer: old.addr,
+        old_epoch: old.epoch.0,
+        new_writer: new.addr,
+        new_epoch: new.epoch.0,
+        promoted: PromotedReply::from(&promoted),
+        writes,
+        acked_writes: outcomes.iter().filter(|o| o.result.is_ok()).count() as u64,
+        acked_before_kill,
+        acked_by_old_after_kill: by_old_after_kill,
+        lost_acked_writes: reads.lost_acked,
+        unacked_present: reads.unacked_present,
+        unacked_absent: reads.unacked_absent,
+        torn_writes: reads.torn,
+        resent_writes: resent,
+        commit_latency_us: LatencyUs::of(&latency),
+        error_kinds: errors,
+    })
+}
+
+#[derive(Default)]
+struct ReadBack {
+    lost_acked: u64,
+    unacked_present: u64,
+    unacked_absent: u64,
+    torn: u64,
+}
+
+/// Reads every key of every transaction from the current writer and classifies the transactions.
+async fn read_back(client: &ClusterClient, workload: &Arc<Workload>, outcomes: &[Outcome]) -> Result<ReadBack> {
+    let mut reads = JoinSet::new();
+    let mut out = ReadBack::default();
+    let mut classify = |acked: bool, present: usize| {
+        let n = workload.txn_ops;
+        match (acked, present) {
+            (true, p) if p == n => {}
+            (true, _) => out.lost_acked += 1,
+            (false, p) if p == n => out.unacked_present += 1,
+            (false, 0) => out.unacked_absent += 1,
+            (false, _) => out.torn += 1,
+        }
+    };
+    let mut pending = outcomes.iter().map(|o| (o.seq, o.result.is_ok()));
+    loop {
+        while reads.len() < READS_INFLIGHT_MAX {
+            let Some((seq, acked)) = pending.next() else { break };
+            let (client, workload) = (client.clone(), workload.clone());
+            reads.spawn(async move {
+                let mut present = 0;
+                for op in 0..workload.txn_ops {
+                    let (_, value) = client.get(&workload.key(seq, op)).await.with_context(|| format!("read back transaction {seq}"))?;
+                    present += (value.as_deref() == Some(&workload.value(seq, op)[..])) as usize;
+                }
+                Ok::<_, anyhow::Error>((acked, present))
+            });
+        }
+        match reads.join_next().await {
+            Some(r) => {
+                let (acked, present) = r.context("read-back task")??;
+                classify(acked, present);
+            }
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+fn summarize(args: &FailoverArgs, runs: &[Run]) -> Summary {
+    let m = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
+    let detection: Option<Vec<f64>> = runs.iter().map(|r| r.breakdown.detection_ms).collect();
+    Summary {
+        promote: args.promote,
+        runs: runs.len(),
+        rate: args.rate,
+        failover_ms: m(&|r| r.failover_ms),
+        failover_ms_max: runs.iter().map(|r| r.failover_ms).fold(0.0, f64::max),
+        unavailable_ms: m(&|r| r.unavailable_ms),
+        detection_ms: detection.map(median),
+        claim_ms: m(&|r| r.breakdown.claim_ms),
+        offer_ms: m(&|r| r.breakdown.offer_ms),
+        decide_ms: m(&|r| r.breakdown.decide_ms),
+        truncate_ms: m(&|r| r.breakdown.truncate_ms),
+        promotion_ms: m(&|r| r.breakdown.promotion_ms),
+        discover_ms: m(&|r| r.breakdown.discover_ms),
+        first_commit_ms: m(&|r| r.breakdown.first_commit_ms),
+        lost_acked_writes: runs.iter().map(|r| r.lost_acked_writes).sum(),
+        torn_writes: runs.iter().map(|r| r.torn_writes).sum(),
+        unacked_present: runs.iter().map(|r| r.unacked_present).sum(),
+        unacked_absent: runs.iter().map(|r| r.unacked_absent).sum(),
+        acked_writes: runs.iter().map(|r| r.acked_writes).sum(),
+    }
+}
+
+fn table(s: &Summary, runs: &[Run]) -> String {
+    let mut t = format!(
+        "failover (promote {}, {:.0} commits/s offered)\n\n| run | failover ms | unavailable ms | detection ms | claim ms | offer ms | decide ms | truncate ms | promotion ms | discover ms | first commit ms | acked | lost acked | unacked present/absent/torn |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        match s.promote {
+            PromoteMode::Auto => "auto",
+            PromoteMode::Now => "now",
+        },
+        s.rate
+    );
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    for r in runs {
+        let b = &r.breakdown;
+        t += &format!(
+            "| {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {}/{}/{} |\n",
+            r.run + 1,
+            r.failover_ms,
+            r.unavailable_ms,
+            opt(b.detection_ms),
+            b.claim_ms,
+            b.offer_ms,
+            b.decide_ms,
+            b.truncate_ms,
+            b.promotion_ms,
+            b.discover_ms,
+            b.first_commit_ms,
+            r.acked_writes,
+            r.lost_acked_writes,
+            r.unacked_present,
+            r.unacked_absent,
+            r.torn_writes
+        );
+    }
+    t += &format!(
+        "| median | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {}/{}/{} |\n",
+        s.failover_ms,
+        s.unavailable_ms,
+        opt(s.detection_ms),
+        s.claim_ms,
+        s.offer_ms,
+        s.decide_ms,
+        s.truncate_ms,
+        s.promotion_ms,
+        s.discover_ms,
+        s.first_commit_ms,
+        s.acked_writes,
+        s.lost_acked_writes,
+        s.unacked_present,
+        s.unacked_absent,
+        s.torn_writes
+    );
+    t
+}

@@ -353,14 +353,13 @@ impl SegmentGossip {
                     return Err(PullEnd::Stop(format!("segment moved to {} while it pulled", log.epoch())));
                 }
                 let epoch = log.epoch();
-                log.handle_append(epoch, &records).map(|out| (out, log.scl())).map_err(|e| match e {
-                    AppendError::Conflict { .. } => PullEnd::Stop(format!("records from node {peer} conflict with the segment's: {e}")),
-                    // Busy, disk failed, truncating: the segment cannot take them now.
-                    _ => PullEnd::Stop(e.to_string()),
-                })
+                Ok(log.handle_append(epoch, &records).map(|out| (out, log.scl())))
             });
             let (out, scl) = match result {
-                Ok(r) => r,
+                Ok(Ok(r)) => r,
+                Ok(Err(e @ AppendError::Conflict { .. })) => bail!("records from node {peer} conflict with the segment's: {e}"),
+                // Busy, disk failed, truncating: the segment cannot take them now.
+                Ok(Err(e)) => return Ok(PullEnd::Stop(e.to_string())),
                 Err(stop) => return Ok(stop),
             };
             metrics.ingest_records.fetch_add(out.inserted as u64, Relaxed);

@@ -26,6 +26,11 @@ use crate::quorum::WRITE_QUORUM;
 use crate::record::TrustedRecords;
 use crate::wire::Truncation;
 
+/// The most LSNs a lagging segment may miss for recovery to read its records
+/// and have the new writer resend them; a segment further behind is repaired
+/// by gossip.
+pub const RESEND_LSNS_MAX: u64 = 1 << 16;
+
 /// One segment's answer to the claim.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer {
@@ -42,7 +47,8 @@ pub struct Plan {
     pub complete: Vec<Lsn>,
     /// Per PG: the segment to pull from (the one reporting `complete`).
     pub source: Vec<usize>,
-    /// Per PG: pull the source's records in `(from, upto]` (none when equal).
+    /// Per PG: pull the source's records in `(from, upto]` (none when equal): from
+    /// below `start` far enough to find a CPL, and to resend what lagging segments lack.
     pub from: Vec<Lsn>,
     /// Per PG: the source's own SCL. Above `complete` when a truncation it did not
     /// hear of clamps it: its records up to there are pulled all the same, for the
@@ -72,7 +78,7 @@ pub fn effective_scl(answer: &Answer, truncations: &[Truncation]) -> Lsn {
 /// complete up to (the VDL a replica last heard from the writer, or `Lsn::ZERO`).
 pub fn plan(answers: &[Vec<Answer>], known_cpl: Lsn) -> Result<Plan, RecoveryError> {
     let truncations: Vec<Truncation> = answers.iter().flatten().flat_map(|a| a.truncations.iter().copied()).collect();
-    let (mut complete, mut source, mut upto) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut complete, mut source, mut upto, mut lowest) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (pg, answers) in answers.iter().enumerate() {
         if answers.len() < WRITE_QUORUM {
             return Err(RecoveryError::NoQuorum { pg, answered: answers.len() });
@@ -81,6 +87,7 @@ pub fn plan(answers: &[Vec<Answer>], known_cpl: Lsn) -> Result<Plan, RecoveryErr
         complete.push(effective_scl(best, &truncations));
         source.push(best.segment);
         upto.push(best.scl);
+        lowest.push(answers.iter().map(|a| effective_scl(a, &truncations)).min().expect("a quorum answered"));
     }
     // An LSN at or below the lowest `complete` is held by its PG, whichever it is.
     let floor = complete.iter().copied().min().unwrap_or_default();
@@ -89,7 +96,13 @@ pub fn plan(answers: &[Vec<Answer>], known_cpl: Lsn) -> Result<Plan, RecoveryErr
     // worth below it (a transaction spans at most TXN_OPS_MAX consecutive LSNs), so
     // that the records show a CPL at or below it.
     let window = if floor > known_cpl { Lsn(floor.0.saturating_sub(crate::api::TXN_OPS_MAX as u64)).max(known_cpl) } else { known_cpl };
-    let from = complete.iter().map(|&c| window.min(c)).collect();
+    // Also what the answering segments that lag lack, unless that is far more than
+    // recovery should wait for (those are filled by gossip from their peers).
+    let from = complete
+        .iter()
+        .zip(&lowest)
+        .map(|(&c, &low)| if c.0 - low.0 <= RESEND_LSNS_MAX { window.min(low) } else { window }.min(c))
+        .collect();
     Ok(Plan { complete, source, from, upto, known_cpl, start })
 }
 
@@ -306,6 +319,16 @@ mod tests {
         // Even from the clamped segment, pg0's next record links back to its last real one.
         assert_eq!(d.pg_last, vec![log.last(0, 2), log.last(1, 2)]);
         assert_eq!(d.pg_last[0], Lsn(1));
+    }
+
+    #[test]
+    fn what_lagging_segments_lack_is_read_unless_they_are_far_behind() {
+        let a = answers(&[&[100, 100, 100, 90], &[99, 99, 99, 99]]);
+        assert_eq!(plan(&a, Lsn(98)).unwrap().from, vec![Lsn(90), Lsn(98)]);
+        let far = RESEND_LSNS_MAX + 5000;
+        let a = answers(&[&[far, far, far, 0], &[far - 1, far - 1, far - 1, far - 1]]);
+        let p = plan(&a, Lsn(far - 10)).unwrap();
+        assert_eq!(p.from, vec![Lsn(far - 10), Lsn(far - 10)]);
     }
 
     #[test]

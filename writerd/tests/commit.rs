@@ -213,9 +213,10 @@ async fn a_writer_killed_while_segments_lag_is_replaced_and_every_segment_catche
     c.nodes[0].signal(libc::SIGCONT);
     c.nodes[3].signal(libc::SIGCONT);
 
-    // The new writer finds the segments disagreeing, resends the difference, and goes on.
+    // The new writer recovers (VDL from the segments that answer, the tail above it
+    // truncated), resends what the lagging segments lack, and goes on.
     let mut w2 = c.start_writer(None, &[]).await;
-    w2.wait_log("segments disagree", REPLY_TIMEOUT).await;
+    w2.wait_log("recovery decided", REPLY_TIMEOUT).await;
     let client = c.client(c.writer_addr()).await;
     client.put(b"after-crash", b"v").await.unwrap();
     assert_all_present(&client, &acked).await;
@@ -249,7 +250,7 @@ async fn two_writers_starting_at_once_never_both_commit() {
                 break;
             }
             if w.child.as_mut().unwrap().try_wait().unwrap().is_some() {
-                assert!(w.log_text().contains("another writer claimed"), "{}", w.log_text());
+                assert!(w.log_text().contains("another candidate claimed"), "{}", w.log_text());
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "writer neither ready nor gone:\n{}", w.log_text());

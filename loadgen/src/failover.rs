@@ -4,14 +4,14 @@
 //! long clients could not commit and checks that no acknowledged write was
 //! lost: every write is read back from the new writer afterwards.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use borealis_net::api::{ApiClient, ClusterClient, Committed, FailoverConfig};
+use borealis_net::api::{ApiClient, ClusterClient, Committed, FailoverConfig, WriterInfo};
 use redo_core::api::Promoted;
 use redo_core::page::PageOp;
 use serde::Serialize;
@@ -102,12 +102,12 @@ pub struct Breakdown {
     pub detection_ms: Option<f64>,
     /// The promotion's steps (from its `Promoted` reply): claim the new epoch on a write
     /// quorum of every PG, offer held records back, decide VDL, truncate above it.
-    pub claim_ms: f64,
-    pub offer_ms: f64,
-    pub decide_ms: f64,
-    pub truncate_ms: f64,
+    pub claim_ms: Option<f64>,
+    pub offer_ms: Option<f64>,
+    pub decide_ms: Option<f64>,
+    pub truncate_ms: Option<f64>,
     /// The whole promotion, from its start until it accepts writes.
-    pub promotion_ms: f64,
+    pub promotion_ms: Option<f64>,
     /// Kill to the client's switch to the new writer (the first client to switch).
     pub discover_ms: f64,
     /// The switch to the first commit the new writer acknowledged.
@@ -125,9 +125,16 @@ pub struct Run {
     pub breakdown: Breakdown,
     pub old_writer: SocketAddr,
     pub old_epoch: u64,
+    /// The writer that acknowledged the first commit after the kill.
     pub new_writer: SocketAddr,
     pub new_epoch: u64,
-    pub promoted: PromotedReply,
+    /// Promotions after that one within the run (a replica deposing the new writer); 0 normally.
+    pub later_promotions: u64,
+    /// The writer the clients sent to at the end.
+    pub last_writer: SocketAddr,
+    pub last_epoch: u64,
+    /// The new writer's promotion (null if it could not be asked).
+    pub promoted: Option<PromotedReply>,
     /// Transactions sent.
     pub writes: u64,
     /// Transactions acknowledged, before and after the kill.
@@ -177,11 +184,11 @@ pub struct Summary {
     pub failover_ms_max: f64,
     pub unavailable_ms: f64,
     pub detection_ms: Option<f64>,
-    pub claim_ms: f64,
-    pub offer_ms: f64,
-    pub decide_ms: f64,
-    pub truncate_ms: f64,
-    pub promotion_ms: f64,
+    pub claim_ms: Option<f64>,
+    pub offer_ms: Option<f64>,
+    pub decide_ms: Option<f64>,
+    pub truncate_ms: Option<f64>,
+    pub promotion_ms: Option<f64>,
     pub discover_ms: f64,
     pub first_commit_ms: f64,
     pub lost_acked_writes: u64,
@@ -189,6 +196,8 @@ pub struct Summary {
     pub unacked_present: u64,
     pub unacked_absent: u64,
     pub acked_writes: u64,
+    /// Sum over runs of `later_promotions`.
+    pub later_promotions: u64,
 }
 
 /// What one transaction came to.
@@ -368,27 +377,11 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
     let writes = load.await.context("load task")?;
     pacer.join().map_err(|_| anyhow!("pacer thread panicked"))?;
 
-    let new = clients.iter().filter_map(|(_, c)| c.writer()).max_by_key(|w| w.epoch).context("no writer")?;
-    let discovered_at = clients.iter().filter_map(|(_, c)| c.writer()).filter(|w| w.epoch == new.epoch).map(|w| w.since).min().expect("one at least");
-    if new.epoch <= old.epoch {
-        bail!("no new writer: the clients still send to {} ({}) after the kill", new.addr, new.epoch);
+    // The last writer the clients know; a second promotion may have followed the first.
+    let last = clients.iter().filter_map(|(_, c)| c.writer()).max_by_key(|w| w.epoch).context("no writer")?;
+    if last.epoch <= old.epoch {
+        bail!("no new writer: the clients still send to {} ({}) after the kill", last.addr, last.epoch);
     }
-    // The promoted replica answers `Promote` with how its promotion went.
-    let promoted = match &promoted_now {
-        Some((_, p)) => p.clone(),
-        None => {
-            let c = ApiClient::connect(&admin_endpoint, new.addr).await.context("connect to the new writer")?;
-            let p = c.promote().await.context("ask the new writer how its promotion went")?;
-            c.close();
-            p
-        }
-    };
-    if promoted.epoch != new.epoch {
-        bail!("the new writer {} reports a promotion to {}, the clients see {}", new.addr, promoted.epoch, new.epoch);
-    }
-    admin.close();
-    admin_endpoint.close(0u32.into(), b"done");
-
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
     let reads = read_back(&clients[0].1, &workload, &outcomes).await?;
     for (endpoint, client) in clients {
@@ -400,57 +393,92 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
     let mut errors = BTreeMap::<String, u64>::new();
     let (mut acked_before_kill, mut by_old_after_kill, mut resent) = (0, 0, 0);
     let mut last_before: Option<Instant> = None;
-    let mut first_new: Option<Instant> = None;
+    let mut first_new: Option<(Instant, WriterInfo)> = None;
+    let mut new_epochs = BTreeSet::new();
     for o in &outcomes {
         match &o.result {
             Ok((c, at)) => {
                 latency.saturating_record((*at - o.due).as_micros() as u64);
                 resent += (c.attempts > 1) as u64;
-                if c.epoch == old.epoch {
+                if c.writer.epoch == old.epoch {
                     if *at <= killed_at {
                         acked_before_kill += 1;
                         last_before = last_before.max(Some(*at));
                     } else {
                         by_old_after_kill += 1;
                     }
-                } else if c.epoch == new.epoch {
-                    first_new = Some(first_new.map_or(*at, |f| f.min(*at)));
+                } else {
+                    new_epochs.insert(c.writer.epoch);
+                    if first_new.is_none_or(|(f, _)| *at < f) {
+                        first_new = Some((*at, c.writer));
+                    }
                 }
             }
             Err(e) => *errors.entry(e.clone()).or_default() += 1,
         }
     }
-    let first_new = first_new.context("no commit acknowledged by the new writer")?;
+    let (first_new, first_writer) = first_new.context("no commit acknowledged by a new writer")?;
     let last_before = last_before.context("no commit acknowledged before the kill")?;
+    // When the first client switched to the writer that acknowledged first.
+    let discovered_at = outcomes
+        .iter()
+        .filter_map(|o| o.result.as_ref().ok())
+        .filter(|(c, _)| c.writer.epoch == first_writer.epoch)
+        .map(|(c, _)| c.writer.since)
+        .min()
+        .expect("the first new acknowledgement at least");
+    // The promotion that made it the writer: from the reply to loadgen's `Promote`, else
+    // from the replica itself (a promoted replica answers `Promote` with its earlier promotion).
+    let promoted = match &promoted_now {
+        Some((_, p)) if p.epoch == first_writer.epoch => Some(p.clone()),
+        _ => match tokio::time::timeout(PROMOTED_ASK_TIMEOUT, ask_promoted(&admin_endpoint, first_writer.addr)).await {
+            Ok(Ok(p)) if p.epoch == first_writer.epoch => Some(p),
+            Ok(Ok(p)) => {
+                tracing::warn!(writer = %first_writer.addr, reported = %p.epoch, seen = %first_writer.epoch, "the new writer reports another promotion");
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(writer = %first_writer.addr, error = %format!("{e:#}"), "could not ask the new writer how its promotion went");
+                None
+            }
+            Err(_) => None,
+        },
+    };
+    admin.close();
+    admin_endpoint.close(0u32.into(), b"done");
+
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let us_ms = |us: u64| us as f64 / 1e3;
-    let failover_ms = ms(first_new - killed_at);
+    let step = |f: fn(&Promoted) -> u64| promoted.as_ref().map(|p| us_ms(f(p)));
     let discover_ms = ms(discovered_at.saturating_duration_since(killed_at));
-    let promotion_ms = us_ms(promoted.total_us);
+    let promotion_ms = step(|p| p.total_us);
     let detection_ms = match &promoted_now {
-        Some((sent_at, _)) => Some(ms(*sent_at - killed_at)),
-        None => Some((discover_ms - promotion_ms).max(0.0)),
+        Some((sent_at, p)) if p.epoch == first_writer.epoch => Some(ms(*sent_at - killed_at)),
+        _ => promotion_ms.map(|p| (discover_ms - p).max(0.0)),
     };
     Ok(Run {
         run,
         promote: args.promote,
-        failover_ms,
+        failover_ms: ms(first_new - killed_at),
         unavailable_ms: ms(first_new - last_before),
         breakdown: Breakdown {
             detection_ms,
-            claim_ms: us_ms(promoted.claim_us),
-            offer_ms: us_ms(promoted.offer_us),
-            decide_ms: us_ms(promoted.decide_us),
-            truncate_ms: us_ms(promoted.truncate_us),
+            claim_ms: step(|p| p.claim_us),
+            offer_ms: step(|p| p.offer_us),
+            decide_ms: step(|p| p.decide_us),
+            truncate_ms: step(|p| p.truncate_us),
             promotion_ms,
             discover_ms,
             first_commit_ms: ms(first_new.saturating_duration_since(discovered_at)),
         },
         old_writer: old.addr,
         old_epoch: old.epoch.0,
-        new_writer: new.addr,
-        new_epoch: new.epoch.0,
-        promoted: PromotedReply::from(&promoted),
+        new_writer: first_writer.addr,
+        new_epoch: first_writer.epoch.0,
+        later_promotions: new_epochs.len() as u64 - 1,
+        last_writer: last.addr,
+        last_epoch: last.epoch.0,
+        promoted: promoted.as_ref().map(PromotedReply::from),
         writes,
         acked_writes: outcomes.iter().filter(|o| o.result.is_ok()).count() as u64,
         acked_before_kill,
@@ -463,6 +491,16 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
         commit_latency_us: LatencyUs::of(&latency),
         error_kinds: errors,
     })
+}
+
+/// How long the promoted replica may take to say how its promotion went.
+const PROMOTED_ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn ask_promoted(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<Promoted> {
+    let c = ApiClient::connect(endpoint, addr).await?;
+    let p = c.promote().await;
+    c.close();
+    Ok(p?)
 }
 
 #[derive(Default)]
@@ -514,7 +552,12 @@ async fn read_back(client: &ClusterClient, workload: &Arc<Workload>, outcomes: &
 
 fn summarize(args: &FailoverArgs, runs: &[Run]) -> Summary {
     let m = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
-    let detection: Option<Vec<f64>> = runs.iter().map(|r| r.breakdown.detection_ms).collect();
+    // Medians over the runs that have the value.
+    let some = |f: &dyn Fn(&Breakdown) -> Option<f64>| {
+        let xs: Vec<f64> = runs.iter().filter_map(|r| f(&r.breakdown)).collect();
+        (!xs.is_empty()).then(|| median(xs))
+    };
+    let sum = |f: &dyn Fn(&Run) -> u64| runs.iter().map(f).sum();
     Summary {
         promote: args.promote,
         runs: runs.len(),
@@ -522,71 +565,74 @@ fn summarize(args: &FailoverArgs, runs: &[Run]) -> Summary {
         failover_ms: m(&|r| r.failover_ms),
         failover_ms_max: runs.iter().map(|r| r.failover_ms).fold(0.0, f64::max),
         unavailable_ms: m(&|r| r.unavailable_ms),
-        detection_ms: detection.map(median),
-        claim_ms: m(&|r| r.breakdown.claim_ms),
-        offer_ms: m(&|r| r.breakdown.offer_ms),
-        decide_ms: m(&|r| r.breakdown.decide_ms),
-        truncate_ms: m(&|r| r.breakdown.truncate_ms),
-        promotion_ms: m(&|r| r.breakdown.promotion_ms),
+        detection_ms: some(&|b| b.detection_ms),
+        claim_ms: some(&|b| b.claim_ms),
+        offer_ms: some(&|b| b.offer_ms),
+        decide_ms: some(&|b| b.decide_ms),
+        truncate_ms: some(&|b| b.truncate_ms),
+        promotion_ms: some(&|b| b.promotion_ms),
         discover_ms: m(&|r| r.breakdown.discover_ms),
         first_commit_ms: m(&|r| r.breakdown.first_commit_ms),
-        lost_acked_writes: runs.iter().map(|r| r.lost_acked_writes).sum(),
-        torn_writes: runs.iter().map(|r| r.torn_writes).sum(),
-        unacked_present: runs.iter().map(|r| r.unacked_present).sum(),
-        unacked_absent: runs.iter().map(|r| r.unacked_absent).sum(),
-        acked_writes: runs.iter().map(|r| r.acked_writes).sum(),
+        lost_acked_writes: sum(&|r| r.lost_acked_writes),
+        torn_writes: sum(&|r| r.torn_writes),
+        unacked_present: sum(&|r| r.unacked_present),
+        unacked_absent: sum(&|r| r.unacked_absent),
+        acked_writes: sum(&|r| r.acked_writes),
+        later_promotions: sum(&|r| r.later_promotions),
     }
 }
 
 fn table(s: &Summary, runs: &[Run]) -> String {
+    let mode = match s.promote {
+        PromoteMode::Auto => "auto",
+        PromoteMode::Now => "now",
+    };
     let mut t = format!(
-        "failover (promote {}, {:.0} commits/s offered)\n\n| run | failover ms | unavailable ms | detection ms | claim ms | offer ms | decide ms | truncate ms | promotion ms | discover ms | first commit ms | acked | lost acked | unacked present/absent/torn |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-        match s.promote {
-            PromoteMode::Auto => "auto",
-            PromoteMode::Now => "now",
-        },
+        "failover (promote {mode}, {:.0} commits/s offered)\n\n| run | failover ms | unavailable ms | detection ms | claim ms | offer ms | decide ms | truncate ms | promotion ms | discover ms | first commit ms | acked | lost acked | unacked present/absent/torn |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         s.rate
     );
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let mut row = |name: String, failover: f64, unavailable: f64, b: [Option<f64>; 6], discover: f64, first: f64, acked: u64, lost: u64, unacked: [u64; 3]| {
+        t += &format!(
+            "| {name} | {failover:.1} | {unavailable:.1} | {} | {} | {} | {} | {} | {} | {discover:.1} | {first:.1} | {acked} | {lost} | {}/{}/{} |\n",
+            opt(b[0]),
+            opt(b[1]),
+            opt(b[2]),
+            opt(b[3]),
+            opt(b[4]),
+            opt(b[5]),
+            unacked[0],
+            unacked[1],
+            unacked[2]
+        );
+    };
     for r in runs {
         let b = &r.breakdown;
-        t += &format!(
-            "| {} | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {}/{}/{} |\n",
-            r.run + 1,
+        row(
+            format!("{}", r.run + 1),
             r.failover_ms,
             r.unavailable_ms,
-            opt(b.detection_ms),
-            b.claim_ms,
-            b.offer_ms,
-            b.decide_ms,
-            b.truncate_ms,
-            b.promotion_ms,
+            [b.detection_ms, b.claim_ms, b.offer_ms, b.decide_ms, b.truncate_ms, b.promotion_ms],
             b.discover_ms,
             b.first_commit_ms,
             r.acked_writes,
             r.lost_acked_writes,
-            r.unacked_present,
-            r.unacked_absent,
-            r.torn_writes
+            [r.unacked_present, r.unacked_absent, r.torn_writes],
         );
     }
-    t += &format!(
-        "| median | {:.1} | {:.1} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {}/{}/{} |\n",
+    row(
+        "median (counts: sum)".into(),
         s.failover_ms,
         s.unavailable_ms,
-        opt(s.detection_ms),
-        s.claim_ms,
-        s.offer_ms,
-        s.decide_ms,
-        s.truncate_ms,
-        s.promotion_ms,
+        [s.detection_ms, s.claim_ms, s.offer_ms, s.decide_ms, s.truncate_ms, s.promotion_ms],
         s.discover_ms,
         s.first_commit_ms,
         s.acked_writes,
         s.lost_acked_writes,
-        s.unacked_present,
-        s.unacked_absent,
-        s.torn_writes
+        [s.unacked_present, s.unacked_absent, s.torn_writes],
     );
+    if s.later_promotions > 0 {
+        t += &format!("\n{} later promotions: a replica deposed the new writer (see later_promotions in the runs)\n", s.later_promotions);
+    }
     t
 }

@@ -48,7 +48,7 @@ async fn client_follows_a_restarted_writer() {
             while !stop.load(Ordering::Relaxed) {
                 let key = format!("restart-{task}-{i}");
                 let c = client.put(key.as_bytes(), key.as_bytes()).await.unwrap_or_else(|e| panic!("{key}: {e}"));
-                acked.lock().unwrap().push((key, c.epoch));
+                acked.lock().unwrap().push((key, c.writer.epoch));
                 i += 1;
             }
         }));

@@ -309,7 +309,7 @@ impl Default for FailoverConfig {
     fn default() -> Self {
         FailoverConfig {
             deadline: Duration::from_secs(10),
-            suspect_after: Duration::from_millis(20),
+            suspect_after: Duration::from_millis(10),
             probe_interval: Duration::from_millis(5),
             role_timeout: Duration::from_millis(200),
             doubt: Duration::from_millis(500),
@@ -340,9 +340,8 @@ pub enum ClusterError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Committed {
     pub commit_lsn: Lsn,
-    /// The writer that acknowledged it, and its epoch.
-    pub writer: SocketAddr,
-    pub epoch: Epoch,
+    /// The writer that acknowledged it.
+    pub writer: WriterInfo,
     /// Sends it took (1 without failover).
     pub attempts: u32,
 }
@@ -466,7 +465,7 @@ impl ClusterClient {
         let req = Request::Txn(ops);
         req.check()?;
         match self.call(&req).await? {
-            (Response::Committed { commit_lsn }, info, attempts) => Ok(Committed { commit_lsn, writer: info.addr, epoch: info.epoch, attempts }),
+            (Response::Committed { commit_lsn }, writer, attempts) => Ok(Committed { commit_lsn, writer, attempts }),
             (other, ..) => Err(ClusterError::Unexpected(format!("{other:?}"))),
         }
     }
@@ -612,8 +611,10 @@ impl Shared {
         }
     }
 
-    /// `addr` answered `role`: switch to it if it is a newer writer, or any writer after a failure.
-    async fn consider(&self, addr: SocketAddr, role: &Role) {
+    /// `addr` answered `role` on `conn`: switch to it if it is a newer writer, or any writer
+    /// after a failure. Calls go on the same connection (no second handshake): a replica
+    /// serves transactions on connections it accepted before its promotion too.
+    async fn consider(&self, addr: SocketAddr, role: &Role, conn: &ApiClient) {
         if !role.writer {
             return;
         }
@@ -627,16 +628,20 @@ impl Shared {
         if !newer {
             return;
         }
-        let client = match tokio::time::timeout(self.config.role_timeout, ApiClient::connect(&self.endpoint, addr)).await {
-            Ok(Ok(c)) => c,
-            _ => return,
+        let client = if !conn.is_lost() {
+            conn.clone()
+        } else {
+            match tokio::time::timeout(self.config.role_timeout, ApiClient::connect(&self.endpoint, addr)).await {
+                Ok(Ok(c)) => c,
+                _ => return,
+            }
         };
         let generation = current.as_ref().map_or(0, |w| w.generation) + 1;
         let info = WriterInfo { addr, epoch: role.epoch, since: Instant::now() };
         tracing::info!(%addr, epoch = %role.epoch, "client switches to the writer");
         self.writer.send_replace(Some(Arc::new(Writer { info, generation, client })));
         *self.doubt.lock().expect("doubt lock") = Doubt::default();
-        if let Some(old) = current {
+        if let Some(old) = current.filter(|old| old.client.conn.stable_id() != conn.conn.stable_id()) {
             // Fails what is still in flight there at once: those calls are re-sent.
             old.client.close();
         }
@@ -659,8 +664,8 @@ async fn probe(shared: Arc<Shared>, addr: SocketAddr) {
         };
         match tokio::time::timeout(shared.config.role_timeout, ask).await {
             Ok(Ok((client, role))) => {
+                shared.consider(addr, &role, &client).await;
                 conn = Some(client);
-                shared.consider(addr, &role).await;
             }
             Ok(Err(e)) => tracing::debug!(%addr, error = %e, "role probe failed"),
             Err(_) => tracing::debug!(%addr, "role probe timed out"),

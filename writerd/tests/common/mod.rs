@@ -431,7 +431,11 @@ impl Load {
                                 acked.push(i);
                                 committed.fetch_add(1, Ordering::Relaxed);
                             }
-                            Ok(Err(e)) => errors.push(format!("key {i}: {e}")),
+                            Ok(Err(e)) => {
+                                errors.push(format!("key {i}: {e}"));
+                                // A lost connection fails at once: back off instead of spinning.
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
                             Err(_) => errors.push(format!("key {i}: no reply in {REPLY_TIMEOUT:?}")),
                         }
                         i += workers;

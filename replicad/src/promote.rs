@@ -146,8 +146,8 @@ pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: Socke
         }
         let mine = promoter.role();
         let roles = roles_of(&endpoint, &peers).await;
-        if roles.iter().any(|(_, role)| role.writer && role.epoch > mine.epoch) {
-            continue; // a new writer exists: the writer feed finds it
+        if roles.iter().any(|(_, role)| role.writer && role.epoch >= mine.epoch) {
+            continue; // the writer lives on (a peer promoted, maybe to the epoch heard last): the writer feed finds it
         }
         let rank = |addr: SocketAddr, role: &Role| (role.vdl, role.priority, std::cmp::Reverse(addr));
         let better = roles

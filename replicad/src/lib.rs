@@ -86,7 +86,7 @@ pub fn run(config: Config) -> Result<i32> {
         let server = borealis_net::server_endpoint(&identity, config.listen)?;
         if config.failover_silence_ms > 0 {
             let silence = Duration::from_millis(config.failover_silence_ms);
-            tokio::spawn(promote::watch(promoter.clone(), endpoint.clone(), config.listen, config.peers.clone(), silence));
+            tokio::spawn(promote::watch(promoter.clone(), endpoint.clone(), config.listen, writer, config.peers.clone(), silence));
         }
         let api = Arc::new(api::Api {
             replica: replica.clone(),

@@ -130,11 +130,12 @@ impl Promoter {
 }
 
 /// Promotes automatically: once the writer that was followed has been silent
-/// for `silence`, asks the peers their `Role`, and promotes only if no peer is
-/// the writer and none that also lost the writer is better (higher read point,
-/// then priority, then lower address).
-pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: SocketAddr, peers: Vec<SocketAddr>, silence: Duration) {
+/// for `silence`, asks the volume's writer address and the peers their `Role`,
+/// and promotes only if none is the writer and no peer that also lost the
+/// writer is better (higher read point, then priority, then lower address).
+pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: SocketAddr, volume_writer: SocketAddr, peers: Vec<SocketAddr>, silence: Duration) {
     let r = promoter.replica.clone();
+    let asked: Vec<SocketAddr> = std::iter::once(volume_writer).chain(peers).collect();
     loop {
         tokio::time::sleep(silence / 4).await;
         if promoter.writer.get().is_some() {
@@ -145,7 +146,7 @@ pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: Socke
             continue;
         }
         let mine = promoter.role();
-        let roles = roles_of(&endpoint, &peers).await;
+        let roles = roles_of(&endpoint, &asked).await;
         if roles.iter().any(|(_, role)| role.writer && role.epoch >= mine.epoch) {
             continue; // the writer lives on (a peer promoted, maybe to the epoch heard last): the writer feed finds it
         }

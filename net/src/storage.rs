@@ -80,7 +80,12 @@ impl StorageConn {
 
     /// Records with `after < lsn <= upto` (a prefix of them, about `bytes_max`).
     pub async fn pull(&self, pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32) -> Result<Pulled, ClientError> {
-        match self.request(&Message::Pull { pg, after, upto, bytes_max }).await? {
+        self.pull_at(Epoch(0), pg, after, upto, bytes_max).await
+    }
+
+    /// `pull`, answered only by a segment that recorded `epoch`'s truncation (`Behind` otherwise).
+    pub async fn pull_at(&self, epoch: Epoch, pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32) -> Result<Pulled, ClientError> {
+        match self.request(&Message::Pull { pg, after, upto, bytes_max, epoch }).await? {
             Message::PullReply { position, last_lsn, records } => Ok(Pulled { position, last_lsn, records }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }

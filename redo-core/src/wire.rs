@@ -86,7 +86,10 @@ pub enum Message {
     /// (or on disk with `ack = disk`).
     Ack { position: SegmentPosition, batch_last_lsn: Lsn },
     /// Reader → storage: records with `after < lsn <= upto`, at most about `bytes_max`.
-    Pull { pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32 },
+    /// A nonzero `epoch` asks only a segment that recorded that epoch's truncation
+    /// (else `Behind`): a segment that missed a recovery may still hold the old
+    /// writer's records above the new VDL.
+    Pull { pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32, epoch: Epoch },
     /// Storage → reader: a prefix of the requested range. The segment holds no records in
     /// `(after, last_lsn]` beyond those included (`last_lsn` is `upto` clamped to SCL when
     /// all fit, else the last record included). Ask again from `last_lsn` for more.
@@ -148,12 +151,15 @@ impl Message {
                 put_position(out, position);
                 put_u64(out, batch_last_lsn.0);
             }
-            Message::Pull { pg, after, upto, bytes_max } => {
+            Message::Pull { pg, after, upto, bytes_max, epoch } => {
                 out.push(KIND_PULL);
                 put_u32(out, pg.0);
                 put_u64(out, after.0);
                 put_u64(out, upto.0);
                 put_u32(out, *bytes_max);
+                if epoch.0 != 0 {
+                    put_u64(out, epoch.0);
+                }
             }
             Message::PullReply { position, last_lsn, records } => {
                 out.push(KIND_PULL_REPLY);
@@ -240,7 +246,16 @@ impl Message {
             }
             KIND_ACK => Message::Ack { position: position(&mut r)?, batch_last_lsn: Lsn(r.u64()?) },
             KIND_PULL => {
-                Message::Pull { pg: PgId(r.u32()?), after: Lsn(r.u64()?), upto: Lsn(r.u64()?), bytes_max: r.u32()? }
+                let (pg, after, upto, bytes_max) = (PgId(r.u32()?), Lsn(r.u64()?), Lsn(r.u64()?), r.u32()?);
+                // Absent means 0; an explicit 0 is refused, so that every frame has one encoding.
+                let epoch = match r.remaining() {
+                    0 => 0,
+                    _ => match (r.pos(), r.u64()?) {
+                        (at, 0) => return Err(DecodeError::Invalid { what: "pull epoch", offset: at, value: 0 }),
+                        (_, e) => e,
+                    },
+                };
+                Message::Pull { pg, after, upto, bytes_max, epoch: Epoch(epoch) }
             }
             KIND_PULL_REPLY => {
                 let position = position(&mut r)?;
@@ -344,7 +359,8 @@ mod tests {
         vec![
             Message::Append { epoch: Epoch(4), pg: PgId(2), records: ValidRecords::validate(recs.clone(), 0).unwrap().unwrap() },
             Message::Ack { position: pos, batch_last_lsn: Lsn(9) },
-            Message::Pull { pg: PgId(2), after: Lsn(3), upto: Lsn(9), bytes_max: 1 << 20 },
+            Message::Pull { pg: PgId(2), after: Lsn(3), upto: Lsn(9), bytes_max: 1 << 20, epoch: Epoch(0) },
+            Message::Pull { pg: PgId(2), after: Lsn(3), upto: Lsn(9), bytes_max: 1 << 20, epoch: Epoch(7 << 32) },
             Message::PullReply { position: pos, last_lsn: Lsn(9), records: recs },
             Message::PullReply { position: pos, last_lsn: Lsn(3), records: Bytes::new() },
             Message::Subscribe { pgs: vec![PgId(1), PgId(2)] },
@@ -396,7 +412,7 @@ mod tests {
 
         /// Mutated valid frames never panic, and any that still decode re-encode to the same bytes.
         #[test]
-        fn mutated_frames(which in 0usize..14, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
+        fn mutated_frames(which in 0usize..15, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
             let mut frame = samples()[which].to_frame();
             for (at, x) in flips {
                 let i = at % frame.len();

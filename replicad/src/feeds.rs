@@ -226,6 +226,7 @@ async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], plan: &
     let m = &replica.metrics;
     let latency = &replica.latency[plan.pg.0 as usize];
     let (covering, rest) = plan.segments.split_at(plan.covering);
+    let epoch = replica.writer().map(|h| h.epoch).unwrap_or_default();
     for (i, (segment, wait)) in latency.order(&[covering, rest]).into_iter().enumerate() {
         if i > 0 {
             m.pull_failovers.fetch_add(1, Relaxed);
@@ -234,7 +235,9 @@ async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], plan: &
         let started = Instant::now();
         let reply = async {
             let conn = link.get().await?;
-            conn.pull(plan.pg, plan.after, plan.upto, plan.bytes_max as u32).await
+            // Only from a segment that has the current writer's truncation: one that
+            // missed the recovery may still hold the old writer's records above its VDL.
+            conn.pull_at(epoch, plan.pg, plan.after, plan.upto, plan.bytes_max as u32).await
         };
         let reply = tokio::time::timeout(wait, reply).await.unwrap_or_else(|_| Err(ClientError::Unexpected(format!("no pull reply in {wait:?}"))));
         match reply {

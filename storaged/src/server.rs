@@ -85,9 +85,9 @@ async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
     let received = Instant::now();
     match msg {
         Message::Append { epoch, pg, records } => append(node, epoch, pg, records, received).await,
-        Message::Pull { pg, after, upto, bytes_max } => match node.segments.get(&pg) {
+        Message::Pull { pg, after, upto, bytes_max, epoch } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
-            Some(seg) => pull(node, seg.clone(), after, upto, bytes_max).await,
+            Some(seg) => pull(node, seg.clone(), after, upto, bytes_max, epoch).await,
         },
         Message::Status { epoch, pg, truncate_above } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
@@ -382,12 +382,16 @@ async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, receiv
     Reply::Now { msg: Message::PageReply { position, image: Bytes::from(buf) }, received: None }
 }
 
-async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: u32) -> Reply {
+async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: u32, epoch: Epoch) -> Reply {
     let bytes_max = (bytes_max as usize).min(node.config.frame_bytes_max as usize / 2).max(1);
     let mut parts = Vec::new();
     let _files = seg.files.read().await;
     let (read, position) = {
         let log = seg.log.lock().expect("segment lock");
+        if epoch != Epoch(0) && log.last_truncation().is_none_or(|t| t.epoch != epoch) {
+            let why = format!("{} has not recorded the truncation of {epoch} (at {}, last truncation {:?})", seg.id, log.epoch(), log.last_truncation());
+            return Reply::Now { msg: error(ErrorCode::Behind, why), received: None };
+        }
         (log.read(after, upto, bytes_max, &mut parts), log.position())
     };
     let (records, last_lsn) = match read {

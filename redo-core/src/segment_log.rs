@@ -44,6 +44,18 @@ pub fn grant_epoch(current: Epoch, requested: Epoch) -> Result<bool, EpochRefuse
     current.grant(requested)
 }
 
+/// `grant_epoch` for a claimant that decided its generation's recovery (it asks
+/// to truncate): it also takes a segment another claimant of the same
+/// generation got first. That one cannot have won a write quorum of every PG
+/// (the decider holds one in each), so it never wrote; without this, the
+/// segments it got would refuse the winner until the next generation.
+pub fn grant_decided_epoch(current: Epoch, requested: Epoch) -> Result<bool, EpochRefused> {
+    match grant_epoch(current, requested) {
+        Err(_) if requested.generation() == current.generation() && current != Epoch(0) => Ok(true),
+        other => other,
+    }
+}
+
 /// One sparse disk-index entry per this many bytes of segment file.
 pub const INDEX_STRIDE_BYTES: u64 = 64 << 10;
 
@@ -342,7 +354,7 @@ impl SegmentLog {
     /// on older epochs and other claimants of its generation get `StaleEpoch`.
     /// The shell persists the epoch before calling this.
     pub fn raise_epoch(&mut self, epoch: Epoch) {
-        assert!(grant_epoch(self.epoch, epoch).is_ok(), "raising {} to {epoch}, which it does not grant", self.epoch);
+        assert!(grant_decided_epoch(self.epoch, epoch).is_ok(), "raising {} to {epoch}, which it does not grant", self.epoch);
         self.epoch = epoch;
     }
 
@@ -1278,6 +1290,12 @@ mod tests {
         assert_eq!(grant_epoch(Epoch(0), Epoch(1)), Ok(true));
         fresh.raise_epoch(Epoch(1));
         assert!(grant_epoch(fresh.epoch(), Epoch(2)).is_err());
+        // ...unless the other claimant decided the generation's recovery: the loser never wrote.
+        let (loser, winner) = (Epoch::claim_after(Epoch(1), 1), Epoch::claim_after(Epoch(1), 2));
+        assert!(grant_epoch(loser, winner).is_err());
+        assert_eq!(grant_decided_epoch(loser, winner), Ok(true));
+        assert!(grant_decided_epoch(Epoch::claim_after(winner, 3), winner).is_err(), "an older generation never");
+        assert_eq!(grant_decided_epoch(winner, winner), Ok(false));
     }
 
     #[test]

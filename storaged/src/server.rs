@@ -11,7 +11,7 @@ use borealis_net::frame::{read_frame_body, read_frame_len, write_message, FrameE
 use bytes::{Bytes, BytesMut};
 use redo_core::page_index::{PageIndex, IMAGE_BYTES_MAX};
 use redo_core::record::ValidRecords;
-use redo_core::segment_log::{grant_epoch, AppendError};
+use redo_core::segment_log::{grant_decided_epoch, grant_epoch, AppendError};
 use redo_core::wire::{ErrorCode, Message, SegmentPosition, Truncation, TRUNCATIONS_MAX};
 use redo_core::ids::EpochRefused;
 use redo_core::{Epoch, Lsn, PageId, PgId};
@@ -120,7 +120,7 @@ fn not_hosted(node: &Node, pg: PgId) -> Reply {
 async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords, received: Instant) -> Reply {
     let run = records.run();
     let Some(seg) = node.segments.get(&pg) else { return not_hosted(node, pg) };
-    if let Err(reply) = persist_epoch(node, seg, epoch).await {
+    if let Err(reply) = persist_epoch(node, seg, epoch, false).await {
         return reply;
     }
     let deadline = received + Duration::from_millis(node.config.busy_wait_ms);
@@ -174,14 +174,16 @@ fn stale(seg: &Segment, refused: EpochRefused) -> Reply {
 /// that after a restart the older epoch (and any other claimant of the
 /// generation) is still refused, then in memory, so that no request at an
 /// older epoch is applied after this one. A refused epoch is `StaleEpoch`.
-async fn persist_epoch(node: &Node, seg: &Arc<Segment>, epoch: Epoch) -> Result<(), Reply> {
+/// `decided`: the claimant asks to truncate (`grant_decided_epoch`).
+async fn persist_epoch(node: &Node, seg: &Arc<Segment>, epoch: Epoch, decided: bool) -> Result<(), Reply> {
+    let grant = if decided { grant_decided_epoch } else { grant_epoch };
     let current = seg.log.lock().expect("segment lock").epoch();
-    if !grant_epoch(current, epoch).map_err(|r| stale(seg, r))? {
+    if !grant(current, epoch).map_err(|r| stale(seg, r))? {
         return Ok(());
     }
     let mut persisted = seg.persisted_epoch.lock().await;
     // Decided again under the lock: another claim may have been granted meanwhile.
-    if !grant_epoch(persisted.epoch, epoch).map_err(|r| stale(seg, r))? {
+    if !grant(persisted.epoch, epoch).map_err(|r| stale(seg, r))? {
         return Ok(());
     }
     let state = store::EpochState { epoch, truncations: persisted.truncations.clone() };
@@ -206,7 +208,7 @@ async fn write_epoch_state(node: &Node, seg: &Segment, state: store::EpochState)
 /// the segment discard its records above that LSN, durably, before the reply.
 async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: Option<Lsn>) -> Reply {
     if epoch != Epoch(0) {
-        if let Err(reply) = persist_epoch(node, seg, epoch).await {
+        if let Err(reply) = persist_epoch(node, seg, epoch, truncate_above.is_some()).await {
             return reply;
         }
     }

@@ -59,6 +59,11 @@ pub struct Config {
     /// Largest single write of a flush (then fdatasync).
     #[arg(long, default_value = "2MiB", value_parser = borealis_net::parse_bytes)]
     pub flush_bytes_max: u64,
+    /// Test and fault-injection knob, not for production: every flush job waits this long
+    /// before it writes, simulating a slow disk (records stay in memory only, unflushed,
+    /// that much longer; a SIGTERM waits for the delayed flushes). 0 = no delay.
+    #[arg(long, default_value_t = 0)]
+    pub flush_delay_ms: u64,
     /// Segment files grow by fallocate in steps of this size.
     #[arg(long, default_value = "64MiB", value_parser = borealis_net::parse_bytes)]
     pub segment_prealloc_bytes: u64,

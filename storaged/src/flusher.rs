@@ -5,6 +5,9 @@
 //! (group commit without a timer). Appends wake it through an eventfd that
 //! the ring polls. No SQPOLL: on two vCPUs a polling kernel thread starves
 //! the daemon.
+//!
+//! `--flush-delay-ms` (fault injection) makes each job wait on a ring timeout
+//! before its write is submitted: a slow disk, without blocking other segments.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
@@ -12,7 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -26,6 +29,8 @@ use crate::store::{fallocate, ALLOCATE, BLOCK_BYTES};
 const TAG_WAKE: u64 = u64::MAX;
 const TAG_WRITE: u64 = 1;
 const TAG_SYNC: u64 = 2;
+/// A delayed job's wait (`--flush-delay-ms`) is over: submit its write.
+const TAG_DELAY: u64 = 3;
 
 /// Wakes the flusher: an eventfd plus a flag so that a burst of appends costs one write.
 pub struct Wake {
@@ -125,6 +130,8 @@ pub struct FlushTarget {
 struct Inflight {
     job: FlushJob,
     started: Instant,
+    /// Where the write goes and how long it is (the buffer holds it).
+    write_at: u64,
     write_len: usize,
     write_res: Option<i32>,
 }
@@ -146,6 +153,9 @@ pub struct Flusher {
     wake: Arc<Wake>,
     shutdown: Arc<AtomicBool>,
     records: Vec<Bytes>,
+    /// How long each job waits before its write (fault injection); boxed so that the
+    /// kernel reads it from a stable address.
+    delay: Option<Box<types::Timespec>>,
 }
 
 /// The running flusher thread.
@@ -168,11 +178,18 @@ impl FlusherHandle {
 impl Flusher {
     /// Starts the flusher on a thread of its own.
     pub fn spawn(targets: Vec<FlushTarget>, wake: Arc<Wake>) -> Result<FlusherHandle> {
-        // Two entries (write + fdatasync) per segment, plus the wake poll.
+        Self::spawn_delayed(targets, wake, Duration::ZERO)
+    }
+
+    /// Like `spawn`, with every flush job waiting `delay` before it writes
+    /// (`--flush-delay-ms`: a simulated slow disk for fault-injection tests).
+    pub fn spawn_delayed(targets: Vec<FlushTarget>, wake: Arc<Wake>, delay: Duration) -> Result<FlusherHandle> {
+        // Two entries (write + fdatasync, or the delay's timeout) per segment, plus the wake poll.
         let entries = (2 * targets.len() as u32 + 1).next_power_of_two().max(8);
         let ring = IoUring::new(entries).context("create io_uring (is io_uring disabled on this kernel?)")?;
         let shutdown = Arc::new(AtomicBool::new(false));
-        let flusher = Flusher { ring, targets, wake: wake.clone(), shutdown: shutdown.clone(), records: Vec::new() };
+        let delay = (!delay.is_zero()).then(|| Box::new(types::Timespec::from(delay)));
+        let flusher = Flusher { ring, targets, wake: wake.clone(), shutdown: shutdown.clone(), records: Vec::new(), delay };
         let thread = std::thread::Builder::new().name("flusher".into()).spawn(move || flusher.run()).context("spawn flusher")?;
         Ok(FlusherHandle { thread, wake, shutdown })
     }
@@ -272,9 +289,26 @@ impl Flusher {
         if t.tail.len() == BLOCK_BYTES as usize {
             t.tail.clear();
         }
+        t.inflight = Some(Inflight { job, started: Instant::now(), write_at, write_len: t.buf.len, write_res: None });
+        match &self.delay {
+            Some(delay) => {
+                let wait = opcode::Timeout::new(&**delay).build().user_data((i as u64) << 2 | TAG_DELAY);
+                // SAFETY: the timespec is boxed in self and outlives the ring's use of it.
+                unsafe { self.ring.submission().push(&wait) }.expect("ring sized for two entries per segment");
+            }
+            None => self.submit_write(i),
+        }
+        Ok(())
+    }
+
+    /// Submits the prepared write of target `i`, linked to an fdatasync.
+    fn submit_write(&mut self, i: usize) {
+        let t = &mut self.targets[i];
+        let inflight = t.inflight.as_ref().expect("a write is submitted for a job in flight");
+        debug_assert_eq!(inflight.write_len, t.buf.len);
         let fd = types::Fd(t.direct.as_raw_fd());
-        let write = opcode::Write::new(fd, t.buf.ptr, t.buf.len as u32)
-            .offset(write_at)
+        let write = opcode::Write::new(fd, t.buf.ptr, inflight.write_len as u32)
+            .offset(inflight.write_at)
             .build()
             .flags(squeue::Flags::IO_LINK)
             .user_data((i as u64) << 2 | TAG_WRITE);
@@ -285,11 +319,14 @@ impl Flusher {
             sq.push(&write).expect("ring sized for two entries per segment");
             sq.push(&sync).expect("ring sized for two entries per segment");
         }
-        t.inflight = Some(Inflight { job, started: Instant::now(), write_len: t.buf.len, write_res: None });
-        Ok(())
     }
 
     fn complete(&mut self, i: usize, tag: u64, res: i32) {
+        if tag == TAG_DELAY {
+            // The timeout ends with -ETIME; whatever it ended with, the job waited: write it.
+            self.submit_write(i);
+            return;
+        }
         let t = &mut self.targets[i];
         let inflight = t.inflight.as_mut().expect("completion for a target with a flush in flight");
         if tag == TAG_WRITE {

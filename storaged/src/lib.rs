@@ -44,7 +44,7 @@ pub fn run(config: Config) -> Result<()> {
         None => None,
     };
     let (node, targets) = node::Node::open(config.clone(), node::Pages::Indexed)?;
-    let flusher = flusher::Flusher::spawn(targets, node.wake.clone())?;
+    let flusher = flusher::Flusher::spawn_delayed(targets, node.wake.clone(), std::time::Duration::from_millis(config.flush_delay_ms))?;
 
     let runtime = borealis_net::runtime(config.worker_threads)?;
     runtime.block_on(async {

@@ -45,11 +45,12 @@ pub fn run(config: Config) -> Result<i32> {
         for (segment, position) in positions {
             replica.on_position(segment, position);
         }
+        let mut replica_tasks = Vec::new();
         for pg in 0..volume.pg_count() as u32 {
-            tokio::spawn(feeds::puller(replica.clone(), volume.clone(), links.clone(), PgId(pg)));
+            replica_tasks.push(tokio::spawn(feeds::puller(replica.clone(), volume.clone(), links.clone(), PgId(pg))).abort_handle());
         }
         for link in &links {
-            tokio::spawn(feeds::storage_feed(replica.clone(), volume.clone(), link.clone()));
+            replica_tasks.push(tokio::spawn(feeds::storage_feed(replica.clone(), volume.clone(), link.clone())).abort_handle());
         }
         let promoter = Arc::new(promote::Promoter::new(
             replica.clone(),
@@ -61,6 +62,7 @@ pub fn run(config: Config) -> Result<i32> {
             Duration::from_millis(config.promote_timeout_ms),
             config.priority,
         ));
+        *promoter.replica_tasks.lock().expect("tasks lock") = replica_tasks;
         tokio::spawn(feeds::writer_feed(promoter.clone(), endpoint.clone(), writer, config.peers.clone()));
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;

@@ -37,6 +37,9 @@ pub struct Promoter {
     pub writer: OnceLock<Arc<writerd::api_server::Api>>,
     /// One promotion at a time; its outcome once it succeeded.
     done: tokio::sync::Mutex<Option<Promoted>>,
+    /// The replica's pullers and storage feeds: stopped once promoted (the writer
+    /// needs neither, and they would cost its commit path).
+    pub replica_tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Promoter {
@@ -51,7 +54,7 @@ impl Promoter {
         timeout: Duration,
         priority: u32,
     ) -> Self {
-        Promoter { replica, volume, links, tuning, cache_pages_max, request_bytes_max, timeout, priority, writer: OnceLock::new(), done: Default::default() }
+        Promoter { replica, volume, links, tuning, cache_pages_max, request_bytes_max, timeout, priority, writer: OnceLock::new(), done: Default::default(), replica_tasks: Default::default() }
     }
 
     /// What this server is, for `Role`.
@@ -97,6 +100,7 @@ impl Promoter {
             }
         };
         let vdl = recovered.vdl;
+        self.replica_tasks.lock().expect("tasks lock").drain(..).for_each(|t| t.abort());
         let writer = writerd::start(&self.volume, &self.links, epoch, recovered, &self.tuning, self.cache_pages_max);
         // Follow streams opened on this replica now report the writer's progress.
         let (mut from, to) = (writer.progress.subscribe(), r.progress.clone());

@@ -6,55 +6,11 @@
 mod common;
 mod support;
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use borealis_net::api::ApiClient;
 use common::*;
-use redo_core::api::{Request, Response, Role};
+use redo_core::api::{Request, Response};
 use support::*;
-
-/// The writer a client finds among `addrs`, waiting up to `timeout` for one to answer `Role` as writer.
-async fn wait_writer(c: &Cluster, addrs: &[SocketAddr], timeout: Duration) -> (SocketAddr, Role) {
-    let deadline = Instant::now() + timeout;
-    let ep = c.endpoint();
-    loop {
-        for &addr in addrs {
-            let ask = async {
-                let client = ApiClient::connect(&ep, addr).await.ok()?;
-                match client.call(&Request::Role).await {
-                    Ok(Response::RoleIs(r)) if r.writer => Some(r),
-                    _ => None,
-                }
-            };
-            if let Ok(Some(role)) = tokio::time::timeout(Duration::from_millis(500), ask).await {
-                return (addr, role);
-            }
-        }
-        assert!(Instant::now() < deadline, "no writer among {addrs:?} within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Two replicas that know each other, `--priority` 1 and 0.
-async fn two_replicas(c: &mut Cluster, extra: &[&str]) -> (Replica, Replica) {
-    let (a, b): (SocketAddr, SocketAddr) = (format!("127.0.0.1:{}", free_udp_port()).parse().unwrap(), format!("127.0.0.1:{}", free_udp_port()).parse().unwrap());
-    let (pa, pb) = (b.to_string(), a.to_string());
-    let mut args_a = vec!["--peers", &pa, "--priority", "1"];
-    args_a.extend(extra);
-    let mut args_b = vec!["--peers", &pb, "--priority", "0"];
-    args_b.extend(extra);
-    let ra = c.start_replica(Some(a), &args_a).await;
-    let rb = c.start_replica(Some(b), &args_b).await;
-    (ra, rb)
-}
-
-/// Every acknowledged key reads back from `writer`, and `replica` (following it) converges to it.
-async fn check_after_failover(c: &Cluster, writer: &ApiClient, replica: &Replica, acked: &[u64]) {
-    assert_all_present(writer, acked).await;
-    let keys: Vec<Vec<u8>> = acked.iter().map(|&i| key(i)).collect();
-    assert_converges(c, replica, writer, &keys).await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_writer_is_replaced_by_the_best_replica_without_losing_a_commit() {
@@ -112,4 +68,40 @@ async fn promote_by_hand_fences_a_live_writer() {
         Response::Promoted(again) => assert_eq!(again, p),
         other => panic!("expected Promoted, got {other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_promoted_at_once_end_with_one_writer() {
+    let (mut c, mut w, client) = cluster_with_writer(&[]).await;
+    let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
+    let load = Load::start(&client, 4, 0);
+    load.wait_more(200, REPLY_TIMEOUT).await;
+    w.kill9();
+    let (acked, _) = load.finish().await;
+
+    // Both connected first, so that the two Promote calls leave together.
+    let (a, b) = (c.client(ra.addr).await, c.client(rb.addr).await);
+    let (pa, pb) = tokio::join!(a.call(&Request::Promote), b.call(&Request::Promote));
+    let won = |r: &Result<Response, _>| matches!(r, Ok(Response::Promoted(_)));
+    assert!(won(&pa) != won(&pb), "exactly one promotion must win: {pa:?} / {pb:?}");
+    let (winner, loser, p, refusal) = match (pa, pb) {
+        (Ok(Response::Promoted(p)), other) => (&ra, &rb, p, other),
+        (other, Ok(Response::Promoted(p))) => (&rb, &ra, p, other),
+        _ => unreachable!("checked above"),
+    };
+    eprintln!("winner {} at {:?}; the other answered {refusal:?}", winner.addr, p.epoch);
+
+    let (wr, lr) = (role_of(&c, winner.addr).await, role_of(&c, loser.addr).await);
+    assert!(wr.writer && wr.epoch == p.epoch, "the winner is the writer at its epoch: {wr:?}");
+    assert!(!lr.writer, "the loser is still a replica: {lr:?}");
+    assert_eq!(metric(&loser.scrape(), "replicad_promoted_us"), 0.0);
+
+    // The loser keeps serving as a replica, following the winner.
+    let writer = c.client(winner.addr).await;
+    let lsn = writer.put(b"after-race", b"v").await.expect("the winner commits");
+    let other_client = c.client(loser.addr).await;
+    let (_, v) = tokio::time::timeout(REPLY_TIMEOUT, other_client.get_at(b"after-race", lsn)).await.expect("read in time").expect("the loser reads the winner's commit");
+    assert_eq!(v.as_deref(), Some(&b"v"[..]));
+    assert!(other_client.put(b"to-the-loser", b"v").await.is_err(), "the loser takes no writes");
+    check_after_failover(&c, &writer, loser, &acked).await;
 }

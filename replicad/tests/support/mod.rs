@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use borealis_net::api::{ApiClient, ApiError};
-use redo_core::api::ApiErrorCode;
+use std::net::SocketAddr;
+
+use redo_core::api::{ApiErrorCode, Request, Response, Role};
 use redo_core::page::PageOp;
 use redo_core::volume::Volume;
 use redo_core::{Lsn, PgId};
@@ -31,6 +33,68 @@ pub fn diagnose(r: &Replica) -> String {
     let metrics = std::net::TcpStream::connect(r.metrics).map(|_| scrape(r.metrics)).unwrap_or_else(|e| format!("(no metrics: {e})"));
     let metrics: String = metrics.lines().filter(|l| l.starts_with("replicad_")).collect::<Vec<_>>().join("\n");
     format!("\nreplica log {} (last lines):\n{}\nreplica metrics:\n{metrics}", r.proc.log.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"))
+}
+
+/// The writer a client finds among `addrs`, waiting up to `timeout` for one to answer `Role` as writer.
+pub async fn wait_writer(c: &Cluster, addrs: &[SocketAddr], timeout: Duration) -> (SocketAddr, Role) {
+    let deadline = Instant::now() + timeout;
+    let ep = c.endpoint();
+    loop {
+        for &addr in addrs {
+            let ask = async {
+                let client = ApiClient::connect(&ep, addr).await.ok()?;
+                match client.call(&Request::Role).await {
+                    Ok(Response::RoleIs(r)) if r.writer => Some(r),
+                    _ => None,
+                }
+            };
+            if let Ok(Some(role)) = tokio::time::timeout(Duration::from_millis(500), ask).await {
+                return (addr, role);
+            }
+        }
+        assert!(Instant::now() < deadline, "no writer among {addrs:?} within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two replicas that know each other, `--priority` 1 and 0.
+pub async fn two_replicas(c: &mut Cluster, extra: &[&str]) -> (Replica, Replica) {
+    let (a, b): (SocketAddr, SocketAddr) = (format!("127.0.0.1:{}", free_udp_port()).parse().unwrap(), format!("127.0.0.1:{}", free_udp_port()).parse().unwrap());
+    let (pa, pb) = (b.to_string(), a.to_string());
+    let mut args_a = vec!["--peers", &pa, "--priority", "1"];
+    args_a.extend(extra);
+    let mut args_b = vec!["--peers", &pb, "--priority", "0"];
+    args_b.extend(extra);
+    let ra = c.start_replica(Some(a), &args_a).await;
+    let rb = c.start_replica(Some(b), &args_b).await;
+    (ra, rb)
+}
+
+/// Every acknowledged key reads back from `writer`, and `replica` (following it) converges to it.
+pub async fn check_after_failover(c: &Cluster, writer: &ApiClient, replica: &Replica, acked: &[u64]) {
+    assert_all_present(writer, acked).await;
+    let keys: Vec<Vec<u8>> = acked.iter().map(|&i| key(i)).collect();
+    assert_converges(c, replica, writer, &keys).await;
+}
+
+/// Sends `Promote` to the replica at `addr`: its outcome, or the error it answered.
+pub async fn promote(c: &Cluster, addr: SocketAddr) -> Result<redo_core::api::Promoted, String> {
+    let admin = c.client(addr).await;
+    match tokio::time::timeout(READY_TIMEOUT, admin.call(&Request::Promote)).await {
+        Ok(Ok(Response::Promoted(p))) => Ok(p),
+        Ok(Ok(other)) => Err(format!("{other:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer to Promote within {READY_TIMEOUT:?}")),
+    }
+}
+
+/// The `Role` the server at `addr` answers now.
+pub async fn role_of(c: &Cluster, addr: SocketAddr) -> Role {
+    let client = c.client(addr).await;
+    match tokio::time::timeout(REPLY_TIMEOUT, client.call(&Request::Role)).await.expect("Role in time").expect("Role") {
+        Response::RoleIs(r) => r,
+        other => panic!("expected RoleIs from {addr}, got {other:?}"),
+    }
 }
 
 /// A key named `{prefix}-{i}` for the first i whose page is on `pg`.

@@ -183,6 +183,12 @@ impl Cluster {
     }
 
     fn spawn_storaged(&mut self, id: u32) -> Proc {
+        let extra = self.storaged_args.clone();
+        self.spawn_storaged_with(id, &extra)
+    }
+
+    /// Starts node `id` with `extra` in place of the cluster's own storaged arguments.
+    fn spawn_storaged_with(&mut self, id: u32, extra: &[String]) -> Proc {
         self.starts += 1;
         let spec = &self.volume.nodes[id as usize - 1];
         let pgs: Vec<String> = (0..PGS).map(|p| p.to_string()).collect();
@@ -191,7 +197,7 @@ impl Cluster {
         args.extend(["--data-dir".into(), self.dir.path().join(format!("data-{id}")).display().to_string()]);
         args.extend(["--certs".into(), self.certs.display().to_string(), "--segment-prealloc-bytes".into(), "1MiB".into()]);
         args.extend(["--volume".into(), self.volume_path.display().to_string()]);
-        args.extend(self.storaged_args.iter().cloned());
+        args.extend(extra.iter().cloned());
         Proc::spawn(&bin("storaged"), &args, self.dir.path().join(format!("storaged-{id}.{}.log", self.starts)))
     }
 
@@ -202,6 +208,15 @@ impl Cluster {
     /// Restarts node `id` on its address and data dir (it recovers from disk).
     pub async fn restart(&mut self, id: u32) {
         let mut p = self.spawn_storaged(id);
+        p.wait_log("storaged ready", READY_TIMEOUT).await;
+        self.nodes[id as usize - 1] = p;
+    }
+
+    /// Restarts node `id` like `restart`, with `extra` in place of the arguments the
+    /// cluster was started with (e.g. without a fault-injection knob).
+    pub async fn restart_with(&mut self, id: u32, extra: &[&str]) {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut p = self.spawn_storaged_with(id, &extra);
         p.wait_log("storaged ready", READY_TIMEOUT).await;
         self.nodes[id as usize - 1] = p;
     }
@@ -219,8 +234,22 @@ impl Cluster {
 
     /// Starts `writerd serve` without waiting for it.
     pub fn spawn_writer(&mut self, listen: Option<SocketAddr>, extra: &[&str]) -> Proc {
+        let volume = self.volume_path.clone();
+        self.spawn_writer_with_volume(&volume, listen, extra)
+    }
+
+    /// Starts `writerd serve --volume <volume>` (a volume file other than the cluster's,
+    /// e.g. one that reaches the nodes through proxies) and waits until it is ready.
+    pub async fn start_writer_with_volume(&mut self, volume: &Path, extra: &[&str]) -> Proc {
+        let mut p = self.spawn_writer_with_volume(volume, None, extra);
+        p.wait_log("writerd ready", READY_TIMEOUT).await;
+        p
+    }
+
+    /// Starts `writerd serve --volume <volume>` without waiting for it.
+    pub fn spawn_writer_with_volume(&mut self, volume: &Path, listen: Option<SocketAddr>, extra: &[&str]) -> Proc {
         self.starts += 1;
-        let mut args: Vec<String> = vec!["serve".into(), "--volume".into(), self.volume_path.display().to_string()];
+        let mut args: Vec<String> = vec!["serve".into(), "--volume".into(), volume.display().to_string()];
         args.extend(["--certs".into(), self.certs.display().to_string()]);
         if let Some(l) = listen {
             args.extend(["--listen".into(), l.to_string()]);
@@ -261,10 +290,16 @@ impl Cluster {
 
     /// Node `id`'s SCL for `pg`, read without raising its epoch.
     pub async fn scl(&self, ep: &quinn::Endpoint, id: u32, pg: PgId) -> Option<Lsn> {
+        self.position(ep, id, pg).await.map(|p| p.scl)
+    }
+
+    /// Node `id`'s position (SCL, flushed LSN) for `pg`, read without raising its epoch;
+    /// `None` if it does not answer within 2 s.
+    pub async fn position(&self, ep: &quinn::Endpoint, id: u32, pg: PgId) -> Option<redo_core::wire::SegmentPosition> {
         let addr = self.volume.nodes[id as usize - 1].addr.parse().expect("node address");
         let r = tokio::time::timeout(Duration::from_secs(2), async {
             let conn = StorageConn::connect(ep, addr).await.ok()?;
-            conn.status(Epoch(0), pg, None).await.ok().map(|s| s.position.scl)
+            conn.status(Epoch(0), pg, None).await.ok().map(|s| s.position)
         });
         r.await.ok().flatten()
     }

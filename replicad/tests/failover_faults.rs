@@ -1,0 +1,439 @@
+//! Failover under faults, through the real binaries (issue 5, item 7): the
+//! writer killed together with two storage nodes; all six storage nodes
+//! restarted after the flush (data from disk) and before it (the replica's
+//! re-offer); a network partition that isolates a live writer. Each ends with
+//! every acknowledged write present on the new writer and the other replica
+//! equal to it.
+//!
+//! The tests run one at a time (`SERIAL`): each is a cluster of nine
+//! processes, and two at once on a small machine turn timing into noise.
+
+#[path = "../../writerd/tests/common/mod.rs"]
+mod common;
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use borealis_net::api::ApiClient;
+use common::*;
+use redo_core::wire::SegmentPosition;
+use redo_core::{Lsn, PgId};
+use support::*;
+use tokio::net::UdpSocket;
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A flush delay no test outlives: records stay in memory only.
+const FLUSH_NEVER_MS: &str = "600000";
+
+/// One acknowledged put: its key index, commit LSN, and when the client got the ack.
+#[derive(Clone, Copy, Debug)]
+struct Ack {
+    key: u64,
+    lsn: Lsn,
+    at: Instant,
+}
+
+/// Closed-loop writers like `Load`, recording each ack's LSN and arrival time.
+struct TimedLoad {
+    stop: Arc<AtomicBool>,
+    committed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<Ack>, Vec<String>)>>,
+}
+
+impl TimedLoad {
+    fn start(client: &ApiClient, workers: u64, first_key: u64) -> TimedLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(AtomicU64::new(0));
+        let tasks = (0..workers)
+            .map(|w| {
+                let (client, stop, committed) = (client.clone(), stop.clone(), committed.clone());
+                tokio::spawn(async move {
+                    let (mut acked, mut errors) = (Vec::new(), Vec::new());
+                    let mut i = first_key + w;
+                    while !stop.load(Relaxed) {
+                        match tokio::time::timeout(REPLY_TIMEOUT, client.put(&key(i), &value(i, 0))).await {
+                            Ok(Ok(lsn)) => {
+                                acked.push(Ack { key: i, lsn, at: Instant::now() });
+                                committed.fetch_add(1, Relaxed);
+                            }
+                            Ok(Err(e)) => {
+                                errors.push(format!("key {i}: {e}"));
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            Err(_) => errors.push(format!("key {i}: no reply in {REPLY_TIMEOUT:?}")),
+                        }
+                        i += workers;
+                    }
+                    (acked, errors)
+                })
+            })
+            .collect();
+        TimedLoad { stop, committed, tasks }
+    }
+
+    fn count(&self) -> u64 {
+        self.committed.load(Relaxed)
+    }
+
+    async fn wait_more(&self, n: u64, timeout: Duration) {
+        let target = self.count() + n;
+        let deadline = Instant::now() + timeout;
+        while self.count() < target {
+            assert!(Instant::now() < deadline, "only {} of {target} commits within {timeout:?}", self.count());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Stops the writers; every ack and every error.
+    async fn finish(self) -> (Vec<Ack>, Vec<String>) {
+        self.stop.store(true, Relaxed);
+        let (mut acked, mut errors) = (Vec::new(), Vec::new());
+        for t in self.tasks {
+            let (a, e) = t.await.expect("load task");
+            acked.extend(a);
+            errors.extend(e);
+        }
+        (acked, errors)
+    }
+}
+
+fn keys_of(acked: &[Ack]) -> Vec<u64> {
+    acked.iter().map(|a| a.key).collect()
+}
+
+fn last_lsn(acked: &[Ack]) -> Lsn {
+    acked.iter().map(|a| a.lsn).max().expect("some acks")
+}
+
+/// Every node's position for every PG (`None`: did not answer), index [node - 1][pg].
+async fn positions(c: &Cluster, ep: &quinn::Endpoint) -> Vec<Vec<Option<SegmentPosition>>> {
+    let mut out = Vec::new();
+    for id in 1..=6 {
+        let mut row = Vec::new();
+        for pg in 0..PGS {
+            row.push(c.position(ep, id, PgId(pg)).await);
+        }
+        out.push(row);
+    }
+    out
+}
+
+/// Waits until every segment of every PG is complete to the same point, has flushed all
+/// of it, and the PGs together reach `last` (the last acknowledged commit): every acked
+/// record is on every node's disk. Returns the positions.
+async fn wait_flushed_everywhere(c: &Cluster, ep: &quinn::Endpoint, last: Lsn, timeout: Duration) -> Vec<Vec<SegmentPosition>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let all = positions(c, ep).await;
+        let answered: Option<Vec<Vec<SegmentPosition>>> = all.iter().map(|row| row.iter().copied().collect()).collect();
+        if let Some(pos) = &answered {
+            let scl_of_pg = |pg: usize| pos.iter().map(|row| row[pg].scl).max().expect("six nodes");
+            let everywhere = pos.iter().all(|row| row.iter().enumerate().all(|(pg, p)| p.scl == scl_of_pg(pg) && p.flushed_lsn >= p.scl));
+            let reach = (0..PGS as usize).map(scl_of_pg).max().expect("PGs");
+            if everywhere && reach >= last {
+                return pos.clone();
+            }
+        }
+        assert!(Instant::now() < deadline, "the nodes did not all flush up to {last} within {timeout:?}: {all:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until each node of `ids` has, for every PG, the SCL the other nodes have now.
+async fn wait_caught_up(c: &Cluster, ep: &quinn::Endpoint, ids: &[u32], timeout: Duration) {
+    let mut target = vec![Lsn::ZERO; PGS as usize];
+    for id in (1..=6).filter(|id| !ids.contains(id)) {
+        for pg in 0..PGS {
+            let scl = c.scl(ep, id, PgId(pg)).await.unwrap_or_else(|| panic!("node {id} answers Status"));
+            target[pg as usize] = target[pg as usize].max(scl);
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    loop {
+        let mut behind = Vec::new();
+        for &id in ids {
+            for pg in 0..PGS {
+                let scl = c.scl(ep, id, PgId(pg)).await;
+                if scl.is_none_or(|s| s < target[pg as usize]) {
+                    behind.push(format!("node {id} pg{pg} at {scl:?} < {}", target[pg as usize]));
+                }
+            }
+        }
+        if behind.is_empty() {
+            eprintln!("restarted nodes {ids:?} caught up with {target:?} in {:?}", started.elapsed());
+            return;
+        }
+        assert!(Instant::now() < deadline, "restarted nodes did not catch up within {timeout:?}: {}", behind.join("; "));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the sample `name` of `r` satisfies `ok`.
+async fn wait_metric(r: &Replica, name: &str, timeout: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let v = metric(&r.scrape(), name);
+        if ok(v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{name} stayed at {v} for {timeout:?}{}", diagnose(r));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (promoted, other) of two replicas, by the promoted one's address.
+fn split<'a>(addr: SocketAddr, ra: &'a Replica, rb: &'a Replica) -> (&'a Replica, &'a Replica) {
+    if addr == ra.addr {
+        (ra, rb)
+    } else {
+        (rb, ra)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writer_killed_with_two_storage_nodes_is_replaced_and_the_nodes_catch_up() {
+    let _serial = serial();
+    let (mut c, mut w, client) = cluster_with_writer(&[]).await;
+    let ep = c.endpoint();
+    let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "300"]).await;
+    let load = Load::start(&client, 4, 0);
+    load.wait_more(300, REPLY_TIMEOUT).await;
+    // The writer and one node of az1 and one of az2 at the same moment.
+    let killed = Instant::now();
+    w.kill9();
+    c.kill9(1);
+    c.kill9(3);
+    let (mut acked, _) = load.finish().await;
+    assert!(acked.len() >= 300);
+
+    let (addr, role) = wait_writer(&c, &[ra.addr, rb.addr], READY_TIMEOUT).await;
+    eprintln!("kill of the writer and nodes 1, 3 to a writer answering: {:?}", killed.elapsed());
+    let (promoted, other) = split(addr, &ra, &rb);
+    assert!(role.epoch.generation() >= 2, "a new epoch was claimed: {:?}", role.epoch);
+    assert!(metric(&promoted.scrape(), "replicad_promoted_us") > 0.0);
+
+    // Commits go on with two of six nodes down, and while they come back.
+    let writer = c.client(addr).await;
+    let load = Load::start(&writer, 4, 1_000_000);
+    load.wait_more(200, REPLY_TIMEOUT).await;
+    c.restart(1).await;
+    c.restart(3).await;
+    load.wait_more(200, REPLY_TIMEOUT).await;
+    let (more, errors) = load.finish().await;
+    assert!(errors.is_empty(), "the new writer failed {} commits with two nodes down or restarting, e.g. {:?}", errors.len(), &errors[..errors.len().min(5)]);
+    acked.extend(more);
+
+    // The restarted nodes fill what they missed (the new writer's resends, gossip).
+    wait_caught_up(&c, &ep, &[1, 3], CATCH_UP_TIMEOUT).await;
+    check_after_failover(&c, &writer, other, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_storage_nodes_restarted_after_the_flush_serve_every_acked_write_from_disk() {
+    let _serial = serial();
+    let (mut c, mut w, client) = cluster_with_writer(&[]).await;
+    let ep = c.endpoint();
+    let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
+    let load = TimedLoad::start(&client, 4, 0);
+    load.wait_more(300, REPLY_TIMEOUT).await;
+    let (acked, _) = load.finish().await;
+    let last = last_lsn(&acked);
+
+    let flushed = wait_flushed_everywhere(&c, &ep, last, CATCH_UP_TIMEOUT).await;
+    // The replica learns that the volume flushed it all, and holds nothing to offer back:
+    // the new writer gets everything from the disks.
+    wait_metric(&ra, "replicad_flushed_lsn", CATCH_UP_TIMEOUT, |v| v >= last.0 as f64).await;
+    wait_metric(&ra, "replicad_retained_bytes", CATCH_UP_TIMEOUT, |v| v == 0.0).await;
+
+    w.kill9();
+    for id in 1..=6 {
+        c.kill9(id);
+    }
+    for id in 1..=6 {
+        c.restart(id).await;
+    }
+    // Each node recovered from its files exactly what it had flushed.
+    let after = positions(&c, &ep).await;
+    for (i, row) in after.iter().enumerate() {
+        for (pg, p) in row.iter().enumerate() {
+            let p = p.unwrap_or_else(|| panic!("node {} answers Status after its restart", i + 1));
+            assert_eq!(p.scl, flushed[i][pg].scl, "node {} pg{pg} recovered to {} but had flushed {}", i + 1, p.scl, flushed[i][pg].scl);
+        }
+    }
+
+    let p = promote(&c, ra.addr).await.expect("promote by hand");
+    assert!(p.vdl >= last, "recovered VDL {} is below the last acked commit {last}", p.vdl);
+    let writer = c.client(ra.addr).await;
+    let lsn = writer.put(b"after-restart", b"v").await.expect("the new writer commits");
+    assert!(lsn > p.vdl);
+    check_after_failover(&c, &writer, &rb, &keys_of(&acked)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_restarted_before_the_flush_gets_acked_writes_back_from_the_replica() {
+    let _serial = serial();
+    // A disk so slow that nothing acknowledged reaches it during the test.
+    let mut c = Cluster::start(&["--flush-delay-ms", FLUSH_NEVER_MS]).await;
+    let mut w = c.start_writer(None, &[]).await;
+    let client = c.client(c.writer_addr()).await;
+    let ep = c.endpoint();
+    let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
+    let load = TimedLoad::start(&client, 4, 0);
+    load.wait_more(300, REPLY_TIMEOUT).await;
+    let (acked, _) = load.finish().await;
+    let last = last_lsn(&acked);
+
+    // The replica to promote has applied every acked commit, and still holds them.
+    let ra_client = c.client(ra.addr).await;
+    ReadPoint::follow(&ra_client).await.wait_for(last, CATCH_UP_TIMEOUT, || diagnose(&ra)).await;
+    let m = ra.scrape();
+    assert!(metric(&m, "replicad_flushed_lsn") < last.0 as f64, "nothing was to be flushed:\n{m}");
+    assert!(metric(&m, "replicad_retained_bytes") > 0.0, "the replica retains the unflushed records:\n{m}");
+    for (i, row) in positions(&c, &ep).await.iter().enumerate() {
+        for (pg, p) in row.iter().enumerate() {
+            let p = p.unwrap_or_else(|| panic!("node {} answers Status", i + 1));
+            assert!(p.flushed_lsn < last, "node {} pg{pg} flushed {} despite the delay", i + 1, p.flushed_lsn);
+        }
+    }
+
+    w.kill9();
+    for id in 1..=6 {
+        c.kill9(id);
+    }
+    // Back without the delay: what the new writer writes reaches the disks.
+    for id in 1..=6 {
+        c.restart_with(id, &[]).await;
+    }
+    // They lost the acked records: no node's PGs reach the last ack.
+    for (i, row) in positions(&c, &ep).await.iter().enumerate() {
+        let reach = row.iter().map(|p| p.unwrap_or_else(|| panic!("node {} answers Status after its restart", i + 1)).scl).max().expect("PGs");
+        assert!(reach < last, "node {} recovered to {reach}, at or above the last ack {last}: the flush was not delayed", i + 1);
+    }
+
+    let p = promote(&c, ra.addr).await.expect("promote by hand");
+    assert!(p.offer_us > 0, "the replica offered its records back: {p:?}");
+    assert!(p.vdl >= last, "recovered VDL {} is below the last acked commit {last}: the offer back was lost", p.vdl);
+    let writer = c.client(ra.addr).await;
+    let lsn = writer.put(b"after-restart", b"v").await.expect("the new writer commits");
+    assert!(lsn > p.vdl);
+    check_after_failover(&c, &writer, &rb, &keys_of(&acked)).await;
+    // The offered records are durable now: a node restarted once more still has them.
+    let reach = wait_flushed_everywhere(&c, &ep, lsn, CATCH_UP_TIMEOUT).await;
+    assert!(reach.iter().all(|row| row.iter().map(|p| p.scl).max() >= Some(last)));
+}
+
+/// A UDP relay in front of one storage node, with a switch that drops every packet
+/// both ways. One upstream socket per client address, so replies find their way back.
+struct Proxy {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr) -> Proxy {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind proxy"));
+        let addr = front.local_addr().expect("proxy address");
+        let cut = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn({
+            let cut = cut.clone();
+            async move {
+                // Dropped with this task: the relays back to each client stop with it.
+                let mut back = tokio::task::JoinSet::new();
+                let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    let Ok((n, from)) = front.recv_from(&mut buf).await else { return };
+                    if cut.load(Relaxed) {
+                        continue;
+                    }
+                    let up = match upstream.get(&from) {
+                        Some(up) => up.clone(),
+                        None => {
+                            let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream"));
+                            up.connect(target).await.expect("connect upstream");
+                            let (up2, front, cut) = (up.clone(), front.clone(), cut.clone());
+                            back.spawn(async move {
+                                let mut buf = vec![0u8; 65_536];
+                                while let Ok(n) = up2.recv(&mut buf).await {
+                                    if !cut.load(Relaxed) {
+                                        let _ = front.send_to(&buf[..n], from).await;
+                                    }
+                                }
+                            });
+                            upstream.insert(from, up.clone());
+                            up
+                        }
+                    };
+                    let _ = up.send(&buf[..n]).await;
+                }
+            }
+        });
+        Proxy { addr, cut, task }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, Relaxed);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_writer_acknowledges_nothing_after_the_promotion_and_is_fenced_when_healed() {
+    let _serial = serial();
+    let mut c = Cluster::start(&[]).await;
+    // The old writer reaches storage only through the proxies; everyone else directly.
+    let mut proxies = Vec::new();
+    for n in &c.volume.nodes {
+        proxies.push(Proxy::start(n.addr.parse().expect("node address")).await);
+    }
+    let mut proxied = c.volume.clone();
+    for (n, p) in proxied.nodes.iter_mut().zip(&proxies) {
+        n.addr = p.addr.to_string();
+    }
+    let proxied_path = c.path().join("volume-proxied.toml");
+    std::fs::write(&proxied_path, proxied.to_toml()).expect("write the proxied volume file");
+    let mut w = c.start_writer_with_volume(&proxied_path, &[]).await;
+    let client = c.client(c.writer_addr()).await;
+    // Promotion by hand only: the old writer's heartbeats reach the replicas throughout.
+    let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
+    let load = TimedLoad::start(&client, 4, 0);
+    load.wait_more(300, REPLY_TIMEOUT).await;
+
+    proxies.iter().for_each(|p| p.set_cut(true));
+    let promote_sent = Instant::now();
+    let p = promote(&c, ra.addr).await.expect("promote by hand");
+    let promoted_at = Instant::now();
+    eprintln!("promoted while the old writer is cut off: {p:?}");
+    assert!(w.child.as_mut().expect("old writer").try_wait().expect("poll").is_none(), "the partitioned writer is still running");
+    let writer = c.client(ra.addr).await;
+    let lsn = writer.put(b"after-partition", b"v").await.expect("the new writer commits");
+    assert!(lsn > p.vdl);
+
+    proxies.iter().for_each(|p| p.set_cut(false));
+    let status = w.wait_exit(REPLY_TIMEOUT).await;
+    assert_eq!(status.code(), Some(writerd::EXIT_FENCED), "the healed old writer finds itself fenced and steps down");
+    let (acked, errors) = load.finish().await;
+    assert!(!errors.is_empty(), "some calls were in flight at the partition: they must fail, not be acknowledged");
+
+    let before_claim = acked.iter().filter(|a| a.at < promote_sent).count();
+    let late: Vec<&Ack> = acked.iter().filter(|a| a.at > promoted_at || a.lsn > p.vdl).collect();
+    eprintln!("{} acks, {before_claim} before Promote was sent, {} errors", acked.len(), errors.len());
+    assert!(late.is_empty(), "the old writer acknowledged after the promotion (VDL {}): {:?}", p.vdl, &late[..late.len().min(5)]);
+    check_after_failover(&c, &writer, &rb, &keys_of(&acked)).await;
+}

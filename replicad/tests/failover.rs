@@ -76,8 +76,9 @@ async fn two_replicas_promoted_at_once_end_with_one_writer() {
     let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
     let load = Load::start(&client, 4, 0);
     load.wait_more(200, REPLY_TIMEOUT).await;
-    w.kill9();
+    // Stopped first: calls in flight at a kill -9 would wait for the connection's idle timeout.
     let (acked, _) = load.finish().await;
+    w.kill9();
 
     // Both connected first, so that the two Promote calls leave together.
     let (a, b) = (c.client(ra.addr).await, c.client(rb.addr).await);

@@ -16,6 +16,7 @@
 //! lost) or the segment crashes; the sender then reconnects, re-learns the
 //! segment's position (writerd's Status) and resends from its SCL.
 
+mod recovery;
 mod replica;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,7 +27,7 @@ use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::RECORD_OVERHEAD_BYTES;
 use redo_core::replica::ReplicaConfig;
 use redo_core::segment_file::SEGMENT_HEADER_BYTES;
-use redo_core::segment_log::{DiskIndex, SegmentLog, SegmentLogConfig};
+use redo_core::segment_log::{AppendError, DiskIndex, SegmentLog, SegmentLogConfig};
 use redo_core::volume::{NodeSpec, Volume};
 use redo_core::wire::{Message, SegmentPosition};
 use redo_core::writer::{Admit, ReadPlan, Recovered, WriterConfig, WriterCore};
@@ -64,6 +65,7 @@ impl Rng {
     }
 }
 
+pub use recovery::AnswerEpoch;
 pub use replica::Bug;
 
 #[derive(Clone, Copy, Debug)]
@@ -96,6 +98,19 @@ pub struct Stats {
     /// Checks that found a replica's read point past the writer's VDL (allowed
     /// only up to where a replica started from storage).
     pub read_points_past_vdl: u64,
+    /// Writer crashes, recoveries (of which promotions offering back a
+    /// replica's records), attempts that found no write quorum reachable.
+    pub writer_crashes: u64,
+    pub recoveries: u64,
+    pub promotions: u64,
+    pub recovery_retries: u64,
+    /// Unacknowledged transactions a recovery dropped, and kept (whole).
+    pub txns_dropped: u64,
+    pub txns_kept_unacked: u64,
+    /// Truncations a segment got from the new writer's session, having missed the recovery.
+    pub late_truncations: u64,
+    /// Segments filled from a peer because the writer could not resend what they lacked.
+    pub gossip_fills: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -109,6 +124,14 @@ impl std::ops::AddAssign for Stats {
         self.throttles += o.throttles;
         self.read_points_past_vdl += o.read_points_past_vdl;
         self.buffer_over_bytes_max = self.buffer_over_bytes_max.max(o.buffer_over_bytes_max);
+        self.writer_crashes += o.writer_crashes;
+        self.recoveries += o.recoveries;
+        self.promotions += o.promotions;
+        self.recovery_retries += o.recovery_retries;
+        self.txns_dropped += o.txns_dropped;
+        self.txns_kept_unacked += o.txns_kept_unacked;
+        self.late_truncations += o.late_truncations;
+        self.gossip_fills += o.gossip_fills;
     }
 }
 
@@ -117,7 +140,7 @@ enum Msg {
     Append { pg: usize, seg: usize, session: u64, frame: Bytes },
     Ack { seg: usize, session: u64, position: SegmentPosition },
     /// The writer's progress feed (`Follow`) to replica `to`.
-    Progress { to: usize, vdl: Lsn, pgcl: Vec<Lsn> },
+    Progress { to: usize, epoch: Epoch, vdl: Lsn, pgcl: Vec<Lsn> },
     /// A segment's position notification to replica `to`.
     Position { to: usize, seg: usize, position: SegmentPosition },
     /// A replica's request to one segment, and the segment's answer.
@@ -190,6 +213,28 @@ pub struct Sim {
     stats: Stats,
     pub faults: Faults,
     pub bug: Option<Bug>,
+    /// The writer's configuration (each new writer's, but for its epoch).
+    writer_config: WriterConfig,
+    /// False from a writer crash until a recovery completes.
+    writer_up: bool,
+    /// When the next recovery attempt is due while the writer is down.
+    recover_at: u64,
+    /// The VDL acknowledged when the writer last crashed.
+    acked_floor: Lsn,
+    /// The last recovery's VDL and truncation (`None`: the first writer, which recovered nothing).
+    recovered_vdl: Lsn,
+    recovered_pg_last: Vec<Lsn>,
+    /// Whether the feed works around the recovered writer's PGCL (see `feed_bound`).
+    pub pgcl_bound_fix: bool,
+    /// Whether truncations also cut a segment's stale tail below VDL (see `stale_above`).
+    pub stale_cut: bool,
+    /// Every recovery's truncation, oldest first.
+    truncations_all: Vec<redo_core::wire::Truncation>,
+    truncation: Option<redo_core::wire::Truncation>,
+    /// What a claim answer reports as the segment's epoch.
+    pub answer_epoch: AnswerEpoch,
+    /// Ticks at which the writer crashes (if it is up and may: see `recovery::ACKED_HOLDERS_MIN`).
+    pub writer_crash_at: Vec<u64>,
 }
 
 impl Sim {
@@ -210,7 +255,7 @@ impl Sim {
             // Every page stays cached: eviction picks a HashMap victim, which is not deterministic.
             cache_pages_max: PAGE_COUNT as usize,
         };
-        let writer = WriterCore::new(volume, config, Recovered::new_volume(pgs));
+        let writer = WriterCore::new(volume, config.clone(), Recovered::new_volume(pgs));
         let segments = (0..pgs)
             .map(|pg| {
                 (0..SEGMENTS_PER_PG)
@@ -243,6 +288,18 @@ impl Sim {
             stats: Stats::default(),
             faults: NO_FAULTS,
             bug: None,
+            writer_config: config,
+            writer_up: true,
+            recover_at: 0,
+            acked_floor: Lsn::ZERO,
+            recovered_vdl: Lsn::ZERO,
+            recovered_pg_last: vec![Lsn::ZERO; pgs],
+            pgcl_bound_fix: true,
+            stale_cut: true,
+            truncations_all: Vec::new(),
+            truncation: None,
+            answer_epoch: AnswerEpoch::LastTruncation,
+            writer_crash_at: Vec::new(),
         }
     }
 
@@ -272,9 +329,23 @@ impl Sim {
 
     /// One client transaction: 1 to `TXN_PUTS_MAX` puts over random keys, so some span both PGs.
     pub fn write_txn(&mut self) {
+        if !self.writer_up {
+            return;
+        }
         let ops: Vec<PageOp> =
             (0..1 + self.rng.below(TXN_PUTS_MAX)).map(|_| PageOp::Put { key: key(self.rng.below(KEYS)), value: self.rng.next().to_le_bytes().to_vec() }).collect();
-        match self.writer.submit(&ops) {
+        let mut admit = self.writer.submit(&ops);
+        if let Admit::NeedPages(pages) = &admit {
+            // A recovered writer knows no page: GetPage@LSN each, as writerd does.
+            for &(pg, page, lsn) in pages {
+                match recovery::fetch_for_writer(self, pg, page, lsn) {
+                    Some(image) => self.writer.learn_page(image),
+                    None => return, // no segment can serve it yet: the client gives up
+                }
+            }
+            admit = self.writer.submit(&ops);
+        }
+        match admit {
             Admit::Allocated { commit_lsn, .. } => {
                 let volume = self.writer.volume();
                 for (lsn, op) in (commit_lsn.0 + 1 - ops.len() as u64..).zip(ops) {
@@ -289,7 +360,7 @@ impl Sim {
             }
             // Backpressure: the client gives up on this one.
             Admit::Stalled { .. } => {}
-            Admit::NeedPages(pages) => panic!("a new volume knows every page, yet the writer asks for {pages:?}"),
+            Admit::NeedPages(pages) => panic!("the writer learned its pages, yet asks for {pages:?}"),
         }
     }
 
@@ -309,7 +380,12 @@ impl Sim {
                     let Ok(Message::Append { epoch, records, .. }) = Message::decode(frame.slice(4..)) else {
                         panic!("the writer sends valid Append frames")
                     };
-                    let out = s.log.handle_append(epoch, &records).expect("a correct writer is never refused");
+                    let out = match s.log.handle_append(epoch, &records) {
+                        Ok(out) => out,
+                        // A dead writer's frame reaching a segment a newer writer claimed.
+                        Err(AppendError::StaleEpoch(_)) if epoch < self.writer.epoch() => continue,
+                        Err(e) => panic!("pg{pg} segment {seg} refuses a frame at {epoch}: {e}"),
+                    };
                     self.send(Msg::Ack { seg, session, position: out.position });
                 }
                 Msg::Ack { seg, session, position } => {
@@ -324,8 +400,16 @@ impl Sim {
                     }
                     self.writer.handle_ack(position.pg, seg, position.scl, position.flushed_lsn);
                 }
-                Msg::Progress { to, vdl, pgcl } => {
-                    self.replicas[to].core.on_progress(vdl, &pgcl);
+                Msg::Progress { to, epoch, vdl, pgcl } => {
+                    // replicad: a new writer's first progress drops the old writer's tail.
+                    let r = &mut self.replicas[to];
+                    if epoch > r.epoch {
+                        r.core.new_epoch(vdl, &pgcl);
+                        r.epoch = epoch;
+                    }
+                    if epoch == r.epoch {
+                        r.core.on_progress(vdl, &pgcl);
+                    }
                 }
                 Msg::Position { to, seg, position } => {
                     self.replicas[to].core.on_position(seg, position);
@@ -339,7 +423,18 @@ impl Sim {
         if self.rng.chance(self.faults.crash_percent) {
             let pg = self.rng.below(self.segments.len() as u64) as usize;
             let seg = self.rng.below(SEGMENTS_PER_PG as u64) as usize;
-            self.crash(pg, seg);
+            // On seeds where the writer may crash, a segment crash may not leave an
+            // acknowledged record on too few segments (see `recovery::ACKED_HOLDERS_MIN`).
+            if self.writer_crash_at.is_empty() || self.acked_held(recovery::ACKED_HOLDERS_MIN, Some((pg, seg))) {
+                self.crash(pg, seg);
+            }
+        }
+        if self.writer_up && self.writer_crash_at.first().is_some_and(|&at| at <= self.now) && self.acked_held(recovery::ACKED_HOLDERS_MIN, None) {
+            self.writer_crash_at.remove(0);
+            self.crash_writer();
+        }
+        if !self.writer_up && self.now >= self.recover_at {
+            self.try_recover();
         }
         for pg in 0..self.segments.len() {
             for seg in 0..SEGMENTS_PER_PG {
@@ -352,7 +447,9 @@ impl Sim {
                         s.log.handle_flushed(job);
                     }
                 }
-                self.run_sender(pg, seg);
+                if self.writer_up {
+                    self.run_sender(pg, seg);
+                }
             }
         }
         self.run_replicas();
@@ -364,7 +461,9 @@ impl Sim {
     fn crash(&mut self, pg: usize, seg: usize) {
         let s = &mut self.segments[pg][seg];
         s.lost_upto = s.lost_upto.max(s.log.scl());
-        s.log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.log.epoch(), s.log.flushed_lsn(), s.file.len() as u64, DiskIndex::default());
+        // The epoch and the truncations are persisted (pg-N.epoch).
+        s.log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.log.epoch(), s.log.flushed_lsn(), s.file.len() as u64, DiskIndex::default())
+            .with_truncations(&s.log.truncations());
         s.down_until = self.now + 1 + self.rng.below(CRASH_DOWN_TICKS_MAX);
         self.senders[pg][seg].at = None;
         self.stats.crashes += 1;
@@ -377,20 +476,26 @@ impl Sim {
         let failed = sender.at.is_none_or(|at| at > sender.acked && self.now - sender.progress_at > RECONNECT_AFTER_TICKS);
         if failed {
             sender.at = None;
-            let s = &self.segments[pg][seg];
-            if s.down_until > self.now {
+            let session = sender.session;
+            if self.segments[pg][seg].down_until > self.now {
                 return;
             }
+            // Status with the recovery's truncation, before any append.
+            self.late_truncation(pg, seg);
             // Status: the segment's actual position, which writerd folds in like an ack.
-            let position = s.log.position();
-            *sender = Sender { session: sender.session + 1, at: Some(position.scl), acked: position.scl, progress_at: self.now };
+            let position = self.segments[pg][seg].log.position();
+            self.senders[pg][seg] = Sender { session: session + 1, at: Some(position.scl), acked: position.scl, progress_at: self.now };
             self.writer.handle_ack(position.pg, seg, position.scl, position.flushed_lsn);
             self.stats.reconnects += 1;
         }
         let (session, mut at) = (self.senders[pg][seg].session, self.senders[pg][seg].at.expect("connected"));
         let mut batches = Vec::new();
         if let Err(gap) = self.writer.poll_send(PgId(pg as u32), at, &mut batches) {
-            panic!("pg{pg} segment {seg} cannot be caught up though retention is unbounded: {gap:?}");
+            // Only a recovered writer, which holds no frames below what it read back, leaves gaps.
+            assert!(self.truncation.is_some(), "pg{pg} segment {seg} cannot be caught up though retention is unbounded: {gap:?}");
+            self.gossip_fill(pg, seg);
+            self.senders[pg][seg].at = None;
+            return;
         }
         for b in batches {
             at = b.last_lsn;
@@ -413,12 +518,17 @@ impl Sim {
     }
 
     /// Every LSN up to `upto` is held by a write quorum of its PG (counting
-    /// what a crash took, which the writer must resend).
+    /// what a crash took, which the writer must resend). Only the live writer's
+    /// own records: what lies at or below a recovery's VDL was checked by the
+    /// recovery, and a recovered writer resends only part of it.
     fn assert_durable(&self, upto: Lsn, what: &str) {
+        if !self.writer_up {
+            return;
+        }
         for (pg, segs) in self.segments.iter().enumerate() {
             let log = &self.allocated[pg];
-            if let Some(&lsn) = log[..log.partition_point(|&l| l <= upto)].last() {
-                let holders = segs.iter().filter(|s| s.log.scl() >= lsn || s.lost_upto >= lsn).count();
+            if let Some(&lsn) = log[..log.partition_point(|&l| l <= upto)].last().filter(|&&l| l > self.recovered_vdl) {
+                let holders = segs.iter().filter(|s| self.at_current_truncation(s) && (s.log.scl() >= lsn || s.lost_upto >= lsn)).count();
                 assert!(holders >= WRITE_QUORUM, "{lsn} of pg{pg} is durable ({what} {upto}) but only {holders} segments hold it");
             }
         }
@@ -428,7 +538,8 @@ impl Sim {
     /// every segment holds and has flushed its whole PG log, and every
     /// replica has applied it all and released what it retained.
     pub fn converged(&self) -> bool {
-        self.writer.vdl() == self.last_commit()
+        self.writer_up
+            && self.writer.vdl() == self.last_commit()
             && self.segments.iter().zip(&self.allocated).all(|(segs, log)| {
                 let last = log.last().copied().unwrap_or(Lsn::ZERO);
                 segs.iter().all(|s| s.log.scl() == last && s.log.flushed_lsn() == last)
@@ -449,10 +560,16 @@ impl Sim {
         }
         assert_eq!(self.writer.inflight_bytes(), 0, "every segment flushed everything, yet frames are retained");
         for (key, versions) in &self.history {
-            match self.writer.read(key) {
-                ReadPlan::Cached { lsn, value: Some(v) } if lsn <= self.writer.vdl() => assert_eq!(Some(&v), versions.values().next_back()),
+            let value = match self.writer.read(key) {
+                ReadPlan::Cached { lsn, value } if lsn <= self.writer.vdl() => value,
+                // A recovered writer reads what it has not cached from storage (GetPage@LSN).
+                ReadPlan::Fetch { pg, page, lsn } if lsn <= self.writer.vdl() => {
+                    let image = recovery::fetch_for_writer(self, pg, page, lsn).expect("every segment is up and holds the whole log");
+                    image.entries.get(key).cloned()
+                }
                 other => panic!("{} reads as {other:?}", String::from_utf8_lossy(key)),
-            }
+            };
+            assert_eq!(value.as_ref(), versions.values().next_back(), "{} after {} writer crashes", String::from_utf8_lossy(key), self.stats.writer_crashes);
         }
     }
 }
@@ -461,10 +578,22 @@ impl Sim {
 /// converge. A replica follows from the start; on most seeds a second one
 /// joins during the faulty phase.
 pub fn run(seed: u64, faults: Faults, bug: Option<Bug>) -> Stats {
+    run_with(seed, faults, bug, AnswerEpoch::LastTruncation)
+}
+
+/// `run`, with claim answers reporting `answer_epoch` to the recovery plan.
+pub fn run_with(seed: u64, faults: Faults, bug: Option<Bug>, answer_epoch: AnswerEpoch) -> Stats {
     const WRITE_TICKS: u64 = 400;
     let mut sim = Sim::new(seed, 2);
     sim.faults = faults;
     sim.bug = bug;
+    sim.answer_epoch = answer_epoch;
+    // On about half the seeds the writer crashes, up to three times, and a recovery takes over.
+    if sim.rng.chance(50) {
+        let mut at: Vec<u64> = (0..1 + sim.rng.below(3)).map(|_| 1 + sim.rng.below(WRITE_TICKS)).collect();
+        at.sort_unstable();
+        sim.writer_crash_at = at;
+    }
     sim.add_replica(0);
     if sim.rng.chance(70) {
         let at = 1 + sim.rng.below(WRITE_TICKS);
@@ -484,5 +613,6 @@ pub fn run(seed: u64, faults: Faults, bug: Option<Bug>) -> Stats {
             return sim.stats();
         }
     }
-    panic!("seed {seed}: no convergence: vdl {} of last commit {}; replicas {:?}", sim.vdl(), sim.last_commit(), sim.replica_states());
+    let positions: Vec<Vec<(Lsn, Lsn)>> = sim.segments.iter().map(|segs| segs.iter().map(|s| (s.log.scl(), s.log.flushed_lsn())).collect()).collect();
+    panic!("seed {seed}: no convergence: vdl {} of last commit {}; replicas {:?}; segments (scl, flushed) {positions:?}; {:?}", sim.vdl(), sim.last_commit(), sim.replica_states(), sim.stats());
 }

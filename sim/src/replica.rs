@@ -17,7 +17,7 @@ use redo_core::record::{RecordRef, Records};
 use redo_core::replica::{PullError, PullPlan, ReadPlan, ReplicaConfig, ReplicaCore, Start};
 use redo_core::segment_log::{DiskRead, PagePart};
 use redo_core::wire::SegmentPosition;
-use redo_core::{Lsn, PageId, PgId};
+use redo_core::{Epoch, Lsn, PageId, PgId};
 
 use crate::{key, Msg, Segment, Sim, KEYS, PAGE_COUNT, RECONNECT_AFTER_TICKS};
 
@@ -36,11 +36,15 @@ pub enum Bug {
     FeedPastVdl,
     /// Segments serve GetPage@LSN as of half the LSN asked for: a stale page.
     StalePage,
+    /// Recovery takes VDL as the highest CPL pulled, ignoring the holes below it.
+    RecoveryMaxScl,
 }
 
 #[derive(Clone)]
 pub(crate) enum Ask {
-    Pull(PullPlan),
+    /// A pull at the writer epoch the replica heard last (`Epoch(1)`, the first
+    /// writer's, recovered nothing: no truncation to ask for).
+    Pull(PullPlan, Epoch),
     /// GetPage@`lsn` to answer a read of `key`.
     Page { key: Vec<u8>, pg: PgId, page: PageId, lsn: Lsn },
 }
@@ -48,7 +52,7 @@ pub(crate) enum Ask {
 impl Ask {
     fn pg(&self) -> PgId {
         match self {
-            Ask::Pull(plan) => plan.pg,
+            Ask::Pull(plan, _) => plan.pg,
             Ask::Page { pg, .. } => *pg,
         }
     }
@@ -57,6 +61,8 @@ impl Ask {
 #[derive(Clone)]
 pub(crate) enum Answer {
     Pulled { position: SegmentPosition, last_lsn: Lsn, records: Bytes },
+    /// The segment has not recorded the truncation of the epoch pulled at (storaged's Behind).
+    Behind,
     /// `None`: refused, the segment's SCL is below the LSN asked for (Behind).
     Page(Option<PageImage>),
 }
@@ -80,6 +86,8 @@ pub(crate) struct Replica {
     /// What the writer's feed and each segment's notifications last sent it.
     progress_sent: Lsn,
     notified: Vec<[SegmentPosition; SEGMENTS_PER_PG]>,
+    /// The writer epoch its progress feed last carried.
+    pub(crate) epoch: Epoch,
 }
 
 impl Replica {
@@ -122,7 +130,7 @@ impl Sim {
                 core.on_position(seg, position);
             }
             let notified = vec![[SegmentPosition::default(); SEGMENTS_PER_PG]; self.segments.len()];
-            self.replicas.push(Replica { core, inflight: Vec::new(), next_id: 0, read_point: None, start_durable, progress_sent: Lsn::ZERO, notified });
+            self.replicas.push(Replica { core, inflight: Vec::new(), next_id: 0, read_point: None, start_durable, progress_sent: Lsn::ZERO, notified, epoch: self.writer.epoch() });
         }
     }
 
@@ -145,7 +153,8 @@ impl Sim {
                     self.rng.shuffle(&mut order);
                     self.rng.shuffle(&mut rest);
                     order.extend(rest);
-                    self.request(r, Ask::Pull(plan), order);
+                    let epoch = self.replicas[r].epoch;
+                    self.request(r, Ask::Pull(plan, epoch), order);
                 }
             }
             let reading = self.replicas[r].inflight.iter().filter(|q| matches!(q.ask, Ask::Page { .. })).count();
@@ -161,11 +170,13 @@ impl Sim {
         let pgs = self.segments.len();
         let (vdl, pgcl) = match self.bug {
             Some(Bug::FeedPastVdl) => (self.writer.last_allocated(), vec![self.writer.last_allocated(); pgs]),
-            _ => (self.writer.vdl(), (0..pgs).map(|pg| self.writer.pgcl(PgId(pg as u32))).collect()),
+            _ => (self.writer.vdl(), (0..pgs).map(|pg| self.feed_bound(pg)).collect()),
         };
-        if resend || vdl > self.replicas[r].progress_sent {
+        // A dead writer sends nothing; a new one's first progress goes out at once.
+        let epoch = self.writer.epoch();
+        if self.writer_up && (resend || vdl > self.replicas[r].progress_sent || epoch != self.replicas[r].epoch) {
             self.replicas[r].progress_sent = vdl;
-            self.send(Msg::Progress { to: r, vdl, pgcl });
+            self.send(Msg::Progress { to: r, epoch, vdl, pgcl });
         }
         for pg in 0..pgs {
             for seg in 0..SEGMENTS_PER_PG {
@@ -204,7 +215,7 @@ impl Sim {
     fn ask_next(&mut self, r: usize, mut req: Request) {
         let Some(seg) = req.left.pop() else {
             match req.ask {
-                Ask::Pull(plan) => self.replicas[r].core.pull_failed(&plan),
+                Ask::Pull(plan, _) => self.replicas[r].core.pull_failed(&plan),
                 Ask::Page { key, page, .. } => self.fetched(r, &key, page, None),
             }
             return;
@@ -223,7 +234,8 @@ impl Sim {
             return;
         }
         let answer = match ask {
-            Ask::Pull(plan) => {
+            Ask::Pull(_, epoch) if epoch != Epoch(1) && s.log.last_truncation().is_none_or(|t| t.epoch != epoch) => Answer::Behind,
+            Ask::Pull(plan, _) => {
                 let (records, last_lsn) = pull(s, plan.after, plan.upto, plan.bytes_max);
                 Answer::Pulled { position: s.log.position(), last_lsn, records }
             }
@@ -241,15 +253,15 @@ impl Sim {
         let Some(i) = inflight.iter().position(|q| q.id == id) else { return };
         let req = inflight.remove(i);
         match (req.ask, answer) {
-            (Ask::Pull(plan), Answer::Pulled { position, last_lsn, records }) => match self.replicas[r].core.on_pulled(seg, &plan, position, last_lsn, records) {
+            (Ask::Pull(plan, epoch), Answer::Pulled { position, last_lsn, records }) => match self.replicas[r].core.on_pulled(seg, &plan, position, last_lsn, records) {
                 Ok(_) => {}
                 // The segment lost records in a crash since it reported its SCL: try another.
-                Err(PullError::Empty { .. }) => self.ask_next(r, Request { ask: Ask::Pull(plan), ..req }),
+                Err(PullError::Empty { .. }) => self.ask_next(r, Request { ask: Ask::Pull(plan, epoch), ..req }),
                 Err(e) => panic!("replica {r} refuses the log segment {seg} of {} served after {}: {e}", plan.pg, plan.after),
             },
             (Ask::Page { key, page, .. }, Answer::Page(Some(image))) => self.fetched(r, &key, page, Some(image)),
             // Behind (it lost records in a crash): another segment may have the page.
-            (ask, Answer::Page(None)) => self.ask_next(r, Request { ask, ..req }),
+            (ask, Answer::Page(None) | Answer::Behind) => self.ask_next(r, Request { ask, ..req }),
             _ => unreachable!("answers match their requests"),
         }
     }
@@ -305,7 +317,7 @@ impl Sim {
 }
 
 /// A pull as storaged serves it: from memory, else from the segment file.
-fn pull(s: &Segment, after: Lsn, upto: Lsn, bytes_max: usize) -> (Bytes, Lsn) {
+pub(crate) fn pull(s: &Segment, after: Lsn, upto: Lsn, bytes_max: usize) -> (Bytes, Lsn) {
     let mut parts = Vec::new();
     match s.log.read(after, upto, bytes_max, &mut parts) {
         Ok(last) => (Bytes::from(parts.concat()), last),
@@ -318,7 +330,7 @@ fn pull(s: &Segment, after: Lsn, upto: Lsn, bytes_max: usize) -> (Bytes, Lsn) {
 
 /// GetPage@`lsn` as storaged serves it: the page's records from the
 /// segment file and memory applied to the empty page (the sim stores no images).
-fn page_at(s: &Segment, page: PageId, lsn: Lsn) -> PageImage {
+pub(crate) fn page_at(s: &Segment, page: PageId, lsn: Lsn) -> PageImage {
     let read = s.log.page_read(page, lsn).expect("the sim keeps no page index that could break");
     assert!(read.base.is_none(), "the sim stores no page images");
     let mut image = PageImage::empty(page);

@@ -578,16 +578,17 @@ impl Sim {
 /// converge. A replica follows from the start; on most seeds a second one
 /// joins during the faulty phase.
 pub fn run(seed: u64, faults: Faults, bug: Option<Bug>) -> Stats {
-    run_with(seed, faults, bug, AnswerEpoch::LastTruncation)
+    run_with(seed, faults, bug, |_| {})
 }
 
-/// `run`, with claim answers reporting `answer_epoch` to the recovery plan.
-pub fn run_with(seed: u64, faults: Faults, bug: Option<Bug>, answer_epoch: AnswerEpoch) -> Stats {
+/// `run`, with the shell's choices set by `shell` (`answer_epoch`,
+/// `pgcl_bound_fix`, `stale_cut`: the sim's workarounds of core bugs).
+pub fn run_with(seed: u64, faults: Faults, bug: Option<Bug>, shell: impl FnOnce(&mut Sim)) -> Stats {
     const WRITE_TICKS: u64 = 400;
     let mut sim = Sim::new(seed, 2);
     sim.faults = faults;
     sim.bug = bug;
-    sim.answer_epoch = answer_epoch;
+    shell(&mut sim);
     // On about half the seeds the writer crashes, up to three times, and a recovery takes over.
     if sim.rng.chance(50) {
         let mut at: Vec<u64> = (0..1 + sim.rng.below(3)).map(|_| 1 + sim.rng.below(WRITE_TICKS)).collect();

@@ -431,9 +431,14 @@ async fn a_partitioned_writer_acknowledges_nothing_after_the_promotion_and_is_fe
     let (acked, errors) = load.finish().await;
     assert!(!errors.is_empty(), "some calls were in flight at the partition: they must fail, not be acknowledged");
 
-    let before_claim = acked.iter().filter(|a| a.at < promote_sent).count();
-    let late: Vec<&Ack> = acked.iter().filter(|a| a.at > promoted_at || a.lsn > p.vdl).collect();
-    eprintln!("{} acks, {before_claim} before Promote was sent, {} errors", acked.len(), errors.len());
-    assert!(late.is_empty(), "the old writer acknowledged after the promotion (VDL {}): {:?}", p.vdl, &late[..late.len().min(5)]);
+    // Nothing the old writer acknowledged lies above the VDL the new epoch recovered: every
+    // ack was decided on storage acks from before the claim. (An ack's arrival time alone
+    // proves nothing: one decided on storage acks that passed the proxies just before the
+    // cut may reach the client after Promote returned; it is counted, not failed.)
+    let before_promote = acked.iter().filter(|a| a.at < promote_sent).count();
+    let arrived_after = acked.iter().filter(|a| a.at > promoted_at).count();
+    eprintln!("{} acks: {before_promote} before Promote was sent, {arrived_after} arrived after it returned; {} errors", acked.len(), errors.len());
+    let above: Vec<&Ack> = acked.iter().filter(|a| a.lsn > p.vdl).collect();
+    assert!(above.is_empty(), "the old writer acknowledged commits above the new epoch's VDL {}: {:?}", p.vdl, &above[..above.len().min(5)]);
     check_after_failover(&c, &writer, &rb, &keys_of(&acked)).await;
 }

@@ -337,6 +337,9 @@ async fn storage_restarted_before_the_flush_gets_acked_writes_back_from_the_repl
 struct Proxy {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    /// Packets relayed and dropped, both ways.
+    relayed: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -345,8 +348,9 @@ impl Proxy {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind proxy"));
         let addr = front.local_addr().expect("proxy address");
         let cut = Arc::new(AtomicBool::new(false));
+        let (relayed, dropped) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let task = tokio::spawn({
-            let cut = cut.clone();
+            let (cut, relayed, dropped) = (cut.clone(), relayed.clone(), dropped.clone());
             async move {
                 // Dropped with this task: the relays back to each client stop with it.
                 let mut back = tokio::task::JoinSet::new();
@@ -355,18 +359,23 @@ impl Proxy {
                 loop {
                     let Ok((n, from)) = front.recv_from(&mut buf).await else { return };
                     if cut.load(Relaxed) {
+                        dropped.fetch_add(1, Relaxed);
                         continue;
                     }
+                    relayed.fetch_add(1, Relaxed);
                     let up = match upstream.get(&from) {
                         Some(up) => up.clone(),
                         None => {
                             let up = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream"));
                             up.connect(target).await.expect("connect upstream");
-                            let (up2, front, cut) = (up.clone(), front.clone(), cut.clone());
+                            let (up2, front, cut, relayed, dropped) = (up.clone(), front.clone(), cut.clone(), relayed.clone(), dropped.clone());
                             back.spawn(async move {
                                 let mut buf = vec![0u8; 65_536];
                                 while let Ok(n) = up2.recv(&mut buf).await {
-                                    if !cut.load(Relaxed) {
+                                    if cut.load(Relaxed) {
+                                        dropped.fetch_add(1, Relaxed);
+                                    } else {
+                                        relayed.fetch_add(1, Relaxed);
                                         let _ = front.send_to(&buf[..n], from).await;
                                     }
                                 }
@@ -379,7 +388,15 @@ impl Proxy {
                 }
             }
         });
-        Proxy { addr, cut, task }
+        Proxy { addr, cut, relayed, dropped, task }
+    }
+
+    fn relayed(&self) -> u64 {
+        self.relayed.load(Relaxed)
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
     }
 
     fn set_cut(&self, cut: bool) {
@@ -414,16 +431,20 @@ async fn a_partitioned_writer_acknowledges_nothing_after_the_promotion_and_is_fe
     let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
     let load = TimedLoad::start(&client, 4, 0);
     load.wait_more(300, REPLY_TIMEOUT).await;
+    assert!(proxies.iter().all(|p| p.relayed() > 0), "the old writer talks to every node through its proxy");
 
     proxies.iter().for_each(|p| p.set_cut(true));
     let promote_sent = Instant::now();
     let p = promote(&c, ra.addr).await.expect("promote by hand");
     let promoted_at = Instant::now();
     eprintln!("promoted while the old writer is cut off: {p:?}");
-    assert!(w.child.as_mut().expect("old writer").try_wait().expect("poll").is_none(), "the partitioned writer is still running");
     let writer = c.client(ra.addr).await;
     let lsn = writer.put(b"after-partition", b"v").await.expect("the new writer commits");
     assert!(lsn > p.vdl);
+    // Cut off, the old writer cannot have heard of the new epoch: it still runs, and tries.
+    assert!(w.child.as_mut().expect("old writer").try_wait().expect("poll").is_none(), "the partitioned writer is still running");
+    let dropped: u64 = proxies.iter().map(Proxy::dropped).sum();
+    assert!(dropped > 0, "the old writer's packets were dropped during the partition");
 
     proxies.iter().for_each(|p| p.set_cut(false));
     let status = w.wait_exit(REPLY_TIMEOUT).await;

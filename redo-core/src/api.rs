@@ -13,7 +13,7 @@
 //! Committed: commit_lsn u64
 //! Value:     read_lsn u64 | found u8 | value_len u32 | value
 //! Error:     code u8 | message_len u32 | message
-//! Progress:  epoch u64 | vdl u64 | pg_count u32 | pgcl u64 * pg_count
+//! Progress:  epoch u64 | truncated_above u64 | vdl u64 | pg_count u32 | pgcl u64 * pg_count
 //! RoleIs:    writer u8 | epoch u64 | vdl u64 | priority u32 | writer_silent_ms u64
 //! Promoted:  epoch u64 | vdl u64 | claim_us u64 | offer_us u64 | decide_us u64 | truncate_us u64 | total_us u64
 //! ```
@@ -104,8 +104,9 @@ pub enum Request {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
     /// The epoch of the writer this comes from: a new one means a recovery
-    /// truncated the log above its first `vdl`.
+    /// truncated the log above `truncated_above` (the VDL that writer started from).
     pub epoch: Epoch,
+    pub truncated_above: Lsn,
     pub vdl: Lsn,
     /// From a writer, per PG, its PGCL: at or above every record of that PG at or below
     /// `vdl`, so a segment whose SCL reaches `min(pgcl, vdl)` holds all of them. Empty from a replica.
@@ -296,6 +297,7 @@ impl Response {
             }),
             Response::Progress(p) => frame(out, KIND_PROGRESS, id, |out| {
                 put_u64(out, p.epoch.0);
+                put_u64(out, p.truncated_above.0);
                 put_u64(out, p.vdl.0);
                 put_u32(out, p.pgcl.len() as u32);
                 p.pgcl.iter().for_each(|l| put_u64(out, l.0));
@@ -342,10 +344,10 @@ impl Response {
                 Response::Error { code, message }
             }
             KIND_PROGRESS => {
-                let (epoch, vdl) = (Epoch(r.u64()?), Lsn(r.u64()?));
+                let (epoch, truncated_above, vdl) = (Epoch(r.u64()?), Lsn(r.u64()?), Lsn(r.u64()?));
                 let n = r.len("progress pg count", PROGRESS_PGS_MAX)?;
                 let pgcl = (0..n).map(|_| r.u64().map(Lsn)).collect::<Result<_, _>>()?;
-                Response::Progress(Progress { epoch, vdl, pgcl })
+                Response::Progress(Progress { epoch, truncated_above, vdl, pgcl })
             }
             KIND_ROLE_IS => {
                 let at = r.pos();
@@ -397,7 +399,7 @@ mod tests {
             Response::Value { read_lsn: Lsn(7), value: Some(vec![]) },
             Response::Value { read_lsn: Lsn(7), value: None },
             Response::Error { code: ApiErrorCode::Invalid, message: "key too long".into() },
-            Response::Progress(Progress { epoch: Epoch(3 << 32), vdl: Lsn(5), pgcl: vec![Lsn(3), Lsn(5)] }),
+            Response::Progress(Progress { epoch: Epoch(3 << 32), truncated_above: Lsn(4), vdl: Lsn(5), pgcl: vec![Lsn(3), Lsn(5)] }),
             Response::RoleIs(Role { writer: true, epoch: Epoch(7), vdl: Lsn(9), priority: 2, writer_silent_ms: 0 }),
             Response::Promoted(Promoted { epoch: Epoch(8), vdl: Lsn(9), claim_us: 1, offer_us: 2, decide_us: 3, truncate_us: 4, total_us: 11 }),
         ]

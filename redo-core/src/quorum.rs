@@ -48,11 +48,14 @@ pub struct VolumeDurability {
 }
 
 impl VolumeDurability {
-    /// A volume of `pg_count` protection groups whose log is complete and
-    /// durable up to `vdl` (after recovery; `Lsn::ZERO` for a new volume).
-    pub fn new(pg_count: usize, vdl: Lsn) -> Self {
-        let pgs = (0..pg_count)
-            .map(|_| PgState { scl: [vdl; SEGMENTS_PER_PG], pgcl: vdl, incomplete: VecDeque::new() })
+    /// A volume whose log is complete and durable up to `vdl` (after recovery;
+    /// `Lsn::ZERO` for a new volume), where `pg_last[pg]` is each protection
+    /// group's last record at or below it: its segments' SCL, and its PGCL
+    /// (not `vdl`: a replica waits for a PG's segments to reach its PGCL).
+    pub fn new(vdl: Lsn, pg_last: &[Lsn]) -> Self {
+        let pgs = pg_last
+            .iter()
+            .map(|&last| PgState { scl: [last; SEGMENTS_PER_PG], pgcl: last, incomplete: VecDeque::new() })
             .collect();
         VolumeDurability { pgs, cpls: BTreeSet::new(), last_allocated: vdl, vcl: vdl, vdl }
     }
@@ -141,7 +144,7 @@ mod tests {
 
     #[test]
     fn commit_needs_four_of_six() {
-        let mut v = VolumeDurability::new(1, Lsn::ZERO);
+        let mut v = VolumeDurability::new(Lsn::ZERO, &[Lsn::ZERO; 1]);
         v.allocate(PgId(0), Lsn(1), false);
         v.allocate(PgId(0), Lsn(2), true);
         assert!(!ack_all(&mut v, 0, &[0, 1, 2], 2));
@@ -152,7 +155,7 @@ mod tests {
 
     #[test]
     fn vdl_stops_at_the_last_cpl_below_vcl() {
-        let mut v = VolumeDurability::new(1, Lsn::ZERO);
+        let mut v = VolumeDurability::new(Lsn::ZERO, &[Lsn::ZERO; 1]);
         for l in 1..=5 {
             v.allocate(PgId(0), Lsn(l), l == 3);
         }
@@ -162,7 +165,7 @@ mod tests {
 
     #[test]
     fn out_of_order_and_missing_acks() {
-        let mut v = VolumeDurability::new(1, Lsn::ZERO);
+        let mut v = VolumeDurability::new(Lsn::ZERO, &[Lsn::ZERO; 1]);
         for l in 1..=3 {
             v.allocate(PgId(0), Lsn(l), true);
         }
@@ -182,7 +185,7 @@ mod tests {
 
     #[test]
     fn three_down_stalls_until_one_returns() {
-        let mut v = VolumeDurability::new(1, Lsn::ZERO);
+        let mut v = VolumeDurability::new(Lsn::ZERO, &[Lsn::ZERO; 1]);
         v.allocate(PgId(0), Lsn(1), true);
         ack_all(&mut v, 0, &[0, 1, 2], 1);
         assert_eq!(v.vdl(), Lsn(0));
@@ -193,7 +196,7 @@ mod tests {
 
     #[test]
     fn a_segment_that_restarted_lower_counts_only_for_what_it_holds() {
-        let mut v = VolumeDurability::new(1, Lsn::ZERO);
+        let mut v = VolumeDurability::new(Lsn::ZERO, &[Lsn::ZERO; 1]);
         v.allocate(PgId(0), Lsn(1), true);
         ack_all(&mut v, 0, &[0, 1, 2, 3], 1);
         assert_eq!(v.vdl(), Lsn(1));
@@ -209,7 +212,7 @@ mod tests {
 
     #[test]
     fn a_transaction_spanning_pgs_waits_for_every_pg() {
-        let mut v = VolumeDurability::new(2, Lsn::ZERO);
+        let mut v = VolumeDurability::new(Lsn::ZERO, &[Lsn::ZERO; 2]);
         // One mini-transaction: 1 on PG 0, 2 (its CPL) on PG 1.
         v.allocate(PgId(0), Lsn(1), false);
         v.allocate(PgId(1), Lsn(2), true);
@@ -222,9 +225,20 @@ mod tests {
 
     #[test]
     fn an_idle_pg_does_not_hold_back_vcl() {
-        let mut v = VolumeDurability::new(3, Lsn(10));
+        let mut v = VolumeDurability::new(Lsn(10), &[Lsn(10); 3]);
         v.allocate(PgId(2), Lsn(11), true);
         ack_all(&mut v, 2, &[0, 1, 2, 3], 11);
         assert_eq!((v.vcl(), v.vdl()), (Lsn(11), Lsn(11)));
+    }
+
+    #[test]
+    fn after_recovery_each_pg_is_complete_at_its_own_last_record() {
+        // pg1's last record is 7: its segments' SCL stays 7 while pg0 goes on, so its PGCL
+        // (what a replica waits for its segments to reach) must be 7, not the VDL.
+        let mut v = VolumeDurability::new(Lsn(10), &[Lsn(10), Lsn(7)]);
+        assert_eq!((v.vdl(), v.pgcl(PgId(0)), v.pgcl(PgId(1))), (Lsn(10), Lsn(10), Lsn(7)));
+        v.allocate(PgId(0), Lsn(11), true);
+        assert!(ack_all(&mut v, 0, &[0, 1, 2, 3], 11));
+        assert_eq!((v.vdl(), v.pgcl(PgId(1))), (Lsn(11), Lsn(7)));
     }
 }

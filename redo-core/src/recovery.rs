@@ -36,6 +36,8 @@ pub const RESEND_LSNS_MAX: u64 = 1 << 16;
 pub struct Answer {
     /// The segment's index in its PG.
     pub segment: usize,
+    /// The epoch its log is as of: that of its newest truncation (not the epoch
+    /// just claimed on it), `Epoch(0)` if it recorded none.
     pub epoch: Epoch,
     pub scl: Lsn,
     pub truncations: Vec<Truncation>,

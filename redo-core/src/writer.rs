@@ -149,7 +149,7 @@ impl WriterCore {
             })
             .collect();
         WriterCore {
-            durability: VolumeDurability::new(volume.pg_count(), recovered.vdl),
+            durability: VolumeDurability::new(recovered.vdl, &recovered.pg_last),
             pgs,
             next_lsn: Lsn(recovered.vdl.0 + 1),
             page_lsn: HashMap::new(),

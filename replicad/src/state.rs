@@ -47,7 +47,7 @@ impl Replica {
         let pgs = core.volume().pg_count();
         let read_point = core.read_point();
         Replica {
-            progress: watch::channel(Progress { epoch: Epoch(0), vdl: read_point.unwrap_or(Lsn::ZERO), pgcl: Vec::new() }).0,
+            progress: watch::channel(Progress { epoch: Epoch(0), truncated_above: Lsn::ZERO, vdl: read_point.unwrap_or(Lsn::ZERO), pgcl: Vec::new() }).0,
             ready: watch::channel(read_point.is_some()).0,
             core: Mutex::new(core),
             kick: (0..pgs).map(|_| Notify::new()).collect(),
@@ -106,10 +106,10 @@ impl Replica {
         };
         if before != Some(p.epoch) {
             if before.is_some() {
-                tracing::info!(epoch = %p.epoch, vdl = %p.vdl, "a new writer took over: dropping what the old one wrote above its VDL");
-                self.lock().new_epoch(p.vdl, &p.pgcl);
+                tracing::info!(epoch = %p.epoch, truncated_above = %p.truncated_above, "a new writer took over: dropping what the old one wrote above where it started");
+                self.lock().new_epoch(p.truncated_above, &p.pgcl);
             }
-            self.progress.send_modify(|cur| cur.epoch = p.epoch);
+            self.progress.send_modify(|cur| (cur.epoch, cur.truncated_above) = (p.epoch, p.truncated_above));
         }
         let mut heard = self.heard.lock().expect("heard lock");
         if heard.back().is_none_or(|&(l, _)| p.vdl > l) && heard.len() < HEARD_MAX {

@@ -20,6 +20,9 @@ use tokio::task::JoinSet;
 
 /// How long a recovery step waits between rounds for segments that did not answer.
 const ROUND_PAUSE: Duration = Duration::from_millis(20);
+/// A candidate whose claim split the segments retries after this plus a random part of the jitter.
+const CLAIM_RETRY_MIN: Duration = Duration::from_millis(5);
+const CLAIM_RETRY_JITTER: Duration = Duration::from_millis(50);
 
 /// How long each step of a takeover took.
 #[derive(Clone, Copy, Debug, Default)]
@@ -109,10 +112,7 @@ pub async fn take_over(
     let deadline = Instant::now() + timeout;
     let mut t = Timings::default();
     let started = Instant::now();
-    let seen = ask_all(volume, links, Epoch(0), None, deadline).await?;
-    let newest = seen.iter().flatten().map(|(_, st)| st.epoch).max().unwrap_or_default();
-    let epoch = Epoch::claim_after(newest, nonce());
-    let mut claimed = ask_all(volume, links, epoch, None, deadline).await?;
+    let (epoch, mut claimed) = claim(volume, links, deadline).await?;
     t.claim = started.elapsed();
 
     let started = Instant::now();
@@ -126,7 +126,16 @@ pub async fn take_over(
     let answers: Vec<Vec<Answer>> = claimed
         .iter()
         .map(|pg| {
-            pg.iter().map(|(s, st)| Answer { segment: *s, epoch: st.epoch, scl: st.position.scl, truncations: st.truncations.clone() }).collect()
+            // A segment's log is as of its newest truncation's epoch (the claim just
+            // raised its epoch; what it holds was written before).
+            pg.iter()
+                .map(|(s, st)| Answer {
+                    segment: *s,
+                    epoch: st.truncations.last().map_or(Epoch(0), |t| t.epoch),
+                    scl: st.position.scl,
+                    truncations: st.truncations.clone(),
+                })
+                .collect()
         })
         .collect();
     let plan = recovery::plan(&answers, known_cpl).context("recovery plan")?;
@@ -150,6 +159,38 @@ pub async fn take_over(
     ask_all(volume, links, epoch, Some(d.vdl), deadline).await?;
     t.truncate = started.elapsed();
     Ok((epoch, Recovered { vdl: d.vdl, pg_last: d.pg_last, tails: d.tails }, t))
+}
+
+/// Claims the next generation on a write quorum of every PG. Candidates that
+/// split the segments between them (each short of a quorum somewhere) both
+/// lose: each then retries at the next generation after a random pause,
+/// unless a winner holds a write quorum of every PG (then it stands down).
+async fn claim(volume: &Volume, links: &[Arc<NodeLink>], deadline: Instant) -> Result<(Epoch, Vec<Vec<(usize, SegmentStatus)>>), TakeoverError> {
+    loop {
+        let seen = ask_all(volume, links, Epoch(0), None, deadline).await?;
+        let newest = seen.iter().flatten().map(|(_, st)| st.epoch).max().unwrap_or_default();
+        let epoch = Epoch::claim_after(newest, nonce());
+        match ask_all(volume, links, epoch, None, deadline).await {
+            Err(TakeoverError::Lost(why)) => {
+                let now = ask_all(volume, links, Epoch(0), None, deadline).await?;
+                if let Some(winner) = quorum_epoch(&now).filter(|&w| w != epoch) {
+                    return Err(TakeoverError::Lost(format!("{why}; {winner} holds a write quorum of every PG")));
+                }
+                if Instant::now() >= deadline {
+                    return Err(TakeoverError::Lost(why));
+                }
+                tracing::info!(%epoch, %why, "the claim split the segments with another candidate: retrying at the next generation");
+                tokio::time::sleep(CLAIM_RETRY_MIN + Duration::from_micros(nonce() as u64 % CLAIM_RETRY_JITTER.as_micros() as u64)).await;
+            }
+            other => return other.map(|claimed| (epoch, claimed)),
+        }
+    }
+}
+
+/// The epoch that a write quorum of every PG is at, if one is.
+fn quorum_epoch(answers: &[Vec<(usize, SegmentStatus)>]) -> Option<Epoch> {
+    let candidates: Vec<Epoch> = answers.first()?.iter().map(|(_, st)| st.epoch).collect();
+    candidates.into_iter().find(|&e| e != Epoch(0) && answers.iter().all(|pg| pg.iter().filter(|(_, st)| st.epoch == e).count() >= WRITE_QUORUM))
 }
 
 /// Appends `offer[pg]` at `epoch` to every segment of each PG (best effort:

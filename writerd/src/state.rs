@@ -53,7 +53,7 @@ impl Writer {
     }
 
     fn progress_of(core: &WriterCore) -> Progress {
-        Progress { epoch: core.epoch(), vdl: core.vdl(), pgcl: (0..core.volume().pg_count() as u32).map(|pg| core.pgcl(PgId(pg))).collect() }
+        Progress { epoch: core.epoch(), truncated_above: core.truncated_above(), vdl: core.vdl(), pgcl: (0..core.volume().pg_count() as u32).map(|pg| core.pgcl(PgId(pg))).collect() }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {

@@ -94,7 +94,12 @@ impl StorageConn {
     /// The segment's epoch, position and truncations. A nonzero `epoch` claims
     /// it first; `truncate_above` then has the segment discard what lies above.
     pub async fn status(&self, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>) -> Result<SegmentStatus, ClientError> {
-        match self.request(&Message::Status { epoch, pg, truncate_above }).await? {
+        self.status_truncating(epoch, pg, truncate_above, Vec::new()).await
+    }
+
+    /// `status` with the older truncations the claimant knows of (see `Message::Status`).
+    pub async fn status_truncating(&self, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Result<SegmentStatus, ClientError> {
+        match self.request(&Message::Status { epoch, pg, truncate_above, history }).await? {
             Message::StatusReply { epoch, position, truncations } if position.pg == pg => Ok(SegmentStatus { epoch, position, truncations }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
@@ -223,12 +228,16 @@ impl NodeLink {
     }
 
     pub async fn status(&self, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>) -> Result<SegmentStatus, ClientError> {
-        let conn = self.get().await?;
-        self.status_on(&conn, epoch, pg, truncate_above).await
+        self.status_truncating(epoch, pg, truncate_above, Vec::new()).await
     }
 
-    pub async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>) -> Result<SegmentStatus, ClientError> {
-        tokio::time::timeout(REQUEST_TIMEOUT, conn.status(epoch, pg, truncate_above))
+    pub async fn status_truncating(&self, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Result<SegmentStatus, ClientError> {
+        let conn = self.get().await?;
+        self.status_on(&conn, epoch, pg, truncate_above, history).await
+    }
+
+    pub async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Result<SegmentStatus, ClientError> {
+        tokio::time::timeout(REQUEST_TIMEOUT, conn.status_truncating(epoch, pg, truncate_above, history))
             .await
             .map_err(|_| ClientError::Unexpected(format!("no status reply in {REQUEST_TIMEOUT:?}")))?
     }

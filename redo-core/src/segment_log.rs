@@ -378,6 +378,14 @@ impl SegmentLog {
         Ok(!self.truncations.contains(&Truncation { epoch, above }))
     }
 
+    /// The truncations of `history` this segment missed: newer than its own
+    /// newest and older than `epoch` (the claimant's). Its records above the
+    /// lowest of them are an older writer's discarded tail: cut there too.
+    pub fn missed_truncations(&self, history: &[Truncation], epoch: Epoch) -> Vec<Truncation> {
+        let newest = self.last_truncation().map_or(Epoch(0), |t| t.epoch);
+        history.iter().copied().filter(|t| t.epoch > newest && t.epoch < epoch).collect()
+    }
+
     /// Records a truncation, once it is durable; keeps the newest `TRUNCATIONS_MAX`.
     pub fn note_truncation(&mut self, t: Truncation) {
         if self.truncations.contains(&t) {
@@ -1267,6 +1275,21 @@ mod tests {
         log.end_truncate();
         log.check_invariants();
         assert_eq!(append(&mut log, &[(3, 1)]).unwrap().position.scl, Lsn(3));
+    }
+
+    #[test]
+    fn truncations_a_segment_missed_are_the_ones_between_its_newest_and_the_claim() {
+        let mut log = SegmentLog::new(ID, config(1 << 20));
+        let (e1, e2, e3, e4) = (Epoch(1 << 32), Epoch(2 << 32), Epoch(3 << 32), Epoch(4 << 32));
+        let history = [Truncation { epoch: e1, above: Lsn(3) }, Truncation { epoch: e2, above: Lsn(9) }, Truncation { epoch: e3, above: Lsn(7) }];
+        // Never truncated: every older one was missed.
+        assert_eq!(log.missed_truncations(&history, e4), history.to_vec());
+        log.raise_epoch(e1);
+        log.note_truncation(history[0]);
+        // Heard e1 only: e2 and e3 were missed (its records above 7 are an old writer's).
+        assert_eq!(log.missed_truncations(&history, e4), history[1..].to_vec());
+        // The claim's own epoch and later ones are not "missed".
+        assert_eq!(log.missed_truncations(&history, e3), history[1..2].to_vec());
     }
 
     #[test]

@@ -103,8 +103,11 @@ pub enum Message {
     /// `epoch` is a claim: granted (and recorded durably) if it is the segment's
     /// epoch or of a newer generation (`Epoch::grant`), else refused with
     /// `StaleEpoch`. With `truncate_above`, the claimant (at its epoch) also has
-    /// the segment discard every record above that LSN, durably, before replying.
-    Status { epoch: Epoch, pg: PgId, truncate_above: Option<Lsn> },
+    /// the segment discard every record above that LSN, durably, before replying;
+    /// `history` are the older truncations the claimant knows of: one the segment
+    /// missed cuts it lower (its records above that point are an older writer's
+    /// discarded tail) and is recorded too.
+    Status { epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation> },
     /// Storage → writer: the segment's epoch (after any claim), position, and
     /// the truncations it recorded, oldest first (at most `TRUNCATIONS_MAX`).
     StatusReply { epoch: Epoch, position: SegmentPosition, truncations: Vec<Truncation> },
@@ -130,6 +133,19 @@ fn put_position(out: &mut Vec<u8>, p: &SegmentPosition) {
     put_u32(out, p.pg.0);
     put_u64(out, p.scl.0);
     put_u64(out, p.flushed_lsn.0);
+}
+
+fn put_truncations(out: &mut Vec<u8>, truncations: &[Truncation]) {
+    put_u32(out, truncations.len() as u32);
+    for t in truncations {
+        put_u64(out, t.epoch.0);
+        put_u64(out, t.above.0);
+    }
+}
+
+fn truncations(r: &mut Reader) -> Result<Vec<Truncation>, DecodeError> {
+    let n = r.len("truncation count", TRUNCATIONS_MAX)?;
+    (0..n).map(|_| Ok(Truncation { epoch: Epoch(r.u64()?), above: Lsn(r.u64()?) })).collect()
 }
 
 fn position(r: &mut Reader) -> Result<SegmentPosition, DecodeError> {
@@ -189,23 +205,22 @@ impl Message {
                 put_u32(out, m.len() as u32);
                 out.extend_from_slice(m);
             }
-            Message::Status { epoch, pg, truncate_above } => {
+            Message::Status { epoch, pg, truncate_above, history } => {
                 out.push(KIND_STATUS);
                 put_u64(out, epoch.0);
                 put_u32(out, pg.0);
                 if let Some(lsn) = truncate_above {
                     put_u64(out, lsn.0);
+                    if !history.is_empty() {
+                        put_truncations(out, history);
+                    }
                 }
             }
             Message::StatusReply { epoch, position, truncations } => {
                 out.push(KIND_STATUS_REPLY);
                 put_u64(out, epoch.0);
                 put_position(out, position);
-                put_u32(out, truncations.len() as u32);
-                for t in truncations {
-                    put_u64(out, t.epoch.0);
-                    put_u64(out, t.above.0);
-                }
+                put_truncations(out, truncations);
             }
             Message::GetPage { pg, page, lsn } => {
                 out.push(KIND_GET_PAGE);
@@ -288,16 +303,19 @@ impl Message {
             KIND_STATUS => {
                 let (epoch, pg) = (Epoch(r.u64()?), PgId(r.u32()?));
                 let truncate_above = if r.remaining() > 0 { Some(Lsn(r.u64()?)) } else { None };
-                Message::Status { epoch, pg, truncate_above }
+                // Absent means none; an explicit empty list is refused (one encoding per frame).
+                let history = match r.remaining() {
+                    0 => Vec::new(),
+                    _ => match (r.pos(), truncations(&mut r)?) {
+                        (at, h) if h.is_empty() => return Err(DecodeError::Invalid { what: "empty truncation history", offset: at, value: 0 }),
+                        (_, h) => h,
+                    },
+                };
+                Message::Status { epoch, pg, truncate_above, history }
             }
             KIND_STATUS_REPLY => {
                 let (epoch, position) = (Epoch(r.u64()?), position(&mut r)?);
-                let n = r.len("truncation count", TRUNCATIONS_MAX)?;
-                let mut truncations = Vec::with_capacity(n);
-                for _ in 0..n {
-                    truncations.push(Truncation { epoch: Epoch(r.u64()?), above: Lsn(r.u64()?) });
-                }
-                Message::StatusReply { epoch, position, truncations }
+                Message::StatusReply { epoch, position, truncations: truncations(&mut r)? }
             }
             KIND_GET_PAGE => Message::GetPage { pg: PgId(r.u32()?), page: PageId(r.u64()?), lsn: Lsn(r.u64()?) },
             KIND_PAGE_REPLY => {
@@ -366,8 +384,9 @@ mod tests {
             Message::Subscribe { pgs: vec![PgId(1), PgId(2)] },
             Message::Notify { position: pos },
             Message::Error { code: ErrorCode::StaleEpoch, message: "epoch e3 < e4".into() },
-            Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: None },
-            Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)) },
+            Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: None, history: vec![] },
+            Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)), history: vec![] },
+            Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)), history: vec![Truncation { epoch: Epoch(3), above: Lsn(6) }] },
             Message::StatusReply { epoch: Epoch(5), position: pos, truncations: vec![] },
             Message::StatusReply {
                 epoch: Epoch(5),
@@ -412,7 +431,7 @@ mod tests {
 
         /// Mutated valid frames never panic, and any that still decode re-encode to the same bytes.
         #[test]
-        fn mutated_frames(which in 0usize..15, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
+        fn mutated_frames(which in 0usize..16, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
             let mut frame = samples()[which].to_frame();
             for (at, x) in flips {
                 let i = at % frame.len();

@@ -86,7 +86,7 @@ impl Promoter {
         let known = r.writer().map_or(Lsn::ZERO, |h| h.vdl).max(r.progress.borrow().vdl);
         let offer = r.lock().held_records(OFFER_RUN_BYTES_MAX);
         tracing::warn!(%known, offered_bytes = offer.iter().flatten().map(|b| b.len()).sum::<usize>(), "promoting: taking over the volume");
-        let (epoch, recovered, t) = match writerd::recovery::take_over(&self.volume, &self.links, known, offer, self.timeout).await {
+        let taken = match writerd::recovery::take_over(&self.volume, &self.links, known, offer, self.timeout).await {
             Ok(x) => x,
             Err(TakeoverError::Lost(why)) => {
                 r.metrics.promotions_lost.fetch_add(1, Relaxed);
@@ -99,9 +99,9 @@ impl Promoter {
                 return Err(format!("promotion failed: {e:#}"));
             }
         };
-        let vdl = recovered.vdl;
+        let (epoch, vdl, t) = (taken.epoch, taken.recovered.vdl, taken.timings);
         self.replica_tasks.lock().expect("tasks lock").drain(..).for_each(|t| t.abort());
-        let writer = writerd::start(&self.volume, &self.links, epoch, recovered, &self.tuning, self.cache_pages_max);
+        let writer = writerd::start(&self.volume, &self.links, taken, &self.tuning, self.cache_pages_max);
         // Follow streams opened on this replica now report the writer's progress.
         let (mut from, to) = (writer.progress.subscribe(), r.progress.clone());
         tokio::spawn(async move {

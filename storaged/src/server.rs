@@ -89,9 +89,9 @@ async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
             None => not_hosted(node, pg),
             Some(seg) => pull(node, seg.clone(), after, upto, bytes_max, epoch).await,
         },
-        Message::Status { epoch, pg, truncate_above } => match node.segments.get(&pg) {
+        Message::Status { epoch, pg, truncate_above, history } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
-            Some(seg) => status(node, seg, epoch, truncate_above).await,
+            Some(seg) => status(node, seg, epoch, truncate_above, &history).await,
         },
         Message::GetPage { pg, page, lsn } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
@@ -206,7 +206,7 @@ async fn write_epoch_state(node: &Node, seg: &Segment, state: store::EpochState)
 /// The segment's epoch, position and truncations. A nonzero `epoch` is a
 /// claim (see `persist_epoch`); with `truncate_above`, the claimant also has
 /// the segment discard its records above that LSN, durably, before the reply.
-async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: Option<Lsn>) -> Reply {
+async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: Option<Lsn>, history: &[Truncation]) -> Reply {
     if epoch != Epoch(0) {
         if let Err(reply) = persist_epoch(node, seg, epoch, truncate_above.is_some()).await {
             return reply;
@@ -216,7 +216,7 @@ async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: O
         if epoch == Epoch(0) {
             return Reply::Close(error(ErrorCode::Malformed, "a truncation needs the claimant's epoch, not epoch 0"));
         }
-        if let Err(reply) = truncate(node, seg, epoch, above).await {
+        if let Err(reply) = truncate(node, seg, epoch, above, &history).await {
             return reply;
         }
     }
@@ -236,35 +236,40 @@ const FLUSH_WAIT_POLL: Duration = Duration::from_millis(10);
 /// (fdatasync), the page file cut before its first image above it, then the
 /// truncation is added to the persisted epoch state; only then is it noted
 /// in memory and reported.
-async fn truncate(node: &Node, seg: &Arc<Segment>, epoch: Epoch, above: Lsn) -> Result<(), Reply> {
+async fn truncate(node: &Node, seg: &Arc<Segment>, epoch: Epoch, above: Lsn, history: &[Truncation]) -> Result<(), Reply> {
     let mut persisted = seg.persisted_epoch.lock().await;
-    let needed = seg.log.lock().expect("segment lock").truncation_needed(epoch, above);
+    let (needed, missed) = {
+        let log = seg.log.lock().expect("segment lock");
+        (log.truncation_needed(epoch, above), log.missed_truncations(history, epoch))
+    };
     if !needed.map_err(|r| stale(seg, r))? {
         return Ok(());
     }
+    // A truncation this segment missed cuts it lower: what it holds above that is stale.
+    let cut = missed.iter().map(|t| t.above).fold(above, Lsn::min);
     assert_eq!(persisted.epoch, epoch, "the log's epoch is persisted before it is raised");
     let started = Instant::now();
     let files = seg.files.write().await;
     seg.with_log(|log| log.begin_truncate());
-    let result = truncate_held(node, seg, above).await;
+    let result = truncate_held(node, seg, cut).await;
     seg.with_log(|log| log.end_truncate());
     drop(files);
     // Appends waiting for the truncation retry; the flusher takes what is dirty.
     seg.position.send_modify(|_| {});
     node.wake.wake();
     let records = result?;
-    let t = Truncation { epoch, above };
+    let recorded: Vec<Truncation> = missed.iter().copied().chain([Truncation { epoch, above }]).collect();
     let mut state = persisted.clone();
-    state.truncations.push(t);
+    state.truncations.extend(&recorded);
     let skip = state.truncations.len().saturating_sub(TRUNCATIONS_MAX);
     state.truncations.drain(..skip);
     write_epoch_state(node, seg, state.clone()).await?;
     *persisted = state;
-    seg.with_log(|log| log.note_truncation(t));
+    seg.with_log(|log| recorded.iter().for_each(|&t| log.note_truncation(t)));
     node.metrics.truncations.fetch_add(1, Ordering::Relaxed);
     node.metrics.truncated_records.fetch_add(records, Ordering::Relaxed);
     let scl = seg.log.lock().expect("segment lock").scl();
-    tracing::info!(segment = %seg.id, %epoch, %above, records, %scl, elapsed_ms = started.elapsed().as_millis() as u64, "truncated the segment log");
+    tracing::info!(segment = %seg.id, %epoch, %above, %cut, missed = missed.len(), records, %scl, elapsed_ms = started.elapsed().as_millis() as u64, "truncated the segment log");
     Ok(())
 }
 

@@ -16,8 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use borealis_net::storage::NodeLink;
 use redo_core::volume::Volume;
-use redo_core::writer::{Recovered, WriterConfig, WriterCore};
-use redo_core::Epoch;
+use redo_core::writer::{WriterConfig, WriterCore};
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::{Lsn, PgId};
 use tokio::signal::unix::{signal, SignalKind};
@@ -49,11 +48,12 @@ pub fn run(config: Config) -> Result<i32> {
     runtime.block_on(async {
         let storage_endpoint = borealis_net::client_endpoint(&identity)?;
         let links = borealis_net::storage::NodeLink::for_volume(&volume, &storage_endpoint)?;
-        let (epoch, recovered, _) = recovery::take_over(&volume, &links, Lsn::ZERO, Vec::new(), Duration::from_millis(config.start_timeout_ms))
+        let taken = recovery::take_over(&volume, &links, Lsn::ZERO, Vec::new(), Duration::from_millis(config.start_timeout_ms))
             .await
             .context("claim the volume")?;
-        tracing::info!(%epoch, vdl = %recovered.vdl, "claimed the volume");
-        let writer = start(&volume, &links, epoch, recovered, &config.tuning, config.cache_pages_max);
+        let epoch = taken.epoch;
+        tracing::info!(%epoch, vdl = %taken.recovered.vdl, "claimed the volume");
+        let writer = start(&volume, &links, taken, &config.tuning, config.cache_pages_max);
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
             let w = writer.clone();
@@ -97,9 +97,9 @@ pub fn run(config: Config) -> Result<i32> {
 
 /// Starts the engine of a claimed volume: one sender per segment and the stall
 /// reporter. The caller serves `api_server::Api` over it.
-pub fn start(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, recovered: Recovered, tuning: &Tuning, cache_pages_max: usize) -> Arc<Writer> {
+pub fn start(volume: &Volume, links: &[Arc<NodeLink>], taken: recovery::TakenOver, tuning: &Tuning, cache_pages_max: usize) -> Arc<Writer> {
     let core_config = WriterConfig {
-        epoch,
+        epoch: taken.epoch,
         lal: tuning.lal,
         unquorumed_bytes_max: tuning.unquorumed_bytes_max as usize,
         batch_bytes_max: tuning.batch_bytes_max as usize,
@@ -107,7 +107,7 @@ pub fn start(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, recovered: 
         retain_bytes_max: tuning.retain_bytes_max as usize,
         cache_pages_max,
     };
-    let writer = Writer::new(WriterCore::new(volume.clone(), core_config, recovered));
+    let writer = Writer::new(WriterCore::new(volume.clone(), core_config, taken.recovered), taken.history);
     for pg in 0..volume.pg_count() {
         let pg = PgId(pg as u32);
         for (segment, node) in volume.segments(pg).enumerate() {

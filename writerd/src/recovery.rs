@@ -13,7 +13,7 @@ use bytes::Bytes;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::recovery::{self, Answer};
 use redo_core::volume::Volume;
-use redo_core::wire::ErrorCode;
+use redo_core::wire::{ErrorCode, Truncation};
 use redo_core::writer::Recovered;
 use redo_core::{Epoch, Lsn, PgId};
 use tokio::task::JoinSet;
@@ -49,9 +49,10 @@ async fn ask_all(
     volume: &Volume,
     links: &[Arc<NodeLink>],
     epoch: Epoch,
-    truncate_above: Option<Lsn>,
+    truncate: Option<(Lsn, &[Truncation])>,
     deadline: Instant,
 ) -> Result<Vec<Vec<(usize, SegmentStatus)>>, TakeoverError> {
+    let (truncate_above, history) = (truncate.map(|t| t.0), truncate.map_or(Vec::new(), |t| t.1.to_vec()));
     let pgs = volume.pg_count();
     let mut answers: Vec<Vec<Option<SegmentStatus>>> = vec![vec![None; SEGMENTS_PER_PG]; pgs];
     let mut refused: Vec<Vec<bool>> = vec![vec![false; SEGMENTS_PER_PG]; pgs];
@@ -61,7 +62,8 @@ async fn ask_all(
             for (s, node) in volume.segments(PgId(pg as u32)).enumerate() {
                 if answers[pg][s].is_none() && !refused[pg][s] {
                     let link = link_of(links, node.id).clone();
-                    asks.spawn(async move { (pg, s, link.id, link.status(epoch, PgId(pg as u32), truncate_above).await) });
+                    let history = history.clone();
+                    asks.spawn(async move { (pg, s, link.id, link.status_truncating(epoch, PgId(pg as u32), truncate_above, history).await) });
                 }
             }
         }
@@ -97,6 +99,16 @@ async fn ask_all(
 /// Records a promoted replica still holds, per PG, to offer back to storage.
 pub type Offer = Vec<Vec<Bytes>>;
 
+/// A volume taken over.
+pub struct TakenOver {
+    pub epoch: Epoch,
+    pub recovered: Recovered,
+    /// Every truncation the segments reported, oldest first: sent with each
+    /// later claim, so that a segment that missed one is cut there too.
+    pub history: Vec<Truncation>,
+    pub timings: Timings,
+}
+
 /// Claims the volume and decides where it ends. `known_cpl` is a CPL every PG
 /// is known complete up to (a replica's last VDL from the writer; `Lsn::ZERO`
 /// when nothing is known). `offer[pg]` are encoded records to append to every
@@ -108,7 +120,7 @@ pub async fn take_over(
     known_cpl: Lsn,
     offer: Offer,
     timeout: Duration,
-) -> Result<(Epoch, Recovered, Timings), TakeoverError> {
+) -> Result<TakenOver, TakeoverError> {
     let deadline = Instant::now() + timeout;
     let mut t = Timings::default();
     let started = Instant::now();
@@ -155,10 +167,13 @@ pub async fn take_over(
     t.decide = started.elapsed();
     tracing::info!(%epoch, vcl = %d.vcl, vdl = %d.vdl, complete = ?plan.complete, "recovery decided; truncating above VDL");
 
+    let mut history: Vec<Truncation> = answers.iter().flatten().flat_map(|a| a.truncations.iter().copied()).filter(|t| t.epoch != epoch).collect();
+    history.sort_by_key(|t| t.epoch);
+    history.dedup();
     let started = Instant::now();
-    ask_all(volume, links, epoch, Some(d.vdl), deadline).await?;
+    ask_all(volume, links, epoch, Some((d.vdl, &history)), deadline).await?;
     t.truncate = started.elapsed();
-    Ok((epoch, Recovered { vdl: d.vdl, pg_last: d.pg_last, tails: d.tails }, t))
+    Ok(TakenOver { epoch, recovered: Recovered { vdl: d.vdl, pg_last: d.pg_last, tails: d.tails }, history, timings: t })
 }
 
 /// Claims the next generation on a write quorum of every PG. Candidates that

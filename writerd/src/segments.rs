@@ -89,7 +89,7 @@ async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
     // Claiming again with the recovery's truncation: a segment that missed the
     // takeover drops the old writer's records above VDL before taking new ones.
     let truncate_above = w.lock().core.truncated_above();
-    let (seg_epoch, position) = match link.status_on(&conn, epoch, pg, Some(truncate_above)).await {
+    let (seg_epoch, position) = match link.status_on(&conn, epoch, pg, Some(truncate_above), w.history.clone()).await {
         Ok(s) => (s.epoch, s.position),
         Err(e) => return fail(e),
     };

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::api::Progress;
-use redo_core::wire::SegmentPosition;
+use redo_core::wire::{SegmentPosition, Truncation};
 use redo_core::writer::WriterCore;
 use redo_core::{Lsn, PgId};
 use tokio::sync::{oneshot, watch, Notify};
@@ -26,6 +26,8 @@ pub struct Writer {
     wake: Vec<[Notify; SEGMENTS_PER_PG]>,
     /// VDL and every PG's PGCL, pushed to replicas (`Follow`) as VDL advances.
     pub progress: watch::Sender<Progress>,
+    /// The truncations of earlier recoveries, sent with every claim of a segment.
+    pub history: Vec<Truncation>,
     /// Set once a storage node reports a newer epoch: this writer is deposed.
     pub fenced: watch::Sender<Option<String>>,
     /// Set (under the state lock) when the writer stops: no transaction is admitted after it.
@@ -38,7 +40,7 @@ pub struct Writer {
 pub struct Deposed(pub String);
 
 impl Writer {
-    pub fn new(core: WriterCore) -> Arc<Writer> {
+    pub fn new(core: WriterCore, history: Vec<Truncation>) -> Arc<Writer> {
         let pgs = core.volume().pg_count();
         let metrics = Metrics::new(core.volume());
         let progress = watch::channel(Self::progress_of(&core)).0;
@@ -46,6 +48,7 @@ impl Writer {
             progress,
             inner: Mutex::new(Inner { core, waiters: BTreeMap::new() }),
             wake: (0..pgs).map(|_| std::array::from_fn(|_| Notify::new())).collect(),
+            history,
             fenced: watch::channel(None).0,
             stopping: AtomicBool::new(false),
             metrics,

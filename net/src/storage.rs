@@ -233,7 +233,12 @@ impl NodeLink {
 
     pub async fn status_truncating(&self, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Result<SegmentStatus, ClientError> {
         let conn = self.get().await?;
-        self.status_on(&conn, epoch, pg, truncate_above, history).await
+        let r = self.status_on(&conn, epoch, pg, truncate_above, history).await;
+        if matches!(&r, Err(e) if !matches!(e, ClientError::Refused { .. })) {
+            // The node may have restarted: the next request connects afresh.
+            self.forget(conn.conn.stable_id()).await;
+        }
+        r
     }
 
     pub async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Result<SegmentStatus, ClientError> {

@@ -46,12 +46,13 @@ pub fn grant_epoch(current: Epoch, requested: Epoch) -> Result<bool, EpochRefuse
 
 /// `grant_epoch` for a claimant that decided its generation's recovery (it asks
 /// to truncate): it also takes a segment another claimant of the same
-/// generation got first. That one cannot have won a write quorum of every PG
+/// generation got first, unless that one truncated here (it was the decider).
+/// A claimant that did not truncate cannot have won a write quorum of every PG
 /// (the decider holds one in each), so it never wrote; without this, the
 /// segments it got would refuse the winner until the next generation.
-pub fn grant_decided_epoch(current: Epoch, requested: Epoch) -> Result<bool, EpochRefused> {
+pub fn grant_decided_epoch(current: Epoch, current_truncated: bool, requested: Epoch) -> Result<bool, EpochRefused> {
     match grant_epoch(current, requested) {
-        Err(_) if requested.generation() == current.generation() && current != Epoch(0) => Ok(true),
+        Err(_) if requested.generation() == current.generation() && current != Epoch(0) && !current_truncated => Ok(true),
         other => other,
     }
 }
@@ -354,7 +355,8 @@ impl SegmentLog {
     /// on older epochs and other claimants of its generation get `StaleEpoch`.
     /// The shell persists the epoch before calling this.
     pub fn raise_epoch(&mut self, epoch: Epoch) {
-        assert!(grant_decided_epoch(self.epoch, epoch).is_ok(), "raising {} to {epoch}, which it does not grant", self.epoch);
+        let truncated = self.last_truncation().is_some_and(|t| t.epoch == self.epoch);
+        assert!(grant_decided_epoch(self.epoch, truncated, epoch).is_ok(), "raising {} to {epoch}, which it does not grant", self.epoch);
         self.epoch = epoch;
     }
 
@@ -1316,9 +1318,10 @@ mod tests {
         // ...unless the other claimant decided the generation's recovery: the loser never wrote.
         let (loser, winner) = (Epoch::claim_after(Epoch(1), 1), Epoch::claim_after(Epoch(1), 2));
         assert!(grant_epoch(loser, winner).is_err());
-        assert_eq!(grant_decided_epoch(loser, winner), Ok(true));
-        assert!(grant_decided_epoch(Epoch::claim_after(winner, 3), winner).is_err(), "an older generation never");
-        assert_eq!(grant_decided_epoch(winner, winner), Ok(false));
+        assert_eq!(grant_decided_epoch(loser, false, winner), Ok(true));
+        assert!(grant_decided_epoch(loser, true, winner).is_err(), "the holder truncated: it was the decider");
+        assert!(grant_decided_epoch(Epoch::claim_after(winner, 3), false, winner).is_err(), "an older generation never");
+        assert_eq!(grant_decided_epoch(winner, true, winner), Ok(false));
     }
 
     #[test]

@@ -176,14 +176,16 @@ fn stale(seg: &Segment, refused: EpochRefused) -> Reply {
 /// older epoch is applied after this one. A refused epoch is `StaleEpoch`.
 /// `decided`: the claimant asks to truncate (`grant_decided_epoch`).
 async fn persist_epoch(node: &Node, seg: &Arc<Segment>, epoch: Epoch, decided: bool) -> Result<(), Reply> {
-    let grant = if decided { grant_decided_epoch } else { grant_epoch };
-    let current = seg.log.lock().expect("segment lock").epoch();
-    if !grant(current, epoch).map_err(|r| stale(seg, r))? {
+    let grant = |state: &store::EpochState| {
+        let truncated = state.truncations.last().is_some_and(|t| t.epoch == state.epoch);
+        if decided { grant_decided_epoch(state.epoch, truncated, epoch) } else { grant_epoch(state.epoch, epoch) }
+    };
+    // The common case, every append: the segment is at this epoch already.
+    if seg.log.lock().expect("segment lock").epoch() == epoch {
         return Ok(());
     }
     let mut persisted = seg.persisted_epoch.lock().await;
-    // Decided again under the lock: another claim may have been granted meanwhile.
-    if !grant(persisted.epoch, epoch).map_err(|r| stale(seg, r))? {
+    if !grant(&persisted).map_err(|r| stale(seg, r))? {
         return Ok(());
     }
     let state = store::EpochState { epoch, truncations: persisted.truncations.clone() };

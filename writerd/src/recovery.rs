@@ -179,7 +179,7 @@ pub async fn take_over(
 /// Claims the next generation on a write quorum of every PG. Candidates that
 /// split the segments between them (each short of a quorum somewhere) both
 /// lose: each then retries at the next generation after a random pause,
-/// unless a winner holds a write quorum of every PG (then it stands down).
+/// unless a rival holds a write quorum of some PG (then it stands down).
 async fn claim(volume: &Volume, links: &[Arc<NodeLink>], deadline: Instant) -> Result<(Epoch, Vec<Vec<(usize, SegmentStatus)>>), TakeoverError> {
     loop {
         let seen = ask_all(volume, links, Epoch(0), None, deadline).await?;
@@ -187,25 +187,33 @@ async fn claim(volume: &Volume, links: &[Arc<NodeLink>], deadline: Instant) -> R
         let epoch = Epoch::claim_after(newest, nonce());
         match ask_all(volume, links, epoch, None, deadline).await {
             Err(TakeoverError::Lost(why)) => {
+                // Give the other candidate time to finish its claim before looking.
+                tokio::time::sleep(CLAIM_RETRY_MIN + Duration::from_micros(nonce() as u64 % CLAIM_RETRY_JITTER.as_micros() as u64)).await;
                 let now = ask_all(volume, links, Epoch(0), None, deadline).await?;
-                if let Some(winner) = quorum_epoch(&now).filter(|&w| w != epoch) {
-                    return Err(TakeoverError::Lost(format!("{why}; {winner} holds a write quorum of every PG")));
+                if let Some(other) = rival(&now, epoch) {
+                    return Err(TakeoverError::Lost(format!("{why}; {other} holds a write quorum of a PG")));
                 }
                 if Instant::now() >= deadline {
                     return Err(TakeoverError::Lost(why));
                 }
                 tracing::info!(%epoch, %why, "the claim split the segments with another candidate: retrying at the next generation");
-                tokio::time::sleep(CLAIM_RETRY_MIN + Duration::from_micros(nonce() as u64 % CLAIM_RETRY_JITTER.as_micros() as u64)).await;
             }
             other => return other.map(|claimed| (epoch, claimed)),
         }
     }
 }
 
-/// The epoch that a write quorum of every PG is at, if one is.
-fn quorum_epoch(answers: &[Vec<(usize, SegmentStatus)>]) -> Option<Epoch> {
-    let candidates: Vec<Epoch> = answers.first()?.iter().map(|(_, st)| st.epoch).collect();
-    candidates.into_iter().find(|&e| e != Epoch(0) && answers.iter().all(|pg| pg.iter().filter(|(_, st)| st.epoch == e).count() >= WRITE_QUORUM))
+/// A claimant of `ours`' generation or a newer one that this candidate must
+/// yield to: one holding a write quorum of every PG (it won), or of some PG
+/// with a higher epoch (after a split the higher one retries, the other
+/// stands down; a winner still finishing its claim is most likely seen whole
+/// after the pause).
+fn rival(answers: &[Vec<(usize, SegmentStatus)>], ours: Epoch) -> Option<Epoch> {
+    let quorum_in = |e: Epoch, pg: &Vec<(usize, SegmentStatus)>| pg.iter().filter(|(_, st)| st.epoch == e).count() >= WRITE_QUORUM;
+    let mut others: Vec<Epoch> = answers.iter().flatten().map(|(_, st)| st.epoch).filter(|e| *e != ours && e.generation() >= ours.generation()).collect();
+    others.sort();
+    others.dedup();
+    others.into_iter().find(|&e| answers.iter().all(|pg| quorum_in(e, pg)) || (e > ours && answers.iter().any(|pg| quorum_in(e, pg))))
 }
 
 /// Appends `offer[pg]` at `epoch` to every segment of each PG (best effort:

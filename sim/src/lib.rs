@@ -65,7 +65,6 @@ impl Rng {
     }
 }
 
-pub use recovery::AnswerEpoch;
 pub use replica::Bug;
 
 #[derive(Clone, Copy, Debug)]
@@ -140,7 +139,8 @@ enum Msg {
     Append { pg: usize, seg: usize, session: u64, frame: Bytes },
     Ack { seg: usize, session: u64, position: SegmentPosition },
     /// The writer's progress feed (`Follow`) to replica `to`.
-    Progress { to: usize, epoch: Epoch, vdl: Lsn, pgcl: Vec<Lsn> },
+    /// `truncated_above`: the VDL the writer recovered (where storage cut its epoch's log).
+    Progress { to: usize, epoch: Epoch, truncated_above: Lsn, vdl: Lsn, pgcl: Vec<Lsn> },
     /// A segment's position notification to replica `to`.
     Position { to: usize, seg: usize, position: SegmentPosition },
     /// A replica's request to one segment, and the segment's answer.
@@ -223,16 +223,13 @@ pub struct Sim {
     acked_floor: Lsn,
     /// The last recovery's VDL and truncation (`None`: the first writer, which recovered nothing).
     recovered_vdl: Lsn,
-    recovered_pg_last: Vec<Lsn>,
-    /// Whether the feed works around the recovered writer's PGCL (see `feed_bound`).
-    pub pgcl_bound_fix: bool,
-    /// Whether truncations also cut a segment's stale tail below VDL (see `stale_above`).
-    pub stale_cut: bool,
-    /// Every recovery's truncation, oldest first.
-    truncations_all: Vec<redo_core::wire::Truncation>,
     truncation: Option<redo_core::wire::Truncation>,
-    /// What a claim answer reports as the segment's epoch.
-    pub answer_epoch: AnswerEpoch,
+    /// The current writer's truncation history (writerd's `Writer::history`):
+    /// the older truncations its recovery's claim answers reported, oldest
+    /// first, sent with every claim (the truncation round and each session's).
+    truncation_history: Vec<redo_core::wire::Truncation>,
+    /// Every recovery's truncation, oldest first: the oracle's, to check the history against.
+    truncations_all: Vec<redo_core::wire::Truncation>,
     /// Ticks at which the writer crashes (if it is up and may: see `recovery::ACKED_HOLDERS_MIN`).
     pub writer_crash_at: Vec<u64>,
 }
@@ -293,12 +290,9 @@ impl Sim {
             recover_at: 0,
             acked_floor: Lsn::ZERO,
             recovered_vdl: Lsn::ZERO,
-            recovered_pg_last: vec![Lsn::ZERO; pgs],
-            pgcl_bound_fix: true,
-            stale_cut: true,
-            truncations_all: Vec::new(),
             truncation: None,
-            answer_epoch: AnswerEpoch::LastTruncation,
+            truncation_history: Vec::new(),
+            truncations_all: Vec::new(),
             writer_crash_at: Vec::new(),
         }
     }
@@ -400,11 +394,12 @@ impl Sim {
                     }
                     self.writer.handle_ack(position.pg, seg, position.scl, position.flushed_lsn);
                 }
-                Msg::Progress { to, epoch, vdl, pgcl } => {
-                    // replicad: a new writer's first progress drops the old writer's tail.
+                Msg::Progress { to, epoch, truncated_above, vdl, pgcl } => {
+                    // replicad: a new writer's first progress drops the old writer's
+                    // tail, exactly what storage truncated (above the recovered VDL).
                     let r = &mut self.replicas[to];
                     if epoch > r.epoch {
-                        r.core.new_epoch(vdl, &pgcl);
+                        r.core.new_epoch(truncated_above, &pgcl);
                         r.epoch = epoch;
                     }
                     if epoch == r.epoch {
@@ -578,17 +573,10 @@ impl Sim {
 /// converge. A replica follows from the start; on most seeds a second one
 /// joins during the faulty phase.
 pub fn run(seed: u64, faults: Faults, bug: Option<Bug>) -> Stats {
-    run_with(seed, faults, bug, |_| {})
-}
-
-/// `run`, with the shell's choices set by `shell` (`answer_epoch`,
-/// `pgcl_bound_fix`, `stale_cut`: the sim's workarounds of core bugs).
-pub fn run_with(seed: u64, faults: Faults, bug: Option<Bug>, shell: impl FnOnce(&mut Sim)) -> Stats {
     const WRITE_TICKS: u64 = 400;
     let mut sim = Sim::new(seed, 2);
     sim.faults = faults;
     sim.bug = bug;
-    shell(&mut sim);
     // On about half the seeds the writer crashes, up to three times, and a recovery takes over.
     if sim.rng.chance(50) {
         let mut at: Vec<u64> = (0..1 + sim.rng.below(3)).map(|_| 1 + sim.rng.below(WRITE_TICKS)).collect();

@@ -8,7 +8,11 @@
 //! no longer holds them), decides, truncates above VDL on every claimed
 //! segment, and continues with a new `WriterCore`. A segment that missed the
 //! recovery gets the truncation when its sender reconnects, before any new
-//! append (writerd's session).
+//! append (writerd's session). Every claim that truncates carries the
+//! truncation history (the older truncations the claim answers reported): a
+//! segment that missed one of them is cut at its point too and records it, as
+//! storaged does (`SegmentLog::missed_truncations`). Claim answers report the
+//! epoch of the segment's newest truncation, as writerd's `take_over` does.
 //!
 //! Checked at every recovery: VDL is at or above every acknowledged commit and
 //! every replica's read point, and is a commit LSN; per PG the decided last
@@ -22,7 +26,7 @@ use bytes::Bytes;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::{Records, ValidRecords};
 use redo_core::recovery::{self, Answer};
-use redo_core::segment_log::{grant_decided_epoch, grant_epoch, DiskCut, DiskRead};
+use redo_core::segment_log::{grant_epoch, DiskCut, DiskRead};
 use redo_core::wire::Truncation;
 use redo_core::writer::{Recovered, WriterCore};
 use redo_core::{Epoch, Lsn, PgId};
@@ -45,20 +49,6 @@ const OFFER_RUN_BYTES_MAX: usize = 1024;
 /// design accepts (segments that crash before flushing), not a recovery bug,
 /// so the sim does not crash the writer, nor a segment, into it.
 pub(crate) const ACKED_HOLDERS_MIN: usize = SEGMENTS_PER_PG - WRITE_QUORUM + 1;
-
-/// Which epoch a claim answer reports to `recovery::plan` (`Answer::epoch`):
-/// `effective_scl` clamps a segment's SCL at truncations newer than it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AnswerEpoch {
-    /// What writerd's `take_over` passes: the StatusReply of the claim, i.e. the
-    /// epoch just claimed. No truncation is ever newer, so nothing is clamped.
-    Claimed,
-    /// The epoch of the newest truncation the segment recorded (`Epoch(0)`
-    /// without one): every record it holds above that point was written by a
-    /// writer at that epoch or later, since a writer truncates a segment before
-    /// appending to it.
-    LastTruncation,
-}
 
 impl Sim {
     /// Whether every acknowledged record of every PG is held by at least `min`
@@ -150,9 +140,11 @@ impl Sim {
                 a.iter()
                     .map(|&seg| {
                         let log = &self.segments[pg][seg].log;
-                        let epoch = match self.answer_epoch {
-                            AnswerEpoch::Claimed => log.epoch(),
-                            AnswerEpoch::LastTruncation => log.last_truncation().map_or(Epoch(0), |t| t.epoch),
+                        // writerd: the epoch its log is as of, that of its newest truncation
+                        // (the claim just raised its epoch; what it holds was written before).
+                        let epoch = match self.bug {
+                            Some(replica::Bug::ClaimedEpochInAnswers) => log.epoch(),
+                            _ => log.last_truncation().map_or(Epoch(0), |t| t.epoch),
                         };
                         Answer { segment: seg, epoch, scl: log.scl(), truncations: log.truncations() }
                     })
@@ -170,19 +162,26 @@ impl Sim {
         let vdl = d.vdl;
         self.check_decision(vdl, &d.pg_last);
 
-        // Truncate above VDL on every claimed segment.
+        // writerd's history: every truncation the answers reported, oldest first, once.
+        let mut history: Vec<Truncation> = answers.iter().flatten().flat_map(|a| a.truncations.iter().copied()).filter(|t| t.epoch != epoch).collect();
+        history.sort_by_key(|t| t.epoch);
+        history.dedup();
+        if self.bug == Some(replica::Bug::NoTruncationHistory) {
+            history.clear();
+        }
+        self.check_history(&history);
+        // Truncate above VDL on every claimed segment (and lower where it missed a truncation).
         let t = Truncation { epoch, above: vdl };
         for (pg, a) in answering.iter().enumerate() {
             for &seg in a {
-                let clamp = self.stale_above(&self.segments[pg][seg]);
-                truncate(&mut self.segments[pg][seg], t, clamp);
+                truncate(&mut self.segments[pg][seg], t, &history);
             }
         }
-        self.truncations_all.push(t);
         self.forget_above(vdl);
+        self.truncations_all.push(t);
         self.truncation = Some(t);
+        self.truncation_history = history;
         self.recovered_vdl = vdl;
-        self.recovered_pg_last = d.pg_last.clone();
         let config = redo_core::writer::WriterConfig { epoch, ..self.writer_config.clone() };
         self.writer = WriterCore::new(self.writer.volume().clone(), config, Recovered { vdl, pg_last: d.pg_last, tails: d.tails });
         for s in self.senders.iter_mut().flatten() {
@@ -214,34 +213,19 @@ impl Sim {
         }
     }
 
-    /// The per-PG bound the progress feed sends. A recovered `WriterCore`
-    /// reports PGCL = the recovered VDL for every PG (`VolumeDurability::new`),
-    /// above the SCL of a PG whose last record is below it: a replica then waits
-    /// for that PG to reach VDL, which no segment ever reports until the PG gets a
-    /// new record (a core liveness bug). Until the PG's PGCL moves, the shell sends
-    /// its recovered last record instead, which is a valid bound: any newer record
-    /// of the PG at or below VDL would be on a write quorum and have moved PGCL.
-    pub(crate) fn feed_bound(&self, pg: usize) -> Lsn {
-        let pgcl = self.writer.pgcl(PgId(pg as u32));
-        if self.pgcl_bound_fix && self.truncation.is_some() && pgcl == self.recovered_vdl {
-            self.recovered_pg_last[pg]
-        } else {
-            pgcl
+    /// The history a recovery sends holds every earlier recovery's truncation
+    /// (any two write quorums of a PG meet, each recovery truncated a write
+    /// quorum, and a run's few recoveries stay far within a segment's
+    /// `TRUNCATIONS_MAX`). Without it, a segment that missed that truncation
+    /// would keep a stale tail.
+    fn check_history(&self, history: &[Truncation]) {
+        if self.bug == Some(replica::Bug::NoTruncationHistory) {
+            return;
         }
-    }
-
-    /// Where the segment's records stop being the volume's: the lowest
-    /// truncation point of a recovery newer than the newest truncation it
-    /// recorded (it missed that recovery and still holds an older writer's tail
-    /// above it). Truncating only above VDL would keep that tail up to VDL (a
-    /// core bug, see `stale_tail_kept_below_vdl`); the sim's shell cuts there too
-    /// (with `stale_cut`).
-    pub(crate) fn stale_above(&self, s: &Segment) -> Lsn {
-        if !self.stale_cut {
-            return Lsn(u64::MAX);
+        for t in &self.truncations_all {
+            assert!(history.contains(t), "the claim answers' truncation history {history:?} lacks the earlier recovery's {t:?}");
         }
-        let own = s.log.last_truncation().map_or(Epoch(0), |t| t.epoch);
-        self.truncations_all.iter().filter(|t| t.epoch > own).map(|t| t.above).fold(Lsn(u64::MAX), Lsn::min)
+        assert!(history.windows(2).all(|w| w[0].epoch < w[1].epoch), "one truncation per epoch, oldest first: {history:?}");
     }
 
     /// The transactions above VDL were never acknowledged and are gone whole.
@@ -264,12 +248,11 @@ impl Sim {
         let Some(t) = self.truncation else { return };
         let s = &mut self.segments[pg][seg];
         if s.log.epoch() != t.epoch {
-            assert!(grant_decided_epoch(s.log.epoch(), t.epoch).is_ok(), "pg{pg} segment {seg} at {} refuses the only writer at {}", s.log.epoch(), t.epoch);
+            // The only writer: `raise_epoch` asserts that the segment grants its epoch.
             s.log.raise_epoch(t.epoch);
         }
-        let clamp = self.stale_above(&self.segments[pg][seg]);
         let s = &mut self.segments[pg][seg];
-        if truncate(s, t, clamp) {
+        if truncate(s, t, &self.truncation_history) {
             self.stats.late_truncations += 1;
         }
     }
@@ -305,15 +288,18 @@ fn pull_range(s: &Segment, after: Lsn, upto: Lsn) -> Vec<Bytes> {
 }
 
 /// storaged's `truncate`: unless recorded already, discard the records above
-/// `t.above` (scanning the file when memory no longer holds the point), cut
-/// the file, record the truncation. Returns whether it truncated.
-fn truncate(s: &mut Segment, t: Truncation, stale_above: Lsn) -> bool {
+/// `t.above`, or above the lowest truncation of `history` the segment missed
+/// (its records above that are an older writer's discarded tail), scanning the
+/// file when memory no longer holds the point; cut the file; record the missed
+/// truncations and `t`. Returns whether it truncated.
+fn truncate(s: &mut Segment, t: Truncation, history: &[Truncation]) -> bool {
     if !s.log.truncation_needed(t.epoch, t.above).expect("the segment is at the claimant's epoch") {
         return false;
     }
+    let missed = s.log.missed_truncations(history, t.epoch);
     s.log.begin_truncate();
     assert!(!s.log.flush_inflight(), "the sim's flushes complete at once");
-    let above = t.above.min(stale_above);
+    let above = missed.iter().map(|m| m.above).fold(t.above, Lsn::min);
     let done = match s.log.truncate_above(above, None) {
         Ok(done) => done,
         Err(scan) => {
@@ -325,7 +311,7 @@ fn truncate(s: &mut Segment, t: Truncation, stale_above: Lsn) -> bool {
         s.file.truncate(offset as usize);
     }
     assert_eq!(s.file.len() as u64, s.log.flushed_end(), "the file ends where the log's flushed records do");
-    s.log.note_truncation(t);
+    missed.iter().chain([&t]).for_each(|&m| s.log.note_truncation(m));
     s.log.end_truncate();
     s.lost_upto = s.lost_upto.min(above);
     true

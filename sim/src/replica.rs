@@ -38,6 +38,14 @@ pub enum Bug {
     StalePage,
     /// Recovery takes VDL as the highest CPL pulled, ignoring the holes below it.
     RecoveryMaxScl,
+    /// Claims carry no truncation history (as before the fix): a segment that
+    /// missed a recovery is cut above the new VDL only, and keeps the older
+    /// writer's discarded tail below it.
+    NoTruncationHistory,
+    /// Claim answers report the epoch just claimed (as writerd did before the
+    /// fix), not that of the segment's newest truncation: `effective_scl` never
+    /// clamps a segment that missed a truncation.
+    ClaimedEpochInAnswers,
 }
 
 #[derive(Clone)]
@@ -170,13 +178,14 @@ impl Sim {
         let pgs = self.segments.len();
         let (vdl, pgcl) = match self.bug {
             Some(Bug::FeedPastVdl) => (self.writer.last_allocated(), vec![self.writer.last_allocated(); pgs]),
-            _ => (self.writer.vdl(), (0..pgs).map(|pg| self.feed_bound(pg)).collect()),
+            _ => (self.writer.vdl(), (0..pgs).map(|pg| self.writer.pgcl(PgId(pg as u32))).collect()),
         };
         // A dead writer sends nothing; a new one's first progress goes out at once.
         let epoch = self.writer.epoch();
         if self.writer_up && (resend || vdl > self.replicas[r].progress_sent || epoch != self.replicas[r].epoch) {
             self.replicas[r].progress_sent = vdl;
-            self.send(Msg::Progress { to: r, epoch, vdl, pgcl });
+            let truncated_above = self.writer.truncated_above();
+            self.send(Msg::Progress { to: r, epoch, truncated_above, vdl, pgcl });
         }
         for pg in 0..pgs {
             for seg in 0..SEGMENTS_PER_PG {

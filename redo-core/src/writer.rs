@@ -44,8 +44,8 @@ pub struct Recovered {
     pub vdl: Lsn,
     /// Per PG, the last LSN of its log (its segments' highest SCL).
     pub pg_last: Vec<Lsn>,
-    /// Per PG, the lowest SCL among its segments and the encoded records after
-    /// it (up to `pg_last`), to resend to the segments that lack them.
+    /// Per PG, the point the records were read from and the encoded records
+    /// after it (up to `pg_last`), to resend to the segments that lack them.
     pub tails: Vec<(Lsn, Vec<Bytes>)>,
 }
 
@@ -137,8 +137,11 @@ impl WriterCore {
             .iter()
             .zip(&recovered.tails)
             .enumerate()
-            .map(|(pg, (&last, (from, runs)))| {
-                let mut log = PgLog { last_lsn: last, released_upto: *from, flushed: [*from; SEGMENTS_PER_PG], ..PgLog::default() };
+            .map(|(pg, (&last, (_, runs)))| {
+                // A segment holding the PG's last record before the tail (the first tail
+                // record's backlink; `last` when there is no tail) lacks only the tail.
+                let before = runs.iter().find_map(|r| TrustedRecords::new(r).next()).map_or(last, |(rec, _)| rec.prev_lsn_in_segment());
+                let mut log = PgLog { last_lsn: last, released_upto: before, flushed: [before; SEGMENTS_PER_PG], ..PgLog::default() };
                 // The tail goes out as frames like any other, to every segment below `last`.
                 for run in runs {
                     if let Some((rec, _)) = TrustedRecords::new(run).last() {

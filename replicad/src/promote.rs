@@ -21,8 +21,9 @@ use crate::state::Replica;
 
 /// Records per offered run (one Append frame each).
 const OFFER_RUN_BYTES_MAX: usize = 1 << 20;
-/// How long a peer gets to answer `Role` during the agreement.
-const PEER_WAIT: Duration = Duration::from_millis(200);
+/// How long a peer (or the writer's address) gets to answer `Role` during the
+/// agreement: two heartbeats; a dead writer's address costs this much.
+const PEER_WAIT: Duration = Duration::from_millis(2 * borealis_net::api_server::HEARTBEAT.as_millis() as u64);
 
 pub struct Promoter {
     pub replica: Arc<Replica>,

@@ -60,17 +60,15 @@ fn claim_answers_with_the_claimed_epoch_fail_some_seed() {
     assert!(seed.is_some(), "ClaimedEpochInAnswers passed every check");
 }
 
-/// Seeds beyond the 1000 run by default that stall (no convergence) on a core
-/// liveness bug, with the sim before and after the fixes alike: a recovery
-/// whose `plan.from[pg]` (the window below the floor, or `known_cpl`) is above
-/// the PG's last record at or below VDL, with no record of the PG in
-/// `(from, VDL]`, truncates every segment of the PG to that last record;
-/// `WriterCore::new` sets the PG's `released_upto` to `from`, so `poll_send`
-/// reports a `Gap` for every segment forever and no peer holds more to gossip.
+/// Seeds beyond the 1000 run by default that once stalled: a recovery whose
+/// `plan.from[pg]` (the window below the floor, or `known_cpl`) is above the
+/// PG's last record at or below VDL, with no record of the PG in
+/// `(from, VDL]`, truncates every segment of the PG to that last record; the
+/// recovered writer must count that record, not `from`, as what segments hold
+/// before its tail, or it reports a `Gap` for every segment forever.
 /// 1013: pg1 from 3, last 2. 1945: pg0 from 424 (a promotion's known CPL), last 422.
 #[test]
-#[ignore = "core bug: a recovered writer's released_upto is plan.from, above the PG's last record"]
-fn core_bug_recovered_writer_cannot_send_to_a_pg_ending_below_from() {
+fn a_recovered_writer_sends_to_a_pg_ending_below_the_recovery_window() {
     for seed in [1013, 1945] {
         run(seed, FAULTY, None);
     }

@@ -107,7 +107,12 @@ impl StorageConn {
 
     /// Page `page` of `pg` as of `lsn` (GetPage@LSN), decoded and checked.
     pub async fn get_page(&self, pg: PgId, page: PageId, lsn: Lsn) -> Result<(SegmentPosition, PageImage), ClientError> {
-        match self.request(&Message::GetPage { pg, page, lsn }).await? {
+        self.get_page_at(Epoch(0), pg, page, lsn).await
+    }
+
+    /// `get_page`, answered only by a segment that recorded `epoch`'s truncation (`Behind` otherwise).
+    pub async fn get_page_at(&self, epoch: Epoch, pg: PgId, page: PageId, lsn: Lsn) -> Result<(SegmentPosition, PageImage), ClientError> {
+        match self.request(&Message::GetPage { pg, page, lsn, epoch }).await? {
             Message::PageReply { position, image } => {
                 let image = PageImage::decode(&image).map_err(|e| ClientError::Unexpected(format!("page image: {e}")))?;
                 if image.page != page || image.lsn > lsn {
@@ -262,13 +267,14 @@ pub fn link_of(links: &[Arc<NodeLink>], id: u32) -> &Arc<NodeLink> {
     links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
 }
 
-/// GetPage@`lsn` of `pg` from the first of `links` that answers, each given its own time.
-pub async fn get_page_from(links: impl IntoIterator<Item = (&NodeLink, Duration)>, pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
+/// GetPage@`lsn` of `pg` from the first of `links` that answers, each given its
+/// own time, among segments that recorded the truncation of the writer at `epoch`.
+pub async fn get_page_from(links: impl IntoIterator<Item = (&NodeLink, Duration)>, epoch: Epoch, pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
     let mut errors = Vec::new();
     for (link, wait) in links {
         let r = async {
             let conn = link.get().await?;
-            conn.get_page(pg, page, lsn).await
+            conn.get_page_at(epoch, pg, page, lsn).await
         };
         match tokio::time::timeout(wait, r).await {
             Ok(Ok((_, image))) => return Ok(image),

@@ -112,7 +112,8 @@ pub enum Message {
     /// the truncations it recorded, oldest first (at most `TRUNCATIONS_MAX`).
     StatusReply { epoch: Epoch, position: SegmentPosition, truncations: Vec<Truncation> },
     /// Reader → storage: page `page` as of `lsn` (GetPage@LSN). Needs the segment's SCL >= `lsn`.
-    GetPage { pg: PgId, page: PageId, lsn: Lsn },
+    /// A nonzero `epoch` asks only a segment that recorded that epoch's truncation (as `Pull`).
+    GetPage { pg: PgId, page: PageId, lsn: Lsn, epoch: Epoch },
     /// Storage → reader: an encoded `page::PageImage` holding every record of the page up to `lsn`.
     PageReply { position: SegmentPosition, image: Bytes },
 }
@@ -133,6 +134,17 @@ fn put_position(out: &mut Vec<u8>, p: &SegmentPosition) {
     put_u32(out, p.pg.0);
     put_u64(out, p.scl.0);
     put_u64(out, p.flushed_lsn.0);
+}
+
+/// A trailing epoch: absent means 0; an explicit 0 is refused, so that every frame has one encoding.
+fn optional_epoch(r: &mut Reader) -> Result<u64, DecodeError> {
+    match r.remaining() {
+        0 => Ok(0),
+        _ => match (r.pos(), r.u64()?) {
+            (at, 0) => Err(DecodeError::Invalid { what: "trailing epoch", offset: at, value: 0 }),
+            (_, e) => Ok(e),
+        },
+    }
 }
 
 fn put_truncations(out: &mut Vec<u8>, truncations: &[Truncation]) {
@@ -222,11 +234,14 @@ impl Message {
                 put_position(out, position);
                 put_truncations(out, truncations);
             }
-            Message::GetPage { pg, page, lsn } => {
+            Message::GetPage { pg, page, lsn, epoch } => {
                 out.push(KIND_GET_PAGE);
                 put_u32(out, pg.0);
                 put_u64(out, page.0);
                 put_u64(out, lsn.0);
+                if epoch.0 != 0 {
+                    put_u64(out, epoch.0);
+                }
             }
             Message::PageReply { position, image } => {
                 out.push(KIND_PAGE_REPLY);
@@ -262,14 +277,7 @@ impl Message {
             KIND_ACK => Message::Ack { position: position(&mut r)?, batch_last_lsn: Lsn(r.u64()?) },
             KIND_PULL => {
                 let (pg, after, upto, bytes_max) = (PgId(r.u32()?), Lsn(r.u64()?), Lsn(r.u64()?), r.u32()?);
-                // Absent means 0; an explicit 0 is refused, so that every frame has one encoding.
-                let epoch = match r.remaining() {
-                    0 => 0,
-                    _ => match (r.pos(), r.u64()?) {
-                        (at, 0) => return Err(DecodeError::Invalid { what: "pull epoch", offset: at, value: 0 }),
-                        (_, e) => e,
-                    },
-                };
+                let epoch = optional_epoch(&mut r)?;
                 Message::Pull { pg, after, upto, bytes_max, epoch: Epoch(epoch) }
             }
             KIND_PULL_REPLY => {
@@ -317,7 +325,10 @@ impl Message {
                 let (epoch, position) = (Epoch(r.u64()?), position(&mut r)?);
                 Message::StatusReply { epoch, position, truncations: truncations(&mut r)? }
             }
-            KIND_GET_PAGE => Message::GetPage { pg: PgId(r.u32()?), page: PageId(r.u64()?), lsn: Lsn(r.u64()?) },
+            KIND_GET_PAGE => {
+                let (pg, page, lsn) = (PgId(r.u32()?), PageId(r.u64()?), Lsn(r.u64()?));
+                Message::GetPage { pg, page, lsn, epoch: Epoch(optional_epoch(&mut r)?) }
+            }
             KIND_PAGE_REPLY => {
                 let position = position(&mut r)?;
                 let at = r.pos();
@@ -393,7 +404,8 @@ mod tests {
                 position: pos,
                 truncations: vec![Truncation { epoch: Epoch(3), above: Lsn(4) }, Truncation { epoch: Epoch(5), above: Lsn(9) }],
             },
-            Message::GetPage { pg: PgId(2), page: PageId(77), lsn: Lsn(9) },
+            Message::GetPage { pg: PgId(2), page: PageId(77), lsn: Lsn(9), epoch: Epoch(0) },
+            Message::GetPage { pg: PgId(2), page: PageId(77), lsn: Lsn(9), epoch: Epoch(5 << 32) },
             Message::PageReply { position: pos, image: Bytes::from_static(b"image") },
         ]
     }
@@ -431,7 +443,7 @@ mod tests {
 
         /// Mutated valid frames never panic, and any that still decode re-encode to the same bytes.
         #[test]
-        fn mutated_frames(which in 0usize..16, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
+        fn mutated_frames(which in 0usize..17, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
             let mut frame = samples()[which].to_frame();
             for (at, x) in flips {
                 let i = at % frame.len();

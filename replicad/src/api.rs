@@ -80,7 +80,8 @@ impl Api {
                 let nodes: Vec<u32> = r.lock().volume().segments(pg).map(|n| n.id).collect();
                 let order = r.latency[pg.0 as usize].order(&[&segments]);
                 let order: Vec<(&NodeLink, Duration)> = order.into_iter().map(|(s, wait)| (link_of(&self.links, nodes[s]).as_ref(), wait)).collect();
-                let image = get_page_from(order, pg, page, lsn).await;
+                let epoch = r.writer().map(|h| h.epoch).unwrap_or_default();
+                let image = get_page_from(order, epoch, pg, page, lsn).await;
                 let failure = image.as_ref().err().cloned();
                 let mut core = r.lock();
                 match (core.fetched(page, image.ok()), failure) {

@@ -93,9 +93,9 @@ async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
             None => not_hosted(node, pg),
             Some(seg) => status(node, seg, epoch, truncate_above, &history).await,
         },
-        Message::GetPage { pg, page, lsn } => match node.segments.get(&pg) {
+        Message::GetPage { pg, page, lsn, epoch } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
-            Some(seg) => get_page(node, seg.clone(), page, lsn, received).await,
+            Some(seg) => get_page(node, seg.clone(), page, lsn, epoch, received).await,
         },
         Message::Subscribe { pgs } => {
             let mut segs = Vec::with_capacity(pgs.len());
@@ -348,10 +348,18 @@ fn vouched(ack: AckMode, position: SegmentPosition) -> SegmentPosition {
     }
 }
 
+/// Why a reader of the writer at `epoch` (nonzero) must not read this segment:
+/// it has not recorded that epoch's truncation, so it may still hold an older
+/// writer's records that the recovery discarded.
+fn missed_truncation(seg: &Segment, log: &redo_core::segment_log::SegmentLog, epoch: Epoch) -> Option<String> {
+    (epoch != Epoch(0) && log.last_truncation().is_none_or(|t| t.epoch != epoch))
+        .then(|| format!("{} has not recorded the truncation of {epoch} (at {}, last truncation {:?})", seg.id, log.epoch(), log.last_truncation()))
+}
+
 /// GetPage@LSN: the page as of `lsn`, from its newest image at or below
 /// `lsn` plus its records up to `lsn`. Refusals that are about the page, not
 /// the stream (Behind, a page that cannot be materialised), keep it open.
-async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, received: Instant) -> Reply {
+async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, epoch: Epoch, received: Instant) -> Reply {
     node.metrics.get_page_requests.fetch_add(1, Ordering::Relaxed);
     let refuse = |code, message: String| Reply::Now { msg: error(code, message), received: None };
     let _files = seg.files.read().await;
@@ -359,6 +367,9 @@ async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, receiv
         let log = seg.log.lock().expect("segment lock");
         if log.scl() < lsn {
             return refuse(ErrorCode::Behind, format!("{} SCL {} < requested {lsn}", seg.id, log.scl()));
+        }
+        if let Some(why) = missed_truncation(&seg, &log, epoch) {
+            return refuse(ErrorCode::Behind, why);
         }
         (log.page_read(page, lsn), log.position())
     };
@@ -397,8 +408,7 @@ async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: 
     let _files = seg.files.read().await;
     let (read, position) = {
         let log = seg.log.lock().expect("segment lock");
-        if epoch != Epoch(0) && log.last_truncation().is_none_or(|t| t.epoch != epoch) {
-            let why = format!("{} has not recorded the truncation of {epoch} (at {}, last truncation {:?})", seg.id, log.epoch(), log.last_truncation());
+        if let Some(why) = missed_truncation(&seg, &log, epoch) {
             return Reply::Now { msg: error(ErrorCode::Behind, why), received: None };
         }
         (log.read(after, upto, bytes_max, &mut parts), log.position())

@@ -119,14 +119,14 @@ async fn get_page_and_status_through_memory_disk_images_and_restarts() {
     // Behind: an LSN above SCL is refused, and the stream stays open for the next request.
     let (mut send, mut recv) = conn.conn.open_bi().await.expect("open stream");
     let above = Lsn(log.last_lsn.0 + 1);
-    write_message(&mut send, &Message::GetPage { pg: PG, page: PageId(1), lsn: above }).await.expect("send");
+    write_message(&mut send, &Message::GetPage { pg: PG, page: PageId(1), lsn: above, epoch: Epoch(0) }).await.expect("send");
     match timely("behind", read_message(&mut recv, FRAME_BYTES_MAX)).await.expect("read") {
         Some(Message::Error { code: ErrorCode::Behind, message }) => {
             assert!(message.contains(&format!("SCL {} < requested {above}", log.last_lsn)), "{message}")
         }
         other => panic!("expected Behind, got {other:?}"),
     }
-    write_message(&mut send, &Message::GetPage { pg: PG, page: PageId(1), lsn: log.last_lsn }).await.expect("send");
+    write_message(&mut send, &Message::GetPage { pg: PG, page: PageId(1), lsn: log.last_lsn, epoch: Epoch(0) }).await.expect("send");
     match timely("after behind", read_message(&mut recv, FRAME_BYTES_MAX)).await.expect("read") {
         Some(Message::PageReply { image, .. }) => assert_eq!(PageImage::decode(&image).unwrap(), log.image(PageId(1), log.last_lsn)),
         other => panic!("expected a page, got {other:?}"),

@@ -27,7 +27,8 @@ pub async fn fetch_page(w: &Writer, volume: &Volume, links: &[Arc<NodeLink>], pg
     let mut nodes: Vec<(usize, u32)> = volume.segments(pg).map(|n| n.id).enumerate().collect();
     nodes.sort_by_key(|&(s, _)| w.metrics.segment_up[pg.0 as usize][s].load(Relaxed) == 0);
     let order: Vec<(&NodeLink, Duration)> = nodes.iter().map(|&(_, id)| (link_of(links, id).as_ref(), REQUEST_TIMEOUT)).collect();
-    get_page_from(order, pg, page, lsn).await
+    let epoch = w.lock().core.epoch();
+    get_page_from(order, epoch, pg, page, lsn).await
 }
 
 /// Why a segment session ended.

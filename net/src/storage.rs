@@ -239,11 +239,23 @@ impl NodeLink {
     pub async fn status_truncating(&self, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Result<SegmentStatus, ClientError> {
         let conn = self.get().await?;
         let r = self.status_on(&conn, epoch, pg, truncate_above, history).await;
-        if matches!(&r, Err(e) if !matches!(e, ClientError::Refused { .. })) {
-            // The node may have restarted: the next request connects afresh.
+        self.forget_failed(&conn, &r).await;
+        r
+    }
+
+    /// `StorageConn::pull_at` on the cached connection.
+    pub async fn pull_at(&self, epoch: Epoch, pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32) -> Result<Pulled, ClientError> {
+        let conn = self.get().await?;
+        let r = conn.pull_at(epoch, pg, after, upto, bytes_max).await;
+        self.forget_failed(&conn, &r).await;
+        r
+    }
+
+    /// After a transport failure the node may have restarted: the next request connects afresh.
+    async fn forget_failed<T>(&self, conn: &StorageConn, r: &Result<T, ClientError>) {
+        if matches!(r, Err(e) if !matches!(e, ClientError::Refused { .. })) {
             self.forget(conn.conn.stable_id()).await;
         }
-        r
     }
 
     pub async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Result<SegmentStatus, ClientError> {

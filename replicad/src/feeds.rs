@@ -233,12 +233,9 @@ async fn pull(replica: &Replica, links: &[Arc<NodeLink>], nodes: &[u32], plan: &
         }
         let link = link_of(links, nodes[segment]);
         let started = Instant::now();
-        let reply = async {
-            let conn = link.get().await?;
-            // Only from a segment that has the current writer's truncation: one that
-            // missed the recovery may still hold the old writer's records above its VDL.
-            conn.pull_at(epoch, plan.pg, plan.after, plan.upto, plan.bytes_max as u32).await
-        };
+        // Only from a segment that has the current writer's truncation: one that
+        // missed the recovery may still hold the old writer's records above its VDL.
+        let reply = link.pull_at(epoch, plan.pg, plan.after, plan.upto, plan.bytes_max as u32);
         let reply = tokio::time::timeout(wait, reply).await.unwrap_or_else(|_| Err(ClientError::Unexpected(format!("no pull reply in {wait:?}"))));
         match reply {
             Ok(p) => {

@@ -36,6 +36,41 @@ impl Ack {
     }
 }
 
+/// The embedded cluster's options, shared by the commands that start one.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct EmbeddedClusterArgs {
+    /// Storage ack mode of the embedded cluster (storaged --ack). With --writer, state the cluster's own mode: it is only recorded.
+    #[arg(long, value_enum, default_value = "memory")]
+    pub ack: Ack,
+    /// Protection groups of the embedded cluster's volume.
+    #[arg(long, default_value_t = 2)]
+    pub pgs: u32,
+    /// Pages of the embedded cluster's volume.
+    #[arg(long, default_value_t = 4096)]
+    pub page_count: u64,
+    /// Extra writerd options for the embedded cluster, e.g. `--writerd-arg=--lal=100000` (repeatable).
+    #[arg(long = "writerd-arg", allow_hyphen_values = true)]
+    pub writerd_args: Vec<String>,
+    /// Extra storaged options for the embedded cluster, e.g. `--storaged-arg=--flush-bytes-max=1MiB` (repeatable).
+    #[arg(long = "storaged-arg", allow_hyphen_values = true)]
+    pub storaged_args: Vec<String>,
+    /// Extra replicad options for the embedded cluster, e.g. `--replicad-arg=--buffer-bytes-max=16MiB` (repeatable).
+    #[arg(long = "replicad-arg", allow_hyphen_values = true)]
+    pub replicad_args: Vec<String>,
+    /// Where the embedded cluster keeps certificates, data and logs [default: a temp dir, removed after a successful run].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+impl EmbeddedClusterArgs {
+    /// storaged's options: `--ack` first, then the user's `--storaged-arg`s.
+    pub fn storaged_args(&self) -> Vec<String> {
+        let mut args = vec!["--ack".to_string(), self.ack.as_str().to_string()];
+        args.extend(self.storaged_args.iter().cloned());
+        args
+    }
+}
+
 /// A binary next to this one (cargo builds them side by side), or the path in `$env_var`.
 fn sibling_binary(name: &str, env_var: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env_var) {

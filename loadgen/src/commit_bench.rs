@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 use crate::client::Target;
-use crate::cluster::{metric_sum, scrape, Ack, ClusterSpec, LocalCluster, WorkDir};
+use crate::cluster::{metric_sum, scrape, Ack, ClusterSpec, EmbeddedClusterArgs, LocalCluster, WorkDir};
 use crate::lag::LagTracker;
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::report::{latency_histogram, median, median_by, write_hgrm, LatencyUs};
@@ -72,30 +72,13 @@ pub struct CommitBenchArgs {
     /// Puts per transaction.
     #[arg(long, default_value_t = 1)]
     pub txn_ops: usize,
-    /// Storage ack mode of the embedded cluster (storaged --ack). With --writer, state the cluster's own mode: it is only recorded.
-    #[arg(long, value_enum, default_value = "memory")]
-    pub ack: Ack,
-    /// Protection groups of the embedded cluster's volume.
-    #[arg(long, default_value_t = 2)]
-    pub pgs: u32,
-    /// Pages of the embedded cluster's volume.
-    #[arg(long, default_value_t = 4096)]
-    pub page_count: u64,
-    /// Extra writerd options for the embedded cluster, e.g. `--writerd-arg=--lal=100000` (repeatable).
-    #[arg(long = "writerd-arg", allow_hyphen_values = true)]
-    pub writerd_args: Vec<String>,
-    /// Extra storaged options for the embedded cluster, e.g. `--storaged-arg=--flush-bytes-max=1MiB` (repeatable).
-    #[arg(long = "storaged-arg", allow_hyphen_values = true)]
-    pub storaged_args: Vec<String>,
-    /// Extra replicad options for the embedded cluster, e.g. `--replicad-arg=--buffer-bytes-max=16MiB` (repeatable).
-    #[arg(long = "replicad-arg", allow_hyphen_values = true)]
-    pub replicad_args: Vec<String>,
+    /// The embedded cluster.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cluster: EmbeddedClusterArgs,
     /// Directory for results: summary.json and .hgrm files per rate (commit latency, replica lag).
     #[arg(long, default_value = "bench-results/latest/commit-bench")]
     pub out: PathBuf,
-    /// Where the embedded cluster keeps certificates, data and logs [default: a temp dir, removed after a successful run].
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
 }
 
 /// A point is saturated when the writer acknowledged less than this share of the offered rate.
@@ -563,15 +546,14 @@ async fn measure_embedded(args: &CommitBenchArgs, work: &WorkDir, run: usize, ra
     let dir = work.path.join("cluster");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let mut storaged_args = vec!["--ack".to_string(), args.ack.as_str().to_string()];
-    storaged_args.extend(args.storaged_args.iter().cloned());
+    let storaged_args = args.cluster.storaged_args();
     let spec = ClusterSpec {
-        pgs: args.pgs,
-        page_count: args.page_count,
+        pgs: args.cluster.pgs,
+        page_count: args.cluster.page_count,
         replicas: args.replicas.expect("run() sets the default"),
         storaged_args: &storaged_args,
-        writerd_args: &args.writerd_args,
-        replicad_args: &args.replicad_args,
+        writerd_args: &args.cluster.writerd_args,
+        replicad_args: &args.cluster.replicad_args,
     };
     let mut cluster = LocalCluster::start(&dir, &spec).await?;
     let result = async {
@@ -631,7 +613,7 @@ async fn bench(args: &CommitBenchArgs, writer: Option<SocketAddr>) -> Result<()>
             addr.to_string()
         }
         None => {
-            let work = WorkDir::new(args.work_dir.as_deref(), "borealis-commit-bench")?;
+            let work = WorkDir::new(args.cluster.work_dir.as_deref(), "borealis-commit-bench")?;
             // Rates interleave across runs so that slow drift of the machine spreads over every point.
             for run in 0..args.runs {
                 for &rate in &args.rates {
@@ -696,7 +678,7 @@ fn summarize(args: &CommitBenchArgs, runs: &[Measurement]) -> Result<Vec<Point>>
             value_bytes: args.value_bytes,
             keys: args.keys,
             txn_ops: args.txn_ops,
-            ack: args.ack,
+            ack: args.cluster.ack,
             runs: rs.len(),
             seconds: args.seconds,
             throughput_commits_per_s: throughput,

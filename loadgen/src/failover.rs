@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::cluster::{Ack, ClusterSpec, LocalCluster, WorkDir};
+use crate::cluster::{ClusterSpec, EmbeddedClusterArgs, LocalCluster, WorkDir};
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::report::{latency_histogram, median, LatencyUs};
 
@@ -67,30 +67,13 @@ pub struct FailoverArgs {
     /// The replicas' automatic-promotion silence (replicad --failover-silence-ms) [default: replicad's].
     #[arg(long)]
     pub failover_silence_ms: Option<u64>,
-    /// Storage ack mode (storaged --ack).
-    #[arg(long, value_enum, default_value = "memory")]
-    pub ack: Ack,
-    /// Protection groups of the volume.
-    #[arg(long, default_value_t = 2)]
-    pub pgs: u32,
-    /// Pages of the volume.
-    #[arg(long, default_value_t = 4096)]
-    pub page_count: u64,
-    /// Extra writerd options (repeatable).
-    #[arg(long = "writerd-arg", allow_hyphen_values = true)]
-    pub writerd_args: Vec<String>,
-    /// Extra storaged options (repeatable).
-    #[arg(long = "storaged-arg", allow_hyphen_values = true)]
-    pub storaged_args: Vec<String>,
-    /// Extra replicad options (repeatable).
-    #[arg(long = "replicad-arg", allow_hyphen_values = true)]
-    pub replicad_args: Vec<String>,
+    /// The embedded cluster.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cluster: EmbeddedClusterArgs,
     /// Where to write the results (JSON).
     #[arg(long, default_value = "bench-results/latest/failover/summary.json")]
     pub json: PathBuf,
-    /// Where the clusters keep certificates, data and logs [default: a temp dir, removed after a successful run].
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
 }
 
 /// Where the time from the kill to the first new commit went, in milliseconds.
@@ -250,7 +233,7 @@ pub async fn run(args: FailoverArgs) -> Result<()> {
 }
 
 async fn bench(args: &FailoverArgs) -> Result<()> {
-    let work = WorkDir::new(args.work_dir.as_deref(), "borealis-failover")?;
+    let work = WorkDir::new(args.cluster.work_dir.as_deref(), "borealis-failover")?;
     let mut runs = Vec::new();
     for run in 0..args.runs {
         let r = measure_embedded(args, &work, run).await.with_context(|| format!("run {} (cluster under {})", run + 1, work.path.display()))?;
@@ -289,19 +272,18 @@ async fn measure_embedded(args: &FailoverArgs, work: &WorkDir, run: usize) -> Re
     let dir = work.path.join(format!("run-{}", run + 1));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let mut storaged_args = vec!["--ack".to_string(), args.ack.as_str().to_string()];
-    storaged_args.extend(args.storaged_args.iter().cloned());
+    let storaged_args = args.cluster.storaged_args();
     let mut replicad_args = Vec::new();
     if let Some(ms) = args.failover_silence_ms {
         replicad_args.extend(["--failover-silence-ms".to_string(), ms.to_string()]);
     }
-    replicad_args.extend(args.replicad_args.iter().cloned());
+    replicad_args.extend(args.cluster.replicad_args.iter().cloned());
     let spec = ClusterSpec {
-        pgs: args.pgs,
-        page_count: args.page_count,
+        pgs: args.cluster.pgs,
+        page_count: args.cluster.page_count,
         replicas: args.replicas,
         storaged_args: &storaged_args,
-        writerd_args: &args.writerd_args,
+        writerd_args: &args.cluster.writerd_args,
         replicad_args: &replicad_args,
     };
     let mut cluster = LocalCluster::start_for_failover(&dir, &spec).await?;

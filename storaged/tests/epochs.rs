@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use borealis_net::storage::{ClientError, StorageConn};
 use common::*;
-use redo_core::page::{PageImage, PageOp};
-use redo_core::record::{RecordHeader, RecordRef};
+use redo_core::page::PageOp;
+use redo_core::record::RecordHeader;
 use redo_core::wire::{ErrorCode, Truncation};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 
@@ -56,17 +56,6 @@ impl PageLog {
         self.sent.retain(|&l, _| l <= above);
         self.last_lsn = self.sent.keys().next_back().copied().unwrap_or(Lsn::ZERO);
     }
-
-    fn image(&self, page: PageId, lsn: Lsn) -> PageImage {
-        let mut image = PageImage::empty(page);
-        for bytes in self.sent.range(..=lsn).map(|(_, b)| b) {
-            let rec = RecordRef::decode(bytes, 0).expect("model record");
-            if rec.header().page == page {
-                image.apply(rec).expect("model records apply");
-            }
-        }
-        image
-    }
 }
 
 fn refusal<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (ErrorCode, String) {
@@ -103,7 +92,7 @@ async fn assert_log(conn: &StorageConn, log: &PageLog) {
     for &lsn in log.sent.keys() {
         for p in 0..PAGES {
             let (_, image) = timely("get_page", conn.get_page(PG, PageId(p), lsn)).await.unwrap_or_else(|e| panic!("p{p}@{lsn}: {e}"));
-            assert_eq!(image, log.image(PageId(p), lsn), "p{p}@{lsn}");
+            assert_eq!(image, model_image(&log.sent, PageId(p), lsn), "p{p}@{lsn}");
         }
     }
 }

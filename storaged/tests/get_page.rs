@@ -10,7 +10,7 @@ use borealis_net::frame::{read_message, write_message};
 use borealis_net::storage::{ClientError, StorageConn};
 use common::*;
 use redo_core::page::{PageImage, PageOp};
-use redo_core::record::{RecordHeader, RecordRef};
+use redo_core::record::RecordHeader;
 use redo_core::wire::{ErrorCode, Message, FRAME_BYTES_MAX};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 
@@ -52,18 +52,6 @@ impl PageLog {
         out
     }
 
-    /// The model: `page` as of `lsn`, by applying the page's records in order.
-    fn image(&self, page: PageId, lsn: Lsn) -> PageImage {
-        let mut image = PageImage::empty(page);
-        for bytes in self.sent.range(..=lsn).map(|(_, b)| b) {
-            let rec = RecordRef::decode(bytes, 0).expect("model record");
-            if rec.header().page == page {
-                image.apply(rec).expect("model records apply");
-            }
-        }
-        image
-    }
-
     /// LSNs worth asking at: zero, every record's and between records, spread over the log.
     fn probe_lsns(&self) -> Vec<Lsn> {
         let mut lsns: Vec<Lsn> = self.sent.keys().step_by(23).flat_map(|l| [*l, Lsn(l.0 + 1)]).collect();
@@ -90,7 +78,7 @@ async fn assert_pages(conn: &StorageConn, log: &PageLog) {
             let page = PageId(p);
             let (pos, image) = timely("get_page", conn.get_page(PG, page, lsn)).await.unwrap_or_else(|e| panic!("{page}@{lsn}: {e}"));
             assert_eq!(pos.scl, log.last_lsn);
-            assert_eq!(image, log.image(page, lsn), "{page}@{lsn}");
+            assert_eq!(image, model_image(&log.sent, page, lsn), "{page}@{lsn}");
         }
     }
 }
@@ -128,7 +116,7 @@ async fn get_page_and_status_through_memory_disk_images_and_restarts() {
     }
     write_message(&mut send, &Message::GetPage { pg: PG, page: PageId(1), lsn: log.last_lsn, epoch: Epoch(0) }).await.expect("send");
     match timely("after behind", read_message(&mut recv, FRAME_BYTES_MAX)).await.expect("read") {
-        Some(Message::PageReply { image, .. }) => assert_eq!(PageImage::decode(&image).unwrap(), log.image(PageId(1), log.last_lsn)),
+        Some(Message::PageReply { image, .. }) => assert_eq!(PageImage::decode(&image).unwrap(), model_image(&log.sent, PageId(1), log.last_lsn)),
         other => panic!("expected a page, got {other:?}"),
     }
     assert_eq!(refusal(conn.get_page(PgId(9), PageId(1), Lsn::ZERO).await), ErrorCode::NotHosted);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use borealis_net::storage::{ClientError, StorageConn};
 use borealis_net::TlsIdentity;
+use redo_core::page::PageImage;
 use redo_core::record::{RecordHeader, RecordRef, Records};
 use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, Lsn, PageId, PgId};
@@ -469,4 +470,17 @@ pub async fn wait_metric(addr: &str, series: &str, cond: impl Fn(f64) -> bool) -
         assert!(Instant::now() < deadline, "{series} not as expected within {REPLY_TIMEOUT:?}: {v:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The model of a segment's pages: `page` as of `lsn`, by applying the page's
+/// records in `sent` (every record sent, by LSN) in order.
+pub fn model_image(sent: &BTreeMap<Lsn, Vec<u8>>, page: PageId, lsn: Lsn) -> PageImage {
+    let mut image = PageImage::empty(page);
+    for bytes in sent.range(..=lsn).map(|(_, b)| b) {
+        let rec = RecordRef::decode(bytes, 0).expect("model record");
+        if rec.header().page == page {
+            image.apply(rec).expect("model records apply");
+        }
+    }
+    image
 }

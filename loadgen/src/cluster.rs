@@ -39,7 +39,7 @@ impl Ack {
 /// The embedded cluster's options, shared by the commands that start one.
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct EmbeddedClusterArgs {
-    /// Storage ack mode of the embedded cluster (storaged --ack). With --writer, state the cluster's own mode: it is only recorded.
+    /// Storage ack mode of the embedded cluster (storaged --ack). (commit-bench --writer: the existing cluster's mode, recorded only.)
     #[arg(long, value_enum, default_value = "memory")]
     pub ack: Ack,
     /// Protection groups of the embedded cluster's volume.

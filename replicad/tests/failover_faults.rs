@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use borealis_net::api::ApiClient;
 use common::*;
 use redo_core::wire::SegmentPosition;
 use redo_core::{Lsn, PgId};
@@ -33,78 +32,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 /// A flush delay no test outlives: records stay in memory only.
 const FLUSH_NEVER_MS: &str = "600000";
-
-/// One acknowledged put: its key index, commit LSN, and when the client got the ack.
-#[derive(Clone, Copy, Debug)]
-struct Ack {
-    key: u64,
-    lsn: Lsn,
-    at: Instant,
-}
-
-/// Closed-loop writers like `Load`, recording each ack's LSN and arrival time.
-struct TimedLoad {
-    stop: Arc<AtomicBool>,
-    committed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<(Vec<Ack>, Vec<String>)>>,
-}
-
-impl TimedLoad {
-    fn start(client: &ApiClient, workers: u64, first_key: u64) -> TimedLoad {
-        let stop = Arc::new(AtomicBool::new(false));
-        let committed = Arc::new(AtomicU64::new(0));
-        let tasks = (0..workers)
-            .map(|w| {
-                let (client, stop, committed) = (client.clone(), stop.clone(), committed.clone());
-                tokio::spawn(async move {
-                    let (mut acked, mut errors) = (Vec::new(), Vec::new());
-                    let mut i = first_key + w;
-                    while !stop.load(Relaxed) {
-                        match tokio::time::timeout(REPLY_TIMEOUT, client.put(&key(i), &value(i, 0))).await {
-                            Ok(Ok(lsn)) => {
-                                acked.push(Ack { key: i, lsn, at: Instant::now() });
-                                committed.fetch_add(1, Relaxed);
-                            }
-                            Ok(Err(e)) => {
-                                errors.push(format!("key {i}: {e}"));
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
-                            Err(_) => errors.push(format!("key {i}: no reply in {REPLY_TIMEOUT:?}")),
-                        }
-                        i += workers;
-                    }
-                    (acked, errors)
-                })
-            })
-            .collect();
-        TimedLoad { stop, committed, tasks }
-    }
-
-    fn count(&self) -> u64 {
-        self.committed.load(Relaxed)
-    }
-
-    async fn wait_more(&self, n: u64, timeout: Duration) {
-        let target = self.count() + n;
-        let deadline = Instant::now() + timeout;
-        while self.count() < target {
-            assert!(Instant::now() < deadline, "only {} of {target} commits within {timeout:?}", self.count());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Stops the writers; every ack and every error.
-    async fn finish(self) -> (Vec<Ack>, Vec<String>) {
-        self.stop.store(true, Relaxed);
-        let (mut acked, mut errors) = (Vec::new(), Vec::new());
-        for t in self.tasks {
-            let (a, e) = t.await.expect("load task");
-            acked.extend(a);
-            errors.extend(e);
-        }
-        (acked, errors)
-    }
-}
 
 fn keys_of(acked: &[Ack]) -> Vec<u64> {
     acked.iter().map(|a| a.key).collect()
@@ -244,9 +171,9 @@ async fn all_storage_nodes_restarted_after_the_flush_serve_every_acked_write_fro
     let (mut c, mut w, client) = cluster_with_writer(&[]).await;
     let ep = c.endpoint();
     let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
-    let load = TimedLoad::start(&client, 4, 0);
+    let load = Load::start(&client, 4, 0);
     load.wait_more(300, REPLY_TIMEOUT).await;
-    let (acked, _) = load.finish().await;
+    let (acked, _) = load.finish_acks().await;
     let last = last_lsn(&acked);
 
     let flushed = wait_flushed_everywhere(&c, &ep, last, CATCH_UP_TIMEOUT).await;
@@ -288,9 +215,9 @@ async fn storage_restarted_before_the_flush_gets_acked_writes_back_from_the_repl
     let client = c.client(c.writer_addr()).await;
     let ep = c.endpoint();
     let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
-    let load = TimedLoad::start(&client, 4, 0);
+    let load = Load::start(&client, 4, 0);
     load.wait_more(300, REPLY_TIMEOUT).await;
-    let (acked, _) = load.finish().await;
+    let (acked, _) = load.finish_acks().await;
     let last = last_lsn(&acked);
 
     // The replica to promote has applied every acked commit, and still holds them.
@@ -429,7 +356,7 @@ async fn a_partitioned_writer_acknowledges_nothing_after_the_promotion_and_is_fe
     let client = c.client(c.writer_addr()).await;
     // Promotion by hand only: the old writer's heartbeats reach the replicas throughout.
     let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
-    let load = TimedLoad::start(&client, 4, 0);
+    let load = Load::start(&client, 4, 0);
     load.wait_more(300, REPLY_TIMEOUT).await;
     assert!(proxies.iter().all(|p| p.relayed() > 0), "the old writer talks to every node through its proxy");
 
@@ -449,7 +376,7 @@ async fn a_partitioned_writer_acknowledges_nothing_after_the_promotion_and_is_fe
     proxies.iter().for_each(|p| p.set_cut(false));
     let status = w.wait_exit(REPLY_TIMEOUT).await;
     assert_eq!(status.code(), Some(writerd::EXIT_FENCED), "the healed old writer finds itself fenced and steps down");
-    let (acked, errors) = load.finish().await;
+    let (acked, errors) = load.finish_acks().await;
     assert!(!errors.is_empty(), "some calls were in flight at the partition: they must fail, not be acknowledged");
 
     // Nothing the old writer acknowledged lies above the VDL the new epoch recovered: every

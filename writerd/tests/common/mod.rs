@@ -435,11 +435,19 @@ pub fn value(i: u64, round: u64) -> Vec<u8> {
     format!("value-{i}-{round}-{}", "x".repeat(64)).into_bytes()
 }
 
+/// One acknowledged put: its key index, commit LSN, and when the client got the ack.
+#[derive(Clone, Copy, Debug)]
+pub struct Ack {
+    pub key: u64,
+    pub lsn: Lsn,
+    pub at: Instant,
+}
+
 /// Closed-loop writers putting distinct keys until stopped; records every outcome.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     pub committed: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<(Vec<u64>, Vec<String>)>>,
+    tasks: Vec<tokio::task::JoinHandle<(Vec<Ack>, Vec<String>)>>,
 }
 
 impl Load {
@@ -462,8 +470,8 @@ impl Load {
                     let mut i = first_key + w;
                     while !stop.load(Ordering::Relaxed) {
                         match tokio::time::timeout(REPLY_TIMEOUT, client.put(&key(i), &value_of(i))).await {
-                            Ok(Ok(_)) => {
-                                acked.push(i);
+                            Ok(Ok(lsn)) => {
+                                acked.push(Ack { key: i, lsn, at: Instant::now() });
                                 committed.fetch_add(1, Ordering::Relaxed);
                             }
                             Ok(Err(e)) => {
@@ -498,6 +506,12 @@ impl Load {
 
     /// Stops the writers; returns the acknowledged key indexes and every error.
     pub async fn finish(self) -> (Vec<u64>, Vec<String>) {
+        let (acked, errors) = self.finish_acks().await;
+        (acked.iter().map(|a| a.key).collect(), errors)
+    }
+
+    /// Stops the writers; returns every ack (with its LSN and arrival time) and every error.
+    pub async fn finish_acks(self) -> (Vec<Ack>, Vec<String>) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let (mut acked, mut errors) = (Vec::new(), Vec::new());
         for t in self.tasks {

@@ -166,14 +166,9 @@ pub struct Summary {
     pub failover_ms: f64,
     pub failover_ms_max: f64,
     pub unavailable_ms: f64,
-    pub detection_ms: Option<f64>,
-    pub claim_ms: Option<f64>,
-    pub offer_ms: Option<f64>,
-    pub decide_ms: Option<f64>,
-    pub truncate_ms: Option<f64>,
-    pub promotion_ms: Option<f64>,
-    pub discover_ms: f64,
-    pub first_commit_ms: f64,
+    /// Medians of each step (over the runs that have it).
+    #[serde(flatten)]
+    pub breakdown: Breakdown,
     pub lost_acked_writes: u64,
     pub torn_writes: u64,
     pub unacked_present: u64,
@@ -547,14 +542,16 @@ fn summarize(args: &FailoverArgs, runs: &[Run]) -> Summary {
         failover_ms: m(&|r| r.failover_ms),
         failover_ms_max: runs.iter().map(|r| r.failover_ms).fold(0.0, f64::max),
         unavailable_ms: m(&|r| r.unavailable_ms),
-        detection_ms: some(&|b| b.detection_ms),
-        claim_ms: some(&|b| b.claim_ms),
-        offer_ms: some(&|b| b.offer_ms),
-        decide_ms: some(&|b| b.decide_ms),
-        truncate_ms: some(&|b| b.truncate_ms),
-        promotion_ms: some(&|b| b.promotion_ms),
-        discover_ms: m(&|r| r.breakdown.discover_ms),
-        first_commit_ms: m(&|r| r.breakdown.first_commit_ms),
+        breakdown: Breakdown {
+            detection_ms: some(&|b| b.detection_ms),
+            claim_ms: some(&|b| b.claim_ms),
+            offer_ms: some(&|b| b.offer_ms),
+            decide_ms: some(&|b| b.decide_ms),
+            truncate_ms: some(&|b| b.truncate_ms),
+            promotion_ms: some(&|b| b.promotion_ms),
+            discover_ms: m(&|r| r.breakdown.discover_ms),
+            first_commit_ms: m(&|r| r.breakdown.first_commit_ms),
+        },
         lost_acked_writes: sum(&|r| r.lost_acked_writes),
         torn_writes: sum(&|r| r.torn_writes),
         unacked_present: sum(&|r| r.unacked_present),
@@ -574,41 +571,30 @@ fn table(s: &Summary, runs: &[Run]) -> String {
         s.rate
     );
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
-    let mut row = |name: String, failover: f64, unavailable: f64, b: [Option<f64>; 6], discover: f64, first: f64, acked: u64, lost: u64, unacked: [u64; 3]| {
+    let mut row = |name: String, failover: f64, unavailable: f64, b: &Breakdown, acked: u64, lost: u64, unacked: [u64; 3]| {
         t += &format!(
-            "| {name} | {failover:.1} | {unavailable:.1} | {} | {} | {} | {} | {} | {} | {discover:.1} | {first:.1} | {acked} | {lost} | {}/{}/{} |\n",
-            opt(b[0]),
-            opt(b[1]),
-            opt(b[2]),
-            opt(b[3]),
-            opt(b[4]),
-            opt(b[5]),
+            "| {name} | {failover:.1} | {unavailable:.1} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {acked} | {lost} | {}/{}/{} |\n",
+            opt(b.detection_ms),
+            opt(b.claim_ms),
+            opt(b.offer_ms),
+            opt(b.decide_ms),
+            opt(b.truncate_ms),
+            opt(b.promotion_ms),
+            b.discover_ms,
+            b.first_commit_ms,
             unacked[0],
             unacked[1],
             unacked[2]
         );
     };
     for r in runs {
-        let b = &r.breakdown;
-        row(
-            format!("{}", r.run + 1),
-            r.failover_ms,
-            r.unavailable_ms,
-            [b.detection_ms, b.claim_ms, b.offer_ms, b.decide_ms, b.truncate_ms, b.promotion_ms],
-            b.discover_ms,
-            b.first_commit_ms,
-            r.acked_writes,
-            r.lost_acked_writes,
-            [r.unacked_present, r.unacked_absent, r.torn_writes],
-        );
+        row(format!("{}", r.run + 1), r.failover_ms, r.unavailable_ms, &r.breakdown, r.acked_writes, r.lost_acked_writes, [r.unacked_present, r.unacked_absent, r.torn_writes]);
     }
     row(
         "median (counts: sum)".into(),
         s.failover_ms,
         s.unavailable_ms,
-        [s.detection_ms, s.claim_ms, s.offer_ms, s.decide_ms, s.truncate_ms, s.promotion_ms],
-        s.discover_ms,
-        s.first_commit_ms,
+        &s.breakdown,
         s.acked_writes,
         s.lost_acked_writes,
         [s.unacked_present, s.unacked_absent, s.torn_writes],

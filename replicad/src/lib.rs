@@ -102,13 +102,9 @@ pub fn run(config: Config) -> Result<i32> {
         let read_point = replica.progress.borrow().vdl;
         tracing::info!(listen = %server.local_addr()?, %read_point, "replicad ready");
         let fenced = async {
-            loop {
-                if let Some(api) = promoter.writer.get() {
-                    let _ = api.writer.fenced.subscribe().wait_for(|f| f.is_some()).await;
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            promoter.promoted.notified().await;
+            let api = promoter.writer.get().expect("notified once promoted");
+            let _ = api.writer.fenced.subscribe().wait_for(|f| f.is_some()).await;
         };
         let code = tokio::select! {
             _ = term.recv() => 0,

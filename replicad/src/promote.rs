@@ -36,6 +36,8 @@ pub struct Promoter {
     pub priority: u32,
     /// Set once promoted: the writer this replica now is.
     pub writer: OnceLock<Arc<writerd::api_server::Api>>,
+    /// Notified once `writer` is set.
+    pub promoted: tokio::sync::Notify,
     /// One promotion at a time; its outcome once it succeeded.
     done: tokio::sync::Mutex<Option<Promoted>>,
     /// The replica's pullers and storage feeds: stopped once promoted (the writer
@@ -55,7 +57,7 @@ impl Promoter {
         timeout: Duration,
         priority: u32,
     ) -> Self {
-        Promoter { replica, volume, links, tuning, cache_pages_max, request_bytes_max, timeout, priority, writer: OnceLock::new(), done: Default::default(), replica_tasks: Default::default() }
+        Promoter { replica, volume, links, tuning, cache_pages_max, request_bytes_max, timeout, priority, writer: OnceLock::new(), promoted: Default::default(), done: Default::default(), replica_tasks: Default::default() }
     }
 
     /// What this server is, for `Role`.
@@ -117,6 +119,8 @@ impl Promoter {
         if self.writer.set(Arc::new(api)).is_err() {
             unreachable!("promotions are serialised by `done`");
         }
+        // A permit is kept if nobody waits yet.
+        self.promoted.notify_one();
         let us = |d: Duration| d.as_micros() as u64;
         let p = Promoted {
             epoch,

@@ -99,11 +99,16 @@ impl Replica {
     pub fn on_progress(&self, p: &Progress) {
         let before = {
             let mut w = self.writer.lock().expect("writer lock");
-            let before = w.map(|w| w.epoch);
+            let before = *w;
             let vdl = w.filter(|w| w.epoch == p.epoch).map_or(p.vdl, |w| w.vdl.max(p.vdl));
             *w = Some(Heard { epoch: p.epoch, vdl, at: Instant::now() });
             before
         };
+        // A heartbeat repeating what was heard: nothing for the engine or the pullers.
+        if before.is_some_and(|b| b.epoch == p.epoch && b.vdl >= p.vdl) {
+            return;
+        }
+        let before = before.map(|b| b.epoch);
         if before != Some(p.epoch) {
             if before.is_some() {
                 tracing::info!(epoch = %p.epoch, truncated_above = %p.truncated_above, "a new writer took over: dropping what the old one wrote above where it started");

@@ -12,6 +12,8 @@ pub mod cluster;
 pub mod commit_bench;
 pub mod failover;
 pub mod lag;
+pub mod open_loop;
 pub mod pacing;
+pub mod plot;
 pub mod report;
 pub mod storage_bench;

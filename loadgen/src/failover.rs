@@ -137,6 +137,11 @@ pub struct Run {
     pub commit_latency_us: LatencyUs,
     /// Unacknowledged transactions by error.
     pub error_kinds: BTreeMap<String, u64>,
+    /// Load start to the kill, ms: the origin of the failover timeline is the load's start.
+    pub kill_at_ms: f64,
+    /// Each acknowledgement's arrival, ms since the load's start (the failover timeline).
+    #[serde(skip)]
+    pub acks_at_ms: Vec<f64>,
 }
 
 /// `Promoted` as JSON.
@@ -263,7 +268,7 @@ async fn bench(args: &FailoverArgs) -> Result<()> {
 }
 
 /// One failover on a fresh cluster, stopped afterwards whatever happened.
-async fn measure_embedded(args: &FailoverArgs, work: &WorkDir, run: usize) -> Result<Run> {
+pub async fn measure_embedded(args: &FailoverArgs, work: &WorkDir, run: usize) -> Result<Run> {
     let dir = work.path.join(format!("run-{}", run + 1));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -467,6 +472,8 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
         resent_writes: resent,
         commit_latency_us: LatencyUs::of(&latency),
         error_kinds: errors,
+        kill_at_ms: ms(killed_at.saturating_duration_since(start)),
+        acks_at_ms: outcomes.iter().filter_map(|o| o.result.as_ref().ok()).map(|(_, at)| ms(at.saturating_duration_since(start))).collect(),
     })
 }
 
@@ -527,7 +534,7 @@ async fn read_back(client: &ClusterClient, workload: &Arc<Workload>, outcomes: &
     Ok(out)
 }
 
-fn summarize(args: &FailoverArgs, runs: &[Run]) -> Summary {
+pub fn summarize(args: &FailoverArgs, runs: &[Run]) -> Summary {
     let m = |f: &dyn Fn(&Run) -> f64| median(runs.iter().map(f).collect());
     // Medians over the runs that have the value.
     let some = |f: &dyn Fn(&Breakdown) -> Option<f64>| {
@@ -561,7 +568,7 @@ fn summarize(args: &FailoverArgs, runs: &[Run]) -> Summary {
     }
 }
 
-fn table(s: &Summary, runs: &[Run]) -> String {
+pub fn table(s: &Summary, runs: &[Run]) -> String {
     let mode = match s.promote {
         PromoteMode::Auto => "auto",
         PromoteMode::Now => "now",

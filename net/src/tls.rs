@@ -94,6 +94,9 @@ fn transport() -> quinn::TransportConfig {
     // server's byte budget for frames in flight, not by this count.
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(0u32.into());
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.ack_eliciting_threshold(8u32.into()).max_ack_delay(Some(Duration::from_millis(5)));
+    t.ack_frequency_config(Some(acks));
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("10 s fits")));
     t

@@ -17,3 +17,4 @@ pub mod pacing;
 pub mod plot;
 pub mod report;
 pub mod storage_bench;
+pub mod sweep;

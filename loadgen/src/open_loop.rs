@@ -11,7 +11,7 @@ use std::future::Future;
 use std::hash::BuildHasher;
 use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
@@ -263,7 +263,16 @@ impl Workload {
     }
 }
 
-/// Refreshes a one-line status about once a second: in place on a terminal, a line per second otherwise.
+/// A progress bar that owns the terminal (a sweep's): status lines become its message.
+static STATUS: OnceLock<indicatif::ProgressBar> = OnceLock::new();
+
+/// Sends the per-second status lines to `bar` from now on (once per process).
+pub fn status_to(bar: indicatif::ProgressBar) {
+    let _ = STATUS.set(bar);
+}
+
+/// Refreshes a one-line status about once a second: as a progress bar's message, in place on a
+/// terminal, or a line per second otherwise.
 async fn progress(label: String, recorder: Arc<Mutex<Recorder>>, start: Instant) {
     let tty = std::io::stderr().is_terminal();
     let mut tick = tokio::time::interval_at((start + Duration::from_secs(1)).into(), Duration::from_secs(1));
@@ -294,7 +303,9 @@ async fn progress(label: String, recorder: Arc<Mutex<Recorder>>, start: Instant)
             line
         };
         last = now;
-        if tty {
+        if let Some(bar) = STATUS.get().filter(|b| !b.is_hidden()) {
+            bar.set_message(line);
+        } else if tty {
             eprint!("\r\x1b[2K{line}");
         } else {
             eprintln!("{line}");
@@ -410,7 +421,7 @@ pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, f
     followers.abort_all();
     while followers.join_next().await.is_some() {}
     progress.abort();
-    if std::io::stderr().is_terminal() {
+    if std::io::stderr().is_terminal() && STATUS.get().is_none() {
         eprintln!();
     }
     let mut guard = recorder.lock().expect("recorder");

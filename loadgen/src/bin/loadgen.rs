@@ -18,6 +18,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The canonical benchmark (the README's first command): an embedded cluster of 6 storaged,
+    /// writerd and a replica on loopback; 1,000 and 4,000 single-put commits/s (100-byte values,
+    /// 8 connections, ack = memory), 3 runs of 3 s each; then a writerd SIGKILL under load and a
+    /// replica promoted at once. Prints throughput, commit latency p50/p99/p99.9, replica lag
+    /// p50/p99, failover time and lost acknowledged writes; writes summary.json, .hgrm and .svg
+    /// files to --out. About 2 minutes.
+    Bench(loadgen::sweep::BenchArgs),
+    /// Sweep offered rates and value sizes, each point on a fresh embedded cluster, then measure
+    /// failovers; writes one summary.json with every point and run, .hgrm per histogram, and SVG
+    /// plots: latency against throughput, replica lag, percentile distributions, failover timeline.
+    Sweep(loadgen::sweep::SweepArgs),
     /// Benchmark storage nodes: starts 1 and/or 6 storaged processes on loopback, drives them
     /// with pipelined redo batches at full speed and at a fraction of it, and reports records/s,
     /// MB/s, ack and flush latency against raw io_uring disk and raw QUIC ceilings from the same run.
@@ -53,6 +64,8 @@ fn main() -> ExitCode {
         runtime.block_on(async {
             let done = |r: anyhow::Result<()>| r.map(|()| Outcome::Done);
             match command {
+                Command::Bench(args) => done(loadgen::sweep::bench(args).await),
+                Command::Sweep(args) => done(loadgen::sweep::run(args).await),
                 Command::StorageBench(args) => done(loadgen::storage_bench::run(args).await),
                 Command::CommitBench(args) => done(loadgen::commit_bench::run(args).await),
                 Command::Failover(args) => done(loadgen::failover::run(args).await),

@@ -181,6 +181,11 @@ impl Daemon {
         Ok(())
     }
 
+    /// CPU time (user + system) the process has used so far.
+    fn cpu_seconds(&self) -> Result<f64> {
+        process_cpu_seconds(self.child.id())
+    }
+
     fn terminate(&self) {
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -203,6 +208,18 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// CPU time (user + system) process `pid` has used so far, from /proc/PID/stat.
+pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
+    // Fields after the command name (which may hold spaces) start at field 3; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')').context("no command name in /proc stat")?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok()).with_context(|| format!("field {i} of {path}"));
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(14)? + ticks(15)?) as f64 / per_second)
 }
 
 /// SIGTERM to every daemon at once, then waits for each to exit; SIGKILL after a timeout.
@@ -311,6 +328,10 @@ impl LocalStorage {
     pub fn stop(&mut self) -> Result<()> {
         stop_all(self.nodes.iter_mut().map(|n| &mut n.process))
     }
+
+    fn cpu_seconds(&self) -> Result<f64> {
+        self.nodes.iter().map(|n| n.process.cpu_seconds()).sum()
+    }
 }
 
 /// Six storage nodes (two per AZ), a writerd and read replicas, with the volume file that ties them together.
@@ -402,6 +423,12 @@ impl LocalCluster {
         }
         endpoint.close(0u32.into(), b"ready");
         Ok(LocalCluster { storage, writer_addr, writer_metrics_addr, writerd, replicas, certs, volume_path })
+    }
+
+    /// CPU time (user + system) every daemon of the cluster has used so far, together.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let replicas: Result<f64> = self.replicas.iter().map(|r| r.process.cpu_seconds()).sum();
+        Ok(self.storage.cpu_seconds()? + self.writerd.cpu_seconds()? + replicas?)
     }
 
     /// The client API addresses of every server that is or may become the writer: writerd's, then the replicas'.

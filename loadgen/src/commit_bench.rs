@@ -200,9 +200,13 @@ pub async fn measure_embedded(args: &CommitBenchArgs, work: &WorkDir, run: usize
         let identity = cluster.storage.identity()?;
         let writer = Arc::new(Writer(connect(&identity, cluster.writer_addr, args.load.connections).await?));
         let replicas = connect_replicas(&identity, cluster.replicas.iter().map(|r| (r.addr, Some(r.metrics_addr)))).await?;
+        let cpu_before = cluster.cpu_seconds()?;
         let mut m = measure(args, &writer, &replicas, run, rate).await?;
+        let cpu = cluster.cpu_seconds()? - cpu_before;
         close(writer, replicas);
-        m.writerd = Some(writerd_metrics(cluster.writer_metrics_addr).await?);
+        let writerd = writerd_metrics(cluster.writer_metrics_addr).await?;
+        m.cluster_cpu_us_per_commit = Some(cpu * 1e6 / writerd.commits.max(1) as f64);
+        m.writerd = Some(writerd);
         Ok::<_, anyhow::Error>(m)
     }
     .await;

@@ -126,6 +126,9 @@ pub struct Measurement {
     pub error_kinds: BTreeMap<String, u64>,
     /// writerd's own metrics (Borealis embedded cluster only).
     pub writerd: Option<WriterdMetrics>,
+    /// CPU time of every daemon of the cluster (user + system, warm-up to the end of the catch-up)
+    /// over the commits writerd acknowledged: the cost of a commit, whatever the latency (Borealis embedded cluster only).
+    pub cluster_cpu_us_per_commit: Option<f64>,
     /// Visibility lag of the measured commits on every replica together (null without replicas).
     pub replica_lag_us: Option<LatencyUs>,
     pub replica_lag_lsn: Option<LsnLag>,
@@ -173,6 +176,8 @@ pub struct Point {
     pub writerd_commit_latency_us_p50: Option<f64>,
     pub writerd_commit_latency_us_p99: Option<f64>,
     pub writerd_lal_stalls: Option<f64>,
+    /// Median over runs of the daemons' CPU time per acknowledged commit (Borealis embedded cluster only).
+    pub cluster_cpu_us_per_commit: Option<f64>,
     /// Medians over runs of the replica visibility lag (null without replicas).
     pub replica_lag_us: Option<LatencyMediansUs>,
     pub replica_lag_lsn: Option<LsnLag>,
@@ -448,6 +453,7 @@ pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, f
         errors: r.errors.values().sum(),
         error_kinds: std::mem::take(&mut r.errors),
         writerd: None,
+        cluster_cpu_us_per_commit: None,
         replica_lag_us: lagged.then(|| LatencyUs::of(&replica_hist)),
         replica_lag_lsn: lagged.then(|| LsnLag { p50: lsn.value_at_quantile(0.5) as f64, p99: lsn.value_at_quantile(0.99) as f64, max: lsn.max() as f64 }),
         replica_lag_unseen: replicas.iter().map(|r| r.unseen).sum(),
@@ -498,6 +504,7 @@ pub fn summarize(args: &LoadArgs, system: &str, durability: &str, rate: f64, rs:
         writerd_commit_latency_us_p50: writerd(&|w| w.commit_latency_us_p50),
         writerd_commit_latency_us_p99: writerd(&|w| w.commit_latency_us_p99),
         writerd_lal_stalls: writerd(&|w| w.lal_stalls),
+        cluster_cpu_us_per_commit: rs.iter().all(|r| r.cluster_cpu_us_per_commit.is_some()).then(|| m(&|r| r.cluster_cpu_us_per_commit.expect("checked"))),
         replica_lag_us: lagged.then(|| medians(&|r| r.replica_lag_us.expect("checked"))),
         replica_lag_lsn: lagged.then(|| LsnLag { p50: lsn(&|l| l.p50), p99: lsn(&|l| l.p99), max: lsn(&|l| l.max) }),
         replica_lag_unseen: rs.iter().map(|r| r.replica_lag_unseen).sum(),
@@ -508,7 +515,7 @@ pub fn summarize(args: &LoadArgs, system: &str, durability: &str, rate: f64, rs:
 /// A markdown table of points: one row each, durability stated per row.
 pub fn table(points: &[Point]) -> String {
     let mut t = String::from(
-        "| system | durability | value B | offered commits/s | acknowledged commits/s | p50 us | p99 us | p99.9 us | max us | errors | writer-side p50/p99 us | replica lag p50/p99 us |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| system | durability | value B | offered commits/s | acknowledged commits/s | p50 us | p99 us | p99.9 us | max us | errors | writer-side p50/p99 us | replica lag p50/p99 us | server CPU us/commit |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         let l = &p.commit_latency_us;
@@ -521,8 +528,9 @@ pub fn table(points: &[Point]) -> String {
             (Some(l), unseen) => format!("{:.0}/{:.0} ({unseen} unseen)", l.p50, l.p99),
             (None, _) => "-".into(),
         };
+        let cpu = p.cluster_cpu_us_per_commit.map_or("-".into(), |c| format!("{c:.0}"));
         t += &format!(
-            "| {} | {} | {} | {:.0} | {:.0}{} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {writerd} | {lag} |\n",
+            "| {} | {} | {} | {:.0} | {:.0}{} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {writerd} | {lag} | {cpu} |\n",
             p.system,
             p.durability,
             p.value_bytes,

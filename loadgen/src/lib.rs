@@ -14,6 +14,7 @@ pub mod failover;
 pub mod lag;
 pub mod open_loop;
 pub mod pacing;
+pub mod perf_gate;
 pub mod plot;
 pub mod report;
 pub mod storage_bench;

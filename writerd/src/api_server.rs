@@ -86,6 +86,10 @@ fn unavailable(why: String) -> Response {
     error(ApiErrorCode::Unavailable, format!("writer unavailable, the write may or may not have committed: {why}"))
 }
 
+/// A deliberately slowed build (`BOREALIS_SLOW_COMMIT_US=2000 cargo build --release`) delays
+/// every commit's reply by that many microseconds: it shows that CI's perf gate catches a regression.
+const SLOW_COMMIT_US: Option<&str> = option_env!("BOREALIS_SLOW_COMMIT_US");
+
 async fn commit(api: &Api, ops: &[PageOp]) -> Response {
     let w = &api.writer;
     loop {
@@ -112,6 +116,9 @@ async fn commit(api: &Api, ops: &[PageOp]) -> Response {
                     if rx.await.is_err() {
                         return unavailable(w.is_fenced().unwrap_or_else(|| "stopped".into()));
                     }
+                }
+                if let Some(us) = SLOW_COMMIT_US {
+                    tokio::time::sleep(std::time::Duration::from_micros(us.parse().expect("BOREALIS_SLOW_COMMIT_US: microseconds"))).await;
                 }
                 return Response::Committed { commit_lsn };
             }

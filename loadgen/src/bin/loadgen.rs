@@ -29,6 +29,12 @@ enum Command {
     /// failovers; writes one summary.json with every point and run, .hgrm per histogram, and SVG
     /// plots: latency against throughput, replica lag, percentile distributions, failover timeline.
     Sweep(loadgen::sweep::SweepArgs),
+    /// CI's performance gate: a short benchmark compared with a committed baseline. Each repetition
+    /// measures a reference (raw QUIC request/response on loopback at the same rate) and then
+    /// Borealis; the medians of their ratios (commit p50 and p99, replica lag p99, CPU per commit)
+    /// must stay within each metric's allowance of the baseline's. Exit status 2 and the reason on
+    /// a regression. --write-baseline records a new baseline.
+    PerfGate(loadgen::perf_gate::PerfGateArgs),
     /// Benchmark storage nodes: starts 1 and/or 6 storaged processes on loopback, drives them
     /// with pipelined redo batches at full speed and at a fraction of it, and reports records/s,
     /// MB/s, ack and flush latency against raw io_uring disk and raw QUIC ceilings from the same run.
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
             match command {
                 Command::Bench(args) => done(loadgen::sweep::bench(args).await),
                 Command::Sweep(args) => done(loadgen::sweep::run(args).await),
+                Command::PerfGate(args) => done(loadgen::perf_gate::run(args).await),
                 Command::StorageBench(args) => done(loadgen::storage_bench::run(args).await),
                 Command::CommitBench(args) => done(loadgen::commit_bench::run(args).await),
                 Command::Failover(args) => done(loadgen::failover::run(args).await),

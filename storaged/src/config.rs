@@ -64,6 +64,14 @@ pub struct Config {
     /// that much longer; a SIGTERM waits for the delayed flushes). 0 = no delay.
     #[arg(long, default_value_t = 0)]
     pub flush_delay_ms: u64,
+    /// With `--ack memory`: after a flush starts, the next one waits this long (µs) so that it
+    /// carries every record that arrived meanwhile. Nothing waits for these flushes but the
+    /// flushed LSN (replicas' and the writer's release of retained records), and each one costs
+    /// the node several thread wake-ups and an fdatasync: one per append at a few thousand
+    /// appends/s. The first flush after a quiet spell starts at once. Ignored with `--ack disk`,
+    /// whose acks wait for the flush. 0 = flush as soon as the previous flush is done.
+    #[arg(long, default_value_t = 5000)]
+    pub flush_interval_us: u64,
     /// Segment files grow by fallocate in steps of this size.
     #[arg(long, default_value = "64MiB", value_parser = borealis_net::parse_bytes)]
     pub segment_prealloc_bytes: u64,

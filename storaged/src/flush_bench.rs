@@ -52,6 +52,7 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
         inflight_bytes_max: args.flush_bytes_max,
         flush_bytes_max: args.flush_bytes_max,
         flush_delay_ms: 0,
+        flush_interval_us: 0,
         segment_prealloc_bytes: 256 << 20,
         busy_wait_ms: 0,
         coalesce_interval_ms: 1000,

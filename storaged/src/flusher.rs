@@ -6,6 +6,13 @@
 //! the ring polls. No SQPOLL: on two vCPUs a polling kernel thread starves
 //! the daemon.
 //!
+//! With `--flush-interval-us` (ack = memory), a flush that would start
+//! sooner than that after the previous start waits on a ring timeout for the
+//! rest of the interval, meanwhile appends do not wake the flusher: under load
+//! one wake-up and one fdatasync per segment carry every append of the
+//! interval, instead of one each (records are acked from memory; only the
+//! flushed LSN waits).
+//!
 //! `--flush-delay-ms` (fault injection) makes each job wait on a ring timeout
 //! before its write is submitted: a slow disk, without blocking other segments.
 
@@ -31,6 +38,8 @@ const TAG_WRITE: u64 = 1;
 const TAG_SYNC: u64 = 2;
 /// A delayed job's wait (`--flush-delay-ms`) is over: submit its write.
 const TAG_DELAY: u64 = 3;
+/// The flush interval's wait is over: start every flush that is due.
+const TAG_HOLD: u64 = u64::MAX - 1;
 
 /// Wakes the flusher: an eventfd plus a flag so that a burst of appends costs one write.
 pub struct Wake {
@@ -156,6 +165,10 @@ pub struct Flusher {
     /// How long each job waits before its write (fault injection); boxed so that the
     /// kernel reads it from a stable address.
     delay: Option<Box<types::Timespec>>,
+    /// The least time from one flush start to the next (`--flush-interval-us`).
+    interval: Duration,
+    /// The wait for the rest of the interval (boxed: the kernel reads it while armed).
+    hold: Box<types::Timespec>,
 }
 
 /// The running flusher thread.
@@ -178,18 +191,20 @@ impl FlusherHandle {
 impl Flusher {
     /// Starts the flusher on a thread of its own.
     pub fn spawn(targets: Vec<FlushTarget>, wake: Arc<Wake>) -> Result<FlusherHandle> {
-        Self::spawn_delayed(targets, wake, Duration::ZERO)
+        Self::spawn_with(targets, wake, Duration::ZERO, Duration::ZERO)
     }
 
     /// Like `spawn`, with every flush job waiting `delay` before it writes
     /// (`--flush-delay-ms`: a simulated slow disk for fault-injection tests).
-    pub fn spawn_delayed(targets: Vec<FlushTarget>, wake: Arc<Wake>, delay: Duration) -> Result<FlusherHandle> {
-        // Two entries (write + fdatasync, or the delay's timeout) per segment, plus the wake poll.
-        let entries = (2 * targets.len() as u32 + 1).next_power_of_two().max(8);
+    /// `interval`: see `--flush-interval-us` (zero: each flush starts as soon as the last one is done).
+    pub fn spawn_with(targets: Vec<FlushTarget>, wake: Arc<Wake>, delay: Duration, interval: Duration) -> Result<FlusherHandle> {
+        // Two entries (write + fdatasync, or the delay's timeout) per segment, plus the wake poll and the interval's timeout.
+        let entries = (2 * targets.len() as u32 + 2).next_power_of_two().max(8);
         let ring = IoUring::new(entries).context("create io_uring (is io_uring disabled on this kernel?)")?;
         let shutdown = Arc::new(AtomicBool::new(false));
         let delay = (!delay.is_zero()).then(|| Box::new(types::Timespec::from(delay)));
-        let flusher = Flusher { ring, targets, wake: wake.clone(), shutdown: shutdown.clone(), records: Vec::new(), delay };
+        let hold = Box::new(types::Timespec::new());
+        let flusher = Flusher { ring, targets, wake: wake.clone(), shutdown: shutdown.clone(), records: Vec::new(), delay, interval, hold };
         let thread = std::thread::Builder::new().name("flusher".into()).spawn(move || flusher.run()).context("spawn flusher")?;
         Ok(FlusherHandle { thread, wake, shutdown })
     }
@@ -209,16 +224,44 @@ impl Flusher {
 
     fn run_ring(mut self) -> Result<()> {
         let mut wake_armed = false;
+        // When the last flush started, and whether the wait for the rest of its interval is armed.
+        let mut last_start: Option<Instant> = None;
+        let mut hold_armed = false;
         loop {
-            self.wake.pending.store(false, Ordering::Release);
+            let shutdown = self.shutdown.load(Ordering::Acquire);
+            let now = Instant::now();
+            let due = last_start.map(|t| t + self.interval).filter(|&due| due > now && !shutdown);
             let mut busy = false;
-            for i in 0..self.targets.len() {
-                if self.targets[i].inflight.is_none() {
-                    self.start(i)?;
+            match due {
+                // Too soon after the last start. `pending` stays as it is: once an append has
+                // woken the flusher, later ones need not; an append (or a write completion)
+                // during the interval arms the wait, after which every dirty segment flushes.
+                Some(due) => {
+                    if !hold_armed && self.wake.pending.load(Ordering::Acquire) {
+                        *self.hold = types::Timespec::from(due - now);
+                        let wait = opcode::Timeout::new(&*self.hold).build().user_data(TAG_HOLD);
+                        // SAFETY: the timespec is boxed in self and not changed while armed.
+                        unsafe { self.ring.submission().push(&wait) }.expect("ring has room for the interval's wait");
+                        hold_armed = true;
+                    }
+                    busy = self.targets.iter().any(|t| t.inflight.is_some());
                 }
-                busy |= self.targets[i].inflight.is_some();
+                None => {
+                    self.wake.pending.store(false, Ordering::Release);
+                    let mut started = false;
+                    for i in 0..self.targets.len() {
+                        if self.targets[i].inflight.is_none() {
+                            self.start(i)?;
+                            started |= self.targets[i].inflight.is_some();
+                        }
+                        busy |= self.targets[i].inflight.is_some();
+                    }
+                    if started && !self.interval.is_zero() {
+                        last_start = Some(now);
+                    }
+                }
             }
-            if !busy && self.shutdown.load(Ordering::Acquire) {
+            if !busy && !hold_armed && shutdown {
                 return Ok(());
             }
             if !wake_armed {
@@ -237,6 +280,9 @@ impl Flusher {
                 if tag == TAG_WAKE {
                     wake_armed = false;
                     self.wake.drain();
+                } else if tag == TAG_HOLD {
+                    // Ends with -ETIME; the loop starts what is due.
+                    hold_armed = false;
                 } else {
                     self.complete((tag >> 2) as usize, tag & 3, res);
                 }

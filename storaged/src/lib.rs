@@ -44,7 +44,12 @@ pub fn run(config: Config) -> Result<()> {
         None => None,
     };
     let (node, targets) = node::Node::open(config.clone(), node::Pages::Indexed)?;
-    let flusher = flusher::Flusher::spawn_delayed(targets, node.wake.clone(), std::time::Duration::from_millis(config.flush_delay_ms))?;
+    // With ack = disk every ack waits for its flush: no interval between flushes.
+    let flush_interval = match config.ack {
+        AckMode::Memory => Duration::from_micros(config.flush_interval_us),
+        AckMode::Disk => Duration::ZERO,
+    };
+    let flusher = flusher::Flusher::spawn_with(targets, node.wake.clone(), Duration::from_millis(config.flush_delay_ms), flush_interval)?;
 
     let runtime = borealis_net::runtime(config.worker_threads)?;
     runtime.block_on(async {

@@ -4,7 +4,15 @@
 //! them into its log through the path appends take.
 //!
 //! One task per hosted segment runs rounds: every `--gossip-interval-ms`,
-//! and at once when records start waiting above a hole. A round asks every
+//! and at once when records start waiting above a hole. A segment that its
+//! writer keeps feeding (its SCL moved since the last round and reached the
+//! best SCL its peers reported then) has nothing to ask them and skips the
+//! round; after rounds that found nothing missing the interval doubles, up to
+//! `IDLE_BACKOFF_MAX` times; each wait is jittered so that the segments of a
+//! cluster do not all ask at once. (Every round costs each peer a stream and
+//! a reply: with rounds in lockstep, every 100 ms the six nodes of a local
+//! cluster answered sixty Status requests together, and commits that came
+//! during such a burst waited for it.) A round asks every
 //! peer `Status` at epoch 0 (read-only), hands the answers to `Repair` (the
 //! sans-IO decision: whom to pull from, up to where), then pulls
 //! `(SCL, upto]` in runs of at most `PULL_BYTES_MAX`.
@@ -41,6 +49,8 @@ const PEER_TIMEOUT: Duration = Duration::from_secs(1);
 const HOLE_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// After failures, a peer sits out 1, 2, 4, ... rounds, at most this many.
 const PEER_BACKOFF_ROUNDS_MAX: u32 = 32;
+/// After rounds that found nothing missing, the interval doubles up to this factor.
+const IDLE_BACKOFF_MAX: u32 = 8;
 
 /// Checks that the volume places every hosted segment on this node.
 pub fn check_volume(volume: &Volume, node: NodeId, pgs: &[u32]) -> Result<()> {
@@ -211,22 +221,44 @@ impl SegmentGossip {
         // Whether the last round left records waiting above a hole that it could not fill:
         // then the next round waits for the interval instead of coming at once.
         let mut hole_unfilled = false;
+        // The segment's SCL when the last round was due, and how many rounds in a row found nothing missing.
+        let mut scl_then = Lsn::ZERO;
+        let mut idle_rounds = 0u32;
+        let jitter = std::collections::hash_map::RandomState::new();
+        let mut wait = self.interval;
         loop {
             if self.node.is_shutting_down() {
                 return;
             }
-            let pending = self.seg.log.lock().expect("segment lock").pending_records() > 0;
-            let since = last_round.map_or(self.interval, |t| t.elapsed());
-            if since < self.interval && !(pending && !hole_unfilled) {
+            let (pending, scl) = {
+                let log = self.seg.log.lock().expect("segment lock");
+                (log.pending_records() > 0, log.scl())
+            };
+            let since = last_round.map_or(wait, |t| t.elapsed());
+            let urgent = pending && !hole_unfilled;
+            if since < wait && !urgent {
                 if !pending {
                     hole_unfilled = false;
                 }
-                tokio::time::sleep(HOLE_CHECK_INTERVAL.min(self.interval - since)).await;
+                tokio::time::sleep(HOLE_CHECK_INTERVAL.min(wait - since)).await;
                 continue;
             }
-            last_round = Some(Instant::now());
+            let now = Instant::now();
+            // Between 3/4 and 5/4 of the (backed-off) interval until the next round.
+            let backoff = self.interval * (1 << idle_rounds.min(IDLE_BACKOFF_MAX.ilog2()));
+            let spread = std::hash::BuildHasher::hash_one(&jitter, now) % 1024;
+            wait = backoff * 3 / 4 + backoff * spread as u32 / 2048;
+            let fed = last_round.is_some() && scl > scl_then && scl >= self.repair.peer_scl();
+            last_round = Some(now);
+            scl_then = scl;
+            if fed && !pending {
+                idle_rounds = 0;
+                continue;
+            }
             let own = self.round().await;
             hole_unfilled = own.pending;
+            let found = own.pending || self.repair.missing_through() != Lsn::ZERO;
+            idle_rounds = if found { 0 } else { idle_rounds.saturating_add(1) };
         }
     }
 

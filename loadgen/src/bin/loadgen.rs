@@ -50,6 +50,17 @@ enum Command {
     /// (failover_ms), the unavailability window, the promotion's breakdown, and lost_acked_writes
     /// from reading back every write. Repeated --runs times on fresh clusters.
     Failover(loadgen::failover::FailoverArgs),
+    /// PostgreSQL 15 as the target: a primary and a synchronous hot standby on loopback (started and
+    /// stopped by loadgen), the same open-loop puts for each --synchronous-commit mode and rate;
+    /// commit latency, throughput and standby visibility lag.
+    PgBench(loadgen::postgres::PgBenchArgs),
+    /// PostgreSQL failover: SIGKILL of the primary under load, the standby promoted at once, clients
+    /// reconnecting to it; kill to first promoted commit and lost acknowledged writes (read back).
+    PgFailover(loadgen::postgres::PgFailoverArgs),
+    /// Borealis (ack = memory and disk) against PostgreSQL (synchronous_commit off, local, on,
+    /// remote_apply) at the same rates, runs interleaved, then failovers of both; writes
+    /// summary.json, .hgrm files, comparison.md and SVG plots to --out.
+    ComparePostgres(loadgen::compare::CompareArgs),
     /// Put KEY=VALUE in one transaction; prints the commit LSN.
     Put(client::PutArgs),
     /// Print the value of KEY, or "(not found)" and exit 1; from the writer, or from a
@@ -76,6 +87,9 @@ fn main() -> ExitCode {
                 Command::StorageBench(args) => done(loadgen::storage_bench::run(args).await),
                 Command::CommitBench(args) => done(loadgen::commit_bench::run(args).await),
                 Command::Failover(args) => done(loadgen::failover::run(args).await),
+                Command::PgBench(args) => done(loadgen::postgres::bench_run(args).await),
+                Command::PgFailover(args) => done(loadgen::postgres::failover_run(args).await),
+                Command::ComparePostgres(args) => done(loadgen::compare::run(args).await),
                 Command::Put(args) => client::put(args).await,
                 Command::Get(args) => client::get(args).await,
                 Command::Delete(args) => client::delete(args).await,

@@ -1,0 +1,166 @@
+//! PostgreSQL as a target, through the real loadgen binary: `pg-bench` starts a
+//! primary and a synchronous standby and measures commits and standby lag;
+//! `pg-failover` kills the primary under load and loses no acknowledged write;
+//! an interrupted run leaves no PostgreSQL process behind.
+//! Needs PostgreSQL 15's server binaries (Debian: postgresql-15); skipped, saying so, without them.
+
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use loadgen::postgres::{live_group_members, DEFAULT_PG_BIN};
+use serde_json::Value;
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
+
+/// One PostgreSQL pair at a time: the machine has 2 cores.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// PostgreSQL's bin directory, or None (and a message) when it is not installed.
+fn pg_bin(test: &str) -> Option<PathBuf> {
+    let bin = std::env::var_os("BOREALIS_PG_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_PG_BIN));
+    if bin.join("postgres").exists() && bin.join("initdb").exists() && bin.join("pg_basebackup").exists() {
+        Some(bin)
+    } else {
+        // Straight to stderr: the test harness captures println!/eprintln! of passing tests.
+        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: PostgreSQL 15 server binaries not found in {} (apt-get install postgresql-15, or set BOREALIS_PG_BIN)", bin.display());
+        None
+    }
+}
+
+/// A temp dir the `postgres` user can reach (tempfile makes it 0700).
+fn work_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn loadgen(args: &[&str], bin: &Path) {
+    let out = Command::new(LOADGEN).args(args).env("BOREALIS_PG_BIN", bin).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "loadgen {args:?} failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    println!("{stdout}");
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+fn assert_stopped(pgids: &Value) {
+    let pgids: Vec<i32> = pgids.as_array().expect("postgres_pgids").iter().map(|v| v.as_i64().unwrap() as i32).collect();
+    assert!(!pgids.is_empty(), "the run started PostgreSQL");
+    for pgid in pgids {
+        assert_eq!(live_group_members(pgid), Vec::<i32>::new(), "processes of PostgreSQL group {pgid} still run");
+    }
+}
+
+#[test]
+fn pg_bench_measures_commits_and_standby_lag() {
+    let Some(bin) = pg_bin("pg_bench_measures_commits_and_standby_lag") else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = work_dir();
+    let out = dir.path().join("out");
+    let work = dir.path().join("work");
+    loadgen(
+        &[
+            "pg-bench",
+            "--synchronous-commit",
+            "on",
+            "--rates",
+            "500",
+            "--seconds",
+            "1",
+            "--warmup-seconds",
+            "0.5",
+            "--runs",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+            "--work-dir",
+            work.to_str().unwrap(),
+        ],
+        &bin,
+    );
+    let summary = read_json(&out.join("summary.json"));
+    let point = &summary["points"][0];
+    assert_eq!(point["system"], "postgres");
+    assert_eq!(point["durability"], "on");
+    assert!(point["commit_latency_us"]["count"].as_f64().unwrap() > 300.0, "{point}");
+    assert!(point["throughput_commits_per_s"].as_f64().unwrap() > 400.0, "{point}");
+    assert_eq!(point["errors"], 0, "{point}");
+    let lag = &point["replica_lag_us"];
+    assert!(lag["count"].as_f64().unwrap() > 300.0, "every commit has a standby lag: {point}");
+    assert_eq!(point["replica_lag_unseen"], 0, "{point}");
+    assert!(out.join(point["hgrm"].as_str().unwrap()).exists());
+    assert!(out.join(point["replica_lag_hgrm"].as_str().unwrap()).exists());
+    assert_stopped(&summary["postgres_pgids"]);
+}
+
+#[test]
+fn pg_failover_loses_no_acknowledged_write_with_a_synchronous_standby() {
+    let Some(bin) = pg_bin("pg_failover_loses_no_acknowledged_write_with_a_synchronous_standby") else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = work_dir();
+    let json = dir.path().join("failover.json");
+    let work = dir.path().join("work");
+    loadgen(&["pg-failover", "--runs", "1", "--warmup-seconds", "1", "--seconds", "1.5", "--json", json.to_str().unwrap(), "--work-dir", work.to_str().unwrap()], &bin);
+    let summary = read_json(&json);
+    let run = &summary["runs"][0];
+    assert_eq!(summary["lost_acked_writes"], 0, "{run}");
+    assert_eq!(run["torn_writes"], 0, "{run}");
+    assert!(run["acked_before_kill"].as_u64().unwrap() > 500, "{run}");
+    assert!(run["acked_writes"].as_u64().unwrap() > run["acked_before_kill"].as_u64().unwrap(), "the promoted standby acknowledged commits: {run}");
+    assert!(run["failover_ms"].as_f64().unwrap() > 0.0, "{run}");
+    assert_stopped(&run["postgres_pgids"]);
+}
+
+/// The pids of postmasters whose command line names `dir` (`postgres -D DIR/...`).
+fn postmasters_under(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_str().unwrap().as_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"/") && c.windows(needle.len()).any(|w| w == needle) && c.windows(3).any(|w| w == b"-D\0")))
+        .collect()
+}
+
+#[test]
+fn an_interrupted_run_leaves_no_postgres_process() {
+    let Some(bin) = pg_bin("an_interrupted_run_leaves_no_postgres_process") else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = work_dir();
+    let work = dir.path().join("work");
+    let mut child = Command::new(LOADGEN)
+        .args(["pg-bench", "--synchronous-commit", "local", "--rates", "200", "--seconds", "30", "--runs", "1", "--out"])
+        .arg(dir.path().join("out"))
+        .arg("--work-dir")
+        .arg(&work)
+        .env("BOREALIS_PG_BIN", &bin)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Both servers up (the standby is the second postmaster), then a moment of load.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pgids = loop {
+        let pids = postmasters_under(&work);
+        if pids.len() == 2 {
+            break pids;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "loadgen exited before starting both servers");
+        assert!(Instant::now() < deadline, "PostgreSQL did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "interrupted: {status}");
+    for pgid in pgids {
+        assert_eq!(live_group_members(pgid), Vec::<i32>::new(), "processes of PostgreSQL group {pgid} still run after Ctrl-C");
+    }
+}

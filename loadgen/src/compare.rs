@@ -117,7 +117,15 @@ fn row_order(args: &CompareArgs, p: &Point) -> usize {
     }
 }
 
+/// The machine's 1-minute load average (other work on a shared machine shows here), and the UTC time.
+fn machine_state() -> serde_json::Value {
+    let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()));
+    let utc = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    serde_json::json!({ "load_average_1m": load, "utc": utc })
+}
+
 async fn compare(args: &CompareArgs) -> Result<()> {
+    let started = machine_state();
     let work = WorkDir::new(args.work_dir.as_deref(), "borealis-compare-postgres")?;
     let cb: Vec<(Ack, CommitBenchArgs)> = args.borealis_ack.iter().map(|&a| Ok((a, borealis_args(args, a)?))).collect::<Result<_>>()?;
     let total = args.load.runs * args.rates.len() * (cb.len() + args.synchronous_commit.len());
@@ -172,14 +180,22 @@ async fn compare(args: &CompareArgs) -> Result<()> {
         failovers = Some(Failovers { bs: failover::summarize(&b, &bruns), ps: postgres::failover_summary(&p, &pruns), b, p, bruns, pruns });
     }
 
+    let ended = machine_state();
     let targets = targets(args, &points, failovers.as_ref());
     plots(args, &borealis_runs, &pg_runs, &points, failovers.as_ref())?;
-    let md = markdown(args, &points, failovers.as_ref(), &targets);
+    let mut md = markdown(args, &points, failovers.as_ref(), &targets);
+    md += &format!(
+        "- The machine: from {} to {} (UTC), 1-minute load average {} at the start and {} at the end (with 2 vCPUs, above ~2 means the run shared the CPUs with other work: compare rows of this run with each other, not with other runs).\n",
+        started["utc"].as_str().unwrap_or("?"),
+        ended["utc"].as_str().unwrap_or("?"),
+        started["load_average_1m"],
+        ended["load_average_1m"]
+    );
     let md_path = args.out.join("comparison.md");
     std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
     let json = serde_json::json!({
         "params": args,
-        "machine": { "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0) },
+        "machine": { "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "started": started, "ended": ended },
         "points": points,
         "targets": targets,
         "borealis_runs": borealis_runs.iter().map(|(ack, m)| serde_json::json!({ "ack": ack, "measurement": m })).collect::<Vec<_>>(),

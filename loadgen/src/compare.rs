@@ -10,7 +10,6 @@
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::Parser;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -21,6 +20,7 @@ use crate::open_loop::{self, LoadArgs, Measurement, Point};
 use crate::plot::{self, Series};
 use crate::postgres::{self, PgArgs, PgFailoverArgs, PgFailoverRun, SyncCommit};
 use crate::report::median_by;
+use crate::sweep::args_from;
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct CompareArgs {
@@ -50,30 +50,11 @@ pub struct CompareArgs {
     pub out: PathBuf,
 }
 
-/// `loadgen commit-bench`'s and `loadgen failover`'s options with their defaults, then set from ours.
-#[derive(Parser)]
-struct CommitBenchCli {
-    #[command(flatten)]
-    args: CommitBenchArgs,
-}
-
-#[derive(Parser)]
-struct FailoverCli {
-    #[command(flatten)]
-    args: FailoverArgs,
-}
-
-#[derive(Parser)]
-struct PgFailoverCli {
-    #[command(flatten)]
-    args: PgFailoverArgs,
-}
-
 /// Borealis' failover in the comparison: as PostgreSQL's, one replica, promoted right after the kill.
 const BOREALIS_FAILOVER_REPLICAS: usize = 1;
 
 fn borealis_args(args: &CompareArgs, ack: Ack) -> Result<CommitBenchArgs> {
-    let mut cb = CommitBenchCli::try_parse_from(["commit-bench"])?.args;
+    let mut cb: CommitBenchArgs = args_from(&[])?;
     cb.rates = args.rates.clone();
     cb.load = args.load.clone();
     cb.replicas = Some(1);
@@ -83,12 +64,12 @@ fn borealis_args(args: &CompareArgs, ack: Ack) -> Result<CommitBenchArgs> {
 }
 
 fn failover_args(args: &CompareArgs) -> Result<(FailoverArgs, PgFailoverArgs)> {
-    let mut b = FailoverCli::try_parse_from(["failover", "--promote", "now"])?.args;
+    let mut b: FailoverArgs = args_from(&["--promote", "now"])?;
     b.runs = args.failover_runs.max(1);
     b.replicas = BOREALIS_FAILOVER_REPLICAS;
     // As many client connections as the commit benchmark: PostgreSQL needs them for 2,000 synchronous transactions/s.
     b.connections = args.load.connections;
-    let mut p = PgFailoverCli::try_parse_from(["pg-failover", "--synchronous-commit", "on"])?.args;
+    let mut p: PgFailoverArgs = args_from(&["--synchronous-commit", "on"])?;
     p.runs = args.failover_runs.max(1);
     p.pg = args.pg.clone();
     // The same transactions, schedule and clients on both sides.
@@ -493,7 +474,7 @@ mod tests {
 
     #[test]
     fn defaults_match_across_systems() {
-        let args = CompareCli::try_parse_from(["compare-postgres"]).unwrap().args;
+        let args: CompareArgs = args_from(&[]).unwrap();
         let (b, p) = failover_args(&args).unwrap();
         assert_eq!(b.promote, PromoteMode::Now);
         assert_eq!((b.rate, b.connections, b.txn_ops, b.value_bytes), (p.rate, p.connections, p.txn_ops, p.value_bytes));
@@ -502,11 +483,5 @@ mod tests {
         assert_eq!((cb.load.connections, cb.load.value_bytes, cb.load.keys, cb.replicas), (8, 100, 100_000, Some(1)));
         assert_eq!(cb.cluster.ack, Ack::Disk);
         assert_eq!(args.rates, vec![1000.0, 4000.0]);
-    }
-
-    #[derive(Parser)]
-    struct CompareCli {
-        #[command(flatten)]
-        args: CompareArgs,
     }
 }

@@ -69,8 +69,11 @@ pub struct Config {
     /// flushed LSN (replicas' and the writer's release of retained records), and each one costs
     /// the node several thread wake-ups and an fdatasync: one per append at a few thousand
     /// appends/s. The first flush after a quiet spell starts at once. Ignored with `--ack disk`,
-    /// whose acks wait for the flush. 0 = flush as soon as the previous flush is done.
-    #[arg(long, default_value_t = 5000)]
+    /// whose acks wait for the flush. 0 (the default for now) = flush as soon as the previous
+    /// flush is done: with 5000, storaged's disk_full test fails about one run in five (the
+    /// flush that meets the file-size limit starts only after the test's 16 MiB); until that
+    /// is understood the interval is opt-in.
+    #[arg(long, default_value_t = 0)]
     pub flush_interval_us: u64,
     /// Segment files grow by fallocate in steps of this size.
     #[arg(long, default_value = "64MiB", value_parser = borealis_net::parse_bytes)]

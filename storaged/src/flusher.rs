@@ -11,7 +11,7 @@
 //! rest of the interval, meanwhile appends do not wake the flusher: under load
 //! one wake-up and one fdatasync per segment carry every append of the
 //! interval, instead of one each (records are acked from memory; only the
-//! flushed LSN waits).
+//! flushed LSN waits). A segment with `FLUSH_NOW_BYTES` unflushed does not wait.
 //!
 //! `--flush-delay-ms` (fault injection) makes each job wait on a ring timeout
 //! before its write is submitted: a slow disk, without blocking other segments.
@@ -41,10 +41,16 @@ const TAG_DELAY: u64 = 3;
 /// The flush interval's wait is over: start every flush that is due.
 const TAG_HOLD: u64 = u64::MAX - 1;
 
+/// A segment with at least this many unflushed bytes is flushed without waiting
+/// for the rest of the flush interval: its flush is batched enough already.
+pub const FLUSH_NOW_BYTES: usize = 256 << 10;
+
 /// Wakes the flusher: an eventfd plus a flag so that a burst of appends costs one write.
 pub struct Wake {
     fd: OwnedFd,
     pending: AtomicBool,
+    /// Set by `wake_now`: the next round starts flushes even within the interval.
+    now: AtomicBool,
 }
 
 impl Wake {
@@ -55,15 +61,31 @@ impl Wake {
             return Err(std::io::Error::last_os_error()).context("eventfd");
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
-        Ok(Wake { fd: unsafe { OwnedFd::from_raw_fd(fd) }, pending: AtomicBool::new(false) })
+        Ok(Wake { fd: unsafe { OwnedFd::from_raw_fd(fd) }, pending: AtomicBool::new(false), now: AtomicBool::new(false) })
+    }
+
+    /// `wake` after an append that left `unflushed` bytes in its segment: with
+    /// `FLUSH_NOW_BYTES` or more, the flush starts without waiting for the interval.
+    pub fn wake_for(&self, unflushed: usize) {
+        if unflushed < FLUSH_NOW_BYTES {
+            return self.wake();
+        }
+        self.pending.store(true, Ordering::Release);
+        if !self.now.swap(true, Ordering::AcqRel) {
+            self.write();
+        }
     }
 
     pub fn wake(&self) {
         if !self.pending.swap(true, Ordering::AcqRel) {
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: writes 8 bytes from a live buffer to our eventfd. A full counter (EAGAIN) still wakes.
-            unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };
+            self.write();
         }
+    }
+
+    fn write(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live buffer to our eventfd. A full counter (EAGAIN) still wakes.
+        unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };
     }
 
     fn drain(&self) {
@@ -232,8 +254,9 @@ impl Flusher {
         let mut unpolled = false;
         loop {
             let shutdown = self.shutdown.load(Ordering::Acquire);
+            let flush_now = self.wake.now.swap(false, Ordering::AcqRel);
             let now = Instant::now();
-            let due = last_start.map(|t| t + self.interval).filter(|&due| due > now && !shutdown);
+            let due = last_start.map(|t| t + self.interval).filter(|&due| due > now && !shutdown && !flush_now);
             let mut busy = false;
             match due {
                 // Too soon after the last start. `pending` stays as it is: once an append has
@@ -268,7 +291,9 @@ impl Flusher {
                     }
                 }
             }
-            if !busy && !hold_armed && shutdown {
+            // An armed interval wait need not end first: the kernel read its timespec when
+            // it was submitted, and dropping the ring cancels it.
+            if !busy && shutdown {
                 return Ok(());
             }
             if !wake_armed {
@@ -498,6 +523,32 @@ mod tests {
         append(&node, 1, &mut lsns[1]);
         wait_flushed(&node, 1, lsns[1]);
         wait_flushed(&node, 0, lsns[0]);
+        flusher.stop().expect("flusher stops cleanly");
+    }
+
+    /// A segment with FLUSH_NOW_BYTES unflushed flushes without waiting for the interval.
+    #[test]
+    fn a_large_backlog_does_not_wait_for_the_interval() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (node, targets) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let flusher = Flusher::spawn_with(targets, node.wake.clone(), Duration::ZERO, Duration::from_secs(3600)).expect("flusher");
+        let mut lsn = Lsn::ZERO;
+        append(&node, 0, &mut lsn); // starts the interval
+        wait_flushed(&node, 0, lsn);
+        let mut buf = Vec::new();
+        while buf.len() < FLUSH_NOW_BYTES {
+            let next = Lsn(lsn.0 + 1);
+            RecordHeader { lsn: next, prev_lsn_in_segment: lsn, prev_lsn_for_page: Lsn::ZERO, page: PageId(1), cpl: true }.encode(&[7u8; 1000], &mut buf);
+            lsn = next;
+        }
+        let records = ValidRecords::validate(Bytes::from(buf), 0).expect("valid").expect("records");
+        let seg = &node.segments[&PgId(0)];
+        let unflushed = seg.with_log(|log| {
+            log.handle_append(Epoch(1), &records).expect("append");
+            log.hot_bytes()
+        });
+        node.wake.wake_for(unflushed);
+        wait_flushed(&node, 0, lsn);
         flusher.stop().expect("flusher stops cleanly");
     }
 

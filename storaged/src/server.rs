@@ -128,8 +128,8 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
     loop {
         // Checked under the segment lock: shutdown takes every lock once after
         // raising the flag, so no append lands after the final flush began.
-        let result = seg.with_log(|log| (!node.is_shutting_down()).then(|| log.handle_append(epoch, &records)));
-        let Some(result) = result else {
+        let result = seg.with_log(|log| (!node.is_shutting_down()).then(|| (log.handle_append(epoch, &records), log.hot_bytes())));
+        let Some((result, unflushed)) = result else {
             return Reply::Close(error(ErrorCode::ShuttingDown, "storage node is shutting down"));
         };
         let err = match result {
@@ -137,7 +137,7 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
                 node.metrics.ingest_records.fetch_add(out.inserted as u64, Ordering::Relaxed);
                 node.metrics.ingest_bytes.fetch_add(out.inserted_bytes as u64, Ordering::Relaxed);
                 node.metrics.append_batch_records.record(run.count as u64);
-                node.wake.wake();
+                node.wake.wake_for(unflushed);
                 debug_assert!(!out.epoch_raised, "epochs are persisted and raised before appends apply");
                 return match node.config.ack {
                     AckMode::Memory => {

@@ -3,7 +3,10 @@
 //! ceilings; `commit-bench` drives a writer with open-loop commits and
 //! measures how soon read replicas show them; `failover` kills the writer
 //! under load and measures how soon a promoted replica commits, with no
-//! acknowledged write lost;
+//! acknowledged write lost; `bench` (the canonical run) and `sweep` do both over
+//! a grid and plot them; `pg-bench`, `pg-failover` and `compare-postgres` run the
+//! same workload against PostgreSQL streaming replication; `perf-gate` judges a
+//! build against a committed baseline;
 //! `put`/`get`/`delete`/`txn` send single requests; `volume` prints a local volume file.
 
 pub mod ceilings;

@@ -210,13 +210,18 @@ impl Daemon {
     }
 }
 
+/// The fields of /proc/PID/stat after the command name (which may hold spaces): the
+/// first is field 3 (state) in proc(5)'s numbering. None if the process is gone.
+pub fn proc_stat_fields(pid: &str) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.split_whitespace().map(str::to_string).collect())
+}
+
 /// CPU time (user + system) process `pid` has used so far, from /proc/PID/stat.
 pub fn process_cpu_seconds(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
-    // Fields after the command name (which may hold spaces) start at field 3; utime and stime are fields 14 and 15.
-    let fields: Vec<&str> = stat.rsplit_once(')').context("no command name in /proc stat")?.1.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok()).with_context(|| format!("field {i} of {path}"));
+    let fields = proc_stat_fields(&pid.to_string()).with_context(|| format!("read /proc/{pid}/stat"))?;
+    // utime and stime are fields 14 and 15.
+    let ticks = |i: usize| fields.get(i - 3).and_then(|f| f.parse::<u64>().ok()).with_context(|| format!("field {i} of /proc/{pid}/stat"));
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Ok((ticks(14)? + ticks(15)?) as f64 / per_second)

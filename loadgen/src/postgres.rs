@@ -36,7 +36,7 @@ use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::types::{PgLsn, ToSql};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::cluster::{free_tcp_port, WorkDir};
+use crate::cluster::{free_tcp_port, proc_stat_fields, WorkDir};
 use crate::open_loop::{self, Feeds, LoadArgs, Measurement, Point, ReadPoint, System};
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::report::{latency_histogram, median, LatencyUs};
@@ -239,15 +239,11 @@ impl Drop for Postmaster {
     }
 }
 
-/// Fields of /proc/PID/stat after the command name: state, ppid, pgrp, ...
+/// The state and the process group of process `pid`, from /proc/PID/stat.
 fn proc_stat(pid: &str) -> Option<(char, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut fields = rest.split(' ');
-    let state = fields.next()?.chars().next()?;
-    let _ppid = fields.next()?;
-    let pgrp = fields.next()?.parse().ok()?;
-    Some((state, pgrp))
+    let fields = proc_stat_fields(pid)?;
+    // Fields 3 (state) and 5 (process group).
+    Some((fields.first()?.chars().next()?, fields.get(2)?.parse().ok()?))
 }
 
 /// Whether process `pid` exists and is not a zombie.

@@ -170,7 +170,10 @@ async fn disk_full_fails_the_segment_but_not_the_node() {
     // first growth of either (to 2 MiB) exceeds the limit and fails with EFBIG.
     const FSIZE_LIMIT: u64 = PREALLOC + (256 << 10);
     let env = TestEnv::new();
-    let mut launch = env.launch(&[0, 1], &[]);
+    // A small hot log makes the appends below wait for the flush that meets the limit, however
+    // late the flusher runs (the flush interval, a busy machine): without it they could outrun
+    // the flusher by the whole 16 MiB, acked from memory.
+    let mut launch = env.launch(&[0, 1], &["--frame-bytes-max", "1MiB", "--hot-log-bytes-max", "2MiB", "--busy-wait-ms", "30000"]);
     launch.fsize_limit = Some(FSIZE_LIMIT);
     let mut node = env.start(&launch).await;
     let ep = env.client();

@@ -5,7 +5,9 @@
 //! changed since its last image; as soon as the flushed LSN covers a page's
 //! `--coalesce-records`+1-th record since its last image, that page at once.
 //! Images are taken at the flushed LSN: an image must never hold a record
-//! that a crash could lose.
+//! that a crash could lose. A round's pages are materialised on a thread at
+//! nice 10, and each segment's interval starts at a random point, so that
+//! rounds neither delay the commit path nor coincide across segments and nodes.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,7 +26,11 @@ use crate::pages::{self, PageError};
 const PAGES_PER_LOCK: usize = 32;
 
 pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(node.config.coalesce_interval_ms));
+    // Every segment of every node starts its clock at a random point of the interval:
+    // rounds started together (a cluster started at once) would take the CPU together.
+    let period = Duration::from_millis(node.config.coalesce_interval_ms);
+    let phase = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), ()) % 1024;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period * phase as u32 / 1024, period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut position = seg.position.subscribe();
     let mut flushed = Lsn::ZERO;
@@ -65,9 +71,9 @@ pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
             continue;
         }
         let seg2 = seg.clone();
-        let written = match tokio::task::spawn_blocking(move || write_images(&seg2, reads)).await {
+        let written = match in_background(move || write_images(&seg2, reads)).await {
             Ok(w) => w,
-            Err(e) => Err(anyhow::anyhow!("coalescer task: {e}")),
+            Err(e) => Err(anyhow::anyhow!("coalescer thread: {e}")),
         };
         let Written { images, broken, bytes } = match written {
             Ok(w) => w,
@@ -95,6 +101,17 @@ pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
         node.metrics.page_image_bytes.fetch_add(bytes, Ordering::Relaxed);
         tracing::debug!(segment = %seg.id, %upto, pages = images.len(), bytes, "coalesced page images");
     }
+}
+
+/// Runs `f` on a thread of its own at nice 10: materialising a round's pages takes
+/// milliseconds of CPU that appends, acks and pulls must not wait behind.
+async fn in_background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("coalescer".into()).spawn(move || {
+        crate::background_priority();
+        let _ = tx.send(f());
+    })?;
+    Ok(rx.await?)
 }
 
 struct Written {

@@ -46,9 +46,6 @@ const TAG_HOLD: u64 = u64::MAX - 1;
 /// A segment with at least this many unflushed bytes is flushed without waiting
 /// for the rest of the flush interval: its flush is batched enough already.
 pub const FLUSH_NOW_BYTES: usize = 256 << 10;
-/// The nice value of a flusher with an interval: on a saturated machine it takes about a
-/// tenth of a CPU from a nice-0 thread, plenty for writes and fdatasyncs that mostly wait.
-const BACKGROUND_NICE: i32 = 10;
 
 /// Wakes the flusher: an eventfd plus a flag so that a burst of appends costs one write.
 pub struct Wake {
@@ -234,9 +231,7 @@ impl Flusher {
         let flusher = Flusher { ring, targets, wake: wake.clone(), shutdown: shutdown.clone(), records: Vec::new(), delay, interval, hold };
         let thread = std::thread::Builder::new().name("flusher".into()).spawn(move || {
             if !flusher.interval.is_zero() {
-                // Background work (ack = memory): the threads on the commit path go first.
-                // SAFETY: setpriority on the calling thread (Linux: `who` 0 is this thread).
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) };
+                crate::background_priority();
             }
             flusher.run()
         }).context("spawn flusher")?;

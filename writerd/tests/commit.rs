@@ -87,13 +87,21 @@ async fn three_nodes_down_commits_wait_then_resume_and_a_returning_node_fills_it
     // With three segments of six, no write quorum: commits wait, and the writer says why.
     w.wait_log_more(stall_line, before, REPLY_TIMEOUT).await;
     let stalled = load.count();
-    let pending = tokio::spawn({
-        let client = client.clone();
-        async move { client.put(b"during-outage", b"v").await }
-    });
+    // One put per PG: each PG then has a record newer than the kills, on the survivors only
+    // (the load alone may be stalled on one PG, the other's newest record from before a kill).
+    let keys: Vec<Vec<u8>> = (0..PGS)
+        .map(|pg| (0..).map(|i| format!("during-outage-{i}").into_bytes()).find(|k| c.volume.pg_of(c.volume.page_of(k)).0 == pg).expect("a key"))
+        .collect();
+    let pending: Vec<_> = keys
+        .iter()
+        .map(|k| {
+            let (client, k) = (client.clone(), k.clone());
+            tokio::spawn(async move { client.put(&k, b"v").await })
+        })
+        .collect();
     tokio::time::sleep(Duration::from_millis(500)).await; // a window in which nothing may commit
     assert_eq!(load.count(), stalled, "a commit was acknowledged without a write quorum");
-    assert!(!pending.is_finished());
+    assert!(pending.iter().all(|p| !p.is_finished()));
     // The metrics say why: no PG has a write quorum of current segments.
     let m = scrape(metrics_addr);
     for pg in 0..PGS {
@@ -102,15 +110,20 @@ async fn three_nodes_down_commits_wait_then_resume_and_a_returning_node_fills_it
     }
 
     c.restart(3).await;
-    let l = match tokio::time::timeout(REPLY_TIMEOUT, pending).await {
-        Ok(r) => r.unwrap().unwrap(),
-        Err(_) => panic!("the commit did not resume once node 3 returned; writer log:\n{}", w.log_text()),
-    };
+    let mut l = redo_core::Lsn::ZERO;
+    for p in pending {
+        l = l.max(match tokio::time::timeout(REPLY_TIMEOUT, p).await {
+            Ok(r) => r.unwrap().unwrap(),
+            Err(_) => panic!("the commit did not resume once node 3 returned; writer log:\n{}", w.log_text()),
+        });
+    }
     load.wait_more(300, REPLY_TIMEOUT).await;
     let (acked, errors) = load.finish().await;
     assert!(errors.is_empty(), "commits failed: {errors:?}");
     assert_all_present(&client, &acked).await;
-    assert_eq!(client.get(b"during-outage").await.unwrap().1.as_deref(), Some(&b"v"[..]));
+    for k in &keys {
+        assert_eq!(client.get(k).await.unwrap().1.as_deref(), Some(&b"v"[..]));
+    }
 
     // The node that came back (it lost its unflushed tail on kill -9) is resent what it
     // missed: its SCL reaches everything the writer allocated, with no hole left.

@@ -132,10 +132,11 @@ impl StorageConn {
         next(&mut recv).await
     }
 
-    /// Subscribes to SCL / flushed-LSN changes of `pgs`.
-    pub async fn subscribe(&self, pgs: Vec<PgId>) -> Result<Subscription, ClientError> {
+    /// Subscribes to the positions of `pgs`: pushed when a flushed LSN advances, and with
+    /// `every_scl` when an SCL does too.
+    pub async fn subscribe(&self, pgs: Vec<PgId>, every_scl: bool) -> Result<Subscription, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
-        write_message(&mut send, &Message::Subscribe { pgs }).await?;
+        write_message(&mut send, &Message::Subscribe { pgs, every_scl }).await?;
         Ok(Subscription { _send: send, recv })
     }
 }

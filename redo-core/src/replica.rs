@@ -590,6 +590,34 @@ impl ReplicaCore {
     }
 }
 
+/// Segments per PG whose every SCL change a replica follows: each such notification may
+/// start a pull ahead of VDL, and one more than one covers a slow or lost node. The other
+/// segments' positions arrive with their flushes: enough to know their flushed LSNs (and
+/// SCLs a flush interval late), at a fraction of the packets.
+pub const SCL_SOURCES_PER_PG: usize = 2;
+
+/// The storage nodes whose every SCL change a replica subscribes to: `SCL_SOURCES_PER_PG`
+/// segments of every PG, as few nodes as that takes, starting from the PG's `rotate`-th
+/// segment so that replicas of one volume spread their load over different nodes.
+pub fn scl_sources(volume: &Volume, rotate: usize) -> Vec<u32> {
+    let mut chosen: Vec<u32> = Vec::new();
+    for pg in 0..volume.pg_count() as u32 {
+        let nodes: Vec<u32> = volume.segments(PgId(pg)).map(|n| n.id).collect();
+        let mut have = nodes.iter().filter(|n| chosen.contains(n)).count();
+        for i in 0..nodes.len() {
+            let node = nodes[(i + rotate) % nodes.len()];
+            if have >= SCL_SOURCES_PER_PG {
+                break;
+            }
+            if !chosen.contains(&node) {
+                chosen.push(node);
+                have += 1;
+            }
+        }
+    }
+    chosen
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -600,6 +628,21 @@ mod tests {
     fn volume() -> Volume {
         let nodes = (1..=6).map(|i| NodeSpec { id: i, az: format!("az{}", (i + 1) / 2), addr: format!("127.0.0.1:{i}") }).collect();
         Volume::local("127.0.0.1:9".into(), nodes, 2, 64).unwrap()
+    }
+
+    #[test]
+    fn scl_sources_cover_every_pg_twice_with_few_nodes() {
+        let v = volume();
+        assert_eq!(scl_sources(&v, 0), [1, 2], "both PGs live on nodes 1-6: two nodes cover them");
+        assert_eq!(scl_sources(&v, 5), [6, 1], "another replica starts elsewhere");
+        // PGs on different nodes: each gets two of its own.
+        let mut v = v;
+        v.pgs[1].nodes = vec![7, 8, 9, 10, 11, 12];
+        v.nodes.extend((7..=12).map(|i| NodeSpec { id: i, az: format!("az{}", (i - 5) / 2), addr: format!("127.0.0.1:{i}") }));
+        assert_eq!(scl_sources(&v, 1), [2, 3, 8, 9]);
+        // A node shared by both PGs counts for both.
+        v.pgs[1].nodes[0] = 2;
+        assert_eq!(scl_sources(&v, 0), [1, 2, 8]);
     }
 
     /// Builds a volume's log the way the writer does: one record per put, the last a CPL.

@@ -94,8 +94,10 @@ pub enum Message {
     /// `(after, last_lsn]` beyond those included (`last_lsn` is `upto` clamped to SCL when
     /// all fit, else the last record included). Ask again from `last_lsn` for more.
     PullReply { position: SegmentPosition, last_lsn: Lsn, records: Bytes },
-    /// Subscriber → storage: push me SCL / flushed LSN changes for these segments.
-    Subscribe { pgs: Vec<PgId> },
+    /// Subscriber → storage: push me these segments' positions when their flushed LSN
+    /// advances, and with `every_scl` when their SCL does too (a replica wants that from a
+    /// couple of segments per PG, to pull ahead of VDL; from the rest the flushes suffice).
+    Subscribe { pgs: Vec<PgId>, every_scl: bool },
     /// Storage → subscriber: a segment's SCL or flushed LSN advanced.
     Notify { position: SegmentPosition },
     Error { code: ErrorCode, message: String },
@@ -195,12 +197,13 @@ impl Message {
                 put_u64(out, last_lsn.0);
                 out.extend_from_slice(records);
             }
-            Message::Subscribe { pgs } => {
+            Message::Subscribe { pgs, every_scl } => {
                 out.push(KIND_SUBSCRIBE);
                 put_u32(out, pgs.len() as u32);
                 for pg in pgs {
                     put_u32(out, pg.0);
                 }
+                out.push(*every_scl as u8);
             }
             Message::Notify { position } => {
                 out.push(KIND_NOTIFY);
@@ -297,7 +300,13 @@ impl Message {
                 for _ in 0..n {
                     pgs.push(PgId(r.u32()?));
                 }
-                Message::Subscribe { pgs }
+                let at = r.pos();
+                let every_scl = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    v => return Err(DecodeError::Invalid { what: "subscribe every_scl flag", offset: at, value: v as u64 }),
+                };
+                Message::Subscribe { pgs, every_scl }
             }
             KIND_NOTIFY => Message::Notify { position: position(&mut r)? },
             KIND_ERROR => {
@@ -392,7 +401,8 @@ mod tests {
             Message::Pull { pg: PgId(2), after: Lsn(3), upto: Lsn(9), bytes_max: 1 << 20, epoch: Epoch(7 << 32) },
             Message::PullReply { position: pos, last_lsn: Lsn(9), records: recs },
             Message::PullReply { position: pos, last_lsn: Lsn(3), records: Bytes::new() },
-            Message::Subscribe { pgs: vec![PgId(1), PgId(2)] },
+            Message::Subscribe { pgs: vec![PgId(1), PgId(2)], every_scl: true },
+            Message::Subscribe { pgs: vec![PgId(3)], every_scl: false },
             Message::Notify { position: pos },
             Message::Error { code: ErrorCode::StaleEpoch, message: "epoch e3 < e4".into() },
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: None, history: vec![] },

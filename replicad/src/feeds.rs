@@ -73,15 +73,16 @@ pub async fn start(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) 
     }
 }
 
-/// Follows one storage node's position notifications for every PG it hosts, reconnecting forever.
-pub async fn storage_feed(replica: Arc<Replica>, volume: Volume, link: Arc<NodeLink>) {
+/// Follows one storage node's position notifications for every PG it hosts (each SCL change
+/// with `every_scl`, else each flush), reconnecting forever.
+pub async fn storage_feed(replica: Arc<Replica>, volume: Volume, link: Arc<NodeLink>, every_scl: bool) {
     let pgs = volume.pgs_on(redo_core::NodeId(link.id));
     let segment_of = |pg: PgId| volume.segments(pg).position(|n| n.id == link.id).expect("hosted pg");
     let mut backoff = RETRY_MIN;
     loop {
         let session = async {
             let conn = link.get().await?;
-            let mut sub = conn.subscribe(pgs.clone()).await?;
+            let mut sub = conn.subscribe(pgs.clone(), every_scl).await?;
             loop {
                 let position = sub.next().await?;
                 if pgs.contains(&position.pg) {

@@ -33,7 +33,7 @@ enum Reply {
     AfterFlush { seg: Arc<Segment>, last_lsn: Lsn, received: Instant },
     /// Send the error, then close the stream.
     Close(Message),
-    Subscribe(Vec<Arc<Segment>>),
+    Subscribe(Vec<Arc<Segment>>, bool),
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -71,7 +71,7 @@ pub async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: qu
             node.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(?code, %message, "refusing request and closing its stream");
         }
-        subscribed |= matches!(reply, Reply::Subscribe(_));
+        subscribed |= matches!(reply, Reply::Subscribe(..));
         if tx.send(reply).await.is_err() || close {
             let _ = recv.stop(0u32.into());
             break;
@@ -97,7 +97,7 @@ async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
             None => not_hosted(node, pg),
             Some(seg) => get_page(node, seg.clone(), page, lsn, epoch, received).await,
         },
-        Message::Subscribe { pgs } => {
+        Message::Subscribe { pgs, every_scl } => {
             let mut segs = Vec::with_capacity(pgs.len());
             for pg in pgs {
                 match node.segments.get(&pg) {
@@ -105,7 +105,7 @@ async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
                     None => return not_hosted(node, pg),
                 }
             }
-            Reply::Subscribe(segs)
+            Reply::Subscribe(segs, every_scl)
         }
         other => Reply::Close(error(ErrorCode::Malformed, format!("unexpected request {:?}", std::mem::discriminant(&other)))),
     }
@@ -455,7 +455,7 @@ async fn write_replies(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Reply
                 let _ = send.finish();
                 return;
             }
-            Reply::Subscribe(segs) => return push_notifications(send, segs).await,
+            Reply::Subscribe(segs, every_scl) => return push_notifications(send, segs, every_scl).await,
         };
         if result.is_err() {
             return;
@@ -482,18 +482,24 @@ async fn wait_flushed(seg: &Segment, last_lsn: Lsn) -> Message {
     }
 }
 
-/// Pushes the SCL / flushed-LSN changes of `segs` until the subscriber goes away: each
-/// write carries the latest position of every segment that changed since the last one,
-/// so a busy node sends fewer, fuller packets instead of a queue of stale positions.
-async fn push_notifications(mut send: quinn::SendStream, segs: Vec<Arc<Segment>>) {
+/// Pushes the flushed-LSN (and with `every_scl` the SCL) changes of `segs` until the
+/// subscriber goes away: each write carries the latest position of every segment that
+/// changed since the last one, so a busy node sends fewer, fuller packets instead of a
+/// queue of stale positions. An SCL change alone rides along with the next flush.
+async fn push_notifications(mut send: quinn::SendStream, segs: Vec<Arc<Segment>>, every_scl: bool) {
     let wake = Arc::new(tokio::sync::Notify::new());
     let forwarders: Vec<_> = segs
         .iter()
         .map(|seg| {
             let (mut watch, wake) = (seg.position.subscribe(), wake.clone());
             tokio::spawn(async move {
+                let mut flushed = watch.borrow().flushed_lsn;
                 while watch.changed().await.is_ok() {
-                    wake.notify_one();
+                    let now = watch.borrow_and_update().flushed_lsn;
+                    if every_scl || now != flushed {
+                        flushed = now;
+                        wake.notify_one();
+                    }
                 }
             })
         })

@@ -21,7 +21,7 @@ async fn busy_does_not_close_the_stream_and_acked_records_survive() {
     let node = env.start(&launch).await;
     let ep = env.client();
     let conn = node.connect(&ep).await;
-    let mut sub = conn.subscribe(vec![PgId(0)]).await.expect("subscribe");
+    let mut sub = conn.subscribe(vec![PgId(0)], true).await.expect("subscribe");
     let (mut tx, mut rx) = conn.open_append().await.expect("open stream");
 
     // About 21 KiB per batch, all pipelined in one write: the node parses

@@ -153,7 +153,7 @@ async fn unhosted_pg_is_refused() {
     let msg = expect_refusal(append_once(&conn, 1, PgId(7), &other.batch(2)).await, ErrorCode::NotHosted);
     assert!(msg.contains("pg7") && msg.contains("[0, 1]"), "the refusal names the PG and what is hosted: {msg}");
     expect_refusal(timely("pull", conn.pull(PgId(7), Lsn::ZERO, Lsn(100), 4096)).await, ErrorCode::NotHosted);
-    let mut sub = conn.subscribe(vec![PgId(0), PgId(7)]).await.expect("send subscribe");
+    let mut sub = conn.subscribe(vec![PgId(0), PgId(7)], true).await.expect("send subscribe");
     expect_refusal(timely("subscribe", sub.next()).await, ErrorCode::NotHosted);
     assert!(!env.segment_path(7).exists(), "no segment file for an unhosted PG");
 

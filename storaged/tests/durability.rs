@@ -84,7 +84,7 @@ async fn kill_9_mid_flush_then_torn_tail_recovers_every_flushed_record() {
     // Highest flushed_lsn the node ever reported, by ack or notification.
     let flushed_max = Arc::new(AtomicU64::new(0));
     let acked_batches = Arc::new(AtomicU64::new(0));
-    let mut sub = conn.subscribe(vec![PgId(0)]).await.expect("subscribe");
+    let mut sub = conn.subscribe(vec![PgId(0)], true).await.expect("subscribe");
     let watcher = {
         let flushed_max = flushed_max.clone();
         tokio::spawn(async move {

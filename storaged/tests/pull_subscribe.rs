@@ -26,7 +26,7 @@ async fn subscription_and_pulls_from_memory_and_disk() {
     let ep = env.client();
     let conn = node.connect(&ep).await;
 
-    let mut sub = conn.subscribe(vec![PgId(0), PgId(1)]).await.expect("subscribe");
+    let mut sub = conn.subscribe(vec![PgId(0), PgId(1)], true).await.expect("subscribe");
     let mut chain = Chain::new(0, 500);
     let (mut tx, mut rx) = conn.open_append().await.expect("open stream");
     for _ in 0..RECORDS / 10 {
@@ -97,4 +97,45 @@ async fn subscription_and_pulls_from_memory_and_disk() {
     assert_exact(&records, &chain, Lsn::ZERO, last);
     let (records, _) = pull_all(&conn, 0, lsns[1234], lsns[2345], 64 << 10).await;
     assert_exact(&records, &chain, lsns[1234], lsns[2345]);
+}
+
+/// A subscription without `every_scl` hears a segment only when its flushed LSN moves
+/// (with the SCL of that moment); one with it hears every append too.
+#[tokio::test]
+async fn a_subscription_without_every_scl_hears_only_flushes() {
+    let env = TestEnv::new();
+    // A slow disk: each flush is held back long enough to see the appends before it.
+    let launch = env.launch(&[0], &["--flush-delay-ms", "300"]);
+    let node = env.start(&launch).await;
+    let ep = env.client();
+    let conn = node.connect(&ep).await;
+    let mut every = conn.subscribe(vec![PgId(0)], true).await.expect("subscribe");
+    let mut flushes = conn.subscribe(vec![PgId(0)], false).await.expect("subscribe");
+    let empty = SegmentPosition { pg: PgId(0), scl: Lsn::ZERO, flushed_lsn: Lsn::ZERO };
+    assert_eq!(timely("first position", every.next()).await.expect("notification"), empty);
+    assert_eq!(timely("first position", flushes.next()).await.expect("notification"), empty, "both start with the current position");
+
+    let mut chain = Chain::new(0, 100);
+    let (mut tx, mut rx) = conn.open_append().await.expect("open stream");
+    for _ in 0..3 {
+        let b = chain.batch(1);
+        tx.send(Epoch(1), PgId(0), &b.bytes).await.expect("send");
+        timely("ack", rx.recv()).await.expect("ack");
+        // Each append is heard at once on the first subscription, before its flush.
+        let mut p = timely("scl notification", every.next()).await.expect("notification");
+        while p.scl < b.last_lsn() {
+            p = timely("scl notification", every.next()).await.expect("notification");
+        }
+        assert!(p.flushed_lsn < b.last_lsn(), "heard after the flush: {p:?}");
+    }
+    let last = chain.last_lsn;
+    // The second hears nothing until a flush lands, then the position with it.
+    loop {
+        let p = timely("flush notification", flushes.next()).await.expect("notification");
+        assert!(p.flushed_lsn > Lsn::ZERO, "a notification without a flush: {p:?}");
+        if p.flushed_lsn == last {
+            assert_eq!(p.scl, last);
+            break;
+        }
+    }
 }

@@ -428,7 +428,7 @@ pub async fn well_behaved_append(node: &Storaged, ep: &quinn::Endpoint, chain: &
 /// satisfies `cond`. The first notification is the current position, so a
 /// condition that already holds returns at once.
 pub async fn wait_position(conn: &StorageConn, pg: u32, what: &str, cond: impl Fn(&SegmentPosition) -> bool) -> SegmentPosition {
-    let mut sub = timely("subscribe", conn.subscribe(vec![PgId(pg)])).await.expect("subscribe");
+    let mut sub = timely("subscribe", conn.subscribe(vec![PgId(pg)], true)).await.expect("subscribe");
     let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
     loop {
         let p = match tokio::time::timeout_at(deadline, sub.next()).await {

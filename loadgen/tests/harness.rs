@@ -22,11 +22,20 @@ fn text(bytes: &[u8]) -> String {
 fn sweep_writes_every_point_histogram_and_plot() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("sweep");
-    let o = loadgen(&[
-        "sweep", "--rates", "300,600", "--value-sizes", "100,2000", "--seconds", "1", "--warmup-seconds", "0.5", "--runs", "1", "--failover-runs", "1", "--out",
-        out.to_str().unwrap(),
-    ]);
+    // loadgen's own temp dir, to see that a successful sweep leaves nothing there.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let o = Command::new(LOADGEN)
+        .args([
+            "sweep", "--rates", "300,600", "--value-sizes", "100,2000", "--seconds", "1", "--warmup-seconds", "0.5", "--runs", "1", "--failover-runs", "1", "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("TMPDIR", &tmp)
+        .output()
+        .expect("run loadgen");
     assert!(o.status.success(), "stdout:\n{}\nstderr:\n{}", text(&o.stdout), text(&o.stderr));
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(left.is_empty(), "the sweep left its clusters' data behind: {left:?}");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let points = summary["points"].as_array().unwrap();
     let grid: Vec<(f64, u64)> = points.iter().map(|p| (p["rate"].as_f64().unwrap(), p["value_bytes"].as_u64().unwrap())).collect();

@@ -274,7 +274,25 @@ async fn phase(args: &StorageBenchArgs, storage: &mut LocalStorage, rate: Option
                 break;
             }
             if Instant::now() > deadline {
-                bail!("storaged-{} did not flush everything within 60 s", node.node_id);
+                let state: Vec<String> = (0..args.pgs)
+                    .map(|pg| {
+                        let get = |name| metric_sum(&page, name, &format!("pg=\"{pg}\"")) as u64;
+                        format!(
+                            "pg {pg}: last sent {}, scl {}, flushed {}, hot {} B, held above a hole {}",
+                            last_lsns[pg as usize].0,
+                            get("storaged_segment_scl"),
+                            get("storaged_segment_flushed_lsn"),
+                            get("storaged_segment_hot_bytes"),
+                            get("storaged_segment_pending_records")
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "storaged-{} did not flush everything within 60 s ({}; {} Busy replies)",
+                    node.node_id,
+                    state.join("; "),
+                    busy.load(std::sync::atomic::Ordering::Relaxed)
+                );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }

@@ -256,9 +256,10 @@ impl Flusher {
         // When the last flush started, and whether the wait for the rest of its interval is armed.
         let mut last_start: Option<Instant> = None;
         let mut hold_armed = false;
-        // Whether a segment could not be looked at when `pending` was last cleared (its
-        // flush was in flight): it may hold records that no append will announce again.
-        let mut unpolled = false;
+        // Whether a flush completed since every segment was last looked at: its segment may
+        // hold records that no append will announce again (appended while `pending` was
+        // already cleared and the flush in flight, or beyond the job's `flush_bytes_max`).
+        let mut recheck = false;
         loop {
             let shutdown = self.shutdown.load(Ordering::Acquire);
             let flush_now = self.wake.now.swap(false, Ordering::AcqRel);
@@ -268,10 +269,9 @@ impl Flusher {
             match due {
                 // Too soon after the last start. `pending` stays as it is: once an append has
                 // woken the flusher, later ones need not. An append during the interval, or a
-                // segment whose flush was in flight when `pending` was cleared, arms the wait,
-                // after which every dirty segment flushes.
+                // completed flush, arms the wait, after which every dirty segment flushes.
                 Some(due) => {
-                    if !hold_armed && (unpolled || self.wake.pending.load(Ordering::Acquire)) {
+                    if !hold_armed && (recheck || self.wake.pending.load(Ordering::Acquire)) {
                         *self.hold = types::Timespec::from(due - now);
                         let wait = opcode::Timeout::new(&*self.hold).build().user_data(TAG_HOLD);
                         // SAFETY: the timespec is boxed in self and not changed while armed.
@@ -283,13 +283,11 @@ impl Flusher {
                 None => {
                     self.wake.pending.store(false, Ordering::Release);
                     let mut started = false;
-                    unpolled = false;
+                    recheck = false;
                     for i in 0..self.targets.len() {
                         if self.targets[i].inflight.is_none() {
                             self.start(i)?;
                             started |= self.targets[i].inflight.is_some();
-                        } else {
-                            unpolled = true;
                         }
                         busy |= self.targets[i].inflight.is_some();
                     }
@@ -323,6 +321,7 @@ impl Flusher {
                     // Ends with -ETIME; the loop starts what is due.
                     hold_armed = false;
                 } else {
+                    recheck |= tag & 3 == TAG_SYNC;
                     self.complete((tag >> 2) as usize, tag & 3, res);
                 }
             }
@@ -542,19 +541,41 @@ mod tests {
         let mut lsn = Lsn::ZERO;
         append(&node, 0, &mut lsn); // starts the interval
         wait_flushed(&node, 0, lsn);
-        let mut buf = Vec::new();
-        while buf.len() < FLUSH_NOW_BYTES {
-            let next = Lsn(lsn.0 + 1);
-            RecordHeader { lsn: next, prev_lsn_in_segment: lsn, prev_lsn_for_page: Lsn::ZERO, page: PageId(1), cpl: true }.encode(&[7u8; 1000], &mut buf);
-            lsn = next;
-        }
-        let records = ValidRecords::validate(Bytes::from(buf), 0).expect("valid").expect("records");
+        append_backlog(&node, &mut lsn, 1, FLUSH_NOW_BYTES);
+        wait_flushed(&node, 0, lsn);
+        flusher.stop().expect("flusher stops cleanly");
+    }
+
+    /// Appends `batches` batches of records of 1000 bytes after `lsn` to pg 0, each of
+    /// `bytes`, then wakes the flusher as the server does.
+    fn append_backlog(node: &Node, lsn: &mut Lsn, batches: usize, bytes: usize) {
         let seg = &node.segments[&PgId(0)];
-        let unflushed = seg.with_log(|log| {
-            log.handle_append(Epoch(1), &records).expect("append");
-            log.hot_bytes()
-        });
+        let mut unflushed = 0;
+        for _ in 0..batches {
+            let mut buf = Vec::new();
+            while buf.len() < bytes {
+                let next = Lsn(lsn.0 + 1);
+                RecordHeader { lsn: next, prev_lsn_in_segment: *lsn, prev_lsn_for_page: Lsn::ZERO, page: PageId(1), cpl: true }.encode(&[7u8; 1000], &mut buf);
+                *lsn = next;
+            }
+            let records = ValidRecords::validate(Bytes::from(buf), 0).expect("valid").expect("records");
+            unflushed = seg.with_log(|log| {
+                log.handle_append(Epoch(1), &records).expect("append");
+                log.hot_bytes()
+            });
+        }
         node.wake.wake_for(unflushed);
+    }
+
+    /// A backlog larger than `flush_bytes_max` takes several flushes; with no append
+    /// after it to wake the flusher, each completed flush brings on the next.
+    #[test]
+    fn a_backlog_beyond_one_flush_is_flushed_without_further_appends() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (node, targets) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let flusher = Flusher::spawn_with(targets, node.wake.clone(), Duration::ZERO, Duration::from_millis(20)).expect("flusher");
+        let mut lsn = Lsn::ZERO;
+        append_backlog(&node, &mut lsn, 4, 400_000); // 2 flushes of 2 batches: flush_bytes_max is 1 MiB
         wait_flushed(&node, 0, lsn);
         flusher.stop().expect("flusher stops cleanly");
     }

@@ -96,18 +96,14 @@ pub fn replicad_binary() -> Result<PathBuf> {
     sibling_binary("replicad", "BOREALIS_REPLICAD")
 }
 
-pub fn free_udp_port() -> Result<u16> {
-    borealis_net::free_udp_port().context("probe free UDP port")
-}
-
-pub fn free_tcp_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0").context("probe free TCP port")?.local_addr()?.port())
+pub fn free_port() -> Result<u16> {
+    borealis_net::free_port().context("probe free loopback port")
 }
 
 /// A daemon's addresses on loopback: a free UDP one for QUIC and a free TCP one for metrics.
 fn daemon_addrs() -> Result<(SocketAddr, SocketAddr)> {
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    Ok((loopback(free_udp_port()?), loopback(free_tcp_port()?)))
+    Ok((loopback(free_port()?), loopback(free_port()?)))
 }
 
 /// Availability zone of a local node: two per AZ (az1, az1, az2, az2, az3, az3), as scripts/cluster places them.

@@ -36,7 +36,7 @@ use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::types::{PgLsn, ToSql};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::cluster::{free_tcp_port, proc_stat_fields, WorkDir};
+use crate::cluster::{free_port, proc_stat_fields, WorkDir};
 use crate::open_loop::{self, Feeds, LoadArgs, Measurement, Point, ReadPoint, System};
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::report::{latency_histogram, median, LatencyUs};
@@ -317,7 +317,7 @@ impl PgPair {
             .await
             .with_context(|| format!("initdb under {} (the postgres user must be able to reach it)", dir.display()))?;
         let extra = user_settings(pg)?;
-        let (primary_port, standby_port) = (free_tcp_port()?, free_tcp_port()?);
+        let (primary_port, standby_port) = (free_port()?, free_port()?);
         let mut primary_settings = common_settings(pg, dir);
         primary_settings.extend([("port".to_string(), primary_port.to_string()), ("synchronous_standby_names".to_string(), "*".to_string())]);
         primary_settings.extend(extra.iter().cloned());

@@ -67,7 +67,7 @@ fn up_put_get_down() {
     }
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().to_path_buf();
-    let base = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() - 1;
+    let base = borealis_net::free_port().expect("free port") - 1;
     let guard = Cluster { dir: dir.clone() };
     let out = cluster(&dir, &["up", "--base-port", &base.to_string()]);
     assert!(out.status.success(), "up failed: {}", text(&out));

@@ -36,19 +36,35 @@ pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime>
     b.enable_all().build().context("start tokio runtime")
 }
 
-/// A loopback UDP port free a moment ago, never one this process handed out before
-/// (the kernel may offer a just-released port again, and two daemons would collide).
-/// For local clusters and tests.
-pub fn free_udp_port() -> std::io::Result<u16> {
+/// A loopback port free a moment ago for both UDP (QUIC) and TCP (metrics, PostgreSQL), for
+/// local clusters and tests: a random one below the kernel's ephemeral range, so that no
+/// socket bound to port 0 meanwhile (every client, in this or any process) can take it
+/// before the daemon it is meant for binds it. Never one this process handed out before.
+pub fn free_port() -> std::io::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    const LOWEST: u16 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&low| low > LOWEST + 1000)
+        .unwrap_or(32768);
     let mut given = GIVEN.lock().expect("ports lock");
-    loop {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-        if !given.contains(&port) {
+    for _ in 0..1000 {
+        // RandomState is seeded randomly per instance: a random number without a dependency.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_usize(given.len());
+        let port = LOWEST + (h.finish() % u64::from(ephemeral_low - LOWEST)) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        let free = std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free {
             given.push(port);
             return Ok(port);
         }
     }
+    Err(std::io::Error::new(std::io::ErrorKind::AddrInUse, format!("no free loopback port in {LOWEST}..{ephemeral_low} after 1000 tries")))
 }
 
 /// Reads and validates a volume layout file (TOML).

@@ -146,7 +146,7 @@ async fn a_one_frame_budget_serves_concurrent_streams() {
     let out = std::process::Command::new(STORAGED)
         .arg("serve")
         .args(&launch.args)
-        .args(["--inflight-bytes-max", "4KiB", "--listen", &format!("127.0.0.1:{}", free_udp_port())])
+        .args(["--inflight-bytes-max", "4KiB", "--listen", &format!("127.0.0.1:{}", free_port())])
         .output()
         .expect("run storaged");
     assert!(!out.status.success());

@@ -31,7 +31,7 @@ fn pid_alive(pid: i32) -> bool {
 #[tokio::test]
 async fn up_status_down() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let base = (free_udp_port() - 1).to_string();
+    let base = (free_port() - 1).to_string();
     let (ok, out) = cluster(dir.path(), &["up", "--nodes", "3", "--base-port", &base]);
     assert!(ok, "up failed: {out}");
     let pids: Vec<i32> = out.lines().filter_map(|l| l.split("running pid ").nth(1)?.trim().parse().ok()).collect();

@@ -103,7 +103,7 @@ impl Cluster {
         names.push("client".into());
         borealis_net::certs::generate(&certs, &names).expect("certificates");
         let specs: Vec<NodeSpec> = (1..=NODES)
-            .map(|i| NodeSpec { id: i, az: format!("az{}", (i - 1) / 2 + 1), addr: format!("127.0.0.1:{}", free_udp_port()) })
+            .map(|i| NodeSpec { id: i, az: format!("az{}", (i - 1) / 2 + 1), addr: format!("127.0.0.1:{}", free_port()) })
             .collect();
         let volume = Volume::local("127.0.0.1:1".into(), specs.clone(), 1, 64).expect("volume");
         let volume_path = dir.path().join("volume.toml");

@@ -23,7 +23,7 @@ fn sample(page: &str, series: &str) -> Option<f64> {
 #[tokio::test]
 async fn metrics_report_ingest_positions_and_latencies() {
     let env = TestEnv::new();
-    let metrics_addr = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+    let metrics_addr = free_tcp_addr();
     let launch = env.launch(&[0, 1], &["--metrics-listen", &metrics_addr]);
     let node = env.start(&launch).await;
     let ep = env.client();

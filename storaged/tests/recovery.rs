@@ -34,7 +34,7 @@ async fn damage_inside_the_log_is_refused_not_truncated() {
     let out = std::process::Command::new(STORAGED)
         .arg("serve")
         .args(&launch.args)
-        .args(["--listen", &format!("127.0.0.1:{}", free_udp_port())])
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
         .output()
         .expect("run storaged");
     let err = String::from_utf8_lossy(&out.stderr);

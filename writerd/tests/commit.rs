@@ -157,7 +157,7 @@ async fn a_newer_writer_fences_the_old_one() {
     let (mut c, mut old, old_client) = cluster_with_writer(&[]).await;
     old_client.put(b"k", b"from-old").await.unwrap();
 
-    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
+    let new_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let _new = c.start_writer(Some(new_addr), &[]).await;
     // The old writer's next write meets the new epoch at storage and is refused; it steps down.
     match old_client.put(b"k", b"late").await {
@@ -251,7 +251,7 @@ async fn a_writer_killed_while_segments_lag_is_replaced_and_every_segment_catche
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_starting_at_once_never_both_commit() {
     let mut c = Cluster::start(&[]).await;
-    let addrs: Vec<std::net::SocketAddr> = (0..2).map(|_| format!("127.0.0.1:{}", free_udp_port()).parse().unwrap()).collect();
+    let addrs: Vec<std::net::SocketAddr> = (0..2).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
     let mut writers: Vec<Proc> = addrs.iter().map(|a| c.spawn_writer(Some(*a), &[])).collect();
     // Each either becomes ready or gives up at start-up because the other claimed a newer epoch.
     let deadline = std::time::Instant::now() + READY_TIMEOUT;

@@ -59,7 +59,7 @@ pub async fn wait_writer(c: &Cluster, addrs: &[SocketAddr], timeout: Duration) -
 
 /// Two replicas that know each other, `--priority` 1 and 0.
 pub async fn two_replicas(c: &mut Cluster, extra: &[&str]) -> (Replica, Replica) {
-    let (a, b): (SocketAddr, SocketAddr) = (format!("127.0.0.1:{}", free_udp_port()).parse().unwrap(), format!("127.0.0.1:{}", free_udp_port()).parse().unwrap());
+    let (a, b): (SocketAddr, SocketAddr) = (format!("127.0.0.1:{}", free_port()).parse().unwrap(), format!("127.0.0.1:{}", free_port()).parse().unwrap());
     let (pa, pb) = (b.to_string(), a.to_string());
     let mut args_a = vec!["--peers", &pa, "--priority", "1"];
     args_a.extend(extra);

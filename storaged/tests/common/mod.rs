@@ -41,8 +41,8 @@ pub fn make_certs(out: &Path, names: &[&str]) {
     assert!(o.status.success(), "storaged certs failed: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-pub fn free_udp_port() -> u16 {
-    borealis_net::free_udp_port().expect("probe free UDP port")
+pub fn free_port() -> u16 {
+    borealis_net::free_port().expect("probe free loopback port")
 }
 
 /// A temporary directory with the cluster certificates (`storaged-1`, `client`).
@@ -101,7 +101,7 @@ impl TestEnv {
         for _ in 0..BIND_RETRIES_MAX {
             let n = self.starts.fetch_add(1, Ordering::Relaxed) + 1;
             let log_path = self.path().join(format!("storaged-{n}.log"));
-            let port = free_udp_port();
+            let port = free_port();
             let mut node = Storaged::spawn(launch, port, &log_path);
             match node.wait_ready(&ep).await {
                 Ready::Yes => return node,
@@ -445,8 +445,7 @@ pub async fn wait_position(conn: &StorageConn, pg: u32, what: &str, cond: impl F
 
 /// A free loopback TCP address, for `--metrics-listen`.
 pub fn free_tcp_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe free TCP port");
-    l.local_addr().expect("local addr").to_string()
+    format!("127.0.0.1:{}", free_port())
 }
 
 /// The value of `series` (name and labels, e.g. `x_total{node="1"}`) on the node's /metrics page.

@@ -30,13 +30,13 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-pub fn free_udp_port() -> u16 {
-    borealis_net::free_udp_port().expect("probe free UDP port")
+pub fn free_port() -> u16 {
+    borealis_net::free_port().expect("probe free loopback port")
 }
 
 /// A loopback TCP address free a moment ago (for `--metrics-listen`).
 pub fn free_tcp_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("probe free TCP port").local_addr().expect("local addr")
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// A child process, SIGKILLed on drop unless it was stopped.
@@ -153,9 +153,9 @@ impl Cluster {
         names.extend(["writerd".into(), "replicad".into(), "client".into()]);
         borealis_net::certs::generate(&certs, &names).expect("certificates");
         let nodes = (1..=6)
-            .map(|i| NodeSpec { id: i, az: format!("az{}", (i - 1) / 2 + 1), addr: format!("127.0.0.1:{}", free_udp_port()) })
+            .map(|i| NodeSpec { id: i, az: format!("az{}", (i - 1) / 2 + 1), addr: format!("127.0.0.1:{}", free_port()) })
             .collect();
-        let volume = Volume::local(format!("127.0.0.1:{}", free_udp_port()), nodes, PGS, 256).expect("volume");
+        let volume = Volume::local(format!("127.0.0.1:{}", free_port()), nodes, PGS, 256).expect("volume");
         let volume_path = dir.path().join("volume.toml");
         std::fs::write(&volume_path, volume.to_toml()).expect("write volume file");
         let mut c = Cluster {
@@ -269,7 +269,7 @@ impl Cluster {
     /// Starts `replicad serve` without waiting for it.
     pub fn spawn_replica(&mut self, listen: Option<SocketAddr>, extra: &[&str]) -> Replica {
         self.starts += 1;
-        let addr = listen.unwrap_or_else(|| format!("127.0.0.1:{}", free_udp_port()).parse().expect("address"));
+        let addr = listen.unwrap_or_else(|| format!("127.0.0.1:{}", free_port()).parse().expect("address"));
         let metrics = free_tcp_addr();
         let mut args: Vec<String> = vec!["serve".into(), "--volume".into(), self.volume_path.display().to_string()];
         args.extend(["--listen".into(), addr.to_string(), "--certs".into(), self.certs.display().to_string()]);

@@ -14,7 +14,7 @@
 //! Value:     read_lsn u64 | found u8 | value_len u32 | value
 //! Error:     code u8 | message_len u32 | message
 //! Progress:  epoch u64 | truncated_above u64 | vdl u64 | pg_count u32 | pgcl u64 * pg_count
-//! RoleIs:    writer u8 | epoch u64 | vdl u64 | priority u32 | writer_silent_ms u64
+//! RoleIs:    state u8 (0 replica, 1 writer, 2 promoting) | epoch u64 | vdl u64 | priority u32 | writer_silent_ms u64
 //! Promoted:  epoch u64 | vdl u64 | claim_us u64 | offer_us u64 | decide_us u64 | truncate_us u64 | total_us u64
 //! ```
 //!
@@ -129,6 +129,8 @@ pub enum Response {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Role {
     pub writer: bool,
+    /// A replica taking over the volume (claim, recovery, truncation): the writer-to-be.
+    pub promoting: bool,
     pub epoch: Epoch,
     /// A writer's VDL, a replica's read point.
     pub vdl: Lsn,
@@ -303,7 +305,7 @@ impl Response {
                 p.pgcl.iter().for_each(|l| put_u64(out, l.0));
             }),
             Response::RoleIs(r) => frame(out, KIND_ROLE_IS, id, |out| {
-                out.push(r.writer as u8);
+                out.push(if r.writer { 1 } else if r.promoting { 2 } else { 0 });
                 put_u64(out, r.epoch.0);
                 put_u64(out, r.vdl.0);
                 put_u32(out, r.priority);
@@ -351,12 +353,13 @@ impl Response {
             }
             KIND_ROLE_IS => {
                 let at = r.pos();
-                let writer = match r.u8()? {
-                    0 => false,
-                    1 => true,
-                    v => return Err(DecodeError::Invalid { what: "writer flag", offset: at, value: v as u64 }),
+                let (writer, promoting) = match r.u8()? {
+                    0 => (false, false),
+                    1 => (true, false),
+                    2 => (false, true),
+                    v => return Err(DecodeError::Invalid { what: "role state", offset: at, value: v as u64 }),
                 };
-                Response::RoleIs(Role { writer, epoch: Epoch(r.u64()?), vdl: Lsn(r.u64()?), priority: r.u32()?, writer_silent_ms: r.u64()? })
+                Response::RoleIs(Role { writer, promoting, epoch: Epoch(r.u64()?), vdl: Lsn(r.u64()?), priority: r.u32()?, writer_silent_ms: r.u64()? })
             }
             KIND_PROMOTED => {
                 let mut v = [0u64; 7];
@@ -400,7 +403,8 @@ mod tests {
             Response::Value { read_lsn: Lsn(7), value: None },
             Response::Error { code: ApiErrorCode::Invalid, message: "key too long".into() },
             Response::Progress(Progress { epoch: Epoch(3 << 32), truncated_above: Lsn(4), vdl: Lsn(5), pgcl: vec![Lsn(3), Lsn(5)] }),
-            Response::RoleIs(Role { writer: true, epoch: Epoch(7), vdl: Lsn(9), priority: 2, writer_silent_ms: 0 }),
+            Response::RoleIs(Role { writer: true, promoting: false, epoch: Epoch(7), vdl: Lsn(9), priority: 2, writer_silent_ms: 0 }),
+            Response::RoleIs(Role { writer: false, promoting: true, epoch: Epoch(7), vdl: Lsn(9), priority: 2, writer_silent_ms: 400 }),
             Response::Promoted(Promoted { epoch: Epoch(8), vdl: Lsn(9), claim_us: 1, offer_us: 2, decide_us: 3, truncate_us: 4, total_us: 11 }),
         ]
     }

@@ -5,6 +5,7 @@
 //! this replica is the best of those that answer.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use borealis_net::api::ApiClient;
 use borealis_net::storage::NodeLink;
 use redo_core::api::{Promoted, Request, Response, Role};
+use redo_core::replica::{failover, Failover};
 use redo_core::volume::Volume;
 use redo_core::Lsn;
 use tokio::task::JoinSet;
@@ -24,6 +26,10 @@ const OFFER_RUN_BYTES_MAX: usize = 1 << 20;
 /// How long a peer (or the writer's address) gets to answer `Role` during the
 /// agreement: two heartbeats; a dead writer's address costs this much.
 const PEER_WAIT: Duration = Duration::from_millis(2 * borealis_net::api_server::HEARTBEAT.as_millis() as u64);
+/// After a peer was seen better placed or promoting, how long it must stay unheard before
+/// this replica promotes instead: a busy peer may miss `PEER_WAIT` a few times, and two
+/// promotions fence each other.
+const PEER_GONE: Duration = Duration::from_secs(2);
 
 pub struct Promoter {
     pub replica: Arc<Replica>,
@@ -40,6 +46,8 @@ pub struct Promoter {
     pub promoted: tokio::sync::Notify,
     /// One promotion at a time; its outcome once it succeeded.
     done: tokio::sync::Mutex<Option<Promoted>>,
+    /// A promotion is under way (`Role` says so: peers wait for it).
+    promoting: AtomicBool,
     /// The replica's pullers and storage feeds: stopped once promoted (the writer
     /// needs neither, and they would cost its commit path).
     pub replica_tasks: std::sync::Mutex<Vec<tokio::task::AbortHandle>>,
@@ -57,18 +65,19 @@ impl Promoter {
         timeout: Duration,
         priority: u32,
     ) -> Self {
-        Promoter { replica, volume, links, tuning, cache_pages_max, request_bytes_max, timeout, priority, writer: OnceLock::new(), promoted: Default::default(), done: Default::default(), replica_tasks: Default::default() }
+        Promoter { replica, volume, links, tuning, cache_pages_max, request_bytes_max, timeout, priority, writer: OnceLock::new(), promoted: Default::default(), done: Default::default(), promoting: Default::default(), replica_tasks: Default::default() }
     }
 
     /// What this server is, for `Role`.
     pub fn role(&self) -> Role {
         if let Some(api) = self.writer.get() {
             let g = api.writer.lock();
-            return Role { writer: api.writer.is_fenced().is_none(), epoch: g.core.epoch(), vdl: g.core.vdl(), priority: self.priority, writer_silent_ms: 0 };
+            return Role { writer: api.writer.is_fenced().is_none(), promoting: false, epoch: g.core.epoch(), vdl: g.core.vdl(), priority: self.priority, writer_silent_ms: 0 };
         }
         let heard = self.replica.writer();
         Role {
             writer: false,
+            promoting: self.promoting.load(Relaxed),
             epoch: heard.map(|h| h.epoch).unwrap_or_default(),
             vdl: self.replica.progress.borrow().vdl,
             priority: self.priority,
@@ -82,6 +91,23 @@ impl Promoter {
         if let Some(p) = done.as_ref() {
             return Ok(p.clone());
         }
+        // Cleared however the promotion ends, even if the request that started it is dropped.
+        struct Promoting<'a>(&'a AtomicBool);
+        impl Drop for Promoting<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Relaxed);
+            }
+        }
+        self.promoting.store(true, Relaxed);
+        let _promoting = Promoting(&self.promoting);
+        let result = self.take_over().await;
+        if let Ok(p) = &result {
+            *done = Some(p.clone());
+        }
+        result
+    }
+
+    async fn take_over(&self) -> Result<Promoted, String> {
         let started = Instant::now();
         let r = &self.replica;
         // Every PG is complete up to the read point (a CPL), and up to the last VDL the
@@ -133,18 +159,19 @@ impl Promoter {
         };
         r.metrics.promoted_total_us.store(p.total_us, Relaxed);
         tracing::warn!(%epoch, %vdl, ?p, "promoted: this replica is the writer");
-        *done = Some(p.clone());
         Ok(p)
     }
 }
 
 /// Promotes automatically: once the writer that was followed has been silent
 /// for `silence`, asks the volume's writer address and the peers their `Role`,
-/// and promotes only if none is the writer and no peer that also lost the
-/// writer is better (higher read point, then priority, then lower address).
+/// and promotes by `redo_core::replica::failover` (the best replica that lost the
+/// writer, unless a writer or a promoting peer answers), but not within `PEER_GONE`
+/// of seeing a better or promoting peer.
 pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: SocketAddr, volume_writer: SocketAddr, peers: Vec<SocketAddr>, silence: Duration) {
     let r = promoter.replica.clone();
     let asked: Vec<SocketAddr> = std::iter::once(volume_writer).chain(peers).collect();
+    let mut deferred: Option<(SocketAddr, Instant)> = None;
     loop {
         tokio::time::sleep(silence / 4).await;
         if promoter.writer.get().is_some() {
@@ -156,17 +183,22 @@ pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: Socke
         }
         let mine = promoter.role();
         let roles = roles_of(&endpoint, &asked).await;
-        if roles.iter().any(|(_, role)| role.writer && role.epoch >= mine.epoch) {
-            continue; // the writer lives on (a peer promoted, maybe to the epoch heard last): the writer feed finds it
-        }
-        let rank = |addr: SocketAddr, role: &Role| (role.vdl, role.priority, std::cmp::Reverse(addr));
-        let better = roles
-            .iter()
-            .filter(|(_, role)| !role.writer && role.writer_silent_ms >= silence.as_millis() as u64)
-            .find(|(addr, role)| rank(*addr, role) > rank(me, &mine));
-        if let Some((addr, role)) = better {
-            tracing::info!(peer = %addr, peer_vdl = %role.vdl, vdl = %mine.vdl, "writer silent; a better replica should promote");
-            continue;
+        match failover(me, &mine, &roles, silence.as_millis() as u64) {
+            // The writer lives on (a peer promoted, maybe to the epoch heard last): the writer feed finds it.
+            Failover::WriterLives(_) => continue,
+            Failover::PeerPromoting(peer) | Failover::BetterPeer(peer) => {
+                if deferred.is_none_or(|(was, _)| was != peer) {
+                    tracing::info!(%peer, vdl = %mine.vdl, "writer silent; a better replica promotes");
+                }
+                deferred = Some((peer, Instant::now()));
+                continue;
+            }
+            Failover::Promote => {
+                if let Some((peer, at)) = deferred.filter(|(_, at)| at.elapsed() < PEER_GONE) {
+                    tracing::debug!(%peer, unheard_ms = at.elapsed().as_millis(), "the replica deferred to does not answer; waiting before promoting");
+                    continue;
+                }
+            }
         }
         tracing::warn!(silent_ms = r.writer().map_or(0, |h| h.at.elapsed().as_millis()), "writer silent and this replica is the best: promoting");
         r.metrics.promotions_auto.fetch_add(1, Relaxed);

@@ -140,11 +140,10 @@ async fn writer_killed_with_two_storage_nodes_is_replaced_and_the_nodes_catch_up
     w.kill9();
     c.kill9(1);
     c.kill9(3);
-    let (mut acked, _) = load.finish().await;
-    assert!(acked.len() >= 300);
-
     let (addr, role) = wait_writer(&c, &[ra.addr, rb.addr], READY_TIMEOUT).await;
     eprintln!("kill of the writer and nodes 1, 3 to a writer answering: {:?}", killed.elapsed());
+    let (mut acked, _) = load.finish().await;
+    assert!(acked.len() >= 300);
     let (promoted, other) = split(addr, &ra, &rb);
     assert!(role.epoch.generation() >= 2, "a new epoch was claimed: {:?}", role.epoch);
     assert!(metric(&promoted.scrape(), "replicad_promoted_us") > 0.0);

@@ -20,6 +20,10 @@ use tokio::task::JoinSet;
 
 /// How long a recovery step waits between rounds for segments that did not answer.
 const ROUND_PAUSE: Duration = Duration::from_millis(20);
+/// Once every PG has a write quorum of answers, how much longer the others get: a dead
+/// node would hold the step for a connect timeout, and a segment that misses a claim or
+/// truncation is claimed with it again before the new writer appends there.
+const STRAGGLER_WAIT: Duration = Duration::from_millis(100);
 /// A candidate whose claim split the segments retries after this plus a random part of the jitter.
 const CLAIM_RETRY_MIN: Duration = Duration::from_millis(5);
 const CLAIM_RETRY_JITTER: Duration = Duration::from_millis(50);
@@ -44,7 +48,8 @@ pub enum TakeoverError {
 }
 
 /// Asks every segment `Status { epoch, truncate_above }` until each PG has a
-/// write quorum of answers (or `deadline`). Refusals count as lost claims.
+/// write quorum of answers (or `deadline`), then waits `STRAGGLER_WAIT` at most
+/// for the rest. Refusals count as lost claims.
 async fn ask_all(
     volume: &Volume,
     links: &[Arc<NodeLink>],
@@ -67,8 +72,18 @@ async fn ask_all(
                 }
             }
         }
+        let quorate = |answers: &[Vec<Option<SegmentStatus>>]| answers.iter().all(|pg| pg.iter().flatten().count() >= WRITE_QUORUM);
         let mut errors = Vec::new();
-        while let Some(r) = asks.join_next().await {
+        let mut grace = None;
+        loop {
+            let next = match grace {
+                None => asks.join_next().await,
+                Some(until) => match tokio::time::timeout_at(until, asks.join_next()).await {
+                    Ok(next) => next,
+                    Err(_) => break, // dropping `asks` aborts the stragglers
+                },
+            };
+            let Some(r) = next else { break };
             let (pg, s, node, r) = r.context("status task")?;
             match r {
                 Ok(st) => answers[pg][s] = Some(st),
@@ -77,6 +92,9 @@ async fn ask_all(
                     errors.push(format!("pg{pg} on node {node}: {message}"));
                 }
                 Err(e) => errors.push(format!("pg{pg} on node {node}: {e}")),
+            }
+            if grace.is_none() && quorate(&answers) {
+                grace = Some(tokio::time::Instant::now() + STRAGGLER_WAIT);
             }
         }
         if let Some(pg) = (0..pgs).find(|&pg| refused[pg].iter().filter(|&&r| r).count() > SEGMENTS_PER_PG - WRITE_QUORUM) {
@@ -129,7 +147,7 @@ pub async fn take_over(
 
     let started = Instant::now();
     if offer.iter().any(|runs| !runs.is_empty()) {
-        offer_back(volume, links, epoch, &offer).await;
+        offer_back(volume, links, epoch, &offer, &claimed).await;
         claimed = ask_all(volume, links, epoch, None, deadline).await?;
     }
     t.offer = started.elapsed();
@@ -216,12 +234,12 @@ fn rival(answers: &[Vec<(usize, SegmentStatus)>], ours: Epoch) -> Option<Epoch> 
     others.into_iter().find(|&e| answers.iter().all(|pg| quorum_in(e, pg)) || (e > ours && answers.iter().any(|pg| quorum_in(e, pg))))
 }
 
-/// Appends `offer[pg]` at `epoch` to every segment of each PG (best effort:
-/// segments that hold the records ignore them as duplicates).
-async fn offer_back(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, offer: &Offer) {
+/// Appends `offer[pg]` at `epoch` to every segment of each PG that took the claim
+/// (best effort: segments that hold the records ignore them as duplicates).
+async fn offer_back(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, offer: &Offer, claimed: &[Vec<(usize, SegmentStatus)>]) {
     let mut sends = JoinSet::new();
     for (pg, runs) in offer.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-        for node in volume.segments(PgId(pg as u32)) {
+        for (_, node) in volume.segments(PgId(pg as u32)).enumerate().filter(|(s, _)| claimed[pg].iter().any(|(c, _)| c == s)) {
             let (link, runs) = (link_of(links, node.id).clone(), runs.clone());
             sends.spawn(async move {
                 let r = tokio::time::timeout(REQUEST_TIMEOUT, async {

@@ -33,11 +33,12 @@ pub struct PerfGateArgs {
     #[arg(long, default_value_t = 5)]
     pub repetitions: usize,
     /// Offered commits/s (single puts of 100-byte values over 8 connections, ack = memory, one replica);
-    /// the reference sends as many messages/s.
-    #[arg(long, default_value_t = 2000.0)]
+    /// the reference sends as many messages/s. Low enough that the local cluster leaves most of a
+    /// 2-core machine idle: near saturation, queueing makes even the p50 swing 2x between runs.
+    #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
     /// Seconds measured per repetition, after 1 s of warm-up.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 4.0)]
     pub seconds: f64,
     /// This run's measurements and verdicts (JSON).
     #[arg(long, default_value = "bench-results/latest/perf-gate.json")]
@@ -56,9 +57,9 @@ const REFERENCE_MESSAGE_BYTES: usize = 160;
 
 /// Allowances of a new baseline, as a multiple of its ratio: latency percentiles are noisier than CPU time.
 const DEFAULT_ALLOWANCES: &[(&str, f64)] = &[
-    ("commit_p50_per_quic_rtt", 1.5),
+    ("commit_p50_per_quic_rtt", 1.8),
     ("commit_p99_per_quic_rtt", 2.5),
-    ("replica_lag_p99_per_quic_rtt", 3.0),
+    ("replica_lag_p99_per_quic_rtt", 5.0),
     ("cpu_per_commit_per_quic_message", 1.3),
 ];
 

@@ -552,7 +552,13 @@ impl ReplicaCore {
         // The PG has no records in (lsn, read_point]: the page as of `lsn` is the page now,
         // and a write quorum of segments holds `lsn` (the bound came from their SCLs).
         let lsn = read_point.min(p.bound);
-        let segments = (0..SEGMENTS_PER_PG).filter(|&s| p.segments[s].scl >= lsn).collect();
+        let mut segments: Vec<usize> = (0..SEGMENTS_PER_PG).filter(|&s| p.segments[s].scl >= lsn).collect();
+        if segments.is_empty() {
+            // This replica's view is behind (most segments report only when they flush, and a
+            // notification can arrive after a newer pull reply): ask them all; a segment
+            // whose SCL is short of `lsn` refuses.
+            segments = (0..SEGMENTS_PER_PG).collect();
+        }
         self.fetching.entry(page).or_insert(Fetching { count: 0, records: Vec::new() }).count += 1;
         ReadPlan::Fetch { pg, page, lsn, segments }
     }
@@ -825,6 +831,21 @@ mod tests {
         r.on_progress(t[2], &[t[2], Lsn::ZERO]);
         assert_eq!(pull(&mut r, &log, 0, t[2]), Some(t[2]));
         assert!(r.plan_pull(PgId(1)).is_none(), "nothing to pull from an idle PG");
+    }
+
+    #[test]
+    fn a_read_asks_every_segment_when_none_is_known_to_hold_the_page() {
+        let mut log = Log::new();
+        let k = log.key_in(0, 1).remove(0);
+        let t1 = log.txn(&[(&k, b"v")]);
+        let mut r = replica(1 << 20);
+        segments_at(&mut r, t1, Lsn::ZERO);
+        r.on_progress(t1, &[t1, Lsn::ZERO]);
+        assert_eq!(pull(&mut r, &log, 0, t1), Some(t1));
+        // Notifications older than the pull reply arrive after it.
+        pg_at(&mut r, 0, Lsn::ZERO, Lsn::ZERO);
+        let ReadPlan::Fetch { lsn, segments, .. } = r.read(&k) else { panic!("page not cached yet") };
+        assert_eq!((lsn, segments), (t1, (0..SEGMENTS_PER_PG).collect::<Vec<_>>()));
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime>
 /// socket bound to port 0 meanwhile (every client, in this or any process) can take it
 /// before the daemon it is meant for binds it. Never one this process handed out before.
 pub fn free_port() -> std::io::Result<u16> {
-    use std::hash::{BuildHasher, Hasher};
+    use std::hash::BuildHasher;
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     const LOWEST: u16 = 10_000;
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
@@ -51,10 +51,9 @@ pub fn free_port() -> std::io::Result<u16> {
         .unwrap_or(32768);
     let mut given = GIVEN.lock().expect("ports lock");
     for _ in 0..1000 {
-        // RandomState is seeded randomly per instance: a random number without a dependency.
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_usize(given.len());
-        let port = LOWEST + (h.finish() % u64::from(ephemeral_low - LOWEST)) as u16;
+        // RandomState is keyed differently per instance: a random number without a dependency.
+        let random = std::collections::hash_map::RandomState::new().hash_one(());
+        let port = LOWEST + (random % u64::from(ephemeral_low - LOWEST)) as u16;
         if given.contains(&port) {
             continue;
         }

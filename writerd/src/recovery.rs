@@ -239,7 +239,8 @@ fn rival(answers: &[Vec<(usize, SegmentStatus)>], ours: Epoch) -> Option<Epoch> 
 async fn offer_back(volume: &Volume, links: &[Arc<NodeLink>], epoch: Epoch, offer: &Offer, claimed: &[Vec<(usize, SegmentStatus)>]) {
     let mut sends = JoinSet::new();
     for (pg, runs) in offer.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
-        for (_, node) in volume.segments(PgId(pg as u32)).enumerate().filter(|(s, _)| claimed[pg].iter().any(|(c, _)| c == s)) {
+        for &(s, _) in &claimed[pg] {
+            let node = volume.segments(PgId(pg as u32)).nth(s).expect("six segments");
             let (link, runs) = (link_of(links, node.id).clone(), runs.clone());
             sends.spawn(async move {
                 let r = tokio::time::timeout(REQUEST_TIMEOUT, async {

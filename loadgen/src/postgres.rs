@@ -15,7 +15,7 @@
 //! dies with loadgen (`PR_SET_PDEATHSIG`); stopping sends the immediate
 //! shutdown signal, then SIGKILL to whatever is left of that group only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::future::Future;
 use std::os::unix::process::CommandExt;
@@ -137,6 +137,9 @@ pub struct Postmaster {
     child: Child,
     /// Reaped: the group id may be reused, so nothing is signalled any more.
     reaped: bool,
+    /// The dynamic shared memory segments the server had mapped when it was killed: a killed
+    /// server cannot remove them, and they would hold RAM in /dev/shm until a reboot.
+    orphans: BTreeSet<PathBuf>,
 }
 
 impl Postmaster {
@@ -164,7 +167,7 @@ impl Postmaster {
             });
         }
         let child = cmd.spawn().with_context(|| format!("start {name} ({})", bin.join("postgres").display()))?;
-        Ok(Postmaster { name: name.to_string(), port, data_dir: data_dir.to_path_buf(), log, child, reaped: false })
+        Ok(Postmaster { name: name.to_string(), port, data_dir: data_dir.to_path_buf(), log, child, reaped: false, orphans: BTreeSet::new() })
     }
 
     /// The process group (= the postmaster's pid).
@@ -188,6 +191,9 @@ impl Postmaster {
 
     /// SIGKILL to the whole server at once (postmaster and backends, as a crash of its machine): returns when sent.
     pub fn kill(&mut self) -> Instant {
+        if !self.reaped {
+            self.orphans = with_listed_segments(mapped_shm_segments(&live_group_members(self.pgid())));
+        }
         let at = Instant::now();
         if !self.reaped {
             // SAFETY: the group of our unreaped child, so its id cannot have been reused.
@@ -221,6 +227,9 @@ impl Postmaster {
         loop {
             let left = live_group_members(pgid);
             if left.is_empty() {
+                for segment in std::mem::take(&mut self.orphans) {
+                    let _ = std::fs::remove_file(segment);
+                }
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -262,6 +271,40 @@ pub fn live_group_members(pgid: i32) -> Vec<i32> {
             (pgrp == pgid && state != 'Z').then_some(pid)
         })
         .collect()
+}
+
+/// PostgreSQL's dynamic shared memory segments (`/dev/shm/PostgreSQL.N`, with the default
+/// `dynamic_shared_memory_type = posix`) that processes `pids` have mapped.
+pub fn mapped_shm_segments(pids: &[i32]) -> BTreeSet<PathBuf> {
+    let mapped = |maps: String| -> Vec<PathBuf> {
+        maps.lines().filter_map(|line| line.split_whitespace().nth(5).filter(|p| p.starts_with("/dev/shm/PostgreSQL.")).map(PathBuf::from)).collect()
+    };
+    pids.iter().filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()).flat_map(mapped).collect()
+}
+
+/// `segments` with every segment that a control segment among them lists as in use: what
+/// PostgreSQL's next start would remove (`dsm_cleanup_using_control_segment`), since a segment
+/// can outlive its last mapping (pinned). The layout is `dsm_control_header` of PostgreSQL 15's
+/// dsm.c on a 64-bit machine: magic, nitems, maxitems, then 40-byte items of handle, refcnt,
+/// first_page, npages, a pointer and `pinned`; anything without the magic is left alone.
+fn with_listed_segments(mut segments: BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
+    const MAGIC: u32 = 0x9a50_3d32;
+    const ITEMS_AT: usize = 16;
+    const ITEM_BYTES: usize = 40;
+    let u32_at = |b: &[u8], at: usize| b.get(at..at + 4).map(|w| u32::from_ne_bytes(w.try_into().expect("4 bytes")));
+    let mut listed = Vec::new();
+    for control in segments.iter().filter_map(|path| std::fs::read(path).ok()).filter(|b| u32_at(b, 0) == Some(MAGIC)) {
+        let nitems = u32_at(&control, 4).unwrap_or(0) as usize;
+        for item in (0..nitems).map(|i| ITEMS_AT + i * ITEM_BYTES) {
+            let (Some(handle), Some(refcnt)) = (u32_at(&control, item), u32_at(&control, item + 4)) else { break };
+            // Refcount 0: a free slot. Odd handles live in the main shared memory area, not in /dev/shm.
+            if refcnt > 0 && handle % 2 == 0 {
+                listed.push(PathBuf::from(format!("/dev/shm/PostgreSQL.{handle}")));
+            }
+        }
+    }
+    segments.extend(listed);
+    segments
 }
 
 /// Settings both servers get (then each one's own, then the user's `--pg-setting`s).

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use loadgen::postgres::{live_group_members, DEFAULT_PG_BIN};
+use loadgen::postgres::{live_group_members, mapped_shm_segments, DEFAULT_PG_BIN};
 use serde_json::Value;
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
@@ -106,6 +106,7 @@ fn pg_failover_loses_no_acknowledged_write_with_a_synchronous_standby() {
     let dir = work_dir();
     let json = dir.path().join("failover.json");
     let work = dir.path().join("work");
+    let segments_before = shm_segments();
     loadgen(&["pg-failover", "--runs", "1", "--warmup-seconds", "1", "--seconds", "1.5", "--json", json.to_str().unwrap(), "--work-dir", work.to_str().unwrap()], &bin);
     let summary = read_json(&json);
     let run = &summary["runs"][0];
@@ -115,6 +116,18 @@ fn pg_failover_loses_no_acknowledged_write_with_a_synchronous_standby() {
     assert!(run["acked_writes"].as_u64().unwrap() > run["acked_before_kill"].as_u64().unwrap(), "the promoted standby acknowledged commits: {run}");
     assert!(run["failover_ms"].as_f64().unwrap() > 0.0, "{run}");
     assert_stopped(&run["postgres_pgids"]);
+    // The killed primary's shared memory is gone too (anything new is some live server's).
+    let all: Vec<i32> = std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    let mapped = mapped_shm_segments(&all);
+    let left: Vec<_> = shm_segments().into_iter().filter(|s| !segments_before.contains(s) && !mapped.contains(s)).collect();
+    assert!(left.is_empty(), "the run left PostgreSQL shared memory segments behind: {left:?}");
+}
+
+/// PostgreSQL's dynamic shared memory segments in /dev/shm.
+fn shm_segments() -> Vec<PathBuf> {
+    std::fs::read_dir("/dev/shm")
+        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.to_str().is_some_and(|p| p.starts_with("/dev/shm/PostgreSQL."))).collect())
+        .unwrap_or_default()
 }
 
 /// The pids of postmasters whose command line names `dir` (`postgres -D DIR/...`).

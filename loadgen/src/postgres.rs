@@ -298,7 +298,7 @@ fn with_listed_segments(mut segments: BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
         for item in (0..nitems).map(|i| ITEMS_AT + i * ITEM_BYTES) {
             let (Some(handle), Some(refcnt)) = (u32_at(&control, item), u32_at(&control, item + 4)) else { break };
             // Refcount 0: a free slot. Odd handles live in the main shared memory area, not in /dev/shm.
-            if refcnt > 0 && handle % 2 == 0 {
+            if refcnt > 0 && handle.is_multiple_of(2) {
                 listed.push(PathBuf::from(format!("/dev/shm/PostgreSQL.{handle}")));
             }
         }

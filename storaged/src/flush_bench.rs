@@ -76,9 +76,6 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
         let mut progressed = false;
         for (i, lsn) in lsns.iter_mut().enumerate() {
             let seg = &node.segments[&PgId(i as u32)];
-            if seg.log.lock().expect("segment lock").hot_bytes() + batch_bytes > 8 * args.flush_bytes_max as usize {
-                continue;
-            }
             buf.clear();
             let mut next = *lsn;
             while buf.len() < batch_bytes {
@@ -86,6 +83,10 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
                 RecordHeader { lsn: l, prev_lsn_in_segment: next, prev_lsn_for_page: Lsn::ZERO, page: PageId(l.0 % 64), cpl: true }
                     .encode(&payload, &mut buf);
                 next = l;
+            }
+            // The batch overshoots batch_bytes by up to a record: check what it really adds.
+            if seg.log.lock().expect("segment lock").hot_bytes() + buf.len() > 8 * args.flush_bytes_max as usize {
+                continue;
             }
             let records = ValidRecords::validate(Bytes::copy_from_slice(&buf), 0)?.expect("non-empty");
             seg.with_log(|log| log.handle_append(Epoch(1), &records)).context("append")?;

@@ -191,14 +191,13 @@ impl Postmaster {
 
     /// SIGKILL to the whole server at once (postmaster and backends, as a crash of its machine): returns when sent.
     pub fn kill(&mut self) -> Instant {
-        if !self.reaped {
-            self.orphans = with_listed_segments(mapped_shm_segments(&live_group_members(self.pgid())));
+        if self.reaped {
+            return Instant::now();
         }
+        self.orphans = with_listed_segments(mapped_shm_segments(&live_group_members(self.pgid())));
         let at = Instant::now();
-        if !self.reaped {
-            // SAFETY: the group of our unreaped child, so its id cannot have been reused.
-            unsafe { libc::kill(-self.pgid(), libc::SIGKILL) };
-        }
+        // SAFETY: the group of our unreaped child, so its id cannot have been reused.
+        unsafe { libc::kill(-self.pgid(), libc::SIGKILL) };
         at
     }
 
@@ -273,11 +272,14 @@ pub fn live_group_members(pgid: i32) -> Vec<i32> {
         .collect()
 }
 
-/// PostgreSQL's dynamic shared memory segments (`/dev/shm/PostgreSQL.N`, with the default
-/// `dynamic_shared_memory_type = posix`) that processes `pids` have mapped.
+/// Where PostgreSQL's dynamic shared memory segments live, with the default
+/// `dynamic_shared_memory_type = posix`: this prefix, then the segment's handle.
+pub const SHM_SEGMENT_PREFIX: &str = "/dev/shm/PostgreSQL.";
+
+/// PostgreSQL's dynamic shared memory segments that processes `pids` have mapped.
 pub fn mapped_shm_segments(pids: &[i32]) -> BTreeSet<PathBuf> {
     let mapped = |maps: String| -> Vec<PathBuf> {
-        maps.lines().filter_map(|line| line.split_whitespace().nth(5).filter(|p| p.starts_with("/dev/shm/PostgreSQL.")).map(PathBuf::from)).collect()
+        maps.lines().filter_map(|line| line.split_whitespace().nth(5).filter(|p| p.starts_with(SHM_SEGMENT_PREFIX)).map(PathBuf::from)).collect()
     };
     pids.iter().filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()).flat_map(mapped).collect()
 }
@@ -299,7 +301,7 @@ fn with_listed_segments(mut segments: BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
             let (Some(handle), Some(refcnt)) = (u32_at(&control, item), u32_at(&control, item + 4)) else { break };
             // Refcount 0: a free slot. Odd handles live in the main shared memory area, not in /dev/shm.
             if refcnt > 0 && handle.is_multiple_of(2) {
-                listed.push(PathBuf::from(format!("/dev/shm/PostgreSQL.{handle}")));
+                listed.push(PathBuf::from(format!("{SHM_SEGMENT_PREFIX}{handle}")));
             }
         }
     }

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use loadgen::postgres::{live_group_members, mapped_shm_segments, DEFAULT_PG_BIN};
+use loadgen::postgres::{live_group_members, mapped_shm_segments, DEFAULT_PG_BIN, SHM_SEGMENT_PREFIX};
 use serde_json::Value;
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
@@ -126,7 +126,7 @@ fn pg_failover_loses_no_acknowledged_write_with_a_synchronous_standby() {
 /// PostgreSQL's dynamic shared memory segments in /dev/shm.
 fn shm_segments() -> Vec<PathBuf> {
     std::fs::read_dir("/dev/shm")
-        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.to_str().is_some_and(|p| p.starts_with("/dev/shm/PostgreSQL."))).collect())
+        .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.to_str().is_some_and(|p| p.starts_with(SHM_SEGMENT_PREFIX))).collect())
         .unwrap_or_default()
 }
 

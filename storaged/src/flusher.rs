@@ -188,7 +188,8 @@ struct Inflight {
     write_at: u64,
     write_len: usize,
     write_res: Option<i32>,
-    /// Zeros written right after the records (0: none this time), and how that went.
+    /// Zeros written right after the records, where and how many (0: none this time), and how that went.
+    zero_at: u64,
     zero_len: usize,
     zero_res: Option<i32>,
 }
@@ -397,8 +398,9 @@ impl Flusher {
             t.allocated += grow;
         }
         // Zeros only where space is allocated already: only records grow the file.
+        let zero_at = t.zeroed.max(write_end);
         let zero_len = match t.buf.len < ZERO_FOR_WRITES_BELOW && t.zeroed < write_end + ZERO_AHEAD / 2 {
-            true => (write_end + ZERO_AHEAD).min(t.allocated).saturating_sub(t.zeroed.max(write_end)),
+            true => (write_end + ZERO_AHEAD).min(t.allocated).saturating_sub(zero_at),
             false => 0,
         };
         let last_block = (data_end - 1) / BLOCK_BYTES as usize * BLOCK_BYTES as usize;
@@ -406,7 +408,7 @@ impl Flusher {
         if t.tail.len() == BLOCK_BYTES as usize {
             t.tail.clear();
         }
-        t.inflight = Some(Inflight { job, started: Instant::now(), write_at, write_len: t.buf.len, write_res: None, zero_len: zero_len as usize, zero_res: None });
+        t.inflight = Some(Inflight { job, started: Instant::now(), write_at, write_len: t.buf.len, write_res: None, zero_at, zero_len: zero_len as usize, zero_res: None });
         match &self.delay {
             Some(delay) => {
                 let wait = opcode::Timeout::new(&**delay).build().user_data((i as u64) << 2 | TAG_DELAY);
@@ -424,14 +426,13 @@ impl Flusher {
         let inflight = t.inflight.as_ref().expect("a write is submitted for a job in flight");
         debug_assert_eq!(inflight.write_len, t.buf.len);
         let fd = types::Fd(t.direct.as_raw_fd());
-        let write_end = inflight.write_at + inflight.write_len as u64;
         let write = opcode::Write::new(fd, t.buf.ptr, inflight.write_len as u32)
             .offset(inflight.write_at)
             .build()
             .flags(squeue::Flags::IO_LINK)
             .user_data((i as u64) << 2 | TAG_WRITE);
         let zero = opcode::Write::new(fd, self.zeros.ptr, inflight.zero_len as u32)
-            .offset(write_end.max(t.zeroed))
+            .offset(inflight.zero_at)
             .build()
             .flags(squeue::Flags::IO_LINK)
             .user_data((i as u64) << 2 | TAG_ZERO);
@@ -483,8 +484,7 @@ impl Flusher {
                 let bytes = inflight.job.end_offset - inflight.job.offset;
                 m.flush_batch_bytes.record(bytes);
                 m.flushed_bytes.fetch_add(bytes, Ordering::Relaxed);
-                let write_end = inflight.write_at + inflight.write_len as u64;
-                t.zeroed = t.zeroed.max(write_end) + inflight.zero_len as u64;
+                t.zeroed = inflight.zero_at + inflight.zero_len as u64;
                 t.seg.flushed(inflight.job);
             }
             Some(why) => {

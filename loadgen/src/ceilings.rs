@@ -30,7 +30,7 @@ pub struct DiskCeiling {
 /// Writes `write_bytes` blocks sequentially into a fresh preallocated file in
 /// `dir`, each write linked to an fdatasync, for `duration`.
 pub fn raw_disk(dir: &Path, write_bytes: usize, duration: Duration) -> Result<DiskCeiling> {
-    assert!(write_bytes % BLOCK == 0 && write_bytes > 0);
+    assert!(write_bytes.is_multiple_of(BLOCK) && write_bytes > 0);
     let path = dir.join("raw-disk-ceiling.tmp");
     let file = OpenOptions::new()
         .read(true)

@@ -257,7 +257,7 @@ mod tests {
             prev_lsn_in_segment: Lsn(prev),
             prev_lsn_for_page: Lsn(prev),
             page: PageId(lsn % 7),
-            cpl: lsn % 2 == 0,
+            cpl: lsn.is_multiple_of(2),
         }
         .encode(payload, &mut out);
         out

@@ -271,7 +271,7 @@ mod tests {
     fn an_idle_pg_does_not_hold_the_volume_back() {
         // pg1 wrote once (LSN 1); pg0 wrote 2..=2001 in single-record transactions.
         let mut txns: Vec<&[usize]> = vec![&[1]];
-        txns.extend(std::iter::repeat(&[0usize][..]).take(2000));
+        txns.extend(std::iter::repeat_n(&[0usize][..], 2000));
         let log = Log::new(&txns);
         let a = answers(&[&[2001, 2001, 2001, 2000], &[1, 1, 1, 1]]);
         // Knowing only that the volume was complete at 1, the whole of pg0 above it is read.
@@ -288,7 +288,7 @@ mod tests {
     #[test]
     fn a_floor_mid_transaction_reads_back_to_its_cpl() {
         // One transaction per PG pair: 1(pg0) 2(pg1)*, 3(pg0) 4(pg1)*, ...
-        let txns: Vec<&[usize]> = std::iter::repeat(&[0usize, 1][..]).take(50).collect();
+        let txns: Vec<&[usize]> = std::iter::repeat_n(&[0usize, 1][..], 50).collect();
         let log = Log::new(&txns);
         // Every segment lost the tail: pg0 complete to 61, pg1 to 60; 62 (pg1) is gone.
         let a = answers(&[&[61, 61, 61, 59], &[60, 60, 58, 58]]);

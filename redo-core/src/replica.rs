@@ -666,7 +666,7 @@ mod tests {
     use crate::Epoch;
 
     fn volume() -> Volume {
-        let nodes = (1..=6).map(|i| NodeSpec { id: i, az: format!("az{}", (i + 1) / 2), addr: format!("127.0.0.1:{i}") }).collect();
+        let nodes = (1..=6).map(|i| NodeSpec { id: i, az: format!("az{}", i.div_ceil(2)), addr: format!("127.0.0.1:{i}") }).collect();
         Volume::local("127.0.0.1:9".into(), nodes, 2, 64).unwrap()
     }
 
@@ -1039,8 +1039,8 @@ mod tests {
         assert_eq!(r.on_progress(t2, &[t2, t2]), Some(t2));
         // What it applied and retains is the new writer's log, not the old tail.
         let held = r.held_records(1 << 20);
-        for pg in 0..2 {
-            assert_eq!(held[pg].concat(), new.pull(pg, Lsn::ZERO, t2), "pg{pg}");
+        for (pg, records) in held.iter().enumerate() {
+            assert_eq!(records.concat(), new.pull(pg, Lsn::ZERO, t2), "pg{pg}");
         }
     }
 }

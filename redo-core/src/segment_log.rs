@@ -1110,7 +1110,7 @@ mod tests {
         let mut log = SegmentLog::new(ID, config(1 << 20)).with_page_index(PageIndex::new(64));
         for l in 1..=12u64 {
             let mut out = Vec::new();
-            let prev_for_page = if l > 3 { l - 3 } else { 0 };
+            let prev_for_page = l.saturating_sub(3);
             RecordHeader { lsn: Lsn(l), prev_lsn_in_segment: Lsn(l - 1), prev_lsn_for_page: Lsn(prev_for_page), page: PageId(l % 3), cpl: true }
                 .encode(&[l as u8; 9], &mut out);
             log.handle_append(Epoch(1), &ValidRecords::validate(Bytes::from(out), 0).unwrap().unwrap()).unwrap();

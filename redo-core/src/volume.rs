@@ -29,7 +29,7 @@ use crate::quorum::SEGMENTS_PER_PG;
 
 /// Availability zones a PG spans, with `SEGMENTS_PER_PG / AZ_COUNT` segments in each.
 pub const AZ_COUNT: usize = 3;
-const _: () = assert!(SEGMENTS_PER_PG % AZ_COUNT == 0);
+const _: () = assert!(SEGMENTS_PER_PG.is_multiple_of(AZ_COUNT));
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,6 +7,7 @@
 //!
 //! The tests run one at a time (`SERIAL`): each is a cluster of nine
 //! processes, and two at once on a small machine turn timing into noise.
+#![allow(clippy::await_holding_lock)] // SERIAL's guard is held for a whole test on purpose
 
 #[path = "../../writerd/tests/common/mod.rs"]
 mod common;

@@ -42,7 +42,7 @@ impl Rng {
         Rng(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -51,7 +51,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 
     pub fn chance(&mut self, percent: u64) -> bool {
@@ -327,7 +327,7 @@ impl Sim {
             return;
         }
         let ops: Vec<PageOp> =
-            (0..1 + self.rng.below(TXN_PUTS_MAX)).map(|_| PageOp::Put { key: key(self.rng.below(KEYS)), value: self.rng.next().to_le_bytes().to_vec() }).collect();
+            (0..1 + self.rng.below(TXN_PUTS_MAX)).map(|_| PageOp::Put { key: key(self.rng.below(KEYS)), value: self.rng.next_u64().to_le_bytes().to_vec() }).collect();
         let mut admit = self.writer.submit(&ops);
         if let Admit::NeedPages(pages) = &admit {
             // A recovered writer knows no page: GetPage@LSN each, as writerd does.

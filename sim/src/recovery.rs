@@ -108,7 +108,7 @@ impl Sim {
         }
         // Claim the next generation on every segment that answered.
         let newest = answering.iter().enumerate().flat_map(|(pg, a)| a.iter().map(move |&seg| (pg, seg))).map(|(pg, seg)| self.segments[pg][seg].log.epoch()).max().unwrap_or_default();
-        let epoch = Epoch::claim_after(newest, self.rng.next() as u32);
+        let epoch = Epoch::claim_after(newest, self.rng.next_u64() as u32);
         for (pg, a) in answering.iter().enumerate() {
             for &seg in a {
                 let log = &mut self.segments[pg][seg].log;

@@ -145,7 +145,7 @@ impl Sim {
     /// One turn of every replica: feeds, requests that timed out, pulls, maybe a read.
     pub(crate) fn run_replicas(&mut self) {
         self.start_replicas();
-        let resend = self.now % FEED_RESEND_TICKS == 0;
+        let resend = self.now.is_multiple_of(FEED_RESEND_TICKS);
         for r in 0..self.replicas.len() {
             self.feed(r, resend);
             let now = self.now;

@@ -123,7 +123,7 @@ impl Config {
         if self.coalesce_interval_ms == 0 || self.coalesce_records == 0 {
             bail!("--coalesce-interval-ms and --coalesce-records must be at least 1");
         }
-        if self.segment_prealloc_bytes < 1 << 20 || self.segment_prealloc_bytes % 4096 != 0 {
+        if self.segment_prealloc_bytes < 1 << 20 || !self.segment_prealloc_bytes.is_multiple_of(4096) {
             bail!("--segment-prealloc-bytes must be a multiple of 4096 and at least 1MiB");
         }
         Ok(())

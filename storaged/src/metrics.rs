@@ -74,6 +74,9 @@ pub struct GossipGauges {
     pub missing_through: AtomicU64,
 }
 
+/// A per-segment gauge: metric name, help text and how to read it.
+type Gauge = (&'static str, &'static str, fn(&SegmentGauges) -> u64);
+
 /// One segment's gauges at scrape time.
 pub struct SegmentGauges {
     pub pg: u32,
@@ -115,7 +118,7 @@ impl Metrics {
         self.append_batch_records.render(&mut out, "storaged_append_batch_records", "Records per append batch.");
         self.flush_batch_bytes.render(&mut out, "storaged_flush_batch_bytes", "Record bytes per flush (one write + fdatasync).");
         self.get_page_latency_us.render(&mut out, "storaged_get_page_latency_us", "GetPage request received to page materialised, microseconds.");
-        let gauges: [(&str, &str, fn(&SegmentGauges) -> u64); 7] = [
+        let gauges: [Gauge; 7] = [
             ("storaged_segment_scl", "Segment complete LSN.", |s| s.scl),
             ("storaged_segment_flushed_lsn", "Highest LSN durable on disk.", |s| s.flushed_lsn),
             ("storaged_segment_hot_bytes", "Unflushed bytes in the segment's memory log.", |s| s.hot_bytes),

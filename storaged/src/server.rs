@@ -218,7 +218,7 @@ async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: O
         if epoch == Epoch(0) {
             return Reply::Close(error(ErrorCode::Malformed, "a truncation needs the claimant's epoch, not epoch 0"));
         }
-        if let Err(reply) = truncate(node, seg, epoch, above, &history).await {
+        if let Err(reply) = truncate(node, seg, epoch, above, history).await {
             return reply;
         }
     }

@@ -40,7 +40,7 @@ impl PageLog {
             let lsn = Lsn(self.last_lsn.0 + 2);
             let page = PageId((lsn.0 * 7 / 3) % PAGES);
             let key = format!("key-{}", lsn.0 % 11).into_bytes();
-            let op = if lsn.0 % 5 == 0 { PageOp::Delete { key } } else { PageOp::Put { key, value: format!("value@{}", lsn.0).into_bytes() } };
+            let op = if lsn.0.is_multiple_of(5) { PageOp::Delete { key } } else { PageOp::Put { key, value: format!("value@{}", lsn.0).into_bytes() } };
             let mut payload = Vec::new();
             op.encode(&mut payload);
             let prev_for_page = self.last_for_page.insert(page, lsn).unwrap_or(Lsn::ZERO);

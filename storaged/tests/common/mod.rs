@@ -299,7 +299,7 @@ pub fn payload(lsn: Lsn, len: usize) -> Vec<u8> {
 }
 
 pub fn encode_record(lsn: Lsn, prev: Lsn, payload_bytes: usize, out: &mut Vec<u8>) {
-    RecordHeader { lsn, prev_lsn_in_segment: prev, prev_lsn_for_page: Lsn::ZERO, page: PageId(lsn.0 % 17), cpl: lsn.0 % 4 == 0 }
+    RecordHeader { lsn, prev_lsn_in_segment: prev, prev_lsn_for_page: Lsn::ZERO, page: PageId(lsn.0 % 17), cpl: lsn.0.is_multiple_of(4) }
         .encode(&payload(lsn, payload_bytes), out);
 }
 

@@ -148,13 +148,13 @@ async fn compare(args: &CompareArgs) -> Result<()> {
         for run in 0..args.failover_runs {
             eprintln!("[compare failover {}/{}] borealis (promote now)", run + 1, args.failover_runs);
             let r = failover::measure_embedded(&b, &work, run).await.with_context(|| format!("borealis failover run {} (cluster under {})", run + 1, work.path.display()))?;
-            eprintln!("  borealis failover {:.1} ms, {} acknowledged, {} lost", r.failover_ms, r.acked_writes, r.lost_acked_writes);
+            eprintln!("  borealis failover {:.1} ms, {} acknowledged, {} lost", r.failover_ms, r.audit.acked_writes, r.audit.lost_acked_writes);
             bruns.push(r);
             eprintln!("[compare failover {}/{}] postgres (SIGKILL primary, promote standby)", run + 1, args.failover_runs);
             let r = postgres::failover_measure(&p, &work.path.join(format!("pg-failover-{}", run + 1)), run)
                 .await
                 .with_context(|| format!("postgres failover run {} (pair under {})", run + 1, work.path.display()))?;
-            eprintln!("  postgres failover {:.1} ms, {} acknowledged, {} lost", r.failover_ms, r.acked_writes, r.lost_acked_writes);
+            eprintln!("  postgres failover {:.1} ms, {} acknowledged, {} lost", r.failover_ms, r.audit.acked_writes, r.audit.lost_acked_writes);
             pgids.extend(r.postgres_pgids.iter().copied());
             pruns.push(r);
         }
@@ -192,8 +192,8 @@ async fn compare(args: &CompareArgs) -> Result<()> {
     println!("{md}");
     println!("wrote {} and {}", md_path.display(), path.display());
     if let Some(f) = &failovers {
-        if f.bs.lost_acked_writes + f.bs.torn_writes + f.ps.lost_acked_writes + f.ps.torn_writes > 0 {
-            bail!("acknowledged writes lost in a failover (Borealis {}, PostgreSQL {}) or torn; see {}", f.bs.lost_acked_writes, f.ps.lost_acked_writes, path.display());
+        if f.bs.totals.lost_or_torn() || f.ps.totals.lost_or_torn() {
+            bail!("acknowledged writes lost in a failover (Borealis {}, PostgreSQL {}) or torn; see {}", f.bs.totals.lost_acked_writes, f.ps.totals.lost_acked_writes, path.display());
         }
     }
     open_loop::verdict(&points, &path)?;
@@ -347,11 +347,11 @@ fn markdown(args: &CompareArgs, points: &[Point], f: Option<&Failovers>, targets
             f.bs.failover_ms,
             f.bs.failover_ms_max,
             f.bs.unavailable_ms,
-            f.bs.acked_writes,
-            f.bs.lost_acked_writes,
-            f.bs.torn_writes,
-            f.bs.unacked_present,
-            f.bs.unacked_absent
+            f.bs.totals.acked_writes,
+            f.bs.totals.lost_acked_writes,
+            f.bs.totals.torn_writes,
+            f.bs.totals.unacked_present,
+            f.bs.totals.unacked_absent
         );
         md += &format!(
             "| PostgreSQL | synchronous_commit={}, SIGKILL of the primary's process group, standby promoted at once ({}; promoted after {} ms) | {:.1} ({:.1}) | {:.1} | {} | {} | {} | {}/{} |\n",
@@ -364,11 +364,11 @@ fn markdown(args: &CompareArgs, points: &[Point], f: Option<&Failovers>, targets
             f.ps.failover_ms,
             f.ps.failover_ms_max,
             f.ps.unavailable_ms,
-            f.ps.acked_writes,
-            f.ps.lost_acked_writes,
-            f.ps.torn_writes,
-            f.ps.unacked_present,
-            f.ps.unacked_absent
+            f.ps.totals.acked_writes,
+            f.ps.totals.lost_acked_writes,
+            f.ps.totals.torn_writes,
+            f.ps.totals.unacked_present,
+            f.ps.totals.unacked_absent
         );
     }
     md += "\n## Targets (issue 6), from this run\n\n| target | rate/s | Borealis | PostgreSQL | ratio | target | |\n|---|---|---|---|---|---|---|\n";

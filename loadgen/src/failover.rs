@@ -18,6 +18,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
+use crate::audit::{AuditTotals, WriteAudit, Workload};
 use crate::cluster::{ClusterSpec, EmbeddedClusterArgs, LocalCluster, WorkDir};
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::report::{latency_histogram, median, LatencyUs};
@@ -118,21 +119,8 @@ pub struct Run {
     pub last_epoch: u64,
     /// The new writer's promotion (null if it could not be asked).
     pub promoted: Option<PromotedReply>,
-    /// Transactions sent.
-    pub writes: u64,
-    /// Transactions acknowledged, before and after the kill.
-    pub acked_writes: u64,
-    pub acked_before_kill: u64,
-    /// Acknowledged by the old writer after the kill was sent (replies already on their way).
-    pub acked_by_old_after_kill: u64,
-    /// Acknowledged transactions whose keys did not all read back with their values from the new writer. Must be 0.
-    pub lost_acked_writes: u64,
-    /// Transactions without an acknowledgement (the deadline passed) found wholly present, wholly absent, or torn (must be 0).
-    pub unacked_present: u64,
-    pub unacked_absent: u64,
-    pub torn_writes: u64,
-    /// Acknowledged transactions the client had to send more than once.
-    pub resent_writes: u64,
+    #[serde(flatten)]
+    pub audit: WriteAudit,
     /// Due time on the open-loop schedule to acknowledgement, every acknowledged transaction.
     pub commit_latency_us: LatencyUs,
     /// Unacknowledged transactions by error.
@@ -174,11 +162,8 @@ pub struct Summary {
     /// Medians of each step (over the runs that have it).
     #[serde(flatten)]
     pub breakdown: Breakdown,
-    pub lost_acked_writes: u64,
-    pub torn_writes: u64,
-    pub unacked_present: u64,
-    pub unacked_absent: u64,
-    pub acked_writes: u64,
+    #[serde(flatten)]
+    pub totals: AuditTotals,
     /// Sum over runs of `later_promotions`.
     pub later_promotions: u64,
 }
@@ -190,27 +175,9 @@ struct Outcome {
     result: Result<(Committed, Instant), String>,
 }
 
-/// Keys and values: every transaction writes keys of its own, with values that name it.
-struct Workload {
-    run: usize,
-    txn_ops: usize,
-    value_bytes: usize,
-}
-
-impl Workload {
-    fn key(&self, seq: u64, op: usize) -> Vec<u8> {
-        format!("failover-{}-{seq:010}-{op}", self.run).into_bytes()
-    }
-
-    fn value(&self, seq: u64, op: usize) -> Vec<u8> {
-        let mut v = format!("{seq}/{op}:").into_bytes();
-        v.resize(self.value_bytes.max(v.len()), b'v');
-        v
-    }
-
-    fn txn(&self, seq: u64) -> Vec<PageOp> {
-        (0..self.txn_ops).map(|op| PageOp::Put { key: self.key(seq, op), value: self.value(seq, op) }).collect()
-    }
+/// The transaction `seq` of `workload`.
+fn txn(workload: &Workload, seq: u64) -> Vec<PageOp> {
+    (0..workload.txn_ops).map(|op| PageOp::Put { key: workload.key(seq, op).into_bytes(), value: workload.value(seq, op) }).collect()
 }
 
 /// Reads in flight during the read-back.
@@ -243,8 +210,8 @@ async fn bench(args: &FailoverArgs) -> Result<()> {
             args.runs,
             r.failover_ms,
             r.unavailable_ms,
-            r.acked_writes,
-            r.lost_acked_writes
+            r.audit.acked_writes,
+            r.audit.lost_acked_writes
         );
         runs.push(r);
     }
@@ -252,7 +219,7 @@ async fn bench(args: &FailoverArgs) -> Result<()> {
     let json = serde_json::json!({
         "failover_ms": summary.failover_ms,
         "unavailable_ms": summary.unavailable_ms,
-        "lost_acked_writes": summary.lost_acked_writes,
+        "lost_acked_writes": summary.totals.lost_acked_writes,
         "summary": summary,
         "params": args,
         "runs": runs,
@@ -260,8 +227,8 @@ async fn bench(args: &FailoverArgs) -> Result<()> {
     std::fs::write(&args.json, serde_json::to_string_pretty(&json)?).with_context(|| format!("write {}", args.json.display()))?;
     println!("{}", table(&summary, &runs));
     println!("wrote {}", args.json.display());
-    if summary.lost_acked_writes > 0 || summary.torn_writes > 0 {
-        bail!("{} acknowledged writes lost, {} torn; see {}", summary.lost_acked_writes, summary.torn_writes, args.json.display());
+    if summary.totals.lost_or_torn() {
+        bail!("{} acknowledged writes lost, {} torn; see {}", summary.totals.lost_acked_writes, summary.totals.torn_writes, args.json.display());
     }
     work.cleanup();
     Ok(())
@@ -331,7 +298,7 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
             let mut seq = 0u64;
             while let Some(due) = ticks.recv().await {
                 let client = clients[seq as usize % clients.len()].clone();
-                let ops = workload.txn(seq);
+                let ops = txn(&workload, seq);
                 let outcomes = outcomes.clone();
                 inflight.spawn(async move {
                     let result = client.txn(ops).await.map(|c| (c, Instant::now())).map_err(|e| e.to_string());
@@ -365,7 +332,7 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
         bail!("no new writer: the clients still send to {} ({}) after the kill", last.addr, last.epoch);
     }
     let outcomes = std::mem::take(&mut *outcomes.lock().expect("outcomes"));
-    let reads = read_back(&clients[0].1, &workload, &outcomes).await?;
+    let mut audit = read_back(&clients[0].1, &workload, &outcomes).await?;
     for (endpoint, client) in clients {
         client.close();
         endpoint.close(0u32.into(), b"done");
@@ -373,7 +340,6 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
 
     let mut latency = latency_histogram();
     let mut errors = BTreeMap::<String, u64>::new();
-    let (mut acked_before_kill, mut by_old_after_kill, mut resent) = (0, 0, 0);
     let mut last_before: Option<Instant> = None;
     let mut first_new: Option<(Instant, WriterInfo)> = None;
     let mut new_epochs = BTreeSet::new();
@@ -381,13 +347,13 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
         match &o.result {
             Ok((c, at)) => {
                 latency.saturating_record((*at - o.due).as_micros() as u64);
-                resent += (c.attempts > 1) as u64;
+                audit.resent_writes += (c.attempts > 1) as u64;
                 if c.writer.epoch == old.epoch {
                     if *at <= killed_at {
-                        acked_before_kill += 1;
+                        audit.acked_before_kill += 1;
                         last_before = last_before.max(Some(*at));
                     } else {
-                        by_old_after_kill += 1;
+                        audit.acked_by_old_after_kill += 1;
                     }
                 } else {
                     new_epochs.insert(c.writer.epoch);
@@ -461,15 +427,7 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
         last_writer: last.addr,
         last_epoch: last.epoch.0,
         promoted: promoted.as_ref().map(PromotedReply::from),
-        writes,
-        acked_writes: outcomes.iter().filter(|o| o.result.is_ok()).count() as u64,
-        acked_before_kill,
-        acked_by_old_after_kill: by_old_after_kill,
-        lost_acked_writes: reads.lost_acked,
-        unacked_present: reads.unacked_present,
-        unacked_absent: reads.unacked_absent,
-        torn_writes: reads.torn,
-        resent_writes: resent,
+        audit: WriteAudit { writes, acked_writes: outcomes.iter().filter(|o| o.result.is_ok()).count() as u64, ..audit },
         commit_latency_us: LatencyUs::of(&latency),
         error_kinds: errors,
         kill_at_ms: ms(killed_at.saturating_duration_since(start)),
@@ -487,28 +445,10 @@ async fn ask_promoted(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<Pr
     Ok(p?)
 }
 
-#[derive(Default)]
-struct ReadBack {
-    lost_acked: u64,
-    unacked_present: u64,
-    unacked_absent: u64,
-    torn: u64,
-}
-
 /// Reads every key of every transaction from the current writer and classifies the transactions.
-async fn read_back(client: &ClusterClient, workload: &Arc<Workload>, outcomes: &[Outcome]) -> Result<ReadBack> {
+async fn read_back(client: &ClusterClient, workload: &Arc<Workload>, outcomes: &[Outcome]) -> Result<WriteAudit> {
     let mut reads = JoinSet::new();
-    let mut out = ReadBack::default();
-    let mut classify = |acked: bool, present: usize| {
-        let n = workload.txn_ops;
-        match (acked, present) {
-            (true, p) if p == n => {}
-            (true, _) => out.lost_acked += 1,
-            (false, p) if p == n => out.unacked_present += 1,
-            (false, 0) => out.unacked_absent += 1,
-            (false, _) => out.torn += 1,
-        }
-    };
+    let mut out = WriteAudit::default();
     let mut pending = outcomes.iter().map(|o| (o.seq, o.result.is_ok()));
     loop {
         while reads.len() < READS_INFLIGHT_MAX {
@@ -517,7 +457,7 @@ async fn read_back(client: &ClusterClient, workload: &Arc<Workload>, outcomes: &
             reads.spawn(async move {
                 let mut present = 0;
                 for op in 0..workload.txn_ops {
-                    let (_, value) = client.get(&workload.key(seq, op)).await.with_context(|| format!("read back transaction {seq}"))?;
+                    let (_, value) = client.get(workload.key(seq, op).as_bytes()).await.with_context(|| format!("read back transaction {seq}"))?;
                     present += (value.as_deref() == Some(&workload.value(seq, op)[..])) as usize;
                 }
                 Ok::<_, anyhow::Error>((acked, present))
@@ -526,7 +466,7 @@ async fn read_back(client: &ClusterClient, workload: &Arc<Workload>, outcomes: &
         match reads.join_next().await {
             Some(r) => {
                 let (acked, present) = r.context("read-back task")??;
-                classify(acked, present);
+                out.read_back(acked, present, workload.txn_ops);
             }
             None => break,
         }
@@ -559,11 +499,7 @@ pub fn summarize(args: &FailoverArgs, runs: &[Run]) -> Summary {
             discover_ms: m(&|r| r.breakdown.discover_ms),
             first_commit_ms: m(&|r| r.breakdown.first_commit_ms),
         },
-        lost_acked_writes: sum(&|r| r.lost_acked_writes),
-        torn_writes: sum(&|r| r.torn_writes),
-        unacked_present: sum(&|r| r.unacked_present),
-        unacked_absent: sum(&|r| r.unacked_absent),
-        acked_writes: sum(&|r| r.acked_writes),
+        totals: AuditTotals::of(runs.iter().map(|r| &r.audit)),
         later_promotions: sum(&|r| r.later_promotions),
     }
 }
@@ -595,16 +531,16 @@ pub fn table(s: &Summary, runs: &[Run]) -> String {
         );
     };
     for r in runs {
-        row(format!("{}", r.run + 1), r.failover_ms, r.unavailable_ms, &r.breakdown, r.acked_writes, r.lost_acked_writes, [r.unacked_present, r.unacked_absent, r.torn_writes]);
+        row(format!("{}", r.run + 1), r.failover_ms, r.unavailable_ms, &r.breakdown, r.audit.acked_writes, r.audit.lost_acked_writes, [r.audit.unacked_present, r.audit.unacked_absent, r.audit.torn_writes]);
     }
     row(
         "median (counts: sum)".into(),
         s.failover_ms,
         s.unavailable_ms,
         &s.breakdown,
-        s.acked_writes,
-        s.lost_acked_writes,
-        [s.unacked_present, s.unacked_absent, s.torn_writes],
+        s.totals.acked_writes,
+        s.totals.lost_acked_writes,
+        [s.totals.unacked_present, s.totals.unacked_absent, s.totals.torn_writes],
     );
     if s.later_promotions > 0 {
         t += &format!("\n{} later promotions: a replica deposed the new writer (see later_promotions in the runs)\n", s.later_promotions);

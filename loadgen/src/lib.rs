@@ -9,6 +9,7 @@
 //! build against a committed baseline;
 //! `put`/`get`/`delete`/`txn` send single requests; `volume` prints a local volume file.
 
+pub mod audit;
 pub mod ceilings;
 pub mod client;
 pub mod cluster;

@@ -36,6 +36,7 @@ use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::types::{PgLsn, ToSql};
 use tokio_postgres::{Client, NoTls, Statement};
 
+use crate::audit::{AuditTotals, Workload, WriteAudit};
 use crate::cluster::{free_port, proc_stat_fields, WorkDir};
 use crate::open_loop::{self, Feeds, LoadArgs, Measurement, Point, ReadPoint, System};
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
@@ -849,19 +850,8 @@ pub struct PgFailoverRun {
     pub promote_sent_ms: f64,
     /// Kill to the standby leaving recovery (`pg_is_in_recovery()` false, polled each millisecond; null with pg-ctl).
     pub promoted_ms: Option<f64>,
-    /// Transactions sent.
-    pub writes: u64,
-    pub acked_writes: u64,
-    pub acked_before_kill: u64,
-    /// Acknowledged by the old primary after the kill was sent (replies already on their way).
-    pub acked_by_old_after_kill: u64,
-    /// Acknowledged transactions whose keys did not all read back with their values from the promoted standby.
-    pub lost_acked_writes: u64,
-    pub unacked_present: u64,
-    pub unacked_absent: u64,
-    pub torn_writes: u64,
-    /// Acknowledged transactions the client had to send more than once.
-    pub resent_writes: u64,
+    #[serde(flatten)]
+    pub audit: WriteAudit,
     pub commit_latency_us: LatencyUs,
     pub error_kinds: BTreeMap<String, u64>,
     /// The pair's process groups (all stopped when the run ends).
@@ -884,34 +874,13 @@ pub struct PgFailoverSummary {
     pub unavailable_ms: f64,
     pub promote_sent_ms: f64,
     pub promoted_ms: Option<f64>,
-    pub lost_acked_writes: u64,
-    pub torn_writes: u64,
-    pub unacked_present: u64,
-    pub unacked_absent: u64,
-    pub acked_writes: u64,
+    #[serde(flatten)]
+    pub totals: AuditTotals,
 }
 
-/// Keys and values: every transaction writes keys of its own, with values that name it (as `loadgen failover`).
-struct FailoverWorkload {
-    run: usize,
-    txn_ops: usize,
-    value_bytes: usize,
-}
-
-impl FailoverWorkload {
-    fn key(&self, seq: u64, op: usize) -> String {
-        format!("failover-{}-{seq:010}-{op}", self.run)
-    }
-
-    fn value(&self, seq: u64, op: usize) -> Vec<u8> {
-        let mut v = format!("{seq}/{op}:").into_bytes();
-        v.resize(self.value_bytes.max(v.len()), b'v');
-        v
-    }
-
-    fn txn(&self, seq: u64) -> Vec<(String, Vec<u8>)> {
-        (0..self.txn_ops).map(|op| (self.key(seq, op), self.value(seq, op))).collect()
-    }
+/// The transaction `seq` of `workload`.
+fn failover_txn(workload: &Workload, seq: u64) -> Vec<(String, Vec<u8>)> {
+    (0..workload.txn_ops).map(|op| (workload.key(seq, op), workload.value(seq, op))).collect()
 }
 
 /// A session that follows the writable server: on an error it reconnects and re-sends the transaction.
@@ -1051,14 +1020,14 @@ async fn failover_bench(args: &PgFailoverArgs) -> Result<()> {
     let mut runs = Vec::new();
     for run in 0..args.runs {
         let r = failover_measure(args, &work.path.join(format!("run-{}", run + 1)), run).await.with_context(|| format!("run {} (pair under {})", run + 1, work.path.display()))?;
-        eprintln!("[postgres run {}/{}] failover {:.1} ms, unavailable {:.1} ms, {} acknowledged, {} lost", run + 1, args.runs, r.failover_ms, r.unavailable_ms, r.acked_writes, r.lost_acked_writes);
+        eprintln!("[postgres run {}/{}] failover {:.1} ms, unavailable {:.1} ms, {} acknowledged, {} lost", run + 1, args.runs, r.failover_ms, r.unavailable_ms, r.audit.acked_writes, r.audit.lost_acked_writes);
         runs.push(r);
     }
     let summary = failover_summary(args, &runs);
     let json = serde_json::json!({
         "failover_ms": summary.failover_ms,
         "unavailable_ms": summary.unavailable_ms,
-        "lost_acked_writes": summary.lost_acked_writes,
+        "lost_acked_writes": summary.totals.lost_acked_writes,
         "summary": summary,
         "params": args,
         "runs": runs,
@@ -1067,8 +1036,9 @@ async fn failover_bench(args: &PgFailoverArgs) -> Result<()> {
     println!("{}", failover_table(&summary, &runs));
     println!("wrote {}", args.json.display());
     let must_keep = matches!(args.synchronous_commit, SyncCommit::On | SyncCommit::RemoteApply);
-    if summary.torn_writes > 0 || (must_keep && summary.lost_acked_writes > 0) {
-        bail!("{} acknowledged writes lost, {} torn with synchronous_commit={}; see {}", summary.lost_acked_writes, summary.torn_writes, args.synchronous_commit.as_str(), args.json.display());
+    let t = &summary.totals;
+    if t.torn_writes > 0 || (must_keep && t.lost_acked_writes > 0) {
+        bail!("{} acknowledged writes lost, {} torn with synchronous_commit={}; see {}", t.lost_acked_writes, t.torn_writes, args.synchronous_commit.as_str(), args.json.display());
     }
     work.cleanup();
     Ok(())
@@ -1103,7 +1073,7 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
     }
     // Opened before the kill, so that the promotion is not delayed by a connection.
     let admin = connect(pair.standby_port(), "loadgen-promote", false).await?;
-    let workload = Arc::new(FailoverWorkload { run, txn_ops: args.txn_ops, value_bytes: args.value_bytes });
+    let workload = Arc::new(Workload { run, txn_ops: args.txn_ops, value_bytes: args.value_bytes });
     let warmup = Duration::from_secs_f64(args.warmup_seconds);
     let total = warmup + Duration::from_secs_f64(args.seconds);
     let start = Instant::now() + Duration::from_millis(20);
@@ -1119,7 +1089,7 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
             let mut seq = 0u64;
             while let Some(due) = ticks.recv().await {
                 let (client, outcomes) = (client.clone(), outcomes.clone());
-                let ops = workload.txn(seq);
+                let ops = failover_txn(&workload, seq);
                 inflight.spawn(async move {
                     let result = client.txn(seq as usize % sessions, &ops).await;
                     outcomes.lock().expect("outcomes").push(FailoverOutcome { seq, due, result });
@@ -1166,21 +1136,14 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
     let reader = connect(pair.standby_port(), "loadgen-read-back", true).await.context("connect to the promoted standby for the read-back")?;
     let rows = reader.query("SELECT key, value FROM kv", &[]).await.context("read back")?;
     let stored: HashMap<String, Vec<u8>> = rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
-    let (mut lost, mut present_unacked, mut absent_unacked, mut torn) = (0, 0, 0, 0);
+    let mut audit = WriteAudit::default();
     for o in &outcomes {
         let present = (0..args.txn_ops).filter(|&op| stored.get(&workload.key(o.seq, op)) == Some(&workload.value(o.seq, op))).count();
-        match (o.result.is_ok(), present) {
-            (true, p) if p == args.txn_ops => {}
-            (true, _) => lost += 1,
-            (false, p) if p == args.txn_ops => present_unacked += 1,
-            (false, 0) => absent_unacked += 1,
-            (false, _) => torn += 1,
-        }
+        audit.read_back(o.result.is_ok(), present, args.txn_ops);
     }
 
     let mut latency = latency_histogram();
     let mut errors = BTreeMap::<String, u64>::new();
-    let (mut before_kill, mut old_after_kill, mut resent) = (0, 0, 0);
     let mut last_before: Option<Instant> = None;
     let mut first_new: Option<Instant> = None;
     let mut acks_at_ms = Vec::new();
@@ -1189,13 +1152,13 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
             Ok(a) => {
                 latency.saturating_record((a.at - o.due).as_micros() as u64);
                 acks_at_ms.push((a.at.saturating_duration_since(start)).as_secs_f64() * 1e3);
-                resent += (a.attempts > 1) as u64;
+                audit.resent_writes += (a.attempts > 1) as u64;
                 if a.server == 0 {
                     if a.at <= killed_at {
-                        before_kill += 1;
+                        audit.acked_before_kill += 1;
                         last_before = last_before.max(Some(a.at));
                     } else {
-                        old_after_kill += 1;
+                        audit.acked_by_old_after_kill += 1;
                     }
                 } else if first_new.is_none_or(|f| a.at < f) {
                     first_new = Some(a.at);
@@ -1213,15 +1176,7 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
         unavailable_ms: ms(first_new - last_before),
         promote_sent_ms: ms(promote_sent - killed_at),
         promoted_ms: promoted_at.map(|p| ms(p - killed_at)),
-        writes,
-        acked_writes: outcomes.iter().filter(|o| o.result.is_ok()).count() as u64,
-        acked_before_kill: before_kill,
-        acked_by_old_after_kill: old_after_kill,
-        lost_acked_writes: lost,
-        unacked_present: present_unacked,
-        unacked_absent: absent_unacked,
-        torn_writes: torn,
-        resent_writes: resent,
+        audit: WriteAudit { writes, acked_writes: outcomes.iter().filter(|o| o.result.is_ok()).count() as u64, ..audit },
         commit_latency_us: LatencyUs::of(&latency),
         error_kinds: errors,
         postgres_pgids: Vec::new(),
@@ -1233,7 +1188,6 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
 pub fn failover_summary(args: &PgFailoverArgs, runs: &[PgFailoverRun]) -> PgFailoverSummary {
     let m = |f: &dyn Fn(&PgFailoverRun) -> f64| median(runs.iter().map(f).collect());
     let promoted: Vec<f64> = runs.iter().filter_map(|r| r.promoted_ms).collect();
-    let sum = |f: &dyn Fn(&PgFailoverRun) -> u64| runs.iter().map(f).sum();
     PgFailoverSummary {
         synchronous_commit: args.synchronous_commit,
         promote_with: args.promote_with,
@@ -1244,11 +1198,7 @@ pub fn failover_summary(args: &PgFailoverArgs, runs: &[PgFailoverRun]) -> PgFail
         unavailable_ms: m(&|r| r.unavailable_ms),
         promote_sent_ms: m(&|r| r.promote_sent_ms),
         promoted_ms: (!promoted.is_empty()).then(|| median(promoted)),
-        lost_acked_writes: sum(&|r| r.lost_acked_writes),
-        torn_writes: sum(&|r| r.torn_writes),
-        unacked_present: sum(&|r| r.unacked_present),
-        unacked_absent: sum(&|r| r.unacked_absent),
-        acked_writes: sum(&|r| r.acked_writes),
+        totals: AuditTotals::of(runs.iter().map(|r| &r.audit)),
     }
 }
 
@@ -1268,11 +1218,11 @@ pub fn failover_table(s: &PgFailoverSummary, runs: &[PgFailoverRun]) -> String {
             r.unavailable_ms,
             r.promote_sent_ms,
             opt(r.promoted_ms),
-            r.acked_writes,
-            r.lost_acked_writes,
-            r.unacked_present,
-            r.unacked_absent,
-            r.torn_writes
+            r.audit.acked_writes,
+            r.audit.lost_acked_writes,
+            r.audit.unacked_present,
+            r.audit.unacked_absent,
+            r.audit.torn_writes
         );
     }
     t += &format!(
@@ -1281,11 +1231,11 @@ pub fn failover_table(s: &PgFailoverSummary, runs: &[PgFailoverRun]) -> String {
         s.unavailable_ms,
         s.promote_sent_ms,
         opt(s.promoted_ms),
-        s.acked_writes,
-        s.lost_acked_writes,
-        s.unacked_present,
-        s.unacked_absent,
-        s.torn_writes
+        s.totals.acked_writes,
+        s.totals.lost_acked_writes,
+        s.totals.unacked_present,
+        s.totals.unacked_absent,
+        s.totals.torn_writes
     );
     t
 }

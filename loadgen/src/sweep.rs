@@ -181,12 +181,12 @@ async fn sweep(args: &SweepArgs) -> Result<()> {
     if let Some(f) = &failover {
         println!(
             "| failover (promote now, {:.0} two-put commits/s) | kill → first commit {:.1} ms (median of {}, max {:.1}) | unavailable {:.1} ms | lost acknowledged writes {} of {} |\n",
-            f.rate, f.failover_ms, f.runs, f.failover_ms_max, f.unavailable_ms, f.lost_acked_writes, f.acked_writes
+            f.rate, f.failover_ms, f.runs, f.failover_ms_max, f.unavailable_ms, f.totals.lost_acked_writes, f.totals.acked_writes
         );
     }
     println!("wrote {} (and .hgrm, .svg beside it)", path.display());
-    if let Some(f) = failover.filter(|f| f.lost_acked_writes > 0 || f.torn_writes > 0) {
-        bail!("failover: {} acknowledged writes lost, {} torn; see {}", f.lost_acked_writes, f.torn_writes, path.display());
+    if let Some(f) = failover.filter(|f| f.totals.lost_or_torn()) {
+        bail!("failover: {} acknowledged writes lost, {} torn; see {}", f.totals.lost_acked_writes, f.totals.torn_writes, path.display());
     }
     open_loop::verdict(&points, &path)
 }

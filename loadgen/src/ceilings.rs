@@ -1,6 +1,6 @@
 //! The ceilings storage is measured against, taken in the same run on the
-//! same machine: raw sequential O_DIRECT write + fdatasync through io_uring
-//! (the flusher's own pattern, one write+sync in flight), and raw QUIC
+//! same machine: raw sequential O_DIRECT + O_DSYNC writes through io_uring
+//! (the flusher's own pattern, one durable write in flight), and raw QUIC
 //! loopback throughput through quinn with the cluster's TLS configuration.
 
 use std::fs::OpenOptions;
@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{opcode, types, IoUring};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -28,7 +28,7 @@ pub struct DiskCeiling {
 }
 
 /// Writes `write_bytes` blocks sequentially into a fresh preallocated file in
-/// `dir`, each write linked to an fdatasync, for `duration`.
+/// `dir`, each O_DSYNC (durable when it completes), for `duration`.
 pub fn raw_disk(dir: &Path, write_bytes: usize, duration: Duration) -> Result<DiskCeiling> {
     assert!(write_bytes.is_multiple_of(BLOCK) && write_bytes > 0);
     let path = dir.join("raw-disk-ceiling.tmp");
@@ -61,17 +61,13 @@ pub fn raw_disk(dir: &Path, write_bytes: usize, duration: Duration) -> Result<Di
                 }
                 allocated += grow;
             }
-            let write = opcode::Write::new(fd, buf, write_bytes as u32).offset(offset).build().flags(squeue::Flags::IO_LINK).user_data(1);
-            let sync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(2);
-            // SAFETY: buffer and file outlive the two operations, which complete before the next loop.
-            unsafe {
-                ring.submission().push(&write).expect("room");
-                ring.submission().push(&sync).expect("room");
-            }
-            ring.submit_and_wait(2)?;
+            let write = opcode::Write::new(fd, buf, write_bytes as u32).offset(offset).rw_flags(libc::RWF_DSYNC).build();
+            // SAFETY: buffer and file outlive the write, which completes before the next loop.
+            unsafe { ring.submission().push(&write).expect("room") };
+            ring.submit_and_wait(1)?;
             for c in ring.completion() {
                 if c.result() < 0 {
-                    bail!("raw disk op {}: {}", c.user_data(), std::io::Error::from_raw_os_error(-c.result()));
+                    bail!("raw disk write: {}", std::io::Error::from_raw_os_error(-c.result()));
                 }
             }
             offset += write_bytes as u64;

@@ -277,7 +277,7 @@ fn targets(args: &CompareArgs, points: &[Point], f: Option<&Failovers>) -> Vec<T
 fn durability_note(system: &str, durability: &str) -> &'static str {
     match (system, durability) {
         ("borealis", "memory") => "4/6 storage nodes hold the record in memory (flushed asynchronously)",
-        ("borealis", "disk") => "4/6 storage nodes have flushed it (fdatasync)",
+        ("borealis", "disk") => "4/6 storage nodes have flushed it (O_DSYNC write)",
         ("postgres", "off") => "WAL buffers only (flushed by the WAL writer; can lose acked commits)",
         ("postgres", "local") => "local WAL fsync; standby asynchronous",
         ("postgres", "on") => "local WAL fsync + synchronous standby's flush",
@@ -389,7 +389,7 @@ fn markdown(args: &CompareArgs, points: &[Point], f: Option<&Failovers>, targets
     }
     md += "\n## Known differences\n\n\
 - Topology: Borealis runs 6 storage daemons, a writer and a replica; PostgreSQL a primary and one standby. All share the same 2 vCPUs and disk, so Borealis spends more CPU per commit on process hops; neither gets a core of its own.\n\
-- Durability differs by design: Borealis ack=memory holds a commit in memory on 4 of 6 storage nodes (on one host here: a power loss could lose it), PostgreSQL `on` fsyncs it locally and on the standby; ack=disk is the closest match to `on` (4/6 fdatasync vs 2/2).\n\
+- Durability differs by design: Borealis ack=memory holds a commit in memory on 4 of 6 storage nodes (on one host here: a power loss could lose it), PostgreSQL `on` fsyncs it locally and on the standby; ack=disk is the closest match to `on` (4/6 durable writes vs fsync on 2/2).\n\
 - Lag probes: Borealis' replica pushes its read point to loadgen (event-driven); PostgreSQL's standby is polled back to back with `pg_last_wal_replay_lsn()` on one session whenever an acknowledged commit is above its last replay point (errs high by up to one poll round trip; the polling costs the standby and loadgen CPU that Borealis' probe does not, about a third of a core at 1,000 commits/s). PostgreSQL's commit position is the WAL insert position after the row (`RETURNING pg_current_wal_insert_lsn()`): the commit record follows it, so its lag errs low by that record's replay, in its favour.\n\
 - Clients: PostgreSQL sessions pipeline their statements (tokio-postgres); a session runs one transaction at a time on the server, so at most `connections` commits are in progress there, while Borealis' writer takes every pipelined commit of a connection at once (group commit across them).\n\
 - Failover: PostgreSQL's standby is promoted with `pg_promote()` on a session opened before the kill (what `pg_ctl promote` does, without starting a process), as Borealis' replica gets `Promote` on a connection opened before; both sides' clients retry every 5 ms. PostgreSQL's whole process group is killed at once (the machine dies), as writerd is one process. After promotion PostgreSQL runs without a standby (commits are then only local), while Borealis' new writer still commits on 4/6 storage nodes.\n\

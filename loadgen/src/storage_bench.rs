@@ -85,7 +85,7 @@ pub struct PhaseResult {
     pub ack_latency_us: LatencyUs,
     /// Append sent (or due) to the 4th of 6 acks (the 1st with one node).
     pub quorum_latency_us: LatencyUs,
-    /// storaged's own flush latency (write submitted to fdatasync completed), median over nodes.
+    /// storaged's own flush latency (write submitted to durable), median over nodes.
     pub flush_latency_us_p50: f64,
     pub flush_latency_us_p99: f64,
     /// storaged's own ack latency (frame received to ack sent), p99, median over nodes.

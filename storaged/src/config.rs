@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 pub enum AckMode {
     /// After insertion into the in-memory segment log (Aurora's default; flush is asynchronous).
     Memory,
-    /// Only after fdatasync of the segment file covers the batch.
+    /// Only once a durable (O_DSYNC) write of the segment file covers the batch.
     Disk,
 }
 
@@ -56,7 +56,7 @@ pub struct Config {
     /// every stream of every client; a stream waits for room before reading a frame.
     #[arg(long, default_value = "512MiB", value_parser = borealis_net::parse_bytes)]
     pub inflight_bytes_max: u64,
-    /// Largest single write of a flush (then fdatasync).
+    /// Largest single write of a flush.
     #[arg(long, default_value = "2MiB", value_parser = borealis_net::parse_bytes)]
     pub flush_bytes_max: u64,
     /// Test and fault-injection knob, not for production: every flush job waits this long
@@ -67,7 +67,7 @@ pub struct Config {
     /// With `--ack memory`: after a flush starts, the next one waits this long (µs) so that it
     /// carries every record that arrived meanwhile. Nothing waits for these flushes but the
     /// flushed LSN (replicas' and the writer's release of retained records), and each one costs
-    /// the node several thread wake-ups and an fdatasync: one per append at a few thousand
+    /// the node several thread wake-ups and a durable write: one per append at a few thousand
     /// appends/s, which on a small machine the commit path then waits behind. The first flush
     /// after a quiet spell starts at once, and a segment with 256 KiB unflushed does not wait.
     /// The flusher then runs at nice 10. Ignored with `--ack disk`, whose acks wait for the

@@ -1,5 +1,5 @@
 //! `storaged bench-flush`: the flush path alone (segment logs, the io_uring
-//! flusher, O_DIRECT writes and fdatasync on real files) fed from memory as
+//! flusher, O_DIRECT + O_DSYNC writes on real files) fed from memory as
 //! fast as the hot-log limit allows, without the network. loadgen compares
 //! it with the raw disk ceiling.
 

@@ -99,7 +99,7 @@ impl Metrics {
             ("storaged_requests_refused_total", "Requests answered with an error other than Busy.", &self.requests_refused),
             ("storaged_truncations_total", "Truncations of a segment's log above a new writer's point (repeats not counted).", &self.truncations),
             ("storaged_truncated_records_total", "Records discarded by truncations.", &self.truncated_records),
-            ("storaged_flushed_bytes_total", "Record bytes made durable by fdatasync.", &self.flushed_bytes),
+            ("storaged_flushed_bytes_total", "Record bytes made durable by flushes.", &self.flushed_bytes),
             ("storaged_get_page_requests_total", "GetPage@LSN requests for a hosted segment.", &self.get_page_requests),
             ("storaged_pages_coalesced_total", "Page images materialised and written to page files.", &self.pages_coalesced),
             ("storaged_page_image_bytes_total", "Bytes of page-file entries made durable by fsync.", &self.page_image_bytes),
@@ -114,9 +114,9 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{node=\"{node_id}\"}} {}", c.load(Relaxed));
         }
         self.ack_latency_us.render(&mut out, "storaged_ack_latency_us", "Append frame received to ack sent, microseconds.");
-        self.flush_latency_us.render(&mut out, "storaged_flush_latency_us", "Flush write submitted to fdatasync completed, microseconds.");
+        self.flush_latency_us.render(&mut out, "storaged_flush_latency_us", "Flush write submitted to durable, microseconds.");
         self.append_batch_records.render(&mut out, "storaged_append_batch_records", "Records per append batch.");
-        self.flush_batch_bytes.render(&mut out, "storaged_flush_batch_bytes", "Record bytes per flush (one write + fdatasync).");
+        self.flush_batch_bytes.render(&mut out, "storaged_flush_batch_bytes", "Record bytes per flush (one durable write).");
         self.get_page_latency_us.render(&mut out, "storaged_get_page_latency_us", "GetPage request received to page materialised, microseconds.");
         let gauges: [Gauge; 7] = [
             ("storaged_segment_scl", "Segment complete LSN.", |s| s.scl),

@@ -46,6 +46,18 @@ pub struct WriteAudit {
 }
 
 impl WriteAudit {
+    /// One acknowledged transaction: sent `attempts` times, acknowledged by the old writer
+    /// (before the kill or after it) or by the new one.
+    pub fn acked(&mut self, attempts: u32, by_old: bool, before_kill: bool) {
+        self.acked_writes += 1;
+        self.resent_writes += (attempts > 1) as u64;
+        match (by_old, before_kill) {
+            (true, true) => self.acked_before_kill += 1,
+            (true, false) => self.acked_by_old_after_kill += 1,
+            (false, _) => {}
+        }
+    }
+
     /// One transaction read back: `present` of its `ops` keys held its values.
     pub fn read_back(&mut self, acked: bool, present: usize, ops: usize) {
         match (acked, present) {
@@ -90,14 +102,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn read_back_classifies_each_transaction() {
+    fn acks_and_read_backs_are_counted_and_summed() {
         let mut a = WriteAudit::default();
         for (acked, present) in [(true, 3), (true, 2), (false, 3), (false, 0), (false, 1), (true, 0)] {
             a.read_back(acked, present, 3);
         }
         assert_eq!((a.lost_acked_writes, a.unacked_present, a.unacked_absent, a.torn_writes), (2, 1, 1, 1));
+        for (attempts, by_old, before_kill) in [(1, true, true), (2, true, false), (3, false, false), (1, false, true)] {
+            a.acked(attempts, by_old, before_kill);
+        }
+        assert_eq!((a.acked_writes, a.resent_writes, a.acked_before_kill, a.acked_by_old_after_kill), (4, 2, 1, 1));
         let totals = AuditTotals::of([&a, &WriteAudit { acked_writes: 5, torn_writes: 1, ..Default::default() }]);
-        assert_eq!((totals.lost_acked_writes, totals.torn_writes, totals.acked_writes), (2, 2, 5));
+        assert_eq!((totals.lost_acked_writes, totals.torn_writes, totals.acked_writes), (2, 2, 9));
         assert!(totals.lost_or_torn());
         assert!(!AuditTotals::default().lost_or_torn());
     }

@@ -347,13 +347,10 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
         match &o.result {
             Ok((c, at)) => {
                 latency.saturating_record((*at - o.due).as_micros() as u64);
-                audit.resent_writes += (c.attempts > 1) as u64;
+                audit.acked(c.attempts, c.writer.epoch == old.epoch, *at <= killed_at);
                 if c.writer.epoch == old.epoch {
                     if *at <= killed_at {
-                        audit.acked_before_kill += 1;
                         last_before = last_before.max(Some(*at));
-                    } else {
-                        audit.acked_by_old_after_kill += 1;
                     }
                 } else {
                     new_epochs.insert(c.writer.epoch);
@@ -427,7 +424,7 @@ async fn measure(args: &FailoverArgs, cluster: &mut LocalCluster, run: usize) ->
         last_writer: last.addr,
         last_epoch: last.epoch.0,
         promoted: promoted.as_ref().map(PromotedReply::from),
-        audit: WriteAudit { writes, acked_writes: outcomes.iter().filter(|o| o.result.is_ok()).count() as u64, ..audit },
+        audit: WriteAudit { writes, ..audit },
         commit_latency_us: LatencyUs::of(&latency),
         error_kinds: errors,
         kill_at_ms: ms(killed_at.saturating_duration_since(start)),

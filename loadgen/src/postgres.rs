@@ -1152,13 +1152,10 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
             Ok(a) => {
                 latency.saturating_record((a.at - o.due).as_micros() as u64);
                 acks_at_ms.push((a.at.saturating_duration_since(start)).as_secs_f64() * 1e3);
-                audit.resent_writes += (a.attempts > 1) as u64;
+                audit.acked(a.attempts, a.server == 0, a.at <= killed_at);
                 if a.server == 0 {
                     if a.at <= killed_at {
-                        audit.acked_before_kill += 1;
                         last_before = last_before.max(Some(a.at));
-                    } else {
-                        audit.acked_by_old_after_kill += 1;
                     }
                 } else if first_new.is_none_or(|f| a.at < f) {
                     first_new = Some(a.at);
@@ -1176,7 +1173,7 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
         unavailable_ms: ms(first_new - last_before),
         promote_sent_ms: ms(promote_sent - killed_at),
         promoted_ms: promoted_at.map(|p| ms(p - killed_at)),
-        audit: WriteAudit { writes, acked_writes: outcomes.iter().filter(|o| o.result.is_ok()).count() as u64, ..audit },
+        audit: WriteAudit { writes, ..audit },
         commit_latency_us: LatencyUs::of(&latency),
         error_kinds: errors,
         postgres_pgids: Vec::new(),

@@ -132,12 +132,45 @@ impl StorageConn {
         next(&mut recv).await
     }
 
+    /// Opens a log stream of `pg`'s records after `after`, with `credit` bytes to start
+    /// with, answered only by a segment that recorded `epoch`'s truncation (as `pull_at`).
+    pub async fn stream_log(&self, epoch: Epoch, pg: PgId, after: Lsn, credit: u32) -> Result<LogStreamReader, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        write_message(&mut send, &Message::StreamLog { pg, after, credit, epoch }).await?;
+        Ok(LogStreamReader { send, recv, buf: Vec::new() })
+    }
+
     /// Subscribes to the positions of `pgs`: pushed when a flushed LSN advances, and with
     /// `every_scl` when an SCL does too.
     pub async fn subscribe(&self, pgs: Vec<PgId>, every_scl: bool) -> Result<Subscription, ClientError> {
         let (mut send, recv) = self.conn.open_bi().await?;
         write_message(&mut send, &Message::Subscribe { pgs, every_scl }).await?;
         Ok(Subscription { _send: send, recv })
+    }
+}
+
+/// A log stream (`StreamLog`): the segment's records as they arrive, within the credit granted.
+pub struct LogStreamReader {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    buf: Vec<u8>,
+}
+
+impl LogStreamReader {
+    /// The next chunk: records after the previous chunk's `last_lsn` (or the stream's start).
+    pub async fn next(&mut self) -> Result<Pulled, ClientError> {
+        match next(&mut self.recv).await? {
+            Message::PullReply { position, last_lsn, records } => Ok(Pulled { position, last_lsn, records }),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Lets the segment send `bytes` more.
+    pub async fn grant(&mut self, bytes: u32) -> Result<(), ClientError> {
+        self.buf.clear();
+        Message::Credit { bytes }.encode(&mut self.buf);
+        self.send.write_all(&self.buf).await?;
+        Ok(())
     }
 }
 
@@ -253,7 +286,7 @@ impl NodeLink {
     }
 
     /// After a transport failure the node may have restarted: the next request connects afresh.
-    async fn forget_failed<T>(&self, conn: &StorageConn, r: &Result<T, ClientError>) {
+    pub async fn forget_failed<T>(&self, conn: &StorageConn, r: &Result<T, ClientError>) {
         if matches!(r, Err(e) if !matches!(e, ClientError::Refused { .. })) {
             self.forget(conn.conn.stable_id()).await;
         }

@@ -4,6 +4,7 @@
 pub mod api;
 mod codec;
 pub mod ids;
+pub mod log_stream;
 pub mod page;
 pub mod page_index;
 pub mod quorum;

@@ -14,14 +14,22 @@
 //!   flight are kept for that page and applied to the image when it arrives.
 //! - **Retain until flushed.** Applied records stay in `retained` until a
 //!   write quorum of their PG's segments has flushed them.
+//! - **Streamed, pulled where the stream falls short.** Each PG has at most one
+//!   log stream (`StreamLog`): a segment pushes its records as they arrive, within
+//!   the credit the replica grants. Pulls fill what the stream did not bring (its
+//!   segment missed records, is slow, or the stream is being reopened), from any
+//!   segment whose SCL covers them; records are kept once, whoever brought them.
 //! - **Backpressure.** Pending plus retained bytes are bounded by
-//!   `buffer_bytes_max` (a pull in flight reserves its share): with the buffer
+//!   `buffer_bytes_max` (a pull in flight and a stream's unused credit reserve
+//!   their share; streams get credit only while `STREAM_HEADROOM_BYTES` of room
+//!   would be left, so near the limit only pulls bring records, as with no
+//!   stream): with the buffer
 //!   full nothing is pulled, except, one record at a time, what the PG that
 //!   holds the read point back needs when nothing retained is left to free (so
 //!   a transaction larger than the buffer still gets through: the limit may be
 //!   exceeded by at most one transaction plus one record: storage serves at
 //!   least one record however little is asked, so near the limit pulls go one
-//!   at a time).
+//!   at a time; a stream overshoots its credit by one record, into the headroom).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -40,6 +48,14 @@ use crate::DecodeError;
 pub const PULL_BYTES_MAX: usize = 1 << 20;
 /// Pulls of one PG in flight at once.
 const PULLS_INFLIGHT_MAX: usize = 2;
+/// Credit a log stream holds at most; more is granted once less than half is left,
+/// so that a stream carrying 1 MB/s costs about one `Credit` frame a second.
+pub const STREAM_CREDIT_MAX: usize = 1 << 20;
+/// Buffer room that streams leave to pulls. A stream's credit can sit unused for long
+/// (its segment has nothing new), and a stream overshoots its credit by one record:
+/// in this room pulls still make progress one at a time (see `plan_pull`), and the
+/// overshoots of the streams fit (unless their records are this large).
+const STREAM_HEADROOM_BYTES: usize = 1 << 20;
 
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
@@ -102,6 +118,18 @@ struct PgState {
     retained: VecDeque<Rec>,
     /// Pulls in flight, oldest first.
     pulls: Vec<Inflight>,
+    stream: Option<Stream>,
+}
+
+/// A PG's log stream: records that one segment pushes as they arrive.
+#[derive(Clone, Copy)]
+struct Stream {
+    id: u64,
+    segment: usize,
+    /// Where the next chunk goes on: the last one's `last_lsn`.
+    next_after: Lsn,
+    /// Granted and not yet used: reserved in the buffer.
+    credit: usize,
 }
 
 /// A pull in flight: records up to `target` (every candidate segment's SCL had
@@ -128,6 +156,48 @@ impl PgState {
         } else {
             self.have
         }
+    }
+
+    /// The records of a reply (a pull's or a stream's) that covers `(after, last_lsn]`
+    /// and that this PG does not hold yet, checked to link on to what it holds.
+    fn take(&self, after: Lsn, last_lsn: Lsn, records: Bytes) -> Result<(Vec<Rec>, Option<Lsn>), PullError> {
+        let (have, mut chain) = (self.have, self.last_record);
+        let mut recs = Vec::new();
+        let reply_len = records.len();
+        if let Some(valid) = ValidRecords::validate(records, 0)? {
+            for (rec, range) in valid.iter() {
+                let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
+                if lsn <= after || lsn > last_lsn.max(after) {
+                    return Err(PullError::OutOfRange { lsn, after, last: last_lsn });
+                }
+                if lsn <= have {
+                    continue;
+                }
+                if let Some(last) = chain.filter(|&l| l != prev) {
+                    return Err(PullError::Broken { lsn, prev, last });
+                }
+                chain = Some(lsn);
+                let h = rec.header();
+                recs.push(Rec { lsn, cpl: h.cpl, page: h.page, bytes: valid.bytes().slice(range) });
+            }
+        }
+        // Records share their reply's memory: when most of a reply was already held,
+        // copy the rest so the buffer's count stays the memory it pins.
+        let kept: usize = recs.iter().map(|r| r.bytes.len()).sum();
+        if kept < reply_len / 2 {
+            recs.iter_mut().for_each(|r| r.bytes = Bytes::copy_from_slice(&r.bytes));
+        }
+        Ok((recs, chain))
+    }
+
+    /// Keeps records `take` returned: the PG now holds everything up to `last_lsn`.
+    /// Returns their bytes.
+    fn accept(&mut self, recs: Vec<Rec>, chain: Option<Lsn>, last_lsn: Lsn) -> usize {
+        self.last_record = chain;
+        self.have = self.have.max(last_lsn).max(chain.unwrap_or(Lsn::ZERO));
+        let bytes = recs.iter().map(|r| r.bytes.len()).sum();
+        self.pending.extend(recs);
+        bytes
     }
 
     /// Drops retained records a write quorum has flushed; returns their bytes.
@@ -168,6 +238,20 @@ pub enum PullError {
     WrongPg { asked: PgId, got: PgId },
     #[error("nothing served after {after}, although the segment's SCL was past it")]
     Empty { after: Lsn },
+    #[error("the log stream was closed or replaced")]
+    StreamClosed,
+}
+
+/// A log stream to open: `pg`'s records after `after` from `segment`, with `credit` bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamPlan {
+    /// Names the stream in `on_streamed`, `stream_credit` and `stream_closed`.
+    pub id: u64,
+    pub pg: PgId,
+    pub segment: usize,
+    pub after: Lsn,
+    /// May be 0 with the buffer full: then records wait for `stream_credit`.
+    pub credit: u32,
 }
 
 pub enum ReadPlan {
@@ -226,6 +310,7 @@ impl ReplicaCore {
                 pending: VecDeque::new(),
                 retained: VecDeque::new(),
                 pulls: Vec::new(),
+                stream: None,
             })
             .collect();
         ReplicaCore {
@@ -326,6 +411,8 @@ impl ReplicaCore {
             p.pending.truncate(keep);
             self.pending_bytes -= dropped;
             p.pulls.clear();
+            // A stream may carry the old writer's records: the shell opens a new one.
+            p.stream = None;
             if p.have > vdl {
                 p.have = vdl;
                 p.last_record = p.pending.back().or(p.retained.back()).map(|r| r.lsn);
@@ -390,8 +477,10 @@ impl ReplicaCore {
     /// The pull stays in flight until `on_pulled` accepts a reply or `pull_failed`.
     pub fn plan_pull(&mut self, pg: PgId) -> Option<PullPlan> {
         let (vdl, frontier) = (self.vdl, self.frontier());
-        let reserved: usize = self.pgs.iter().flat_map(|p| &p.pulls).map(|f| f.reserved).sum();
-        let used = self.pending_bytes + self.retained_bytes + reserved;
+        // Streams' credit takes room, but only pulls in flight hold a pull back: a
+        // stream's credit may go unused for long.
+        let (reserved, credit) = self.reserved();
+        let used = self.pending_bytes + self.retained_bytes + reserved + credit;
         let p = &self.pgs[pg.0 as usize];
         if p.pulls.len() >= PULLS_INFLIGHT_MAX {
             return None;
@@ -429,6 +518,88 @@ impl ReplicaCore {
         Some(PullPlan { id, pg, after, upto: target, bytes_max, segments, covering })
     }
 
+    /// Buffer bytes that pulls in flight, and streams' unused credit, may still bring.
+    fn reserved(&self) -> (usize, usize) {
+        let pulls = self.pgs.iter().flat_map(|p| &p.pulls).map(|f| f.reserved).sum();
+        (pulls, self.pgs.iter().filter_map(|p| p.stream).map(|s| s.credit).sum())
+    }
+
+    /// Credit a stream may be granted now, on top of `outstanding`: up to
+    /// `STREAM_CREDIT_MAX`, within the buffer's room less `STREAM_HEADROOM_BYTES`.
+    fn stream_room(&self, outstanding: usize) -> usize {
+        let (pulls, credit) = self.reserved();
+        let used = self.pending_bytes + self.retained_bytes + pulls + credit + STREAM_HEADROOM_BYTES;
+        self.config.buffer_bytes_max.saturating_sub(used).min(STREAM_CREDIT_MAX - outstanding)
+    }
+
+    /// Opens `pg`'s log stream on `segment`, replacing any other: from what the replica
+    /// holds, with the credit the buffer allows now.
+    pub fn open_stream(&mut self, pg: PgId, segment: usize) -> StreamPlan {
+        let p = &mut self.pgs[pg.0 as usize];
+        p.stream = None;
+        let after = p.have;
+        let credit = self.stream_room(0);
+        self.next_pull_id += 1;
+        let id = self.next_pull_id;
+        self.pgs[pg.0 as usize].stream = Some(Stream { id, segment, next_after: after, credit });
+        StreamPlan { id, pg, segment, after, credit: credit as u32 }
+    }
+
+    /// Whether a segment of `pg` is known to hold records the replica lacks (then a
+    /// pull may be due; records a log stream brings leave it false).
+    pub fn behind(&self, pg: PgId) -> bool {
+        self.pgs.get(pg.0 as usize).is_some_and(|p| p.segments.iter().any(|s| s.scl > p.have))
+    }
+
+    /// Whether stream `id` is still `pg`'s stream (a new epoch or a new stream ends it).
+    pub fn stream_open(&self, pg: PgId, id: u64) -> bool {
+        self.pgs[pg.0 as usize].stream.is_some_and(|s| s.id == id)
+    }
+
+    /// Credit to grant stream `id` now, once less than half of `STREAM_CREDIT_MAX` is left.
+    pub fn stream_credit(&mut self, pg: PgId, id: u64) -> Option<u32> {
+        let outstanding = self.pgs[pg.0 as usize].stream.filter(|s| s.id == id)?.credit;
+        if outstanding >= STREAM_CREDIT_MAX / 2 {
+            return None;
+        }
+        let grant = self.stream_room(outstanding);
+        let s = self.pgs[pg.0 as usize].stream.as_mut().expect("checked above");
+        s.credit += grant;
+        (grant > 0).then_some(grant as u32)
+    }
+
+    /// Stream `id` of `pg` ended (an error, or the shell gave up on its segment).
+    pub fn stream_closed(&mut self, pg: PgId, id: u64) {
+        let p = &mut self.pgs[pg.0 as usize];
+        if p.stream.is_some_and(|s| s.id == id) {
+            p.stream = None;
+        }
+    }
+
+    /// A chunk of stream `id`: the records its segment holds after the previous chunk
+    /// (or the stream's start) up to `last_lsn`. A chunk that starts beyond what the PG
+    /// holds (after a stream was opened ahead, or a chunk was refused) is dropped: pulls
+    /// fill the gap and the stream's next chunks link on again. Returns the new read point
+    /// if it moved; an error means the stream must be closed (`StreamClosed`: it was).
+    pub fn on_streamed(&mut self, pg: PgId, id: u64, position: SegmentPosition, last_lsn: Lsn, records: Bytes) -> Result<Option<Lsn>, PullError> {
+        if position.pg != pg {
+            return Err(PullError::WrongPg { asked: pg, got: position.pg });
+        }
+        let Some(s) = self.pgs[pg.0 as usize].stream.filter(|s| s.id == id) else { return Err(PullError::StreamClosed) };
+        self.on_position(s.segment, position);
+        let p = &mut self.pgs[pg.0 as usize];
+        let s = p.stream.as_mut().expect("checked above");
+        let after = s.next_after;
+        s.next_after = last_lsn.max(after);
+        s.credit = s.credit.saturating_sub(records.len());
+        if after > p.have {
+            return Ok(None);
+        }
+        let (recs, chain) = p.take(after, last_lsn, records)?;
+        self.pending_bytes += p.accept(recs, chain, last_lsn);
+        Ok(self.apply())
+    }
+
     /// `plan` failed on every segment tried.
     pub fn pull_failed(&mut self, plan: &PullPlan) {
         self.pgs[plan.pg.0 as usize].pulls.retain(|f| f.id != plan.id);
@@ -456,44 +627,16 @@ impl ReplicaCore {
         if records.is_empty() && last_lsn <= p.have {
             return Err(PullError::Empty { after });
         }
-        let (have, mut chain) = (p.have, p.last_record);
-        let mut recs = Vec::new();
-        let reply_len = records.len();
-        if let Some(valid) = ValidRecords::validate(records, 0)? {
-            for (rec, range) in valid.iter() {
-                let (lsn, prev) = (rec.lsn(), rec.prev_lsn_in_segment());
-                if lsn <= after || lsn > last_lsn.max(after) {
-                    return Err(PullError::OutOfRange { lsn, after, last: last_lsn });
-                }
-                if lsn <= have {
-                    continue;
-                }
-                if let Some(last) = chain.filter(|&l| l != prev) {
-                    return Err(PullError::Broken { lsn, prev, last });
-                }
-                chain = Some(lsn);
-                let h = rec.header();
-                recs.push(Rec { lsn, cpl: h.cpl, page: h.page, bytes: valid.bytes().slice(range) });
-            }
-        }
-        // Records share their reply's memory: when most of a reply was already held,
-        // copy the rest so the buffer's count stays the memory it pins.
-        let kept: usize = recs.iter().map(|r| r.bytes.len()).sum();
-        if kept < reply_len / 2 {
-            recs.iter_mut().for_each(|r| r.bytes = Bytes::copy_from_slice(&r.bytes));
-        }
+        let (recs, chain) = p.take(after, last_lsn, records)?;
         // Accepted: the reservation becomes the records themselves. (A refused reply
         // keeps it for the retry on another segment, or `pull_failed`.)
         let target = p.pulls.remove(i).target;
-        p.last_record = chain;
-        p.have = p.have.max(last_lsn).max(chain.unwrap_or(Lsn::ZERO));
+        self.pending_bytes += p.accept(recs, chain, last_lsn);
         if p.have < target {
             // Short (a byte limit, a disk read, a restarted segment): later pulls of this PG
             // start beyond what is held and would be dropped; forget them and go on from here.
             p.pulls.clear();
         }
-        self.pending_bytes += recs.iter().map(|r| r.bytes.len()).sum::<usize>();
-        p.pending.extend(recs);
         Ok(self.apply())
     }
 
@@ -596,34 +739,6 @@ impl ReplicaCore {
     }
 }
 
-/// Segments per PG whose every SCL change a replica follows: each such notification may
-/// start a pull ahead of VDL, and one more than one covers a slow or lost node. The other
-/// segments' positions arrive with their flushes: enough to know their flushed LSNs (and
-/// SCLs a flush interval late), at a fraction of the packets.
-pub const SCL_SOURCES_PER_PG: usize = 2;
-
-/// The storage nodes whose every SCL change a replica subscribes to: `SCL_SOURCES_PER_PG`
-/// segments of every PG, as few nodes as that takes, starting from the PG's `rotate`-th
-/// segment so that replicas of one volume spread their load over different nodes.
-pub fn scl_sources(volume: &Volume, rotate: usize) -> Vec<u32> {
-    let mut chosen: Vec<u32> = Vec::new();
-    for pg in 0..volume.pg_count() as u32 {
-        let nodes: Vec<u32> = volume.segments(PgId(pg)).map(|n| n.id).collect();
-        let mut have = nodes.iter().filter(|n| chosen.contains(n)).count();
-        for i in 0..nodes.len() {
-            let node = nodes[(i + rotate) % nodes.len()];
-            if have >= SCL_SOURCES_PER_PG {
-                break;
-            }
-            if !chosen.contains(&node) {
-                chosen.push(node);
-                have += 1;
-            }
-        }
-    }
-    chosen
-}
-
 /// What a replica that has not heard its writer for the failover silence does, given the
 /// `Role`s that answered it (the volume's writer address and its peer replicas).
 #[derive(Debug, PartialEq, Eq)]
@@ -686,21 +801,6 @@ mod tests {
         let writer = |epoch| Role { writer: true, epoch: Epoch(epoch), ..Role::default() };
         assert_eq!(failover(2, &mine, &[(3, replica(11, 0, 400)), (9, writer(6))], 300), Failover::WriterLives(9));
         assert_eq!(failover(2, &mine, &[(9, writer(4))], 300), Failover::Promote, "a writer of an older epoch is fenced");
-    }
-
-    #[test]
-    fn scl_sources_cover_every_pg_twice_with_few_nodes() {
-        let v = volume();
-        assert_eq!(scl_sources(&v, 0), [1, 2], "both PGs live on nodes 1-6: two nodes cover them");
-        assert_eq!(scl_sources(&v, 5), [6, 1], "another replica starts elsewhere");
-        // PGs on different nodes: each gets two of its own.
-        let mut v = v;
-        v.pgs[1].nodes = vec![7, 8, 9, 10, 11, 12];
-        v.nodes.extend((7..=12).map(|i| NodeSpec { id: i, az: format!("az{}", (i - 5) / 2), addr: format!("127.0.0.1:{i}") }));
-        assert_eq!(scl_sources(&v, 1), [2, 3, 8, 9]);
-        // A node shared by both PGs counts for both.
-        v.pgs[1].nodes[0] = 2;
-        assert_eq!(scl_sources(&v, 0), [1, 2, 8]);
     }
 
     /// Builds a volume's log the way the writer does: one record per put, the last a CPL.
@@ -955,6 +1055,74 @@ mod tests {
         let plan = r.plan_pull(PgId(0)).unwrap();
         assert_eq!(r.on_pulled(4, &plan, pos(0, Lsn(3), Lsn::ZERO), Lsn(3), log.pull(0, Lsn(1), Lsn(3))), Ok(None));
         assert_eq!(r.on_progress(Lsn(3), &[Lsn(3), Lsn::ZERO]), Some(Lsn(3)), "all three, once VDL covers them");
+    }
+
+    /// Serves `plan`'s stream a chunk as storage would: the records after where the
+    /// last one ended up to `upto` (`after` is that point, as the test tracks it).
+    fn chunk(r: &mut ReplicaCore, log: &Log, plan: &StreamPlan, after: Lsn, upto: Lsn) -> Result<Option<Lsn>, PullError> {
+        let pg = plan.pg.0;
+        r.on_streamed(plan.pg, plan.id, pos(pg, upto, Lsn::ZERO), upto, log.pull(pg as usize, after, upto))
+    }
+
+    #[test]
+    fn streamed_records_apply_as_pulled_ones_within_the_credit_granted() {
+        let mut log = Log::new();
+        let (a, b) = (log.key_in(0, 2), log.key_in(1, 2));
+        let t1 = log.txn(&[(&a[0], b"1"), (&b[0], b"1")]);
+        let t2 = log.txn(&[(&a[1], b"2"), (&b[1], b"2")]);
+        let mut r = replica(64 << 20);
+        let (s0, s1) = (r.open_stream(PgId(0), 2), r.open_stream(PgId(1), 3));
+        assert_eq!((s0.after, s0.credit as usize, s0.segment), (Lsn::ZERO, STREAM_CREDIT_MAX, 2));
+        assert_eq!(chunk(&mut r, &log, &s0, Lsn::ZERO, t1), Ok(None), "ahead of VDL: pending");
+        assert_eq!(chunk(&mut r, &log, &s1, Lsn::ZERO, t2), Ok(None));
+        assert!(!r.behind(PgId(1)), "the stream brought everything its segment holds");
+        assert_eq!(r.on_progress(t2, &[t2, t2]), Some(t1), "pg 0 holds t1 only");
+        assert!(r.plan_pull(PgId(0)).is_none(), "no segment is known to hold more");
+        assert_eq!(chunk(&mut r, &log, &s0, t1, t2), Ok(Some(t2)));
+        // The credit used is granted again once under half is left.
+        assert_eq!(r.stream_credit(PgId(0), s0.id), None, "most of it is left");
+        let big = log.key_in(0, 30);
+        let value = vec![9u8; STREAM_CREDIT_MAX / 40];
+        let last = big.iter().map(|k| log.txn(&[(k, &value[..])])).last().unwrap();
+        chunk(&mut r, &log, &s0, t2, last).unwrap();
+        let granted = r.stream_credit(PgId(0), s0.id).expect("more credit");
+        assert_eq!(granted as usize, log.pull(0, Lsn::ZERO, last).len(), "back to the most a stream holds");
+        // A new writer ends the streams; their chunks are refused from then on.
+        r.new_epoch(last, &[last, t2]);
+        assert!(!r.stream_open(PgId(0), s0.id));
+        assert_eq!(chunk(&mut r, &log, &s1, t2, t2), Err(PullError::StreamClosed));
+    }
+
+    #[test]
+    fn streams_get_credit_only_with_room_to_spare_and_leave_the_rest_to_pulls() {
+        let mut log = Log::new();
+        let a = log.key_in(0, 40);
+        let value = vec![7u8; 60 << 10];
+        let t: Vec<Lsn> = a.iter().map(|k| log.txn(&[(k, &value[..])])).collect();
+        // A buffer smaller than the headroom: no credit at all, pulls as before.
+        let mut tiny = replica(STREAM_HEADROOM_BYTES / 2);
+        assert_eq!(tiny.open_stream(PgId(0), 0).credit, 0);
+        // 2 MiB: credit for what is left above the headroom.
+        let mut r = replica(2 * STREAM_HEADROOM_BYTES);
+        let s = r.open_stream(PgId(0), 0);
+        assert_eq!(s.credit as usize, STREAM_HEADROOM_BYTES);
+        r.on_progress(t[39], &[t[39], Lsn::ZERO]);
+        // The stream fills its credit (and one record over it) ahead of what applies.
+        let mut at = Lsn::ZERO;
+        for &lsn in &t {
+            if r.pending_bytes() + r.retained_bytes() > STREAM_HEADROOM_BYTES {
+                break;
+            }
+            chunk(&mut r, &log, &s, at, lsn).unwrap();
+            at = lsn;
+        }
+        assert_eq!(r.stream_credit(PgId(0), s.id), None, "no room above the headroom");
+        // Pulls go on in the headroom; as records are flushed, the stream gets credit again.
+        pg_at(&mut r, 0, t[39], Lsn::ZERO);
+        assert!(r.plan_pull(PgId(0)).is_some());
+        let applied = r.read_point().unwrap();
+        pg_at(&mut r, 0, t[39], applied);
+        assert!(r.stream_credit(PgId(0), s.id).is_some(), "room again once flushed records were released");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! `len u32 | kind u8 | body`, where `len` counts `kind` and `body`.
 //! Appends are pipelined on one long-lived stream and acked in order; a pull
 //! is a request/reply on its own stream; a subscription is a stream that the
-//! storage node keeps pushing `Notify` frames on.
+//! storage node keeps pushing `Notify` frames on; a log stream is one on which
+//! it pushes `PullReply` frames as records arrive, within the reader's credit.
 
 use bytes::Bytes;
 
@@ -100,6 +101,16 @@ pub enum Message {
     Subscribe { pgs: Vec<PgId>, every_scl: bool },
     /// Storage → subscriber: a segment's SCL or flushed LSN advanced.
     Notify { position: SegmentPosition },
+    /// Reader → storage: stream me `pg`'s records after `after` as they arrive (a
+    /// long-lived pull): the node sends `PullReply` frames, each going on where the
+    /// last ended, while it has sent fewer than `credit` bytes (and at least one
+    /// record once it may send at all); `Credit` frames on the same stream grant
+    /// more. A nonzero `epoch` asks only a segment that recorded that epoch's
+    /// truncation, as `Pull`; the node ends the stream with `Behind` when it
+    /// truncates its log.
+    StreamLog { pg: PgId, after: Lsn, credit: u32, epoch: Epoch },
+    /// Reader → storage, on a log stream: `bytes` more may be sent.
+    Credit { bytes: u32 },
     Error { code: ErrorCode, message: String },
     /// Writer → storage: report the segment's epoch and position. A nonzero
     /// `epoch` is a claim: granted (and recorded durably) if it is the segment's
@@ -131,6 +142,8 @@ const KIND_STATUS: u8 = 8;
 const KIND_STATUS_REPLY: u8 = 9;
 const KIND_GET_PAGE: u8 = 10;
 const KIND_PAGE_REPLY: u8 = 11;
+const KIND_STREAM_LOG: u8 = 12;
+const KIND_CREDIT: u8 = 13;
 
 fn put_position(out: &mut Vec<u8>, p: &SegmentPosition) {
     put_u32(out, p.pg.0);
@@ -251,6 +264,19 @@ impl Message {
                 put_position(out, position);
                 out.extend_from_slice(image);
             }
+            Message::StreamLog { pg, after, credit, epoch } => {
+                out.push(KIND_STREAM_LOG);
+                put_u32(out, pg.0);
+                put_u64(out, after.0);
+                put_u32(out, *credit);
+                if epoch.0 != 0 {
+                    put_u64(out, epoch.0);
+                }
+            }
+            Message::Credit { bytes } => {
+                out.push(KIND_CREDIT);
+                put_u32(out, *bytes);
+            }
         }
         let len = (out.len() - start - FRAME_HEADER_BYTES) as u32;
         out[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -345,6 +371,11 @@ impl Message {
                 // The image is decoded (and checked) by the reader that asked for it.
                 Message::PageReply { position, image: body.slice(at..) }
             }
+            KIND_STREAM_LOG => {
+                let (pg, after, credit) = (PgId(r.u32()?), Lsn(r.u64()?), r.u32()?);
+                Message::StreamLog { pg, after, credit, epoch: Epoch(optional_epoch(&mut r)?) }
+            }
+            KIND_CREDIT => Message::Credit { bytes: r.u32()? },
             other => return Err(DecodeError::Invalid { what: "message kind", offset: 0, value: other as u64 }),
         };
         r.finish()?;
@@ -417,6 +448,9 @@ mod tests {
             Message::GetPage { pg: PgId(2), page: PageId(77), lsn: Lsn(9), epoch: Epoch(0) },
             Message::GetPage { pg: PgId(2), page: PageId(77), lsn: Lsn(9), epoch: Epoch(5 << 32) },
             Message::PageReply { position: pos, image: Bytes::from_static(b"image") },
+            Message::StreamLog { pg: PgId(2), after: Lsn(3), credit: 1 << 20, epoch: Epoch(0) },
+            Message::StreamLog { pg: PgId(2), after: Lsn(3), credit: 1 << 20, epoch: Epoch(7 << 32) },
+            Message::Credit { bytes: 4096 },
         ]
     }
 
@@ -453,7 +487,7 @@ mod tests {
 
         /// Mutated valid frames never panic, and any that still decode re-encode to the same bytes.
         #[test]
-        fn mutated_frames(which in 0usize..17, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
+        fn mutated_frames(which in 0usize..20, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..6), cut in any::<usize>()) {
             let mut frame = samples()[which].to_frame();
             for (at, x) in flips {
                 let i = at % frame.len();

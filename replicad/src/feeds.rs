@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use borealis_net::api::ApiClient;
-use borealis_net::storage::{link_of, ClientError, NodeLink, REQUEST_TIMEOUT};
+use borealis_net::storage::{link_of, ClientError, NodeLink, StorageConn, REQUEST_TIMEOUT};
 use redo_core::quorum::SEGMENTS_PER_PG;
-use redo_core::replica::{PullPlan, Start};
+use redo_core::replica::{PullError, PullPlan, Start, StreamPlan};
 use redo_core::volume::Volume;
 use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, PgId};
@@ -73,16 +73,16 @@ pub async fn start(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) 
     }
 }
 
-/// Follows one storage node's position notifications for every PG it hosts (each SCL change
-/// with `every_scl`, else each flush), reconnecting forever.
-pub async fn storage_feed(replica: Arc<Replica>, volume: Volume, link: Arc<NodeLink>, every_scl: bool) {
+/// Follows one storage node's position notifications for every PG it hosts (its flushes:
+/// SCLs ride along), reconnecting forever.
+pub async fn storage_feed(replica: Arc<Replica>, volume: Volume, link: Arc<NodeLink>) {
     let pgs = volume.pgs_on(redo_core::NodeId(link.id));
     let segment_of = |pg: PgId| volume.segments(pg).position(|n| n.id == link.id).expect("hosted pg");
     let mut backoff = RETRY_MIN;
     loop {
         let session = async {
             let conn = link.get().await?;
-            let mut sub = conn.subscribe(pgs.clone(), every_scl).await?;
+            let mut sub = conn.subscribe(pgs.clone(), false).await?;
             loop {
                 let position = sub.next().await?;
                 if pgs.contains(&position.pg) {
@@ -198,6 +198,71 @@ impl Latency {
                 (s, if i == last { REQUEST_TIMEOUT } else { (usual * 8).clamp(PATIENCE_MIN, PATIENCE_MAX) })
             })
             .collect()
+    }
+}
+
+/// Streams `pg`'s log from one segment at a time, from the `first`-th on (`StreamLog`),
+/// granting credit as the buffer allows (`ReplicaCore` decides how much): the records
+/// arrive as the segment gets them, with no request per batch. After a failure the
+/// stream moves to the next segment; a new writer's epoch reopens it where it was.
+pub async fn log_stream(replica: Arc<Replica>, volume: Volume, links: Vec<Arc<NodeLink>>, pg: PgId, first: usize) {
+    let nodes: Vec<u32> = volume.segments(pg).map(|n| n.id).collect();
+    let mut segment = first % nodes.len();
+    let mut backoff = RETRY_MIN;
+    loop {
+        let plan = replica.lock().open_stream(pg, segment);
+        replica.metrics.streams.fetch_add(1, Relaxed);
+        let link = link_of(&links, nodes[segment]);
+        let started = Instant::now();
+        let ended = stream_session(&replica, link, &plan).await;
+        replica.lock().stream_closed(pg, plan.id);
+        if let Err(e) = ended {
+            tracing::debug!(%pg, node = link.id, error = %e, "log stream ended; opening one on the next segment");
+            segment = (segment + 1) % nodes.len();
+            backoff = if started.elapsed() > RETRY_MAX { RETRY_MIN } else { (backoff * 2).min(RETRY_MAX) };
+            tokio::time::sleep(backoff).await;
+        }
+    }
+}
+
+/// One log stream, until it fails (`Err`) or the engine closed it (a new epoch: `Ok`).
+async fn stream_session(replica: &Replica, link: &NodeLink, plan: &StreamPlan) -> Result<(), ClientError> {
+    // Only from a segment that has the current writer's truncation (as pulls).
+    let epoch = replica.writer().map(|h| h.epoch).unwrap_or_default();
+    let conn = link.get().await?;
+    let r = stream_on(replica, &conn, epoch, plan).await;
+    link.forget_failed(&conn, &r).await;
+    r
+}
+
+async fn stream_on(replica: &Replica, conn: &StorageConn, epoch: Epoch, plan: &StreamPlan) -> Result<(), ClientError> {
+    let pg = plan.pg;
+    let mut stream = conn.stream_log(epoch, pg, plan.after, plan.credit).await?;
+    loop {
+        tokio::select! {
+            chunk = stream.next() => {
+                let chunk = chunk?;
+                replica.metrics.streamed_bytes.fetch_add(chunk.records.len() as u64, Relaxed);
+                let applied = replica.lock().on_streamed(pg, plan.id, chunk.position, chunk.last_lsn, chunk.records);
+                match applied {
+                    Ok(read_point) => replica.publish(read_point),
+                    Err(PullError::StreamClosed) => return Ok(()),
+                    Err(e) => return Err(ClientError::Unexpected(format!("refusing a log stream chunk: {e}"))),
+                }
+                if replica.lock().behind(pg) {
+                    replica.kick(pg.0 as usize).notify_one();
+                }
+            }
+            _ = replica.stream_wake(pg.0 as usize).notified() => {
+                if !replica.lock().stream_open(pg, plan.id) {
+                    return Ok(());
+                }
+            }
+        }
+        let credit = replica.lock().stream_credit(pg, plan.id);
+        if let Some(bytes) = credit {
+            stream.grant(bytes).await?;
+        }
     }
 }
 

@@ -49,11 +49,14 @@ pub fn run(config: Config) -> Result<i32> {
         for pg in 0..volume.pg_count() as u32 {
             replica_tasks.push(tokio::spawn(feeds::puller(replica.clone(), volume.clone(), links.clone(), PgId(pg))).abort_handle());
         }
-        // Every SCL change from two segments of each PG, the others' positions with their flushes.
-        let scl_sources = redo_core::replica::scl_sources(&volume, config.listen.port() as usize);
+        // Each PG's records streamed from one segment (replicas of a volume start on different
+        // ones), every segment's position with its flushes.
+        let first = config.listen.port() as usize;
+        for pg in 0..volume.pg_count() as u32 {
+            replica_tasks.push(tokio::spawn(feeds::log_stream(replica.clone(), volume.clone(), links.clone(), PgId(pg), first)).abort_handle());
+        }
         for link in &links {
-            let every_scl = scl_sources.contains(&link.id);
-            replica_tasks.push(tokio::spawn(feeds::storage_feed(replica.clone(), volume.clone(), link.clone(), every_scl)).abort_handle());
+            replica_tasks.push(tokio::spawn(feeds::storage_feed(replica.clone(), volume.clone(), link.clone())).abort_handle());
         }
         let promoter = Arc::new(promote::Promoter::new(
             replica.clone(),

@@ -14,6 +14,9 @@ pub struct Metrics {
     pub pulls: AtomicU64,
     pub pull_bytes: AtomicU64,
     pub pull_failovers: AtomicU64,
+    /// Log streams opened, and record bytes they brought.
+    pub streams: AtomicU64,
+    pub streamed_bytes: AtomicU64,
     pub requests_refused: AtomicU64,
     pub promotions_auto: AtomicU64,
     pub promotions_lost: AtomicU64,
@@ -37,6 +40,8 @@ impl Metrics {
             ("replicad_pulls_total", "Log pulls answered by storage.", &self.pulls),
             ("replicad_pull_bytes_total", "Redo bytes pulled from storage.", &self.pull_bytes),
             ("replicad_pull_failovers_total", "Pulls retried on another segment after one failed.", &self.pull_failovers),
+            ("replicad_streams_total", "Log streams opened on a storage node (one per PG at a time; again after a failure or a new writer).", &self.streams),
+            ("replicad_streamed_bytes_total", "Redo bytes pushed by storage on log streams.", &self.streamed_bytes),
             ("replicad_requests_refused_total", "Client requests refused (malformed, too large, invalid, writes).", &self.requests_refused),
             ("replicad_promotions_auto_total", "Automatic promotions started (writer silent, this replica the best).", &self.promotions_auto),
             ("replicad_promotions_lost_total", "Promotions given up because another candidate claimed the volume.", &self.promotions_lost),

@@ -25,6 +25,8 @@ pub struct Replica {
     pub ready: watch::Sender<bool>,
     /// Per PG: a segment or the writer reported progress; there may be records to pull.
     kick: Vec<Notify>,
+    /// Per PG: the buffer has room again, or a new writer ended the log stream.
+    stream_wake: Vec<Notify>,
     /// Per PG, how fast each segment answers.
     pub latency: Vec<Latency>,
     /// VDLs heard from the writer and when, until the read point reaches them.
@@ -51,6 +53,7 @@ impl Replica {
             ready: watch::channel(read_point.is_some()).0,
             core: Mutex::new(core),
             kick: (0..pgs).map(|_| Notify::new()).collect(),
+            stream_wake: (0..pgs).map(|_| Notify::new()).collect(),
             latency: (0..pgs).map(|_| Latency::default()).collect(),
             heard: Mutex::new(VecDeque::new()),
             writer: Mutex::new(None),
@@ -86,8 +89,24 @@ impl Replica {
         &self.kick[pg]
     }
 
+    pub fn stream_wake(&self, pg: usize) -> &Notify {
+        &self.stream_wake[pg]
+    }
+
+    /// Room was freed (or the epoch moved): every puller and stream looks again.
     pub fn kick_all(&self) {
-        self.kick.iter().for_each(Notify::notify_one);
+        self.kick.iter().chain(&self.stream_wake).for_each(Notify::notify_one);
+    }
+
+    /// Wakes the pullers of the PGs that some segment holds records of that the replica
+    /// lacks: the log streams bring the rest without them.
+    pub fn kick_behind(&self) {
+        let core = self.lock();
+        for (pg, kick) in self.kick.iter().enumerate() {
+            if core.behind(redo_core::PgId(pg as u32)) {
+                kick.notify_one();
+            }
+        }
     }
 
     /// The writer that was last heard from.
@@ -123,16 +142,23 @@ impl Replica {
         drop(heard);
         let moved = self.lock().on_progress(p.vdl, &p.pgcl);
         self.publish(moved);
-        self.kick_all();
+        if before != Some(p.epoch) {
+            self.kick_all();
+        } else {
+            self.kick_behind();
+        }
     }
 
     /// A segment's SCL or flushed LSN moved: its PG may have records to pull, and a
     /// flush may have freed room for every PG.
     pub fn on_position(&self, segment: usize, position: SegmentPosition) {
-        let freed = self.lock().on_position(segment, position);
+        let (freed, behind) = {
+            let mut core = self.lock();
+            (core.on_position(segment, position), core.behind(position.pg))
+        };
         if freed {
             self.kick_all();
-        } else {
+        } else if behind {
             self.kick[position.pg.0 as usize].notify_one();
         }
     }

@@ -10,13 +10,14 @@
 //! rounds neither delay the commit path nor coincide across segments and nodes.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Result;
 use redo_core::page_index::{encode_image_entry, Located, PageBroken};
 use redo_core::segment_log::PageRead;
-use redo_core::{Lsn, PageId};
+use redo_core::PageId;
 use tokio::time::MissedTickBehavior;
 
 use crate::node::{Node, Segment};
@@ -32,20 +33,14 @@ pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
     let phase = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), ()) % 1024;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period * phase as u32 / 1024, period);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut position = seg.position.subscribe();
-    let mut flushed = Lsn::ZERO;
+    let mut flushes = seg.flushes.subscribe();
     loop {
         let every_dirty_page = tokio::select! {
             _ = tick.tick() => true,
-            changed = position.changed() => {
+            changed = flushes.changed() => {
                 if changed.is_err() {
                     return;
                 }
-                let now = position.borrow_and_update().flushed_lsn;
-                if now == flushed {
-                    continue; // only SCL moved
-                }
-                flushed = now;
                 false
             }
         };
@@ -103,14 +98,34 @@ pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
     }
 }
 
-/// Runs `f` on a thread of its own at nice 10: materialising a round's pages takes
-/// milliseconds of CPU that appends, acks and pulls must not wait behind.
+/// A round waiting for the background thread; each segment has at most one.
+type Round = Box<dyn FnOnce() + Send>;
+
+/// Rounds queued for the background thread at once: more than a node has segments,
+/// and each segment's task waits for its round before it queues the next.
+const ROUNDS_QUEUED_MAX: usize = 1024;
+
+/// Runs `f` on the node's background thread at nice 10: materialising a round's pages
+/// takes milliseconds of CPU that appends, acks and pulls must not wait behind. One
+/// thread for every round (started once: a thread per round cost its start and its
+/// stack's page faults every second per segment).
 async fn in_background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    static BACKGROUND: OnceLock<SyncSender<Round>> = OnceLock::new();
+    let queue = BACKGROUND.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Round>(ROUNDS_QUEUED_MAX);
+        std::thread::Builder::new()
+            .name("coalescer".into())
+            .spawn(move || {
+                crate::background_priority();
+                rx.into_iter().for_each(|round| round());
+            })
+            .expect("start the coalescer thread");
+        tx
+    });
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new().name("coalescer".into()).spawn(move || {
-        crate::background_priority();
+    queue.send(Box::new(move || {
         let _ = tx.send(f());
-    })?;
+    })).map_err(|_| anyhow::anyhow!("the coalescer thread is gone"))?;
     Ok(rx.await?)
 }
 

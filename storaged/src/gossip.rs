@@ -45,8 +45,6 @@ use crate::node::{Node, Segment};
 pub const PULL_BYTES_MAX: u32 = 1 << 20;
 /// A peer that does not answer a request within this is skipped for the round.
 const PEER_TIMEOUT: Duration = Duration::from_secs(1);
-/// How often a segment looks for records waiting above a hole between rounds.
-const HOLE_CHECK_INTERVAL: Duration = Duration::from_millis(10);
 /// After failures, a peer sits out 1, 2, 4, ... rounds, at most this many.
 const PEER_BACKOFF_ROUNDS_MAX: u32 = 32;
 /// After rounds that found nothing missing, the interval doubles up to this factor.
@@ -240,7 +238,15 @@ impl SegmentGossip {
                 if !pending {
                     hole_unfilled = false;
                 }
-                tokio::time::sleep(HOLE_CHECK_INTERVAL.min(wait - since)).await;
+                let rest = tokio::time::sleep(wait - since);
+                if hole_unfilled {
+                    rest.await; // appends above the hole would only wake us again
+                } else {
+                    tokio::select! {
+                        _ = rest => {}
+                        _ = self.seg.holes.notified() => {}
+                    }
+                }
                 continue;
             }
             let now = Instant::now();

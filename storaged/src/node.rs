@@ -23,8 +23,15 @@ use crate::store;
 pub struct Segment {
     pub id: SegmentId,
     pub log: Mutex<SegmentLog>,
-    /// Latest position; acks with `ack = disk`, Busy waits and subscribers watch it.
+    /// Latest position, sent on every change (each append moves the SCL): what
+    /// streams records or every SCL to subscribers watches it.
     pub position: watch::Sender<SegmentPosition>,
+    /// Sent when the flushed LSN moves, a flush fails or a truncation ends: what
+    /// waits for the disk (acks with `ack = disk`, Busy appends, truncations, the
+    /// coalescer, flush subscribers) watches this and is not woken by every append.
+    pub flushes: watch::Sender<()>,
+    /// Woken while records wait above a hole: gossip looks for them at once.
+    pub holes: tokio::sync::Notify,
     /// Buffered descriptor for pulls served from disk.
     pub reader: std::fs::File,
     pub metrics: Arc<Metrics>,
@@ -42,7 +49,24 @@ pub struct Segment {
 impl Segment {
     fn publish(&self, log: &SegmentLog) {
         let p = log.position();
-        self.position.send_if_modified(|cur| std::mem::replace(cur, p) != p);
+        let mut flushed = false;
+        self.position.send_if_modified(|cur| {
+            let old = std::mem::replace(cur, p);
+            flushed = old.flushed_lsn != p.flushed_lsn;
+            old != p
+        });
+        if flushed {
+            self.flushes.send_replace(());
+        }
+        if log.pending_records() > 0 {
+            self.holes.notify_one();
+        }
+    }
+
+    /// Wakes every waiter, whatever it watches: a failure or a truncation changed what it waits for.
+    pub fn wake_waiters(&self) {
+        self.position.send_modify(|_| {});
+        self.flushes.send_replace(());
     }
 
     /// Flusher: `job` is durable.
@@ -57,13 +81,13 @@ impl Segment {
         let mut log = self.log.lock().expect("segment lock");
         log.handle_flush_failed(job, why);
         // Wake waiters so that they see the failure.
-        self.position.send_modify(|_| {});
+        self.wake_waiters();
     }
 
     /// The flusher is gone: the segment refuses appends from now on.
     pub fn lose_disk(&self, why: String) {
         self.log.lock().expect("segment lock").handle_disk_lost(why);
-        self.position.send_modify(|_| {});
+        self.wake_waiters();
     }
 
     /// Runs `f` on the log under its lock and publishes any position change.
@@ -136,6 +160,8 @@ impl Node {
                 id,
                 log: Mutex::new(log),
                 position,
+                flushes: watch::channel(()).0,
+                holes: tokio::sync::Notify::new(),
                 reader: r.reader,
                 metrics: metrics.clone(),
                 persisted_epoch: tokio::sync::Mutex::new(r.epoch),

@@ -14,8 +14,9 @@ use redo_core::record::ValidRecords;
 use redo_core::segment_log::{grant_decided_epoch, grant_epoch, AppendError};
 use redo_core::wire::{ErrorCode, Message, SegmentPosition, Truncation, TRUNCATIONS_MAX};
 use redo_core::ids::EpochRefused;
+use redo_core::log_stream::{LogStream, StreamPoll};
 use redo_core::{Epoch, Lsn, PageId, PgId};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::AckMode;
 use crate::metrics::Metrics;
@@ -25,6 +26,9 @@ use crate::store;
 
 /// Replies a stream may have queued before it stops reading requests.
 const REPLIES_INFLIGHT_MAX: usize = 1024;
+/// Least time between two notifications of a flush subscription (see `push_notifications`).
+const FLUSH_NOTIFY_INTERVAL: Duration = Duration::from_millis(10);
+
 
 /// What the reply writer sends, in request order.
 enum Reply {
@@ -34,6 +38,10 @@ enum Reply {
     /// Send the error, then close the stream.
     Close(Message),
     Subscribe(Vec<Arc<Segment>>, bool),
+    /// A log stream: push the segment's records as they arrive, within the credit the
+    /// request loop adds to `granted` (record bytes granted in all; closed when the
+    /// reader goes or breaks the stream).
+    Stream { seg: Arc<Segment>, stream: LogStream, granted: watch::Receiver<u64>, chunk_bytes_max: usize },
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -45,6 +53,8 @@ pub async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: qu
     let writer = tokio::spawn(write_replies(send, rx, node.metrics.clone()));
     let frame_max = node.config.frame_bytes_max as usize;
     let mut subscribed = false;
+    // On a log stream: the credit its reader granted in all.
+    let mut granted: Option<watch::Sender<u64>> = None;
     loop {
         // Frames in flight on every stream of every client share one byte budget.
         let frame = match read_frame_len(&mut recv, frame_max).await {
@@ -57,7 +67,33 @@ pub async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: qu
         };
         let reply = match frame {
             Ok(None) => break,
+            Ok(Some((Message::Credit { bytes }, _))) if granted.is_some() => {
+                granted.as_ref().expect("checked").send_modify(|g| *g += bytes as u64);
+                continue;
+            }
+            Ok(Some(_)) if granted.is_some() => {
+                // The pusher owns the reply side: ending the credit ends the stream.
+                node.metrics.requests_refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("refusing a request on a log stream (only Credit is allowed) and closing it");
+                let _ = recv.stop(0u32.into());
+                break;
+            }
             Ok(Some(_)) if subscribed => Reply::Close(error(ErrorCode::Malformed, "no requests allowed on a subscription stream")),
+            Ok(Some((Message::StreamLog { pg, after, credit, epoch }, _permit))) => match node.segments.get(&pg) {
+                None => not_hosted(&node, pg),
+                Some(seg) => {
+                    let log = seg.log.lock().expect("segment lock");
+                    match missed_truncation(seg, &log, epoch) {
+                        Some(why) => Reply::Close(error(ErrorCode::Behind, why)),
+                        None => {
+                            let (tx, rx) = watch::channel(credit as u64);
+                            granted = Some(tx);
+                            let chunk_bytes_max = node.config.frame_bytes_max as usize / 2;
+                            Reply::Stream { seg: seg.clone(), stream: LogStream::new(&log, after, credit), granted: rx, chunk_bytes_max }
+                        }
+                    }
+                }
+            },
             Ok(Some((msg, _permit))) => handle_request(&node, msg).await,
             Err(e @ (FrameError::Read(_) | FrameError::Io(_))) => {
                 tracing::debug!(error = %e, "stream ended");
@@ -77,7 +113,8 @@ pub async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: qu
             break;
         }
     }
-    drop(tx);
+    // Ends a log stream's pusher (it waits for more credit) as well as the reply writer.
+    drop((tx, granted));
     let _ = writer.await;
 }
 
@@ -124,7 +161,7 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
         return reply;
     }
     let deadline = received + Duration::from_millis(node.config.busy_wait_ms);
-    let mut position = seg.position.subscribe();
+    let mut flushes = seg.flushes.subscribe();
     loop {
         // Checked under the segment lock: shutdown takes every lock once after
         // raising the flag, so no append lands after the final flush began.
@@ -152,7 +189,7 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
             AppendError::Busy { .. } | AppendError::Truncating => {
                 node.metrics.appends_busy.fetch_add(1, Ordering::Relaxed);
                 let left = deadline.saturating_duration_since(Instant::now());
-                if !left.is_zero() && tokio::time::timeout(left, position.changed()).await.is_ok() {
+                if !left.is_zero() && tokio::time::timeout(left, flushes.changed()).await.is_ok() {
                     continue;
                 }
                 return Reply::Now { msg: error(ErrorCode::Busy, err.to_string()), received: None };
@@ -257,7 +294,7 @@ async fn truncate(node: &Node, seg: &Arc<Segment>, epoch: Epoch, above: Lsn, his
     seg.with_log(|log| log.end_truncate());
     drop(files);
     // Appends waiting for the truncation retry; the flusher takes what is dirty.
-    seg.position.send_modify(|_| {});
+    seg.wake_waiters();
     node.wake.wake();
     let records = result?;
     let recorded: Vec<Truncation> = missed.iter().copied().chain([Truncation { epoch, above }]).collect();
@@ -268,6 +305,8 @@ async fn truncate(node: &Node, seg: &Arc<Segment>, epoch: Epoch, above: Lsn, his
     write_epoch_state(node, seg, state.clone()).await?;
     *persisted = state;
     seg.with_log(|log| recorded.iter().for_each(|&t| log.note_truncation(t)));
+    // Log streams opened before it end now (their position may not have moved).
+    seg.wake_waiters();
     node.metrics.truncations.fetch_add(1, Ordering::Relaxed);
     node.metrics.truncated_records.fetch_add(records, Ordering::Relaxed);
     let scl = seg.log.lock().expect("segment lock").scl();
@@ -279,7 +318,7 @@ async fn truncate(node: &Node, seg: &Arc<Segment>, epoch: Epoch, above: Lsn, his
 async fn truncate_held(node: &Node, seg: &Arc<Segment>, above: Lsn) -> Result<u64, Reply> {
     let disk_failed = |why: String| Reply::Close(error(ErrorCode::DiskFailed, format!("{}: truncate above {above}: {why}", seg.id)));
     loop {
-        let mut position = seg.position.subscribe();
+        let mut flushes = seg.flushes.subscribe();
         {
             let log = seg.log.lock().expect("segment lock");
             if let Some(why) = log.disk_failed() {
@@ -289,7 +328,7 @@ async fn truncate_held(node: &Node, seg: &Arc<Segment>, above: Lsn) -> Result<u6
                 break;
             }
         }
-        let _ = tokio::time::timeout(FLUSH_WAIT_POLL, position.changed()).await;
+        let _ = tokio::time::timeout(FLUSH_WAIT_POLL, flushes.changed()).await;
     }
     let truncated = match seg.with_log(|log| log.truncate_above(above, None)) {
         Ok(t) => t,
@@ -404,13 +443,22 @@ async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, epoch:
 
 async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: u32, epoch: Epoch) -> Reply {
     let bytes_max = (bytes_max as usize).min(node.config.frame_bytes_max as usize / 2).max(1);
-    let mut parts = Vec::new();
     let _files = seg.files.read().await;
+    if let Some(why) = missed_truncation(&seg, &seg.log.lock().expect("segment lock"), epoch) {
+        return Reply::Now { msg: error(ErrorCode::Behind, why), received: None };
+    }
+    match read_records(&seg, after, upto, bytes_max).await {
+        Ok(msg) => Reply::Now { msg, received: None },
+        Err(msg) => Reply::Close(msg),
+    }
+}
+
+/// The segment's records in `(after, upto]`, about `bytes_max` (at least one), as a
+/// `PullReply`: from memory, or from the segment file (the caller holds `files`).
+async fn read_records(seg: &Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: usize) -> Result<Message, Message> {
+    let mut parts = Vec::new();
     let (read, position) = {
         let log = seg.log.lock().expect("segment lock");
-        if let Some(why) = missed_truncation(&seg, &log, epoch) {
-            return Reply::Now { msg: error(ErrorCode::Behind, why), received: None };
-        }
         (log.read(after, upto, bytes_max, &mut parts), log.position())
     };
     let (records, last_lsn) = match read {
@@ -424,14 +472,14 @@ async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: 
             match tokio::task::spawn_blocking(move || store::read_from_disk(&seg2.reader, disk, bytes_max, |_| true)).await {
                 Ok(Ok((buf, last))) => (Bytes::from(buf), last),
                 Ok(Err(e)) => {
-                    tracing::error!(segment = %seg.id, error = %format!("{e:#}"), "pull from disk failed");
-                    return Reply::Close(error(ErrorCode::DiskFailed, format!("{}: read from disk: {e:#}", seg.id)));
+                    tracing::error!(segment = %seg.id, error = %format!("{e:#}"), "read from disk failed");
+                    return Err(error(ErrorCode::DiskFailed, format!("{}: read from disk: {e:#}", seg.id)));
                 }
-                Err(e) => return Reply::Close(error(ErrorCode::DiskFailed, format!("disk read task: {e}"))),
+                Err(e) => return Err(error(ErrorCode::DiskFailed, format!("disk read task: {e}"))),
             }
         }
     };
-    Reply::Now { msg: Message::PullReply { position, last_lsn, records }, received: None }
+    Ok(Message::PullReply { position, last_lsn, records })
 }
 
 async fn write_replies(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Reply>, metrics: Arc<Metrics>) {
@@ -456,6 +504,7 @@ async fn write_replies(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Reply
                 return;
             }
             Reply::Subscribe(segs, every_scl) => return push_notifications(send, segs, every_scl).await,
+            Reply::Stream { seg, stream, granted, chunk_bytes_max } => return push_log(send, seg, stream, granted, chunk_bytes_max, &metrics).await,
         };
         if result.is_err() {
             return;
@@ -465,9 +514,10 @@ async fn write_replies(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Reply
 }
 
 async fn wait_flushed(seg: &Segment, last_lsn: Lsn) -> Message {
-    let mut rx = seg.position.subscribe();
+    let mut flushes = seg.flushes.subscribe();
     loop {
-        let position: SegmentPosition = *rx.borrow_and_update();
+        flushes.borrow_and_update();
+        let position: SegmentPosition = *seg.position.borrow();
         // A batch above a hole cannot be flushed until the hole is filled:
         // answer now with the position, which shows it is not durable.
         if position.flushed_lsn >= last_lsn || position.scl < last_lsn {
@@ -476,7 +526,7 @@ async fn wait_flushed(seg: &Segment, last_lsn: Lsn) -> Message {
         if let Some(why) = seg.log.lock().expect("segment lock").disk_failed() {
             return error(ErrorCode::DiskFailed, format!("{}: {why}", seg.id));
         }
-        if rx.changed().await.is_err() {
+        if flushes.changed().await.is_err() {
             return error(ErrorCode::ShuttingDown, "storage node is shutting down");
         }
     }
@@ -486,22 +536,17 @@ async fn wait_flushed(seg: &Segment, last_lsn: Lsn) -> Message {
 /// subscriber goes away: each write carries the latest position of every segment that
 /// changed since the last one, so a busy node sends fewer, fuller packets instead of a
 /// queue of stale positions. An SCL change alone rides along with the next flush.
+/// Flushes are pushed at most every `FLUSH_NOTIFY_INTERVAL`: a replica needs them to
+/// release what it retains and to know which segments could serve a pull, neither
+/// urgent (its records come on a log stream), and with `ack = disk` every append is a
+/// flush.
 async fn push_notifications(mut send: quinn::SendStream, segs: Vec<Arc<Segment>>, every_scl: bool) {
     let wake = Arc::new(tokio::sync::Notify::new());
     let forwarders: Vec<_> = segs
         .iter()
-        .map(|seg| {
-            let (mut watch, wake) = (seg.position.subscribe(), wake.clone());
-            tokio::spawn(async move {
-                let mut flushed = watch.borrow().flushed_lsn;
-                while watch.changed().await.is_ok() {
-                    let now = watch.borrow_and_update().flushed_lsn;
-                    if every_scl || now != flushed {
-                        flushed = now;
-                        wake.notify_one();
-                    }
-                }
-            })
+        .map(|seg| match every_scl {
+            true => forward(seg.position.subscribe(), wake.clone()),
+            false => forward(seg.flushes.subscribe(), wake.clone()),
         })
         .collect();
     let mut latest: Vec<_> = segs.iter().map(|seg| seg.position.subscribe()).collect();
@@ -514,8 +559,16 @@ async fn push_notifications(mut send: quinn::SendStream, segs: Vec<Arc<Segment>>
                 Message::Notify { position: *w.borrow_and_update() }.encode(&mut buf);
             }
         }
-        if !buf.is_empty() && send.write_all(&buf).await.is_err() {
-            break;
+        if !buf.is_empty() {
+            if send.write_all(&buf).await.is_err() {
+                break;
+            }
+            if !every_scl {
+                tokio::select! {
+                    _ = tokio::time::sleep(FLUSH_NOTIFY_INTERVAL) => {}
+                    _ = send.stopped() => break,
+                }
+            }
         }
         tokio::select! {
             _ = wake.notified() => {}
@@ -523,4 +576,64 @@ async fn push_notifications(mut send: quinn::SendStream, segs: Vec<Arc<Segment>>
         }
     }
     forwarders.iter().for_each(|f| f.abort());
+}
+
+/// Wakes `wake` at each change `watch` sees, until its sender is gone.
+fn forward<T: Send + Sync + 'static>(mut watch: watch::Receiver<T>, wake: Arc<tokio::sync::Notify>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while watch.changed().await.is_ok() {
+            wake.notify_one();
+        }
+    })
+}
+
+/// Pushes the segment's records to a log stream's reader as they arrive, within its
+/// credit (`LogStream` decides what), until the reader goes, breaks the stream, or the
+/// segment truncates its log (then `Behind`: the reader opens a new stream).
+async fn push_log(mut send: quinn::SendStream, seg: Arc<Segment>, mut stream: LogStream, mut granted: watch::Receiver<u64>, chunk_bytes_max: usize, metrics: &Metrics) {
+    let mut position = seg.position.subscribe();
+    let mut buf = Vec::new();
+    loop {
+        let poll = stream.poll(&seg.log.lock().expect("segment lock"), chunk_bytes_max);
+        let end = match poll {
+            StreamPoll::Send { after, upto, bytes_max } => {
+                let read = {
+                    let _files = seg.files.read().await;
+                    read_records(&seg, after, upto, bytes_max).await
+                };
+                match read {
+                    Ok(msg) => {
+                        let Message::PullReply { last_lsn, records, .. } = &msg else { unreachable!("read_records answers PullReply") };
+                        stream.sent(*last_lsn, records.len());
+                        metrics.streamed_bytes.fetch_add(records.len() as u64, Ordering::Relaxed);
+                        buf.clear();
+                        msg.encode(&mut buf);
+                        if send.write_all(&buf).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Err(msg) => msg,
+                }
+            }
+            StreamPoll::Truncated => error(ErrorCode::Behind, format!("{} truncated its log: open a new stream", seg.id)),
+            StreamPoll::Wait => {
+                tokio::select! {
+                    changed = position.changed() => if changed.is_err() { error(ErrorCode::ShuttingDown, "storage node is shutting down") } else { continue },
+                    changed = granted.changed() => match changed {
+                        Ok(()) => {
+                            let total = *granted.borrow_and_update();
+                            stream.granted(total);
+                            continue;
+                        }
+                        Err(_) => error(ErrorCode::Malformed, "the reader ended the log stream (or sent something other than Credit on it)"),
+                    },
+                    _ = send.stopped() => return,
+                }
+            }
+        };
+        let _ = write_message(&mut send, &end).await;
+        let _ = send.finish();
+        return;
+    }
 }

@@ -110,6 +110,10 @@ pub struct Stats {
     pub late_truncations: u64,
     /// Segments filled from a peer because the writer could not resend what they lacked.
     pub gossip_fills: u64,
+    /// Log streams a replica opened, chunks they brought, and chunks refused (the stream closed).
+    pub streams: u64,
+    pub stream_chunks: u64,
+    pub stream_refusals: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -131,6 +135,9 @@ impl std::ops::AddAssign for Stats {
         self.txns_kept_unacked += o.txns_kept_unacked;
         self.late_truncations += o.late_truncations;
         self.gossip_fills += o.gossip_fills;
+        self.streams += o.streams;
+        self.stream_chunks += o.stream_chunks;
+        self.stream_refusals += o.stream_refusals;
     }
 }
 
@@ -195,6 +202,9 @@ const SEGMENT_CONFIG: SegmentLogConfig = SegmentLogConfig { hot_bytes_max: 1 << 
 
 pub struct Sim {
     rng: Rng,
+    /// Draws for the replicas' log streams, apart from `rng`: the rest of a seed's
+    /// run (faults, writer, recoveries) stays what it was without streams.
+    stream_rng: Rng,
     now: u64,
     /// In flight, by delivery time (then sequence, for determinism).
     net: BTreeMap<(u64, u64), Msg>,
@@ -270,6 +280,7 @@ impl Sim {
             .collect();
         Sim {
             rng: Rng::new(seed),
+            stream_rng: Rng::new(seed ^ 0x5eed_5eed_5eed_5eed),
             now: 0,
             net: BTreeMap::new(),
             sent: 0,

@@ -1,10 +1,13 @@
 //! Read replicas: `ReplicaCore` driven the way replicad drives it. A replica
 //! starts from a write quorum of segment SCLs, follows the writer's progress
-//! feed and every segment's position notifications, pulls each PG's log from
-//! one segment at a time and serves reads, fetching missing pages with
-//! GetPage@LSN. Requests fail over to the next candidate segment when one is
-//! behind or does not answer in time. Everything travels over the sim's
-//! faulty network.
+//! feed and every segment's position notifications, streams each PG's log
+//! from one segment (storaged's `LogStream` on the segment's side), pulls
+//! what the stream does not bring from one segment at a time, and serves
+//! reads, fetching missing pages with GetPage@LSN. Requests fail over to the
+//! next candidate segment when one is behind or does not answer in time.
+//! Requests travel over the sim's faulty network; a stream's chunks arrive in
+//! order, late, until the stream breaks (its segment crashes, it truncates,
+//! or at random: a lost connection).
 //!
 //! Checked after every event: the read point never moves back nor passes the
 //! writer's VDL, and every read matches the committed history as of the read
@@ -14,7 +17,8 @@ use bytes::Bytes;
 use redo_core::page::PageImage;
 use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::record::{RecordRef, Records};
-use redo_core::replica::{PullError, PullPlan, ReadPlan, ReplicaConfig, ReplicaCore, Start};
+use redo_core::log_stream::{LogStream, StreamPoll};
+use redo_core::replica::{PullError, PullPlan, ReadPlan, ReplicaConfig, ReplicaCore, Start, StreamPlan};
 use redo_core::segment_log::{DiskRead, PagePart};
 use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, Lsn, PageId, PgId};
@@ -28,6 +32,20 @@ const READ_PERCENT: u64 = 30;
 const READS_INFLIGHT_MAX: usize = 4;
 /// Chance that a segment answers the Status a starting replica sends.
 const STATUS_ANSWER_PERCENT: u64 = 80;
+/// Chance per tick that a log stream breaks (its connection is lost).
+const STREAM_BREAK_PERCENT: u64 = 2;
+/// Largest chunk a stream sends (storaged: half its frame limit).
+const STREAM_CHUNK_BYTES_MAX: usize = 4096;
+
+/// A PG's log stream: the segment's side (`LogStream`) and the chunks on their way,
+/// in order, each with the tick it arrives.
+struct Stream {
+    plan: StreamPlan,
+    cursor: LogStream,
+    /// Credit granted in all.
+    granted: u64,
+    chunks: std::collections::VecDeque<(u64, SegmentPosition, Lsn, Bytes)>,
+}
 
 /// Deliberate bugs, to show that the checks catch them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,6 +114,8 @@ pub(crate) struct Replica {
     notified: Vec<[SegmentPosition; SEGMENTS_PER_PG]>,
     /// The writer epoch its progress feed last carried.
     pub(crate) epoch: Epoch,
+    /// Per PG, its log stream.
+    streams: Vec<Option<Stream>>,
 }
 
 impl Replica {
@@ -138,7 +158,8 @@ impl Sim {
                 core.on_position(seg, position);
             }
             let notified = vec![[SegmentPosition::default(); SEGMENTS_PER_PG]; self.segments.len()];
-            self.replicas.push(Replica { core, inflight: Vec::new(), next_id: 0, read_point: None, start_durable, progress_sent: Lsn::ZERO, notified, epoch: self.writer.epoch() });
+            let streams = (0..self.segments.len()).map(|_| None).collect();
+            self.replicas.push(Replica { core, inflight: Vec::new(), next_id: 0, read_point: None, start_durable, progress_sent: Lsn::ZERO, notified, epoch: self.writer.epoch(), streams });
         }
     }
 
@@ -155,6 +176,7 @@ impl Sim {
                 self.ask_next(r, req);
             }
             for pg in 0..self.segments.len() {
+                self.stream(r, pg);
                 if let Some(plan) = self.replicas[r].core.plan_pull(PgId(pg as u32)) {
                     // A random segment among those holding what the read point needs, then the others.
                     let (mut order, mut rest) = (plan.segments[..plan.covering].to_vec(), plan.segments[plan.covering..].to_vec());
@@ -198,6 +220,65 @@ impl Sim {
                 self.send(Msg::Position { to: r, seg, position });
             }
         }
+    }
+
+    /// One turn of replica `r`'s log stream of `pg`, as replicad's `log_stream` and
+    /// storaged's `push_log` run it: open one on a random segment if there is none,
+    /// let the segment send what its cursor allows, deliver what arrived, grant credit.
+    fn stream(&mut self, r: usize, pg: usize) {
+        let pgid = PgId(pg as u32);
+        let replica = &mut self.replicas[r];
+        if replica.streams[pg].as_ref().is_some_and(|st| !replica.core.stream_open(pgid, st.plan.id)) {
+            replica.streams[pg] = None; // a new epoch ended it
+        }
+        let Some(mut st) = replica.streams[pg].take() else {
+            let seg = self.stream_rng.below(SEGMENTS_PER_PG as u64) as usize;
+            let (s, epoch) = (&self.segments[pg][seg], replica.epoch);
+            // storaged refuses a segment that is down, or one that missed the epoch's truncation.
+            let behind = epoch != Epoch(1) && s.log.last_truncation().is_none_or(|t| t.epoch != epoch);
+            if s.down_until > self.now || behind {
+                return;
+            }
+            let plan = replica.core.open_stream(pgid, seg);
+            let cursor = LogStream::new(&s.log, plan.after, plan.credit);
+            replica.streams[pg] = Some(Stream { granted: plan.credit as u64, plan, cursor, chunks: Default::default() });
+            self.stats.streams += 1;
+            return;
+        };
+        let s = &self.segments[pg][st.plan.segment];
+        let broken = s.down_until > self.now || self.stream_rng.chance(STREAM_BREAK_PERCENT);
+        match st.cursor.poll(&s.log, STREAM_CHUNK_BYTES_MAX) {
+            _ if broken => return self.replicas[r].core.stream_closed(pgid, st.plan.id),
+            StreamPoll::Truncated => return self.replicas[r].core.stream_closed(pgid, st.plan.id),
+            StreamPoll::Send { after, upto, bytes_max } => {
+                let (records, last_lsn) = pull(s, after, upto, bytes_max);
+                st.cursor.sent(last_lsn, records.len());
+                let arrives = st.chunks.back().map_or(self.now, |c| c.0).max(self.now + self.stream_rng.below(5));
+                st.chunks.push_back((arrives, s.log.position(), last_lsn, records));
+            }
+            StreamPoll::Wait => {}
+        }
+        let replica = &mut self.replicas[r];
+        while st.chunks.front().is_some_and(|c| c.0 <= self.now) {
+            let (_, position, last_lsn, records) = st.chunks.pop_front().expect("front exists");
+            self.stats.stream_chunks += 1;
+            match replica.core.on_streamed(pgid, st.plan.id, position, last_lsn, records) {
+                Ok(_) => {}
+                Err(PullError::StreamClosed) => return,
+                // A replica that has not heard of a takeover yet may stream a truncated
+                // segment after an untruncated one: the records do not link up. As replicad,
+                // close the stream; the next one, or the new epoch, goes on.
+                Err(_) => {
+                    self.stats.stream_refusals += 1;
+                    return replica.core.stream_closed(pgid, st.plan.id);
+                }
+            }
+        }
+        if let Some(credit) = replica.core.stream_credit(pgid, st.plan.id) {
+            st.granted += credit as u64;
+            st.cursor.granted(st.granted);
+        }
+        replica.streams[pg] = Some(st);
     }
 
     fn read(&mut self, r: usize) {

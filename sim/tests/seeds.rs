@@ -25,6 +25,7 @@ fn safety_then_liveness_over_many_seeds() {
     eprintln!("{} seeds: {total:?}", seeds.len());
     assert!(total.crashes > 0 && total.reconnects > 0, "the faults never fired: {total:?}");
     assert!(total.fetches > 0 && total.throttles > 0, "the replicas never fetched a page or filled their buffer: {total:?}");
+    assert!(total.stream_chunks > 0, "no log stream brought records: {total:?}");
     if seeds.len() > 1 {
         assert!(total.recoveries > 0 && total.promotions > 0 && total.late_truncations > 0, "no writer recovery was exercised: {total:?}");
         assert!(total.txns_dropped > 0 && total.txns_kept_unacked > 0, "recoveries never decided an unacknowledged transaction: {total:?}");

@@ -202,8 +202,8 @@ const SEGMENT_CONFIG: SegmentLogConfig = SegmentLogConfig { hot_bytes_max: 1 << 
 
 pub struct Sim {
     rng: Rng,
-    /// Draws for the replicas' log streams, apart from `rng`: the rest of a seed's
-    /// run (faults, writer, recoveries) stays what it was without streams.
+    /// Draws for the replicas' log streams, apart from `rng`, so that streams shift
+    /// the other draws of a seed (faults, writer, recoveries) less.
     stream_rng: Rng,
     now: u64,
     /// In flight, by delivery time (then sequence, for determinism).

@@ -177,6 +177,10 @@ impl Daemon {
         Ok(())
     }
 
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     /// CPU time (user + system) the process has used so far.
     fn cpu_seconds(&self) -> Result<f64> {
         process_cpu_seconds(self.child.id())
@@ -247,6 +251,12 @@ pub struct StorageNode {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     process: Daemon,
+}
+
+impl StorageNode {
+    pub fn pid(&self) -> i32 {
+        self.process.pid()
+    }
 }
 
 pub struct LocalStorage {
@@ -430,6 +440,11 @@ impl LocalCluster {
     pub fn cpu_seconds(&self) -> Result<f64> {
         let replicas: Result<f64> = self.replicas.iter().map(|r| r.process.cpu_seconds()).sum();
         Ok(self.storage.cpu_seconds()? + self.writerd.cpu_seconds()? + replicas?)
+    }
+
+    /// The pids of every daemon of the cluster (unreaped children of loadgen's).
+    pub fn pids(&self) -> Vec<i32> {
+        self.storage.nodes.iter().map(|n| &n.process).chain([&self.writerd]).chain(self.replicas.iter().map(|r| &r.process)).map(Daemon::pid).collect()
     }
 
     /// The client API addresses of every server that is or may become the writer: writerd's, then the replicas'.

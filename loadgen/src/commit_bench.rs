@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::client::Target;
 use crate::cluster::{metric_sum, scrape, ClusterSpec, EmbeddedClusterArgs, LocalCluster, WorkDir};
 use crate::open_loop::{self, Feeds, LoadArgs, Measurement, Point, ReadPoint, System};
+use crate::pause::{one_per_az, GrayFailure, Pauser};
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct CommitBenchArgs {
@@ -44,6 +45,9 @@ pub struct CommitBenchArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub cluster: EmbeddedClusterArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub gray: GrayFailure,
     /// Directory for results: summary.json and .hgrm files per rate (commit latency, replica lag).
     #[arg(long, default_value = "bench-results/latest/commit-bench")]
     pub out: PathBuf,
@@ -132,19 +136,21 @@ impl ReadPoint for Follower {
     }
 }
 
-/// One point against a writer and its replicas, over their Follow feeds.
-async fn measure(args: &CommitBenchArgs, writer: &Arc<Writer>, replicas: &[ReplicaTarget], run: usize, rate: f64) -> Result<Measurement> {
+/// One point against a writer and its replicas, over their Follow feeds (none with --lag-probe off);
+/// the CPU of `servers` (pids) is measured.
+async fn measure(args: &CommitBenchArgs, writer: &Arc<Writer>, replicas: &[ReplicaTarget], servers: &[i32], run: usize, rate: f64) -> Result<Measurement> {
+    let probed = if args.load.lag_probe { replicas } else { &[] };
     // The writer's feed gives the replicas' distance in LSNs; without replicas no feed is needed.
-    let writer_feed = match replicas {
+    let writer_feed = match probed {
         [] => None,
         _ => Some(writer.0[0].1.follow().await.context("open the writer's follow feed")?),
     };
     let mut replica_feeds = Vec::new();
-    for r in replicas {
+    for r in probed {
         replica_feeds.push((r.addr.to_string(), r.client.1.follow().await.with_context(|| format!("open replica {}'s follow feed", r.addr))?));
     }
     let label = format!("borealis ack={}", args.cluster.ack.as_str());
-    let mut m = open_loop::measure(&args.load, writer.clone(), Feeds { writer: writer_feed, replicas: replica_feeds }, &label, run, rate).await?;
+    let mut m = open_loop::measure(&args.load, writer.clone(), Feeds { writer: writer_feed, replicas: replica_feeds }, servers, &label, run, rate).await?;
     for (run, t) in m.replicas.iter_mut().zip(replicas) {
         if let Some(addr) = t.metrics_addr {
             run.replicad = Some(replicad_metrics(addr).await?);
@@ -200,8 +206,12 @@ pub async fn measure_embedded(args: &CommitBenchArgs, work: &WorkDir, run: usize
         let identity = cluster.storage.identity()?;
         let writer = Arc::new(Writer(connect(&identity, cluster.writer_addr, args.load.connections).await?));
         let replicas = connect_replicas(&identity, cluster.replicas.iter().map(|r| (r.addr, Some(r.metrics_addr)))).await?;
+        let paused = one_per_az(&cluster.storage.nodes.iter().map(|n| n.node_id).collect::<Vec<_>>(), args.gray.pause_nodes)?;
+        let pauser = (!paused.is_empty()).then(|| Pauser::start(cluster.storage.nodes.iter().filter(|n| paused.contains(&n.node_id)).map(|n| n.pid()).collect(), args.gray.duty));
         let cpu_before = cluster.cpu_seconds()?;
-        let mut m = measure(args, &writer, &replicas, run, rate).await?;
+        let m = measure(args, &writer, &replicas, &cluster.pids(), run, rate).await;
+        drop(pauser);
+        let mut m = m?;
         let cpu = cluster.cpu_seconds()? - cpu_before;
         close(writer, replicas);
         let writerd = writerd_metrics(cluster.writer_metrics_addr).await?;
@@ -225,8 +235,10 @@ pub async fn run(args: CommitBenchArgs) -> Result<()> {
     match (writer, args.replicas) {
         (Some(_), Some(_)) => bail!("--replicas sizes the embedded cluster; name an existing cluster's replicas with --replica ADDR"),
         (None, _) if !args.replica_addrs.is_empty() => bail!("--replica needs --writer or --volume (the embedded cluster starts --replicas replicads)"),
+        (Some(_), _) if args.gray.pause_nodes > 0 => bail!("--pause-nodes pauses nodes of the embedded cluster, which --writer/--volume replaces"),
         _ => {}
     }
+    args.gray.duty.check()?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     // Ctrl-C drops the benchmark future, and with it the embedded cluster's processes.
     tokio::select! {
@@ -244,7 +256,7 @@ async fn bench(args: &CommitBenchArgs, writer: Option<SocketAddr>) -> Result<()>
             let replicas = connect_replicas(&identity, args.replica_addrs.iter().map(|&a| (a, None))).await?;
             for run in 0..args.load.runs {
                 for &rate in &args.rates {
-                    runs.push(measure(args, &writer, &replicas, run, rate).await?);
+                    runs.push(measure(args, &writer, &replicas, &[], run, rate).await?);
                 }
             }
             close(writer, replicas);

@@ -25,6 +25,7 @@ use tokio::task::JoinSet;
 use crate::commit_bench::{ReplicadMetrics, WriterdMetrics};
 use crate::lag::LagTracker;
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
+use crate::procs;
 use crate::report::{latency_histogram, median, median_by, write_hgrm, LatencyUs};
 
 /// The workload and schedule of an open-loop measurement; the same for every system compared.
@@ -55,6 +56,11 @@ pub struct LoadArgs {
     /// Puts per transaction.
     #[arg(long, default_value_t = 1)]
     pub txn_ops: usize,
+    /// Measure the replicas' / standbys' visibility lag (`on`), or open no read-point feed at all (`off`):
+    /// the servers then do no work for the probe, e.g. to measure their CPU per commit.
+    #[arg(long, default_value = "on", action = clap::ArgAction::Set,
+          value_parser = clap::builder::TypedValueParser::map(clap::builder::PossibleValuesParser::new(["on", "off"]), |v: String| v == "on"))]
+    pub lag_probe: bool,
 }
 
 impl LoadArgs {
@@ -129,6 +135,9 @@ pub struct Measurement {
     /// CPU time of every daemon of the cluster (user + system, warm-up to the end of the catch-up)
     /// over the commits writerd acknowledged: the cost of a commit, whatever the latency (Borealis embedded cluster only).
     pub cluster_cpu_us_per_commit: Option<f64>,
+    /// CPU time of the servers (every process of theirs, `cpu`) during the measured seconds over the
+    /// acknowledgements received in them (null when loadgen did not start the servers).
+    pub server_cpu_us_per_commit: Option<f64>,
     /// Visibility lag of the measured commits on every replica together (null without replicas).
     pub replica_lag_us: Option<LatencyUs>,
     pub replica_lag_lsn: Option<LsnLag>,
@@ -178,6 +187,8 @@ pub struct Point {
     pub writerd_lal_stalls: Option<f64>,
     /// Median over runs of the daemons' CPU time per acknowledged commit (Borealis embedded cluster only).
     pub cluster_cpu_us_per_commit: Option<f64>,
+    /// Median over runs of the servers' CPU time in the measured seconds per acknowledgement in them.
+    pub server_cpu_us_per_commit: Option<f64>,
     /// Medians over runs of the replica visibility lag (null without replicas).
     pub replica_lag_us: Option<LatencyMediansUs>,
     pub replica_lag_lsn: Option<LsnLag>,
@@ -347,10 +358,22 @@ pub struct Feeds<F> {
     pub replicas: Vec<(String, F)>,
 }
 
+/// Reads the CPU time of `servers` (pids, with their descendants) at `from` and at `to`, on a thread of
+/// its own (reading /proc takes milliseconds that the load's thread cannot spare); returns the difference, s.
+fn window_cpu(servers: Vec<i32>, from: Instant, to: Instant) -> std::thread::JoinHandle<f64> {
+    std::thread::spawn(move || {
+        std::thread::sleep(from.saturating_duration_since(Instant::now()));
+        let before = procs::tree_cpu_seconds(&servers);
+        std::thread::sleep(to.saturating_duration_since(Instant::now()));
+        procs::tree_cpu_seconds(&servers) - before
+    })
+}
+
 /// One point: open-loop commits at `rate` for the warm-up plus the measured seconds, then waits for
 /// every reply and for the replicas to show every acknowledged commit (up to `REPLICA_CATCH_UP`).
-/// `label` prefixes the progress line.
-pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, feeds: Feeds<F>, label: &str, run: usize, rate: f64) -> Result<Measurement> {
+/// `servers`: the pids of the system's server processes, whose CPU (with their descendants') is
+/// measured over the measured seconds (none: not measured). `label` prefixes the progress line.
+pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, feeds: Feeds<F>, servers: &[i32], label: &str, run: usize, rate: f64) -> Result<Measurement> {
     let replica_names: Vec<String> = feeds.replicas.iter().map(|(name, _)| name.clone()).collect();
     let sources = feeds.writer.map(|f| (Feed::Writer, "writer".to_string(), f)).into_iter().chain(feeds.replicas.into_iter().enumerate().map(|(i, (name, f))| (Feed::Replica(i), name, f)));
     // Feeds report their first read point before the load, so that every commit is acknowledged while they report.
@@ -384,6 +407,7 @@ pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, f
         followers.spawn(follow(feed, source, name, recorder.clone(), advanced.clone()));
     }
     let progress = tokio::spawn(progress(format!("[{label} run {}/{} {rate:.0}/s]", run + 1, args.runs), recorder.clone(), start));
+    let cpu = (!servers.is_empty()).then(|| window_cpu(servers.to_vec(), measure_start, start + total));
     let (tick_tx, mut ticks) = mpsc::channel(TICKS_QUEUED_MAX);
     let interval = Duration::from_secs_f64(1.0 / rate);
     let pacer = std::thread::spawn(move || pace(start, interval, total, vec![tick_tx]));
@@ -415,6 +439,7 @@ pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, f
     // Abandon what is still unanswered, and wait until no task can touch the recorder any more.
     inflight.abort_all();
     while inflight.join_next().await.is_some() {}
+    let cpu_seconds = cpu.map(|t| t.join().map_err(|_| anyhow!("CPU reading thread panicked"))).transpose()?;
     let catch_up = tokio::time::Instant::now() + REPLICA_CATCH_UP;
     loop {
         // Registered before the check, so an advance in between is not missed.
@@ -454,6 +479,7 @@ pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, f
         error_kinds: std::mem::take(&mut r.errors),
         writerd: None,
         cluster_cpu_us_per_commit: None,
+        server_cpu_us_per_commit: cpu_seconds.map(|s| s * 1e6 / r.acks_in_window.max(1) as f64),
         replica_lag_us: lagged.then(|| LatencyUs::of(&replica_hist)),
         replica_lag_lsn: lagged.then(|| LsnLag { p50: lsn.value_at_quantile(0.5) as f64, p99: lsn.value_at_quantile(0.99) as f64, max: lsn.max() as f64 }),
         replica_lag_unseen: replicas.iter().map(|r| r.unseen).sum(),
@@ -467,7 +493,9 @@ pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, f
 /// `out/PREFIX-commit-latency-RATE-per-s.hgrm` and `out/PREFIX-replica-lag-RATE-per-s.hgrm` (no prefix when empty).
 pub fn summarize(args: &LoadArgs, system: &str, durability: &str, rate: f64, rs: &[&Measurement], out: &Path, prefix: &str) -> Result<Point> {
     let m = |f: &dyn Fn(&Measurement) -> f64| median(rs.iter().map(|r| f(r)).collect());
-    let writerd = |f: &dyn Fn(&WriterdMetrics) -> u64| rs.iter().all(|r| r.writerd.is_some()).then(|| m(&|r| f(r.writerd.as_ref().expect("checked")) as f64));
+    // The median of a value every run has, else null.
+    let optional = |f: &dyn Fn(&Measurement) -> Option<f64>| rs.iter().all(|r| f(r).is_some()).then(|| m(&|r| f(r).expect("checked")));
+    let writerd = |f: &dyn Fn(&WriterdMetrics) -> u64| optional(&|r| r.writerd.as_ref().map(|w| f(w) as f64));
     let hgrm = format!("{prefix}commit-latency-{rate:.0}-per-s.hgrm");
     write_hgrm(&out.join(&hgrm), &median_by(rs, |r| r.commit_latency_us.p99).hist, 1.0)?;
     let throughput = m(&|r| r.throughput_commits_per_s);
@@ -504,7 +532,8 @@ pub fn summarize(args: &LoadArgs, system: &str, durability: &str, rate: f64, rs:
         writerd_commit_latency_us_p50: writerd(&|w| w.commit_latency_us_p50),
         writerd_commit_latency_us_p99: writerd(&|w| w.commit_latency_us_p99),
         writerd_lal_stalls: writerd(&|w| w.lal_stalls),
-        cluster_cpu_us_per_commit: rs.iter().all(|r| r.cluster_cpu_us_per_commit.is_some()).then(|| m(&|r| r.cluster_cpu_us_per_commit.expect("checked"))),
+        cluster_cpu_us_per_commit: optional(&|r| r.cluster_cpu_us_per_commit),
+        server_cpu_us_per_commit: optional(&|r| r.server_cpu_us_per_commit),
         replica_lag_us: lagged.then(|| medians(&|r| r.replica_lag_us.expect("checked"))),
         replica_lag_lsn: lagged.then(|| LsnLag { p50: lsn(&|l| l.p50), p99: lsn(&|l| l.p99), max: lsn(&|l| l.max) }),
         replica_lag_unseen: rs.iter().map(|r| r.replica_lag_unseen).sum(),
@@ -515,7 +544,7 @@ pub fn summarize(args: &LoadArgs, system: &str, durability: &str, rate: f64, rs:
 /// A markdown table of points: one row each, durability stated per row.
 pub fn table(points: &[Point]) -> String {
     let mut t = String::from(
-        "| system | durability | value B | offered commits/s | acknowledged commits/s | p50 us | p99 us | p99.9 us | max us | errors | writer-side p50/p99 us | replica lag p50/p99 us | server CPU us/commit |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| system | durability | value B | offered commits/s | acknowledged commits/s | p50 us | p99 us | p99.9 us | max us | errors | writer-side p50/p99 us | replica lag p50/p99 us | server CPU us/commit | measured-window CPU us/commit |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in points {
         let l = &p.commit_latency_us;
@@ -528,9 +557,10 @@ pub fn table(points: &[Point]) -> String {
             (Some(l), unseen) => format!("{:.0}/{:.0} ({unseen} unseen)", l.p50, l.p99),
             (None, _) => "-".into(),
         };
-        let cpu = p.cluster_cpu_us_per_commit.map_or("-".into(), |c| format!("{c:.0}"));
+        let us = |v: Option<f64>| v.map_or("-".to_string(), |c| format!("{c:.0}"));
+        let (cpu, window_cpu) = (us(p.cluster_cpu_us_per_commit), us(p.server_cpu_us_per_commit));
         t += &format!(
-            "| {} | {} | {} | {:.0} | {:.0}{} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {writerd} | {lag} | {cpu} |\n",
+            "| {} | {} | {} | {:.0} | {:.0}{} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {writerd} | {lag} | {cpu} | {window_cpu} |\n",
             p.system,
             p.durability,
             p.value_bytes,

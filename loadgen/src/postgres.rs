@@ -1,19 +1,21 @@
 //! PostgreSQL 15 streaming replication as a target of the same open-loop
-//! workload (`open_loop`): a primary and a hot standby on loopback, started
+//! workload (`open_loop`): a primary and hot standbys on loopback, started
 //! and stopped by loadgen like the embedded Borealis cluster.
 //!
-//! `loadgen pg-bench` measures commit latency, throughput and standby
-//! visibility lag for each `synchronous_commit` mode; `loadgen pg-failover`
-//! SIGKILLs the primary under load, promotes the standby at once, and reads
-//! every transaction back from it.
+//! `loadgen pg-bench` measures commit latency, throughput, standby
+//! visibility lag and the servers' CPU per commit for each `synchronous_commit`
+//! mode; `loadgen pg-failover` SIGKILLs the primary under load, promotes the
+//! standby at once, and reads every transaction back from it.
 //!
-//! The pair: `initdb` of the primary in a temp directory, `postgres` on a
-//! free loopback port (fsync on, `synchronous_standby_names = '*'`), a
-//! `pg_basebackup -R` hot standby on another port, streaming before any
-//! load. Each postmaster runs in a process group of its own, as the
+//! The servers: `initdb` of the primary in a temp directory, `postgres` on a
+//! free loopback port (fsync on, `synchronous_standby_names = '*'`, or quorum
+//! commit `'ANY 1 (s1, s2, …)'` with several standbys), `pg_basebackup -R` hot
+//! standbys on other ports, streaming before any load. Each postmaster runs in
+//! a process group of its own (its children each make their own), as the
 //! `postgres` user when loadgen runs as root (PostgreSQL refuses root), and
 //! dies with loadgen (`PR_SET_PDEATHSIG`); stopping sends the immediate
-//! shutdown signal, then SIGKILL to whatever is left of that group only.
+//! shutdown signal, then SIGKILL to whatever is left of the postmaster and the
+//! processes under it, and only those.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
@@ -39,6 +41,8 @@ use tokio_postgres::{Client, NoTls, Statement};
 use crate::audit::{AuditTotals, Workload, WriteAudit};
 use crate::cluster::{free_port, proc_stat_fields, WorkDir};
 use crate::open_loop::{self, Feeds, LoadArgs, Measurement, Point, ReadPoint, System};
+use crate::pause::{DutyCycle, Pauser};
+use crate::procs;
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::report::{latency_histogram, median, LatencyUs};
 
@@ -48,10 +52,10 @@ pub struct PgArgs {
     /// Directory of PostgreSQL's server binaries (initdb, postgres, pg_basebackup).
     #[arg(long, env = "BOREALIS_PG_BIN", default_value = DEFAULT_PG_BIN)]
     pub pg_bin: PathBuf,
-    /// shared_buffers of both servers (the data set is a few tens of MB: it fits).
+    /// shared_buffers of every server (the data set is a few tens of MB: it fits).
     #[arg(long, default_value = "256MB")]
     pub pg_shared_buffers: String,
-    /// Extra server setting for both servers, e.g. `--pg-setting wal_compression=on` (repeatable; later ones win).
+    /// Extra server setting for every server, e.g. `--pg-setting wal_compression=on` (repeatable; later ones win).
     #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
     pub pg_settings: Vec<String>,
 }
@@ -111,7 +115,22 @@ fn server_user() -> Result<Option<(u32, u32)>> {
     Ok(Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) }))
 }
 
-/// A PostgreSQL tool run to completion, as the server user, in `dir`.
+/// SIGKILLs a process and every process under it when dropped, unless disarmed (`None`) first.
+struct KillTreeOnDrop(Option<i32>);
+
+impl Drop for KillTreeOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            for member in procs::tree_pids(&[pid]) {
+                // SAFETY: our unreaped child (armed only until it is reaped) and the processes under it, listed just now.
+                unsafe { libc::kill(member, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// A PostgreSQL tool run to completion, as the server user, in `dir`. Cancelled (Ctrl-C, an error elsewhere),
+/// it is killed with every process it started (pg_basebackup streams WAL from a child process).
 async fn run_tool(bin: &Path, tool: &str, user: Option<(u32, u32)>, dir: &Path, args: &[&std::ffi::OsStr]) -> Result<()> {
     let path = bin.join(tool);
     let mut cmd = tokio::process::Command::new(&path);
@@ -122,14 +141,19 @@ async fn run_tool(bin: &Path, tool: &str, user: Option<(u32, u32)>, dir: &Path, 
     if let Some((uid, gid)) = user {
         cmd.uid(uid).gid(gid);
     }
-    let out = cmd.output().await.with_context(|| format!("run {}", path.display()))?;
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("run {}", path.display()))?;
+    let mut running = KillTreeOnDrop(child.id().map(|pid| pid as i32));
+    let out = child.wait_with_output().await;
+    // Reaped: its pid may be reused from now on.
+    running.0 = None;
+    let out = out.with_context(|| format!("run {}", path.display()))?;
     if !out.status.success() {
         bail!("{tool} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }
 
-/// A postmaster loadgen started: a process group of its own (the postmaster leads it, its backends inherit it).
+/// A postmaster loadgen started, in a process group of its own (its children each make their own).
 pub struct Postmaster {
     pub name: String,
     pub port: u16,
@@ -141,6 +165,8 @@ pub struct Postmaster {
     /// The dynamic shared memory segments the server had mapped when it was killed: a killed
     /// server cannot remove them, and they would hold RAM in /dev/shm until a reboot.
     orphans: BTreeSet<PathBuf>,
+    /// The processes SIGKILLed: `stop` waits until none runs.
+    killed: Vec<i32>,
 }
 
 impl Postmaster {
@@ -168,10 +194,10 @@ impl Postmaster {
             });
         }
         let child = cmd.spawn().with_context(|| format!("start {name} ({})", bin.join("postgres").display()))?;
-        Ok(Postmaster { name: name.to_string(), port, data_dir: data_dir.to_path_buf(), log, child, reaped: false, orphans: BTreeSet::new() })
+        Ok(Postmaster { name: name.to_string(), port, data_dir: data_dir.to_path_buf(), log, child, reaped: false, orphans: BTreeSet::new(), killed: Vec::new() })
     }
 
-    /// The process group (= the postmaster's pid).
+    /// The postmaster's pid, which is its process group's id.
     pub fn pgid(&self) -> i32 {
         self.child.id() as i32
     }
@@ -190,42 +216,58 @@ impl Postmaster {
         Ok(())
     }
 
-    /// SIGKILL to the whole server at once (postmaster and backends, as a crash of its machine): returns when sent.
+    /// SIGKILL to the whole server at once (postmaster and every process under it, as a crash of its
+    /// machine): returns when sent.
     pub fn kill(&mut self) -> Instant {
         if self.reaped {
             return Instant::now();
         }
-        self.orphans = with_listed_segments(mapped_shm_segments(&live_group_members(self.pgid())));
+        let members = self.members();
+        self.orphans = with_listed_segments(mapped_shm_segments(&members));
         let at = Instant::now();
-        // SAFETY: the group of our unreaped child, so its id cannot have been reused.
-        unsafe { libc::kill(-self.pgid(), libc::SIGKILL) };
+        self.sigkill(members);
         at
     }
 
-    /// Immediate shutdown (SIGQUIT: the postmaster stops its backends and exits), SIGKILL to the group
-    /// after a timeout or if anything of it is left; waits until no process of the group runs.
+    /// The postmaster and every process under it, parents first (PostgreSQL gives each child a process
+    /// group of its own, so the postmaster's group is not the server). Listed while the postmaster is
+    /// unreaped, so none of their pids can have been reused.
+    fn members(&self) -> Vec<i32> {
+        procs::tree_pids(&[self.pgid()])
+    }
+
+    /// SIGKILL to `members` (the postmaster first, so it forks no new child); `stop` waits for them.
+    fn sigkill(&mut self, members: Vec<i32>) {
+        for &pid in &members {
+            // SAFETY: processes of the server, listed just now by `members`.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        self.killed.extend(members);
+    }
+
+    /// Immediate shutdown (SIGQUIT: the postmaster stops its backends and exits), SIGKILL to every process
+    /// of the server after a timeout or if any is left; waits until none runs.
     pub fn stop(&mut self) -> Result<()> {
         if self.reaped {
             return Ok(());
         }
-        let pgid = self.pgid();
-        if is_running(pgid) {
+        let pid = self.pgid();
+        if is_running(pid) {
             // SAFETY: signalling our own unreaped child.
-            unsafe { libc::kill(pgid, libc::SIGQUIT) };
+            unsafe { libc::kill(pid, libc::SIGQUIT) };
             let deadline = Instant::now() + STOP_TIMEOUT;
-            while is_running(pgid) && Instant::now() < deadline {
+            while is_running(pid) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        // Whatever is left: the postmaster if it did not stop, backends orphaned by a kill. The postmaster is
-        // not reaped yet, so the group id is still ours.
-        // SAFETY: as in `kill`.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        // Whatever is left: the postmaster and its processes if it did not stop.
+        let left = self.members();
+        self.sigkill(left);
         let _ = self.child.wait();
         self.reaped = true;
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
-            let left = live_group_members(pgid);
+            let left: Vec<i32> = self.killed.iter().copied().filter(|&pid| is_running(pid)).collect();
             if left.is_empty() {
                 for segment in std::mem::take(&mut self.orphans) {
                     let _ = std::fs::remove_file(segment);
@@ -233,7 +275,7 @@ impl Postmaster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{}: processes {left:?} of its group still run after SIGKILL", self.name);
+                bail!("{}: processes {left:?} still run after SIGKILL", self.name);
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -248,29 +290,9 @@ impl Drop for Postmaster {
     }
 }
 
-/// The state and the process group of process `pid`, from /proc/PID/stat.
-fn proc_stat(pid: &str) -> Option<(char, i32)> {
-    let fields = proc_stat_fields(pid)?;
-    // Fields 3 (state) and 5 (process group).
-    Some((fields.first()?.chars().next()?, fields.get(2)?.parse().ok()?))
-}
-
-/// Whether process `pid` exists and is not a zombie.
+/// Whether process `pid` exists and is not a zombie (state, field 3 of /proc/PID/stat, is not Z).
 fn is_running(pid: i32) -> bool {
-    proc_stat(&pid.to_string()).is_some_and(|(state, _)| state != 'Z')
-}
-
-/// Processes of process group `pgid` that still run (zombies excluded).
-pub fn live_group_members(pgid: i32) -> Vec<i32> {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            let pid: i32 = name.parse().ok()?;
-            let (state, pgrp) = proc_stat(&name)?;
-            (pgrp == pgid && state != 'Z').then_some(pid)
-        })
-        .collect()
+    proc_stat_fields(&pid.to_string()).is_some_and(|f| !f.first().is_some_and(|state| state.starts_with('Z')))
 }
 
 /// Where PostgreSQL's dynamic shared memory segments live, with the default
@@ -310,7 +332,7 @@ fn with_listed_segments(mut segments: BTreeSet<PathBuf>) -> BTreeSet<PathBuf> {
     segments
 }
 
-/// Settings both servers get (then each one's own, then the user's `--pg-setting`s).
+/// Settings every server gets (then its own, then the user's `--pg-setting`s).
 fn common_settings(pg: &PgArgs, socket_dir: &Path) -> Vec<(String, String)> {
     let s = |k: &str, v: &str| (k.to_string(), v.to_string());
     vec![
@@ -335,18 +357,54 @@ fn user_settings(pg: &PgArgs) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// A primary and its hot standby on loopback, stopped (standby first) by `stop` or on drop.
-pub struct PgPair {
+/// A PostgreSQL configuration under test: the client sessions' `synchronous_commit` and the primary's standbys.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub struct PgSetup {
+    pub synchronous_commit: SyncCommit,
+    /// Hot standbys (application_name s1, s2, …). One is the synchronous standby; with more, the primary
+    /// commits on any one of them (quorum commit, `synchronous_standby_names = 'ANY 1 (s1, s2, …)'`).
+    pub standbys: usize,
+}
+
+impl PgSetup {
+    pub fn new(synchronous_commit: SyncCommit, standbys: usize) -> Self {
+        assert!(standbys >= 1, "PostgreSQL runs with at least one standby here");
+        PgSetup { synchronous_commit, standbys }
+    }
+
+    /// How rows, points and file names call it: the mode, then `-any1of2` with quorum commit over two standbys.
+    pub fn durability(&self) -> String {
+        match self.standbys {
+            1 => self.synchronous_commit.as_str().to_string(),
+            n => format!("{}-any1of{n}", self.synchronous_commit.as_str()),
+        }
+    }
+}
+
+/// The primary's `synchronous_standby_names` with `standbys` standbys named s1, s2, …: any standby with one,
+/// quorum commit on any one of them with more.
+pub fn synchronous_standby_names(standbys: usize) -> String {
+    match standbys {
+        1 => "*".to_string(),
+        n => format!("ANY 1 ({})", (1..=n).map(|i| format!("s{i}")).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// A primary and its hot standbys on loopback, stopped (standbys first) by `stop` or on drop.
+pub struct PgServers {
     pub dir: PathBuf,
-    pub standby: Postmaster,
+    /// s1, s2, … in order (their `cluster_name`, hence their walreceiver's application_name).
+    pub standbys: Vec<Postmaster>,
     pub primary: Postmaster,
     bin: PathBuf,
     user: Option<(u32, u32)>,
 }
 
-impl PgPair {
-    /// initdb, the primary, a `pg_basebackup -R` standby, streaming as the synchronous standby, and an empty `kv` table.
-    pub async fn start(pg: &PgArgs, dir: &Path) -> Result<Self> {
+impl PgServers {
+    /// initdb, the primary, `standbys` hot standbys made with `pg_basebackup -R`, all streaming as synchronous
+    /// (or quorum) standbys, and an empty `kv` table that every standby shows.
+    pub async fn start(pg: &PgArgs, dir: &Path, standbys: usize) -> Result<Self> {
+        assert!(standbys >= 1, "PostgreSQL runs with at least one standby here");
         let user = server_user()?;
         let bin = pg.pg_bin.clone();
         if !bin.join("postgres").exists() {
@@ -358,90 +416,96 @@ impl PgPair {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid)).with_context(|| format!("chown {} to postgres", dir.display()))?;
         }
         let primary_dir = dir.join("primary");
-        let standby_dir = dir.join("standby");
         run_tool(&bin, "initdb", user, dir, &["-D".as_ref(), primary_dir.as_os_str(), "-U".as_ref(), "postgres".as_ref(), "--auth=trust".as_ref(), "--locale=C".as_ref(), "--encoding=UTF8".as_ref(), "--no-sync".as_ref()])
             .await
             .with_context(|| format!("initdb under {} (the postgres user must be able to reach it)", dir.display()))?;
         let extra = user_settings(pg)?;
-        let (primary_port, standby_port) = (free_port()?, free_port()?);
+        let primary_port = free_port()?;
         let mut primary_settings = common_settings(pg, dir);
-        primary_settings.extend([("port".to_string(), primary_port.to_string()), ("synchronous_standby_names".to_string(), "*".to_string())]);
+        primary_settings.extend([("port".to_string(), primary_port.to_string()), ("synchronous_standby_names".to_string(), synchronous_standby_names(standbys))]);
         primary_settings.extend(extra.iter().cloned());
         // Each postmaster stops when dropped: an error below stops what runs.
         let primary = Postmaster::spawn(&bin, "postgres primary", &primary_dir, dir.join("primary.log"), user, &primary_settings)?;
         wait_ready(&primary).await?;
         let port = primary_port.to_string();
-        run_tool(
-            &bin,
-            "pg_basebackup",
-            user,
-            dir,
-            &["-h".as_ref(), "127.0.0.1".as_ref(), "-p".as_ref(), port.as_ref(), "-U".as_ref(), "postgres".as_ref(), "-D".as_ref(), standby_dir.as_os_str(), "-R".as_ref(), "-X".as_ref(), "stream".as_ref(), "--checkpoint=fast".as_ref(), "--no-sync".as_ref()],
-        )
-        .await?;
-        let mut standby_settings = common_settings(pg, dir);
-        standby_settings.extend([
-            ("port".to_string(), standby_port.to_string()),
-            // After a promotion it has no standby of its own: it must not wait for one.
-            ("synchronous_standby_names".to_string(), String::new()),
-            // In PostgreSQL's favour: a promotion that races the walreceiver's exit can otherwise sleep out this
-            // interval (5 s by default) before it takes effect.
-            ("wal_retrieve_retry_interval".to_string(), "50ms".to_string()),
-        ]);
-        standby_settings.extend(extra);
-        let standby = Postmaster::spawn(&bin, "postgres standby", &standby_dir, dir.join("standby.log"), user, &standby_settings)?;
-        wait_ready(&standby).await?;
+        let mut servers = PgServers { dir: dir.to_path_buf(), standbys: Vec::new(), primary, bin, user };
+        for name in (1..=standbys).map(|i| format!("s{i}")) {
+            let standby_dir = dir.join(format!("standby-{name}"));
+            run_tool(
+                &servers.bin,
+                "pg_basebackup",
+                user,
+                dir,
+                &["-h".as_ref(), "127.0.0.1".as_ref(), "-p".as_ref(), port.as_ref(), "-U".as_ref(), "postgres".as_ref(), "-D".as_ref(), standby_dir.as_os_str(), "-R".as_ref(), "-X".as_ref(), "stream".as_ref(), "--checkpoint=fast".as_ref(), "--no-sync".as_ref()],
+            )
+            .await?;
+            let mut standby_settings = common_settings(pg, dir);
+            standby_settings.extend([
+                ("port".to_string(), free_port()?.to_string()),
+                // The walreceiver's application_name, which synchronous_standby_names lists.
+                ("cluster_name".to_string(), name.clone()),
+                // After a promotion it has no standby of its own: it must not wait for one.
+                ("synchronous_standby_names".to_string(), String::new()),
+                // In PostgreSQL's favour: a promotion that races the walreceiver's exit can otherwise sleep out this
+                // interval (5 s by default) before it takes effect.
+                ("wal_retrieve_retry_interval".to_string(), "50ms".to_string()),
+            ]);
+            standby_settings.extend(extra.iter().cloned());
+            let standby = Postmaster::spawn(&servers.bin, &format!("postgres standby {name}"), &standby_dir, dir.join(format!("standby-{name}.log")), user, &standby_settings)?;
+            wait_ready(&standby).await?;
+            servers.standbys.push(standby);
+        }
         let setup = connect(primary_port, "loadgen-setup", false).await?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let row = setup.query_one("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state = 'sync'", &[]).await?;
-            if row.get::<_, i64>(0) > 0 {
+            let row = setup.query_one("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND sync_state IN ('sync', 'quorum')", &[]).await?;
+            if row.get::<_, i64>(0) >= standbys as i64 {
                 break;
             }
-            standby.check_running()?;
+            for standby in &servers.standbys {
+                standby.check_running()?;
+            }
             if Instant::now() > deadline {
-                bail!("the standby did not stream within {READY_TIMEOUT:?}; see {}", standby.log.display());
+                bail!("the standbys did not all stream within {READY_TIMEOUT:?}; see {}/standby-*.log", dir.display());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         setup.batch_execute("CREATE TABLE kv (key text PRIMARY KEY, value bytea)").await.context("create table kv")?;
-        // Committed with the synchronous standby's flush; wait until it is visible there too.
-        let on_standby = connect(standby_port, "loadgen-setup", false).await?;
-        loop {
-            if on_standby.query_one("SELECT to_regclass('kv') IS NOT NULL", &[]).await?.get::<_, bool>(0) {
-                break;
+        // Committed with a synchronous standby's flush; wait until every standby shows it.
+        for standby in &servers.standbys {
+            let on_standby = connect(standby.port, "loadgen-setup", false).await?;
+            loop {
+                if on_standby.query_one("SELECT to_regclass('kv') IS NOT NULL", &[]).await?.get::<_, bool>(0) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("table kv did not reach {} within {READY_TIMEOUT:?}", standby.name);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            if Instant::now() > deadline {
-                bail!("table kv did not reach the standby within {READY_TIMEOUT:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Ok(PgPair { dir: dir.to_path_buf(), standby, primary, bin, user })
+        Ok(servers)
     }
 
     pub fn primary_port(&self) -> u16 {
         self.primary.port
     }
 
-    pub fn standby_port(&self) -> u16 {
-        self.standby.port
-    }
-
-    /// The process groups of both servers (for checking that none is left).
+    /// The postmasters' pids, each its process group's id (for the record).
     pub fn pgids(&self) -> Vec<i32> {
-        vec![self.primary.pgid(), self.standby.pgid()]
+        std::iter::once(&self.primary).chain(&self.standbys).map(Postmaster::pgid).collect()
     }
 
-    /// Promotes the standby with `pg_ctl promote` (no wait), as the server user.
+    /// Promotes the first standby with `pg_ctl promote` (no wait), as the server user.
     pub async fn pg_ctl_promote(&self) -> Result<()> {
-        run_tool(&self.bin, "pg_ctl", self.user, &self.dir, &["promote".as_ref(), "-W".as_ref(), "-D".as_ref(), self.standby.data_dir.as_os_str()]).await
+        run_tool(&self.bin, "pg_ctl", self.user, &self.dir, &["promote".as_ref(), "-W".as_ref(), "-D".as_ref(), self.standbys[0].data_dir.as_os_str()]).await
     }
 
-    /// Stops the standby, then the primary.
+    /// Stops the standbys, then the primary.
     pub fn stop(&mut self) -> Result<()> {
-        let standby = self.standby.stop();
+        let standbys = self.standbys.iter_mut().map(Postmaster::stop).fold(Ok(()), Result::and);
         let primary = self.primary.stop();
-        standby.and(primary)
+        standbys.and(primary)
     }
 }
 
@@ -673,20 +737,30 @@ impl ReadPoint for WalFeed {
     }
 }
 
-/// One open-loop point against a fresh pair under `dir`, stopped afterwards whatever happened.
-/// Returns the measurement and the pair's process groups.
-pub async fn measure_pair(load: &LoadArgs, pg: &PgArgs, dir: &Path, mode: SyncCommit, run: usize, rate: f64) -> Result<(Measurement, Vec<i32>)> {
-    let mut pair = PgPair::start(pg, dir).await?;
-    let pgids = pair.pgids();
+/// One open-loop point against a fresh primary and standbys under `dir` (`setup`), stopped afterwards
+/// whatever happened; with `pause`, every process of every standby is paused on that duty cycle for the
+/// whole load (gray failure). Returns the measurement and the postmasters' pids (`PgServers::pgids`).
+pub async fn measure_point(load: &LoadArgs, pg: &PgArgs, dir: &Path, setup: PgSetup, pause: Option<DutyCycle>, run: usize, rate: f64) -> Result<(Measurement, Vec<i32>)> {
+    let mut servers = PgServers::start(pg, dir, setup.standbys).await?;
+    let pgids = servers.pgids();
     let result = async {
-        let primary = Arc::new(PgPrimary::connect(pair.primary_port(), mode, load.connections).await?);
-        let writer = WalFeed::primary(pair.primary_port()).await?;
-        let standby = WalFeed::standby(pair.standby_port(), primary.acked()).await?;
-        let feeds = Feeds { writer: Some(writer), replicas: vec![(format!("standby 127.0.0.1:{}", pair.standby_port()), standby)] };
-        open_loop::measure(load, primary, feeds, &format!("postgres synchronous_commit={}", mode.as_str()), run, rate).await
+        let mode = setup.synchronous_commit;
+        let primary = Arc::new(PgPrimary::connect(servers.primary_port(), mode, load.connections).await?);
+        let mut feeds = Feeds { writer: None, replicas: Vec::new() };
+        if load.lag_probe {
+            feeds.writer = Some(WalFeed::primary(servers.primary_port()).await?);
+            for standby in &servers.standbys {
+                feeds.replicas.push((format!("{} 127.0.0.1:{}", standby.name, standby.port), WalFeed::standby(standby.port, primary.acked()).await?));
+            }
+        }
+        // The postmasters: a standby pauses whole, and the CPU counts every process under them.
+        let pauser = pause.map(|duty| Pauser::start(servers.standbys.iter().map(Postmaster::pgid).collect(), duty));
+        let m = open_loop::measure(load, primary, feeds, &pgids, &format!("postgres synchronous_commit={}", setup.durability()), run, rate).await;
+        drop(pauser);
+        m
     }
     .await;
-    let stopped = pair.stop();
+    let stopped = servers.stop();
     let m = result?;
     stopped?;
     Ok((m, pgids))
@@ -694,9 +768,14 @@ pub async fn measure_pair(load: &LoadArgs, pg: &PgArgs, dir: &Path, mode: SyncCo
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct PgBenchArgs {
-    /// synchronous_commit modes to measure (each client session sets it); the standby's visibility lag is measured in every mode.
+    /// synchronous_commit modes to measure (each client session sets it); the standbys' visibility lag is measured in every mode.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "off,local,on,remote_apply")]
     pub synchronous_commit: Vec<SyncCommit>,
+    /// Hot standbys of the primary (application_name s1, s2, …): with 1 it is the synchronous standby
+    /// (synchronous_standby_names = '*'); with more the primary commits on any one of them
+    /// (quorum commit: 'ANY 1 (s1, s2, …)').
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=3))]
+    pub standbys: u16,
     /// Offered commit rates, commits/s over all connections.
     #[arg(long, value_delimiter = ',', default_value = "1000,4000")]
     pub rates: Vec<f64>,
@@ -729,25 +808,26 @@ pub async fn bench_run(args: PgBenchArgs) -> Result<()> {
 
 async fn pg_bench(args: &PgBenchArgs) -> Result<()> {
     let work = WorkDir::new(args.work_dir.as_deref(), "borealis-pg-bench")?;
-    let mut runs: Vec<(SyncCommit, Measurement)> = Vec::new();
+    let setups: Vec<PgSetup> = args.synchronous_commit.iter().map(|&mode| PgSetup::new(mode, args.standbys.into())).collect();
+    let mut runs: Vec<(PgSetup, Measurement)> = Vec::new();
     let mut pgids = Vec::new();
     for run in 0..args.load.runs {
         for &rate in &args.rates {
-            for &mode in &args.synchronous_commit {
-                let (m, ids) = measure_pair(&args.load, &args.pg, &work.path.join("pair"), mode, run, rate)
+            for &setup in &setups {
+                let (m, ids) = measure_point(&args.load, &args.pg, &work.path.join("pg"), setup, None, run, rate)
                     .await
-                    .with_context(|| format!("synchronous_commit={} run {} at {rate} commits/s (pair under {})", mode.as_str(), run + 1, work.path.display()))?;
+                    .with_context(|| format!("synchronous_commit={} run {} at {rate} commits/s (servers under {})", setup.durability(), run + 1, work.path.display()))?;
                 pgids.extend(ids);
-                runs.push((mode, m));
+                runs.push((setup, m));
             }
         }
     }
-    let points = pg_points(&args.load, &args.rates, &args.synchronous_commit, &runs, &args.out)?;
+    let points = pg_points(&args.load, &args.rates, &setups, &runs, &args.out, "")?;
     let json = serde_json::json!({
         "target": "postgres",
         "params": args,
         "points": points,
-        "runs": runs.iter().map(|(mode, m)| serde_json::json!({ "synchronous_commit": mode, "measurement": m })).collect::<Vec<_>>(),
+        "runs": runs_json(&runs),
         "postgres_pgids": pgids,
     });
     let path = args.out.join("summary.json");
@@ -758,19 +838,21 @@ async fn pg_bench(args: &PgBenchArgs) -> Result<()> {
     open_loop::verdict(&points, &path)
 }
 
-/// The histogram file prefix of a PostgreSQL mode.
-pub fn pg_prefix(mode: SyncCommit) -> String {
-    format!("postgres-{}-", mode.as_str())
+/// Every run as JSON: its setup and its measurement.
+pub fn runs_json(runs: &[(PgSetup, Measurement)]) -> Vec<serde_json::Value> {
+    runs.iter().map(|(setup, m)| serde_json::json!({ "synchronous_commit": setup.synchronous_commit, "standbys": setup.standbys, "measurement": m })).collect()
 }
 
-/// One point per (mode, rate), medians over runs; histograms go to `out`.
-pub fn pg_points(load: &LoadArgs, rates: &[f64], modes: &[SyncCommit], runs: &[(SyncCommit, Measurement)], out: &Path) -> Result<Vec<Point>> {
+/// One point per (setup, rate), medians over runs; histograms go to `out`, file names starting with
+/// `prefix` and the setup's (`postgres-on-`).
+pub fn pg_points(load: &LoadArgs, rates: &[f64], setups: &[PgSetup], runs: &[(PgSetup, Measurement)], out: &Path, prefix: &str) -> Result<Vec<Point>> {
     let mut points = Vec::new();
-    for &mode in modes {
+    for &setup in setups {
         for &rate in rates {
-            let rs: Vec<&Measurement> = runs.iter().filter(|(m, r)| *m == mode && r.rate == rate).map(|(_, r)| r).collect();
+            let rs: Vec<&Measurement> = runs.iter().filter(|(s, r)| *s == setup && r.rate == rate).map(|(_, r)| r).collect();
             if !rs.is_empty() {
-                points.push(open_loop::summarize(load, "postgres", mode.as_str(), rate, &rs, out, &pg_prefix(mode))?);
+                let durability = setup.durability();
+                points.push(open_loop::summarize(load, "postgres", &durability, rate, &rs, out, &format!("{prefix}postgres-{durability}-"))?);
             }
         }
     }
@@ -854,7 +936,7 @@ pub struct PgFailoverRun {
     pub audit: WriteAudit,
     pub commit_latency_us: LatencyUs,
     pub error_kinds: BTreeMap<String, u64>,
-    /// The pair's process groups (all stopped when the run ends).
+    /// The postmasters' pids (all stopped when the run ends).
     pub postgres_pgids: Vec<i32>,
     /// Load start to the kill, ms: the origin of the failover timeline is the load's start.
     pub kill_at_ms: f64,
@@ -1046,7 +1128,7 @@ async fn failover_bench(args: &PgFailoverArgs) -> Result<()> {
 
 /// One failover on a fresh pair under `dir`, stopped afterwards whatever happened.
 pub async fn failover_measure(args: &PgFailoverArgs, dir: &Path, run: usize) -> Result<PgFailoverRun> {
-    let mut pair = PgPair::start(&args.pg, dir).await?;
+    let mut pair = PgServers::start(&args.pg, dir, 1).await?;
     let result = failover_load(args, &mut pair, run).await;
     let stopped = pair.stop();
     let mut r = result?;
@@ -1055,10 +1137,10 @@ pub async fn failover_measure(args: &PgFailoverArgs, dir: &Path, run: usize) -> 
     Ok(r)
 }
 
-async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> Result<PgFailoverRun> {
+async fn failover_load(args: &PgFailoverArgs, pair: &mut PgServers, run: usize) -> Result<PgFailoverRun> {
     let client = Arc::new(FailoverClient {
         sessions: (0..args.connections).map(|_| Session { current: tokio::sync::Mutex::new(None) }).collect(),
-        ports: [pair.primary_port(), pair.standby_port()],
+        ports: [pair.primary_port(), pair.standbys[0].port],
         mode: args.synchronous_commit,
         retry: Duration::from_millis(args.retry_ms),
         deadline: Duration::from_secs_f64(args.deadline_seconds),
@@ -1072,7 +1154,7 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
         }
     }
     // Opened before the kill, so that the promotion is not delayed by a connection.
-    let admin = connect(pair.standby_port(), "loadgen-promote", false).await?;
+    let admin = connect(pair.standbys[0].port, "loadgen-promote", false).await?;
     let workload = Arc::new(Workload { run, txn_ops: args.txn_ops, value_bytes: args.value_bytes });
     let warmup = Duration::from_secs_f64(args.warmup_seconds);
     let total = warmup + Duration::from_secs_f64(args.seconds);
@@ -1120,7 +1202,7 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
                     break Some(Instant::now());
                 }
                 if Instant::now() > deadline {
-                    bail!("the standby was still in recovery {READY_TIMEOUT:?} after pg_promote; see {}", pair.standby.log.display());
+                    bail!("the standby was still in recovery {READY_TIMEOUT:?} after pg_promote; see {}", pair.standbys[0].log.display());
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -1133,7 +1215,7 @@ async fn failover_load(args: &PgFailoverArgs, pair: &mut PgPair, run: usize) -> 
     drop(client);
 
     // Read every transaction back from the promoted standby.
-    let reader = connect(pair.standby_port(), "loadgen-read-back", true).await.context("connect to the promoted standby for the read-back")?;
+    let reader = connect(pair.standbys[0].port, "loadgen-read-back", true).await.context("connect to the promoted standby for the read-back")?;
     let rows = reader.query("SELECT key, value FROM kv", &[]).await.context("read back")?;
     let stored: HashMap<String, Vec<u8>> = rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
     let mut audit = WriteAudit::default();
@@ -1250,11 +1332,16 @@ mod tests {
     }
 
     #[test]
-    fn proc_stat_reads_this_process() {
-        let me = std::process::id() as i32;
-        assert!(is_running(me));
-        // SAFETY: getpgrp has no preconditions.
-        let pgid = unsafe { libc::getpgrp() };
-        assert!(live_group_members(pgid).contains(&me));
+    fn this_process_is_running() {
+        assert!(is_running(std::process::id() as i32));
+        assert!(!is_running(0), "no process 0 in /proc");
+    }
+
+    #[test]
+    fn quorum_commit_names_every_standby() {
+        assert_eq!(synchronous_standby_names(1), "*");
+        assert_eq!(synchronous_standby_names(2), "ANY 1 (s1, s2)");
+        assert_eq!(PgSetup::new(SyncCommit::On, 2).durability(), "on-any1of2");
+        assert_eq!(PgSetup::new(SyncCommit::Local, 1).durability(), "local");
     }
 }

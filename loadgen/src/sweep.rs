@@ -16,6 +16,7 @@ use crate::cluster::{EmbeddedClusterArgs, WorkDir};
 use crate::commit_bench::{self, CommitBenchArgs};
 use crate::failover::{self, FailoverArgs, PromoteMode};
 use crate::open_loop::{self, LoadArgs, Measurement, Point};
+use crate::pause::GrayFailure;
 use crate::plot::{self, Series};
 use crate::report::median_by;
 
@@ -41,6 +42,10 @@ pub struct SweepArgs {
     #[command(flatten)]
     #[serde(flatten)]
     pub cluster: EmbeddedClusterArgs,
+    /// Gray failure of every commit point (the failovers run without).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub gray: GrayFailure,
     /// Directory for results: summary.json, .hgrm per histogram, .svg plots.
     #[arg(long, default_value = "bench-results/latest/sweep")]
     pub out: PathBuf,
@@ -84,6 +89,7 @@ pub async fn run(args: SweepArgs) -> Result<()> {
     if args.value_sizes.contains(&0) {
         bail!("--value-sizes must be positive");
     }
+    args.gray.duty.check()?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     // Ctrl-C drops the sweep future, and with it the embedded cluster's processes.
     tokio::select! {
@@ -112,6 +118,7 @@ impl SweepArgs {
         a.load = LoadArgs { value_bytes, ..self.load.clone() };
         a.replicas = Some(self.replicas);
         a.cluster = self.cluster.clone();
+        a.gray = self.gray;
         a.out = self.out.clone();
         Ok(a)
     }

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use loadgen::postgres::{live_group_members, mapped_shm_segments, DEFAULT_PG_BIN, SHM_SEGMENT_PREFIX};
+use loadgen::postgres::{mapped_shm_segments, DEFAULT_PG_BIN, SHM_SEGMENT_PREFIX};
 use serde_json::Value;
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_loadgen");
@@ -49,12 +49,32 @@ fn read_json(path: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
 }
 
-fn assert_stopped(pgids: &Value) {
-    let pgids: Vec<i32> = pgids.as_array().expect("postgres_pgids").iter().map(|v| v.as_i64().unwrap() as i32).collect();
-    assert!(!pgids.is_empty(), "the run started PostgreSQL");
-    for pgid in pgids {
-        assert_eq!(live_group_members(pgid), Vec::<i32>::new(), "processes of PostgreSQL group {pgid} still run");
-    }
+/// The processes working under `dir`: PostgreSQL's servers run in their data directories, and every
+/// process of a server (each in a process group of its own) inherits the postmaster's.
+fn processes_under(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir)))
+        .collect()
+}
+
+/// Fails, naming them, if processes still work under `work`.
+fn assert_none_under(work: &Path) {
+    let left: Vec<String> = processes_under(work)
+        .into_iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map(|c| String::from_utf8_lossy(&c).replace('\0', " ")).unwrap_or_default();
+            format!("{pid} [{cmdline}] {stat}")
+        })
+        .collect();
+    assert!(left.is_empty(), "processes still run under {}:\n{}", work.display(), left.join("\n"));
+}
+
+fn assert_stopped(work: &Path, pgids: &Value) {
+    assert!(!pgids.as_array().expect("postgres_pgids").is_empty(), "the run started PostgreSQL");
+    assert_none_under(work);
 }
 
 #[test]
@@ -96,7 +116,7 @@ fn pg_bench_measures_commits_and_standby_lag() {
     assert_eq!(point["replica_lag_unseen"], 0, "{point}");
     assert!(out.join(point["hgrm"].as_str().unwrap()).exists());
     assert!(out.join(point["replica_lag_hgrm"].as_str().unwrap()).exists());
-    assert_stopped(&summary["postgres_pgids"]);
+    assert_stopped(&work, &summary["postgres_pgids"]);
 }
 
 #[test]
@@ -115,7 +135,7 @@ fn pg_failover_loses_no_acknowledged_write_with_a_synchronous_standby() {
     assert!(run["acked_before_kill"].as_u64().unwrap() > 500, "{run}");
     assert!(run["acked_writes"].as_u64().unwrap() > run["acked_before_kill"].as_u64().unwrap(), "the promoted standby acknowledged commits: {run}");
     assert!(run["failover_ms"].as_f64().unwrap() > 0.0, "{run}");
-    assert_stopped(&run["postgres_pgids"]);
+    assert_stopped(&work, &run["postgres_pgids"]);
     // The killed primary's shared memory is gone too (anything new is some live server's).
     let all: Vec<i32> = std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     let mapped = mapped_shm_segments(&all);
@@ -130,14 +150,15 @@ fn shm_segments() -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-/// The pids of postmasters whose command line names `dir` (`postgres -D DIR/...`).
+/// The pids of postmasters whose command line names `dir` (`.../postgres -D DIR/...`; not pg_basebackup's `-D`).
 fn postmasters_under(dir: &Path) -> Vec<i32> {
     let needle = dir.to_str().unwrap().as_bytes();
+    let is_postgres = |c: &[u8]| c.split(|&b| b == 0).next().is_some_and(|program| program.ends_with(b"/postgres"));
     std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"/") && c.windows(needle.len()).any(|w| w == needle) && c.windows(3).any(|w| w == b"-D\0")))
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| is_postgres(&c) && c.windows(needle.len()).any(|w| w == needle) && c.windows(3).any(|w| w == b"-D\0")))
         .collect()
 }
 
@@ -159,21 +180,76 @@ fn an_interrupted_run_leaves_no_postgres_process() {
         .unwrap();
     // Both servers up (the standby is the second postmaster), then a moment of load.
     let deadline = Instant::now() + Duration::from_secs(60);
-    let pgids = loop {
-        let pids = postmasters_under(&work);
-        if pids.len() == 2 {
-            break pids;
+    loop {
+        if postmasters_under(&work).len() == 2 {
+            break;
         }
         assert!(child.try_wait().unwrap().is_none(), "loadgen exited before starting both servers");
         assert!(Instant::now() < deadline, "PostgreSQL did not start");
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
     std::thread::sleep(Duration::from_secs(2));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     assert!(!status.success(), "interrupted: {status}");
-    for pgid in pgids {
-        assert_eq!(live_group_members(pgid), Vec::<i32>::new(), "processes of PostgreSQL group {pgid} still run after Ctrl-C");
+    assert_none_under(&work);
+}
+
+/// The issue's targets, in order, for the rates 1,000 and 4,000 commits/s.
+const TARGETS: [&str; 9] = [
+    "cpu_per_commit_1000",
+    "cpu_per_commit_4000",
+    "gray_failure_one",
+    "gray_failure_two",
+    "saturation",
+    "commit_p99_1000",
+    "commit_p99_4000",
+    "lag_p99_1000",
+    "lag_p99_4000",
+];
+
+#[test]
+fn compare_postgres_writes_every_target() {
+    let Some(bin) = pg_bin("compare_postgres_writes_every_target") else { return };
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = work_dir();
+    let out = dir.path().join("out");
+    let work = dir.path().join("work");
+    // Every section at its smallest: one run of 1 s per point, the rows the targets need, a one-step saturation
+    // ladder with a latency bound that a loaded machine meets too (the test checks the plumbing, not the systems).
+    loadgen(
+        &[
+            "compare-postgres", "--runs", "1", "--seconds", "1", "--warmup-seconds", "0.5",
+            "--borealis-ack", "memory", "--synchronous-commit", "local,on",
+            "--saturation-start", "500", "--saturation-max", "500", "--saturation-seconds", "1", "--saturation-warmup-seconds", "0.5", "--saturation-p99-ms", "1000",
+            "--pg-saturation-connections", "8", "--failover-runs", "0",
+            "--out", out.to_str().unwrap(), "--work-dir", work.to_str().unwrap(),
+        ],
+        &bin,
+    );
+    let targets = read_json(&out.join("targets.json"));
+    let names: Vec<&str> = targets.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, TARGETS);
+    for t in targets.as_array().unwrap() {
+        for field in ["borealis", "postgres", "ratio"] {
+            assert!(t[field].as_f64().is_some_and(|v| v > 0.0), "{field} of {t}");
+        }
+        assert!(t["goal"].as_str().unwrap().starts_with(['<', '>']), "{t}");
+        assert!(t["met"].is_boolean(), "{t}");
     }
+    let summary = read_json(&out.join("summary.json"));
+    assert_eq!(summary["targets"], targets);
+    for p in summary["cpu_points"].as_array().unwrap() {
+        assert!(p["point"]["server_cpu_us_per_commit"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["point"]["replica_lag_us"].is_null(), "no lag probe in the CPU pass: {p}");
+    }
+    let paused: Vec<u64> = summary["gray_failure_points"].as_array().unwrap().iter().map(|p| p["paused"].as_u64().unwrap()).collect();
+    assert_eq!(paused, [1, 1, 2, 2]);
+    assert_eq!(summary["saturation"].as_array().unwrap().len(), 4, "Borealis disk and memory, PostgreSQL on and local at 8 sessions");
+    let md = std::fs::read_to_string(out.join("comparison.md")).unwrap();
+    for heading in ["## Targets (issue 16)", "## Server CPU per commit", "## Gray failure", "## Saturation", "ANY 1 (s1, s2)"] {
+        assert!(md.contains(heading), "comparison.md lacks {heading:?}");
+    }
+    assert_stopped(&work, &summary["postgres_pgids"]);
 }

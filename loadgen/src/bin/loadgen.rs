@@ -28,6 +28,7 @@ enum Command {
     /// Sweep offered rates and value sizes, each point on a fresh embedded cluster, then measure
     /// failovers; writes one summary.json with every point and run, .hgrm per histogram, and SVG
     /// plots: latency against throughput, replica lag, percentile distributions, failover timeline.
+    /// --pause-nodes K sweeps under gray failure: K storage nodes of distinct AZs paused on a duty cycle.
     Sweep(loadgen::sweep::SweepArgs),
     /// CI's performance gate: a short benchmark compared with a committed baseline. Each repetition
     /// measures a reference (raw QUIC request/response on loopback at the same rate) and then
@@ -41,8 +42,9 @@ enum Command {
     StorageBench(loadgen::storage_bench::StorageBenchArgs),
     /// Benchmark commits: open-loop puts at each offered rate of a sweep, against an embedded
     /// cluster (6 storaged + writerd + replicads, started and stopped by loadgen) or an existing
-    /// writer; reports acknowledged commits/s, commit latency from each commit's due time, and
-    /// replica visibility lag from each commit's acknowledgement.
+    /// writer; reports acknowledged commits/s, commit latency from each commit's due time,
+    /// replica visibility lag from each commit's acknowledgement, and the daemons' CPU per commit.
+    /// --pause-nodes K: gray failure, K storage nodes of distinct AZs paused on a duty cycle.
     CommitBench(loadgen::commit_bench::CommitBenchArgs),
     /// Measure failover: open-loop commits through a failover-aware client against an embedded
     /// cluster (6 storaged + writerd + --replicas replicads), SIGKILL of writerd after the warm-up,
@@ -50,16 +52,20 @@ enum Command {
     /// (failover_ms), the unavailability window, the promotion's breakdown, and lost_acked_writes
     /// from reading back every write. Repeated --runs times on fresh clusters.
     Failover(loadgen::failover::FailoverArgs),
-    /// PostgreSQL 15 as the target: a primary and a synchronous hot standby on loopback (started and
-    /// stopped by loadgen), the same open-loop puts for each --synchronous-commit mode and rate;
-    /// commit latency, throughput and standby visibility lag.
+    /// PostgreSQL 15 as the target: a primary and a synchronous hot standby on loopback (or
+    /// --standbys N with quorum commit, ANY 1 of them), started and stopped by loadgen; the same
+    /// open-loop puts for each --synchronous-commit mode and rate; commit latency, throughput,
+    /// standby visibility lag and the servers' CPU per commit.
     PgBench(loadgen::postgres::PgBenchArgs),
     /// PostgreSQL failover: SIGKILL of the primary under load, the standby promoted at once, clients
     /// reconnecting to it; kill to first promoted commit and lost acknowledged writes (read back).
     PgFailover(loadgen::postgres::PgFailoverArgs),
-    /// Borealis (ack = memory and disk) against PostgreSQL (synchronous_commit off, local, on,
-    /// remote_apply) at the same rates, runs interleaved, then failovers of both; writes
-    /// summary.json, .hgrm files, comparison.md and SVG plots to --out.
+    /// Borealis against PostgreSQL 15 streaming replication, the same workload, runs interleaved:
+    /// commit latency and visibility lag (ack = memory and disk against synchronous_commit off,
+    /// local, on, remote_apply and quorum commit ANY 1 of 2 standbys), server CPU per commit (lag
+    /// probes off), gray failure (storage nodes against standbys paused on a duty cycle),
+    /// saturation ladders, then failovers of both; writes comparison.md, targets.json,
+    /// summary.json, .hgrm files and SVG plots to --out.
     ComparePostgres(loadgen::compare::CompareArgs),
     /// Put KEY=VALUE in one transaction; prints the commit LSN.
     Put(client::PutArgs),

@@ -378,7 +378,7 @@ pub struct ClusterSpec<'a> {
 const ONE_THREAD: [&str; 2] = ["--worker-threads", "1"];
 
 /// Writes need a full protection group: six segments.
-const CLUSTER_NODES: u32 = 6;
+pub const CLUSTER_NODES: u32 = 6;
 
 impl LocalCluster {
     /// Starts the storage nodes, waits for them, then starts writerd and then

@@ -238,7 +238,7 @@ pub async fn run(args: CommitBenchArgs) -> Result<()> {
         (Some(_), _) if args.gray.pause_nodes > 0 => bail!("--pause-nodes pauses nodes of the embedded cluster, which --writer/--volume replaces"),
         _ => {}
     }
-    args.gray.duty.check()?;
+    args.gray.check()?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     // Ctrl-C drops the benchmark future, and with it the embedded cluster's processes.
     tokio::select! {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::cluster::az_of;
+use crate::cluster::{az_of, CLUSTER_NODES};
 use crate::procs;
 
 /// How a paused member stalls: stopped for `pause_ms` at the start of every `pause_every_ms`.
@@ -48,6 +48,14 @@ pub struct GrayFailure {
     #[command(flatten)]
     #[serde(flatten)]
     pub duty: DutyCycle,
+}
+
+impl GrayFailure {
+    /// A valid duty cycle, and no more paused nodes than the embedded cluster has AZs.
+    pub fn check(&self) -> Result<()> {
+        self.duty.check()?;
+        one_per_az(&(1..=CLUSTER_NODES).collect::<Vec<_>>(), self.pause_nodes).map(drop)
+    }
 }
 
 /// Pauses its targets on a duty cycle from `start` until dropped.
@@ -143,9 +151,12 @@ mod tests {
 
     #[test]
     fn duty_cycle_bounds() {
-        assert!(DutyCycle { pause_ms: 50, pause_every_ms: 250 }.check().is_ok());
+        let duty = DutyCycle { pause_ms: 50, pause_every_ms: 250 };
+        assert!(duty.check().is_ok());
         assert!(DutyCycle { pause_ms: 0, pause_every_ms: 250 }.check().is_err());
         assert!(DutyCycle { pause_ms: 250, pause_every_ms: 250 }.check().is_err());
+        assert!(GrayFailure { pause_nodes: 3, duty }.check().is_ok());
+        assert!(GrayFailure { pause_nodes: 4, duty }.check().is_err(), "the embedded cluster has 3 AZs");
     }
 
     /// The state letter of /proc/PID/stat.

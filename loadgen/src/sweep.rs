@@ -89,7 +89,7 @@ pub async fn run(args: SweepArgs) -> Result<()> {
     if args.value_sizes.contains(&0) {
         bail!("--value-sizes must be positive");
     }
-    args.gray.duty.check()?;
+    args.gray.check()?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("create {}", args.out.display()))?;
     // Ctrl-C drops the sweep future, and with it the embedded cluster's processes.
     tokio::select! {

@@ -588,8 +588,8 @@ fn targets(args: &CompareArgs, r: &Results) -> Vec<Target> {
             t.push(Target::new(name.to_string(), &format!("{what} ({})", args.pause.describe()), Unit::LatencyUs, b, p, Goal::AtMost(0.2)));
         }
     }
-    let ladders: Vec<Ladder> = r.ladders.iter().map(|c| c.ladder.clone()).collect();
-    if let (Some(b), Some(p)) = (saturation::best(&ladders, "borealis", "disk"), saturation::best(&ladders, "postgres", on)) {
+    let best = |system, durability| saturation::best(r.ladders.iter().map(|c| &c.ladder), system, durability);
+    if let (Some(b), Some(p)) = (best("borealis", "disk"), best("postgres", on)) {
         let what = format!("highest sustained rate (≥ 99% acknowledged, commit p99 ≤ {} ms): Borealis ack=disk ({} connections) vs PostgreSQL on ({} sessions, its best)", args.saturation.saturation_p99_ms, b.connections, p.connections);
         t.push(Target::new("saturation".to_string(), &what, Unit::Rate, b.highest_sustained(), p.highest_sustained(), Goal::AtLeast(2.0)));
     }
@@ -720,9 +720,9 @@ PostgreSQL runs one transaction per session at a time, so it climbs with {} sess
         let end = l.first_unsustained().map_or(format!("none up to {:.0}", sat.saturation_max), |s| format!("{:.0}, {:.0}, {}", s.rate, s.throughput_commits_per_s, ms(s.commit_p99_us)));
         md += &format!("| {} | {} | {} | {:.0} | {end} | {} |\n", system_name(&c.subject), c.subject.setting(), l.connections, l.highest_sustained(), l.steps.len());
     }
-    let ladders: Vec<Ladder> = r.ladders.iter().map(|c| c.ladder.clone()).collect();
+    let best = |system, durability| saturation::best(r.ladders.iter().map(|c| &c.ladder), system, durability);
     for (ack, mode) in [(Ack::Disk, SyncCommit::On), (Ack::Memory, SyncCommit::Local)] {
-        if let (Some(b), Some(p)) = (saturation::best(&ladders, "borealis", ack.as_str()), saturation::best(&ladders, "postgres", mode.as_str())) {
+        if let (Some(b), Some(p)) = (best("borealis", ack.as_str()), best("postgres", mode.as_str())) {
             let (bh, ph) = (b.highest_sustained(), p.highest_sustained());
             md += &format!(
                 "\nBorealis ack={} sustains {bh:.0} commits/s ({} connections), PostgreSQL {} {ph:.0} ({} sessions, its best): {}.\n",

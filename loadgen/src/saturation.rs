@@ -140,9 +140,9 @@ impl Ladder {
 }
 
 /// The ladder of `system` and `durability` with the highest sustained rate (the fewest connections on a tie).
-pub fn best<'a>(ladders: &'a [Ladder], system: &str, durability: &str) -> Option<&'a Ladder> {
+pub fn best<'a>(ladders: impl IntoIterator<Item = &'a Ladder>, system: &str, durability: &str) -> Option<&'a Ladder> {
     ladders
-        .iter()
+        .into_iter()
         .filter(|l| l.system == system && l.durability == durability)
         .min_by(|a, b| b.highest_sustained().total_cmp(&a.highest_sustained()).then(a.connections.cmp(&b.connections)))
 }

@@ -578,8 +578,9 @@ impl ReplicaCore {
 
     /// A chunk of stream `id`: the records its segment holds after the previous chunk
     /// (or the stream's start) up to `last_lsn`. A chunk that starts beyond what the PG
-    /// holds (after a stream was opened ahead, or a chunk was refused) is dropped: pulls
-    /// fill the gap and the stream's next chunks link on again. Returns the new read point
+    /// holds is dropped, never kept with a gap below it (a guard: streams open at what the
+    /// PG holds, and a refused chunk ends its stream); pulls would fill the gap and the
+    /// stream's next chunks link on again. Returns the new read point
     /// if it moved; an error means the stream must be closed (`StreamClosed`: it was).
     pub fn on_streamed(&mut self, pg: PgId, id: u64, position: SegmentPosition, last_lsn: Lsn, records: Bytes) -> Result<Option<Lsn>, PullError> {
         if position.pg != pg {

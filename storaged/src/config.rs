@@ -67,11 +67,10 @@ pub struct Config {
     /// With `--ack memory`: after a flush starts, the next one waits this long (µs) so that it
     /// carries every record that arrived meanwhile. Nothing waits for these flushes but the
     /// flushed LSN (replicas' and the writer's release of retained records), and each one costs
-    /// the node several thread wake-ups and a durable write: one per append at a few thousand
-    /// appends/s, which on a small machine the commit path then waits behind. The first flush
-    /// after a quiet spell starts at once, and a segment with 256 KiB unflushed does not wait.
-    /// The flusher then runs at nice 10. Ignored with `--ack disk`, whose acks wait for the
-    /// flush. 0 = flush as soon as the previous flush is done, at normal priority.
+    /// the node a wake-up and a durable write: one per append at a few thousand appends/s. The
+    /// first flush after a quiet spell starts at once, and a segment with 256 KiB unflushed does
+    /// not wait. Ignored with `--ack disk`, whose acks wait for the flush. 0 = flush as soon as
+    /// the previous flush is done.
     #[arg(long, default_value_t = 5000)]
     pub flush_interval_us: u64,
     /// Segment files grow by fallocate in steps of this size.
@@ -100,7 +99,8 @@ pub struct Config {
     #[arg(long, default_value_t = 100)]
     pub gossip_interval_ms: u64,
     /// Threads running network work; 1 runs everything on one thread (best when many
-    /// daemons share few cores, as in a local cluster). Disk writes have their own thread.
+    /// daemons share few cores, as in a local cluster). Disk writes are submitted from them too,
+    /// through io_uring.
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
 }

@@ -63,7 +63,8 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
         worker_threads: 1,
     };
     let (node, targets) = Node::open(config, Pages::LogOnly)?;
-    let flusher = Flusher::spawn(targets, node.wake.clone())?;
+    let runtime = crate::flusher::runtime_thread()?;
+    let flusher = runtime.block_on(async { Flusher::spawn(targets, node.wake.clone()) })?;
 
     let payload = vec![0x5Au8; args.record_bytes];
     let batch_bytes = args.flush_bytes_max as usize / 4;
@@ -99,7 +100,7 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
             std::thread::sleep(Duration::from_micros(50));
         }
     }
-    flusher.stop()?;
+    runtime.block_on(flusher.stop())?;
     let secs = start.elapsed().as_secs_f64();
     let flushed = node.metrics.flushed_bytes.load(Ordering::Relaxed);
     anyhow::ensure!(flushed == appended, "flushed {flushed} bytes of {appended} appended");

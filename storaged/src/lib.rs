@@ -21,9 +21,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
-/// Lowers the calling thread to nice 10: background work (the flusher with an interval,
-/// coalescer rounds) then takes about a tenth of a CPU from a thread on the commit path
-/// when they compete, and all it wants when they do not.
+/// Lowers the calling thread to nice 10: background work (coalescer rounds) then takes
+/// about a tenth of a CPU from a thread on the commit path when they compete, and all it
+/// wants when they do not.
 fn background_priority() {
     // SAFETY: setpriority with plain integers; on Linux `who` 0 is the calling thread.
     unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
@@ -57,10 +57,9 @@ pub fn run(config: Config) -> Result<()> {
         AckMode::Memory => Duration::from_micros(config.flush_interval_us),
         AckMode::Disk => Duration::ZERO,
     };
-    let flusher = flusher::Flusher::spawn_with(targets, node.wake.clone(), Duration::from_millis(config.flush_delay_ms), flush_interval)?;
-
     let runtime = borealis_net::runtime(config.worker_threads)?;
     runtime.block_on(async {
+        let flusher = flusher::Flusher::spawn_with(targets, node.wake.clone(), Duration::from_millis(config.flush_delay_ms), flush_interval)?;
         let endpoint = borealis_net::server_endpoint(&identity, config.listen)?;
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
@@ -96,8 +95,7 @@ pub fn run(config: Config) -> Result<()> {
         for seg in node.segments.values() {
             drop(seg.log.lock().expect("segment lock")); // appends in progress have landed
         }
-        let flushed = tokio::task::spawn_blocking(move || flusher.stop()).await.context("join flusher")?;
-        flushed.context("flusher failed: records acked from memory were not all flushed")?;
+        flusher.stop().await.context("flusher failed: records acked from memory were not all flushed")?;
         for seg in node.segments.values() {
             let log = seg.log.lock().expect("segment lock");
             tracing::info!(segment = %seg.id, scl = %log.scl(), flushed_lsn = %log.flushed_lsn(), "segment closed");

@@ -172,7 +172,7 @@ impl Node {
             segments.insert(PgId(pg), seg);
         }
         let frame_budget = tokio::sync::Semaphore::new(config.inflight_bytes_max as usize);
-        let node = Node { config, node_id, segments, wake: Arc::new(Wake::new()?), metrics, shutting_down: AtomicBool::new(false), frame_budget };
+        let node = Node { config, node_id, segments, wake: Arc::default(), metrics, shutting_down: AtomicBool::new(false), frame_budget };
         Ok((Arc::new(node), targets))
     }
 

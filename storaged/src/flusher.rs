@@ -9,10 +9,12 @@
 //! during a flush ride in the next one (group commit without a timer).
 //! Appends wake it through a `Notify`; completions wake it through the ring's
 //! descriptor, polled by the runtime like any socket. On the network thread it
-//! submits the write the moment the task that took the append yields, and
-//! takes the completion in the same wake-up that sends the acks: a thread of
-//! its own cost 2 more context switches per flush, and at 1,000 commits/s
-//! with ack = disk 1.5x the CPU of the flush itself. No SQPOLL: on two vCPUs
+//! submits the write as soon as the task that took the append yields, and
+//! takes the completion in the wake-up that sends the acks. On a thread of its
+//! own (eventfd wake, blocking wait, hand-off back) the 6 nodes of a local
+//! cluster at 1,000 commits/s with ack = disk made 22 context switches per
+//! commit instead of 14, and commits took 1.2x as long at the median.
+//! No SQPOLL: on two vCPUs
 //! a polling kernel thread starves the daemon.
 //!
 //! With `--flush-interval-us` (ack = memory), a flush that would start

@@ -97,7 +97,7 @@ fn transport() -> quinn::TransportConfig {
     // Peers ACK every 9th ack-eliciting packet or within 25 ms, not every 2nd: on the
     // one-way feeds (replies to a client that sends nothing more for a while, log chunks
     // to a replica) each ACK is otherwise a datagram that wakes the sender. At 1,000
-    // commits/s a 5 ms bound still cost an ACK per reply and 8% more CPU per commit
+    // commits/s a 5 ms bound still cost an ACK per reply and 7% more CPU per commit
     // than 25 ms; a lost last packet then waits up to 25 ms longer for its probe.
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(8u32.into()).max_ack_delay(Some(Duration::from_millis(25)));

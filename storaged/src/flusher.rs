@@ -13,9 +13,8 @@
 //! takes the completion in the wake-up that sends the acks. On a thread of its
 //! own (eventfd wake, blocking wait, hand-off back) the 6 nodes of a local
 //! cluster at 1,000 commits/s with ack = disk made 22 context switches per
-//! commit instead of 14, and commits took 1.2x as long at the median.
-//! No SQPOLL: on two vCPUs
-//! a polling kernel thread starves the daemon.
+//! commit instead of 14, and commits took 1.2x as long at the median. No
+//! SQPOLL: on two vCPUs a polling kernel thread starves the daemon.
 //!
 //! With `--flush-interval-us` (ack = memory), a flush that would start
 //! sooner than that after the previous start waits for the rest of the

@@ -448,14 +448,15 @@ async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: 
         return Reply::Now { msg: error(ErrorCode::Behind, why), received: None };
     }
     match read_records(&seg, after, upto, bytes_max).await {
-        Ok(msg) => Reply::Now { msg, received: None },
+        Ok((position, last_lsn, records)) => Reply::Now { msg: Message::PullReply { position, last_lsn, records }, received: None },
         Err(msg) => Reply::Close(msg),
     }
 }
 
-/// The segment's records in `(after, upto]`, about `bytes_max` (at least one), as a
-/// `PullReply`: from memory, or from the segment file (the caller holds `files`).
-async fn read_records(seg: &Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: usize) -> Result<Message, Message> {
+/// The segment's records in `(after, upto]`, about `bytes_max` (at least one), with the
+/// segment's position and the last record's LSN: from memory, or from the segment file
+/// (the caller holds `files`). An error is the message that ends the exchange.
+async fn read_records(seg: &Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: usize) -> Result<(SegmentPosition, Lsn, Bytes), Message> {
     let mut parts = Vec::new();
     let (read, position) = {
         let log = seg.log.lock().expect("segment lock");
@@ -479,7 +480,7 @@ async fn read_records(seg: &Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: usiz
             }
         }
     };
-    Ok(Message::PullReply { position, last_lsn, records })
+    Ok((position, last_lsn, records))
 }
 
 async fn write_replies(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Reply>, metrics: Arc<Metrics>) {
@@ -602,12 +603,11 @@ async fn push_log(mut send: quinn::SendStream, seg: Arc<Segment>, mut stream: Lo
                     read_records(&seg, after, upto, bytes_max).await
                 };
                 match read {
-                    Ok(msg) => {
-                        let Message::PullReply { last_lsn, records, .. } = &msg else { unreachable!("read_records answers PullReply") };
-                        stream.sent(*last_lsn, records.len());
+                    Ok((at, last_lsn, records)) => {
+                        stream.sent(last_lsn, records.len());
                         metrics.streamed_bytes.fetch_add(records.len() as u64, Ordering::Relaxed);
                         buf.clear();
-                        msg.encode(&mut buf);
+                        Message::PullReply { position: at, last_lsn, records }.encode(&mut buf);
                         if send.write_all(&buf).await.is_err() {
                             return;
                         }

@@ -423,6 +423,54 @@ mod tests {
         }
     }
 
+    /// Request and response kinds, one index each: exhaustive, so a new kind does not compile
+    /// until it has an index here (and `KINDS` grows, or `every_kind_is_sampled` indexes out of bounds).
+    const KINDS: usize = 11;
+    fn request_kind(r: &Request) -> usize {
+        match r {
+            Request::Txn(_) => 0,
+            Request::Get { .. } => 1,
+            Request::Follow => 2,
+            Request::Role => 3,
+            Request::Promote => 4,
+        }
+    }
+    fn response_kind(r: &Response) -> usize {
+        match r {
+            Response::Committed { .. } => 5,
+            Response::Value { .. } => 6,
+            Response::Error { .. } => 7,
+            Response::Progress(_) => 8,
+            Response::RoleIs(_) => 9,
+            Response::Promoted(_) => 10,
+        }
+    }
+
+    /// Every frame `decoders_are_total` mutates: each request, then each response.
+    fn frames() -> Vec<Vec<u8>> {
+        let requests = requests().into_iter().map(|r| {
+            let mut f = Vec::new();
+            r.encode(3, &mut f);
+            f
+        });
+        let responses = responses().into_iter().map(|r| {
+            let mut f = Vec::new();
+            r.encode(3, &mut f);
+            f
+        });
+        requests.chain(responses).collect()
+    }
+
+    /// The samples (which `decoders_are_total` picks from, all of them) have every kind of request and response.
+    #[test]
+    fn every_kind_is_sampled() {
+        let mut sampled = [false; KINDS];
+        requests().iter().for_each(|r| sampled[request_kind(r)] = true);
+        responses().iter().for_each(|r| sampled[response_kind(r)] = true);
+        assert_eq!(sampled.iter().position(|s| !s), None, "a request or response kind without a sample");
+        assert_eq!(frames().len(), requests().len() + responses().len());
+    }
+
     #[test]
     fn limits_are_checked_after_decoding() {
         let long = Request::Get { key: vec![b'k'; 2000], min_lsn: Lsn::ZERO };
@@ -449,9 +497,9 @@ mod tests {
 
         /// Arbitrary and mutated bytes never panic either decoder, and what decodes re-encodes identically.
         #[test]
-        fn decoders_are_total(which in 0usize..13, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
-            let mut f = Vec::new();
-            if which < 5 { requests()[which].encode(3, &mut f) } else { responses()[which - 5].encode(3, &mut f) }
+        fn decoders_are_total(which in any::<prop::sample::Index>(), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6)) {
+            let frames = frames();
+            let mut f = frames[which.index(frames.len())].clone();
             for (at, x) in flips {
                 let i = at % f.len();
                 f[i] ^= x;

@@ -536,6 +536,67 @@ pub async fn scrape(addr: SocketAddr) -> Result<String> {
     Ok(page.to_string())
 }
 
+/// writerd's own view of one measurement (embedded cluster only), from its /metrics at the end.
+/// Counters and summaries cover writerd's whole life: the warm-up and the measured seconds.
+#[derive(Serialize, Clone, Debug)]
+pub struct WriterdMetrics {
+    /// `writerd_commits_total`: transactions acknowledged.
+    pub commits: u64,
+    /// `writerd_commit_errors_total`: transactions answered with an error.
+    pub commit_errors: u64,
+    /// `writerd_lal_stalls_total`: transactions that waited for VDL to advance (LSN allocation limit).
+    pub lal_stalls: u64,
+    /// `writerd_page_fetches_total`: page-cache misses read from storage (GetPage@LSN).
+    pub page_fetches: u64,
+    /// `writerd_commit_latency_us`: transaction received to acknowledged, inside writerd.
+    pub commit_latency_us_p50: u64,
+    pub commit_latency_us_p99: u64,
+    pub commit_latency_us_p999: u64,
+}
+
+/// A replica's own gauges at the end of a measurement (embedded cluster only).
+#[derive(Serialize, Clone, Debug)]
+pub struct ReplicadMetrics {
+    pub applied_vdl: u64,
+    pub writer_vdl: u64,
+    pub flushed_lsn: u64,
+    pub retained_bytes: u64,
+    pub pending_bytes: u64,
+    /// Inside the replica: from hearing a VDL to the read point reaching it.
+    pub apply_delay_us_p50: u64,
+    pub apply_delay_us_p99: u64,
+}
+
+/// writerd's metrics, scraped from its /metrics at `addr`.
+pub async fn writerd_metrics(addr: SocketAddr) -> Result<WriterdMetrics> {
+    let page = scrape(addr).await?;
+    let q = |q: &str| metric_sum(&page, "writerd_commit_latency_us", &format!("quantile=\"{q}\"")) as u64;
+    Ok(WriterdMetrics {
+        commits: metric_sum(&page, "writerd_commits_total", "") as u64,
+        commit_errors: metric_sum(&page, "writerd_commit_errors_total", "") as u64,
+        lal_stalls: metric_sum(&page, "writerd_lal_stalls_total", "") as u64,
+        page_fetches: metric_sum(&page, "writerd_page_fetches_total", "") as u64,
+        commit_latency_us_p50: q("0.5"),
+        commit_latency_us_p99: q("0.99"),
+        commit_latency_us_p999: q("0.999"),
+    })
+}
+
+/// A replicad's gauges, scraped from its /metrics at `addr`.
+pub async fn replicad_metrics(addr: SocketAddr) -> Result<ReplicadMetrics> {
+    let page = scrape(addr).await?;
+    let gauge = |name: &str| metric_sum(&page, name, "") as u64;
+    Ok(ReplicadMetrics {
+        applied_vdl: gauge("replicad_applied_vdl"),
+        writer_vdl: gauge("replicad_writer_vdl"),
+        flushed_lsn: gauge("replicad_flushed_lsn"),
+        retained_bytes: gauge("replicad_retained_bytes"),
+        pending_bytes: gauge("replicad_pending_bytes"),
+        apply_delay_us_p50: metric_sum(&page, "replicad_apply_delay_us", "quantile=\"0.5\"") as u64,
+        apply_delay_us_p99: metric_sum(&page, "replicad_apply_delay_us", "quantile=\"0.99\"") as u64,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
-use crate::commit_bench::{ReplicadMetrics, WriterdMetrics};
+use crate::cluster::{ReplicadMetrics, WriterdMetrics};
 use crate::lag::LagTracker;
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::procs;

@@ -42,13 +42,7 @@ pub struct StorageConn {
     pub conn: quinn::Connection,
 }
 
-/// A segment's answer to `Status`.
-#[derive(Clone, Debug)]
-pub struct SegmentStatus {
-    pub epoch: Epoch,
-    pub position: SegmentPosition,
-    pub truncations: Vec<Truncation>,
-}
+pub use redo_core::takeover::SegmentStatus;
 
 /// One segment's records from a pull.
 #[derive(Debug)]

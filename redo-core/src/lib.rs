@@ -13,6 +13,7 @@ pub mod record;
 pub mod replica;
 pub mod segment_file;
 pub mod segment_log;
+pub mod takeover;
 pub mod volume;
 pub mod wire;
 pub mod writer;

@@ -62,7 +62,7 @@ pub struct Plan {
     pub start: Lsn,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecoveryError {
     #[error("pg{pg}: {answered} segments answered the claim, a write quorum is {WRITE_QUORUM}")]
     NoQuorum { pg: usize, answered: usize },

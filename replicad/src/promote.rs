@@ -1,5 +1,5 @@
 //! Promotion: the replica takes over the volume (claim, offer back what it
-//! holds, recover, truncate: `writerd::recovery`) and from then on serves
+//! holds, recover, truncate: the core's `Takeover`, executed by `writerd::recovery`) and from then on serves
 //! transactions as the writer, with writerd's engine. Triggered by hand
 //! (`Promote`) or by `watch`, when the writer's heartbeat has been silent and
 //! this replica is the best of those that answer.
@@ -122,10 +122,10 @@ impl Promoter {
                 tracing::warn!(%why, "another replica won the promotion; standing down");
                 return Err(format!("another candidate won the promotion: {why}"));
             }
-            Err(TakeoverError::Failed(e)) => {
+            Err(e) => {
                 r.metrics.promotions_failed.fetch_add(1, Relaxed);
-                tracing::error!(error = %format!("{e:#}"), "promotion failed; still a replica");
-                return Err(format!("promotion failed: {e:#}"));
+                tracing::error!(error = %e, "promotion failed; still a replica");
+                return Err(format!("promotion failed: {e}"));
             }
         };
         let (epoch, vdl, t) = (taken.epoch, taken.recovered.vdl, taken.timings);

@@ -103,6 +103,8 @@ pub struct Stats {
     pub recoveries: u64,
     pub promotions: u64,
     pub recovery_retries: u64,
+    /// Takeovers by two candidates at once: claims that lost to the other.
+    pub claims_lost: u64,
     /// Unacknowledged transactions a recovery dropped, and kept (whole).
     pub txns_dropped: u64,
     pub txns_kept_unacked: u64,
@@ -131,6 +133,7 @@ impl std::ops::AddAssign for Stats {
         self.recoveries += o.recoveries;
         self.promotions += o.promotions;
         self.recovery_retries += o.recovery_retries;
+        self.claims_lost += o.claims_lost;
         self.txns_dropped += o.txns_dropped;
         self.txns_kept_unacked += o.txns_kept_unacked;
         self.late_truncations += o.late_truncations;
@@ -387,8 +390,8 @@ impl Sim {
                     };
                     let out = match s.log.handle_append(epoch, &records) {
                         Ok(out) => out,
-                        // A dead writer's frame reaching a segment a newer writer claimed.
-                        Err(AppendError::StaleEpoch(_)) if epoch < self.writer.epoch() => continue,
+                        // A dead writer's frame reaching a segment a newer writer (or claimant) claimed.
+                        Err(AppendError::StaleEpoch(_)) if epoch < self.writer.epoch() || !self.writer_up => continue,
                         Err(e) => panic!("pg{pg} segment {seg} refuses a frame at {epoch}: {e}"),
                     };
                     self.send(Msg::Ack { seg, session, position: out.position });

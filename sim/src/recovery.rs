@@ -1,18 +1,14 @@
-//! Writer crash and recovery, driven the way writerd's `take_over` drives the
-//! core's `redo_core::recovery`: the writer dies (in-flight Append frames may
+//! Writer crash and takeover: the writer dies (in-flight Append frames may
 //! still land on any subset of segments, or be lost; acks are lost with its
-//! sessions), then, once a write quorum of every PG's segments is reachable,
-//! a new writer claims the next epoch on every reachable segment, optionally
-//! offers back a promoted replica's `held_records()`, plans, pulls each PG's
-//! records from the source segment (`SegmentLog::read`, the file when memory
-//! no longer holds them), decides, truncates above VDL on every claimed
-//! segment, and continues with a new `WriterCore`. A segment that missed the
-//! recovery gets the truncation when its sender reconnects, before any new
-//! append (writerd's session). Every claim that truncates carries the
-//! truncation history (the older truncations the claim answers reported): a
-//! segment that missed one of them is cut at its point too and records it, as
-//! storaged does (`SegmentLog::missed_truncations`). Claim answers report the
-//! epoch of the segment's newest truncation, as writerd's `take_over` does.
+//! sessions), then a new writer, or a promoted replica offering back its
+//! `held_records()`, runs the core's `Takeover` (the machine writerd and
+//! replicad execute), its commands executed here as storaged executes them:
+//! claims granted or refused by `grant_epoch`, truncations cut by
+//! `SegmentLog`, replies delayed, lost, or never sent by a segment cut off
+//! from the whole takeover. A segment that missed the takeover gets the
+//! truncation when its sender reconnects, before any new append (writerd's
+//! session); a segment that missed one of the truncation history is cut at
+//! its point too (`SegmentLog::missed_truncations`).
 //!
 //! Checked at every recovery: VDL is at or above every acknowledged commit and
 //! every replica's read point, and is a commit LSN; per PG the decided last
@@ -22,20 +18,35 @@
 //! the transactions above VDL, so that every later read, by a replica or at
 //! convergence, is checked against the history that survived.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::{Records, ValidRecords};
-use redo_core::recovery::{self, Answer};
-use redo_core::segment_log::{grant_epoch, DiskCut, DiskRead};
+use redo_core::segment_log::{grant_decided_epoch, grant_epoch, DiskCut, DiskRead};
+use redo_core::takeover::{Command, Reply, SegmentStatus, TakenOver, Takeover, TakeoverError};
 use redo_core::wire::Truncation;
-use redo_core::writer::{Recovered, WriterCore};
+use redo_core::writer::WriterCore;
 use redo_core::{Epoch, Lsn, PgId};
 
 use crate::{replica, Segment, Sim};
 
-/// Chance that a reachable segment answers the recovery's claim (the others
-/// get the truncation later, from the new writer's session).
+/// Chance that a reachable segment answers one request of a takeover (the
+/// machine asks again after `ROUND_PAUSE`).
 const CLAIM_ANSWER_PERCENT: u64 = 85;
+/// Chance that a segment is cut off from a whole takeover: it gets the
+/// truncation later, from the new writer's session.
+const CUT_OFF_PERCENT: u64 = 10;
+/// Replies take up to this long, or (`LATE_PERCENT`) longer than the
+/// machine waits for stragglers.
+const REPLY_DELAY_US_MAX: u64 = 40_000;
+const LATE_PERCENT: u64 = 5;
+const REPLY_LATE_US: u64 = 150_000;
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Chance that two candidates take over at once, the second up to
+/// `SECOND_START_US_MAX` after the first.
+const CONCURRENT_PERCENT: u64 = 20;
+const SECOND_START_US_MAX: u64 = 60_000;
 /// Chance that an Append frame in flight when the writer dies still arrives.
 const INFLIGHT_SURVIVES_PERCENT: u64 = 50;
 /// Ticks between the writer's death and the first recovery attempt, at most.
@@ -49,6 +60,32 @@ const OFFER_RUN_BYTES_MAX: usize = 1024;
 /// design accepts (segments that crash before flushing), not a recovery bug,
 /// so the sim does not crash the writer, nor a segment, into it.
 pub(crate) const ACKED_HOLDERS_MIN: usize = SEGMENTS_PER_PG - WRITE_QUORUM + 1;
+
+/// A takeover under way in virtual time.
+struct Execution {
+    now: Duration,
+    /// Replies not yet delivered: when, to which claimant.
+    replies: Vec<(Duration, usize, Delivery)>,
+    claimants: Vec<Claimant>,
+}
+
+struct Claimant {
+    machine: Takeover,
+    start: Duration,
+    promotion: bool,
+    /// Segments unreachable from this candidate for the whole takeover.
+    cut_off: Vec<Vec<bool>>,
+    /// Segments that executed its truncation.
+    truncated: Vec<(usize, usize)>,
+    /// The highest CPL it pulled (`Bug::RecoveryMaxScl`).
+    max_cpl: Lsn,
+}
+
+enum Delivery {
+    Status { ask: u64, pg: PgId, segment: usize, reply: Reply },
+    Offered,
+    Pulled { pg: PgId, runs: Result<Vec<Bytes>, String> },
+}
 
 impl Sim {
     /// Whether every acknowledged record of every PG is held by at least `min`
@@ -94,110 +131,200 @@ impl Sim {
         self.stats.writer_crashes += 1;
     }
 
-    /// One recovery attempt (writerd's `take_over`); `false` when fewer than a
-    /// write quorum of some PG's segments answered (retried on a later tick).
+    /// One takeover (writerd's `take_over`): the core's `Takeover` driven
+    /// against the segments in virtual time, each command executed as storaged
+    /// would and its reply delivered after a random delay, lost, or never
+    /// answered by a segment cut off from that candidate. Sometimes two
+    /// candidates (writers or promoted replicas) run at once, the second
+    /// starting a little later: at most one may win each generation, and the
+    /// last winner writes unless a loser left a newer epoch on some segment
+    /// (it is fenced then, before it wrote anything). `false` when no winner
+    /// writes (retried on a later tick).
     pub(crate) fn try_recover(&mut self) -> bool {
         let pgs = self.segments.len();
-        let now = self.now;
-        let answering: Vec<Vec<usize>> = (0..pgs)
-            .map(|pg| (0..SEGMENTS_PER_PG).filter(|&seg| self.segments[pg][seg].down_until <= now && self.rng.chance(CLAIM_ANSWER_PERCENT)).collect())
-            .collect();
-        if answering.iter().any(|a| a.len() < WRITE_QUORUM) {
-            self.stats.recovery_retries += 1;
-            return false;
-        }
-        // Claim the next generation on every segment that answered.
-        let newest = answering.iter().enumerate().flat_map(|(pg, a)| a.iter().map(move |&seg| (pg, seg))).map(|(pg, seg)| self.segments[pg][seg].log.epoch()).max().unwrap_or_default();
-        let epoch = Epoch::claim_after(newest, self.rng.next_u64() as u32);
-        for (pg, a) in answering.iter().enumerate() {
-            for &seg in a {
-                let log = &mut self.segments[pg][seg].log;
-                assert_eq!(grant_epoch(log.epoch(), epoch), Ok(true), "the only claimant is granted the next generation");
-                log.raise_epoch(epoch);
+        let count = if self.rng.chance(CONCURRENT_PERCENT) { 2 } else { 1 };
+        let mut x = Execution { now: Duration::ZERO, replies: Vec::new(), claimants: Vec::new() };
+        for i in 0..count {
+            // A promotion: the replica offers back what it holds, and knows VDL up to what it heard.
+            let (mut known_cpl, mut offer) = (Lsn::ZERO, Vec::new());
+            let promotion = !self.replicas.is_empty() && self.rng.chance(PROMOTION_PERCENT);
+            if promotion {
+                let r = self.rng.below(self.replicas.len() as u64) as usize;
+                known_cpl = self.replicas[r].core.vdl();
+                offer = self.replicas[r].core.held_records(OFFER_RUN_BYTES_MAX);
             }
+            let cut_off = (0..pgs).map(|_| (0..SEGMENTS_PER_PG).map(|_| self.rng.chance(CUT_OFF_PERCENT)).collect()).collect();
+            let start = if i == 0 { Duration::ZERO } else { Duration::from_micros(self.rng.below(SECOND_START_US_MAX)) };
+            let machine = Takeover::new(pgs, known_cpl, offer, start, TAKEOVER_TIMEOUT, self.rng.next_u64());
+            x.claimants.push(Claimant { machine, start, promotion, cut_off, truncated: Vec::new(), max_cpl: Lsn::ZERO });
         }
-        // A promotion: the replica offers back what it holds, and knows VDL up to what it heard.
-        let mut known_cpl = Lsn::ZERO;
-        if !self.replicas.is_empty() && self.rng.chance(PROMOTION_PERCENT) {
-            let r = self.rng.below(self.replicas.len() as u64) as usize;
-            known_cpl = self.replicas[r].core.vdl();
-            let offer = self.replicas[r].core.held_records(OFFER_RUN_BYTES_MAX);
-            for (pg, runs) in offer.iter().enumerate() {
-                for &seg in &answering[pg] {
-                    for run in runs {
-                        let valid = ValidRecords::validate(run.clone(), 0).expect("held records are valid").expect("a run holds records");
-                        // Best effort, as writerd's offer_back: segments may refuse what conflicts.
-                        let _ = self.segments[pg][seg].log.handle_append(epoch, &valid);
+        loop {
+            for i in 0..count {
+                if x.claimants[i].start <= x.now {
+                    while let Some(command) = x.claimants[i].machine.poll_command() {
+                        self.execute(&mut x, i, command);
                     }
                 }
             }
-            self.stats.promotions += 1;
-        }
-        let answers: Vec<Vec<Answer>> = answering
-            .iter()
-            .enumerate()
-            .map(|(pg, a)| {
-                a.iter()
-                    .map(|&seg| {
-                        let log = &self.segments[pg][seg].log;
-                        // writerd: the epoch its log is as of, that of its newest truncation
-                        // (the claim just raised its epoch; what it holds was written before).
-                        let epoch = match self.bug {
-                            Some(replica::Bug::ClaimedEpochInAnswers) => log.epoch(),
-                            _ => log.last_truncation().map_or(Epoch(0), |t| t.epoch),
-                        };
-                        Answer { segment: seg, epoch, scl: log.scl(), truncations: log.truncations() }
-                    })
-                    .collect()
-            })
-            .collect();
-        let plan = recovery::plan(&answers, known_cpl).expect("a write quorum of every PG answered");
-        let pulled: Vec<Vec<Bytes>> = (0..pgs).map(|pg| pull_range(&self.segments[pg][plan.source[pg]], plan.from[pg], plan.upto[pg])).collect();
-        let mut d = recovery::decide(&plan, &pulled);
-        if self.bug == Some(replica::Bug::RecoveryMaxScl) {
-            // Deliberately wrong: the highest CPL pulled, ignoring the holes below it.
-            let cpls = pulled.iter().flatten().flat_map(|run| Records::new(run, 0).map(|r| r.expect("pulled records decode")).filter(|r| r.header().cpl).map(|r| r.lsn()).collect::<Vec<_>>());
-            d.vdl = cpls.max().unwrap_or(d.vdl).max(d.vdl);
-        }
-        let vdl = d.vdl;
-        self.check_decision(vdl, &d.pg_last);
-
-        // writerd's history: every truncation the answers reported, oldest first, once.
-        let mut history: Vec<Truncation> = answers.iter().flatten().flat_map(|a| a.truncations.iter().copied()).filter(|t| t.epoch != epoch).collect();
-        history.sort_by_key(|t| t.epoch);
-        history.dedup();
-        if self.bug == Some(replica::Bug::NoTruncationHistory) {
-            history.clear();
-        }
-        self.check_history(&history);
-        // Truncate above VDL on every claimed segment (and lower where it missed a truncation).
-        let t = Truncation { epoch, above: vdl };
-        for (pg, a) in answering.iter().enumerate() {
-            for &seg in a {
-                truncate(&mut self.segments[pg][seg], t, &history);
+            let running = |c: &Claimant| c.machine.outcome().is_none();
+            if !x.claimants.iter().any(running) {
+                break;
+            }
+            let next_reply = x.replies.iter().enumerate().min_by_key(|&(i, r)| (r.0, i)).map(|(i, r)| (r.0, Some(i)));
+            let next_time = x.claimants.iter().filter(|c| running(c)).filter_map(|c| if c.start > x.now { Some(c.start) } else { c.machine.poll_timeout() }).min().map(|at| (at, None));
+            let Some((at, reply)) = [next_reply, next_time].into_iter().flatten().min_by_key(|&(at, reply)| (at, reply.is_none())) else {
+                panic!("the takeover waits for nothing: stuck");
+            };
+            x.now = at;
+            match reply {
+                Some(i) => {
+                    let (_, i, delivery) = x.replies.swap_remove(i);
+                    let t = &mut x.claimants[i].machine;
+                    match delivery {
+                        Delivery::Status { ask, pg, segment, reply } => t.on_status(ask, pg, segment, reply, at),
+                        Delivery::Offered => t.on_offered(),
+                        Delivery::Pulled { pg, runs } => t.on_pulled(pg, runs, at),
+                    }
+                }
+                None => x.claimants.iter_mut().filter(|c| c.start < at && c.machine.poll_timeout() == Some(at)).for_each(|c| c.machine.handle_timeout(at)),
             }
         }
+        let mut winners: Vec<(TakenOver, Claimant)> = Vec::new();
+        for c in x.claimants {
+            match c.machine.outcome().cloned().expect("ended") {
+                Ok(taken) => winners.push((taken, c)),
+                Err(TakeoverError::NoQuorum { .. }) => {}
+                Err(TakeoverError::Lost(_)) if count > 1 => self.stats.claims_lost += 1,
+                Err(e) => panic!("a claimant failed to take over: {e}"),
+            }
+        }
+        winners.sort_by_key(|(taken, _)| taken.epoch);
+        assert!(winners.windows(2).all(|w| w[0].0.epoch.generation() < w[1].0.epoch.generation()), "two candidates won one generation");
+        let Some(last) = winners.last().map(|(t, _)| t.epoch) else {
+            self.stats.recovery_retries += 1;
+            return false;
+        };
+        // A loser's epoch on a segment that would refuse the winner's session (writerd's claim
+        // with the truncation) deposes the winner before it writes.
+        let fenced = self.segments.iter().flatten().any(|s| {
+            let truncated = s.log.last_truncation().is_some_and(|t| t.epoch == s.log.epoch());
+            grant_decided_epoch(s.log.epoch(), truncated, last).is_err()
+        });
+        for (taken, c) in winners {
+            let writes = !fenced && taken.epoch == last;
+            self.took_over(taken, &c, writes);
+        }
+        if fenced {
+            self.stats.recovery_retries += 1;
+        }
+        !fenced
+    }
+
+    /// A candidate won: the checks, the oracle forgets what it dropped, and the
+    /// last winner becomes the writer (`writes`).
+    fn took_over(&mut self, mut taken: TakenOver, c: &Claimant, writes: bool) {
+        if c.promotion {
+            self.stats.promotions += 1;
+        }
+        // The injected bugs change what the segments were told; the checks see it here.
+        match self.bug {
+            Some(replica::Bug::RecoveryMaxScl) => taken.recovered.vdl = taken.recovered.vdl.max(c.max_cpl),
+            Some(replica::Bug::NoTruncationHistory) => taken.history.clear(),
+            _ => {}
+        }
+        let (epoch, vdl) = (taken.epoch, taken.recovered.vdl);
+        self.check_decision(vdl, &taken.recovered.pg_last);
+        self.check_history(&taken.history);
         self.forget_above(vdl);
+        let t = Truncation { epoch, above: vdl };
         self.truncations_all.push(t);
         self.truncation = Some(t);
-        self.truncation_history = history;
+        self.truncation_history = taken.history;
         self.recovered_vdl = vdl;
+        self.stats.recoveries += 1;
+        if !writes {
+            return;
+        }
         let config = redo_core::writer::WriterConfig { epoch, ..self.writer_config.clone() };
-        self.writer = WriterCore::new(self.writer.volume().clone(), config, Recovered { vdl, pg_last: d.pg_last, tails: d.tails });
+        self.writer = WriterCore::new(self.writer.volume().clone(), config, taken.recovered);
         for s in self.senders.iter_mut().flatten() {
             s.at = None;
             s.session += 1;
         }
         self.writer_up = true;
-        self.stats.recoveries += 1;
-        for (pg, a) in answering.iter().enumerate() {
-            for &seg in a {
-                let s = &self.segments[pg][seg];
-                assert!(s.log.scl() <= vdl, "pg{pg} segment {seg} holds {} above the truncation at {vdl}", s.log.scl());
-                assert!(s.log.scl() == Lsn::ZERO || self.allocated[pg].binary_search(&s.log.scl()).is_ok(), "pg{pg} segment {seg} ends at {}, not a record of the history", s.log.scl());
+        for &(pg, seg) in &c.truncated {
+            let s = &self.segments[pg][seg];
+            assert!(s.log.scl() <= vdl, "pg{pg} segment {seg} holds {} above the truncation at {vdl}", s.log.scl());
+            assert!(s.log.scl() == Lsn::ZERO || self.allocated[pg].binary_search(&s.log.scl()).is_ok(), "pg{pg} segment {seg} ends at {}, not a record of the history", s.log.scl());
+        }
+    }
+
+    /// Executes one of claimant `i`'s commands as storaged would, and schedules its reply.
+    fn execute(&mut self, x: &mut Execution, i: usize, command: Command) {
+        let delay = Duration::from_micros(if self.rng.chance(LATE_PERCENT) { REPLY_LATE_US } else { self.rng.below(REPLY_DELAY_US_MAX) });
+        let (pg, segment) = match &command {
+            Command::Status { pg, segment, .. } | Command::Offer { pg, segment, .. } | Command::Pull { pg, segment, .. } => (pg.0 as usize, *segment),
+        };
+        let c = &mut x.claimants[i];
+        let reachable = self.segments[pg][segment].down_until <= self.now && !c.cut_off[pg][segment];
+        let reply = match command {
+            Command::Status { ask, pg: id, epoch, truncate, .. } => {
+                let reply = if reachable && self.rng.chance(CLAIM_ANSWER_PERCENT) { self.status(c, pg, segment, epoch, truncate) } else { Reply::Failed("no answer".into()) };
+                Delivery::Status { ask, pg: id, segment, reply }
+            }
+            Command::Offer { epoch, runs, .. } => {
+                if reachable {
+                    for run in runs {
+                        let valid = ValidRecords::validate(run, 0).expect("held records are valid").expect("a run holds records");
+                        // Best effort, as writerd's offer: segments may refuse what conflicts.
+                        let _ = self.segments[pg][segment].log.handle_append(epoch, &valid);
+                    }
+                }
+                Delivery::Offered
+            }
+            Command::Pull { pg: id, after, upto, .. } => {
+                let runs = if reachable { Ok(pull_range(&self.segments[pg][segment], after, upto)) } else { Err("unreachable".into()) };
+                for run in runs.iter().flatten() {
+                    let cpls = Records::new(run, 0).map(|r| r.expect("pulled records decode")).filter(|r| r.header().cpl).map(|r| r.lsn());
+                    c.max_cpl = cpls.fold(c.max_cpl, Lsn::max);
+                }
+                Delivery::Pulled { pg: id, runs }
+            }
+        };
+        x.replies.push((x.now + delay, i, reply));
+    }
+
+    /// storaged's `Status`: a claim moves the segment to a granted epoch (a
+    /// refused one is `StaleEpoch`), a truncation cuts it; the answer is its
+    /// epoch, position and truncations.
+    fn status(&mut self, c: &mut Claimant, pg: usize, seg: usize, epoch: Epoch, truncate: Option<(Lsn, Vec<Truncation>)>) -> Reply {
+        let bug = self.bug;
+        let s = &mut self.segments[pg][seg];
+        if epoch != Epoch(0) {
+            let truncated = s.log.last_truncation().is_some_and(|t| t.epoch == s.log.epoch());
+            let grant = if truncate.is_some() { grant_decided_epoch(s.log.epoch(), truncated, epoch) } else { grant_epoch(s.log.epoch(), epoch) };
+            match grant {
+                Ok(true) => s.log.raise_epoch(epoch),
+                Ok(false) => {}
+                Err(_) if bug == Some(replica::Bug::RefusalsAsGrants) => {}
+                Err(refused) => return Reply::Refused(refused.to_string()),
             }
         }
-        true
+        if let Some((above, mut history)) = truncate {
+            let above = if bug == Some(replica::Bug::RecoveryMaxScl) { above.max(c.max_cpl) } else { above };
+            if bug == Some(replica::Bug::NoTruncationHistory) {
+                history.clear();
+            }
+            truncate_segment(s, Truncation { epoch, above }, &history);
+            c.truncated.push((pg, seg));
+        }
+        let mut truncations = s.log.truncations();
+        if bug == Some(replica::Bug::ClaimedEpochInAnswers) && epoch != Epoch(0) {
+            // The claim answer's log epoch reads as the one just claimed: a truncation at
+            // that epoch (never part of the history) that cuts nothing.
+            truncations.push(Truncation { epoch: s.log.epoch(), above: Lsn(u64::MAX) });
+        }
+        Reply::Status(SegmentStatus { epoch: s.log.epoch(), position: s.log.position(), truncations })
     }
 
     /// The recovery kept every acknowledged commit and everything a replica
@@ -252,7 +379,7 @@ impl Sim {
             s.log.raise_epoch(t.epoch);
         }
         let s = &mut self.segments[pg][seg];
-        if truncate(s, t, &self.truncation_history) {
+        if truncate_segment(s, t, &self.truncation_history) {
             self.stats.late_truncations += 1;
         }
     }
@@ -292,7 +419,7 @@ fn pull_range(s: &Segment, after: Lsn, upto: Lsn) -> Vec<Bytes> {
 /// (its records above that are an older writer's discarded tail), scanning the
 /// file when memory no longer holds the point; cut the file; record the missed
 /// truncations and `t`. Returns whether it truncated.
-fn truncate(s: &mut Segment, t: Truncation, history: &[Truncation]) -> bool {
+fn truncate_segment(s: &mut Segment, t: Truncation, history: &[Truncation]) -> bool {
     if !s.log.truncation_needed(t.epoch, t.above).expect("the segment is at the claimant's epoch") {
         return false;
     }

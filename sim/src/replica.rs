@@ -64,6 +64,9 @@ pub enum Bug {
     /// fix), not that of the segment's newest truncation: `effective_scl` never
     /// clamps a segment that missed a truncation.
     ClaimedEpochInAnswers,
+    /// Segments answer a claim they refused as if they had granted it: two
+    /// concurrent candidates can both count a write quorum.
+    RefusalsAsGrants,
 }
 
 #[derive(Clone)]

@@ -28,6 +28,7 @@ fn safety_then_liveness_over_many_seeds() {
     assert!(total.stream_chunks > 0, "no log stream brought records: {total:?}");
     if seeds.len() > 1 {
         assert!(total.recoveries > 0 && total.promotions > 0 && total.late_truncations > 0, "no writer recovery was exercised: {total:?}");
+        assert!(total.claims_lost > 0, "no takeover by two candidates at once had a loser: {total:?}");
         assert!(total.txns_dropped > 0 && total.txns_kept_unacked > 0, "recoveries never decided an unacknowledged transaction: {total:?}");
     }
 }
@@ -59,6 +60,15 @@ fn claim_answers_with_the_claimed_epoch_fail_some_seed() {
     let seed = first_failing_seed(0..1000, Bug::ClaimedEpochInAnswers);
     eprintln!("first failing seed: {seed:?}");
     assert!(seed.is_some(), "ClaimedEpochInAnswers passed every check");
+}
+
+/// Two candidates at once: if segments answered claims they refused as
+/// granted, both could count a write quorum; some seed fails.
+#[test]
+fn refused_claims_taken_for_grants_fail_some_seed() {
+    let seed = first_failing_seed(0..1000, Bug::RefusalsAsGrants);
+    eprintln!("first failing seed: {seed:?}");
+    assert!(seed.is_some(), "RefusalsAsGrants passed every check");
 }
 
 /// Seeds beyond the 1000 run by default that once stalled: a recovery whose

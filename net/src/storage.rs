@@ -307,9 +307,20 @@ pub fn link_of(links: &[Arc<NodeLink>], id: u32) -> &Arc<NodeLink> {
     links.iter().find(|l| l.id == id).expect("volume validated: every segment's node is declared")
 }
 
+/// No segment tried served a page: what each one said.
+#[derive(Clone, Debug, Error)]
+#[error("GetPage {page}@{lsn} of {pg} failed on every segment tried: {}", .tried.join("; "))]
+pub struct PageUnavailable {
+    pub pg: PgId,
+    pub page: PageId,
+    pub lsn: Lsn,
+    /// "node N: why", one per segment tried.
+    pub tried: Vec<String>,
+}
+
 /// GetPage@`lsn` of `pg` from the first of `links` that answers, each given its
 /// own time, among segments that recorded the truncation of the writer at `epoch`.
-pub async fn get_page_from(links: impl IntoIterator<Item = (&NodeLink, Duration)>, epoch: Epoch, pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
+pub async fn get_page_from(links: impl IntoIterator<Item = (&NodeLink, Duration)>, epoch: Epoch, pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, PageUnavailable> {
     let mut errors = Vec::new();
     for (link, wait) in links {
         let r = async {
@@ -322,5 +333,5 @@ pub async fn get_page_from(links: impl IntoIterator<Item = (&NodeLink, Duration)
             Err(_) => errors.push(format!("node {}: no page reply in {wait:?}", link.id)),
         }
     }
-    Err(format!("GetPage {page}@{lsn} of {pg} failed on every segment tried: {}", errors.join("; ")))
+    Err(PageUnavailable { pg, page, lsn, tried: errors })
 }

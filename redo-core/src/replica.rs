@@ -41,11 +41,9 @@ use crate::page::PageImage;
 use crate::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use crate::record::{RecordRef, TrustedRecords, ValidRecords};
 use crate::volume::Volume;
-use crate::wire::SegmentPosition;
+use crate::wire::{SegmentPosition, PULL_BYTES_MAX};
 use crate::DecodeError;
 
-/// Largest pull asked for at once.
-pub const PULL_BYTES_MAX: usize = 1 << 20;
 /// Pulls of one PG in flight at once.
 const PULLS_INFLIGHT_MAX: usize = 2;
 /// Credit a log stream holds at most; more is granted once less than half is left,
@@ -505,8 +503,8 @@ impl ReplicaCore {
             }
             // Storage serves at least one record, whatever the size asked: near the
             // limit, one pull at a time, so the buffer overshoots by one record at most.
-            room if room < PULL_BYTES_MAX && reserved > 0 => return None,
-            room => room.min(PULL_BYTES_MAX),
+            room if room < PULL_BYTES_MAX as usize && reserved > 0 => return None,
+            room => room.min(PULL_BYTES_MAX as usize),
         };
         self.throttled = false;
         segments.sort_by_key(|&s| p.segments[s].scl < need);

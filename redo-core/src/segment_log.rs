@@ -3,7 +3,7 @@
 //! Call order: `handle_append` for every batch (answer the client with the
 //! returned position), `poll_flush` whenever the flusher is idle for this
 //! segment, write the handed-out records at the job's offset, then report
-//! `handle_flushed` (after fdatasync) or `handle_flush_failed`. Pulls call
+//! `handle_flushed` (once the write is durable) or `handle_flush_failed`. Pulls call
 //! `read`, which serves from memory or says where on disk to look.
 //! GetPage@LSN and the coalescer call `page_read`, which does the same for
 //! one page's image and records, from the per-page index (`page_index`)
@@ -98,7 +98,7 @@ pub struct AppendOutcome {
 }
 
 /// A flush to perform: write the records handed out with it at `offset`,
-/// fdatasync, then report `handle_flushed(job)`.
+/// durably, then report `handle_flushed(job)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlushJob {
     pub offset: u64,
@@ -703,7 +703,7 @@ impl SegmentLog {
         Some(FlushJob { offset, end_offset: self.file_end, upto })
     }
 
-    /// The flush `job` is durable (fdatasync returned).
+    /// The flush `job` is durable (its write completed).
     pub fn handle_flushed(&mut self, job: FlushJob) {
         assert!(self.inflight > 0 && job.end_offset == self.file_end, "flush completion does not match the job in flight");
         let bytes: usize = self.chain.range(self.clean..self.clean + self.inflight).map(|f| f.bytes.len()).sum();

@@ -19,6 +19,8 @@ pub const FRAME_BYTES_MAX: usize = 16 << 20;
 const SUBSCRIBE_PGS_MAX: usize = 4096;
 /// Truncations a segment reports: storage keeps no more than this many (the newest).
 pub const TRUNCATIONS_MAX: usize = 64;
+/// Largest pull asked for at once (`Pull::bytes_max`): replicas, recovery and gossip alike.
+pub const PULL_BYTES_MAX: u32 = 1 << 20;
 const ERROR_MESSAGE_BYTES_MAX: usize = 4096;
 
 /// Error codes a storage node answers with; clients branch on them.

@@ -35,7 +35,7 @@ impl ApiService for Api {
             Request::Role => Response::RoleIs(self.promoter.role()),
             Request::Promote => match self.promoter.promote().await {
                 Ok(p) => Response::Promoted(p),
-                Err(e) => error(ApiErrorCode::Unavailable, e),
+                Err(e) => error(ApiErrorCode::Unavailable, format!("promotion failed: {e}")),
             },
             Request::Txn(_) => {
                 self.refused();
@@ -86,7 +86,7 @@ impl Api {
                 let mut core = r.lock();
                 match (core.fetched(page, image.ok()), failure) {
                     (Some((read_lsn, img)), _) => Response::Value { read_lsn, value: img.entries.get(&key).cloned() },
-                    (None, Some(e)) => error(ApiErrorCode::Unavailable, e),
+                    (None, Some(e)) => error(ApiErrorCode::Unavailable, e.to_string()),
                     (None, None) => error(ApiErrorCode::Unavailable, format!("page {page} from storage does not link to the records applied since; retry")),
                 }
             }

@@ -86,7 +86,7 @@ impl Promoter {
     }
 
     /// Takes over the volume, or returns how the earlier promotion went.
-    pub async fn promote(&self) -> Result<Promoted, String> {
+    pub async fn promote(&self) -> Result<Promoted, TakeoverError> {
         let mut done = self.done.lock().await;
         if let Some(p) = done.as_ref() {
             return Ok(p.clone());
@@ -107,7 +107,7 @@ impl Promoter {
         result
     }
 
-    async fn take_over(&self) -> Result<Promoted, String> {
+    async fn take_over(&self) -> Result<Promoted, TakeoverError> {
         let started = Instant::now();
         let r = &self.replica;
         // Every PG is complete up to the read point (a CPL), and up to the last VDL the
@@ -117,15 +117,15 @@ impl Promoter {
         tracing::warn!(%known, offered_bytes = offer.iter().flatten().map(|b| b.len()).sum::<usize>(), "promoting: taking over the volume");
         let taken = match writerd::recovery::take_over(&self.volume, &self.links, known, offer, self.timeout).await {
             Ok(x) => x,
-            Err(TakeoverError::Lost(why)) => {
+            Err(e @ TakeoverError::Lost(_)) => {
                 r.metrics.promotions_lost.fetch_add(1, Relaxed);
-                tracing::warn!(%why, "another replica won the promotion; standing down");
-                return Err(format!("another candidate won the promotion: {why}"));
+                tracing::warn!(error = %e, "another candidate won the promotion; standing down");
+                return Err(e);
             }
             Err(e) => {
                 r.metrics.promotions_failed.fetch_add(1, Relaxed);
                 tracing::error!(error = %e, "promotion failed; still a replica");
-                return Err(format!("promotion failed: {e}"));
+                return Err(e);
             }
         };
         let (epoch, vdl, t) = (taken.epoch, taken.recovered.vdl, taken.timings);

@@ -403,10 +403,11 @@ impl Sim {
 
 /// Records of the segment in `(after, upto]`, in pull-sized runs (writerd's `pull_range`).
 fn pull_range(s: &Segment, after: Lsn, upto: Lsn) -> Vec<Bytes> {
-    const PULL_BYTES_MAX: usize = 4096;
+    // Small, so that a tail comes in several runs.
+    const RUN_BYTES_MAX: usize = 4096;
     let (mut at, mut runs) = (after, Vec::new());
     while at < upto {
-        let (records, last) = replica::pull(s, at, upto, PULL_BYTES_MAX);
+        let (records, last) = replica::pull(s, at, upto, RUN_BYTES_MAX);
         assert!(last > at, "{} returned nothing after {at} although its SCL is {}", s.log.id(), s.log.scl());
         at = last;
         runs.push(records);

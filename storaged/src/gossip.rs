@@ -33,7 +33,7 @@ use borealis_net::storage::{NodeLink, SegmentStatus, StorageConn};
 use redo_core::record::ValidRecords;
 use redo_core::segment_log::{AppendError, SegmentLog};
 use redo_core::volume::Volume;
-use redo_core::wire::Truncation;
+use redo_core::wire::{Truncation, PULL_BYTES_MAX};
 use redo_core::{Epoch, Lsn, NodeId, PgId};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -42,7 +42,6 @@ use crate::metrics::GossipGauges;
 use crate::node::{Node, Segment};
 
 /// Largest pull reply asked of a peer.
-pub const PULL_BYTES_MAX: u32 = 1 << 20;
 /// A peer that does not answer a request within this is skipped for the round.
 const PEER_TIMEOUT: Duration = Duration::from_secs(1);
 /// After failures, a peer sits out 1, 2, 4, ... rounds, at most this many.

@@ -160,7 +160,7 @@ async fn get(api: &Api, key: Vec<u8>) -> Response {
                     w.lock().core.learn_page(image);
                     Response::Value { read_lsn: lsn, value }
                 }
-                Err(e) => error(ApiErrorCode::Unavailable, e),
+                Err(e) => error(ApiErrorCode::Unavailable, e.to_string()),
             }
         }
     }

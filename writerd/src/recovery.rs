@@ -13,7 +13,7 @@ use bytes::Bytes;
 use redo_core::takeover::{Command, Reply, Takeover};
 pub use redo_core::takeover::{TakenOver, TakeoverError};
 use redo_core::volume::Volume;
-use redo_core::wire::ErrorCode;
+use redo_core::wire::{ErrorCode, PULL_BYTES_MAX};
 use redo_core::{Lsn, PgId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -107,7 +107,6 @@ fn execute(volume: &Volume, links: &[Arc<NodeLink>], command: Command, tx: mpsc:
 
 /// Records of `pg` with `after < lsn <= upto`, from one node, in pull-sized runs.
 pub async fn pull_range(link: &NodeLink, pg: PgId, after: Lsn, upto: Lsn) -> Result<Vec<Bytes>> {
-    const PULL_BYTES_MAX: u32 = 1 << 20;
     let conn = link.get().await.with_context(|| format!("connect to node {} to read {pg}'s tail", link.id))?;
     let (mut at, mut runs) = (after, Vec::new());
     while at < upto {

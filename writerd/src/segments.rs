@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use borealis_net::storage::{get_page_from, link_of, ClientError, NodeLink, StorageConn, REQUEST_TIMEOUT};
+use borealis_net::storage::{get_page_from, link_of, ClientError, NodeLink, PageUnavailable, StorageConn, REQUEST_TIMEOUT};
 use redo_core::page::PageImage;
 use redo_core::volume::Volume;
 use redo_core::wire::ErrorCode;
@@ -23,7 +23,7 @@ const GAP_RETRY: Duration = Duration::from_secs(1);
 
 /// GetPage@`lsn` from a segment of `pg`: those with a live session first, so
 /// that a dead node costs no connection timeout.
-pub async fn fetch_page(w: &Writer, volume: &Volume, links: &[Arc<NodeLink>], pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, String> {
+pub async fn fetch_page(w: &Writer, volume: &Volume, links: &[Arc<NodeLink>], pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, PageUnavailable> {
     let mut nodes: Vec<(usize, u32)> = volume.segments(pg).map(|n| n.id).enumerate().collect();
     nodes.sort_by_key(|&(s, _)| w.metrics.segment_up[pg.0 as usize][s].load(Relaxed) == 0);
     let order: Vec<(&NodeLink, Duration)> = nodes.iter().map(|&(_, id)| (link_of(links, id).as_ref(), REQUEST_TIMEOUT)).collect();

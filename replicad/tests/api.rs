@@ -2,18 +2,16 @@
 //! a commit LSN, a read point that never comes refused with Timeout, writes
 //! refused, and bad input refused without disturbing other clients.
 
-#[path = "../../writerd/tests/common/mod.rs"]
-mod common;
 mod support;
 
 use std::time::{Duration, Instant};
 
 use borealis_net::api::{ApiClient, ApiError};
-use common::*;
 use redo_core::api::{ApiErrorCode, Request, Response};
 use redo_core::page::{PageOp, KEY_BYTES_MAX};
 use redo_core::Lsn;
 use support::*;
+use test_support::*;
 
 const READ_WAIT_MS: u64 = 300;
 

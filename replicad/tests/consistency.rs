@@ -4,17 +4,15 @@
 //! still with records above it in storage), and with a tiny buffer it lags
 //! behind, stays consistent, and catches up.
 
-#[path = "../../writerd/tests/common/mod.rs"]
-mod common;
 mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use redo_core::page::PageOp;
 use redo_core::{Lsn, PgId};
 use support::*;
+use test_support::*;
 
 /// How long a replica may take to reach VDL with three of six nodes frozen: pulls sent to
 /// frozen nodes time out one after the other (5 s each) before a live node is asked.

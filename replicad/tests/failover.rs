@@ -2,15 +2,13 @@
 //! replica takes over (by itself, or when told), no acknowledged commit is
 //! lost, and the other replica ends up with the new writer's state.
 
-#[path = "../../writerd/tests/common/mod.rs"]
-mod common;
 mod support;
 
 use std::time::Instant;
 
-use common::*;
 use redo_core::api::{Request, Response};
 use support::*;
+use test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_writer_is_replaced_by_the_best_replica_without_losing_a_commit() {

@@ -9,8 +9,6 @@
 //! processes, and two at once on a small machine turn timing into noise.
 #![allow(clippy::await_holding_lock)] // SERIAL's guard is held for a whole test on purpose
 
-#[path = "../../writerd/tests/common/mod.rs"]
-mod common;
 mod support;
 
 use std::collections::HashMap;
@@ -19,10 +17,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
 use redo_core::wire::SegmentPosition;
 use redo_core::{Lsn, PgId};
 use support::*;
+use test_support::*;
 use tokio::net::UdpSocket;
 
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

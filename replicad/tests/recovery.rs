@@ -3,14 +3,12 @@
 //! volume that already holds data, and one started with no writer at all. Each learns VDL from storage, reads pages
 //! with GetPage@LSN, pulls the log, and converges to the writer's values.
 
-#[path = "../../writerd/tests/common/mod.rs"]
-mod common;
 mod support;
 
 use borealis_net::api::ApiClient;
 use redo_core::page::PageOp;
-use common::*;
 use support::*;
+use test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_under_load_restarts_and_catches_up() {

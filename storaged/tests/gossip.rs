@@ -4,23 +4,17 @@
 
 mod common;
 
-use std::fs::File;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use borealis_net::storage::StorageConn;
 use common::*;
-use redo_core::volume::{NodeSpec, Volume};
 use redo_core::{Epoch, Lsn, PgId};
+use test_support::{Cluster, ClusterSpec, NODES};
 
 const PG: u32 = 0;
-const NODES: u32 = 6;
 /// The node the tests starve or wipe.
 const LAGGARD: u32 = 6;
 const GOSSIP_INTERVAL_MS: &str = "50";
-const CLUSTER_START_ATTEMPTS_MAX: u32 = 3;
+/// What a node logs once it gossips (after it serves).
+const GOSSIP_STARTED: &str = "gossip with PG peers started";
 
 /// Generation-1 and generation-2 epochs, as writers would claim them.
 fn epoch1() -> Epoch {
@@ -30,167 +24,51 @@ fn epoch2() -> Epoch {
     Epoch::claim_after(epoch1(), 22)
 }
 
-struct Node {
-    addr: SocketAddr,
-    metrics: String,
-    data_dir: PathBuf,
-    log_path: PathBuf,
-    child: Option<Child>,
+/// Six storage nodes hosting PG 0, each started with `--volume`, gossiping.
+async fn start_cluster() -> Cluster {
+    let mut c = Cluster::start_with(ClusterSpec {
+        pgs: 1,
+        page_count: 64,
+        storaged_args: &["--gossip-interval-ms", GOSSIP_INTERVAL_MS, "--worker-threads", "1"],
+        node_metrics: true,
+        log_tail_on_panic: 40,
+        dir_prefix: "storaged-gossip-",
+    })
+    .await;
+    for id in 1..=NODES {
+        c.nodes[id as usize - 1].wait_log(GOSSIP_STARTED, READY_TIMEOUT).await;
+    }
+    c
 }
 
-impl Node {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// What these tests do with a node of the cluster.
+trait Nodes {
+    async fn connect(&self, ep: &quinn::Endpoint, id: u32) -> StorageConn;
+    /// Node `id`'s metrics address.
+    fn metrics(&self, id: u32) -> String;
+    async fn metric(&self, id: u32, name: &str) -> f64;
+    /// Waits until node `id`'s segment has run `rounds` more gossip rounds
+    /// than it had (every peer was asked every time).
+    async fn wait_rounds(&self, id: u32, rounds: f64);
 }
 
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("---- {} (last {} lines) ----", self.log_path.display(), tail.len());
-            tail.iter().rev().for_each(|l| eprintln!("{l}"));
-        }
-    }
-}
-
-/// Six storage nodes hosting PG 0, each started with `--volume`.
-struct Cluster {
-    /// Index i is node id i + 1. Dropped before `dir`, so that a failing test prints their logs.
-    nodes: Vec<Node>,
-    dir: tempfile::TempDir,
-    certs: PathBuf,
-    volume_path: PathBuf,
-    starts: u32,
-}
-
-enum Started {
-    Ready,
-    PortTaken,
-}
-
-impl Cluster {
-    async fn start() -> Cluster {
-        for _ in 0..CLUSTER_START_ATTEMPTS_MAX {
-            let mut c = Cluster::spawn_all();
-            let mut ok = true;
-            for id in 1..=NODES {
-                if let Started::PortTaken = c.wait_ready(id).await {
-                    ok = false;
-                    break;
-                }
-            }
-            if ok {
-                return c;
-            }
-        }
-        panic!("could not start six storaged on free ports in {CLUSTER_START_ATTEMPTS_MAX} attempts");
-    }
-
-    fn spawn_all() -> Cluster {
-        let dir = tempfile::Builder::new().prefix("storaged-gossip-").tempdir().expect("temp dir");
-        let certs = dir.path().join("certs");
-        let mut names: Vec<String> = (1..=NODES).map(|i| format!("storaged-{i}")).collect();
-        names.push("client".into());
-        borealis_net::certs::generate(&certs, &names).expect("certificates");
-        let specs: Vec<NodeSpec> = (1..=NODES)
-            .map(|i| NodeSpec { id: i, az: format!("az{}", (i - 1) / 2 + 1), addr: format!("127.0.0.1:{}", free_port()) })
-            .collect();
-        let volume = Volume::local("127.0.0.1:1".into(), specs.clone(), 1, 64).expect("volume");
-        let volume_path = dir.path().join("volume.toml");
-        std::fs::write(&volume_path, volume.to_toml()).expect("write volume file");
-        let nodes = specs
-            .iter()
-            .map(|s| Node {
-                addr: s.addr.parse().expect("address"),
-                metrics: free_tcp_addr(),
-                data_dir: dir.path().join(format!("data-{}", s.id)),
-                log_path: PathBuf::new(),
-                child: None,
-            })
-            .collect();
-        let mut c = Cluster { nodes, dir, certs, volume_path, starts: 0 };
-        for id in 1..=NODES {
-            c.spawn(id);
-        }
-        c
-    }
-
-    fn node(&self, id: u32) -> &Node {
-        &self.nodes[id as usize - 1]
-    }
-
-    fn spawn(&mut self, id: u32) {
-        self.starts += 1;
-        let log_path = self.dir.path().join(format!("storaged-{id}.{}.log", self.starts));
-        let (certs, volume) = (self.certs.display().to_string(), self.volume_path.display().to_string());
-        let n = &mut self.nodes[id as usize - 1];
-        let child = Command::new(STORAGED)
-            .arg("serve")
-            .args(["--node-id", &id.to_string(), "--az", &format!("az{}", (id - 1) / 2 + 1)])
-            .args(["--listen", &n.addr.to_string(), "--metrics-listen", &n.metrics])
-            .arg("--data-dir")
-            .arg(&n.data_dir)
-            .args(["--certs", &certs, "--pgs", &PG.to_string(), "--segment-prealloc-bytes", "1MiB"])
-            .args(["--volume", &volume, "--gossip-interval-ms", GOSSIP_INTERVAL_MS, "--worker-threads", "1"])
-            .env("RUST_LOG", std::env::var("STORAGED_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log_path).expect("create log"))
-            .spawn()
-            .expect("spawn storaged");
-        n.child = Some(child);
-        n.log_path = log_path;
-    }
-
-    async fn wait_ready(&mut self, id: u32) -> Started {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let n = &mut self.nodes[id as usize - 1];
-        loop {
-            if let Some(status) = n.child.as_mut().expect("running").try_wait().expect("poll child") {
-                let log = n.log();
-                n.child = None;
-                if log.contains("bind UDP") {
-                    return Started::PortTaken;
-                }
-                panic!("storaged {id} exited during start-up ({status}); log:\n{log}");
-            }
-            if n.log().contains("gossip with PG peers started") {
-                return Started::Ready;
-            }
-            assert!(Instant::now() < deadline, "storaged {id} not ready within {READY_TIMEOUT:?}; log:\n{}", n.log());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    fn client(&self) -> quinn::Endpoint {
-        let id = borealis_net::TlsIdentity::load(&self.certs, "client").expect("client identity");
-        borealis_net::client_endpoint(&id).expect("client endpoint")
-    }
-
+impl Nodes for Cluster {
     async fn connect(&self, ep: &quinn::Endpoint, id: u32) -> StorageConn {
-        timely("connect", StorageConn::connect(ep, self.node(id).addr)).await.expect("connect to storaged")
+        timely("connect", StorageConn::connect(ep, self.node_addr(id))).await.expect("connect to storaged")
+    }
+
+    fn metrics(&self, id: u32) -> String {
+        self.node_metrics(id).to_string()
     }
 
     async fn metric(&self, id: u32, name: &str) -> f64 {
         let series = series(id, name);
-        metric(&self.node(id).metrics, &series).await.unwrap_or_else(|| panic!("{series} missing from /metrics"))
+        metric(&self.metrics(id), &series).await.unwrap_or_else(|| panic!("{series} missing from /metrics"))
     }
 
-    /// Waits until node `id`'s segment has run `rounds` more gossip rounds
-    /// than it had (every peer was asked every time).
     async fn wait_rounds(&self, id: u32, rounds: f64) {
         let now = self.metric(id, "storaged_gossip_rounds_total").await;
-        wait_metric(&self.node(id).metrics, &series(id, "storaged_gossip_rounds_total"), |v| v >= now + rounds).await;
+        wait_metric(&self.metrics(id), &series(id, "storaged_gossip_rounds_total"), |v| v >= now + rounds).await;
     }
 }
 
@@ -239,8 +117,8 @@ async fn assert_holds_exactly(c: &Cluster, ep: &quinn::Endpoint, id: u32, chain:
 /// until its SCL reaches theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_fills_its_hole_from_its_peers() {
-    let c = Cluster::start().await;
-    let ep = c.client();
+    let c = start_cluster().await;
+    let ep = c.endpoint();
     let mut chain = Chain::new(PG, 1000);
     let (early, late) = (chain.batch(1500), chain.batch(500));
     append(&c, &ep, 1..LAGGARD, epoch1(), &early).await;
@@ -254,7 +132,7 @@ async fn a_segment_fills_its_hole_from_its_peers() {
     assert!(pulled >= early.lsns.len() as f64, "gossip inserted {pulled} records, the hole held {}", early.lsns.len());
     assert!(c.metric(LAGGARD, "storaged_gossip_bytes_total").await > (1 << 20) as f64);
     assert!(c.metric(LAGGARD, "storaged_gossip_pulls_total").await >= 2.0, "1.5 MB comes in runs of at most 1 MiB");
-    wait_metric(&c.node(LAGGARD).metrics, &series(LAGGARD, "storaged_segment_holes"), |v| v == 0.0).await;
+    wait_metric(&c.metrics(LAGGARD), &series(LAGGARD, "storaged_segment_holes"), |v| v == 0.0).await;
     assert_eq!(c.metric(LAGGARD, "storaged_segment_pending_records").await, 0.0);
     assert_eq!(c.metric(LAGGARD, "storaged_segment_peer_scl").await, late.last_lsn().0 as f64);
     // Its peers had nothing to take from it.
@@ -268,8 +146,8 @@ async fn a_segment_fills_its_hole_from_its_peers() {
 /// cluster's epoch, it refills everything from its peers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_node_refills_completely_from_its_peers() {
-    let mut c = Cluster::start().await;
-    let ep = c.client();
+    let mut c = start_cluster().await;
+    let ep = c.endpoint();
     let mut chain = Chain::new(PG, 500);
     let batches = [chain.batch(800), chain.batch(800)];
     for b in &batches {
@@ -280,12 +158,12 @@ async fn a_wiped_node_refills_completely_from_its_peers() {
     conn.conn.close(0u32.into(), b"restart");
 
     let failures = c.metric(1, "storaged_gossip_failures_total").await;
-    c.nodes[LAGGARD as usize - 1].kill9();
+    c.kill9(LAGGARD);
     // Its peers notice: asking it fails (and they go on without it).
-    wait_metric(&c.node(1).metrics, &series(1, "storaged_gossip_failures_total"), |v| v > failures).await;
-    std::fs::remove_dir_all(&c.node(LAGGARD).data_dir).expect("wipe the laggard's data dir");
-    c.spawn(LAGGARD);
-    assert!(matches!(c.wait_ready(LAGGARD).await, Started::Ready));
+    wait_metric(&c.metrics(1), &series(1, "storaged_gossip_failures_total"), |v| v > failures).await;
+    std::fs::remove_dir_all(c.data_dir(LAGGARD)).expect("wipe the laggard's data dir");
+    c.restart(LAGGARD).await;
+    c.nodes[LAGGARD as usize - 1].wait_log(GOSSIP_STARTED, READY_TIMEOUT).await;
     // At epoch 0 it agrees with no peer (they are at epoch 1): it takes nothing.
     c.wait_rounds(LAGGARD, 3.0).await;
     let conn = c.connect(&ep, LAGGARD).await;
@@ -303,8 +181,8 @@ async fn a_wiped_node_refills_completely_from_its_peers() {
 /// waiting above a hole; once they are at its epoch, it fills the hole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_at_another_epoch_are_not_pulled_from() {
-    let c = Cluster::start().await;
-    let ep = c.client();
+    let c = start_cluster().await;
+    let ep = c.endpoint();
     let mut chain = Chain::new(PG, 200);
     let (a, b) = (chain.batch(100), chain.batch(100));
     append(&c, &ep, 1..=NODES, epoch1(), &a).await;
@@ -324,15 +202,15 @@ async fn peers_at_another_epoch_are_not_pulled_from() {
     claim(&c, &ep, 1..LAGGARD, epoch2(), None).await;
     wait_position(&conn, PG, "the laggard fills its hole from peers at its epoch", |p| p.scl == late.last_lsn()).await;
     assert_holds_exactly(&c, &ep, LAGGARD, &chain, late.last_lsn()).await;
-    wait_metric(&c.node(LAGGARD).metrics, &series(LAGGARD, "storaged_segment_holes"), |v| v == 0.0).await;
+    wait_metric(&c.metrics(LAGGARD), &series(LAGGARD, "storaged_segment_holes"), |v| v == 0.0).await;
 }
 
 /// Same epoch, different newest truncation: not pulled from until the
 /// segment has applied the same truncation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_with_another_truncation_are_not_pulled_from() {
-    let c = Cluster::start().await;
-    let ep = c.client();
+    let c = start_cluster().await;
+    let ep = c.endpoint();
     let mut chain = Chain::new(PG, 200);
     let (a, b) = (chain.batch(100), chain.batch(100));
     append(&c, &ep, 1..=NODES, epoch1(), &a).await;

@@ -1,13 +1,12 @@
 //! Bad client input against the real writer: each gets a clear error, nothing
 //! is half-written, and well-behaved clients keep being served.
 
-mod common;
 
 use borealis_net::api::ApiClient;
-use common::*;
 use redo_core::api::{ApiErrorCode, Request, Response, TXN_OPS_MAX};
 use redo_core::page::{PageOp, KEY_BYTES_MAX, VALUE_BYTES_MAX};
 use redo_core::Lsn;
+use test_support::*;
 
 fn put(k: &[u8], v: &[u8]) -> PageOp {
     PageOp::Put { key: k.to_vec(), value: v.to_vec() }

@@ -2,15 +2,14 @@
 //! volume, storage nodes killed under load, a node that returns catching up,
 //! epochs fencing an old writer, and reads served after a writer restart.
 
-mod common;
 
 use std::time::Duration;
 
-use common::*;
 use redo_core::api::ApiErrorCode;
 use redo_core::page::PageOp;
 use redo_core::PgId;
 use borealis_net::api::{ApiClient, ApiError};
+use test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete_and_transactions_commit_and_survive_a_writer_restart() {

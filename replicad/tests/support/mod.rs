@@ -1,5 +1,5 @@
 //! Replica checks shared by replicad's end-to-end tests, on top of the
-//! cluster harness (`common`): convergence with the writer, a feed that must
+//! cluster harness (`test_support`): convergence with the writer, a feed that must
 //! stay at or below the writer's VDL, and bank accounts whose transfers a
 //! reader must see whole and at exactly its read point.
 
@@ -17,7 +17,7 @@ use redo_core::page::PageOp;
 use redo_core::volume::Volume;
 use redo_core::{Lsn, PgId};
 
-use crate::common::*;
+use test_support::*;
 
 /// How long a replica may take to reach the writer's VDL once the load stops.
 pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,14 +1,15 @@
-//! Harness for end-to-end tests: starts the real `storaged` binary on
-//! loopback and talks to it over QUIC with mutual TLS. Every wait is on a
-//! condition with a deadline; nothing sleeps and hopes.
+//! Harness for storaged's end-to-end tests: starts the real `storaged` binary on
+//! loopback (one node here; six with `test_support::Cluster`) and talks to it over
+//! QUIC with mutual TLS. Every wait is on a condition with a deadline; nothing sleeps
+//! and hopes.
 
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ use redo_core::page::PageImage;
 use redo_core::record::{RecordHeader, RecordRef, Records};
 use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, Lsn, PageId, PgId};
+pub use test_support::free_port;
+use test_support::{storaged_args, Proc, Started, STORAGED_READY};
 
 pub const STORAGED: &str = env!("CARGO_BIN_EXE_storaged");
 /// Start-up (recovery included) must finish within this.
@@ -29,6 +32,8 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Any single reply from a live node.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 const BIND_RETRIES_MAX: u32 = 5;
+/// Lines of a node's log printed when a test fails.
+const LOG_TAIL_ON_PANIC: usize = 60;
 
 /// Runs `storaged certs` (creating the CA unless DIR/ca.pem exists).
 pub fn make_certs(out: &Path, names: &[&str]) {
@@ -39,10 +44,6 @@ pub fn make_certs(out: &Path, names: &[&str]) {
     }
     let o = cmd.output().expect("run storaged certs");
     assert!(o.status.success(), "storaged certs failed: {}", String::from_utf8_lossy(&o.stderr));
-}
-
-pub fn free_port() -> u16 {
-    borealis_net::free_port().expect("probe free loopback port")
 }
 
 /// A temporary directory with the cluster certificates (`storaged-1`, `client`).
@@ -82,16 +83,10 @@ impl TestEnv {
         borealis_net::client_endpoint(&id).expect("client endpoint")
     }
 
-    /// The common launch: node 1, this env's data dir and certs, `pgs`, then `extra` flags.
+    /// The common launch (`test_support::storaged_args`): node 1, this env's data dir and certs, `pgs`, then `extra` flags.
     pub fn launch(&self, pgs: &[u32], extra: &[&str]) -> Launch {
-        let pgs = pgs.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
-        let mut args: Vec<String> = vec!["--node-id".into(), "1".into()];
-        args.extend(["--data-dir".into(), self.data_dir().display().to_string()]);
-        args.extend(["--certs".into(), self.certs.display().to_string()]);
-        args.extend(["--pgs".into(), pgs]);
-        // Small segment files: tests write megabytes, not gigabytes.
-        args.extend(["--segment-prealloc-bytes".into(), "1MiB".into()]);
-        args.extend(extra.iter().map(|s| s.to_string()));
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let args = storaged_args(1, &self.data_dir(), &self.certs, pgs, &extra);
         Launch { args, listen_flag: true, fsize_limit: None, config_file: None }
     }
 
@@ -104,9 +99,9 @@ impl TestEnv {
             let port = free_port();
             let mut node = Storaged::spawn(launch, port, &log_path);
             match node.wait_ready(&ep).await {
-                Ready::Yes => return node,
+                Started::Ready => return node,
                 // Another process took the probed port between probe and bind: try another.
-                Ready::PortTaken => continue,
+                Started::PortTaken => continue,
             }
         }
         panic!("storaged could not bind a free port in {BIND_RETRIES_MAX} attempts");
@@ -126,14 +121,9 @@ pub struct Launch {
     pub config_file: Option<(PathBuf, String)>,
 }
 
-enum Ready {
-    Yes,
-    PortTaken,
-}
-
-/// A running storaged; SIGKILLed on drop.
+/// A running storaged; SIGKILLed on drop (its log's tail printed if the test failed).
 pub struct Storaged {
-    child: Option<Child>,
+    proc: Proc,
     pub addr: SocketAddr,
     pub log_path: PathBuf,
     probe: Option<StorageConn>,
@@ -142,7 +132,6 @@ pub struct Storaged {
 impl Storaged {
     fn spawn(launch: &Launch, port: u16, log_path: &Path) -> Storaged {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
-        let log = File::create(log_path).expect("create storaged log");
         if let Some((path, template)) = &launch.config_file {
             fs::write(path, template.replace("{LISTEN}", &addr.to_string())).expect("write config file");
         }
@@ -159,93 +148,55 @@ impl Storaged {
         if launch.listen_flag {
             cmd.args(["--listen", &addr.to_string()]);
         }
-        let child = cmd
-            // STORAGED_TEST_LOG overrides the node's log filter when debugging a test.
-            .env("RUST_LOG", std::env::var("STORAGED_TEST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn storaged");
-        Storaged { child: Some(child), addr, log_path: log_path.to_path_buf(), probe: None }
+        // BOREALIS_TEST_LOG (or STORAGED_TEST_LOG) overrides the node's log filter when debugging a test.
+        let mut proc = Proc::spawn_command(cmd, log_path.to_path_buf());
+        proc.tail_on_panic = LOG_TAIL_ON_PANIC;
+        Storaged { proc, addr, log_path: log_path.to_path_buf(), probe: None }
     }
 
-    async fn wait_ready(&mut self, ep: &quinn::Endpoint) -> Ready {
+    async fn wait_ready(&mut self, ep: &quinn::Endpoint) -> Started {
         let deadline = Instant::now() + READY_TIMEOUT;
         // First the log line that follows binding the endpoint: connection
         // attempts abandoned before the node listens would linger in its
         // endpoint (quinn keeps a handshake the client gave up on until the
         // idle timeout), and stretch its graceful shutdown to the drain timeout.
-        loop {
-            if let Some(status) = self.child_mut().try_wait().expect("poll child") {
-                let log = self.log();
-                if log.contains("bind QUIC endpoint") {
-                    self.child = None;
-                    return Ready::PortTaken;
-                }
-                panic!("storaged exited during start-up ({status}); log:\n{log}");
-            }
-            if self.log().contains("storaged ready") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "storaged not ready within {READY_TIMEOUT:?}; log:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if self.proc.wait_started(STORAGED_READY, READY_TIMEOUT).await == Started::PortTaken {
+            return Started::PortTaken;
         }
         // Then a real mutual-TLS handshake, retried until the deadline.
         loop {
             if let Ok(Ok(conn)) = tokio::time::timeout(CONNECT_ATTEMPT_TIMEOUT, StorageConn::connect(ep, self.addr)).await {
                 // Kept open: dropping it mid-handshake would leave the node a half-open connection.
                 self.probe = Some(conn);
-                return Ready::Yes;
+                return Started::Ready;
             }
             assert!(self.is_alive(), "storaged exited after start-up; log:\n{}", self.log());
             assert!(Instant::now() < deadline, "storaged did not accept a connection within {READY_TIMEOUT:?}; log:\n{}", self.log());
         }
     }
 
-    fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("storaged is running")
-    }
-
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("storaged is running").id() as i32
+        self.proc.pid()
     }
 
     /// The node's stderr so far.
     pub fn log(&self) -> String {
-        fs::read_to_string(&self.log_path).unwrap_or_default()
+        self.proc.log_text()
     }
 
     pub fn is_alive(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+        self.proc.is_alive()
     }
 
     /// SIGKILL: no flush, no goodbye.
     pub fn kill9(&mut self) {
-        let mut child = self.child.take().expect("storaged is running");
-        child.kill().expect("SIGKILL storaged");
-        let status = child.wait().expect("reap storaged");
+        let status = self.proc.kill9().expect("storaged is running");
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
     }
 
     /// SIGTERM, then wait (with a deadline) for the node to flush and exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("storaged is running");
-        // SAFETY: signalling our own, not yet reaped child by pid.
-        let rc = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0, "SIGTERM storaged");
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            if let Some(status) = child.try_wait().expect("poll child") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("storaged did not exit within {STOP_TIMEOUT:?} of SIGTERM; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.proc.terminate(STOP_TIMEOUT)
     }
 
     pub async fn connect(&self, ep: &quinn::Endpoint) -> StorageConn {
@@ -265,21 +216,6 @@ impl Storaged {
             }
             assert!(Instant::now() < deadline, "log never showed {needle:?} within {timeout:?}; log:\n{log}");
             tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for Storaged {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(60).collect();
-            eprintln!("---- {} (last {} lines) ----", self.log_path.display(), tail.len());
-            tail.iter().rev().for_each(|l| eprintln!("{l}"));
         }
     }
 }
@@ -445,7 +381,7 @@ pub async fn wait_position(conn: &StorageConn, pg: u32, what: &str, cond: impl F
 
 /// A free loopback TCP address, for `--metrics-listen`.
 pub fn free_tcp_addr() -> String {
-    format!("127.0.0.1:{}", free_port())
+    test_support::free_tcp_addr().to_string()
 }
 
 /// The value of `series` (name and labels, e.g. `x_total{node="1"}`) on the node's /metrics page.

@@ -10,6 +10,7 @@ pub mod page_index;
 pub mod quorum;
 pub mod recovery;
 pub mod record;
+pub mod repair;
 pub mod replica;
 pub mod segment_file;
 pub mod segment_log;

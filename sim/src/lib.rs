@@ -25,6 +25,7 @@ use bytes::Bytes;
 use redo_core::page::PageOp;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::RECORD_OVERHEAD_BYTES;
+use redo_core::repair::Repair;
 use redo_core::replica::ReplicaConfig;
 use redo_core::segment_file::SEGMENT_HEADER_BYTES;
 use redo_core::segment_log::{AppendError, DiskIndex, SegmentLog, SegmentLogConfig};
@@ -169,6 +170,8 @@ struct Segment {
     /// may have counted towards a quorum; they stay durable only because the
     /// writer retains frames until every segment flushed them.
     lost_upto: Lsn,
+    /// Its gossip decision (storaged's gossip task keeps one per segment, anew at a restart).
+    repair: Repair,
 }
 
 /// writerd's per-segment sender.
@@ -274,6 +277,7 @@ impl Sim {
                         file: vec![0; SEGMENT_HEADER_BYTES],
                         down_until: 0,
                         lost_upto: Lsn::ZERO,
+                        repair: Repair::default(),
                     })
                     .collect()
             })
@@ -473,6 +477,7 @@ impl Sim {
         // The epoch and the truncations are persisted (pg-N.epoch).
         s.log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.log.epoch(), s.log.flushed_lsn(), s.file.len() as u64, DiskIndex::default())
             .with_truncations(&s.log.truncations());
+        s.repair = Repair::default();
         s.down_until = self.now + 1 + self.rng.below(CRASH_DOWN_TICKS_MAX);
         self.senders[pg][seg].at = None;
         self.stats.crashes += 1;

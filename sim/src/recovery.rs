@@ -23,6 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::{Records, ValidRecords};
+use redo_core::repair::{Own, PeerView};
 use redo_core::segment_log::{grant_decided_epoch, grant_epoch, DiskCut, DiskRead};
 use redo_core::takeover::{Command, Reply, SegmentStatus, TakenOver, Takeover, TakeoverError};
 use redo_core::wire::Truncation;
@@ -385,17 +386,24 @@ impl Sim {
     }
 
     /// A segment the writer can no longer catch up by resending (it lagged
-    /// below what recovery read back) is filled by gossip, as storaged does: from
-    /// a peer at the same truncation that holds more.
+    /// below what recovery read back) is filled by gossip, as storaged does:
+    /// one round of the core's `Repair` over the reachable peers, then a pull
+    /// from the best one it names (a lag is filled once it lasted a round).
     pub(crate) fn gossip_fill(&mut self, pg: usize, seg: usize) {
-        let scl = self.segments[pg][seg].log.scl();
-        let peer = (0..SEGMENTS_PER_PG).filter(|&p| p != seg).map(|p| &self.segments[pg][p]).filter(|p| p.down_until <= self.now && self.at_current_truncation(p)).max_by_key(|p| p.log.scl());
-        let Some(peer) = peer.filter(|p| p.log.scl() > scl) else { return };
-        let runs = pull_range(peer, scl, peer.log.scl());
-        let epoch = self.writer.epoch();
-        for run in runs {
+        let s = &self.segments[pg][seg];
+        let own = Own { epoch: s.log.epoch(), truncation: s.log.last_truncation(), scl: s.log.scl(), pending: s.log.pending_records() > 0 };
+        let peers: Vec<PeerView> = (0..SEGMENTS_PER_PG)
+            .filter(|&p| p != seg && self.segments[pg][p].down_until <= self.now)
+            .map(|p| {
+                let log = &self.segments[pg][p].log;
+                PeerView { node: p as u32, epoch: log.epoch(), truncation: log.last_truncation(), scl: log.scl() }
+            })
+            .collect();
+        let plan = self.segments[pg][seg].repair.handle_round(own, &peers);
+        let Some(&(peer, upto)) = plan.first() else { return };
+        for run in pull_range(&self.segments[pg][peer as usize], own.scl, upto) {
             let valid = ValidRecords::validate(run, 0).expect("a peer's records are valid").expect("a run holds records");
-            self.segments[pg][seg].log.handle_append(epoch, &valid).expect("a peer's records extend the segment's chain");
+            self.segments[pg][seg].log.handle_append(own.epoch, &valid).expect("a peer's records extend the segment's chain");
         }
         self.stats.gossip_fills += 1;
     }

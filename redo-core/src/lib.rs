@@ -3,6 +3,7 @@
 
 pub mod api;
 mod codec;
+pub mod failover;
 pub mod ids;
 pub mod log_stream;
 pub mod page;

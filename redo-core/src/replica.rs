@@ -35,7 +35,7 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 
-use crate::api::{Role, TXN_OPS_MAX};
+use crate::api::TXN_OPS_MAX;
 use crate::ids::{Lsn, PageId, PgId};
 use crate::page::PageImage;
 use crate::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
@@ -738,68 +738,16 @@ impl ReplicaCore {
     }
 }
 
-/// What a replica that has not heard its writer for the failover silence does, given the
-/// `Role`s that answered it (the volume's writer address and its peer replicas).
-#[derive(Debug, PartialEq, Eq)]
-pub enum Failover<A> {
-    /// A writer of this replica's epoch or a newer one answered (a peer promoted): follow it.
-    WriterLives(A),
-    /// A peer is taking over the volume: it is the writer-to-be.
-    PeerPromoting(A),
-    /// A peer that lost the writer too is better placed: it should promote.
-    BetterPeer(A),
-    /// This replica is the best of those that answered: it promotes.
-    Promote,
-}
-
-/// The failover rule: the replica with the highest read point promotes, then the
-/// highest priority, then the lowest address; only peers that have been silent as long
-/// (`silence_ms`) compete, and none while a writer or a promoting peer answers. `me` and
-/// `mine` are the deciding replica's own address and role.
-pub fn failover<A: Ord + Copy>(me: A, mine: &Role, answers: &[(A, Role)], silence_ms: u64) -> Failover<A> {
-    if let Some((addr, _)) = answers.iter().find(|(_, role)| role.writer && role.epoch >= mine.epoch) {
-        return Failover::WriterLives(*addr);
-    }
-    if let Some((addr, _)) = answers.iter().find(|(_, role)| role.promoting) {
-        return Failover::PeerPromoting(*addr);
-    }
-    let rank = |addr: A, role: &Role| (role.vdl, role.priority, std::cmp::Reverse(addr));
-    let better = answers.iter().filter(|(_, role)| !role.writer && role.writer_silent_ms >= silence_ms).find(|(addr, role)| rank(*addr, role) > rank(me, mine));
-    match better {
-        Some((addr, _)) => Failover::BetterPeer(*addr),
-        None => Failover::Promote,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::page::PageOp;
     use crate::record::RecordHeader;
     use crate::volume::NodeSpec;
-    use crate::Epoch;
 
     fn volume() -> Volume {
         let nodes = (1..=6).map(|i| NodeSpec { id: i, az: format!("az{}", i.div_ceil(2)), addr: format!("127.0.0.1:{i}") }).collect();
         Volume::local("127.0.0.1:9".into(), nodes, 2, 64).unwrap()
-    }
-
-    #[test]
-    fn failover_promotes_the_best_silent_replica_unless_a_writer_answers() {
-        let replica = |vdl: u64, priority: u32, silent_ms: u64| Role { vdl: Lsn(vdl), priority, writer_silent_ms: silent_ms, epoch: Epoch(5), ..Role::default() };
-        let mine = replica(10, 0, 400);
-        assert_eq!(failover(2, &mine, &[], 300), Failover::Promote, "alone");
-        assert_eq!(failover(2, &mine, &[(3, replica(9, 9, 400))], 300), Failover::Promote, "a peer with a lower read point");
-        assert_eq!(failover(2, &mine, &[(3, replica(11, 0, 400))], 300), Failover::BetterPeer(3), "a higher read point");
-        assert_eq!(failover(2, &mine, &[(3, replica(11, 0, 100))], 300), Failover::Promote, "a better peer that still hears the writer does not compete");
-        assert_eq!(failover(2, &mine, &[(3, replica(10, 1, 400))], 300), Failover::BetterPeer(3), "same read point, higher priority");
-        assert_eq!(failover(2, &mine, &[(1, replica(10, 0, 400))], 300), Failover::BetterPeer(1), "all equal: the lower address");
-        assert_eq!(failover(2, &mine, &[(3, replica(10, 0, 400))], 300), Failover::Promote);
-        let promoting = Role { promoting: true, ..replica(1, 0, 400) };
-        assert_eq!(failover(2, &mine, &[(3, promoting)], 300), Failover::PeerPromoting(3), "even a worse peer, once it is taking over");
-        let writer = |epoch| Role { writer: true, epoch: Epoch(epoch), ..Role::default() };
-        assert_eq!(failover(2, &mine, &[(3, replica(11, 0, 400)), (9, writer(6))], 300), Failover::WriterLives(9));
-        assert_eq!(failover(2, &mine, &[(9, writer(4))], 300), Failover::Promote, "a writer of an older epoch is fenced");
     }
 
     /// Builds a volume's log the way the writer does: one record per put, the last a CPL.

@@ -1,8 +1,8 @@
 //! Promotion: the replica takes over the volume (claim, offer back what it
 //! holds, recover, truncate: the core's `Takeover`, executed by `writerd::recovery`) and from then on serves
 //! transactions as the writer, with writerd's engine. Triggered by hand
-//! (`Promote`) or by `watch`, when the writer's heartbeat has been silent and
-//! this replica is the best of those that answer.
+//! (`Promote`) or by `watch`, when the core's failure detector says so (the
+//! writer's heartbeat silent, this replica the best of those that answer).
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use borealis_net::api::ApiClient;
 use borealis_net::storage::NodeLink;
 use redo_core::api::{Promoted, Request, Response, Role};
-use redo_core::replica::{failover, Failover};
+use redo_core::failover::{Verdict, Watch};
 use redo_core::volume::Volume;
 use redo_core::Lsn;
 use tokio::task::JoinSet;
@@ -26,10 +26,6 @@ const OFFER_RUN_BYTES_MAX: usize = 1 << 20;
 /// How long a peer (or the writer's address) gets to answer `Role` during the
 /// agreement: two heartbeats; a dead writer's address costs this much.
 const PEER_WAIT: Duration = Duration::from_millis(2 * borealis_net::api_server::HEARTBEAT.as_millis() as u64);
-/// After a peer was seen better placed or promoting, how long it must stay unheard before
-/// this replica promotes instead: a busy peer may miss `PEER_WAIT` a few times, and two
-/// promotions fence each other.
-const PEER_GONE: Duration = Duration::from_secs(2);
 
 pub struct Promoter {
     pub replica: Arc<Replica>,
@@ -163,42 +159,40 @@ impl Promoter {
     }
 }
 
-/// Promotes automatically: once the writer that was followed has been silent
-/// for `silence`, asks the volume's writer address and the peers their `Role`,
-/// and promotes by `redo_core::replica::failover` (the best replica that lost the
-/// writer, unless a writer or a promoting peer answers), but not within `PEER_GONE`
-/// of seeing a better or promoting peer.
+/// Promotes automatically, executing the core's failure detector
+/// (`redo_core::failover::Watch`): once the writer that was followed has been
+/// silent for `silence`, asks the volume's writer address and the peers their
+/// `Role`, and promotes when the watch says so.
 pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: SocketAddr, volume_writer: SocketAddr, peers: Vec<SocketAddr>, silence: Duration) {
     let r = promoter.replica.clone();
     let asked: Vec<SocketAddr> = std::iter::once(volume_writer).chain(peers).collect();
-    let mut deferred: Option<(SocketAddr, Instant)> = None;
+    let origin = Instant::now();
+    let since = |at: Instant| at.saturating_duration_since(origin);
+    let mut watch = Watch::new(silence, Duration::ZERO);
     loop {
-        tokio::time::sleep(silence / 4).await;
+        tokio::time::sleep_until((origin + watch.poll_timeout()).into()).await;
         if promoter.writer.get().is_some() {
             return;
         }
-        // Never promote for a writer never heard (a replica started while none runs).
-        if r.writer().is_none_or(|h| h.at.elapsed() < silence) {
+        if !watch.handle_timeout(origin.elapsed(), r.writer().map(|h| since(h.at))) {
             continue;
         }
         let mine = promoter.role();
         let roles = roles_of(&endpoint, &asked).await;
-        match failover(me, &mine, &roles, silence.as_millis() as u64) {
+        match watch.on_roles(origin.elapsed(), me, &mine, &roles) {
             // The writer lives on (a peer promoted, maybe to the epoch heard last): the writer feed finds it.
-            Failover::WriterLives(_) => continue,
-            Failover::PeerPromoting(peer) | Failover::BetterPeer(peer) => {
-                if deferred.is_none_or(|(was, _)| was != peer) {
+            Verdict::Follow(_) => continue,
+            Verdict::Defer { peer, first } => {
+                if first {
                     tracing::info!(%peer, vdl = %mine.vdl, "writer silent; a better replica promotes");
                 }
-                deferred = Some((peer, Instant::now()));
                 continue;
             }
-            Failover::Promote => {
-                if let Some((peer, at)) = deferred.filter(|(_, at)| at.elapsed() < PEER_GONE) {
-                    tracing::debug!(%peer, unheard_ms = at.elapsed().as_millis(), "the replica deferred to does not answer; waiting before promoting");
-                    continue;
-                }
+            Verdict::Wait(peer) => {
+                tracing::debug!(%peer, "the replica deferred to does not answer; waiting before promoting");
+                continue;
             }
+            Verdict::Promote => {}
         }
         tracing::warn!(silent_ms = r.writer().map_or(0, |h| h.at.elapsed().as_millis()), "writer silent and this replica is the best: promoting");
         r.metrics.promotions_auto.fetch_add(1, Relaxed);

@@ -3,7 +3,7 @@
 //! `SegmentLog`, over a network that drops, duplicates, delays and reorders
 //! messages, while segments crash and restart with only what they flushed.
 //! Safety is checked after every event; once the faults stop, the volume
-//! must converge (liveness). `SIM_SEED=n cargo test --release -p sim`
+//! must converge (liveness). `SIM_SEED=n cargo test --profile release-checked -p sim`
 //! replays one seed.
 //!
 //! Read replicas (`ReplicaCore`, in `replica`) run beside the writer over
@@ -79,6 +79,8 @@ pub struct Faults {
 }
 
 pub const NO_FAULTS: Faults = Faults { drop_percent: 0, duplicate_percent: 0, delay_ticks_max: 0, crash_percent: 0 };
+/// The faults of the seeds CI runs and of the long search (`sim --seeds N`).
+pub const FAULTY: Faults = Faults { drop_percent: 20, duplicate_percent: 10, delay_ticks_max: 15, crash_percent: 3 };
 
 /// What a run went through, to show that the faults really were exercised.
 #[derive(Clone, Copy, Debug, Default)]

@@ -1,6 +1,4 @@
-use sim::{run, Bug, Faults, Stats};
-
-const FAULTY: Faults = Faults { drop_percent: 20, duplicate_percent: 10, delay_ticks_max: 15, crash_percent: 3 };
+use sim::{run, Bug, Stats, FAULTY};
 
 fn seeds() -> Vec<u64> {
     match std::env::var("SIM_SEED") {
@@ -11,7 +9,7 @@ fn seeds() -> Vec<u64> {
 
 fn replayable(seed: u64) -> Stats {
     let r = std::panic::catch_unwind(|| run(seed, FAULTY, None));
-    r.unwrap_or_else(|_| panic!("simulation failed; replay with SIM_SEED={seed} cargo test --release -p sim"))
+    r.unwrap_or_else(|_| panic!("simulation failed; replay with SIM_SEED={seed} cargo test --profile release-checked -p sim"))
 }
 
 /// Many seeds, each a different run; a failure names its seed.

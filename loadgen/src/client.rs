@@ -10,8 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use borealis_net::api::{ApiClient, ApiError};
 use redo_core::api::ApiErrorCode;
 use redo_core::page::PageOp;
-use redo_core::Lsn;
 use redo_core::volume::Volume;
+use redo_core::Lsn;
 
 use crate::cluster::local_volume;
 

@@ -160,12 +160,8 @@ impl Daemon {
                 Ok(())
             });
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .with_context(|| format!("start {name} ({:?})", cmd.get_program()))?;
+        let child =
+            cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file).spawn().with_context(|| format!("start {name} ({:?})", cmd.get_program()))?;
         Ok(Daemon { name: name.into(), log, child })
     }
 
@@ -464,7 +460,8 @@ impl LocalCluster {
     pub async fn restart_writer(&mut self, extra_args: &[String]) -> Result<()> {
         let dir = self.storage.dir.clone();
         let log = dir.join("writerd-restarted.log");
-        self.writerd = Daemon::spawn("writerd", log, serve_volume(writerd_binary()?, &self.volume_path, &self.certs, self.writer_metrics_addr).args(extra_args))?;
+        self.writerd =
+            Daemon::spawn("writerd", log, serve_volume(writerd_binary()?, &self.volume_path, &self.certs, self.writer_metrics_addr).args(extra_args))?;
         let endpoint = borealis_net::client_endpoint(&self.storage.identity()?)?;
         let served = wait_serving(&endpoint, self.writer_addr, &mut self.writerd).await;
         endpoint.close(0u32.into(), b"ready");
@@ -503,9 +500,7 @@ async fn wait_serving(endpoint: &quinn::Endpoint, addr: SocketAddr, daemon: &mut
         let name = &daemon.name;
         match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
             Ok(Ok(())) => return Ok(()),
-            Ok(Err(e)) if Instant::now() > deadline => {
-                return Err(e).with_context(|| format!("{name} did not become ready; see {}", daemon.log.display()))
-            }
+            Ok(Err(e)) if Instant::now() > deadline => return Err(e).with_context(|| format!("{name} did not become ready; see {}", daemon.log.display())),
             _ if Instant::now() > deadline => bail!("{name} did not become ready within {READY_TIMEOUT:?}; see {}", daemon.log.display()),
             _ => tokio::time::sleep(Duration::from_millis(20)).await,
         }

@@ -61,7 +61,10 @@ pub struct ReplicaTarget {
     pub client: (quinn::Endpoint, ApiClient),
 }
 
-async fn connect_replicas(identity: &borealis_net::TlsIdentity, replicas: impl IntoIterator<Item = (SocketAddr, Option<SocketAddr>)>) -> Result<Vec<ReplicaTarget>> {
+async fn connect_replicas(
+    identity: &borealis_net::TlsIdentity,
+    replicas: impl IntoIterator<Item = (SocketAddr, Option<SocketAddr>)>,
+) -> Result<Vec<ReplicaTarget>> {
     let mut targets = Vec::new();
     for (addr, metrics_addr) in replicas {
         let client = connect(identity, addr, 1).await?.pop().expect("one connection");
@@ -147,7 +150,8 @@ pub async fn measure_embedded(args: &CommitBenchArgs, work: &WorkDir, run: usize
         let writer = Arc::new(Writer(connect(&identity, cluster.writer_addr, args.load.connections).await?));
         let replicas = connect_replicas(&identity, cluster.replicas.iter().map(|r| (r.addr, Some(r.metrics_addr)))).await?;
         let paused = one_per_az(&cluster.storage.nodes.iter().map(|n| n.node_id).collect::<Vec<_>>(), args.gray.pause_nodes)?;
-        let pauser = (!paused.is_empty()).then(|| Pauser::start(cluster.storage.nodes.iter().filter(|n| paused.contains(&n.node_id)).map(|n| n.pid()).collect(), args.gray.duty));
+        let pauser = (!paused.is_empty())
+            .then(|| Pauser::start(cluster.storage.nodes.iter().filter(|n| paused.contains(&n.node_id)).map(|n| n.pid()).collect(), args.gray.duty));
         let cpu_before = cluster.cpu_seconds()?;
         let m = measure(args, &writer, &replicas, &cluster.pids(), run, rate).await;
         drop(pauser);
@@ -207,7 +211,9 @@ async fn bench(args: &CommitBenchArgs, writer: Option<SocketAddr>) -> Result<()>
             // Rates interleave across runs so that slow drift of the machine spreads over every point.
             for run in 0..args.load.runs {
                 for &rate in &args.rates {
-                    let m = measure_embedded(args, &work, run, rate).await.with_context(|| format!("run {} at {rate} commits/s (cluster under {})", run + 1, work.path.display()))?;
+                    let m = measure_embedded(args, &work, run, rate)
+                        .await
+                        .with_context(|| format!("run {} at {rate} commits/s (cluster under {})", run + 1, work.path.display()))?;
                     runs.push(m);
                 }
             }

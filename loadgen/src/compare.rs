@@ -145,7 +145,12 @@ impl Subject {
         match self {
             Subject::Borealis(cb) => format!("ack={}", cb.cluster.ack.as_str()),
             Subject::Postgres { setup, .. } if setup.standbys > 1 => {
-                format!("synchronous_commit={}, {} standbys, synchronous_standby_names='{}'", setup.synchronous_commit.as_str(), setup.standbys, postgres::synchronous_standby_names(setup.standbys))
+                format!(
+                    "synchronous_commit={}, {} standbys, synchronous_standby_names='{}'",
+                    setup.synchronous_commit.as_str(),
+                    setup.standbys,
+                    postgres::synchronous_standby_names(setup.standbys)
+                )
             }
             Subject::Postgres { setup, .. } => format!("synchronous_commit={}", setup.synchronous_commit.as_str()),
         }
@@ -173,7 +178,9 @@ impl Subject {
     fn label(&self) -> String {
         let name = match self {
             Subject::Borealis(cb) => format!("Borealis ack={}", cb.cluster.ack.as_str()),
-            Subject::Postgres { setup, .. } if setup.standbys > 1 => format!("PostgreSQL sc={} {}", setup.synchronous_commit.as_str(), postgres::synchronous_standby_names(setup.standbys)),
+            Subject::Postgres { setup, .. } if setup.standbys > 1 => {
+                format!("PostgreSQL sc={} {}", setup.synchronous_commit.as_str(), postgres::synchronous_standby_names(setup.standbys))
+            }
             Subject::Postgres { setup, .. } => format!("PostgreSQL sc={}", setup.synchronous_commit.as_str()),
         };
         match (self, self.paused()) {
@@ -189,10 +196,12 @@ impl Subject {
     async fn measure(&self, args: &CompareArgs, work: &WorkDir, run: usize, rate: f64, pgids: &mut Vec<i32>) -> Result<Measurement> {
         let m = match self {
             Subject::Borealis(cb) => commit_bench::measure_embedded(cb, work, run, rate).await,
-            Subject::Postgres { load, setup, pause } => postgres::measure_point(load, &args.pg, &work.path.join("pg"), *setup, *pause, run, rate).await.map(|(m, ids)| {
-                pgids.extend(ids);
-                m
-            }),
+            Subject::Postgres { load, setup, pause } => {
+                postgres::measure_point(load, &args.pg, &work.path.join("pg"), *setup, *pause, run, rate).await.map(|(m, ids)| {
+                    pgids.extend(ids);
+                    m
+                })
+            }
         };
         m.with_context(|| format!("{} run {} at {rate} commits/s (under {})", self.label(), run + 1, work.path.display()))
     }
@@ -228,7 +237,15 @@ impl Section {
         for &rate in &self.rates {
             for (subject, runs) in self.subjects.iter().zip(&self.runs) {
                 let rs: Vec<&Measurement> = runs.iter().filter(|m| m.rate == rate).collect();
-                let point = open_loop::summarize(subject.load(), subject.system(), &subject.durability(), rate, &rs, out, &format!("{}{}-", self.prefix, subject.tag()))?;
+                let point = open_loop::summarize(
+                    subject.load(),
+                    subject.system(),
+                    &subject.durability(),
+                    rate,
+                    &rs,
+                    out,
+                    &format!("{}{}-", self.prefix, subject.tag()),
+                )?;
                 rows.push(Row { subject, point });
             }
         }
@@ -275,7 +292,13 @@ fn sections(args: &CompareArgs) -> Result<[Section; 3]> {
 /// `local`, each at every connection count, lag probes off, the ladder's durations.
 fn saturation_subjects(args: &CompareArgs) -> Result<Vec<Subject>> {
     let sat = &args.saturation;
-    let load = |connections: usize| LoadArgs { connections, seconds: sat.saturation_seconds, warmup_seconds: sat.saturation_warmup_seconds, lag_probe: false, ..args.load.clone() };
+    let load = |connections: usize| LoadArgs {
+        connections,
+        seconds: sat.saturation_seconds,
+        warmup_seconds: sat.saturation_warmup_seconds,
+        lag_probe: false,
+        ..args.load.clone()
+    };
     let mut subjects = Vec::new();
     for (ack, mode) in [(Ack::Disk, SyncCommit::On), (Ack::Memory, SyncCommit::Local)] {
         for &c in &sat.borealis_saturation_connections {
@@ -323,7 +346,8 @@ pub async fn run(args: CompareArgs) -> Result<()> {
 /// The machine's 1-minute load average (other work on a shared machine shows here), and the UTC time.
 fn machine_state() -> serde_json::Value {
     let load = std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()));
-    let utc = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let utc =
+        std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     serde_json::json!({ "load_average_1m": load, "utc": utc })
 }
 
@@ -353,7 +377,9 @@ async fn compare(args: &CompareArgs) -> Result<()> {
         let (mut bruns, mut pruns) = (Vec::new(), Vec::new());
         for run in 0..args.failover_runs {
             eprintln!("[compare failover {}/{}] borealis (promote now)", run + 1, args.failover_runs);
-            let r = failover::measure_embedded(&b, &work, run).await.with_context(|| format!("borealis failover run {} (cluster under {})", run + 1, work.path.display()))?;
+            let r = failover::measure_embedded(&b, &work, run)
+                .await
+                .with_context(|| format!("borealis failover run {} (cluster under {})", run + 1, work.path.display()))?;
             eprintln!("  borealis failover {:.1} ms, {} acknowledged, {} lost", r.failover_ms, r.audit.acked_writes, r.audit.lost_acked_writes);
             bruns.push(r);
             eprintln!("[compare failover {}/{}] postgres (SIGKILL primary, promote standby)", run + 1, args.failover_runs);
@@ -384,7 +410,9 @@ async fn compare(args: &CompareArgs) -> Result<()> {
     std::fs::write(&md_path, &md).with_context(|| format!("write {}", md_path.display()))?;
     let targets_path = args.out.join("targets.json");
     std::fs::write(&targets_path, serde_json::to_string_pretty(&targets)?).with_context(|| format!("write {}", targets_path.display()))?;
-    let labelled = |rows: &[Row]| rows.iter().map(|r| serde_json::json!({ "label": r.subject.label(), "paused": r.subject.paused(), "point": r.point })).collect::<Vec<_>>();
+    let labelled = |rows: &[Row]| {
+        rows.iter().map(|r| serde_json::json!({ "label": r.subject.label(), "paused": r.subject.paused(), "point": r.point })).collect::<Vec<_>>()
+    };
     let f = results.failovers.as_ref();
     let json = serde_json::json!({
         "params": args,
@@ -410,7 +438,12 @@ async fn compare(args: &CompareArgs) -> Result<()> {
     println!("wrote {}, {} and {}", md_path.display(), targets_path.display(), path.display());
     if let Some(f) = f {
         if f.bs.totals.lost_or_torn() || f.ps.totals.lost_or_torn() {
-            bail!("acknowledged writes lost in a failover (Borealis {}, PostgreSQL {}) or torn; see {}", f.bs.totals.lost_acked_writes, f.ps.totals.lost_acked_writes, path.display());
+            bail!(
+                "acknowledged writes lost in a failover (Borealis {}, PostgreSQL {}) or torn; see {}",
+                f.bs.totals.lost_acked_writes,
+                f.ps.totals.lost_acked_writes,
+                path.display()
+            );
         }
     }
     // Saturation steps may fail commits (that is what overload looks like); the other points may not.
@@ -433,7 +466,8 @@ async fn saturation(args: &CompareArgs, work: &WorkDir, pgids: &mut Vec<i32>) ->
     let mut climbs: Vec<Climb> = saturation_subjects(args)?
         .into_iter()
         .map(|subject| {
-            let ladder = Ladder { system: subject.system().to_string(), durability: subject.durability(), connections: subject.load().connections, steps: Vec::new() };
+            let ladder =
+                Ladder { system: subject.system().to_string(), durability: subject.durability(), connections: subject.load().connections, steps: Vec::new() };
             Climb { subject, ladder }
         })
         .collect();
@@ -451,7 +485,13 @@ async fn saturation(args: &CompareArgs, work: &WorkDir, pgids: &mut Vec<i32>) ->
                     continue;
                 }
                 let subject = &climbs[i].subject;
-                eprintln!("[compare saturation at {rate} commits/s] {}, {} connections, run {}/{}", subject.label(), subject.load().connections, run + 1, args.load.runs);
+                eprintln!(
+                    "[compare saturation at {rate} commits/s] {}, {} connections, run {}/{}",
+                    subject.label(),
+                    subject.load().connections,
+                    run + 1,
+                    args.load.runs
+                );
                 runs[i].push(subject.measure(args, work, run, rate, pgids).await?);
             }
         }
@@ -581,7 +621,11 @@ fn targets(args: &CompareArgs, r: &Results) -> Vec<Target> {
     }
     for (paused, name, what) in [
         (1, "gray_failure_one", "commit p99, gray failure: Borealis ack=disk with 1 storage node paused vs PostgreSQL on with its synchronous standby paused"),
-        (QUORUM_STANDBYS, "gray_failure_two", "commit p99, gray failure: Borealis ack=disk with 2 storage nodes (2 AZs) paused vs PostgreSQL on, ANY 1 (s1, s2), both standbys paused"),
+        (
+            QUORUM_STANDBYS,
+            "gray_failure_two",
+            "commit p99, gray failure: Borealis ack=disk with 2 storage nodes (2 AZs) paused vs PostgreSQL on, ANY 1 (s1, s2), both standbys paused",
+        ),
     ] {
         let p99 = |system| r.gray.iter().find(|g| g.subject.system() == system && g.subject.paused() == paused).map(|g| g.point.commit_latency_us.p99);
         if let (Some(b), Some(p)) = (p99("borealis"), p99("postgres")) {
@@ -590,7 +634,10 @@ fn targets(args: &CompareArgs, r: &Results) -> Vec<Target> {
     }
     let best = |system, durability| saturation::best(r.ladders.iter().map(|c| &c.ladder), system, durability);
     if let (Some(b), Some(p)) = (best("borealis", "disk"), best("postgres", on)) {
-        let what = format!("highest sustained rate (≥ 99% acknowledged, commit p99 ≤ {} ms): Borealis ack=disk ({} connections) vs PostgreSQL on ({} sessions, its best)", args.saturation.saturation_p99_ms, b.connections, p.connections);
+        let what = format!(
+            "highest sustained rate (≥ 99% acknowledged, commit p99 ≤ {} ms): Borealis ack=disk ({} connections) vs PostgreSQL on ({} sessions, its best)",
+            args.saturation.saturation_p99_ms, b.connections, p.connections
+        );
         t.push(Target::new("saturation".to_string(), &what, Unit::Rate, b.highest_sustained(), p.highest_sustained(), Goal::AtLeast(2.0)));
     }
     for &rate in &args.rates {
@@ -616,7 +663,16 @@ fn ms(us: f64) -> String {
 /// The figures of a row: acknowledged/s, commit p50, p99, p99.9, max (ms), errors.
 fn commit_cells(p: &Point) -> String {
     let c = &p.commit_latency_us;
-    format!("{:.0}{} | {} | {} | {} | {} | {}", p.throughput_commits_per_s, if p.saturated { " (saturated)" } else { "" }, ms(c.p50), ms(c.p99), ms(c.p999), ms(c.max), p.errors)
+    format!(
+        "{:.0}{} | {} | {} | {} | {} | {}",
+        p.throughput_commits_per_s,
+        if p.saturated { " (saturated)" } else { "" },
+        ms(c.p50),
+        ms(c.p99),
+        ms(c.p999),
+        ms(c.max),
+        p.errors
+    )
 }
 
 fn markdown(args: &CompareArgs, r: &Results, targets: &[Target]) -> String {
@@ -660,7 +716,14 @@ fn markdown(args: &CompareArgs, r: &Results, targets: &[Target]) -> String {
             None => ("-".into(), "-".into()),
         };
         let unseen = if p.replica_lag_unseen > 0 { format!(" ({} unseen)", p.replica_lag_unseen) } else { String::new() };
-        md += &format!("| {} | {}: {} | {:.0} | {} | {lag50} | {lag99}{unseen} |\n", system_name(row.subject), row.subject.setting(), row.subject.note(), p.rate, commit_cells(p));
+        md += &format!(
+            "| {} | {}: {} | {:.0} | {} | {lag50} | {lag99}{unseen} |\n",
+            system_name(row.subject),
+            row.subject.setting(),
+            row.subject.note(),
+            p.rate,
+            commit_cells(p)
+        );
     }
     md += "\n## Server CPU per commit\n\n\
 CPU time (user + system) of every server process, read from `/proc/PID/stat` at the start and at the end of the measured seconds (after the warm-up), \
@@ -717,8 +780,17 @@ PostgreSQL runs one transaction per session at a time, so it climbs with {} sess
     );
     for c in &r.ladders {
         let l = &c.ladder;
-        let end = l.first_unsustained().map_or(format!("none up to {:.0}", sat.saturation_max), |s| format!("{:.0}, {:.0}, {}", s.rate, s.throughput_commits_per_s, ms(s.commit_p99_us)));
-        md += &format!("| {} | {} | {} | {:.0} | {end} | {} |\n", system_name(&c.subject), c.subject.setting(), l.connections, l.highest_sustained(), l.steps.len());
+        let end = l
+            .first_unsustained()
+            .map_or(format!("none up to {:.0}", sat.saturation_max), |s| format!("{:.0}, {:.0}, {}", s.rate, s.throughput_commits_per_s, ms(s.commit_p99_us)));
+        md += &format!(
+            "| {} | {} | {} | {:.0} | {end} | {} |\n",
+            system_name(&c.subject),
+            c.subject.setting(),
+            l.connections,
+            l.highest_sustained(),
+            l.steps.len()
+        );
     }
     let best = |system, durability| saturation::best(r.ladders.iter().map(|c| &c.ladder), system, durability);
     for (ack, mode) in [(Ack::Disk, SyncCommit::On), (Ack::Memory, SyncCommit::Local)] {
@@ -779,7 +851,10 @@ fn failover_markdown(f: &Failovers) -> String {
     );
     // The figures of a row: failover median (max), unavailability, then the audit's counts.
     let cells = |failover_ms: f64, failover_ms_max: f64, unavailable_ms: f64, t: &AuditTotals| {
-        format!("{failover_ms:.1} ({failover_ms_max:.1}) | {unavailable_ms:.1} | {} | {} | {} | {}/{}", t.acked_writes, t.lost_acked_writes, t.torn_writes, t.unacked_present, t.unacked_absent)
+        format!(
+            "{failover_ms:.1} ({failover_ms_max:.1}) | {unavailable_ms:.1} | {} | {} | {} | {}/{}",
+            t.acked_writes, t.lost_acked_writes, t.torn_writes, t.unacked_present, t.unacked_absent
+        )
     };
     md += &format!(
         "| Borealis | ack={}, 6 storaged, writerd SIGKILL, {} replica sent Promote at once | {} |\n",
@@ -808,7 +883,13 @@ fn median_hist<'a>(rs: &[&'a Measurement], f: impl Fn(&'a Measurement) -> &'a Hi
 
 /// Each subject of `section` with a run at `rate`: its label and its runs there.
 fn at_rate(section: &Section, rate: f64) -> Vec<(String, Vec<&Measurement>)> {
-    section.subjects.iter().zip(&section.runs).map(|(s, runs)| (s.label(), runs.iter().filter(|m| m.rate == rate).collect::<Vec<_>>())).filter(|(_, rs)| !rs.is_empty()).collect()
+    section
+        .subjects
+        .iter()
+        .zip(&section.runs)
+        .map(|(s, runs)| (s.label(), runs.iter().filter(|m| m.rate == rate).collect::<Vec<_>>()))
+        .filter(|(_, rs)| !rs.is_empty())
+        .collect()
 }
 
 /// Percentile charts of the median runs' commit latencies (and of their lag, when measured).
@@ -817,8 +898,11 @@ fn percentile_charts(section: &Section, rate: f64, commit_svg: &Path, lag_svg: O
     let commit: Vec<(&str, &Histogram<u64>)> = groups.iter().map(|(l, rs)| (l.as_str(), median_hist(rs, |m| &m.hist, |m| m.commit_latency_us.p99))).collect();
     plot::percentile_chart(commit_svg, &format!("Commit latency {title}"), &commit)?;
     if let Some(svg) = lag_svg {
-        let lag: Vec<(&str, &Histogram<u64>)> =
-            groups.iter().filter(|(_, rs)| rs.iter().all(|m| m.replica_lag_us.is_some())).map(|(l, rs)| (l.as_str(), median_hist(rs, |m| &m.replica_hist, |m| m.replica_lag_us.map_or(0, |l| l.p99)))).collect();
+        let lag: Vec<(&str, &Histogram<u64>)> = groups
+            .iter()
+            .filter(|(_, rs)| rs.iter().all(|m| m.replica_lag_us.is_some()))
+            .map(|(l, rs)| (l.as_str(), median_hist(rs, |m| &m.replica_hist, |m| m.replica_lag_us.map_or(0, |l| l.p99))))
+            .collect();
         plot::percentile_chart(svg, &format!("Replica / standby visibility lag {title}"), &lag)?;
     }
     Ok(())
@@ -831,14 +915,56 @@ fn plots(args: &CompareArgs, sections: &[Section; 3], r: &Results) -> Result<()>
         let svg = |what: &str| out.join(format!("{what}-{rate:.0}-per-s.svg"));
         percentile_charts(table, rate, &svg("commit-latency"), Some(&svg("replica-lag")), &format!("at {rate:.0} commits/s offered"))?;
     }
-    percentile_charts(gray, args.gray_rate, &out.join("gray-failure-commit-latency.svg"), None, &format!("under gray failure ({}) at {:.0} commits/s", args.pause.describe(), args.gray_rate))?;
+    percentile_charts(
+        gray,
+        args.gray_rate,
+        &out.join("gray-failure-commit-latency.svg"),
+        None,
+        &format!("under gray failure ({}) at {:.0} commits/s", args.pause.describe(), args.gray_rate),
+    )?;
     let series = |value: &dyn Fn(&Point) -> Option<f64>| -> Vec<Series> {
-        table.subjects.iter().map(|s| Series::new(s.label(), r.table.iter().filter(|row| std::ptr::eq(row.subject, s)).filter_map(|row| value(&row.point).map(|v| (row.point.rate, v / 1e3))).collect())).collect()
+        table
+            .subjects
+            .iter()
+            .map(|s| {
+                Series::new(
+                    s.label(),
+                    r.table.iter().filter(|row| std::ptr::eq(row.subject, s)).filter_map(|row| value(&row.point).map(|v| (row.point.rate, v / 1e3))).collect(),
+                )
+            })
+            .collect()
     };
-    plot::line_chart(&out.join("commit-p99-vs-rate.svg"), "Commit latency p99 against offered rate", "offered commits/s", "p99 ms", &series(&|p| Some(p.commit_latency_us.p99)))?;
-    plot::line_chart(&out.join("replica-lag-p99-vs-rate.svg"), "Replica / standby visibility lag p99 against offered rate", "offered commits/s", "lag p99 ms", &series(&|p| p.replica_lag_us.as_ref().map(|l| l.p99)))?;
-    let ladders: Vec<Series> = r.ladders.iter().map(|c| Series::new(format!("{}, {} conn.", c.subject.label(), c.ladder.connections), c.ladder.steps.iter().map(|s| (s.rate, s.commit_p99_us / 1e3)).collect())).collect();
-    plot::line_chart(&out.join("saturation-p99-vs-rate.svg"), "Saturation ladders: commit latency p99 against offered rate", "offered commits/s", "p99 ms", &ladders)?;
+    plot::line_chart(
+        &out.join("commit-p99-vs-rate.svg"),
+        "Commit latency p99 against offered rate",
+        "offered commits/s",
+        "p99 ms",
+        &series(&|p| Some(p.commit_latency_us.p99)),
+    )?;
+    plot::line_chart(
+        &out.join("replica-lag-p99-vs-rate.svg"),
+        "Replica / standby visibility lag p99 against offered rate",
+        "offered commits/s",
+        "lag p99 ms",
+        &series(&|p| p.replica_lag_us.as_ref().map(|l| l.p99)),
+    )?;
+    let ladders: Vec<Series> = r
+        .ladders
+        .iter()
+        .map(|c| {
+            Series::new(
+                format!("{}, {} conn.", c.subject.label(), c.ladder.connections),
+                c.ladder.steps.iter().map(|s| (s.rate, s.commit_p99_us / 1e3)).collect(),
+            )
+        })
+        .collect();
+    plot::line_chart(
+        &out.join("saturation-p99-vs-rate.svg"),
+        "Saturation ladders: commit latency p99 against offered rate",
+        "offered commits/s",
+        "p99 ms",
+        &ladders,
+    )?;
     if let Some(f) = &r.failovers {
         let b = median_by(&f.bruns, |r| (r.failover_ms * 1e3) as u64);
         plot::failover_timeline(
@@ -895,9 +1021,26 @@ mod tests {
         assert!(cpu.subjects.iter().chain(&gray.subjects).all(|s| !s.load().lag_probe));
         assert_eq!(cpu.subjects.iter().map(Subject::tag).collect::<Vec<_>>(), ["borealis-disk", "postgres-on"]);
         let gray: Vec<(String, usize)> = gray.subjects.iter().map(|s| (s.tag(), s.paused())).collect();
-        assert_eq!(gray, [("borealis-disk-1-paused".to_string(), 1), ("postgres-on-1-paused".to_string(), 1), ("borealis-disk-2-paused".to_string(), 2), ("postgres-on-any1of2-2-paused".to_string(), 2)]);
+        assert_eq!(
+            gray,
+            [
+                ("borealis-disk-1-paused".to_string(), 1),
+                ("postgres-on-1-paused".to_string(), 1),
+                ("borealis-disk-2-paused".to_string(), 2),
+                ("postgres-on-any1of2-2-paused".to_string(), 2)
+            ]
+        );
         let ladders: Vec<(String, usize)> = saturation_subjects(&args).unwrap().iter().map(|s| (s.tag(), s.load().connections)).collect();
-        let expected = [("borealis-disk", 8), ("postgres-on", 8), ("postgres-on", 32), ("postgres-on", 64), ("borealis-memory", 8), ("postgres-local", 8), ("postgres-local", 32), ("postgres-local", 64)];
+        let expected = [
+            ("borealis-disk", 8),
+            ("postgres-on", 8),
+            ("postgres-on", 32),
+            ("postgres-on", 64),
+            ("borealis-memory", 8),
+            ("postgres-local", 8),
+            ("postgres-local", 32),
+            ("postgres-local", 64),
+        ];
         assert_eq!(ladders, expected.map(|(t, c)| (t.to_string(), c)));
     }
 

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use crate::audit::{AuditTotals, WriteAudit, Workload};
+use crate::audit::{AuditTotals, Workload, WriteAudit};
 use crate::cluster::{ClusterSpec, EmbeddedClusterArgs, LocalCluster, WorkDir};
 use crate::pacing::{pace, TICKS_QUEUED_MAX};
 use crate::report::{latency_histogram, median, LatencyUs};
@@ -146,7 +146,15 @@ pub struct PromotedReply {
 
 impl From<&Promoted> for PromotedReply {
     fn from(p: &Promoted) -> Self {
-        PromotedReply { epoch: p.epoch.0, vdl: p.vdl.0, claim_us: p.claim_us, offer_us: p.offer_us, decide_us: p.decide_us, truncate_us: p.truncate_us, total_us: p.total_us }
+        PromotedReply {
+            epoch: p.epoch.0,
+            vdl: p.vdl.0,
+            claim_us: p.claim_us,
+            offer_us: p.offer_us,
+            decide_us: p.decide_us,
+            truncate_us: p.truncate_us,
+            total_us: p.total_us,
+        }
     }
 }
 
@@ -528,7 +536,15 @@ pub fn table(s: &Summary, runs: &[Run]) -> String {
         );
     };
     for r in runs {
-        row(format!("{}", r.run + 1), r.failover_ms, r.unavailable_ms, &r.breakdown, r.audit.acked_writes, r.audit.lost_acked_writes, [r.audit.unacked_present, r.audit.unacked_absent, r.audit.torn_writes]);
+        row(
+            format!("{}", r.run + 1),
+            r.failover_ms,
+            r.unavailable_ms,
+            &r.breakdown,
+            r.audit.acked_writes,
+            r.audit.lost_acked_writes,
+            [r.audit.unacked_present, r.audit.unacked_absent, r.audit.torn_writes],
+        );
     }
     row(
         "median (counts: sum)".into(),

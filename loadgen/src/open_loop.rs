@@ -331,7 +331,8 @@ async fn progress(label: String, recorder: Arc<Mutex<Recorder>>, start: Instant)
 
 /// Takes a feed's first read point (the current one): every later advance is reported.
 async fn open_feed<F: ReadPoint>(feed: &mut F, name: &str) -> Result<Lsn> {
-    let first = tokio::time::timeout(FEED_OPEN_TIMEOUT, feed.next()).await.map_err(|_| anyhow!("{name} read-point feed: no progress within {FEED_OPEN_TIMEOUT:?}"))?;
+    let first =
+        tokio::time::timeout(FEED_OPEN_TIMEOUT, feed.next()).await.map_err(|_| anyhow!("{name} read-point feed: no progress within {FEED_OPEN_TIMEOUT:?}"))?;
     first.map_err(|e| e.context(format!("{name} read-point feed")))
 }
 
@@ -373,9 +374,21 @@ fn window_cpu(servers: Vec<i32>, from: Instant, to: Instant) -> std::thread::Joi
 /// every reply and for the replicas to show every acknowledged commit (up to `REPLICA_CATCH_UP`).
 /// `servers`: the pids of the system's server processes, whose CPU (with their descendants') is
 /// measured over the measured seconds (none: not measured). `label` prefixes the progress line.
-pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, feeds: Feeds<F>, servers: &[i32], label: &str, run: usize, rate: f64) -> Result<Measurement> {
+pub async fn measure<S: System, F: ReadPoint>(
+    args: &LoadArgs,
+    system: Arc<S>,
+    feeds: Feeds<F>,
+    servers: &[i32],
+    label: &str,
+    run: usize,
+    rate: f64,
+) -> Result<Measurement> {
     let replica_names: Vec<String> = feeds.replicas.iter().map(|(name, _)| name.clone()).collect();
-    let sources = feeds.writer.map(|f| (Feed::Writer, "writer".to_string(), f)).into_iter().chain(feeds.replicas.into_iter().enumerate().map(|(i, (name, f))| (Feed::Replica(i), name, f)));
+    let sources = feeds
+        .writer
+        .map(|f| (Feed::Writer, "writer".to_string(), f))
+        .into_iter()
+        .chain(feeds.replicas.into_iter().enumerate().map(|(i, (name, f))| (Feed::Replica(i), name, f)));
     // Feeds report their first read point before the load, so that every commit is acknowledged while they report.
     let mut opened = Vec::new();
     for (source, name, mut feed) in sources {
@@ -411,12 +424,7 @@ pub async fn measure<S: System, F: ReadPoint>(args: &LoadArgs, system: Arc<S>, f
     let (tick_tx, mut ticks) = mpsc::channel(TICKS_QUEUED_MAX);
     let interval = Duration::from_secs_f64(1.0 / rate);
     let pacer = std::thread::spawn(move || pace(start, interval, total, vec![tick_tx]));
-    let workload = Workload {
-        keys: args.keys,
-        txn_ops: args.txn_ops,
-        value: vec![0x5A; args.value_bytes],
-        hasher: Default::default(),
-    };
+    let workload = Workload { keys: args.keys, txn_ops: args.txn_ops, value: vec![0x5A; args.value_bytes], hasher: Default::default() };
     let mut inflight = JoinSet::new();
     let mut seq = 0u64;
     while let Some(due) = ticks.recv().await {

@@ -56,12 +56,8 @@ const CONNECTIONS: usize = 8;
 const REFERENCE_MESSAGE_BYTES: usize = 160;
 
 /// Allowances of a new baseline, as a multiple of its ratio: latency percentiles are noisier than CPU time.
-const DEFAULT_ALLOWANCES: &[(&str, f64)] = &[
-    ("commit_p50_per_quic_rtt", 1.8),
-    ("commit_p99_per_quic_rtt", 2.5),
-    ("replica_lag_p99_per_quic_rtt", 5.0),
-    ("cpu_per_commit_per_quic_message", 1.3),
-];
+const DEFAULT_ALLOWANCES: &[(&str, f64)] =
+    &[("commit_p50_per_quic_rtt", 1.8), ("commit_p99_per_quic_rtt", 2.5), ("replica_lag_p99_per_quic_rtt", 5.0), ("cpu_per_commit_per_quic_message", 1.3)];
 
 /// One repetition: the reference and Borealis, and the metrics (ratios) they give.
 #[derive(Serialize, Debug)]
@@ -169,9 +165,13 @@ async fn gate(args: &PerfGateArgs, baseline: Option<Baseline>) -> Result<()> {
     for rep in 0..args.repetitions {
         let cpu_before = process_cpu_seconds(std::process::id())?;
         let started = Instant::now();
-        let quic_rtt_us = raw_quic_latency(&identity, REFERENCE_MESSAGE_BYTES, args.rate / CONNECTIONS as f64, duration, CONNECTIONS as u32).await.context("the reference (raw QUIC)")?;
+        let quic_rtt_us = raw_quic_latency(&identity, REFERENCE_MESSAGE_BYTES, args.rate / CONNECTIONS as f64, duration, CONNECTIONS as u32)
+            .await
+            .context("the reference (raw QUIC)")?;
         let quic_cpu_us_per_message = (process_cpu_seconds(std::process::id())? - cpu_before) * 1e6 / quic_rtt_us.count.max(1) as f64;
-        let m = commit_bench::measure_embedded(&cb, &work, rep, args.rate).await.with_context(|| format!("repetition {} (cluster under {})", rep + 1, work.path.display()))?;
+        let m = commit_bench::measure_embedded(&cb, &work, rep, args.rate)
+            .await
+            .with_context(|| format!("repetition {} (cluster under {})", rep + 1, work.path.display()))?;
         let cpu = m.cluster_cpu_us_per_commit.context("the embedded cluster's CPU time")?;
         let rtt = quic_rtt_us.p50.max(1) as f64;
         let mut metrics = BTreeMap::from([
@@ -206,7 +206,8 @@ async fn gate(args: &PerfGateArgs, baseline: Option<Baseline>) -> Result<()> {
     work.cleanup();
     let errors: u64 = reps.iter().map(|r| r.errors).sum();
     let names: Vec<String> = reps[0].metrics.keys().cloned().collect();
-    let medians: BTreeMap<String, f64> = names.into_iter().map(|n| (n.clone(), median(reps.iter().filter_map(|r| r.metrics.get(&n).copied()).collect()))).collect();
+    let medians: BTreeMap<String, f64> =
+        names.into_iter().map(|n| (n.clone(), median(reps.iter().filter_map(|r| r.metrics.get(&n).copied()).collect()))).collect();
 
     if args.write_baseline {
         let allowance = |name: &str| {
@@ -256,9 +257,19 @@ fn write_out(args: &PerfGateArgs, reps: &[Repetition], medians: &BTreeMap<String
 }
 
 fn verdict_table(verdicts: &[Verdict]) -> String {
-    let mut t = String::from("| metric (median ratio to the same repetition's reference) | baseline | this run | change | allowed | verdict |\n|---|---|---|---|---|---|\n");
+    let mut t = String::from(
+        "| metric (median ratio to the same repetition's reference) | baseline | this run | change | allowed | verdict |\n|---|---|---|---|---|---|\n",
+    );
     for v in verdicts {
-        t += &format!("| {} | {:.3} | {:.3} | {:.2}x | {:.2}x | {} |\n", v.metric, v.baseline, v.current, v.change, v.allowance, if v.pass { "pass" } else { "FAIL" });
+        t += &format!(
+            "| {} | {:.3} | {:.3} | {:.2}x | {:.2}x | {} |\n",
+            v.metric,
+            v.baseline,
+            v.current,
+            v.change,
+            v.allowance,
+            if v.pass { "pass" } else { "FAIL" }
+        );
     }
     t
 }
@@ -296,7 +307,10 @@ mod tests {
         let v = judge(&baseline(), &current(5.9, 12.9)).unwrap();
         assert!(v.iter().all(|v| v.pass), "{v:?}");
         let v = judge(&baseline(), &current(6.1, 9.0)).unwrap();
-        assert_eq!(v.iter().map(|v| (v.metric.as_str(), v.pass)).collect::<Vec<_>>(), vec![("commit_p50_per_quic_rtt", false), ("cpu_per_commit_per_quic_message", true)]);
+        assert_eq!(
+            v.iter().map(|v| (v.metric.as_str(), v.pass)).collect::<Vec<_>>(),
+            vec![("commit_p50_per_quic_rtt", false), ("cpu_per_commit_per_quic_message", true)]
+        );
         assert!((v[0].change - 1.525).abs() < 1e-9);
     }
 

@@ -78,10 +78,7 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
     for (i, s) in drawn.iter().enumerate() {
         let c = colour(i);
         let pts: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x, y.max(LOG_FLOOR))).collect();
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?
-            .label(s.label.as_str())
-            .legend(move |(x, y)| legend_mark(x, y, c));
+        chart.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?.label(s.label.as_str()).legend(move |(x, y)| legend_mark(x, y, c));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
     }
     if !drawn.is_empty() {
@@ -93,11 +90,7 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
 /// HdrHistogram's classic percentile plot: x is the percentile on the 1/(1-q) log scale (ticks 0%, 90%,
 /// 99%, … 99.999%), y the latency in milliseconds on a log axis, from histograms recorded in µs. One line each.
 pub fn percentile_chart(path: &Path, title: &str, hists: &[(&str, &Histogram<u64>)]) -> Result<()> {
-    let drawn: Vec<(&str, Vec<(f64, f64)>)> = hists
-        .iter()
-        .filter(|(_, h)| !h.is_empty())
-        .map(|&(label, h)| (label, percentile_points(h)))
-        .collect();
+    let drawn: Vec<(&str, Vec<(f64, f64)>)> = hists.iter().filter(|(_, h)| !h.is_empty()).map(|&(label, h)| (label, percentile_points(h))).collect();
     // Nines on the x axis: 5 (99.999%) unless more than 10^6 samples reach further.
     let max_len = hists.iter().map(|(_, h)| h.len()).max().unwrap_or(0);
     let nines = if max_len > 1_000_000 { 6 } else { 5 };
@@ -129,10 +122,7 @@ pub fn percentile_chart(path: &Path, title: &str, hists: &[(&str, &Histogram<u64
         let c = colour(i);
         let x_max = f64::from(nines);
         let pts = pts.iter().map(move |&(x, y)| (x.min(x_max), y));
-        chart
-            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
-            .label(*label)
-            .legend(move |(x, y)| legend_mark(x, y, c));
+        chart.draw_series(LineSeries::new(pts, c.stroke_width(2)))?.label(*label).legend(move |(x, y)| legend_mark(x, y, c));
     }
     if !drawn.is_empty() {
         legend(&mut chart)?;
@@ -243,10 +233,7 @@ fn linear_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
 /// A log-axis range holding the values: from the power of ten at or below the smallest (so the axis
 /// always has a labelled tick) to 1.5 times the largest.
 fn log_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
-    let (lo, hi) = values
-        .filter(|v| v.is_finite())
-        .map(|v| v.max(LOG_FLOOR))
-        .fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = values.filter(|v| v.is_finite()).map(|v| v.max(LOG_FLOOR)).fold((f64::MAX, f64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if lo > hi {
         return 0.1..10.0;
     }
@@ -284,7 +271,11 @@ fn fmt_num(v: f64) -> String {
     let decimals = if a == 0.0 { 0 } else { (2 - a.log10().floor() as i32).clamp(0, 9) as usize };
     let s = format!("{v:.decimals$}");
     let s = if s.contains('.') { s.trim_end_matches('0').trim_end_matches('.').to_string() } else { s };
-    if s == "-0" { "0".into() } else { s }
+    if s == "-0" {
+        "0".into()
+    } else {
+        s
+    }
 }
 
 fn legend_mark(x: i32, y: i32, c: RGBColor) -> PathElement<(i32, i32)> {
@@ -367,8 +358,7 @@ mod tests {
         let empty = Histogram::<u64>::new(3).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pct.svg");
-        percentile_chart(&path, "Commit latency at 5,000/s", &[("Borealis", &fast), ("PostgreSQL", &slow), ("none", &empty)])
-            .unwrap();
+        percentile_chart(&path, "Commit latency at 5,000/s", &[("Borealis", &fast), ("PostgreSQL", &slow), ("none", &empty)]).unwrap();
         let svg = read(&path);
         for s in ["Commit latency at 5,000/s", "Borealis", "PostgreSQL", "percentile", "0%", "90%", "99%", "99.9%", "99.99%", "99.999%", " ms"] {
             assert!(svg.contains(s), "missing {s:?}");
@@ -385,7 +375,8 @@ mod tests {
         let markers = [(2000.0, "writer killed"), (2020.0, "first commit on new writer")];
         failover_timeline(&path, "Failover under 1,000 commits/s", &acks, 50.0, &markers).unwrap();
         let svg = read(&path);
-        for s in ["Failover under 1,000 commits/s", "writer killed (2,000 ms)", "first commit on new writer (2,020 ms)", "ms since start of load", "per 50 ms"] {
+        for s in ["Failover under 1,000 commits/s", "writer killed (2,000 ms)", "first commit on new writer (2,020 ms)", "ms since start of load", "per 50 ms"]
+        {
             assert!(svg.contains(s), "missing {s:?}");
         }
         assert!(svg.contains("<rect"));

@@ -95,7 +95,8 @@ mod tests {
     #[test]
     fn a_tree_counts_its_descendants_and_their_reaped_children() {
         // Two postmasters (10, 20) with backends, a grandchild, and processes outside the trees.
-        let start = [p(1, 0, 5_000, 0), p(10, 1, 100, 7), p(11, 10, 50, 0), p(12, 10, 30, 0), p(13, 12, 4, 0), p(20, 1, 200, 0), p(21, 20, 60, 0), p(99, 1, 900, 0)];
+        let start =
+            [p(1, 0, 5_000, 0), p(10, 1, 100, 7), p(11, 10, 50, 0), p(12, 10, 30, 0), p(13, 12, 4, 0), p(20, 1, 200, 0), p(21, 20, 60, 0), p(99, 1, 900, 0)];
         assert_eq!(tree_ticks(&start, &[10, 20]), 100 + 7 + 50 + 30 + 4 + 200 + 60);
         assert_eq!(tree_ticks(&start, &[12]), 34);
         assert_eq!(tree_ticks(&start, &[42]), 0, "a root that is gone counts nothing");
@@ -105,7 +106,16 @@ mod tests {
         // During the window: backend 11 exits after using 20 more ticks and is reaped (its 70 move into
         // 10's cutime); backend 14 starts and uses 5; the postmaster uses 10; 13 exits unreaped (a zombie
         // keeps its ticks); 21 uses 40; the processes outside use more but do not count.
-        let end = [p(1, 0, 9_000, 0), p(10, 1, 110, 7 + 70), p(12, 10, 30, 0), p(13, 12, 4, 0), p(14, 10, 5, 0), p(20, 1, 200, 0), p(21, 20, 100, 0), p(99, 1, 5_000, 0)];
+        let end = [
+            p(1, 0, 9_000, 0),
+            p(10, 1, 110, 7 + 70),
+            p(12, 10, 30, 0),
+            p(13, 12, 4, 0),
+            p(14, 10, 5, 0),
+            p(20, 1, 200, 0),
+            p(21, 20, 100, 0),
+            p(99, 1, 5_000, 0),
+        ];
         assert_eq!(tree_ticks(&end, &[10, 20]) - tree_ticks(&start, &[10, 20]), 10 + 20 + 5 + 40);
     }
 

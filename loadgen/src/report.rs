@@ -23,13 +23,7 @@ pub struct LatencyUs {
 
 impl LatencyUs {
     pub fn of(h: &Histogram<u64>) -> Self {
-        LatencyUs {
-            p50: h.value_at_quantile(0.5),
-            p99: h.value_at_quantile(0.99),
-            p999: h.value_at_quantile(0.999),
-            max: h.max(),
-            count: h.len(),
-        }
+        LatencyUs { p50: h.value_at_quantile(0.5), p99: h.value_at_quantile(0.99), p999: h.value_at_quantile(0.999), max: h.max(), count: h.len() }
     }
 }
 
@@ -61,7 +55,11 @@ pub fn median(mut xs: Vec<f64>) -> f64 {
     assert!(!xs.is_empty(), "median of nothing");
     xs.sort_by(|a, b| a.total_cmp(b));
     let n = xs.len();
-    if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
 }
 
 /// The middle element of `xs` by `key` (the upper middle for an even count): the run whose histogram represents a set of runs.

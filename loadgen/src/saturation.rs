@@ -43,13 +43,20 @@ pub struct SaturationArgs {
 impl SaturationArgs {
     pub fn check(&self) -> anyhow::Result<()> {
         let positive = |v: f64| v.is_finite() && v > 0.0;
-        if !(positive(self.saturation_start) && self.saturation_factor.is_finite() && self.saturation_factor > 1.0 && self.saturation_max >= self.saturation_start) {
+        if !(positive(self.saturation_start)
+            && self.saturation_factor.is_finite()
+            && self.saturation_factor > 1.0
+            && self.saturation_max >= self.saturation_start)
+        {
             anyhow::bail!("--saturation-start must be positive, --saturation-factor above 1, --saturation-max at least the start");
         }
         if !(positive(self.saturation_seconds) && positive(self.saturation_warmup_seconds) && positive(self.saturation_p99_ms)) {
             anyhow::bail!("--saturation-seconds, --saturation-warmup-seconds and --saturation-p99-ms must be positive");
         }
-        if self.borealis_saturation_connections.iter().chain(&self.pg_saturation_connections).any(|&c| c == 0) || self.borealis_saturation_connections.is_empty() || self.pg_saturation_connections.is_empty() {
+        if self.borealis_saturation_connections.iter().chain(&self.pg_saturation_connections).any(|&c| c == 0)
+            || self.borealis_saturation_connections.is_empty()
+            || self.pg_saturation_connections.is_empty()
+        {
             anyhow::bail!("--borealis-saturation-connections and --pg-saturation-connections: positive counts, at least one each");
         }
         Ok(())

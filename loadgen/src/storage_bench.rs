@@ -151,8 +151,7 @@ fn encode_batch(next_lsn: &mut Lsn, records: usize, payload: &[u8], out: &mut Ve
     for _ in 0..records {
         let prev = *next_lsn;
         let lsn = Lsn(prev.0 + 1);
-        RecordHeader { lsn, prev_lsn_in_segment: prev, prev_lsn_for_page: Lsn::ZERO, page: PageId(lsn.0 % 1024), cpl: true }
-            .encode(payload, out);
+        RecordHeader { lsn, prev_lsn_in_segment: prev, prev_lsn_for_page: Lsn::ZERO, page: PageId(lsn.0 % 1024), cpl: true }.encode(payload, out);
         *next_lsn = lsn;
     }
     *next_lsn
@@ -263,9 +262,8 @@ async fn phase(args: &StorageBenchArgs, storage: &mut LocalStorage, rate: Option
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let page = scrape(node.metrics_addr).await?;
-            let caught_up = (0..args.pgs).all(|pg| {
-                metric_sum(&page, "storaged_segment_flushed_lsn", &format!("pg=\"{pg}\"")) as u64 >= last_lsns[pg as usize].0
-            });
+            let caught_up =
+                (0..args.pgs).all(|pg| metric_sum(&page, "storaged_segment_flushed_lsn", &format!("pg=\"{pg}\"")) as u64 >= last_lsns[pg as usize].0);
             if caught_up {
                 flush_secs.push(start.elapsed().as_secs_f64());
                 flush_p50.push(metric_sum(&page, "storaged_flush_latency_us", "quantile=\"0.5\""));

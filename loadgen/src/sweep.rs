@@ -108,7 +108,11 @@ struct SweepRun {
 
 impl SweepArgs {
     fn sizes(&self) -> Vec<usize> {
-        if self.value_sizes.is_empty() { vec![self.load.value_bytes] } else { self.value_sizes.clone() }
+        if self.value_sizes.is_empty() {
+            vec![self.load.value_bytes]
+        } else {
+            self.value_sizes.clone()
+        }
     }
 
     /// commit-bench's options for the points of one value size.
@@ -136,7 +140,8 @@ impl SweepArgs {
 async fn sweep(args: &SweepArgs) -> Result<()> {
     let sizes = args.sizes();
     let total = args.load.runs * sizes.len() * args.rates.len() + args.failover_runs;
-    let bar = ProgressBar::new(total as u64).with_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} points, ETA {eta} {prefix}\n{wide_msg}")?.progress_chars("=> "));
+    let bar = ProgressBar::new(total as u64)
+        .with_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} points, ETA {eta} {prefix}\n{wide_msg}")?.progress_chars("=> "));
     open_loop::status_to(bar.clone());
     let work = WorkDir::new(args.cluster.work_dir.as_deref(), "borealis-sweep")?;
     let mut runs = Vec::new();
@@ -146,7 +151,9 @@ async fn sweep(args: &SweepArgs) -> Result<()> {
             let cb = args.commit_bench(size)?;
             for &rate in &args.rates {
                 bar.set_prefix(format!("(run {}/{}, {size}-byte values, {rate:.0} commits/s)", run + 1, args.load.runs));
-                let m = commit_bench::measure_embedded(&cb, &work, run, rate).await.with_context(|| format!("run {} at {rate} commits/s, {size}-byte values (cluster under {})", run + 1, work.path.display()))?;
+                let m = commit_bench::measure_embedded(&cb, &work, run, rate)
+                    .await
+                    .with_context(|| format!("run {} at {rate} commits/s, {size}-byte values (cluster under {})", run + 1, work.path.display()))?;
                 runs.push(SweepRun { value_bytes: size, measurement: m });
                 bar.inc(1);
             }
@@ -156,7 +163,8 @@ async fn sweep(args: &SweepArgs) -> Result<()> {
     let mut failovers = Vec::new();
     for run in 0..args.failover_runs {
         bar.set_prefix(format!("(failover {}/{})", run + 1, args.failover_runs));
-        failovers.push(failover::measure_embedded(&fa, &work, run).await.with_context(|| format!("failover {} (cluster under {})", run + 1, work.path.display()))?);
+        failovers
+            .push(failover::measure_embedded(&fa, &work, run).await.with_context(|| format!("failover {} (cluster under {})", run + 1, work.path.display()))?);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -222,14 +230,21 @@ fn plot_points(out: &Path, points: &[Point], runs: &[SweepRun]) -> Result<()> {
         lag.push(line("p50", &rate, &|p| p.replica_lag_us.as_ref().map(|l| l.p50)));
         lag.push(line("p99", &rate, &|p| p.replica_lag_us.as_ref().map(|l| l.p99)));
     }
-    plot::line_chart(&out.join("latency-vs-throughput.svg"), "Commit latency against acknowledged throughput", "acknowledged commits/s", "commit latency (ms)", &latency)?;
+    plot::line_chart(
+        &out.join("latency-vs-throughput.svg"),
+        "Commit latency against acknowledged throughput",
+        "acknowledged commits/s",
+        "commit latency (ms)",
+        &latency,
+    )?;
     plot::line_chart(&out.join("replica-lag.svg"), "Replica visibility lag against offered rate", "offered commits/s", "replica lag (ms)", &lag)?;
     // The run each point's .hgrm was written from (median by p99), labelled by rate and size.
     let median_runs = |key: &dyn Fn(&Measurement) -> Option<u64>, hist: fn(&Measurement) -> &Histogram<u64>| -> Vec<(String, &Histogram<u64>)> {
         points
             .iter()
             .filter_map(|p| {
-                let rs: Vec<&Measurement> = runs.iter().filter(|r| r.value_bytes == p.value_bytes && r.measurement.rate == p.rate).map(|r| &r.measurement).collect();
+                let rs: Vec<&Measurement> =
+                    runs.iter().filter(|r| r.value_bytes == p.value_bytes && r.measurement.rate == p.rate).map(|r| &r.measurement).collect();
                 rs.iter().all(|r| key(r).is_some()).then(|| {
                     let median_run: &Measurement = median_by(&rs, |r| key(r)).to_owned();
                     (format!("{:.0}/s, {} B", p.rate, p.value_bytes), hist(median_run))
@@ -241,6 +256,14 @@ fn plot_points(out: &Path, points: &[Point], runs: &[SweepRun]) -> Result<()> {
         let hists: Vec<(&str, &Histogram<u64>)> = hists.iter().map(|(l, h)| (l.as_str(), *h)).collect();
         plot::percentile_chart(&out.join(file), title, &hists)
     };
-    chart("commit-latency-percentiles.svg", "Commit latency by percentile (median run of each point)", median_runs(&|r| Some(r.commit_latency_us.p99), |r| &r.hist))?;
-    chart("replica-lag-percentiles.svg", "Replica visibility lag by percentile (median run of each point)", median_runs(&|r| r.replica_lag_us.map(|l| l.p99), |r| &r.replica_hist))
+    chart(
+        "commit-latency-percentiles.svg",
+        "Commit latency by percentile (median run of each point)",
+        median_runs(&|r| Some(r.commit_latency_us.p99), |r| &r.hist),
+    )?;
+    chart(
+        "replica-lag-percentiles.svg",
+        "Replica visibility lag by percentile (median run of each point)",
+        median_runs(&|r| r.replica_lag_us.map(|l| l.p99), |r| &r.replica_hist),
+    )
 }

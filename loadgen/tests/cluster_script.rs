@@ -36,14 +36,7 @@ impl Drop for Cluster {
 }
 
 fn loadgen(dir: &Path, args: &[&str]) -> Output {
-    Command::new(LOADGEN)
-        .args(args)
-        .arg("--volume")
-        .arg(dir.join("volume.toml"))
-        .arg("--certs")
-        .arg(dir.join("certs"))
-        .output()
-        .expect("run loadgen")
+    Command::new(LOADGEN).args(args).arg("--volume").arg(dir.join("volume.toml")).arg("--certs").arg(dir.join("certs")).output().expect("run loadgen")
 }
 
 fn stdout(out: &Output) -> String {

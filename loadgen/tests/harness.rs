@@ -27,7 +27,20 @@ fn sweep_writes_every_point_histogram_and_plot() {
     std::fs::create_dir(&tmp).unwrap();
     let o = Command::new(LOADGEN)
         .args([
-            "sweep", "--rates", "300,600", "--value-sizes", "100,2000", "--seconds", "1", "--warmup-seconds", "0.5", "--runs", "1", "--failover-runs", "1", "--out",
+            "sweep",
+            "--rates",
+            "300,600",
+            "--value-sizes",
+            "100,2000",
+            "--seconds",
+            "1",
+            "--warmup-seconds",
+            "0.5",
+            "--runs",
+            "1",
+            "--failover-runs",
+            "1",
+            "--out",
             out.to_str().unwrap(),
         ])
         .env("TMPDIR", &tmp)

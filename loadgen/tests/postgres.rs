@@ -26,7 +26,11 @@ fn pg_bin(test: &str) -> Option<PathBuf> {
         Some(bin)
     } else {
         // Straight to stderr: the test harness captures println!/eprintln! of passing tests.
-        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: PostgreSQL 15 server binaries not found in {} (apt-get install postgresql-15, or set BOREALIS_PG_BIN)", bin.display());
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: PostgreSQL 15 server binaries not found in {} (apt-get install postgresql-15, or set BOREALIS_PG_BIN)",
+            bin.display()
+        );
         None
     }
 }
@@ -127,7 +131,10 @@ fn pg_failover_loses_no_acknowledged_write_with_a_synchronous_standby() {
     let json = dir.path().join("failover.json");
     let work = dir.path().join("work");
     let segments_before = shm_segments();
-    loadgen(&["pg-failover", "--runs", "1", "--warmup-seconds", "1", "--seconds", "1.5", "--json", json.to_str().unwrap(), "--work-dir", work.to_str().unwrap()], &bin);
+    loadgen(
+        &["pg-failover", "--runs", "1", "--warmup-seconds", "1", "--seconds", "1.5", "--json", json.to_str().unwrap(), "--work-dir", work.to_str().unwrap()],
+        &bin,
+    );
     let summary = read_json(&json);
     let run = &summary["runs"][0];
     assert_eq!(summary["lost_acked_writes"], 0, "{run}");
@@ -158,7 +165,10 @@ fn postmasters_under(dir: &Path) -> Vec<i32> {
         .unwrap()
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| is_postgres(&c) && c.windows(needle.len()).any(|w| w == needle) && c.windows(3).any(|w| w == b"-D\0")))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| is_postgres(&c) && c.windows(needle.len()).any(|w| w == needle) && c.windows(3).any(|w| w == b"-D\0"))
+        })
         .collect()
 }
 
@@ -220,11 +230,35 @@ fn compare_postgres_writes_every_target() {
     // ladder with a latency bound that a loaded machine meets too (the test checks the plumbing, not the systems).
     loadgen(
         &[
-            "compare-postgres", "--runs", "1", "--seconds", "1", "--warmup-seconds", "0.5",
-            "--borealis-ack", "memory", "--synchronous-commit", "local,on",
-            "--saturation-start", "500", "--saturation-max", "500", "--saturation-seconds", "1", "--saturation-warmup-seconds", "0.5", "--saturation-p99-ms", "1000",
-            "--pg-saturation-connections", "8", "--failover-runs", "0",
-            "--out", out.to_str().unwrap(), "--work-dir", work.to_str().unwrap(),
+            "compare-postgres",
+            "--runs",
+            "1",
+            "--seconds",
+            "1",
+            "--warmup-seconds",
+            "0.5",
+            "--borealis-ack",
+            "memory",
+            "--synchronous-commit",
+            "local,on",
+            "--saturation-start",
+            "500",
+            "--saturation-max",
+            "500",
+            "--saturation-seconds",
+            "1",
+            "--saturation-warmup-seconds",
+            "0.5",
+            "--saturation-p99-ms",
+            "1000",
+            "--pg-saturation-connections",
+            "8",
+            "--failover-runs",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+            "--work-dir",
+            work.to_str().unwrap(),
         ],
         &bin,
     );

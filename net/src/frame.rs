@@ -1,10 +1,10 @@
 //! Frames on QUIC streams: `len u32 | message`, decoded by `redo_core::wire`.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
 use redo_core::wire::{frame_len, Message, FRAME_HEADER_BYTES};
 use redo_core::DecodeError;
 use thiserror::Error;
+use tokio::io::AsyncReadExt;
 
 #[derive(Debug, Error)]
 pub enum FrameError {

@@ -34,7 +34,6 @@ impl Distribution {
         self.hist.lock().expect("metrics lock").saturating_record(v.max(1));
     }
 
-
     /// Writes the summary's samples; `labels` is empty or like `pg="0",segment="1"`.
     pub fn render_samples(&self, out: &mut String, name: &str, labels: &str) {
         let h = self.hist.lock().expect("metrics lock");
@@ -80,15 +79,9 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, render: Arc<dyn Fn
             if !matches!(tokio::time::timeout(REQUEST_TIMEOUT, read_request).await, Ok(true)) {
                 return;
             }
-            let (status, body) = if req.starts_with(b"GET /metrics ") {
-                ("200 OK", render())
-            } else {
-                ("404 Not Found", "only GET /metrics is served\n".to_string())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
+            let (status, body) =
+                if req.starts_with(b"GET /metrics ") { ("200 OK", render()) } else { ("404 Not Found", "only GET /metrics is served\n".to_string()) };
+            let head = format!("HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
             let _ = sock.write_all(head.as_bytes()).await;
             let _ = sock.write_all(body.as_bytes()).await;
         });

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 use bytes::Bytes;
-use redo_core::wire::{encode_append, ErrorCode, Message, SegmentPosition, Truncation, FRAME_BYTES_MAX};
 use redo_core::page::PageImage;
 use redo_core::volume::Volume;
+use redo_core::wire::{encode_append, ErrorCode, Message, SegmentPosition, Truncation, FRAME_BYTES_MAX};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use thiserror::Error;
 
@@ -286,7 +286,14 @@ impl NodeLink {
         }
     }
 
-    pub async fn status_on(&self, conn: &StorageConn, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Result<SegmentStatus, ClientError> {
+    pub async fn status_on(
+        &self,
+        conn: &StorageConn,
+        epoch: Epoch,
+        pg: PgId,
+        truncate_above: Option<Lsn>,
+        history: Vec<Truncation>,
+    ) -> Result<SegmentStatus, ClientError> {
         tokio::time::timeout(REQUEST_TIMEOUT, conn.status_truncating(epoch, pg, truncate_above, history))
             .await
             .map_err(|_| ClientError::Unexpected(format!("no status reply in {REQUEST_TIMEOUT:?}")))?
@@ -320,7 +327,13 @@ pub struct PageUnavailable {
 
 /// GetPage@`lsn` of `pg` from the first of `links` that answers, each given its
 /// own time, among segments that recorded the truncation of the writer at `epoch`.
-pub async fn get_page_from(links: impl IntoIterator<Item = (&NodeLink, Duration)>, epoch: Epoch, pg: PgId, page: PageId, lsn: Lsn) -> Result<PageImage, PageUnavailable> {
+pub async fn get_page_from(
+    links: impl IntoIterator<Item = (&NodeLink, Duration)>,
+    epoch: Epoch,
+    pg: PgId,
+    page: PageId,
+    lsn: Lsn,
+) -> Result<PageImage, PageUnavailable> {
     let mut errors = Vec::new();
     for (link, wait) in links {
         let r = async {

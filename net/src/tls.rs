@@ -51,9 +51,8 @@ impl TlsIdentity {
     }
 
     pub fn server_config(&self) -> Result<quinn::ServerConfig> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider())
-            .build()
-            .context("build client certificate verifier")?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots.clone(), Self::provider()).build().context("build client certificate verifier")?;
         let mut tls = rustls::ServerConfig::builder_with_provider(Self::provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3")?
@@ -117,9 +116,8 @@ fn set_buffer(socket: &std::net::UdpSocket, force: libc::c_int, plain: libc::c_i
     let size = UDP_BUFFER_BYTES;
     for opt in [force, plain] {
         // SAFETY: setsockopt with a pointer to a live c_int of the given size.
-        let rc = unsafe {
-            libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of_val(&size) as u32)
-        };
+        let rc =
+            unsafe { libc::setsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, opt, (&size as *const libc::c_int).cast(), std::mem::size_of_val(&size) as u32) };
         // SO_*BUFFORCE needs CAP_NET_ADMIN; without it the plain option is capped at net.core.*mem_max.
         if rc == 0 {
             return;
@@ -175,9 +173,5 @@ where
 }
 
 pub async fn connect(endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<quinn::Connection> {
-    endpoint
-        .connect(addr, SERVER_NAME)
-        .with_context(|| format!("connect to {addr}"))?
-        .await
-        .with_context(|| format!("QUIC/TLS handshake with {addr}"))
+    endpoint.connect(addr, SERVER_NAME).with_context(|| format!("connect to {addr}"))?.await.with_context(|| format!("QUIC/TLS handshake with {addr}"))
 }

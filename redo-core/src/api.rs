@@ -116,10 +116,18 @@ pub struct Progress {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Response {
     /// The transaction is durable (VDL >= `commit_lsn`).
-    Committed { commit_lsn: Lsn },
+    Committed {
+        commit_lsn: Lsn,
+    },
     /// The key's value as of `read_lsn`, which is durable.
-    Value { read_lsn: Lsn, value: Option<Vec<u8>> },
-    Error { code: ApiErrorCode, message: String },
+    Value {
+        read_lsn: Lsn,
+        value: Option<Vec<u8>>,
+    },
+    Error {
+        code: ApiErrorCode,
+        message: String,
+    },
     Progress(Progress),
     RoleIs(Role),
     Promoted(Promoted),
@@ -305,7 +313,13 @@ impl Response {
                 p.pgcl.iter().for_each(|l| put_u64(out, l.0));
             }),
             Response::RoleIs(r) => frame(out, KIND_ROLE_IS, id, |out| {
-                out.push(if r.writer { 1 } else if r.promoting { 2 } else { 0 });
+                out.push(if r.writer {
+                    1
+                } else if r.promoting {
+                    2
+                } else {
+                    0
+                });
                 put_u64(out, r.epoch.0);
                 put_u64(out, r.vdl.0);
                 put_u32(out, r.priority);
@@ -341,8 +355,8 @@ impl Response {
                 let code = ApiErrorCode::from_u8(r.u8()?, r.pos())?;
                 let n = r.len("error message length", MESSAGE_BYTES_MAX)?;
                 let at = r.pos();
-                let message = String::from_utf8(r.bytes(n)?.to_vec())
-                    .map_err(|_| DecodeError::Invalid { what: "error message utf-8", offset: at, value: n as u64 })?;
+                let message =
+                    String::from_utf8(r.bytes(n)?.to_vec()).map_err(|_| DecodeError::Invalid { what: "error message utf-8", offset: at, value: n as u64 })?;
                 Response::Error { code, message }
             }
             KIND_PROGRESS => {

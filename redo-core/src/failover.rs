@@ -113,7 +113,8 @@ mod tests {
 
     #[test]
     fn failover_promotes_the_best_silent_replica_unless_a_writer_answers() {
-        let replica = |vdl: u64, priority: u32, silent_ms: u64| Role { vdl: Lsn(vdl), priority, writer_silent_ms: silent_ms, epoch: Epoch(5), ..Role::default() };
+        let replica =
+            |vdl: u64, priority: u32, silent_ms: u64| Role { vdl: Lsn(vdl), priority, writer_silent_ms: silent_ms, epoch: Epoch(5), ..Role::default() };
         let mine = replica(10, 0, 400);
         assert_eq!(failover(2, &mine, &[], 300), Failover::Promote, "alone");
         assert_eq!(failover(2, &mine, &[(3, replica(9, 9, 400))], 300), Failover::Promote, "a peer with a lower read point");

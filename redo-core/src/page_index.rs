@@ -185,11 +185,7 @@ impl PageIndex {
 
     /// Pages (not broken) with records above their newest image, at or below `upto`.
     pub fn dirty_pages(&self, upto: Lsn) -> Vec<PageId> {
-        self.pages
-            .iter()
-            .filter(|(_, e)| e.broken.is_none() && e.records_in(e.newest_image(), upto).next().is_some())
-            .map(|(&p, _)| p)
-            .collect()
+        self.pages.iter().filter(|(_, e)| e.broken.is_none() && e.records_in(e.newest_image(), upto).next().is_some()).map(|(&p, _)| p).collect()
     }
 
     /// Pages that passed `coalesce_records` records since their newest image
@@ -241,10 +237,11 @@ pub fn image_entry_len(header: &[u8; IMAGE_ENTRY_HEADER_BYTES], offset: usize) -
 
 /// Decodes a whole page-file entry (header and image), checking its CRC.
 pub fn decode_image_entry(entry: &[u8], offset: usize) -> Result<PageImage, DecodeError> {
-    let header: &[u8; IMAGE_ENTRY_HEADER_BYTES] = entry
-        .get(..IMAGE_ENTRY_HEADER_BYTES)
-        .and_then(|h| h.try_into().ok())
-        .ok_or(DecodeError::Truncated { offset, needed: IMAGE_ENTRY_HEADER_BYTES, available: entry.len() })?;
+    let header: &[u8; IMAGE_ENTRY_HEADER_BYTES] = entry.get(..IMAGE_ENTRY_HEADER_BYTES).and_then(|h| h.try_into().ok()).ok_or(DecodeError::Truncated {
+        offset,
+        needed: IMAGE_ENTRY_HEADER_BYTES,
+        available: entry.len(),
+    })?;
     let len = image_entry_len(header, offset)?;
     let body = &entry[IMAGE_ENTRY_HEADER_BYTES..];
     if body.len() != len {

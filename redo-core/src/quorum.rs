@@ -53,10 +53,7 @@ impl VolumeDurability {
     /// group's last record at or below it: its segments' SCL, and its PGCL
     /// (not `vdl`: a replica waits for a PG's segments to reach its PGCL).
     pub fn new(vdl: Lsn, pg_last: &[Lsn]) -> Self {
-        let pgs = pg_last
-            .iter()
-            .map(|&last| PgState { scl: [last; SEGMENTS_PER_PG], pgcl: last, incomplete: VecDeque::new() })
-            .collect();
+        let pgs = pg_last.iter().map(|&last| PgState { scl: [last; SEGMENTS_PER_PG], pgcl: last, incomplete: VecDeque::new() }).collect();
         VolumeDurability { pgs, cpls: BTreeSet::new(), last_allocated: vdl, vcl: vdl, vdl }
     }
 

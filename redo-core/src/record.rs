@@ -252,14 +252,8 @@ mod tests {
 
     pub(crate) fn sample(lsn: u64, prev: u64, payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        RecordHeader {
-            lsn: Lsn(lsn),
-            prev_lsn_in_segment: Lsn(prev),
-            prev_lsn_for_page: Lsn(prev),
-            page: PageId(lsn % 7),
-            cpl: lsn.is_multiple_of(2),
-        }
-        .encode(payload, &mut out);
+        RecordHeader { lsn: Lsn(lsn), prev_lsn_in_segment: Lsn(prev), prev_lsn_for_page: Lsn(prev), page: PageId(lsn % 7), cpl: lsn.is_multiple_of(2) }
+            .encode(payload, &mut out);
         out
     }
 

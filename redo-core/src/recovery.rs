@@ -100,11 +100,7 @@ pub fn plan(answers: &[Vec<Answer>], known_cpl: Lsn) -> Result<Plan, RecoveryErr
     let window = if floor > known_cpl { Lsn(floor.0.saturating_sub(crate::api::TXN_OPS_MAX as u64)).max(known_cpl) } else { known_cpl };
     // Also what the answering segments that lag lack, unless that is far more than
     // recovery should wait for (those are filled by gossip from their peers).
-    let from = complete
-        .iter()
-        .zip(&lowest)
-        .map(|(&c, &low)| if c.0 - low.0 <= RESEND_LSNS_MAX { window.min(low) } else { window }.min(c))
-        .collect();
+    let from = complete.iter().zip(&lowest).map(|(&c, &low)| if c.0 - low.0 <= RESEND_LSNS_MAX { window.min(low) } else { window }.min(c)).collect();
     Ok(Plan { complete, source, from, upto, known_cpl, start })
 }
 

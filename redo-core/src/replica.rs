@@ -647,12 +647,7 @@ impl ReplicaCore {
     /// Applies every pending record up to the highest CPL that all PGs hold and VDL covers.
     fn apply(&mut self) -> Option<Lsn> {
         let frontier = self.frontier();
-        let to = self
-            .pgs
-            .iter()
-            .filter_map(|p| p.pending.iter().take_while(|r| r.lsn <= frontier).filter(|r| r.cpl).last())
-            .map(|r| r.lsn)
-            .max()?;
+        let to = self.pgs.iter().filter_map(|p| p.pending.iter().take_while(|r| r.lsn <= frontier).filter(|r| r.cpl).last()).map(|r| r.lsn).max()?;
         for pg in 0..self.pgs.len() {
             while self.pgs[pg].pending.front().is_some_and(|r| r.lsn <= to) {
                 let rec = self.pgs[pg].pending.pop_front().expect("front exists");
@@ -1090,9 +1085,7 @@ mod tests {
         let t: Vec<Lsn> = a.iter().map(|k| log.txn(&[(k, b"v")])).collect();
         let mut r = replica(4 << 20);
         r.on_progress(t[39], &[t[39], Lsn::ZERO]);
-        let answer = |r: &mut ReplicaCore, plan: &PullPlan, last: Lsn| {
-            r.on_pulled(0, plan, pos(0, plan.upto, Lsn::ZERO), last, log.pull(0, plan.after, last))
-        };
+        let answer = |r: &mut ReplicaCore, plan: &PullPlan, last: Lsn| r.on_pulled(0, plan, pos(0, plan.upto, Lsn::ZERO), last, log.pull(0, plan.after, last));
         pg_at(&mut r, 0, t[9], Lsn::ZERO);
         let first = r.plan_pull(PgId(0)).unwrap();
         pg_at(&mut r, 0, t[19], Lsn::ZERO);
@@ -1121,7 +1114,8 @@ mod tests {
     fn a_replica_started_far_behind_moves_up_to_the_writers_vdl() {
         // Storage alone says LSN 10 is durable (an idle PG holds it back); the writer's
         // VDL is 5000: the replica starts pulling near 5000, not from 0.
-        let mut r = ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: 1 << 20, cache_pages_max: 4 }, Start { durable: Lsn(10), bounds: vec![Lsn(10); 2] });
+        let mut r =
+            ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: 1 << 20, cache_pages_max: 4 }, Start { durable: Lsn(10), bounds: vec![Lsn(10); 2] });
         assert_eq!(r.read_point(), None, "no read point before a CPL");
         pg_at(&mut r, 0, Lsn(5000), Lsn::ZERO);
         r.on_progress(Lsn(5000), &[Lsn(5000), Lsn(10)]);

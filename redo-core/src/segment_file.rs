@@ -61,12 +61,7 @@ pub enum ScanStop {
 /// Scans records from `buf`, which sits at file offset `base`, continuing the
 /// backlink chain after `last_lsn`. Calls `on_record(record, file_offset)` for
 /// each valid record and returns the bytes consumed and why it stopped.
-pub fn scan_records<'a>(
-    buf: &'a [u8],
-    base: u64,
-    last_lsn: &mut Lsn,
-    mut on_record: impl FnMut(RecordRef<'a>, u64),
-) -> (usize, ScanStop) {
+pub fn scan_records<'a>(buf: &'a [u8], base: u64, last_lsn: &mut Lsn, mut on_record: impl FnMut(RecordRef<'a>, u64)) -> (usize, ScanStop) {
     let mut pos = 0;
     loop {
         let rest = &buf[pos..];
@@ -83,12 +78,7 @@ pub fn scan_records<'a>(
             Err(e) => return (pos, ScanStop::Corrupt { offset, reason: e.to_string() }),
         };
         if rec.prev_lsn_in_segment() != *last_lsn {
-            let reason = format!(
-                "broken backlink: record {} links to {}, previous record is {}",
-                rec.lsn(),
-                rec.prev_lsn_in_segment(),
-                last_lsn
-            );
+            let reason = format!("broken backlink: record {} links to {}, previous record is {}", rec.lsn(), rec.prev_lsn_in_segment(), last_lsn);
             return (pos, ScanStop::Corrupt { offset, reason });
         }
         *last_lsn = rec.lsn();

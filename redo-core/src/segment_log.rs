@@ -621,7 +621,8 @@ impl SegmentLog {
             // Overlaps the chain's end: keep the part after SCL, which links to it.
             let cut = TrustedRecords::new(&f.bytes).find(|(r, _)| r.lsn() > self.scl).map(|(_, r)| r.start).expect("last_lsn > scl");
             let skipped = TrustedRecords::new(&f.bytes[..cut]).count() as u32;
-            let rest = Fragment { offset: 0, first_lsn: Lsn::ZERO, prev: self.scl, last_lsn: f.last_lsn, records: f.records - skipped, bytes: f.bytes.slice(cut..) };
+            let rest =
+                Fragment { offset: 0, first_lsn: Lsn::ZERO, prev: self.scl, last_lsn: f.last_lsn, records: f.records - skipped, bytes: f.bytes.slice(cut..) };
             let first_lsn = TrustedRecords::new(&rest.bytes).next().expect("non-empty").0.lsn();
             let n = rest.records;
             self.push_complete(Fragment { first_lsn, bytes: own(rest.bytes, batch_bytes), ..rest });
@@ -886,8 +887,7 @@ mod tests {
     fn batch(recs: &[(u64, u64)]) -> ValidRecords {
         let mut out = Vec::new();
         for &(lsn, prev) in recs {
-            RecordHeader { lsn: Lsn(lsn), prev_lsn_in_segment: Lsn(prev), prev_lsn_for_page: Lsn::ZERO, page: PageId(0), cpl: true }
-                .encode(&[7; 9], &mut out);
+            RecordHeader { lsn: Lsn(lsn), prev_lsn_in_segment: Lsn(prev), prev_lsn_for_page: Lsn::ZERO, page: PageId(0), cpl: true }.encode(&[7; 9], &mut out);
         }
         ValidRecords::validate(Bytes::from(out), 0).unwrap().expect("non-empty batch")
     }
@@ -1350,11 +1350,17 @@ mod tests {
             pages.note_record(r.header().page, Located { lsn: r.lsn(), offset: at, len: r.as_bytes().len() as u32 })
         });
         log.install_page_index(pages);
-        let lsns: Vec<Lsn> = log.page_read(PageId(2), Lsn(100)).unwrap().parts.iter().map(|p| match p {
-            PagePart::Memory(b) => lsns_of(std::slice::from_ref(b))[0],
-            PagePart::Disk(at) => at.lsn,
-            PagePart::Scan(_) => panic!("indexed"),
-        }).collect();
+        let lsns: Vec<Lsn> = log
+            .page_read(PageId(2), Lsn(100))
+            .unwrap()
+            .parts
+            .iter()
+            .map(|p| match p {
+                PagePart::Memory(b) => lsns_of(std::slice::from_ref(b))[0],
+                PagePart::Disk(at) => at.lsn,
+                PagePart::Scan(_) => panic!("indexed"),
+            })
+            .collect();
         assert_eq!(lsns, vec![Lsn(2), Lsn(5), Lsn(8)]);
         assert_eq!(log.page_read(PageId(0), Lsn(100)).unwrap().parts.len(), 2, "3 and 6, not 9");
     }
@@ -1366,9 +1372,17 @@ mod tests {
         #[derive(Debug, Clone)]
         enum Op {
             /// Records chain[from..to] keeping those whose bit in `mask` is set (a subset: holes).
-            Append { from: usize, to: usize, mask: u64 },
+            Append {
+                from: usize,
+                to: usize,
+                mask: u64,
+            },
             Flush,
-            Read { after: usize, upto: usize, bytes_max: usize },
+            Read {
+                after: usize,
+                upto: usize,
+                bytes_max: usize,
+            },
         }
 
         fn op(n: usize) -> impl Strategy<Value = Op> {

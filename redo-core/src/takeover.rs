@@ -159,14 +159,28 @@ enum Step {
     Look,
     Claim,
     /// The claim split the segments with another candidate: look again at `until`.
-    Pause { until: Duration, why: String },
+    Pause {
+        until: Duration,
+        why: String,
+    },
     /// After the pause: a rival holding a write quorum wins; otherwise claim again.
-    Relook { why: String },
-    Offer { pending: usize },
+    Relook {
+        why: String,
+    },
+    Offer {
+        pending: usize,
+    },
     /// The claim again after the offer, for the positions it moved.
     Reclaim,
-    Pull { plan: Plan, answers: Vec<Vec<Answer>>, pulled: Vec<Option<Vec<Bytes>>> },
-    Truncate { decision: Decision, history: Vec<Truncation> },
+    Pull {
+        plan: Plan,
+        answers: Vec<Vec<Answer>>,
+        pulled: Vec<Option<Vec<Bytes>>>,
+    },
+    Truncate {
+        decision: Decision,
+        history: Vec<Truncation>,
+    },
     Done,
 }
 
@@ -259,7 +273,12 @@ impl Takeover {
         }
         let refused = |pg: usize| r.refused[pg].iter().filter(|&&x| x).count();
         if let Some(pg) = (0..self.pgs).find(|&pg| refused(pg) > SEGMENTS_PER_PG - WRITE_QUORUM) {
-            let why = format!("{} refused by {} of pg{pg}'s {SEGMENTS_PER_PG} segments, out of a write quorum's reach: {}", r.epoch, refused(pg), r.errors.join("; "));
+            let why = format!(
+                "{} refused by {} of pg{pg}'s {SEGMENTS_PER_PG} segments, out of a write quorum's reach: {}",
+                r.epoch,
+                refused(pg),
+                r.errors.join("; ")
+            );
             return self.round_done(Err(TakeoverError::Lost(why)), now);
         }
         if r.quorate() {
@@ -310,7 +329,8 @@ impl Takeover {
             return self.round_done(Ok(()), now);
         }
         if !r.quorate() && now >= self.deadline {
-            let short: Vec<String> = (0..self.pgs).filter(|&pg| r.answered(pg) < WRITE_QUORUM).map(|pg| format!("pg{pg}: {} of {SEGMENTS_PER_PG}", r.answered(pg))).collect();
+            let short: Vec<String> =
+                (0..self.pgs).filter(|&pg| r.answered(pg) < WRITE_QUORUM).map(|pg| format!("pg{pg}: {} of {SEGMENTS_PER_PG}", r.answered(pg))).collect();
             let errors = r.errors.iter().rev().take(2 * SEGMENTS_PER_PG).cloned().collect::<Vec<_>>().join("; ");
             return self.finish(Err(TakeoverError::NoQuorum { short: short.join(", "), errors }));
         }
@@ -418,7 +438,12 @@ impl Takeover {
             .into_iter()
             .map(|pg| {
                 pg.into_iter()
-                    .map(|(segment, st)| Answer { segment, epoch: st.truncations.last().map_or(Epoch(0), |t| t.epoch), scl: st.position.scl, truncations: st.truncations })
+                    .map(|(segment, st)| Answer {
+                        segment,
+                        epoch: st.truncations.last().map_or(Epoch(0), |t| t.epoch),
+                        scl: st.position.scl,
+                        truncations: st.truncations,
+                    })
                     .collect()
             })
             .collect();

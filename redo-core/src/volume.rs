@@ -136,10 +136,7 @@ impl Volume {
                 *per_az.entry(az).or_default() += 1;
             }
             if per_az.len() != AZ_COUNT || per_az.values().any(|&c| c != SEGMENTS_PER_PG / AZ_COUNT) {
-                return Err(placement(format!(
-                    "segments per AZ are {per_az:?}; need {} in each of {AZ_COUNT} AZs",
-                    SEGMENTS_PER_PG / AZ_COUNT
-                )));
+                return Err(placement(format!("segments per AZ are {per_az:?}; need {} in each of {AZ_COUNT} AZs", SEGMENTS_PER_PG / AZ_COUNT)));
             }
         }
         if expected != self.page_count {

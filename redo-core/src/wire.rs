@@ -84,25 +84,47 @@ pub struct Truncation {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Writer → storage: records for one segment, already CRC-checked and in LSN order.
-    Append { epoch: Epoch, pg: PgId, records: ValidRecords },
+    Append {
+        epoch: Epoch,
+        pg: PgId,
+        records: ValidRecords,
+    },
     /// Storage → writer: the append at the same position on the stream is in memory
     /// (or on disk with `ack = disk`).
-    Ack { position: SegmentPosition, batch_last_lsn: Lsn },
+    Ack {
+        position: SegmentPosition,
+        batch_last_lsn: Lsn,
+    },
     /// Reader → storage: records with `after < lsn <= upto`, at most about `bytes_max`.
     /// A nonzero `epoch` asks only a segment that recorded that epoch's truncation
     /// (else `Behind`): a segment that missed a recovery may still hold the old
     /// writer's records above the new VDL.
-    Pull { pg: PgId, after: Lsn, upto: Lsn, bytes_max: u32, epoch: Epoch },
+    Pull {
+        pg: PgId,
+        after: Lsn,
+        upto: Lsn,
+        bytes_max: u32,
+        epoch: Epoch,
+    },
     /// Storage → reader: a prefix of the requested range. The segment holds no records in
     /// `(after, last_lsn]` beyond those included (`last_lsn` is `upto` clamped to SCL when
     /// all fit, else the last record included). Ask again from `last_lsn` for more.
-    PullReply { position: SegmentPosition, last_lsn: Lsn, records: Bytes },
+    PullReply {
+        position: SegmentPosition,
+        last_lsn: Lsn,
+        records: Bytes,
+    },
     /// Subscriber → storage: push me these segments' positions when their flushed LSN
     /// advances, and with `every_scl` when their SCL does too (a replica wants that from a
     /// couple of segments per PG, to pull ahead of VDL; from the rest the flushes suffice).
-    Subscribe { pgs: Vec<PgId>, every_scl: bool },
+    Subscribe {
+        pgs: Vec<PgId>,
+        every_scl: bool,
+    },
     /// Storage → subscriber: a segment's SCL or flushed LSN advanced.
-    Notify { position: SegmentPosition },
+    Notify {
+        position: SegmentPosition,
+    },
     /// Reader → storage: stream me `pg`'s records after `after` as they arrive (a
     /// long-lived pull): the node sends `PullReply` frames, each going on where the
     /// last ended, while it has sent fewer than `credit` bytes (and at least one
@@ -110,10 +132,20 @@ pub enum Message {
     /// more. A nonzero `epoch` asks only a segment that recorded that epoch's
     /// truncation, as `Pull`; the node ends the stream with `Behind` when it
     /// truncates its log.
-    StreamLog { pg: PgId, after: Lsn, credit: u32, epoch: Epoch },
+    StreamLog {
+        pg: PgId,
+        after: Lsn,
+        credit: u32,
+        epoch: Epoch,
+    },
     /// Reader → storage, on a log stream: `bytes` more may be sent.
-    Credit { bytes: u32 },
-    Error { code: ErrorCode, message: String },
+    Credit {
+        bytes: u32,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     /// Writer → storage: report the segment's epoch and position. A nonzero
     /// `epoch` is a claim: granted (and recorded durably) if it is the segment's
     /// epoch or of a newer generation (`Epoch::grant`), else refused with
@@ -122,15 +154,32 @@ pub enum Message {
     /// `history` are the older truncations the claimant knows of: one the segment
     /// missed cuts it lower (its records above that point are an older writer's
     /// discarded tail) and is recorded too.
-    Status { epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation> },
+    Status {
+        epoch: Epoch,
+        pg: PgId,
+        truncate_above: Option<Lsn>,
+        history: Vec<Truncation>,
+    },
     /// Storage → writer: the segment's epoch (after any claim), position, and
     /// the truncations it recorded, oldest first (at most `TRUNCATIONS_MAX`).
-    StatusReply { epoch: Epoch, position: SegmentPosition, truncations: Vec<Truncation> },
+    StatusReply {
+        epoch: Epoch,
+        position: SegmentPosition,
+        truncations: Vec<Truncation>,
+    },
     /// Reader → storage: page `page` as of `lsn` (GetPage@LSN). Needs the segment's SCL >= `lsn`.
     /// A nonzero `epoch` asks only a segment that recorded that epoch's truncation (as `Pull`).
-    GetPage { pg: PgId, page: PageId, lsn: Lsn, epoch: Epoch },
+    GetPage {
+        pg: PgId,
+        page: PageId,
+        lsn: Lsn,
+        epoch: Epoch,
+    },
     /// Storage → reader: an encoded `page::PageImage` holding every record of the page up to `lsn`.
-    PageReply { position: SegmentPosition, image: Bytes },
+    PageReply {
+        position: SegmentPosition,
+        image: Bytes,
+    },
 }
 
 const KIND_APPEND: u8 = 1;
@@ -300,8 +349,7 @@ impl Message {
                 let epoch = Epoch(r.u64()?);
                 let pg = PgId(r.u32()?);
                 let at = r.pos();
-                let records = ValidRecords::validate(body.slice(at..), at)?
-                    .ok_or(DecodeError::Invalid { what: "empty append", offset: at, value: 0 })?;
+                let records = ValidRecords::validate(body.slice(at..), at)?.ok_or(DecodeError::Invalid { what: "empty append", offset: at, value: 0 })?;
                 r.bytes(r.remaining())?;
                 Message::Append { epoch, pg, records }
             }
@@ -341,8 +389,8 @@ impl Message {
                 let code = ErrorCode::from_u8(r.u8()?, r.pos())?;
                 let n = r.len("error message length", ERROR_MESSAGE_BYTES_MAX)?;
                 let at = r.pos();
-                let message = String::from_utf8(r.bytes(n)?.to_vec())
-                    .map_err(|_| DecodeError::Invalid { what: "error message utf-8", offset: at, value: n as u64 })?;
+                let message =
+                    String::from_utf8(r.bytes(n)?.to_vec()).map_err(|_| DecodeError::Invalid { what: "error message utf-8", offset: at, value: n as u64 })?;
                 Message::Error { code, message }
             }
             KIND_STATUS => {

@@ -246,11 +246,8 @@ impl WriterCore {
                 (page, self.volume.pg_of(page))
             })
             .collect();
-        let mut missing: Vec<(PgId, PageId, Lsn)> = placed
-            .iter()
-            .filter(|(page, _)| self.known_lsn(*page).is_none())
-            .map(|&(page, pg)| (pg, page, self.recovered.pg_last[pg.0 as usize]))
-            .collect();
+        let mut missing: Vec<(PgId, PageId, Lsn)> =
+            placed.iter().filter(|(page, _)| self.known_lsn(*page).is_none()).map(|&(page, pg)| (pg, page, self.recovered.pg_last[pg.0 as usize])).collect();
         if !missing.is_empty() {
             missing.sort();
             missing.dedup();
@@ -275,8 +272,7 @@ impl WriterCore {
             payload.clear();
             op.encode(&mut payload);
             log.pending.reserve(RECORD_OVERHEAD_BYTES + payload.len());
-            RecordHeader { lsn, prev_lsn_in_segment: log.last_lsn, prev_lsn_for_page: prev_for_page, page, cpl }
-                .encode(&payload, &mut log.pending);
+            RecordHeader { lsn, prev_lsn_in_segment: log.last_lsn, prev_lsn_for_page: prev_for_page, page, cpl }.encode(&payload, &mut log.pending);
             log.last_lsn = lsn;
             self.durability.allocate(pg, lsn, cpl);
             if let Some(img) = self.images.get_mut(&page) {
@@ -556,8 +552,7 @@ mod tests {
         for l in 6..=8u64 {
             let mut payload = Vec::new();
             put(&format!("k{l}"), "v").encode(&mut payload);
-            RecordHeader { lsn: Lsn(l), prev_lsn_in_segment: Lsn(l - 1), prev_lsn_for_page: Lsn::ZERO, page: PageId(1), cpl: true }
-                .encode(&payload, &mut tail);
+            RecordHeader { lsn: Lsn(l), prev_lsn_in_segment: Lsn(l - 1), prev_lsn_for_page: Lsn::ZERO, page: PageId(1), cpl: true }.encode(&payload, &mut tail);
         }
         let recovered = Recovered { vdl: Lsn(8), pg_last: vec![Lsn(8)], tails: vec![(Lsn(5), vec![Bytes::from(tail)])] };
         let mut w = WriterCore::new(volume(1), config(), recovered);

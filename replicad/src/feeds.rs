@@ -62,11 +62,8 @@ pub async fn start(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) 
             return Ok((start, positions));
         }
         if Instant::now() > deadline {
-            let short: Vec<String> = scls
-                .iter()
-                .enumerate()
-                .map(|(pg, s)| format!("pg{pg}: {} of {SEGMENTS_PER_PG} answered", s.iter().flatten().count()))
-                .collect();
+            let short: Vec<String> =
+                scls.iter().enumerate().map(|(pg, s)| format!("pg{pg}: {} of {SEGMENTS_PER_PG} answered", s.iter().flatten().count())).collect();
             bail!("no write quorum of segments answered within {timeout:?} ({})", short.join(", "));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -140,7 +137,8 @@ pub async fn writer_feed(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, vol
             connected = false;
         }
         let known = replica.writer().map(|h| h.epoch).unwrap_or_default();
-        let newest = crate::promote::roles_of(&endpoint, &candidates).await.into_iter().filter(|(_, r)| r.writer && r.epoch >= known).max_by_key(|(_, r)| r.epoch);
+        let newest =
+            crate::promote::roles_of(&endpoint, &candidates).await.into_iter().filter(|(_, r)| r.writer && r.epoch >= known).max_by_key(|(_, r)| r.epoch);
         match newest {
             Some((addr, _)) if addr != writer => {
                 tracing::info!(from = %writer, to = %addr, "the writer moved");

@@ -61,14 +61,35 @@ impl Promoter {
         timeout: Duration,
         priority: u32,
     ) -> Self {
-        Promoter { replica, volume, links, tuning, cache_pages_max, request_bytes_max, timeout, priority, writer: OnceLock::new(), promoted: Default::default(), done: Default::default(), promoting: Default::default(), replica_tasks: Default::default() }
+        Promoter {
+            replica,
+            volume,
+            links,
+            tuning,
+            cache_pages_max,
+            request_bytes_max,
+            timeout,
+            priority,
+            writer: OnceLock::new(),
+            promoted: Default::default(),
+            done: Default::default(),
+            promoting: Default::default(),
+            replica_tasks: Default::default(),
+        }
     }
 
     /// What this server is, for `Role`.
     pub fn role(&self) -> Role {
         if let Some(api) = self.writer.get() {
             let g = api.writer.lock();
-            return Role { writer: api.writer.is_fenced().is_none(), promoting: false, epoch: g.core.epoch(), vdl: g.core.vdl(), priority: self.priority, writer_silent_ms: 0 };
+            return Role {
+                writer: api.writer.is_fenced().is_none(),
+                promoting: false,
+                epoch: g.core.epoch(),
+                vdl: g.core.vdl(),
+                priority: self.priority,
+                writer_silent_ms: 0,
+            };
         }
         let heard = self.replica.writer();
         Role {

@@ -109,9 +109,7 @@ async fn replica_reads_never_pass_vdl_nor_show_half_a_transaction() {
     // there (reads go on with three of six segments), and no further.
     let mut applied = ReadPoint::follow(&rc).await;
     let started = Instant::now();
-    applied
-        .wait_for(frozen, FROZEN_CATCH_UP_TIMEOUT, || format!("the replica did not reach VDL with three of six nodes frozen{}", diagnose(&replica)))
-        .await;
+    applied.wait_for(frozen, FROZEN_CATCH_UP_TIMEOUT, || format!("the replica did not reach VDL with three of six nodes frozen{}", diagnose(&replica))).await;
     eprintln!("with three nodes frozen the replica reached VDL {frozen} in {:?}", started.elapsed());
     for k in probe_keys.iter().chain(&(0..ACCOUNTS).map(|a| account_key(0, a)).collect::<Vec<_>>()) {
         let (at, v) = tokio::time::timeout(REPLY_TIMEOUT, rc.get(k)).await.expect("replica read in time").expect("replica read");

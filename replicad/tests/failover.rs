@@ -99,7 +99,8 @@ async fn two_replicas_promoted_at_once_end_with_one_writer() {
     let writer = c.client(winner.addr).await;
     let lsn = writer.put(b"after-race", b"v").await.expect("the winner commits");
     let other_client = c.client(loser.addr).await;
-    let (_, v) = tokio::time::timeout(REPLY_TIMEOUT, other_client.get_at(b"after-race", lsn)).await.expect("read in time").expect("the loser reads the winner's commit");
+    let (_, v) =
+        tokio::time::timeout(REPLY_TIMEOUT, other_client.get_at(b"after-race", lsn)).await.expect("read in time").expect("the loser reads the winner's commit");
     assert_eq!(v.as_deref(), Some(&b"v"[..]));
     assert!(other_client.put(b"to-the-loser", b"v").await.is_err(), "the loser takes no writes");
     check_after_failover(&c, &writer, loser, &acked).await;

@@ -149,16 +149,45 @@ impl std::ops::AddAssign for Stats {
 
 #[derive(Clone)]
 enum Msg {
-    Append { pg: usize, seg: usize, session: u64, frame: Bytes },
-    Ack { seg: usize, session: u64, position: SegmentPosition },
+    Append {
+        pg: usize,
+        seg: usize,
+        session: u64,
+        frame: Bytes,
+    },
+    Ack {
+        seg: usize,
+        session: u64,
+        position: SegmentPosition,
+    },
     /// The writer's progress feed (`Follow`) to replica `to`.
     /// `truncated_above`: the VDL the writer recovered (where storage cut its epoch's log).
-    Progress { to: usize, epoch: Epoch, truncated_above: Lsn, vdl: Lsn, pgcl: Vec<Lsn> },
+    Progress {
+        to: usize,
+        epoch: Epoch,
+        truncated_above: Lsn,
+        vdl: Lsn,
+        pgcl: Vec<Lsn>,
+    },
     /// A segment's position notification to replica `to`.
-    Position { to: usize, seg: usize, position: SegmentPosition },
+    Position {
+        to: usize,
+        seg: usize,
+        position: SegmentPosition,
+    },
     /// A replica's request to one segment, and the segment's answer.
-    Ask { from: usize, seg: usize, id: u64, ask: replica::Ask },
-    Answer { to: usize, seg: usize, id: u64, answer: replica::Answer },
+    Ask {
+        from: usize,
+        seg: usize,
+        id: u64,
+        ask: replica::Ask,
+    },
+    Answer {
+        to: usize,
+        seg: usize,
+        id: u64,
+        answer: replica::Answer,
+    },
 }
 
 /// A storage node's segment: its log and what survives a crash.
@@ -254,9 +283,7 @@ pub struct Sim {
 
 impl Sim {
     pub fn new(seed: u64, pgs: usize) -> Self {
-        let nodes = (0..SEGMENTS_PER_PG as u32)
-            .map(|i| NodeSpec { id: i, az: ["a", "b", "c"][i as usize / 2].into(), addr: format!("node{i}") })
-            .collect();
+        let nodes = (0..SEGMENTS_PER_PG as u32).map(|i| NodeSpec { id: i, az: ["a", "b", "c"][i as usize / 2].into(), addr: format!("node{i}") }).collect();
         let volume = Volume::local("writer".into(), nodes, pgs as u32, PAGE_COUNT).expect("a valid layout");
         let config = WriterConfig {
             epoch: Epoch(1),
@@ -284,9 +311,7 @@ impl Sim {
                     .collect()
             })
             .collect();
-        let senders = (0..pgs)
-            .map(|_| (0..SEGMENTS_PER_PG).map(|_| Sender { session: 0, at: None, acked: Lsn::ZERO, progress_at: 0 }).collect())
-            .collect();
+        let senders = (0..pgs).map(|_| (0..SEGMENTS_PER_PG).map(|_| Sender { session: 0, at: None, acked: Lsn::ZERO, progress_at: 0 }).collect()).collect();
         Sim {
             rng: Rng::new(seed),
             stream_rng: Rng::new(seed ^ 0x5eed_5eed_5eed_5eed),
@@ -346,8 +371,9 @@ impl Sim {
         if !self.writer_up {
             return;
         }
-        let ops: Vec<PageOp> =
-            (0..1 + self.rng.below(TXN_PUTS_MAX)).map(|_| PageOp::Put { key: key(self.rng.below(KEYS)), value: self.rng.next_u64().to_le_bytes().to_vec() }).collect();
+        let ops: Vec<PageOp> = (0..1 + self.rng.below(TXN_PUTS_MAX))
+            .map(|_| PageOp::Put { key: key(self.rng.below(KEYS)), value: self.rng.next_u64().to_le_bytes().to_vec() })
+            .collect();
         let mut admit = self.writer.submit(&ops);
         if let Admit::NeedPages(pages) = &admit {
             // A recovered writer knows no page: GetPage@LSN each, as writerd does.
@@ -391,9 +417,7 @@ impl Sim {
                     if s.down_until > self.now {
                         continue;
                     }
-                    let Ok(Message::Append { epoch, records, .. }) = Message::decode(frame.slice(4..)) else {
-                        panic!("the writer sends valid Append frames")
-                    };
+                    let Ok(Message::Append { epoch, records, .. }) = Message::decode(frame.slice(4..)) else { panic!("the writer sends valid Append frames") };
                     let out = match s.log.handle_append(epoch, &records) {
                         Ok(out) => out,
                         // A dead writer's frame reaching a segment a newer writer (or claimant) claimed.
@@ -624,5 +648,11 @@ pub fn run(seed: u64, faults: Faults, bug: Option<Bug>) -> Stats {
         }
     }
     let positions: Vec<Vec<(Lsn, Lsn)>> = sim.segments.iter().map(|segs| segs.iter().map(|s| (s.log.scl(), s.log.flushed_lsn())).collect()).collect();
-    panic!("seed {seed}: no convergence: vdl {} of last commit {}; replicas {:?}; segments (scl, flushed) {positions:?}; {:?}", sim.vdl(), sim.last_commit(), sim.replica_states(), sim.stats());
+    panic!(
+        "seed {seed}: no convergence: vdl {} of last commit {}; replicas {:?}; segments (scl, flushed) {positions:?}; {:?}",
+        sim.vdl(),
+        sim.last_commit(),
+        sim.replica_states(),
+        sim.stats()
+    );
 }

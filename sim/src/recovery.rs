@@ -172,7 +172,13 @@ impl Sim {
                 break;
             }
             let next_reply = x.replies.iter().enumerate().min_by_key(|&(i, r)| (r.0, i)).map(|(i, r)| (r.0, Some(i)));
-            let next_time = x.claimants.iter().filter(|c| running(c)).filter_map(|c| if c.start > x.now { Some(c.start) } else { c.machine.poll_timeout() }).min().map(|at| (at, None));
+            let next_time = x
+                .claimants
+                .iter()
+                .filter(|c| running(c))
+                .filter_map(|c| if c.start > x.now { Some(c.start) } else { c.machine.poll_timeout() })
+                .min()
+                .map(|at| (at, None));
             let Some((at, reply)) = [next_reply, next_time].into_iter().flatten().min_by_key(|&(at, reply)| (at, reply.is_none())) else {
                 panic!("the takeover waits for nothing: stuck");
             };
@@ -256,7 +262,11 @@ impl Sim {
         for &(pg, seg) in &c.truncated {
             let s = &self.segments[pg][seg];
             assert!(s.log.scl() <= vdl, "pg{pg} segment {seg} holds {} above the truncation at {vdl}", s.log.scl());
-            assert!(s.log.scl() == Lsn::ZERO || self.allocated[pg].binary_search(&s.log.scl()).is_ok(), "pg{pg} segment {seg} ends at {}, not a record of the history", s.log.scl());
+            assert!(
+                s.log.scl() == Lsn::ZERO || self.allocated[pg].binary_search(&s.log.scl()).is_ok(),
+                "pg{pg} segment {seg} ends at {}, not a record of the history",
+                s.log.scl()
+            );
         }
     }
 
@@ -270,7 +280,11 @@ impl Sim {
         let reachable = self.segments[pg][segment].down_until <= self.now && !c.cut_off[pg][segment];
         let reply = match command {
             Command::Status { ask, pg: id, epoch, truncate, .. } => {
-                let reply = if reachable && self.rng.chance(CLAIM_ANSWER_PERCENT) { self.status(c, pg, segment, epoch, truncate) } else { Reply::Failed("no answer".into()) };
+                let reply = if reachable && self.rng.chance(CLAIM_ANSWER_PERCENT) {
+                    self.status(c, pg, segment, epoch, truncate)
+                } else {
+                    Reply::Failed("no answer".into())
+                };
                 Delivery::Status { ask, pg: id, segment, reply }
             }
             Command::Offer { epoch, runs, .. } => {

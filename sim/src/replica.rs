@@ -14,10 +14,10 @@
 //! point it reports. How far the buffer goes over its bound is measured.
 
 use bytes::Bytes;
+use redo_core::log_stream::{LogStream, StreamPoll};
 use redo_core::page::PageImage;
 use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::record::{RecordRef, Records};
-use redo_core::log_stream::{LogStream, StreamPoll};
 use redo_core::replica::{PullError, PullPlan, ReadPlan, ReplicaConfig, ReplicaCore, Start, StreamPlan};
 use redo_core::segment_log::{DiskRead, PagePart};
 use redo_core::wire::SegmentPosition;
@@ -89,7 +89,11 @@ impl Ask {
 
 #[derive(Clone)]
 pub(crate) enum Answer {
-    Pulled { position: SegmentPosition, last_lsn: Lsn, records: Bytes },
+    Pulled {
+        position: SegmentPosition,
+        last_lsn: Lsn,
+        records: Bytes,
+    },
     /// The segment has not recorded the truncation of the epoch pulled at (storaged's Behind).
     Behind,
     /// `None`: refused, the segment's SCL is below the LSN asked for (Behind).
@@ -162,7 +166,17 @@ impl Sim {
             }
             let notified = vec![[SegmentPosition::default(); SEGMENTS_PER_PG]; self.segments.len()];
             let streams = (0..self.segments.len()).map(|_| None).collect();
-            self.replicas.push(Replica { core, inflight: Vec::new(), next_id: 0, read_point: None, start_durable, progress_sent: Lsn::ZERO, notified, epoch: self.writer.epoch(), streams });
+            self.replicas.push(Replica {
+                core,
+                inflight: Vec::new(),
+                next_id: 0,
+                read_point: None,
+                start_durable,
+                progress_sent: Lsn::ZERO,
+                notified,
+                epoch: self.writer.epoch(),
+                streams,
+            });
         }
     }
 
@@ -346,12 +360,14 @@ impl Sim {
         let Some(i) = inflight.iter().position(|q| q.id == id) else { return };
         let req = inflight.remove(i);
         match (req.ask, answer) {
-            (Ask::Pull(plan, epoch), Answer::Pulled { position, last_lsn, records }) => match self.replicas[r].core.on_pulled(seg, &plan, position, last_lsn, records) {
-                Ok(_) => {}
-                // The segment lost records in a crash since it reported its SCL: try another.
-                Err(PullError::Empty { .. }) => self.ask_next(r, Request { ask: Ask::Pull(plan, epoch), ..req }),
-                Err(e) => panic!("replica {r} refuses the log segment {seg} of {} served after {}: {e}", plan.pg, plan.after),
-            },
+            (Ask::Pull(plan, epoch), Answer::Pulled { position, last_lsn, records }) => {
+                match self.replicas[r].core.on_pulled(seg, &plan, position, last_lsn, records) {
+                    Ok(_) => {}
+                    // The segment lost records in a crash since it reported its SCL: try another.
+                    Err(PullError::Empty { .. }) => self.ask_next(r, Request { ask: Ask::Pull(plan, epoch), ..req }),
+                    Err(e) => panic!("replica {r} refuses the log segment {seg} of {} served after {}: {e}", plan.pg, plan.after),
+                }
+            }
             (Ask::Page { key, page, .. }, Answer::Page(Some(image))) => self.fetched(r, &key, page, Some(image)),
             // Behind (it lost records in a crash): another segment may have the page.
             (ask, Answer::Page(None) | Answer::Behind) => self.ask_next(r, Request { ask, ..req }),

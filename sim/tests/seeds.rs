@@ -101,7 +101,13 @@ fn runs_are_deterministic() {
         s.faults = FAULTY;
         s.add_replica(0);
         s.add_replica(100);
-        (0..300).map(|_| { s.write_txn(); s.tick(); (s.vdl(), s.replica_states()) }).collect::<Vec<_>>()
+        (0..300)
+            .map(|_| {
+                s.write_txn();
+                s.tick();
+                (s.vdl(), s.replica_states())
+            })
+            .collect::<Vec<_>>()
     };
     assert_eq!(trace(7), trace(7));
     assert_ne!(trace(7), trace(8));

@@ -123,9 +123,11 @@ async fn in_background<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static
         tx
     });
     let (tx, rx) = tokio::sync::oneshot::channel();
-    queue.send(Box::new(move || {
-        let _ = tx.send(f());
-    })).map_err(|_| anyhow::anyhow!("the coalescer thread is gone"))?;
+    queue
+        .send(Box::new(move || {
+            let _ = tx.send(f());
+        }))
+        .map_err(|_| anyhow::anyhow!("the coalescer thread is gone"))?;
     Ok(rx.await?)
 }
 
@@ -163,9 +165,6 @@ fn write_images(seg: &Segment, reads: Vec<(PageId, PageRead)>) -> Result<Written
         return Ok(Written { images: vec![], broken, bytes: 0 });
     }
     let at = seg.page_file.append(&buf)?;
-    let images = placed
-        .into_iter()
-        .map(|(page, lsn, start, len)| (page, Located { lsn, offset: at + start as u64, len: len as u32 }))
-        .collect();
+    let images = placed.into_iter().map(|(page, lsn, start, len)| (page, Located { lsn, offset: at + start as u64, len: len as u32 })).collect();
     Ok(Written { images, broken, bytes: buf.len() as u64 })
 }

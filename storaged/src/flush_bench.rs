@@ -81,8 +81,7 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
             let mut next = *lsn;
             while buf.len() < batch_bytes {
                 let l = Lsn(next.0 + 1);
-                RecordHeader { lsn: l, prev_lsn_in_segment: next, prev_lsn_for_page: Lsn::ZERO, page: PageId(l.0 % 64), cpl: true }
-                    .encode(&payload, &mut buf);
+                RecordHeader { lsn: l, prev_lsn_in_segment: next, prev_lsn_for_page: Lsn::ZERO, page: PageId(l.0 % 64), cpl: true }.encode(&payload, &mut buf);
                 next = l;
             }
             // The batch overshoots batch_bytes by up to a record: check what it really adds.

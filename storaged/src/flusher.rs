@@ -272,7 +272,16 @@ impl Flusher {
         let ring = builder.build(entries).context("create io_uring (is io_uring disabled on this kernel?)")?;
         let shutdown = Arc::new(AtomicBool::new(false));
         let delay = (!delay.is_zero()).then(|| Box::new(types::Timespec::from(delay)));
-        let flusher = Flusher { ring, targets, wake: wake.clone(), shutdown: shutdown.clone(), records: Vec::new(), zeros: AlignedBuf::new(ZERO_AHEAD as usize), delay, interval };
+        let flusher = Flusher {
+            ring,
+            targets,
+            wake: wake.clone(),
+            shutdown: shutdown.clone(),
+            records: Vec::new(),
+            zeros: AlignedBuf::new(ZERO_AHEAD as usize),
+            delay,
+            interval,
+        };
         let task = tokio::spawn(flusher.run());
         Ok(FlusherHandle { task, wake, shutdown })
     }
@@ -295,7 +304,9 @@ impl Flusher {
         // readable while completions wait. With one, completions wait for the flusher to run.
         let completions = match self.interval.is_zero() {
             // SAFETY: the ring owns the descriptor and outlives `completions`, a local of this call.
-            true => Some(unsafe { AsyncFd::register_with_interest(RingFd(self.ring.as_raw_fd()), tokio::io::Interest::READABLE) }.context("poll the io_uring")?),
+            true => {
+                Some(unsafe { AsyncFd::register_with_interest(RingFd(self.ring.as_raw_fd()), tokio::io::Interest::READABLE) }.context("poll the io_uring")?)
+            }
             false => None,
         };
         let wake = self.wake.clone();
@@ -431,7 +442,16 @@ impl Flusher {
         if t.tail.len() == BLOCK_BYTES as usize {
             t.tail.clear();
         }
-        t.inflight = Some(Inflight { job, started: Instant::now(), write_at, write_len: t.buf.len, write_res: None, zero_at, zero_len: zero_len as usize, zero_res: None });
+        t.inflight = Some(Inflight {
+            job,
+            started: Instant::now(),
+            write_at,
+            write_len: t.buf.len,
+            write_res: None,
+            zero_at,
+            zero_len: zero_len as usize,
+            zero_res: None,
+        });
         match &self.delay {
             Some(delay) => {
                 let wait = opcode::Timeout::new(&**delay).build().user_data((i as u64) << 2 | TAG_DELAY);
@@ -600,7 +620,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let (node, targets) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
         let runtime = runtime_thread().expect("runtime");
-        let flusher = runtime.block_on(async { Flusher::spawn_with(targets, node.wake.clone(), Duration::from_millis(7), Duration::from_millis(5)) }).expect("flusher");
+        let flusher =
+            runtime.block_on(async { Flusher::spawn_with(targets, node.wake.clone(), Duration::from_millis(7), Duration::from_millis(5)) }).expect("flusher");
         let mut lsns = [Lsn::ZERO; 2];
         append(&node, 0, &mut lsns[0]);
         std::thread::sleep(Duration::from_millis(1));
@@ -688,7 +709,15 @@ mod tests {
             reserved: u32,
             extents: [Extent; EXTENTS],
         }
-        let mut map = Fiemap { start: 0, length: u64::MAX, flags: FIEMAP_FLAG_SYNC, mapped_extents: 0, extent_count: EXTENTS as u32, reserved: 0, extents: [Extent::default(); EXTENTS] };
+        let mut map = Fiemap {
+            start: 0,
+            length: u64::MAX,
+            flags: FIEMAP_FLAG_SYNC,
+            mapped_extents: 0,
+            extent_count: EXTENTS as u32,
+            reserved: 0,
+            extents: [Extent::default(); EXTENTS],
+        };
         // SAFETY: FS_IOC_FIEMAP fills at most extent_count extents of a live, properly laid out struct.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut map as *mut Fiemap) };
         if rc != 0 {

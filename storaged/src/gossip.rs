@@ -69,11 +69,8 @@ pub fn check_volume(volume: &Volume, node: NodeId, pgs: &[u32]) -> Result<()> {
 pub fn spawn(node: &Arc<Node>, volume: &Volume, endpoint: &quinn::Endpoint, interval: Duration) -> Result<()> {
     let links: HashMap<u32, Arc<NodeLink>> = NodeLink::for_volume(volume, endpoint)?.into_iter().map(|l| (l.id, l)).collect();
     for (&pg, seg) in &node.segments {
-        let peers: Vec<Peer> = volume
-            .segments(pg)
-            .filter(|n| n.id != node.node_id.0)
-            .map(|n| Peer { link: links[&n.id].clone(), backoff: Backoff::default() })
-            .collect();
+        let peers: Vec<Peer> =
+            volume.segments(pg).filter(|n| n.id != node.node_id.0).map(|n| Peer { link: links[&n.id].clone(), backoff: Backoff::default() }).collect();
         let gauges = Arc::new(GossipGauges::default());
         node.metrics.gossip_segments.lock().expect("gossip gauges lock").insert(pg.0, gauges.clone());
         let task = SegmentGossip { node: node.clone(), seg: seg.clone(), peers, repair: Repair::default(), gauges, interval };

@@ -4,9 +4,9 @@
 //! serves GetPage@LSN and coalesces page images in the background. With a
 //! volume file, each segment fills its holes by gossip with its PG's peers.
 
+mod coalescer;
 pub mod config;
 pub mod flush_bench;
-mod coalescer;
 mod flusher;
 mod gossip;
 mod metrics;

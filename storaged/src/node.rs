@@ -122,8 +122,7 @@ impl Node {
     /// Recovers every hosted segment from disk and returns the node plus the
     /// flusher's per-segment targets.
     pub fn open(config: Config, pages: Pages) -> Result<(Arc<Node>, Vec<FlushTarget>)> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| anyhow::anyhow!("create data dir {}: {e}", config.data_dir.display()))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| anyhow::anyhow!("create data dir {}: {e}", config.data_dir.display()))?;
         let node_id = NodeId(config.node_id);
         let metrics = Arc::new(Metrics::default());
         let log_config = SegmentLogConfig {
@@ -150,8 +149,7 @@ impl Node {
                 index = PageIndex::new(config.coalesce_records);
                 r = open(Some(&mut index))?;
             }
-            let mut log = SegmentLog::recovered(id, log_config.clone(), r.epoch.epoch, r.last_lsn, r.file_end, r.index)
-                .with_truncations(&r.epoch.truncations);
+            let mut log = SegmentLog::recovered(id, log_config.clone(), r.epoch.epoch, r.last_lsn, r.file_end, r.index).with_truncations(&r.epoch.truncations);
             if indexed {
                 log = log.with_page_index(index);
             }

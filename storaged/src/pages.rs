@@ -37,8 +37,7 @@ impl PageFile {
     /// there with a warning, as images can always be rebuilt from the log.
     pub fn open(dir: &Path, pg: PgId, index: &mut PageIndex) -> Result<PageFile> {
         let path = page_file_path(dir, pg);
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path)
-            .with_context(|| format!("open {}", path.display()))?;
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).with_context(|| format!("open {}", path.display()))?;
         let (end, images, damage) = load(&file, &path, index, Lsn(u64::MAX))?;
         let pages = PageFile { file, path, end: AtomicU64::new(end) };
         if let Some(reason) = damage {
@@ -155,9 +154,7 @@ pub fn materialise(page_file: &PageFile, segment: &File, page: PageId, read: &Pa
     if image.page != page {
         return Err(PageError::Io(anyhow::anyhow!("page file entry at offset {} holds {}, not {page}", read.base.map_or(0, |b| b.offset), image.page)));
     }
-    let apply = |image: &mut PageImage, rec: RecordRef| {
-        image.apply(rec).map_err(|e| PageBroken { page, at: rec.lsn(), reason: e.to_string() })
-    };
+    let apply = |image: &mut PageImage, rec: RecordRef| image.apply(rec).map_err(|e| PageBroken { page, at: rec.lsn(), reason: e.to_string() });
     for part in &read.parts {
         let applied = match part {
             PagePart::Memory(bytes) => apply(&mut image, RecordRef::decode(bytes, 0).map_err(|e| PageError::Io(e.into()))?),

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use borealis_net::frame::{read_frame_body, read_frame_len, write_message, FrameError};
 use bytes::{Bytes, BytesMut};
+use redo_core::ids::EpochRefused;
+use redo_core::log_stream::{LogStream, StreamPoll};
 use redo_core::page_index::{PageIndex, IMAGE_BYTES_MAX};
 use redo_core::record::ValidRecords;
 use redo_core::segment_log::{grant_decided_epoch, grant_epoch, AppendError};
 use redo_core::wire::{ErrorCode, Message, SegmentPosition, Truncation, TRUNCATIONS_MAX};
-use redo_core::ids::EpochRefused;
-use redo_core::log_stream::{LogStream, StreamPoll};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use tokio::sync::{mpsc, watch};
 
@@ -29,19 +29,30 @@ const REPLIES_INFLIGHT_MAX: usize = 1024;
 /// Least time between two notifications of a flush subscription (see `push_notifications`).
 const FLUSH_NOTIFY_INTERVAL: Duration = Duration::from_millis(10);
 
-
 /// What the reply writer sends, in request order.
 enum Reply {
-    Now { msg: Message, received: Option<Instant> },
+    Now {
+        msg: Message,
+        received: Option<Instant>,
+    },
     /// `ack = disk`: ack once the segment's flushed LSN reaches `last_lsn`.
-    AfterFlush { seg: Arc<Segment>, last_lsn: Lsn, received: Instant },
+    AfterFlush {
+        seg: Arc<Segment>,
+        last_lsn: Lsn,
+        received: Instant,
+    },
     /// Send the error, then close the stream.
     Close(Message),
     Subscribe(Vec<Arc<Segment>>, bool),
     /// A log stream: push the segment's records as they arrive, within the credit the
     /// request loop adds to `granted` (record bytes granted in all; closed when the
     /// reader goes or breaks the stream).
-    Stream { seg: Arc<Segment>, stream: LogStream, granted: watch::Receiver<u64>, chunk_bytes_max: usize },
+    Stream {
+        seg: Arc<Segment>,
+        stream: LogStream,
+        granted: watch::Receiver<u64>,
+        chunk_bytes_max: usize,
+    },
 }
 
 fn error(code: ErrorCode, message: impl Into<String>) -> Message {
@@ -177,9 +188,7 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
                 node.wake.wake_for(unflushed);
                 debug_assert!(!out.epoch_raised, "epochs are persisted and raised before appends apply");
                 return match node.config.ack {
-                    AckMode::Memory => {
-                        Reply::Now { msg: Message::Ack { position: out.position, batch_last_lsn: run.last_lsn }, received: Some(received) }
-                    }
+                    AckMode::Memory => Reply::Now { msg: Message::Ack { position: out.position, batch_last_lsn: run.last_lsn }, received: Some(received) },
                     AckMode::Disk => Reply::AfterFlush { seg: seg.clone(), last_lsn: run.last_lsn, received },
                 };
             }
@@ -215,7 +224,11 @@ fn stale(seg: &Segment, refused: EpochRefused) -> Reply {
 async fn persist_epoch(node: &Node, seg: &Arc<Segment>, epoch: Epoch, decided: bool) -> Result<(), Reply> {
     let grant = |state: &store::EpochState| {
         let truncated = state.truncations.last().is_some_and(|t| t.epoch == state.epoch);
-        if decided { grant_decided_epoch(state.epoch, truncated, epoch) } else { grant_epoch(state.epoch, epoch) }
+        if decided {
+            grant_decided_epoch(state.epoch, truncated, epoch)
+        } else {
+            grant_epoch(state.epoch, epoch)
+        }
     };
     // The common case, every append: the segment is at this epoch already.
     if seg.log.lock().expect("segment lock").epoch() == epoch {
@@ -236,10 +249,7 @@ async fn persist_epoch(node: &Node, seg: &Arc<Segment>, epoch: Epoch, decided: b
 async fn write_epoch_state(node: &Node, seg: &Segment, state: store::EpochState) -> Result<(), Reply> {
     let (dir, pg, epoch) = (node.data_dir().clone(), seg.id.pg, state.epoch);
     let written = tokio::task::spawn_blocking(move || store::write_epoch(&dir, pg, &state)).await;
-    written
-        .map_err(anyhow::Error::from)
-        .and_then(|r| r)
-        .map_err(|e| Reply::Close(error(ErrorCode::DiskFailed, format!("persist {epoch} for {pg}: {e:#}"))))
+    written.map_err(anyhow::Error::from).and_then(|r| r).map_err(|e| Reply::Close(error(ErrorCode::DiskFailed, format!("persist {epoch} for {pg}: {e:#}"))))
 }
 
 /// The segment's epoch, position and truncations. A nonzero `epoch` is a
@@ -591,7 +601,14 @@ fn forward<T: Send + Sync + 'static>(mut watch: watch::Receiver<T>, wake: Arc<to
 /// Pushes the segment's records to a log stream's reader as they arrive, within its
 /// credit (`LogStream` decides what), until the reader goes, breaks the stream, or the
 /// segment truncates its log (then `Behind`: the reader opens a new stream).
-async fn push_log(mut send: quinn::SendStream, seg: Arc<Segment>, mut stream: LogStream, mut granted: watch::Receiver<u64>, chunk_bytes_max: usize, metrics: &Metrics) {
+async fn push_log(
+    mut send: quinn::SendStream,
+    seg: Arc<Segment>,
+    mut stream: LogStream,
+    mut granted: watch::Receiver<u64>,
+    chunk_bytes_max: usize,
+    metrics: &Metrics,
+) {
     let mut position = seg.position.subscribe();
     let mut buf = Vec::new();
     loop {

@@ -5,14 +5,14 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use redo_core::page_index::{Located, PageIndex};
-use redo_core::segment_file::{decode_header, encode_header, scan_records, ScanStop, SEGMENT_HEADER_BYTES};
 use redo_core::record::{RecordRef, RECORD_BYTES_MAX};
+use redo_core::segment_file::{decode_header, encode_header, scan_records, ScanStop, SEGMENT_HEADER_BYTES};
 use redo_core::segment_log::{DiskCut, DiskIndex, DiskRead, INDEX_STRIDE_BYTES};
 use redo_core::wire::{Truncation, TRUNCATIONS_MAX};
 use redo_core::{Epoch, Lsn, PgId, SegmentId};
@@ -56,7 +56,11 @@ const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEE
 pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: plain syscall on an owned, open descriptor.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The first non-zero byte of `file` in `[from, to)`, if any.
@@ -127,19 +131,13 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u
         match stop {
             ScanStop::NeedMore if !at_eof => continue,
             ScanStop::NeedMore if buf.iter().all(|&b| b == 0) => break ScanStop::End,
-            ScanStop::NeedMore => {
-                break ScanStop::Corrupt { offset, reason: format!("torn record: {} bytes before end of file", buf.len()) }
-            }
+            ScanStop::NeedMore => break ScanStop::Corrupt { offset, reason: format!("torn record: {} bytes before end of file", buf.len()) },
             other => break other,
         }
     };
     let file_end = offset;
-    let direct = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .with_context(|| format!("open {} with O_DIRECT", path.display()))?;
+    let direct =
+        OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(&path).with_context(|| format!("open {} with O_DIRECT", path.display()))?;
     // Whatever follows the log must read as zeros, so that the end stays
     // unambiguous once new records are written after it.
     let tail_start = file_end / BLOCK_BYTES * BLOCK_BYTES;

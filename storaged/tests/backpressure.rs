@@ -86,18 +86,16 @@ async fn busy_does_not_close_the_stream_and_acked_records_survive() {
                     acked.extend(&b.lsns);
                     break;
                 }
-                Err(ClientError::Refused { code: ErrorCode::Busy, .. }) => {
-                    match tokio::time::timeout_at(deadline, sub.next()).await {
-                        Ok(p) => {
-                            p.expect("notification");
-                        }
-                        Err(_) => panic!(
-                            "batch ending at {} is refused Busy and the segment makes no progress; log tail:\n{}",
-                            b.last_lsn(),
-                            node.log().lines().rev().take(5).collect::<Vec<_>>().join("\n")
-                        ),
+                Err(ClientError::Refused { code: ErrorCode::Busy, .. }) => match tokio::time::timeout_at(deadline, sub.next()).await {
+                    Ok(p) => {
+                        p.expect("notification");
                     }
-                }
+                    Err(_) => panic!(
+                        "batch ending at {} is refused Busy and the segment makes no progress; log tail:\n{}",
+                        b.last_lsn(),
+                        node.log().lines().rev().take(5).collect::<Vec<_>>().join("\n")
+                    ),
+                },
                 Err(e) => panic!("resend got {e}"),
             }
         }

@@ -12,14 +12,7 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cluster");
 
 fn cluster(dir: &Path, args: &[&str]) -> (bool, String) {
     let bin = Path::new(STORAGED).parent().expect("binary directory");
-    let out = Command::new("bash")
-        .arg(SCRIPT)
-        .args(args)
-        .arg("--dir")
-        .arg(dir)
-        .env("BOREALIS_BIN", bin)
-        .output()
-        .expect("run scripts/cluster");
+    let out = Command::new("bash").arg(SCRIPT).args(args).arg("--dir").arg(dir).env("BOREALIS_BIN", bin).output().expect("run scripts/cluster");
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 

@@ -35,16 +35,13 @@ async fn foreign_ca_client_is_refused_and_cluster_client_appends() {
 
     // The impostor trusts the cluster CA, so it accepts the server: any
     // refusal must come from the server rejecting its certificate.
-    let impostor = TlsIdentity::from_files(&ca_cert_path(&env.certs), &foreign.join("client.pem"), &foreign.join("client.key"))
-        .expect("load impostor identity");
+    let impostor =
+        TlsIdentity::from_files(&ca_cert_path(&env.certs), &foreign.join("client.pem"), &foreign.join("client.key")).expect("load impostor identity");
     let impostor_ep = borealis_net::client_endpoint(&impostor).expect("impostor endpoint");
     let err = try_append(&impostor_ep, &node, &mut chain).await.expect_err("a client from a foreign CA must be refused");
     assert!(err.contains("handshake failed"), "the server aborts the TLS handshake: {err}");
     let log = node.wait_log("refused connection", REPLY_TIMEOUT).await;
-    assert!(
-        log.lines().any(|l| l.contains("refused connection") && l.contains("certificate")),
-        "the node logs why it refused the handshake; log:\n{log}"
-    );
+    assert!(log.lines().any(|l| l.contains("refused connection") && l.contains("certificate")), "the node logs why it refused the handshake; log:\n{log}");
     assert_eq!(common::position(&node.connect(&env.client()).await, 0).await.scl, redo_core::Lsn::ZERO, "the impostor's records never landed");
 
     // A client wholly from the foreign CA refuses the server in turn.

@@ -73,8 +73,13 @@ impl Proc {
     /// stdout, stderr to `log`.
     pub fn spawn_command(mut cmd: Command, log: PathBuf) -> Proc {
         let out = std::fs::File::create(&log).expect("create log");
-        let child =
-            cmd.env("RUST_LOG", log_filter()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(out).spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+        let child = cmd
+            .env("RUST_LOG", log_filter())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
         Proc { child: Some(child), log, tail_on_panic: 0 }
     }
 

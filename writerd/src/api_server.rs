@@ -71,7 +71,14 @@ async fn handle(api: &Api, req: Request) -> Response {
         }
         Request::Role => {
             let g = w.lock();
-            Response::RoleIs(Role { writer: w.is_fenced().is_none(), promoting: false, epoch: g.core.epoch(), vdl: g.core.vdl(), priority: 0, writer_silent_ms: 0 })
+            Response::RoleIs(Role {
+                writer: w.is_fenced().is_none(),
+                promoting: false,
+                epoch: g.core.epoch(),
+                vdl: g.core.vdl(),
+                priority: 0,
+                writer_silent_ms: 0,
+            })
         }
         Request::Promote => error(ApiErrorCode::Invalid, "this server is the writer already"),
         Request::Follow => unreachable!("the request loop serves Follow itself"),

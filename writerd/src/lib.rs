@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use borealis_net::storage::NodeLink;
+use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::volume::Volume;
 use redo_core::writer::{WriterConfig, WriterCore};
-use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::{Lsn, PgId};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -48,9 +48,8 @@ pub fn run(config: Config) -> Result<i32> {
     runtime.block_on(async {
         let storage_endpoint = borealis_net::client_endpoint(&identity)?;
         let links = borealis_net::storage::NodeLink::for_volume(&volume, &storage_endpoint)?;
-        let taken = recovery::take_over(&volume, &links, Lsn::ZERO, Vec::new(), Duration::from_millis(config.start_timeout_ms))
-            .await
-            .context("claim the volume")?;
+        let taken =
+            recovery::take_over(&volume, &links, Lsn::ZERO, Vec::new(), Duration::from_millis(config.start_timeout_ms)).await.context("claim the volume")?;
         let epoch = taken.epoch;
         tracing::info!(%epoch, vdl = %taken.recovered.vdl, "claimed the volume");
         let writer = start(&volume, &links, taken, &config.tuning, config.cache_pages_max);
@@ -60,12 +59,7 @@ pub fn run(config: Config) -> Result<i32> {
             tokio::spawn(borealis_net::metrics::serve_metrics(listener, Arc::new(move || render_metrics(&w))));
         }
         let endpoint = borealis_net::server_endpoint(&identity, listen)?;
-        let api = Arc::new(api_server::Api {
-            writer: writer.clone(),
-            volume: volume.clone(),
-            links,
-            request_bytes_max: config.request_bytes_max as usize,
-        });
+        let api = Arc::new(api_server::Api { writer: writer.clone(), volume: volume.clone(), links, request_bytes_max: config.request_bytes_max as usize });
         tokio::spawn(borealis_net::serve_streams(endpoint.clone(), move |send, recv| borealis_net::api_server::serve_stream(api.clone(), send, recv)));
         tracing::info!(listen = %endpoint.local_addr()?, %epoch, pgs = volume.pg_count(), "writerd ready");
 

@@ -63,7 +63,12 @@ pub async fn take_over(volume: &Volume, links: &[Arc<NodeLink>], known_cpl: Lsn,
 }
 
 /// Runs one of the machine's commands against the storage node that holds the segment.
-fn execute(volume: &Volume, links: &[Arc<NodeLink>], command: Command, tx: mpsc::UnboundedSender<Done>) -> impl std::future::Future<Output = ()> + Send + 'static {
+fn execute(
+    volume: &Volume,
+    links: &[Arc<NodeLink>],
+    command: Command,
+    tx: mpsc::UnboundedSender<Done>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let node_of = |pg: PgId, segment: usize| link_of(links, volume.segments(pg).nth(segment).expect("six segments").id).clone();
     let link = match &command {
         Command::Status { pg, segment, .. } | Command::Offer { pg, segment, .. } | Command::Pull { pg, segment, .. } => node_of(*pg, *segment),

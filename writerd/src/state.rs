@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::api::Progress;
+use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::wire::{SegmentPosition, Truncation};
 use redo_core::writer::WriterCore;
 use redo_core::{Lsn, PgId};
@@ -56,7 +56,12 @@ impl Writer {
     }
 
     fn progress_of(core: &WriterCore) -> Progress {
-        Progress { epoch: core.epoch(), truncated_above: core.truncated_above(), vdl: core.vdl(), pgcl: (0..core.volume().pg_count() as u32).map(|pg| core.pgcl(PgId(pg))).collect() }
+        Progress {
+            epoch: core.epoch(),
+            truncated_above: core.truncated_above(),
+            vdl: core.vdl(),
+            pgcl: (0..core.volume().pg_count() as u32).map(|pg| core.pgcl(PgId(pg))).collect(),
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {

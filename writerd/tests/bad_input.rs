@@ -1,7 +1,6 @@
 //! Bad client input against the real writer: each gets a clear error, nothing
 //! is half-written, and well-behaved clients keep being served.
 
-
 use borealis_net::api::ApiClient;
 use redo_core::api::{ApiErrorCode, Request, Response, TXN_OPS_MAX};
 use redo_core::page::{PageOp, KEY_BYTES_MAX, VALUE_BYTES_MAX};

@@ -2,13 +2,12 @@
 //! volume, storage nodes killed under load, a node that returns catching up,
 //! epochs fencing an old writer, and reads served after a writer restart.
 
-
 use std::time::Duration;
 
+use borealis_net::api::{ApiClient, ApiError};
 use redo_core::api::ApiErrorCode;
 use redo_core::page::PageOp;
 use redo_core::PgId;
-use borealis_net::api::{ApiClient, ApiError};
 use test_support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

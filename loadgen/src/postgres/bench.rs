@@ -143,7 +143,15 @@ impl ReadPoint for WalFeed {
 /// One open-loop point against a fresh primary and standbys under `dir` (`setup`), stopped afterwards
 /// whatever happened; with `pause`, every process of every standby is paused on that duty cycle for the
 /// whole load (gray failure). Returns the measurement and the postmasters' pids (`PgServers::pgids`).
-pub async fn measure_point(load: &LoadArgs, pg: &PgArgs, dir: &Path, setup: PgSetup, pause: Option<DutyCycle>, run: usize, rate: f64) -> Result<(Measurement, Vec<i32>)> {
+pub async fn measure_point(
+    load: &LoadArgs,
+    pg: &PgArgs,
+    dir: &Path,
+    setup: PgSetup,
+    pause: Option<DutyCycle>,
+    run: usize,
+    rate: f64,
+) -> Result<(Measurement, Vec<i32>)> {
     let mut servers = PgServers::start(pg, dir, setup.standbys).await?;
     let pgids = servers.pgids();
     let result = async {
@@ -217,9 +225,9 @@ async fn pg_bench(args: &PgBenchArgs) -> Result<()> {
     for run in 0..args.load.runs {
         for &rate in &args.rates {
             for &setup in &setups {
-                let (m, ids) = measure_point(&args.load, &args.pg, &work.path.join("pg"), setup, None, run, rate)
-                    .await
-                    .with_context(|| format!("synchronous_commit={} run {} at {rate} commits/s (servers under {})", setup.durability(), run + 1, work.path.display()))?;
+                let (m, ids) = measure_point(&args.load, &args.pg, &work.path.join("pg"), setup, None, run, rate).await.with_context(|| {
+                    format!("synchronous_commit={} run {} at {rate} commits/s (servers under {})", setup.durability(), run + 1, work.path.display())
+                })?;
                 pgids.extend(ids);
                 runs.push((setup, m));
             }

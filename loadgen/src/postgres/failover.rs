@@ -257,8 +257,18 @@ async fn failover_bench(args: &PgFailoverArgs) -> Result<()> {
     let work = WorkDir::new(args.work_dir.as_deref(), "borealis-pg-failover")?;
     let mut runs = Vec::new();
     for run in 0..args.runs {
-        let r = failover_measure(args, &work.path.join(format!("run-{}", run + 1)), run).await.with_context(|| format!("run {} (pair under {})", run + 1, work.path.display()))?;
-        eprintln!("[postgres run {}/{}] failover {:.1} ms, unavailable {:.1} ms, {} acknowledged, {} lost", run + 1, args.runs, r.failover_ms, r.unavailable_ms, r.audit.acked_writes, r.audit.lost_acked_writes);
+        let r = failover_measure(args, &work.path.join(format!("run-{}", run + 1)), run)
+            .await
+            .with_context(|| format!("run {} (pair under {})", run + 1, work.path.display()))?;
+        eprintln!(
+            "[postgres run {}/{}] failover {:.1} ms, unavailable {:.1} ms, {} acknowledged, {} lost",
+            run + 1,
+            args.runs,
+            r.failover_ms,
+            r.unavailable_ms,
+            r.audit.acked_writes,
+            r.audit.lost_acked_writes
+        );
         runs.push(r);
     }
     let summary = failover_summary(args, &runs);
@@ -276,7 +286,13 @@ async fn failover_bench(args: &PgFailoverArgs) -> Result<()> {
     let must_keep = matches!(args.synchronous_commit, SyncCommit::On | SyncCommit::RemoteApply);
     let t = &summary.totals;
     if t.torn_writes > 0 || (must_keep && t.lost_acked_writes > 0) {
-        bail!("{} acknowledged writes lost, {} torn with synchronous_commit={}; see {}", t.lost_acked_writes, t.torn_writes, args.synchronous_commit.as_str(), args.json.display());
+        bail!(
+            "{} acknowledged writes lost, {} torn with synchronous_commit={}; see {}",
+            t.lost_acked_writes,
+            t.torn_writes,
+            args.synchronous_commit.as_str(),
+            args.json.display()
+        );
     }
     work.cleanup();
     Ok(())

@@ -28,6 +28,8 @@ mod pair;
 mod process;
 
 pub use bench::{bench_run, measure_point, pg_points, runs_json, AckedPosition, PgBenchArgs, PgPrimary, WalFeed};
-pub use failover::{check_failover_args, failover_measure, failover_run, failover_summary, failover_table, PgFailoverArgs, PgFailoverRun, PgFailoverSummary, PromoteWith};
+pub use failover::{
+    check_failover_args, failover_measure, failover_run, failover_summary, failover_table, PgFailoverArgs, PgFailoverRun, PgFailoverSummary, PromoteWith,
+};
 pub use pair::{connect, synchronous_standby_names, PgArgs, PgConn, PgServers, PgSetup, SyncCommit, DEFAULT_PG_BIN};
 pub use process::{mapped_shm_segments, Postmaster, SHM_SEGMENT_PREFIX};

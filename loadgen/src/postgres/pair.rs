@@ -88,7 +88,9 @@ fn common_settings(pg: &PgArgs, socket_dir: &Path) -> Vec<(String, String)> {
 fn user_settings(pg: &PgArgs) -> Result<Vec<(String, String)>> {
     pg.pg_settings
         .iter()
-        .map(|kv| kv.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).with_context(|| format!("--pg-setting {kv}: expected NAME=VALUE")))
+        .map(|kv| {
+            kv.split_once('=').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).with_context(|| format!("--pg-setting {kv}: expected NAME=VALUE"))
+        })
         .collect()
 }
 
@@ -143,7 +145,10 @@ impl PgServers {
         let user = server_user()?;
         let bin = pg.pg_bin.clone();
         if !bin.join("postgres").exists() {
-            bail!("{} not found: install PostgreSQL 15 (Debian: apt-get install postgresql-15) or point --pg-bin / BOREALIS_PG_BIN at its bin directory", bin.join("postgres").display());
+            bail!(
+                "{} not found: install PostgreSQL 15 (Debian: apt-get install postgresql-15) or point --pg-bin / BOREALIS_PG_BIN at its bin directory",
+                bin.join("postgres").display()
+            );
         }
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -151,13 +156,29 @@ impl PgServers {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid)).with_context(|| format!("chown {} to postgres", dir.display()))?;
         }
         let primary_dir = dir.join("primary");
-        run_tool(&bin, "initdb", user, dir, &["-D".as_ref(), primary_dir.as_os_str(), "-U".as_ref(), "postgres".as_ref(), "--auth=trust".as_ref(), "--locale=C".as_ref(), "--encoding=UTF8".as_ref(), "--no-sync".as_ref()])
-            .await
-            .with_context(|| format!("initdb under {} (the postgres user must be able to reach it)", dir.display()))?;
+        run_tool(
+            &bin,
+            "initdb",
+            user,
+            dir,
+            &[
+                "-D".as_ref(),
+                primary_dir.as_os_str(),
+                "-U".as_ref(),
+                "postgres".as_ref(),
+                "--auth=trust".as_ref(),
+                "--locale=C".as_ref(),
+                "--encoding=UTF8".as_ref(),
+                "--no-sync".as_ref(),
+            ],
+        )
+        .await
+        .with_context(|| format!("initdb under {} (the postgres user must be able to reach it)", dir.display()))?;
         let extra = user_settings(pg)?;
         let primary_port = free_port()?;
         let mut primary_settings = common_settings(pg, dir);
-        primary_settings.extend([("port".to_string(), primary_port.to_string()), ("synchronous_standby_names".to_string(), synchronous_standby_names(standbys))]);
+        primary_settings
+            .extend([("port".to_string(), primary_port.to_string()), ("synchronous_standby_names".to_string(), synchronous_standby_names(standbys))]);
         primary_settings.extend(extra.iter().cloned());
         // Each postmaster stops when dropped: an error below stops what runs.
         let primary = Postmaster::spawn(&bin, "postgres primary", &primary_dir, dir.join("primary.log"), user, &primary_settings)?;
@@ -171,7 +192,21 @@ impl PgServers {
                 "pg_basebackup",
                 user,
                 dir,
-                &["-h".as_ref(), "127.0.0.1".as_ref(), "-p".as_ref(), port.as_ref(), "-U".as_ref(), "postgres".as_ref(), "-D".as_ref(), standby_dir.as_os_str(), "-R".as_ref(), "-X".as_ref(), "stream".as_ref(), "--checkpoint=fast".as_ref(), "--no-sync".as_ref()],
+                &[
+                    "-h".as_ref(),
+                    "127.0.0.1".as_ref(),
+                    "-p".as_ref(),
+                    port.as_ref(),
+                    "-U".as_ref(),
+                    "postgres".as_ref(),
+                    "-D".as_ref(),
+                    standby_dir.as_os_str(),
+                    "-R".as_ref(),
+                    "-X".as_ref(),
+                    "stream".as_ref(),
+                    "--checkpoint=fast".as_ref(),
+                    "--no-sync".as_ref(),
+                ],
             )
             .await?;
             let mut standby_settings = common_settings(pg, dir);
@@ -186,7 +221,14 @@ impl PgServers {
                 ("wal_retrieve_retry_interval".to_string(), "50ms".to_string()),
             ]);
             standby_settings.extend(extra.iter().cloned());
-            let standby = Postmaster::spawn(&servers.bin, &format!("postgres standby {name}"), &standby_dir, dir.join(format!("standby-{name}.log")), user, &standby_settings)?;
+            let standby = Postmaster::spawn(
+                &servers.bin,
+                &format!("postgres standby {name}"),
+                &standby_dir,
+                dir.join(format!("standby-{name}.log")),
+                user,
+                &standby_settings,
+            )?;
             wait_ready(&standby).await?;
             servers.standbys.push(standby);
         }

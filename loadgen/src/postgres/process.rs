@@ -27,7 +27,9 @@ pub(super) fn server_user() -> Result<Option<(u32, u32)>> {
     // SAFETY: getpwnam with a valid C string; the fields are read at once, before any other getpw* call.
     let pw = unsafe { libc::getpwnam(name.as_ptr()) };
     if pw.is_null() {
-        bail!("loadgen runs as root and PostgreSQL refuses to: there is no `postgres` user to run it as (install postgresql-15, or run loadgen as another user)");
+        bail!(
+            "loadgen runs as root and PostgreSQL refuses to: there is no `postgres` user to run it as (install postgresql-15, or run loadgen as another user)"
+        );
     }
     // SAFETY: pw is non-null and points to getpwnam's static record.
     Ok(Some(unsafe { ((*pw).pw_uid, (*pw).pw_gid) }))
@@ -112,7 +114,16 @@ impl Postmaster {
             });
         }
         let child = cmd.spawn().with_context(|| format!("start {name} ({})", bin.join("postgres").display()))?;
-        Ok(Postmaster { name: name.to_string(), port, data_dir: data_dir.to_path_buf(), log, child, reaped: false, orphans: BTreeSet::new(), killed: Vec::new() })
+        Ok(Postmaster {
+            name: name.to_string(),
+            port,
+            data_dir: data_dir.to_path_buf(),
+            log,
+            child,
+            reaped: false,
+            orphans: BTreeSet::new(),
+            killed: Vec::new(),
+        })
     }
 
     /// The postmaster's pid, which is its process group's id.

@@ -287,10 +287,11 @@ impl Accounts {
         let read = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(std::sync::Mutex::new(None));
         let timeouts = Arc::new(AtomicU64::new(0));
-        let transfers = (0..groups).map(|g| tokio::spawn(noting_failure(failed.clone(), transfer(g, writer.clone(), stop.clone(), committed.clone())))).collect();
+        let transfers =
+            (0..groups).map(|g| tokio::spawn(noting_failure(failed.clone(), transfer(g, writer.clone(), stop.clone(), committed.clone())))).collect();
         let readers = (0..readers)
             .map(|r| {
-                let read = reader(r, groups, replica.clone(), writer.clone(), writer_vdl.clone(), stop.clone(), read.clone(), timeouts.clone());
+                let read = reader(r, groups, replica.clone(), writer.clone(), writer_vdl.clone(), stop.clone(), (read.clone(), timeouts.clone()));
                 tokio::spawn(noting_failure(failed.clone(), read))
             })
             .collect();
@@ -447,7 +448,7 @@ async fn transfer(g: usize, writer: ApiClient, stop: Arc<AtomicBool>, committed:
 
 /// Reads every account of one group after another from the replica, in turn: plain
 /// reads, and reads at the writer's VDL last seen (they wait for the replica to get there,
-/// or are refused with Timeout: counted, not checked).
+/// or are refused with Timeout: counted, not checked). `counts`: reads done, reads timed out.
 async fn reader(
     r: usize,
     groups: usize,
@@ -455,8 +456,7 @@ async fn reader(
     writer: ApiClient,
     writer_vdl: Arc<ReadPoint>,
     stop: Arc<AtomicBool>,
-    read: Arc<AtomicU64>,
-    timeouts: Arc<AtomicU64>,
+    (read, timeouts): (Arc<AtomicU64>, Arc<AtomicU64>),
 ) -> Result<Vec<Seen>, String> {
     let mut seen = Vec::new();
     let mut last = Lsn::ZERO;

@@ -200,10 +200,7 @@ impl Storaged {
     }
 
     pub async fn connect(&self, ep: &quinn::Endpoint) -> StorageConn {
-        tokio::time::timeout(REPLY_TIMEOUT, StorageConn::connect(ep, self.addr))
-            .await
-            .expect("connect timed out")
-            .expect("connect to storaged")
+        tokio::time::timeout(REPLY_TIMEOUT, StorageConn::connect(ep, self.addr)).await.expect("connect timed out").expect("connect to storaged")
     }
 
     /// Waits until the log contains `needle`.

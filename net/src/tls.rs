@@ -95,9 +95,9 @@ fn transport() -> quinn::TransportConfig {
     t.max_concurrent_uni_streams(0u32.into());
     // Peers ACK every 9th ack-eliciting packet or within 25 ms, not every 2nd: on the
     // one-way feeds (replies to a client that sends nothing more for a while, log chunks
-    // to a replica) each ACK is otherwise a datagram that wakes the sender. At 1,000
-    // commits/s a 5 ms bound still cost an ACK per reply and 7% more CPU per commit
-    // than 25 ms; a lost last packet then waits up to 25 ms longer for its probe.
+    // to a replica) each ACK is otherwise a datagram that wakes the sender, and a 5 ms
+    // bound still cost an ACK per reply (bench-results/README.md, "Design measurements");
+    // a lost last packet then waits up to 25 ms longer for its probe.
     let mut acks = quinn::AckFrequencyConfig::default();
     acks.ack_eliciting_threshold(8u32.into()).max_ack_delay(Some(Duration::from_millis(25)));
     t.ack_frequency_config(Some(acks));

@@ -1,20 +1,17 @@
 //! The flusher: a task on the daemon's runtime that owns an io_uring and
 //! appends each segment's complete log to its file with O_DIRECT writes that
 //! are also O_DSYNC (`RWF_DSYNC`): one request per flush, which completes once
-//! the data is durable and needs no io_uring worker thread. (A write linked to
-//! an fdatasync takes a worker thread's wake-up for every fdatasync: at 1,000
-//! commits/s on 6 nodes about 3 context switches per commit, and ack = disk
-//! commits took 1.7x as long at the median.) It starts a flush as soon as a
+//! the data is durable and needs no io_uring worker thread (a write linked to
+//! an fdatasync takes a worker thread's wake-up for every fdatasync). It starts a flush as soon as a
 //! segment has dirty records and none in flight, so records that arrive
 //! during a flush ride in the next one (group commit without a timer).
 //! Appends wake it through a `Notify`; completions wake it through the ring's
 //! descriptor, polled by the runtime like any socket. On the network thread it
 //! submits the write as soon as the task that took the append yields, and
-//! takes the completion in the wake-up that sends the acks. On a thread of its
-//! own (eventfd wake, blocking wait, hand-off back) the 6 nodes of a local
-//! cluster at 1,000 commits/s with ack = disk made 22 context switches per
-//! commit instead of 14, and commits took 1.2x as long at the median. No
-//! SQPOLL: on two vCPUs a polling kernel thread starves the daemon.
+//! takes the completion in the wake-up that sends the acks; a thread of its
+//! own costs an eventfd wake, a blocking wait and a hand-off back per flush.
+//! No SQPOLL: on two vCPUs a polling kernel thread starves the daemon. (What
+//! each choice measured: bench-results/README.md, "Design measurements".)
 //!
 //! With `--flush-interval-us` (ack = memory), a flush that would start
 //! sooner than that after the previous start waits for the rest of the
@@ -26,9 +23,8 @@
 //! interval starts the next flushes, completions are reaped whenever the
 //! flusher runs (on a one-thread runtime the kernel posts them at the thread's
 //! next system call, `COOP_TASKRUN`, instead of interrupting it), and a timer
-//! covers a quiet spell. At 1,000 commits/s a local cluster's one-thread
-//! nodes then made 6.7 context switches per commit instead of 10.6 (a timeout
-//! to start each round and a wake-up for each completion).
+//! covers a quiet spell: no timeout to start each round and no wake-up for
+//! each completion.
 //!
 //! While flushes are small, the file ahead of the log is kept written with
 //! zeros (`ZERO_AHEAD`; every half MiB, a flush's write is followed by a

@@ -108,6 +108,8 @@ pub struct Stats {
     pub recovery_retries: u64,
     /// Takeovers by two candidates at once: claims that lost to the other.
     pub claims_lost: u64,
+    /// Replicas that deferred to a better-placed or promoting peer.
+    pub deferrals: u64,
     /// Unacknowledged transactions a recovery dropped, and kept (whole).
     pub txns_dropped: u64,
     pub txns_kept_unacked: u64,
@@ -137,6 +139,7 @@ impl std::ops::AddAssign for Stats {
         self.promotions += o.promotions;
         self.recovery_retries += o.recovery_retries;
         self.claims_lost += o.claims_lost;
+        self.deferrals += o.deferrals;
         self.txns_dropped += o.txns_dropped;
         self.txns_kept_unacked += o.txns_kept_unacked;
         self.late_truncations += o.late_truncations;
@@ -442,6 +445,7 @@ impl Sim {
                     // replicad: a new writer's first progress drops the old writer's
                     // tail, exactly what storage truncated (above the recovered VDL).
                     let r = &mut self.replicas[to];
+                    r.heard = Some(self.now);
                     if epoch > r.epoch {
                         r.core.new_epoch(truncated_above, &pgcl);
                         r.epoch = epoch;
@@ -472,8 +476,12 @@ impl Sim {
             self.writer_crash_at.remove(0);
             self.crash_writer();
         }
-        if !self.writer_up && self.now >= self.recover_at {
-            self.try_recover();
+        if !self.writer_up {
+            let elected = self.elect();
+            let restarted = self.now >= self.recover_at;
+            if restarted || !elected.is_empty() {
+                self.try_recover(&elected, restarted);
+            }
         }
         for pg in 0..self.segments.len() {
             for seg in 0..SEGMENTS_PER_PG {

@@ -52,8 +52,10 @@ const SECOND_START_US_MAX: u64 = 60_000;
 const INFLIGHT_SURVIVES_PERCENT: u64 = 50;
 /// Ticks between the writer's death and the first recovery attempt, at most.
 const RECOVERY_DELAY_TICKS_MAX: u64 = 30;
-/// Chance that a recovery is a replica promotion (offers back `held_records` first).
-const PROMOTION_PERCENT: u64 = 50;
+/// Chance that the writer restarts late after a crash (`WRITER_LATE_TICKS`),
+/// leaving the replicas time to elect one of them.
+const WRITER_LATE_PERCENT: u64 = 50;
+const WRITER_LATE_TICKS: u64 = 150;
 const OFFER_RUN_BYTES_MAX: usize = 1024;
 /// An acknowledged record must stay on this many segments while only storage
 /// holds it (no writer retains its frame): then any write quorum of claim
@@ -128,29 +130,38 @@ impl Sim {
         self.senders.iter_mut().flatten().for_each(|s| s.at = None);
         self.segments.iter_mut().flatten().for_each(|s| s.lost_upto = Lsn::ZERO);
         self.acked_floor = self.vdl_seen;
-        self.recover_at = self.now + 1 + self.rng.below(RECOVERY_DELAY_TICKS_MAX);
+        let late = if self.rng.chance(WRITER_LATE_PERCENT) { WRITER_LATE_TICKS } else { 0 };
+        self.recover_at = self.now + 1 + late + self.rng.below(RECOVERY_DELAY_TICKS_MAX);
         self.stats.writer_crashes += 1;
     }
 
     /// One takeover (writerd's `take_over`): the core's `Takeover` driven
     /// against the segments in virtual time, each command executed as storaged
     /// would and its reply delivered after a random delay, lost, or never
-    /// answered by a segment cut off from that candidate. Sometimes two
-    /// candidates (writers or promoted replicas) run at once, the second
-    /// starting a little later: at most one may win each generation, and the
-    /// last winner writes unless a loser left a newer epoch on some segment
-    /// (it is fenced then, before it wrote anything). `false` when no winner
-    /// writes (retried on a later tick).
-    pub(crate) fn try_recover(&mut self) -> bool {
+    /// answered by a segment cut off from that candidate. The candidates are
+    /// the replicas their failure detectors elected (promotions), the writer
+    /// if it restarts now, and sometimes one more writer, each starting a
+    /// little later: at most one may win each generation, and the last winner
+    /// writes unless a loser left a newer epoch on some segment (it is fenced
+    /// then, before it wrote anything). `false` when no winner writes (retried
+    /// on a later tick).
+    pub(crate) fn try_recover(&mut self, elected: &[usize], restarted: bool) -> bool {
         let pgs = self.segments.len();
-        let count = if self.rng.chance(CONCURRENT_PERCENT) { 2 } else { 1 };
+        // The elected replicas, the restarted writer, and sometimes one more writer at once.
+        let mut candidates: Vec<Option<usize>> = elected.iter().map(|&r| Some(r)).collect();
+        if restarted {
+            candidates.push(None);
+        }
+        if candidates.len() == 1 && self.rng.chance(CONCURRENT_PERCENT) {
+            candidates.push(None);
+        }
+        let count = candidates.len();
         let mut x = Execution { now: Duration::ZERO, replies: Vec::new(), claimants: Vec::new() };
-        for i in 0..count {
+        for (i, candidate) in candidates.into_iter().enumerate() {
             // A promotion: the replica offers back what it holds, and knows VDL up to what it heard.
             let (mut known_cpl, mut offer) = (Lsn::ZERO, Vec::new());
-            let promotion = !self.replicas.is_empty() && self.rng.chance(PROMOTION_PERCENT);
-            if promotion {
-                let r = self.rng.below(self.replicas.len() as u64) as usize;
+            let promotion = candidate.is_some();
+            if let Some(r) = candidate {
                 known_cpl = self.replicas[r].core.vdl();
                 offer = self.replicas[r].core.held_records(OFFER_RUN_BYTES_MAX);
             }

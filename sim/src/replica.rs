@@ -14,6 +14,10 @@
 //! point it reports. How far the buffer goes over its bound is measured.
 
 use bytes::Bytes;
+use std::time::Duration;
+
+use redo_core::api::Role;
+use redo_core::failover::{Verdict, Watch};
 use redo_core::log_stream::{LogStream, StreamPoll};
 use redo_core::page::PageImage;
 use redo_core::quorum::SEGMENTS_PER_PG;
@@ -28,6 +32,10 @@ use crate::{key, Msg, Segment, Sim, KEYS, PAGE_COUNT, RECONNECT_AFTER_TICKS};
 /// The feeds are streams in replicad: a lost message stands for a lost
 /// stream, which is re-established and sends the current state again.
 const FEED_RESEND_TICKS: u64 = 25;
+/// How long a replica must not hear its writer before it looks for a new one.
+const ELECTION_SILENCE: Duration = Duration::from_millis(20);
+/// Chance that a peer (or the writer) answers one `Role` request.
+const ROLE_ANSWER_PERCENT: u64 = 80;
 const READ_PERCENT: u64 = 30;
 const READS_INFLIGHT_MAX: usize = 4;
 /// Chance that a segment answers the Status a starting replica sends.
@@ -123,6 +131,10 @@ pub(crate) struct Replica {
     pub(crate) epoch: Epoch,
     /// Per PG, its log stream.
     streams: Vec<Option<Stream>>,
+    /// The tick its writer feed last brought progress (`None`: never).
+    pub(crate) heard: Option<u64>,
+    /// Its failure detector (replicad's `watch`), in ticks as milliseconds.
+    watch: Watch<usize>,
 }
 
 impl Replica {
@@ -176,8 +188,41 @@ impl Sim {
                 notified,
                 epoch: self.writer.epoch(),
                 streams,
+                heard: None,
+                watch: Watch::new(ELECTION_SILENCE, tick(self.now)),
             });
         }
+    }
+
+    /// Each replica's failure detector (the core's `Watch`, as replicad's
+    /// `watch` runs it): the replicas that decide to promote now. The roles
+    /// of the peers and of the writer each answer or not.
+    pub(crate) fn elect(&mut self) -> Vec<usize> {
+        let now = tick(self.now);
+        let role = |sim: &Sim, q: usize| {
+            let r = &sim.replicas[q];
+            Role { epoch: r.epoch, vdl: r.core.vdl(), writer_silent_ms: r.heard.map_or(u64::MAX, |h| sim.now - h), ..Role::default() }
+        };
+        let mut elected = Vec::new();
+        for r in 0..self.replicas.len() {
+            let heard = self.replicas[r].heard.map(tick);
+            if now < self.replicas[r].watch.poll_timeout() || !self.replicas[r].watch.handle_timeout(now, heard) {
+                continue;
+            }
+            let answering: Vec<usize> = (0..self.replicas.len()).filter(|&q| q != r && self.rng.chance(ROLE_ANSWER_PERCENT)).collect();
+            let mut roles: Vec<(usize, Role)> = answering.into_iter().map(|q| (q, role(self, q))).collect();
+            if self.writer_up && self.rng.chance(ROLE_ANSWER_PERCENT) {
+                // The volume's writer address (a replica's index never reaches it).
+                roles.push((usize::MAX, Role { writer: true, epoch: self.writer.epoch(), vdl: self.writer.vdl(), ..Role::default() }));
+            }
+            let mine = role(self, r);
+            match self.replicas[r].watch.on_roles(now, r, &mine, &roles) {
+                Verdict::Promote => elected.push(r),
+                Verdict::Defer { .. } => self.stats.deferrals += 1,
+                Verdict::Follow(_) | Verdict::Wait(_) => {}
+            }
+        }
+        elected
     }
 
     /// One turn of every replica: feeds, requests that timed out, pulls, maybe a read.
@@ -479,4 +524,9 @@ fn read_file(file: &[u8], read: DiskRead, bytes_max: usize, keep: impl Fn(&Recor
         last = rec.lsn();
     }
     (out, last)
+}
+
+/// A tick as the core's time (a millisecond each).
+fn tick(t: u64) -> Duration {
+    Duration::from_millis(t)
 }

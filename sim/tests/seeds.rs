@@ -28,6 +28,7 @@ fn safety_then_liveness_over_many_seeds() {
         assert!(total.recoveries > 0 && total.promotions > 0 && total.late_truncations > 0, "no writer recovery was exercised: {total:?}");
         assert!(total.claims_lost > 0, "no takeover by two candidates at once had a loser: {total:?}");
         assert!(total.gossip_fills > 0, "no segment was filled by the core's Repair: {total:?}");
+        assert!(total.deferrals > 0, "no replica's Watch deferred to a better peer: {total:?}");
         assert!(total.txns_dropped > 0 && total.txns_kept_unacked > 0, "recoveries never decided an unacknowledged transaction: {total:?}");
     }
 }

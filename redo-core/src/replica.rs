@@ -329,6 +329,23 @@ impl ReplicaCore {
         }
     }
 
+    /// Panics unless the replica's bookkeeping is consistent: pending and
+    /// retained bytes are what the queues hold, each queue in LSN order with
+    /// pending records above retained ones and at or below what the PG has, and
+    /// the read point at or below VDL. The simulator calls it after every event.
+    pub fn check_invariants(&self) {
+        let (mut pending, mut retained) = (0, 0);
+        for (pg, p) in self.pgs.iter().enumerate() {
+            let lsns: Vec<Lsn> = p.retained.iter().chain(&p.pending).map(|r| r.lsn).collect();
+            assert!(lsns.windows(2).all(|w| w[0] < w[1]), "pg{pg}: retained then pending records out of order");
+            assert!(lsns.last().is_none_or(|&l| l <= p.have), "pg{pg} holds records above what it has ({})", p.have);
+            pending += p.pending.iter().map(|r| r.bytes.len()).sum::<usize>();
+            retained += p.retained.iter().map(|r| r.bytes.len()).sum::<usize>();
+        }
+        assert_eq!((self.pending_bytes, self.retained_bytes), (pending, retained), "pending / retained bytes");
+        assert!(self.read_point.is_none_or(|rp| rp <= self.vdl), "read point {:?} above VDL {}", self.read_point, self.vdl);
+    }
+
     pub fn volume(&self) -> &Volume {
         &self.volume
     }

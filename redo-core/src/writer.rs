@@ -174,6 +174,27 @@ impl WriterCore {
     pub fn volume(&self) -> &Volume {
         &self.volume
     }
+    /// Panics unless the writer's bookkeeping is consistent: VDL <= VCL <= the
+    /// last LSN allocated; per PG, frames retained in LSN order, above what was
+    /// released and at or below the PG's last record, their bytes counted; no
+    /// page's last record beyond the last allocated. The simulator calls it
+    /// after every event.
+    pub fn check_invariants(&self) {
+        let last = self.last_allocated();
+        assert!(self.vdl() <= self.vcl() && self.vcl() <= last, "VDL {} / VCL {} / last allocated {last}", self.vdl(), self.vcl());
+        for (pg, log) in self.pgs.iter().enumerate() {
+            assert!(log.last_lsn <= last, "pg{pg} ends at {} past the last allocated {last}", log.last_lsn);
+            assert!(self.pgcl(PgId(pg as u32)) <= log.last_lsn, "pg{pg}'s PGCL above its last record");
+            let mut prev = log.released_upto;
+            for b in &log.batches {
+                assert!(b.last_lsn > prev && b.last_lsn <= log.last_lsn, "pg{pg}: frame ending at {} out of order (after {prev})", b.last_lsn);
+                prev = b.last_lsn;
+            }
+            assert_eq!(log.retained_bytes, log.batches.iter().map(|b| b.frame.len()).sum::<usize>(), "pg{pg}'s retained bytes");
+        }
+        assert!(self.page_lsn.values().all(|&l| l <= last), "a page's last record beyond the last allocated");
+    }
+
     pub fn vcl(&self) -> Lsn {
         self.durability.vcl()
     }

@@ -562,6 +562,8 @@ impl Sim {
         assert!(vdl == Lsn::ZERO || self.commits.contains(&vdl), "vdl {vdl} is not a commit LSN");
         self.assert_durable(vdl, "vdl");
         self.segments.iter().flatten().for_each(|s| s.log.check_invariants());
+        self.writer.check_invariants();
+        self.replicas.iter().for_each(|r| r.core.check_invariants());
         self.check_replicas();
     }
 

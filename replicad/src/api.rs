@@ -15,7 +15,7 @@ use redo_core::Lsn;
 use tokio::sync::watch;
 
 use crate::promote::Promoter;
-use crate::state::Replica;
+use crate::replica::Replica;
 
 pub struct Api {
     pub replica: Arc<Replica>,

@@ -6,10 +6,11 @@
 
 mod api;
 pub mod config;
-mod feeds;
+mod follow;
+mod latency;
 mod metrics;
 mod promote;
-mod state;
+mod replica;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 pub use config::Config;
 
-use crate::state::Replica;
+use crate::replica::Replica;
 
 /// How often a replica that has no read point yet says why it is not serving.
 const NOT_READY_REPORT: Duration = Duration::from_secs(5);
@@ -38,7 +39,7 @@ pub fn run(config: Config) -> Result<i32> {
     runtime.block_on(async {
         let endpoint = borealis_net::client_endpoint(&identity)?;
         let links = NodeLink::for_volume(&volume, &endpoint)?;
-        let (start, positions) = feeds::start(&volume, &links, Duration::from_millis(config.start_timeout_ms)).await?;
+        let (start, positions) = follow::start(&volume, &links, Duration::from_millis(config.start_timeout_ms)).await?;
         tracing::info!(durable = %start.durable, "learned the volume's position from storage");
         let core_config = ReplicaConfig { buffer_bytes_max: config.buffer_bytes_max as usize, cache_pages_max: config.cache_pages_max };
         let replica = Arc::new(Replica::new(ReplicaCore::new(volume.clone(), core_config, start)));
@@ -47,16 +48,16 @@ pub fn run(config: Config) -> Result<i32> {
         }
         let mut replica_tasks = Vec::new();
         for pg in 0..volume.pg_count() as u32 {
-            replica_tasks.push(tokio::spawn(feeds::puller(replica.clone(), volume.clone(), links.clone(), PgId(pg))).abort_handle());
+            replica_tasks.push(tokio::spawn(follow::puller(replica.clone(), volume.clone(), links.clone(), PgId(pg))).abort_handle());
         }
         // Each PG's records streamed from one segment (replicas of a volume start on different
         // ones), every segment's position with its flushes.
         let first = config.listen.port() as usize;
         for pg in 0..volume.pg_count() as u32 {
-            replica_tasks.push(tokio::spawn(feeds::log_stream(replica.clone(), volume.clone(), links.clone(), PgId(pg), first)).abort_handle());
+            replica_tasks.push(tokio::spawn(follow::log_stream(replica.clone(), volume.clone(), links.clone(), PgId(pg), first)).abort_handle());
         }
         for link in &links {
-            replica_tasks.push(tokio::spawn(feeds::storage_feed(replica.clone(), volume.clone(), link.clone())).abort_handle());
+            replica_tasks.push(tokio::spawn(follow::storage_feed(replica.clone(), volume.clone(), link.clone())).abort_handle());
         }
         let promoter = Arc::new(promote::Promoter::new(
             replica.clone(),
@@ -69,7 +70,7 @@ pub fn run(config: Config) -> Result<i32> {
             config.priority,
         ));
         *promoter.replica_tasks.lock().expect("tasks lock") = replica_tasks;
-        tokio::spawn(feeds::writer_feed(promoter.clone(), endpoint.clone(), writer, config.peers.clone()));
+        tokio::spawn(follow::writer_feed(promoter.clone(), endpoint.clone(), writer, config.peers.clone()));
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
             let r = replica.clone();

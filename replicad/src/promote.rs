@@ -19,7 +19,7 @@ use redo_core::Lsn;
 use tokio::task::JoinSet;
 use writerd::recovery::TakeoverError;
 
-use crate::state::Replica;
+use crate::replica::Replica;
 
 /// Records per offered run (one Append frame each).
 const OFFER_RUN_BYTES_MAX: usize = 1 << 20;

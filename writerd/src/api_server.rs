@@ -14,8 +14,8 @@ use tokio::sync::watch;
 
 use borealis_net::storage::NodeLink;
 
-use crate::segments::fetch_page;
-use crate::state::{Deposed, Writer};
+use crate::senders::fetch_page;
+use crate::writer::{Deposed, Writer};
 
 pub struct Api {
     pub writer: Arc<Writer>,

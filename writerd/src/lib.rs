@@ -7,8 +7,8 @@ pub mod api_server;
 pub mod config;
 mod metrics;
 pub mod recovery;
-mod segments;
-pub mod state;
+mod senders;
+pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +24,7 @@ use tokio::signal::unix::{signal, SignalKind};
 pub use config::{Config, Tuning};
 
 use crate::metrics::Gauges;
-use crate::state::Writer;
+use crate::writer::Writer;
 
 /// How long a stopping writer waits for its allocated records to become durable.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -106,7 +106,7 @@ pub fn start(volume: &Volume, links: &[Arc<NodeLink>], taken: recovery::TakenOve
         let pg = PgId(pg as u32);
         for (segment, node) in volume.segments(pg).enumerate() {
             let link = borealis_net::storage::link_of(links, node.id).clone();
-            tokio::spawn(segments::segment_loop(writer.clone(), pg, segment, link));
+            tokio::spawn(senders::segment_loop(writer.clone(), pg, segment, link));
         }
     }
     tokio::spawn(report_stalls(writer.clone()));

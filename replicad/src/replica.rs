@@ -11,7 +11,7 @@ use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, Lsn};
 use tokio::sync::{watch, Notify};
 
-use crate::feeds::Latency;
+use crate::latency::Latency;
 use crate::metrics::Metrics;
 
 /// VDLs remembered for `replicad_apply_delay_us` while the read point lags (beyond, unmeasured).

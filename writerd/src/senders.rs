@@ -14,7 +14,7 @@ use redo_core::wire::ErrorCode;
 use redo_core::writer::Batch;
 use redo_core::{Lsn, PageId, PgId};
 
-use crate::state::Writer;
+use crate::writer::Writer;
 
 const RETRY_MIN: Duration = Duration::from_millis(20);
 const RETRY_MAX: Duration = Duration::from_secs(1);

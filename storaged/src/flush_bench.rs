@@ -62,7 +62,8 @@ pub fn run(args: FlushBenchArgs) -> Result<()> {
         gossip_interval_ms: 0,
         worker_threads: 1,
     };
-    let (node, targets) = Node::open(config, Pages::LogOnly)?;
+    let (node, files) = Node::open(config, Pages::LogOnly)?;
+    let targets = crate::flusher::targets(&node, files);
     let runtime = crate::flusher::runtime_thread()?;
     let flusher = runtime.block_on(async { Flusher::spawn(targets, node.wake.clone()) })?;
 

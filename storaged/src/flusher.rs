@@ -17,7 +17,7 @@
 //! sooner than that after the previous start waits for the rest of the
 //! interval: under load one durable write per segment carries every append of
 //! the interval, instead of one each (records are acked from memory; only the
-//! flushed LSN waits). A segment with `FLUSH_NOW_BYTES` unflushed does not
+//! flushed LSN waits). A segment with `wake::FLUSH_NOW_BYTES` unflushed does not
 //! wait. Nothing waits for these flushes promptly, so they cost no thread
 //! wake-up of their own while appends arrive: the first append after the
 //! interval starts the next flushes, completions are reaped whenever the
@@ -51,10 +51,10 @@ use io_uring::{opcode, squeue, types, IoUring};
 use redo_core::record::RECORD_BYTES_MAX;
 use redo_core::segment_log::FlushJob;
 use tokio::io::unix::AsyncFd;
-use tokio::sync::Notify;
 
-use crate::node::Segment;
+use crate::node::{Node, Segment, SegmentFile};
 use crate::store::{fallocate, ALLOCATE, BLOCK_BYTES};
+use crate::wake::Wake;
 
 /// With an interval, how long after the flusher last ran a flush in flight is looked for.
 const REAP_AFTER: Duration = Duration::from_millis(2);
@@ -65,10 +65,6 @@ const TAG_SYNC: u64 = 2;
 /// A delayed job's wait (`--flush-delay-ms`) is over: submit its write.
 const TAG_DELAY: u64 = 3;
 
-/// A segment with at least this many unflushed bytes is flushed without waiting
-/// for the rest of the flush interval: its flush is batched enough already.
-pub const FLUSH_NOW_BYTES: usize = 256 << 10;
-
 /// How far past the log's end the file is kept written with zeros; topped up when
 /// less than half of it is left, so each zero write is at least half of it.
 const ZERO_AHEAD: u64 = 1 << 20;
@@ -77,33 +73,6 @@ const ZERO_AHEAD: u64 = 1 << 20;
 /// 16 KiB ones 1.35x (`storaged bench-flush`, 2 segments). From about 64 KiB on,
 /// writing every block twice costs more than the conversion (256 KiB: 0.7x).
 const ZERO_FOR_WRITES_BELOW: usize = 64 << 10;
-
-/// Wakes the flusher after appends. Every append wakes it: on the network thread that
-/// costs a task poll, not a thread wake-up, and with an interval it reaps completions then.
-#[derive(Default)]
-pub struct Wake {
-    notify: Notify,
-    /// Records were appended since the flusher last started flushes.
-    pending: AtomicBool,
-    /// Set by `wake_for`: the next round starts flushes even within the interval.
-    now: AtomicBool,
-}
-
-impl Wake {
-    /// `wake` after an append that left `unflushed` bytes in its segment: with
-    /// `FLUSH_NOW_BYTES` or more, the flush starts without waiting for the interval.
-    pub fn wake_for(&self, unflushed: usize) {
-        if unflushed >= FLUSH_NOW_BYTES {
-            self.now.store(true, Ordering::Release);
-        }
-        self.wake();
-    }
-
-    pub fn wake(&self) {
-        self.pending.store(true, Ordering::Release);
-        self.notify.notify_one();
-    }
-}
 
 /// A block-aligned buffer for O_DIRECT writes, allocated once per segment.
 struct AlignedBuf {
@@ -187,13 +156,19 @@ struct Inflight {
 impl FlushTarget {
     /// `write_bytes_max`: the largest flush job, i.e. the larger of the flush
     /// limit and the largest fragment (one append frame).
-    /// `file_end`: where the recovered log (and `tail`) ends.
-    pub fn new(seg: Arc<Segment>, direct: File, allocated: u64, prealloc: u64, tail: Vec<u8>, file_end: u64, write_bytes_max: usize) -> Self {
+    fn new(file: SegmentFile, prealloc: u64, write_bytes_max: usize) -> Self {
+        let SegmentFile { seg, direct, allocated, tail, file_end } = file;
         let cap = (write_bytes_max.max(RECORD_BYTES_MAX) + 2 * BLOCK_BYTES as usize).next_multiple_of(BLOCK_BYTES as usize);
         debug_assert_eq!(file_end % BLOCK_BYTES, tail.len() as u64 % BLOCK_BYTES);
         let zeroed = file_end.next_multiple_of(BLOCK_BYTES);
         FlushTarget { seg, direct, allocated, prealloc, tail, end: file_end, zeroed, buf: AlignedBuf::new(cap), inflight: None }
     }
+}
+
+/// The flusher's targets for the segment files `Node::open` opened.
+pub fn targets(node: &Node, files: Vec<SegmentFile>) -> Vec<FlushTarget> {
+    let write_bytes_max = node.config.flush_bytes_max.max(node.config.frame_bytes_max) as usize;
+    files.into_iter().map(|f| FlushTarget::new(f, node.config.segment_prealloc_bytes, write_bytes_max)).collect()
 }
 
 /// A runtime whose one worker thread runs the flusher for a caller on a plain
@@ -553,6 +528,7 @@ mod tests {
     use super::*;
     use crate::config::{AckMode, Config};
     use crate::node::{Node, Pages};
+    use crate::wake::FLUSH_NOW_BYTES;
 
     fn config(dir: &Path) -> Config {
         Config {
@@ -614,7 +590,8 @@ mod tests {
     #[test]
     fn records_behind_a_flush_in_flight_are_flushed() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (node, targets) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let (node, files) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let targets = targets(&node, files);
         let runtime = runtime_thread().expect("runtime");
         let flusher =
             runtime.block_on(async { Flusher::spawn_with(targets, node.wake.clone(), Duration::from_millis(7), Duration::from_millis(5)) }).expect("flusher");
@@ -632,7 +609,8 @@ mod tests {
     #[test]
     fn a_large_backlog_does_not_wait_for_the_interval() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (node, targets) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let (node, files) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let targets = targets(&node, files);
         let runtime = runtime_thread().expect("runtime");
         let flusher = runtime.block_on(async { Flusher::spawn_with(targets, node.wake.clone(), Duration::ZERO, Duration::from_secs(3600)) }).expect("flusher");
         let mut lsn = Lsn::ZERO;
@@ -669,7 +647,8 @@ mod tests {
     #[test]
     fn a_backlog_beyond_one_flush_is_flushed_without_further_appends() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (node, targets) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let (node, files) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let targets = targets(&node, files);
         let runtime = runtime_thread().expect("runtime");
         let flusher = runtime.block_on(async { Flusher::spawn_with(targets, node.wake.clone(), Duration::ZERO, Duration::from_millis(20)) }).expect("flusher");
         let mut lsn = Lsn::ZERO;
@@ -730,7 +709,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut config = config(dir.path());
         config.segment_prealloc_bytes = 4 * ZERO_AHEAD;
-        let (node, targets) = Node::open(config, Pages::LogOnly).expect("open node");
+        let (node, files) = Node::open(config, Pages::LogOnly).expect("open node");
+        let targets = targets(&node, files);
         let runtime = runtime_thread().expect("runtime");
         let flusher = runtime.block_on(async { Flusher::spawn(targets, node.wake.clone()) }).expect("flusher");
         let mut lsn = Lsn::ZERO;
@@ -750,7 +730,8 @@ mod tests {
     #[test]
     fn appends_within_an_interval_share_a_flush() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (node, targets) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let (node, files) = Node::open(config(dir.path()), Pages::LogOnly).expect("open node");
+        let targets = targets(&node, files);
         let runtime = runtime_thread().expect("runtime");
         let flusher = runtime.block_on(async { Flusher::spawn_with(targets, node.wake.clone(), Duration::ZERO, Duration::from_millis(20)) }).expect("flusher");
         let mut lsn = Lsn::ZERO;

@@ -14,6 +14,7 @@ mod node;
 mod pages;
 mod server;
 mod store;
+mod wake;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -51,7 +52,8 @@ pub fn run(config: Config) -> Result<()> {
         }
         None => None,
     };
-    let (node, targets) = node::Node::open(config.clone(), node::Pages::Indexed)?;
+    let (node, files) = node::Node::open(config.clone(), node::Pages::Indexed)?;
+    let targets = flusher::targets(&node, files);
     // With ack = disk every ack waits for its flush: no interval between flushes.
     let flush_interval = match config.ack {
         AckMode::Memory => Duration::from_micros(config.flush_interval_us),

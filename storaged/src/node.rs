@@ -15,10 +15,10 @@ use redo_core::{NodeId, PgId, SegmentId};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::flusher::{FlushTarget, Wake};
 use crate::metrics::{Metrics, SegmentGauges};
 use crate::pages::PageFile;
 use crate::store;
+use crate::wake::Wake;
 
 pub struct Segment {
     pub id: SegmentId,
@@ -118,10 +118,23 @@ pub struct Node {
     pub frame_budget: tokio::sync::Semaphore,
 }
 
+/// A segment's file as recovered, for the flusher to append to.
+pub struct SegmentFile {
+    pub seg: Arc<Segment>,
+    /// The file opened for O_DIRECT writes.
+    pub direct: std::fs::File,
+    /// Bytes fallocated.
+    pub allocated: u64,
+    /// The partial last block of the log.
+    pub tail: Vec<u8>,
+    /// Where the recovered log (and `tail`) ends.
+    pub file_end: u64,
+}
+
 impl Node {
     /// Recovers every hosted segment from disk and returns the node plus the
-    /// flusher's per-segment targets.
-    pub fn open(config: Config, pages: Pages) -> Result<(Arc<Node>, Vec<FlushTarget>)> {
+    /// segment files, for the flusher (`flusher::targets`).
+    pub fn open(config: Config, pages: Pages) -> Result<(Arc<Node>, Vec<SegmentFile>)> {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| anyhow::anyhow!("create data dir {}: {e}", config.data_dir.display()))?;
         let node_id = NodeId(config.node_id);
         let metrics = Arc::new(Metrics::default());
@@ -131,7 +144,7 @@ impl Node {
             flush_bytes_max: config.flush_bytes_max as usize,
         };
         let mut segments = HashMap::new();
-        let mut targets = Vec::new();
+        let mut files = Vec::new();
         let write_bytes_max = config.flush_bytes_max.max(config.frame_bytes_max);
         for &pg in &config.pgs {
             let id = SegmentId { pg: PgId(pg), node: node_id };
@@ -166,12 +179,12 @@ impl Node {
                 files: tokio::sync::RwLock::new(()),
                 page_file,
             });
-            targets.push(FlushTarget::new(seg.clone(), r.direct, r.allocated, config.segment_prealloc_bytes, r.tail, r.file_end, write_bytes_max as usize));
+            files.push(SegmentFile { seg: seg.clone(), direct: r.direct, allocated: r.allocated, tail: r.tail, file_end: r.file_end });
             segments.insert(PgId(pg), seg);
         }
         let frame_budget = tokio::sync::Semaphore::new(config.inflight_bytes_max as usize);
         let node = Node { config, node_id, segments, wake: Arc::default(), metrics, shutting_down: AtomicBool::new(false), frame_budget };
-        Ok((Arc::new(node), targets))
+        Ok((Arc::new(node), files))
     }
 
     pub fn data_dir(&self) -> &PathBuf {

@@ -159,7 +159,7 @@ pub fn decide(plan: &Plan, pulled: &[Vec<Bytes>]) -> Decision {
 }
 
 /// The records of `runs` at or below `upto`, as runs.
-fn keep_upto(runs: &[Bytes], upto: Lsn) -> Vec<Bytes> {
+pub(crate) fn keep_upto(runs: &[Bytes], upto: Lsn) -> Vec<Bytes> {
     let mut out = Vec::new();
     for run in runs {
         let mut end = 0;

@@ -79,6 +79,14 @@ pub enum Command {
     Pull { pg: PgId, segment: usize, after: Lsn, upto: Lsn },
 }
 
+/// Records a promoted replica retains, per PG, to offer back to storage: all
+/// of the history of the writer at `epoch`, the newest it heard.
+#[derive(Clone, Debug, Default)]
+pub struct Offer {
+    pub epoch: Epoch,
+    pub runs: Vec<Vec<Bytes>>,
+}
+
 /// How long each step took.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Timings {
@@ -187,7 +195,7 @@ enum Step {
 pub struct Takeover {
     pgs: usize,
     known_cpl: Lsn,
-    offer: Vec<Vec<Bytes>>,
+    offer: Offer,
     deadline: Duration,
     random: u64,
     step: Step,
@@ -204,12 +212,13 @@ pub struct Takeover {
 impl Takeover {
     /// A takeover of a volume of `pgs` PGs. `known_cpl` is a CPL every PG is
     /// known complete up to (a replica's last VDL from the writer; `Lsn::ZERO`
-    /// when nothing is known). `offer[pg]` are encoded records to append to
-    /// every claimed segment first (a replica's retained log), so that a commit
-    /// acknowledged from memory survives segments that restarted before
-    /// flushing it. The claim gives up at `now + timeout`; `seed` makes the
+    /// when nothing is known). `offer.runs[pg]` are encoded records to append
+    /// to every claimed segment first (a replica's retained log), so that a
+    /// commit acknowledged from memory survives segments that restarted before
+    /// flushing it; those above a truncation newer than `offer.epoch` (a
+    /// takeover the replica did not hear of) are not offered. The claim gives up at `now + timeout`; `seed` makes the
     /// epoch's nonce and the retry pauses differ between candidates.
-    pub fn new(pgs: usize, known_cpl: Lsn, offer: Vec<Vec<Bytes>>, now: Duration, timeout: Duration, seed: u64) -> Takeover {
+    pub fn new(pgs: usize, known_cpl: Lsn, offer: Offer, now: Duration, timeout: Duration, seed: u64) -> Takeover {
         let mut t = Takeover {
             pgs,
             known_cpl,
@@ -391,8 +400,12 @@ impl Takeover {
             Step::Claim => {
                 self.timings.claim = now - self.step_started;
                 self.step_started = now;
-                let offers: Vec<Command> = self
-                    .offer
+                // Records written before a truncation their writer did not hear of are not the
+                // volume's: a replica that missed a takeover holds the old writer's discarded tail.
+                let newer = answers.iter().flatten().flat_map(|(_, st)| &st.truncations).filter(|t| t.epoch > self.offer.epoch);
+                let cut = newer.map(|t| t.above).min();
+                let runs: Vec<Vec<Bytes>> = self.offer.runs.iter().map(|runs| cut.map_or_else(|| runs.clone(), |cut| recovery::keep_upto(runs, cut))).collect();
+                let offers: Vec<Command> = runs
                     .iter()
                     .enumerate()
                     .filter(|(_, runs)| !runs.is_empty())
@@ -541,7 +554,7 @@ mod tests {
 
     #[test]
     fn empty_segments_are_claimed_and_truncated_at_zero() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Vec::new(), Duration::ZERO, Duration::from_secs(1), 7);
+        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
         let all = [0, 1, 2, 3, 4, 5];
         let look = asks(&mut t);
         assert!(look.iter().all(|a| a.2 == Epoch(0) && !a.3) && look.len() == 6);
@@ -560,7 +573,7 @@ mod tests {
 
     #[test]
     fn stragglers_get_a_grace_then_the_step_goes_on_and_late_replies_are_ignored() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Vec::new(), Duration::ZERO, Duration::from_secs(1), 7);
+        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
         let look = asks(&mut t);
         answer(&mut t, &look, &[0, 1, 2, 3], |_| status(Epoch(0)), MS);
         assert_eq!(t.poll_timeout(), Some(MS + STRAGGLER_WAIT));
@@ -576,7 +589,7 @@ mod tests {
 
     #[test]
     fn silent_segments_are_asked_again_until_the_deadline() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Vec::new(), Duration::ZERO, Duration::from_secs(1), 7);
+        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
         let look = asks(&mut t);
         answer(&mut t, &look, &[0, 1, 2], |_| status(Epoch(0)), MS);
         answer(&mut t, &look, &[3, 4, 5], |_| Reply::Failed("unreachable".into()), MS);
@@ -594,7 +607,7 @@ mod tests {
 
     #[test]
     fn a_split_claim_pauses_then_yields_to_a_rival_with_a_quorum() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Vec::new(), Duration::ZERO, Duration::from_secs(1), 7);
+        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
         let look = asks(&mut t);
         answer(&mut t, &look, &[0, 1, 2, 3, 4, 5], |_| status(Epoch(0)), MS);
         let claim = asks(&mut t);
@@ -617,7 +630,7 @@ mod tests {
 
     #[test]
     fn a_split_without_a_winner_is_claimed_again_at_the_next_generation() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Vec::new(), Duration::ZERO, Duration::from_secs(1), 7);
+        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
         let look = asks(&mut t);
         answer(&mut t, &look, &[0, 1, 2, 3, 4, 5], |_| status(Epoch(0)), MS);
         let claim = asks(&mut t);

@@ -17,7 +17,7 @@ use redo_core::failover::{Verdict, Watch};
 use redo_core::volume::Volume;
 use redo_core::Lsn;
 use tokio::task::JoinSet;
-use writerd::recovery::TakeoverError;
+use writerd::recovery::{Offer, TakeoverError};
 
 use crate::replica::Replica;
 
@@ -130,8 +130,9 @@ impl Promoter {
         // Every PG is complete up to the read point (a CPL), and up to the last VDL the
         // writer reported; what lies above is decided from storage.
         let known = r.writer().map_or(Lsn::ZERO, |h| h.vdl).max(r.progress.borrow().vdl);
-        let offer = r.lock().held_records(OFFER_RUN_BYTES_MAX);
-        tracing::warn!(%known, offered_bytes = offer.iter().flatten().map(|b| b.len()).sum::<usize>(), "promoting: taking over the volume");
+        // Its records are the history of the newest writer it heard.
+        let offer = Offer { epoch: r.writer().map(|h| h.epoch).unwrap_or_default(), runs: r.lock().held_records(OFFER_RUN_BYTES_MAX) };
+        tracing::warn!(%known, offered_bytes = offer.runs.iter().flatten().map(|b| b.len()).sum::<usize>(), "promoting: taking over the volume");
         let taken = match writerd::recovery::take_over(&self.volume, &self.links, known, offer, self.timeout).await {
             Ok(x) => x,
             Err(e @ TakeoverError::Lost(_)) => {

@@ -25,7 +25,7 @@ use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::{Records, ValidRecords};
 use redo_core::repair::{Own, PeerView};
 use redo_core::segment_log::{grant_decided_epoch, grant_epoch, DiskCut, DiskRead};
-use redo_core::takeover::{Command, Reply, SegmentStatus, TakenOver, Takeover, TakeoverError};
+use redo_core::takeover::{Command, Offer, Reply, SegmentStatus, TakenOver, Takeover, TakeoverError};
 use redo_core::wire::Truncation;
 use redo_core::writer::WriterCore;
 use redo_core::{Epoch, Lsn, PgId};
@@ -159,11 +159,11 @@ impl Sim {
         let mut x = Execution { now: Duration::ZERO, replies: Vec::new(), claimants: Vec::new() };
         for (i, candidate) in candidates.into_iter().enumerate() {
             // A promotion: the replica offers back what it holds, and knows VDL up to what it heard.
-            let (mut known_cpl, mut offer) = (Lsn::ZERO, Vec::new());
+            let (mut known_cpl, mut offer) = (Lsn::ZERO, Offer::default());
             let promotion = candidate.is_some();
             if let Some(r) = candidate {
                 known_cpl = self.replicas[r].core.vdl();
-                offer = self.replicas[r].core.held_records(OFFER_RUN_BYTES_MAX);
+                offer = Offer { epoch: self.replicas[r].epoch, runs: self.replicas[r].core.held_records(OFFER_RUN_BYTES_MAX) };
             }
             let cut_off = (0..pgs).map(|_| (0..SEGMENTS_PER_PG).map(|_| self.rng.chance(CUT_OFF_PERCENT)).collect()).collect();
             let start = if i == 0 { Duration::ZERO } else { Duration::from_micros(self.rng.below(SECOND_START_US_MAX)) };

@@ -48,8 +48,9 @@ pub fn run(config: Config) -> Result<i32> {
     runtime.block_on(async {
         let storage_endpoint = borealis_net::client_endpoint(&identity)?;
         let links = borealis_net::storage::NodeLink::for_volume(&volume, &storage_endpoint)?;
-        let taken =
-            recovery::take_over(&volume, &links, Lsn::ZERO, Vec::new(), Duration::from_millis(config.start_timeout_ms)).await.context("claim the volume")?;
+        let taken = recovery::take_over(&volume, &links, Lsn::ZERO, recovery::Offer::default(), Duration::from_millis(config.start_timeout_ms))
+            .await
+            .context("claim the volume")?;
         let epoch = taken.epoch;
         tracing::info!(%epoch, vdl = %taken.recovered.vdl, "claimed the volume");
         let writer = start(&volume, &links, taken, &config.tuning, config.cache_pages_max);

@@ -11,15 +11,12 @@ use anyhow::{bail, Context, Result};
 use borealis_net::storage::{link_of, ClientError, NodeLink, REQUEST_TIMEOUT};
 use bytes::Bytes;
 use redo_core::takeover::{Command, Reply, Takeover};
-pub use redo_core::takeover::{TakenOver, TakeoverError};
+pub use redo_core::takeover::{Offer, TakenOver, TakeoverError};
 use redo_core::volume::Volume;
 use redo_core::wire::{ErrorCode, PULL_BYTES_MAX};
 use redo_core::{Lsn, PgId};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-
-/// Records a promoted replica still holds, per PG, to offer back to storage.
-pub type Offer = Vec<Vec<Bytes>>;
 
 /// A command's result, for the machine.
 enum Done {
@@ -31,8 +28,7 @@ enum Done {
 /// Claims the volume and decides where it ends, by executing the core's
 /// `Takeover` over QUIC. `known_cpl` is a CPL every PG is known complete up to
 /// (a replica's last VDL from the writer; `Lsn::ZERO` when nothing is known);
-/// `offer[pg]` are encoded records to append to every claimed segment first (a
-/// replica's retained log).
+/// `offer` are the records a promoted replica retains (`Takeover::new`).
 pub async fn take_over(volume: &Volume, links: &[Arc<NodeLink>], known_cpl: Lsn, offer: Offer, timeout: Duration) -> Result<TakenOver, TakeoverError> {
     let origin = Instant::now();
     let mut machine = Takeover::new(volume.pg_count(), known_cpl, offer, Duration::ZERO, timeout, seed());

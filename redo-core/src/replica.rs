@@ -415,11 +415,14 @@ impl ReplicaCore {
         self.apply()
     }
 
-    /// A new writer took over: its recovery truncated the log above `vdl` (at or
-    /// above every read point, since it keeps every durable commit). Records
-    /// pulled above it came from the old writer's unacknowledged tail: drop them,
-    /// and the pulls that may bring more, and go on from `vdl`.
-    pub fn new_epoch(&mut self, vdl: Lsn, bounds: &[Lsn]) {
+    /// A new writer took over: its recovery truncated the log above
+    /// `truncated_above` (at or above every read point, since it keeps every
+    /// durable commit). Records pulled above the VDL this replica heard may be
+    /// an old writer's unacknowledged tail, cut by this takeover or by one this
+    /// replica never heard of (whose writer it never followed): drop them, and
+    /// the pulls that may bring more, and go on from there.
+    pub fn new_epoch(&mut self, truncated_above: Lsn, bounds: &[Lsn]) {
+        let vdl = self.vdl.min(truncated_above);
         for (pg, p) in self.pgs.iter_mut().enumerate() {
             let keep = p.pending.iter().take_while(|r| r.lsn <= vdl).count();
             let dropped: usize = p.pending.iter().skip(keep).map(|r| r.bytes.len()).sum();
@@ -1141,32 +1144,38 @@ mod tests {
 
     #[test]
     fn a_new_epoch_drops_the_old_writers_unacknowledged_tail() {
-        let (mut old, mut new) = (Log::new(), Log::new());
-        let (a, b) = (old.key_in(0, 2), old.key_in(1, 2));
-        let t1 = old.txn(&[(&a[0], b"1"), (&b[0], b"1")]);
-        assert_eq!(new.txn(&[(&a[0], b"1"), (&b[0], b"1")]), t1);
-        // The old writer's t2 reached the segments but was never acknowledged; the new
-        // writer's recovery truncated it and wrote t2' at the same LSNs, other keys.
-        let t2 = old.txn(&[(&a[1], b"old"), (&b[1], b"old")]);
-        assert_eq!(new.txn(&[(&b[1], b"new"), (&a[1], b"new")]), t2);
-        let mut r = replica(1 << 20);
-        r.on_progress(t1, &[t1, t1]);
-        segments_at(&mut r, t2, Lsn::ZERO);
-        pull(&mut r, &old, 0, t2);
-        pull(&mut r, &old, 1, t2);
-        assert_eq!(r.read_point(), Some(t1));
-        let held: usize = r.held_records(1 << 20).iter().flatten().map(|b| b.len()).sum();
-        assert_eq!(held, r.pending_bytes() + r.retained_bytes(), "everything held is offered back");
-        r.new_epoch(t1, &[t1, t1]);
-        assert!(r.pending_bytes() == 0, "the old tail is dropped");
-        segments_at(&mut r, t2, Lsn::ZERO);
-        pull(&mut r, &new, 0, t2);
-        pull(&mut r, &new, 1, t2);
-        assert_eq!(r.on_progress(t2, &[t2, t2]), Some(t2));
-        // What it applied and retains is the new writer's log, not the old tail.
-        let held = r.held_records(1 << 20);
-        for (pg, records) in held.iter().enumerate() {
-            assert_eq!(records.concat(), new.pull(pg, Lsn::ZERO, t2), "pg{pg}");
+        // The new writer truncated at t1, or (after a takeover this replica never
+        // heard of, whose writer wrote t2' durably) at t2: either way, what the
+        // replica pulled above the VDL it heard is dropped.
+        for new_starts_at_t2 in [false, true] {
+            let (mut old, mut new) = (Log::new(), Log::new());
+            let (a, b) = (old.key_in(0, 2), old.key_in(1, 2));
+            let t1 = old.txn(&[(&a[0], b"1"), (&b[0], b"1")]);
+            assert_eq!(new.txn(&[(&a[0], b"1"), (&b[0], b"1")]), t1);
+            // The old writer's t2 reached the segments but was never acknowledged; a later
+            // recovery truncated it and t2' was written at the same LSNs, other keys.
+            let t2 = old.txn(&[(&a[1], b"old"), (&b[1], b"old")]);
+            assert_eq!(new.txn(&[(&b[1], b"new"), (&a[1], b"new")]), t2);
+            let mut r = replica(1 << 20);
+            r.on_progress(t1, &[t1, t1]);
+            segments_at(&mut r, t2, Lsn::ZERO);
+            pull(&mut r, &old, 0, t2);
+            pull(&mut r, &old, 1, t2);
+            assert_eq!(r.read_point(), Some(t1));
+            let held: usize = r.held_records(1 << 20).iter().flatten().map(|b| b.len()).sum();
+            assert_eq!(held, r.pending_bytes() + r.retained_bytes(), "everything held is offered back");
+            let truncated_above = if new_starts_at_t2 { t2 } else { t1 };
+            r.new_epoch(truncated_above, &[truncated_above; 2]);
+            assert!(r.pending_bytes() == 0, "the old tail is dropped (new writer from {truncated_above})");
+            segments_at(&mut r, t2, Lsn::ZERO);
+            pull(&mut r, &new, 0, t2);
+            pull(&mut r, &new, 1, t2);
+            assert_eq!(r.on_progress(t2, &[t2, t2]), Some(t2));
+            // What it applied and retains is the new writers' log, not the old tail.
+            let held = r.held_records(1 << 20);
+            for (pg, records) in held.iter().enumerate() {
+                assert_eq!(records.concat(), new.pull(pg, Lsn::ZERO, t2), "pg{pg}");
+            }
         }
     }
 }

@@ -130,7 +130,7 @@ impl Replica {
         let before = before.map(|b| b.epoch);
         if before != Some(p.epoch) {
             if before.is_some() {
-                tracing::info!(epoch = %p.epoch, truncated_above = %p.truncated_above, "a new writer took over: dropping what the old one wrote above where it started");
+                tracing::info!(epoch = %p.epoch, truncated_above = %p.truncated_above, "a new writer took over: dropping what was pulled above the VDL heard");
                 self.lock().new_epoch(p.truncated_above, &p.pgcl);
             }
             self.progress.send_modify(|cur| (cur.epoch, cur.truncated_above) = (p.epoch, p.truncated_above));

@@ -27,7 +27,7 @@ use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::RECORD_OVERHEAD_BYTES;
 use redo_core::repair::Repair;
 use redo_core::replica::ReplicaConfig;
-use redo_core::segment_file::SEGMENT_HEADER_BYTES;
+use redo_core::segment_file::{scan_records, SEGMENT_HEADER_BYTES};
 use redo_core::segment_log::{AppendError, DiskIndex, SegmentLog, SegmentLogConfig};
 use redo_core::volume::{NodeSpec, Volume};
 use redo_core::wire::{Message, SegmentPosition};
@@ -78,6 +78,11 @@ pub struct Faults {
     pub crash_percent: u64,
 }
 
+/// Chance that a segment crash tears the file's tail (a flush cut short), and
+/// how many bytes the torn write left at most.
+const TORN_TAIL_PERCENT: u64 = 30;
+const TORN_BYTES_MAX: u64 = 64;
+
 pub const NO_FAULTS: Faults = Faults { drop_percent: 0, duplicate_percent: 0, delay_ticks_max: 0, crash_percent: 0 };
 /// The faults of the seeds CI runs and of the long search (`sim --seeds N`).
 pub const FAULTY: Faults = Faults { drop_percent: 20, duplicate_percent: 10, delay_ticks_max: 15, crash_percent: 3 };
@@ -110,6 +115,8 @@ pub struct Stats {
     pub claims_lost: u64,
     /// Replicas that deferred to a better-placed or promoting peer.
     pub deferrals: u64,
+    /// Crashes that left part of an unflushed record (or other bytes) at the file's end.
+    pub torn_tails: u64,
     /// Unacknowledged transactions a recovery dropped, and kept (whole).
     pub txns_dropped: u64,
     pub txns_kept_unacked: u64,
@@ -140,6 +147,7 @@ impl std::ops::AddAssign for Stats {
         self.recovery_retries += o.recovery_retries;
         self.claims_lost += o.claims_lost;
         self.deferrals += o.deferrals;
+        self.torn_tails += o.torn_tails;
         self.txns_dropped += o.txns_dropped;
         self.txns_kept_unacked += o.txns_kept_unacked;
         self.late_truncations += o.late_truncations;
@@ -506,10 +514,30 @@ impl Sim {
     /// The segment restarts from its file: unflushed records are gone. Its
     /// sender's session breaks.
     fn crash(&mut self, pg: usize, seg: usize) {
+        let torn = self.rng.chance(TORN_TAIL_PERCENT);
+        let garbage = 1 + self.rng.below(TORN_BYTES_MAX) as usize;
+        let bug = self.bug;
         let s = &mut self.segments[pg][seg];
         s.lost_upto = s.lost_upto.max(s.log.scl());
+        if torn {
+            // A flush cut short: part of the next unflushed records (or other bytes) reached the file.
+            let mut parts = Vec::new();
+            let _ = s.log.read(s.log.flushed_lsn(), s.log.scl(), TORN_BYTES_MAX as usize, &mut parts);
+            let unflushed: Vec<u8> = parts.concat();
+            let tail = if unflushed.len() > 1 { unflushed[..garbage.min(unflushed.len() - 1)].to_vec() } else { vec![0xA5; garbage] };
+            s.file.extend_from_slice(&tail);
+            self.stats.torn_tails += 1;
+        }
+        // storaged's start: the log ends at the last whole record that continues the chain.
+        let (mut last, mut end) = (Lsn::ZERO, s.file.len());
+        if bug != Some(Bug::TrustFileLength) {
+            let (used, _) = scan_records(&s.file[SEGMENT_HEADER_BYTES..], SEGMENT_HEADER_BYTES as u64, &mut last, |_, _| {});
+            end = SEGMENT_HEADER_BYTES + used;
+            assert_eq!(last, s.log.flushed_lsn(), "pg{pg} segment {seg}: the file's last whole record is not the flushed LSN");
+            s.file.truncate(end);
+        }
         // The epoch and the truncations are persisted (pg-N.epoch).
-        s.log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.log.epoch(), s.log.flushed_lsn(), s.file.len() as u64, DiskIndex::default())
+        s.log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.log.epoch(), s.log.flushed_lsn(), end as u64, DiskIndex::default())
             .with_truncations(&s.log.truncations());
         s.repair = Repair::default();
         s.down_until = self.now + 1 + self.rng.below(CRASH_DOWN_TICKS_MAX);

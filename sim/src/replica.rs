@@ -75,6 +75,9 @@ pub enum Bug {
     /// Segments answer a claim they refused as if they had granted it: two
     /// concurrent candidates can both count a write quorum.
     RefusalsAsGrants,
+    /// A restarted segment takes its file's length for the end of its log
+    /// instead of scanning for the last whole record: a torn tail is served.
+    TrustFileLength,
 }
 
 #[derive(Clone)]

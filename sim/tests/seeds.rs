@@ -29,6 +29,7 @@ fn safety_then_liveness_over_many_seeds() {
         assert!(total.claims_lost > 0, "no takeover by two candidates at once had a loser: {total:?}");
         assert!(total.gossip_fills > 0, "no segment was filled by the core's Repair: {total:?}");
         assert!(total.deferrals > 0, "no replica's Watch deferred to a better peer: {total:?}");
+        assert!(total.torn_tails > 0, "no crash tore a segment file's tail: {total:?}");
         assert!(total.txns_dropped > 0 && total.txns_kept_unacked > 0, "recoveries never decided an unacknowledged transaction: {total:?}");
     }
 }
@@ -69,6 +70,14 @@ fn refused_claims_taken_for_grants_fail_some_seed() {
     let seed = first_failing_seed(0..1000, Bug::RefusalsAsGrants);
     eprintln!("first failing seed: {seed:?}");
     assert!(seed.is_some(), "RefusalsAsGrants passed every check");
+}
+
+/// A torn tail taken for records (the file's length trusted at a restart): some seed fails.
+#[test]
+fn a_torn_tail_taken_for_records_fails_some_seed() {
+    let seed = first_failing_seed(0..1000, Bug::TrustFileLength);
+    eprintln!("first failing seed: {seed:?}");
+    assert!(seed.is_some(), "TrustFileLength passed every check");
 }
 
 /// Seeds beyond the 1000 run by default that once stalled: a recovery whose

@@ -13,6 +13,7 @@ pub mod record;
 pub mod recovery;
 pub mod repair;
 pub mod replica;
+pub mod segment_claim;
 pub mod segment_file;
 pub mod segment_log;
 pub mod takeover;

@@ -14,14 +14,11 @@
 //! in `pending` until the hole is filled. Only the complete chain is flushed,
 //! so the segment file is always a gap-free prefix and `flushed_lsn <= scl`.
 //!
-//! Epochs: `handle_append` and the shell's claims follow `Epoch::grant` (a
-//! generation is granted to one claimant only). Truncation, when a new writer
-//! recovers the volume: `truncation_needed`, then `begin_truncate` (appends
-//! get `Truncating`, no new flush starts), wait until `flush_inflight` is
-//! false, then `truncate_above` (which may first ask for a disk scan), cut the
-//! file where it says, rebuild the page index if it says so
-//! (`install_page_index`), record the truncation durably, `note_truncation`,
-//! and `end_truncate`.
+//! Epochs: `handle_append` and claims follow `Epoch::grant` (a generation is
+//! granted to one claimant only). Claims, and the truncation a new writer's
+//! recovery asks for, are sequenced by `segment_claim::SegmentClaim` over the
+//! calls here (`raise_epoch`, `begin_truncate`, `truncate_above`,
+//! `install_page_index`, `note_truncation`, `end_truncate`).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -55,6 +52,16 @@ pub fn grant_decided_epoch(current: Epoch, current_truncated: bool, requested: E
         Err(_) if requested.generation() == current.generation() && current != Epoch(0) && !current_truncated => Ok(true),
         other => other,
     }
+}
+
+/// A segment that cannot serve a reader of the writer at `reader`: see `SegmentLog::check_truncated_for`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+#[error("{segment} has not recorded the truncation of {reader} (at {at}, last truncation {last:?})")]
+pub struct MissedTruncation {
+    pub segment: SegmentId,
+    pub reader: Epoch,
+    pub at: Epoch,
+    pub last: Option<Truncation>,
 }
 
 /// One sparse disk-index entry per this many bytes of segment file.
@@ -355,9 +362,30 @@ impl SegmentLog {
     /// on older epochs and other claimants of its generation get `StaleEpoch`.
     /// The shell persists the epoch before calling this.
     pub fn raise_epoch(&mut self, epoch: Epoch) {
-        let truncated = self.last_truncation().is_some_and(|t| t.epoch == self.epoch);
-        assert!(grant_decided_epoch(self.epoch, truncated, epoch).is_ok(), "raising {} to {epoch}, which it does not grant", self.epoch);
+        assert!(self.grant_claim(epoch, true).is_ok(), "raising {} to {epoch}, which it does not grant", self.epoch);
         self.epoch = epoch;
+    }
+
+    /// Whether a claim at `epoch` moves the segment there (`Ok(true)`), finds it
+    /// there already (`Ok(false)`) or is refused: `grant_decided_epoch` for a
+    /// claimant that `truncates`, `grant_epoch` otherwise.
+    pub fn grant_claim(&self, epoch: Epoch, truncates: bool) -> Result<bool, EpochRefused> {
+        let truncated = self.last_truncation().is_some_and(|t| t.epoch == self.epoch);
+        match truncates {
+            true => grant_decided_epoch(self.epoch, truncated, epoch),
+            false => grant_epoch(self.epoch, epoch),
+        }
+    }
+
+    /// `Err` when a reader of the writer at `epoch` (nonzero) must not read this
+    /// segment: it has not recorded that epoch's truncation, so it may still
+    /// hold an older writer's records that the recovery discarded.
+    pub fn check_truncated_for(&self, epoch: Epoch) -> Result<(), MissedTruncation> {
+        match self.last_truncation() {
+            Some(t) if t.epoch == epoch => Ok(()),
+            _ if epoch == Epoch(0) => Ok(()),
+            last => Err(MissedTruncation { segment: self.id, reader: epoch, at: self.epoch, last }),
+        }
     }
 
     /// Truncations recorded, oldest first.
@@ -872,19 +900,19 @@ impl SegmentLog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ids::{NodeId, PageId, PgId};
     use crate::record::RecordHeader;
 
-    const ID: SegmentId = SegmentId { pg: PgId(1), node: NodeId(1) };
+    pub(crate) const ID: SegmentId = SegmentId { pg: PgId(1), node: NodeId(1) };
 
-    fn config(hot: usize) -> SegmentLogConfig {
+    pub(crate) fn config(hot: usize) -> SegmentLogConfig {
         SegmentLogConfig { hot_bytes_max: hot, cache_bytes_max: 200, flush_bytes_max: 150 }
     }
 
     /// Encodes records given as (lsn, prev_lsn_in_segment).
-    fn batch(recs: &[(u64, u64)]) -> ValidRecords {
+    pub(crate) fn batch(recs: &[(u64, u64)]) -> ValidRecords {
         let mut out = Vec::new();
         for &(lsn, prev) in recs {
             RecordHeader { lsn: Lsn(lsn), prev_lsn_in_segment: Lsn(prev), prev_lsn_for_page: Lsn::ZERO, page: PageId(0), cpl: true }.encode(&[7; 9], &mut out);

@@ -75,8 +75,8 @@ pub enum Command {
     /// ignores duplicates and refuses conflicts); then `on_offered`.
     Offer { pg: PgId, segment: usize, epoch: Epoch, runs: Vec<Bytes> },
     /// Read the segment's records in `(after, upto]`, all of them, in LSN order;
-    /// then `on_pulled`.
-    Pull { pg: PgId, segment: usize, after: Lsn, upto: Lsn },
+    /// then `on_pulled(ask, ..)`.
+    Pull { ask: u64, pg: PgId, segment: usize, after: Lsn, upto: Lsn },
 }
 
 /// Records a promoted replica retains, per PG, to offer back to storage: all
@@ -181,6 +181,7 @@ enum Step {
     /// The claim again after the offer, for the positions it moved.
     Reclaim,
     Pull {
+        ask: u64,
         plan: Plan,
         answers: Vec<Vec<Answer>>,
         pulled: Vec<Option<Vec<Bytes>>>,
@@ -308,15 +309,24 @@ impl Takeover {
         }
     }
 
-    /// The records of `pg` that `Command::Pull` read, as runs, or why it failed.
-    pub fn on_pulled(&mut self, pg: PgId, runs: Result<Vec<Bytes>, String>, now: Duration) {
-        let Step::Pull { plan, pulled, .. } = &mut self.step else { return };
+    /// The records of `pg` that `Command::Pull` `ask` read, as runs, or why it failed.
+    pub fn on_pulled(&mut self, ask: u64, pg: PgId, runs: Result<Vec<Bytes>, String>, now: Duration) {
+        let Step::Pull { ask: current, plan, pulled, .. } = &mut self.step else { return };
+        if ask != *current {
+            return; // a pull of an earlier plan
+        }
         let pg = pg.0 as usize;
         match runs {
             Ok(runs) => pulled[pg] = Some(runs),
-            Err(why) => {
+            Err(why) if now >= self.deadline => {
                 let segment = plan.source[pg];
                 return self.finish(Err(TakeoverError::Pull { pg, segment, why }));
+            }
+            Err(_) => {
+                // The source went, or restarted and lost what it had not flushed: claim
+                // again (the epoch is ours) for the positions now, and plan again.
+                self.step = Step::Reclaim;
+                return self.start_round(self.epoch, None);
             }
         }
         if pulled.iter().all(Option::is_some) {
@@ -465,23 +475,25 @@ impl Takeover {
             Err(e) => return self.finish(Err(e.into())),
         };
         let mut pulled = vec![None; self.pgs];
+        self.asks += 1;
+        let ask = self.asks;
         for (pg, slot) in pulled.iter_mut().enumerate() {
             let (after, upto) = (plan.from[pg], plan.upto[pg]);
             if after < upto {
-                self.commands.push_back(Command::Pull { pg: PgId(pg as u32), segment: plan.source[pg], after, upto });
+                self.commands.push_back(Command::Pull { ask, pg: PgId(pg as u32), segment: plan.source[pg], after, upto });
             } else {
                 *slot = Some(Vec::new());
             }
         }
         let ready = pulled.iter().all(Option::is_some);
-        self.step = Step::Pull { plan, answers, pulled };
+        self.step = Step::Pull { ask, plan, answers, pulled };
         if ready {
             self.decide(now);
         }
     }
 
     fn decide(&mut self, now: Duration) {
-        let Step::Pull { plan, answers, pulled } = std::mem::replace(&mut self.step, Step::Done) else { unreachable!("decide after the pulls") };
+        let Step::Pull { plan, answers, pulled, .. } = std::mem::replace(&mut self.step, Step::Done) else { unreachable!("decide after the pulls") };
         let pulled: Vec<Vec<Bytes>> = pulled.into_iter().map(|p| p.expect("every PG pulled")).collect();
         let decision = recovery::decide(&plan, &pulled);
         self.timings.decide = now - self.step_started;
@@ -529,7 +541,11 @@ mod tests {
     const MS: Duration = Duration::from_millis(1);
 
     fn status(epoch: Epoch) -> Reply {
-        Reply::Status(SegmentStatus { epoch, position: SegmentPosition { pg: PgId(0), scl: Lsn::ZERO, flushed_lsn: Lsn::ZERO }, truncations: Vec::new() })
+        status_at(epoch, Lsn::ZERO)
+    }
+
+    fn status_at(epoch: Epoch, scl: Lsn) -> Reply {
+        Reply::Status(SegmentStatus { epoch, position: SegmentPosition { pg: PgId(0), scl, flushed_lsn: scl }, truncations: Vec::new() })
     }
 
     /// The Status commands pending: (ask, segment, epoch, truncating).
@@ -569,6 +585,30 @@ mod tests {
         let taken = t.outcome().expect("done").as_ref().expect("taken over");
         assert_eq!((taken.epoch, taken.recovered.vdl, taken.claims), (epoch, Lsn::ZERO, 1));
         assert_eq!(taken.timings.claim, 2 * MS);
+    }
+
+    #[test]
+    fn a_failed_pull_claims_again_and_plans_anew() {
+        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
+        let all = [0, 1, 2, 3, 4, 5];
+        let look = asks(&mut t);
+        answer(&mut t, &look, &all, |_| status(Epoch(0)), MS);
+        let claim = asks(&mut t);
+        answer(&mut t, &claim, &all, |e| status_at(e, Lsn(5)), 2 * MS);
+        let Some(Command::Pull { ask, pg, segment, after, upto }) = t.poll_command() else { panic!("a pull of the tail") };
+        assert_eq!((pg, after, upto), (PgId(0), Lsn::ZERO, Lsn(5)));
+        // The source restarted and lost its unflushed tail meanwhile.
+        t.on_pulled(ask, pg, Err(format!("segment {segment} returned nothing after 0")), 3 * MS);
+        assert!(t.outcome().is_none(), "not a failed takeover");
+        let reclaim = asks(&mut t);
+        assert!(reclaim.len() == 6 && reclaim.iter().all(|a| a.2 == claim[0].2 && !a.3), "the same epoch claimed again: {reclaim:?}");
+        answer(&mut t, &reclaim, &all, status, 4 * MS);
+        // The first plan's pull, answered late: ignored.
+        t.on_pulled(ask, pg, Ok(Vec::new()), 5 * MS);
+        let truncate = asks(&mut t);
+        assert!(truncate.iter().all(|a| a.3), "nothing left to pull: the truncation");
+        answer(&mut t, &truncate, &all, status, 6 * MS);
+        assert_eq!(t.outcome().expect("done").as_ref().expect("taken over").recovered.vdl, Lsn::ZERO);
     }
 
     #[test]

@@ -73,6 +73,19 @@ pub struct SegmentPosition {
     pub flushed_lsn: Lsn,
 }
 
+impl SegmentPosition {
+    /// The position a segment reports to writers. When its acks wait for the
+    /// disk it vouches only for what is on disk: its SCL counts as no higher
+    /// than its flushed LSN, or a writer would count later batches still in
+    /// memory towards its quorum.
+    pub fn vouched(self, acks_wait_for_disk: bool) -> SegmentPosition {
+        match acks_wait_for_disk {
+            true => SegmentPosition { scl: self.flushed_lsn, ..self },
+            false => self,
+        }
+    }
+}
+
 /// A recovery's decision, recorded by every segment that heard it: the
 /// records above `above` written before `epoch` are discarded.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]

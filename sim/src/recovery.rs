@@ -3,12 +3,11 @@
 //! sessions), then a new writer, or a promoted replica offering back its
 //! `held_records()`, runs the core's `Takeover` (the machine writerd and
 //! replicad execute), its commands executed here as storaged executes them:
-//! claims granted or refused by `grant_epoch`, truncations cut by
-//! `SegmentLog`, replies delayed, lost, or never sent by a segment cut off
+//! claims and truncations by the core's `SegmentClaim`, replies delayed, lost, or never sent by a segment cut off
 //! from the whole takeover. A segment that missed the takeover gets the
 //! truncation when its sender reconnects, before any new append (writerd's
 //! session); a segment that missed one of the truncation history is cut at
-//! its point too (`SegmentLog::missed_truncations`).
+//! its point too.
 //!
 //! Checked at every recovery: VDL is at or above every acknowledged commit and
 //! every replica's read point, and is a commit LSN; per PG the decided last
@@ -24,7 +23,8 @@ use bytes::Bytes;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::{Records, ValidRecords};
 use redo_core::repair::{Own, PeerView};
-use redo_core::segment_log::{grant_decided_epoch, grant_epoch, DiskCut, DiskRead};
+use redo_core::segment_claim::{ClaimError, Claimed, SegmentClaim, Step};
+use redo_core::segment_log::{DiskCut, DiskRead};
 use redo_core::takeover::{Command, Offer, Reply, SegmentStatus, TakenOver, Takeover, TakeoverError};
 use redo_core::wire::Truncation;
 use redo_core::writer::WriterCore;
@@ -87,7 +87,7 @@ struct Claimant {
 enum Delivery {
     Status { ask: u64, pg: PgId, segment: usize, reply: Reply },
     Offered,
-    Pulled { pg: PgId, runs: Result<Vec<Bytes>, String> },
+    Pulled { ask: u64, pg: PgId, runs: Result<Vec<Bytes>, String> },
 }
 
 impl Sim {
@@ -201,7 +201,7 @@ impl Sim {
                     match delivery {
                         Delivery::Status { ask, pg, segment, reply } => t.on_status(ask, pg, segment, reply, at),
                         Delivery::Offered => t.on_offered(),
-                        Delivery::Pulled { pg, runs } => t.on_pulled(pg, runs, at),
+                        Delivery::Pulled { ask, pg, runs } => t.on_pulled(ask, pg, runs, at),
                     }
                 }
                 None => x.claimants.iter_mut().filter(|c| c.start < at && c.machine.poll_timeout() == Some(at)).for_each(|c| c.machine.handle_timeout(at)),
@@ -224,10 +224,7 @@ impl Sim {
         };
         // A loser's epoch on a segment that would refuse the winner's session (writerd's claim
         // with the truncation) deposes the winner before it writes.
-        let fenced = self.segments.iter().flatten().any(|s| {
-            let truncated = s.log.last_truncation().is_some_and(|t| t.epoch == s.log.epoch());
-            grant_decided_epoch(s.log.epoch(), truncated, last).is_err()
-        });
+        let fenced = self.segments.iter().flatten().any(|s| s.log.grant_claim(last, true).is_err());
         for (taken, c) in winners {
             let writes = !fenced && taken.epoch == last;
             self.took_over(taken, &c, writes);
@@ -308,41 +305,39 @@ impl Sim {
                 }
                 Delivery::Offered
             }
-            Command::Pull { pg: id, after, upto, .. } => {
-                let runs = if reachable { Ok(pull_range(&self.segments[pg][segment], after, upto)) } else { Err("unreachable".into()) };
+            Command::Pull { ask, pg: id, after, upto, .. } => {
+                let runs = if reachable { pull_range(&self.segments[pg][segment], after, upto) } else { Err("unreachable".into()) };
                 for run in runs.iter().flatten() {
                     let cpls = Records::new(run, 0).map(|r| r.expect("pulled records decode")).filter(|r| r.header().cpl).map(|r| r.lsn());
                     c.max_cpl = cpls.fold(c.max_cpl, Lsn::max);
                 }
-                Delivery::Pulled { pg: id, runs }
+                Delivery::Pulled { ask, pg: id, runs }
             }
         };
         x.replies.push((x.now + delay, i, reply));
     }
 
-    /// storaged's `Status`: a claim moves the segment to a granted epoch (a
-    /// refused one is `StaleEpoch`), a truncation cuts it; the answer is its
-    /// epoch, position and truncations.
+    /// storaged's `Status`: a claim on the segment (the core's `SegmentClaim`,
+    /// as storaged runs it) moves it to a granted epoch (a refused one is
+    /// `StaleEpoch`) and cuts it for a truncation; the answer is its epoch,
+    /// position and truncations.
     fn status(&mut self, c: &mut Claimant, pg: usize, seg: usize, epoch: Epoch, truncate: Option<(Lsn, Vec<Truncation>)>) -> Reply {
         let bug = self.bug;
         let s = &mut self.segments[pg][seg];
-        if epoch != Epoch(0) {
-            let truncated = s.log.last_truncation().is_some_and(|t| t.epoch == s.log.epoch());
-            let grant = if truncate.is_some() { grant_decided_epoch(s.log.epoch(), truncated, epoch) } else { grant_epoch(s.log.epoch(), epoch) };
-            match grant {
-                Ok(true) => s.log.raise_epoch(epoch),
-                Ok(false) => {}
-                Err(_) if bug == Some(replica::Bug::RefusalsAsGrants) => {}
-                Err(refused) => return Reply::Refused(refused.to_string()),
-            }
-        }
-        if let Some((above, mut history)) = truncate {
-            let above = if bug == Some(replica::Bug::RecoveryMaxScl) { above.max(c.max_cpl) } else { above };
+        let truncate = truncate.map(|(above, mut history)| {
             if bug == Some(replica::Bug::NoTruncationHistory) {
                 history.clear();
             }
-            truncate_segment(s, Truncation { epoch, above }, &history);
-            c.truncated.push((pg, seg));
+            (if bug == Some(replica::Bug::RecoveryMaxScl) { above.max(c.max_cpl) } else { above }, history)
+        });
+        let truncating = truncate.is_some();
+        if epoch != Epoch(0) {
+            match claim(s, epoch, truncate) {
+                Ok(_) if truncating => c.truncated.push((pg, seg)),
+                Ok(_) => {}
+                Err(ClaimError::Stale(_)) if bug == Some(replica::Bug::RefusalsAsGrants) => {}
+                Err(refused) => return Reply::Refused(refused.to_string()),
+            }
         }
         let mut truncations = s.log.truncations();
         if bug == Some(replica::Bug::ClaimedEpochInAnswers) && epoch != Epoch(0) {
@@ -400,12 +395,9 @@ impl Sim {
     pub(crate) fn late_truncation(&mut self, pg: usize, seg: usize) {
         let Some(t) = self.truncation else { return };
         let s = &mut self.segments[pg][seg];
-        if s.log.epoch() != t.epoch {
-            // The only writer: `raise_epoch` asserts that the segment grants its epoch.
-            s.log.raise_epoch(t.epoch);
-        }
-        let s = &mut self.segments[pg][seg];
-        if truncate_segment(s, t, &self.truncation_history) {
+        // The only writer: its claim is granted.
+        let claimed = claim(s, t.epoch, Some((t.above, self.truncation_history.clone()))).expect("the writer's session start claims its segment");
+        if claimed.cut.is_some() {
             self.stats.late_truncations += 1;
         }
     }
@@ -426,7 +418,7 @@ impl Sim {
             .collect();
         let plan = self.segments[pg][seg].repair.handle_round(own, &peers);
         let Some(&(peer, upto)) = plan.first() else { return };
-        for run in pull_range(&self.segments[pg][peer as usize], own.scl, upto) {
+        for run in pull_range(&self.segments[pg][peer as usize], own.scl, upto).expect("the peer holds what it reported this round") {
             let valid = ValidRecords::validate(run, 0).expect("a peer's records are valid").expect("a run holds records");
             self.segments[pg][seg].log.handle_append(own.epoch, &valid).expect("a peer's records extend the segment's chain");
         }
@@ -434,48 +426,55 @@ impl Sim {
     }
 }
 
-/// Records of the segment in `(after, upto]`, in pull-sized runs (writerd's `pull_range`).
-fn pull_range(s: &Segment, after: Lsn, upto: Lsn) -> Vec<Bytes> {
+/// Records of the segment in `(after, upto]`, in pull-sized runs (writerd's
+/// `pull_range`); an error if it no longer holds them (it restarted since it
+/// reported its SCL, losing what it had not flushed).
+fn pull_range(s: &Segment, after: Lsn, upto: Lsn) -> Result<Vec<Bytes>, String> {
     // Small, so that a tail comes in several runs.
     const RUN_BYTES_MAX: usize = 4096;
     let (mut at, mut runs) = (after, Vec::new());
     while at < upto {
         let (records, last) = replica::pull(s, at, upto, RUN_BYTES_MAX);
-        assert!(last > at, "{} returned nothing after {at} although its SCL is {}", s.log.id(), s.log.scl());
+        if last <= at {
+            return Err(format!("{} returned nothing after {at} (its SCL is {})", s.log.id(), s.log.scl()));
+        }
         at = last;
         runs.push(records);
     }
-    runs
+    Ok(runs)
 }
 
-/// storaged's `truncate`: unless recorded already, discard the records above
-/// `t.above`, or above the lowest truncation of `history` the segment missed
-/// (its records above that are an older writer's discarded tail), scanning the
-/// file when memory no longer holds the point; cut the file; record the missed
-/// truncations and `t`. Returns whether it truncated.
-fn truncate_segment(s: &mut Segment, t: Truncation, history: &[Truncation]) -> bool {
-    if !s.log.truncation_needed(t.epoch, t.above).expect("the segment is at the claimant's epoch") {
-        return false;
+/// storaged's `claim`: the core's `SegmentClaim` at `epoch`, its steps executed
+/// at once. The log's epoch and truncations are what a crash keeps (the epoch
+/// file), the segment's `file` is its disk, and flushes complete at once.
+fn claim(s: &mut Segment, epoch: Epoch, truncate: Option<(Lsn, Vec<Truncation>)>) -> Result<Claimed, ClaimError> {
+    let mut claim = SegmentClaim::new(epoch, truncate);
+    let mut step = claim.poll(&mut s.log);
+    loop {
+        step = match step {
+            Step::Done(outcome) => {
+                if let Ok(Claimed { cut: Some(cut), .. }) = outcome {
+                    s.lost_upto = s.lost_upto.min(cut.at);
+                }
+                return outcome;
+            }
+            Step::PersistEpoch(_) => claim.on_persisted(&mut s.log),
+            Step::HoldFiles => claim.on_files_held(&mut s.log),
+            Step::WaitFlush => unreachable!("the sim's flushes complete at once"),
+            Step::FindCut(scan) => {
+                let cut = find_cut(&s.file, scan);
+                claim.on_scanned(&mut s.log, cut)
+            }
+            Step::CutFiles { offset, reindex, .. } => {
+                assert!(!reindex, "the sim's segments keep no page index");
+                if let Some(offset) = offset {
+                    s.file.truncate(offset as usize);
+                }
+                assert_eq!(s.file.len() as u64, s.log.flushed_end(), "the file ends where the log's flushed records do");
+                claim.on_files_cut(&mut s.log, None)
+            }
+        };
     }
-    let missed = s.log.missed_truncations(history, t.epoch);
-    s.log.begin_truncate();
-    assert!(!s.log.flush_inflight(), "the sim's flushes complete at once");
-    let above = missed.iter().map(|m| m.above).fold(t.above, Lsn::min);
-    let done = match s.log.truncate_above(above, None) {
-        Ok(done) => done,
-        Err(scan) => {
-            let cut = find_cut(&s.file, scan);
-            s.log.truncate_above(above, Some(cut)).expect("truncate_above with the disk cut it asked for")
-        }
-    };
-    if let Some(offset) = done.cut_offset {
-        s.file.truncate(offset as usize);
-    }
-    assert_eq!(s.file.len() as u64, s.log.flushed_end(), "the file ends where the log's flushed records do");
-    missed.iter().chain([&t]).for_each(|&m| s.log.note_truncation(m));
-    s.log.end_truncate();
-    s.lost_upto = s.lost_upto.min(above);
-    true
 }
 
 /// storaged's `find_cut` over the simulated file.

@@ -94,6 +94,14 @@ fn a_recovered_writer_sends_to_a_pg_ending_below_the_recovery_window() {
     }
 }
 
+/// A seed that once failed a takeover: the segment it pulled a PG's tail from
+/// restarted after answering the claim and no longer held the tail (it had
+/// not flushed it). The takeover claims again and plans from the positions now.
+#[test]
+fn a_takeover_whose_pull_source_restarted_plans_again() {
+    run(1116, FAULTY, None);
+}
+
 /// The checks catch a replica that applies past VDL, and one served stale pages.
 #[test]
 fn a_buggy_replica_fails_some_seed() {

@@ -35,9 +35,8 @@ pub struct Segment {
     /// Buffered descriptor for pulls served from disk.
     pub reader: std::fs::File,
     pub metrics: Arc<Metrics>,
-    /// The epoch state on disk; held while a newer one is written and
-    /// throughout a truncation.
-    pub persisted_epoch: tokio::sync::Mutex<store::EpochState>,
+    /// Held by the segment's one running claim (`redo_core::segment_claim`).
+    pub claims: tokio::sync::Mutex<()>,
     /// Held shared by whoever reads the segment or page file outside the log
     /// lock (pulls and GetPage from disk, a coalescer round), exclusively by a
     /// truncation while it cuts and re-reads them.
@@ -175,7 +174,7 @@ impl Node {
                 holes: tokio::sync::Notify::new(),
                 reader: r.reader,
                 metrics: metrics.clone(),
-                persisted_epoch: tokio::sync::Mutex::new(r.epoch),
+                claims: tokio::sync::Mutex::new(()),
                 files: tokio::sync::RwLock::new(()),
                 page_file,
             });

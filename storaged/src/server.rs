@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use borealis_net::frame::{read_frame_body, read_frame_len, write_message, FrameError};
 use bytes::{Bytes, BytesMut};
-use redo_core::ids::EpochRefused;
 use redo_core::log_stream::{LogStream, StreamPoll};
 use redo_core::page_index::{PageIndex, IMAGE_BYTES_MAX};
 use redo_core::record::ValidRecords;
-use redo_core::segment_log::{grant_decided_epoch, grant_epoch, AppendError};
-use redo_core::wire::{ErrorCode, Message, SegmentPosition, Truncation, TRUNCATIONS_MAX};
+use redo_core::segment_claim::{ClaimError, SegmentClaim, Step};
+use redo_core::segment_log::AppendError;
+use redo_core::wire::{ErrorCode, Message, SegmentPosition, Truncation};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use tokio::sync::{mpsc, watch};
 
@@ -94,9 +94,9 @@ pub async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: qu
                 None => not_hosted(&node, pg),
                 Some(seg) => {
                     let log = seg.log.lock().expect("segment lock");
-                    match missed_truncation(seg, &log, epoch) {
-                        Some(why) => Reply::Close(error(ErrorCode::Behind, why)),
-                        None => {
+                    match log.check_truncated_for(epoch) {
+                        Err(missed) => Reply::Close(error(ErrorCode::Behind, missed.to_string())),
+                        Ok(()) => {
                             let (tx, rx) = watch::channel(credit as u64);
                             granted = Some(tx);
                             let chunk_bytes_max = node.config.frame_bytes_max as usize / 2;
@@ -139,7 +139,7 @@ async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
         },
         Message::Status { epoch, pg, truncate_above, history } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
-            Some(seg) => status(node, seg, epoch, truncate_above, &history).await,
+            Some(seg) => status(node, seg, epoch, truncate_above, history).await,
         },
         Message::GetPage { pg, page, lsn, epoch } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
@@ -168,7 +168,7 @@ fn not_hosted(node: &Node, pg: PgId) -> Reply {
 async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords, received: Instant) -> Reply {
     let run = records.run();
     let Some(seg) = node.segments.get(&pg) else { return not_hosted(node, pg) };
-    if let Err(reply) = persist_epoch(node, seg, epoch, false).await {
+    if let Err(reply) = claim(node, seg, epoch, None).await {
         return reply;
     }
     let deadline = received + Duration::from_millis(node.config.busy_wait_ms);
@@ -211,198 +211,119 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
     }
 }
 
-fn stale(seg: &Segment, refused: EpochRefused) -> Reply {
-    Reply::Close(error(ErrorCode::StaleEpoch, format!("{}: {refused}", seg.id.pg)))
-}
-
-/// A request at an epoch the segment grants (`grant_epoch`: a newer
-/// generation, or the first claim) moves the segment there: durably first, so
-/// that after a restart the older epoch (and any other claimant of the
-/// generation) is still refused, then in memory, so that no request at an
-/// older epoch is applied after this one. A refused epoch is `StaleEpoch`.
-/// `decided`: the claimant asks to truncate (`grant_decided_epoch`).
-async fn persist_epoch(node: &Node, seg: &Arc<Segment>, epoch: Epoch, decided: bool) -> Result<(), Reply> {
-    let grant = |state: &store::EpochState| {
-        let truncated = state.truncations.last().is_some_and(|t| t.epoch == state.epoch);
-        if decided {
-            grant_decided_epoch(state.epoch, truncated, epoch)
-        } else {
-            grant_epoch(state.epoch, epoch)
-        }
+/// Runs a claim on the segment at `epoch`, with the truncation `truncate` asks
+/// for (`redo_core::segment_claim` decides; this executes its steps). An append
+/// at an epoch the segment is not at yet claims it too. `Err` is the reply.
+async fn claim(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate: Option<(Lsn, Vec<Truncation>)>) -> Result<(), Reply> {
+    // The common case, every append: the segment is at this epoch already (the claim would do nothing).
+    if truncate.is_none() && seg.log.lock().expect("segment lock").epoch() == epoch {
+        return Ok(());
+    }
+    let _turn = seg.claims.lock().await;
+    let started = Instant::now();
+    let mut claim = SegmentClaim::new(epoch, truncate);
+    let mut files = None;
+    let mut flushes = seg.flushes.subscribe();
+    let mut step = seg.with_log(|log| claim.poll(log));
+    let outcome = loop {
+        step = match step {
+            Step::Done(outcome) => break outcome,
+            Step::PersistEpoch(state) => {
+                let (dir, pg) = (node.data_dir().clone(), seg.id.pg);
+                match blocking(move || store::write_epoch(&dir, pg, &state)).await {
+                    Ok(()) => seg.with_log(|log| claim.on_persisted(log)),
+                    Err(why) => seg.with_log(|log| claim.on_failed(log, why)),
+                }
+            }
+            Step::HoldFiles => {
+                files = Some(seg.files.write().await);
+                seg.with_log(|log| claim.on_files_held(log))
+            }
+            Step::WaitFlush => {
+                // Subscribed before the log was polled: a flush that ended since has marked it changed.
+                let _ = flushes.changed().await;
+                seg.with_log(|log| claim.poll(log))
+            }
+            Step::FindCut(scan) => {
+                let seg2 = seg.clone();
+                match blocking(move || store::find_cut(&seg2.reader, scan)).await {
+                    Ok(cut) => seg.with_log(|log| claim.on_scanned(log, cut)),
+                    Err(why) => seg.with_log(|log| claim.on_failed(log, why)),
+                }
+            }
+            Step::CutFiles { offset, reindex, above } => {
+                let flushed_end = seg.log.lock().expect("segment lock").flushed_end();
+                let (dir, seg2, coalesce_records) = (node.data_dir().clone(), seg.clone(), node.config.coalesce_records);
+                let cut = blocking(move || -> anyhow::Result<Option<PageIndex>> {
+                    if let Some(offset) = offset {
+                        store::cut_segment(&dir, seg2.id.pg, offset)?;
+                    }
+                    if !reindex {
+                        return Ok(None);
+                    }
+                    let mut index = PageIndex::new(coalesce_records);
+                    seg2.page_file.cut_above(above, &mut index)?;
+                    store::index_pages(&seg2.reader, flushed_end, &mut index)?;
+                    Ok(Some(index))
+                });
+                match cut.await {
+                    Ok(index) => seg.with_log(|log| claim.on_files_cut(log, index)),
+                    Err(why) => seg.with_log(|log| claim.on_failed(log, why)),
+                }
+            }
+        };
     };
-    // The common case, every append: the segment is at this epoch already.
-    if seg.log.lock().expect("segment lock").epoch() == epoch {
-        return Ok(());
+    if files.take().is_some() {
+        // Appends held off by the truncation retry, the flusher takes what is dirty, and
+        // log streams opened before it end (their position may not have moved).
+        seg.wake_waiters();
+        node.wake.wake();
     }
-    let mut persisted = seg.persisted_epoch.lock().await;
-    if !grant(&persisted).map_err(|r| stale(seg, r))? {
-        return Ok(());
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    match outcome {
+        Ok(claimed) => {
+            if claimed.raised {
+                tracing::info!(segment = %seg.id, %epoch, "segment moved to a new epoch");
+            }
+            if let Some(cut) = claimed.cut {
+                node.metrics.truncations.fetch_add(1, Ordering::Relaxed);
+                node.metrics.truncated_records.fetch_add(cut.records, Ordering::Relaxed);
+                let scl = seg.log.lock().expect("segment lock").scl();
+                tracing::info!(segment = %seg.id, %epoch, above = %cut.above, at = %cut.at, missed = cut.missed, records = cut.records, %scl, elapsed_ms, "truncated the segment log");
+            }
+            Ok(())
+        }
+        Err(e @ ClaimError::Stale(_)) => Err(Reply::Close(error(ErrorCode::StaleEpoch, format!("{}: {e}", seg.id.pg)))),
+        Err(e @ ClaimError::NoEpoch) => Err(Reply::Close(error(ErrorCode::Malformed, e.to_string()))),
+        Err(e @ (ClaimError::DiskFailed { .. } | ClaimError::PersistFailed { .. })) => {
+            let lost = seg.log.lock().expect("segment lock").disk_failed().map(str::to_string);
+            tracing::error!(segment = %seg.id, %epoch, error = %e, lost, elapsed_ms, "claim failed on disk");
+            Err(Reply::Close(error(ErrorCode::DiskFailed, format!("{}: {e}", seg.id))))
+        }
     }
-    let state = store::EpochState { epoch, truncations: persisted.truncations.clone() };
-    write_epoch_state(node, seg, state.clone()).await?;
-    *persisted = state;
-    seg.with_log(|log| log.raise_epoch(epoch));
-    tracing::info!(segment = %seg.id, %epoch, "segment moved to a new epoch");
-    Ok(())
 }
 
-async fn write_epoch_state(node: &Node, seg: &Segment, state: store::EpochState) -> Result<(), Reply> {
-    let (dir, pg, epoch) = (node.data_dir().clone(), seg.id.pg, state.epoch);
-    let written = tokio::task::spawn_blocking(move || store::write_epoch(&dir, pg, &state)).await;
-    written.map_err(anyhow::Error::from).and_then(|r| r).map_err(|e| Reply::Close(error(ErrorCode::DiskFailed, format!("persist {epoch} for {pg}: {e:#}"))))
+/// Runs blocking disk work off the network thread; its error as text.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(e) => Err(format!("disk task: {e}")),
+    }
 }
 
 /// The segment's epoch, position and truncations. A nonzero `epoch` is a
-/// claim (see `persist_epoch`); with `truncate_above`, the claimant also has
-/// the segment discard its records above that LSN, durably, before the reply.
-async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: Option<Lsn>, history: &[Truncation]) -> Reply {
-    if epoch != Epoch(0) {
-        if let Err(reply) = persist_epoch(node, seg, epoch, truncate_above.is_some()).await {
-            return reply;
-        }
-    }
-    if let Some(above) = truncate_above {
-        if epoch == Epoch(0) {
-            return Reply::Close(error(ErrorCode::Malformed, "a truncation needs the claimant's epoch, not epoch 0"));
-        }
-        if let Err(reply) = truncate(node, seg, epoch, above, history).await {
+/// claim; with `truncate_above`, the claimant also has the segment discard its
+/// records above that LSN, durably, before the reply (see `claim`).
+async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Reply {
+    if epoch != Epoch(0) || truncate_above.is_some() {
+        if let Err(reply) = claim(node, seg, epoch, truncate_above.map(|above| (above, history))).await {
             return reply;
         }
     }
     let log = seg.log.lock().expect("segment lock");
-    let position = vouched(node.config.ack, log.position());
+    let position = log.position().vouched(node.config.ack == AckMode::Disk);
     Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position, truncations: log.truncations() }, received: None }
-}
-
-/// How often a truncation re-checks whether the flush in flight has landed.
-const FLUSH_WAIT_POLL: Duration = Duration::from_millis(10);
-
-/// Discards the segment's records above `above` for the claimant at `epoch`
-/// (the segment's epoch), unless this truncation is recorded already. Appends
-/// wait (or get Busy) and no flush starts meanwhile; readers of the segment
-/// and page files and the coalescer are held off by `Segment::files`. On
-/// disk: the segment file is zeroed from the first record above `above`
-/// (fdatasync), the page file cut before its first image above it, then the
-/// truncation is added to the persisted epoch state; only then is it noted
-/// in memory and reported.
-async fn truncate(node: &Node, seg: &Arc<Segment>, epoch: Epoch, above: Lsn, history: &[Truncation]) -> Result<(), Reply> {
-    let mut persisted = seg.persisted_epoch.lock().await;
-    let (needed, missed) = {
-        let log = seg.log.lock().expect("segment lock");
-        (log.truncation_needed(epoch, above), log.missed_truncations(history, epoch))
-    };
-    if !needed.map_err(|r| stale(seg, r))? {
-        return Ok(());
-    }
-    // A truncation this segment missed cuts it lower: what it holds above that is stale.
-    let cut = missed.iter().map(|t| t.above).fold(above, Lsn::min);
-    assert_eq!(persisted.epoch, epoch, "the log's epoch is persisted before it is raised");
-    let started = Instant::now();
-    let files = seg.files.write().await;
-    seg.with_log(|log| log.begin_truncate());
-    let result = truncate_held(node, seg, cut).await;
-    seg.with_log(|log| log.end_truncate());
-    drop(files);
-    // Appends waiting for the truncation retry; the flusher takes what is dirty.
-    seg.wake_waiters();
-    node.wake.wake();
-    let records = result?;
-    let recorded: Vec<Truncation> = missed.iter().copied().chain([Truncation { epoch, above }]).collect();
-    let mut state = persisted.clone();
-    state.truncations.extend(&recorded);
-    let skip = state.truncations.len().saturating_sub(TRUNCATIONS_MAX);
-    state.truncations.drain(..skip);
-    write_epoch_state(node, seg, state.clone()).await?;
-    *persisted = state;
-    seg.with_log(|log| recorded.iter().for_each(|&t| log.note_truncation(t)));
-    // Log streams opened before it end now (their position may not have moved).
-    seg.wake_waiters();
-    node.metrics.truncations.fetch_add(1, Ordering::Relaxed);
-    node.metrics.truncated_records.fetch_add(records, Ordering::Relaxed);
-    let scl = seg.log.lock().expect("segment lock").scl();
-    tracing::info!(segment = %seg.id, %epoch, %above, %cut, missed = missed.len(), records, %scl, elapsed_ms = started.elapsed().as_millis() as u64, "truncated the segment log");
-    Ok(())
-}
-
-/// The truncation proper, between `begin_truncate` and `end_truncate`: returns the records discarded.
-async fn truncate_held(node: &Node, seg: &Arc<Segment>, above: Lsn) -> Result<u64, Reply> {
-    let disk_failed = |why: String| Reply::Close(error(ErrorCode::DiskFailed, format!("{}: truncate above {above}: {why}", seg.id)));
-    loop {
-        let mut flushes = seg.flushes.subscribe();
-        {
-            let log = seg.log.lock().expect("segment lock");
-            if let Some(why) = log.disk_failed() {
-                return Err(disk_failed(why.to_string()));
-            }
-            if !log.flush_inflight() {
-                break;
-            }
-        }
-        let _ = tokio::time::timeout(FLUSH_WAIT_POLL, flushes.changed()).await;
-    }
-    let truncated = match seg.with_log(|log| log.truncate_above(above, None)) {
-        Ok(t) => t,
-        Err(scan) => {
-            // Below what memory holds: find the cut in the file (nothing changed yet).
-            let seg2 = seg.clone();
-            let cut = match tokio::task::spawn_blocking(move || store::find_cut(&seg2.reader, scan)).await {
-                Ok(Ok(cut)) => cut,
-                Ok(Err(e)) => return Err(disk_failed(format!("{e:#}"))),
-                Err(e) => return Err(disk_failed(format!("scan task: {e}"))),
-            };
-            seg.with_log(|log| log.truncate_above(above, Some(cut))).expect("truncate_above with the disk cut it asked for")
-        }
-    };
-    let flushed_end = seg.log.lock().expect("segment lock").flushed_end();
-    let (dir, seg2, coalesce_records) = (node.data_dir().clone(), seg.clone(), node.config.coalesce_records);
-    let disk = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<PageIndex>> {
-        if let Some(offset) = truncated.cut_offset {
-            store::cut_segment(&dir, seg2.id.pg, offset)?;
-        }
-        if !truncated.reindex {
-            return Ok(None);
-        }
-        let mut index = PageIndex::new(coalesce_records);
-        seg2.page_file.cut_above(above, &mut index)?;
-        store::index_pages(&seg2.reader, flushed_end, &mut index)?;
-        Ok(Some(index))
-    })
-    .await
-    .map_err(anyhow::Error::from)
-    .and_then(|r| r);
-    match disk {
-        Ok(index) => {
-            if let Some(index) = index {
-                seg.with_log(|log| log.install_page_index(index));
-            }
-            Ok(truncated.records)
-        }
-        Err(e) => {
-            // Memory and disk disagree now: the segment must take no more appends.
-            let why = format!("truncation above {above} failed on disk: {e:#}");
-            tracing::error!(segment = %seg.id, %why, "segment stops accepting appends");
-            seg.lose_disk(why.clone());
-            Err(disk_failed(why))
-        }
-    }
-}
-
-/// The position a segment reports to writers. With `ack = disk` it vouches only
-/// for what is on disk: its SCL counts as no higher than its flushed LSN, or a
-/// writer would count later batches still in memory towards its quorum.
-fn vouched(ack: AckMode, position: SegmentPosition) -> SegmentPosition {
-    match ack {
-        AckMode::Memory => position,
-        AckMode::Disk => SegmentPosition { scl: position.flushed_lsn, ..position },
-    }
-}
-
-/// Why a reader of the writer at `epoch` (nonzero) must not read this segment:
-/// it has not recorded that epoch's truncation, so it may still hold an older
-/// writer's records that the recovery discarded.
-fn missed_truncation(seg: &Segment, log: &redo_core::segment_log::SegmentLog, epoch: Epoch) -> Option<String> {
-    (epoch != Epoch(0) && log.last_truncation().is_none_or(|t| t.epoch != epoch))
-        .then(|| format!("{} has not recorded the truncation of {epoch} (at {}, last truncation {:?})", seg.id, log.epoch(), log.last_truncation()))
 }
 
 /// GetPage@LSN: the page as of `lsn`, from its newest image at or below
@@ -417,8 +338,8 @@ async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, epoch:
         if log.scl() < lsn {
             return refuse(ErrorCode::Behind, format!("{} SCL {} < requested {lsn}", seg.id, log.scl()));
         }
-        if let Some(why) = missed_truncation(&seg, &log, epoch) {
-            return refuse(ErrorCode::Behind, why);
+        if let Err(missed) = log.check_truncated_for(epoch) {
+            return refuse(ErrorCode::Behind, missed.to_string());
         }
         (log.page_read(page, lsn), log.position())
     };
@@ -454,8 +375,8 @@ async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, epoch:
 async fn pull(node: &Node, seg: Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: u32, epoch: Epoch) -> Reply {
     let bytes_max = (bytes_max as usize).min(node.config.frame_bytes_max as usize / 2).max(1);
     let _files = seg.files.read().await;
-    if let Some(why) = missed_truncation(&seg, &seg.log.lock().expect("segment lock"), epoch) {
-        return Reply::Now { msg: error(ErrorCode::Behind, why), received: None };
+    if let Err(missed) = seg.log.lock().expect("segment lock").check_truncated_for(epoch) {
+        return Reply::Now { msg: error(ErrorCode::Behind, missed.to_string()), received: None };
     }
     match read_records(&seg, after, upto, bytes_max).await {
         Ok((position, last_lsn, records)) => Reply::Now { msg: Message::PullReply { position, last_lsn, records }, received: None },
@@ -532,7 +453,7 @@ async fn wait_flushed(seg: &Segment, last_lsn: Lsn) -> Message {
         // A batch above a hole cannot be flushed until the hole is filled:
         // answer now with the position, which shows it is not durable.
         if position.flushed_lsn >= last_lsn || position.scl < last_lsn {
-            return Message::Ack { position: vouched(AckMode::Disk, position), batch_last_lsn: last_lsn };
+            return Message::Ack { position: position.vouched(true), batch_last_lsn: last_lsn };
         }
         if let Some(why) = seg.log.lock().expect("segment lock").disk_failed() {
             return error(ErrorCode::DiskFailed, format!("{}: {why}", seg.id));

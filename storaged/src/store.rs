@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use redo_core::page_index::{Located, PageIndex};
 use redo_core::record::{RecordRef, RECORD_BYTES_MAX};
+use redo_core::segment_claim::EpochState;
 use redo_core::segment_file::{decode_header, encode_header, scan_records, ScanStop, SEGMENT_HEADER_BYTES};
 use redo_core::segment_log::{DiskCut, DiskIndex, DiskRead, INDEX_STRIDE_BYTES};
 use redo_core::wire::{Truncation, TRUNCATIONS_MAX};
@@ -171,45 +172,37 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u
 /// line, then one line `truncation <epoch> <above>` per recorded truncation,
 /// oldest first (at most `TRUNCATIONS_MAX`). Files of one line (written
 /// before truncations existed) hold the epoch alone.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EpochState {
-    pub epoch: Epoch,
-    pub truncations: Vec<Truncation>,
+fn parse_epoch_state(text: &str) -> Option<EpochState> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let epoch = Epoch(lines.next()?.parse().ok()?);
+    let mut truncations = Vec::new();
+    for line in lines {
+        let mut words = line.split_whitespace();
+        if words.next()? != "truncation" {
+            return None;
+        }
+        let (e, above) = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
+        if words.next().is_some() {
+            return None;
+        }
+        truncations.push(Truncation { epoch: Epoch(e), above: Lsn(above) });
+    }
+    Some(EpochState { epoch, truncations })
 }
 
-impl EpochState {
-    fn parse(text: &str) -> Option<EpochState> {
-        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-        let epoch = Epoch(lines.next()?.parse().ok()?);
-        let mut truncations = Vec::new();
-        for line in lines {
-            let mut words = line.split_whitespace();
-            if words.next()? != "truncation" {
-                return None;
-            }
-            let (e, above) = (words.next()?.parse().ok()?, words.next()?.parse().ok()?);
-            if words.next().is_some() {
-                return None;
-            }
-            truncations.push(Truncation { epoch: Epoch(e), above: Lsn(above) });
-        }
-        Some(EpochState { epoch, truncations })
+fn render_epoch_state(state: &EpochState) -> String {
+    let mut out = format!("{}\n", state.epoch.0);
+    let skip = state.truncations.len().saturating_sub(TRUNCATIONS_MAX);
+    for t in &state.truncations[skip..] {
+        out.push_str(&format!("truncation {} {}\n", t.epoch.0, t.above.0));
     }
-
-    fn render(&self) -> String {
-        let mut out = format!("{}\n", self.epoch.0);
-        let skip = self.truncations.len().saturating_sub(TRUNCATIONS_MAX);
-        for t in &self.truncations[skip..] {
-            out.push_str(&format!("truncation {} {}\n", t.epoch.0, t.above.0));
-        }
-        out
-    }
+    out
 }
 
 fn read_epoch(dir: &Path, pg: PgId) -> Result<EpochState> {
     let path = epoch_path(dir, pg);
     match fs::read_to_string(&path) {
-        Ok(s) => EpochState::parse(&s).with_context(|| format!("{} does not hold an epoch state", path.display())),
+        Ok(s) => parse_epoch_state(&s).with_context(|| format!("{} does not hold an epoch state", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EpochState::default()),
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }
@@ -220,7 +213,7 @@ pub fn write_epoch(dir: &Path, pg: PgId, state: &EpochState) -> Result<()> {
     let path = epoch_path(dir, pg);
     let tmp = path.with_extension("epoch.new");
     let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(state.render().as_bytes()).context("write epoch")?;
+    f.write_all(render_epoch_state(state).as_bytes()).context("write epoch")?;
     f.sync_all().context("fsync epoch")?;
     fs::rename(&tmp, &path).context("install epoch file")?;
     fsync_dir(dir)
@@ -347,13 +340,13 @@ mod tests {
 
     #[test]
     fn epoch_state_reads_old_files_and_round_trips() {
-        assert_eq!(EpochState::parse("42\n"), Some(EpochState { epoch: Epoch(42), truncations: vec![] }));
+        assert_eq!(parse_epoch_state("42\n"), Some(EpochState { epoch: Epoch(42), truncations: vec![] }));
         let state = EpochState {
             epoch: Epoch(9 << 32),
             truncations: vec![Truncation { epoch: Epoch(5 << 32), above: Lsn(7) }, Truncation { epoch: Epoch(9 << 32), above: Lsn(12) }],
         };
-        assert_eq!(EpochState::parse(&state.render()), Some(state));
-        assert_eq!(EpochState::parse("7\ntruncation 7\n"), None);
-        assert_eq!(EpochState::parse("x"), None);
+        assert_eq!(parse_epoch_state(&render_epoch_state(&state)), Some(state));
+        assert_eq!(parse_epoch_state("7\ntruncation 7\n"), None);
+        assert_eq!(parse_epoch_state("x"), None);
     }
 }

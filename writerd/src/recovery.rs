@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 enum Done {
     Status { ask: u64, pg: PgId, segment: usize, reply: Reply },
     Offered,
-    Pulled { pg: PgId, runs: Result<Vec<Bytes>, String> },
+    Pulled { ask: u64, pg: PgId, runs: Result<Vec<Bytes>, String> },
 }
 
 /// Claims the volume and decides where it ends, by executing the core's
@@ -50,7 +50,7 @@ pub async fn take_over(volume: &Volume, links: &[Arc<NodeLink>], known_cpl: Lsn,
             Some(done) = rx.recv() => match done {
                 Done::Status { ask, pg, segment, reply } => machine.on_status(ask, pg, segment, reply, origin.elapsed()),
                 Done::Offered => machine.on_offered(),
-                Done::Pulled { pg, runs } => machine.on_pulled(pg, runs, origin.elapsed()),
+                Done::Pulled { ask, pg, runs } => machine.on_pulled(ask, pg, runs, origin.elapsed()),
             },
             _ = async { tokio::time::sleep_until(wake.expect("checked")).await }, if wake.is_some() => machine.handle_timeout(origin.elapsed()),
             Some(_) = running.join_next(), if !running.is_empty() => {}
@@ -100,7 +100,9 @@ fn execute(
                 }
                 Done::Offered
             }
-            Command::Pull { pg, after, upto, .. } => Done::Pulled { pg, runs: pull_range(&link, pg, after, upto).await.map_err(|e| format!("{e:#}")) },
+            Command::Pull { ask, pg, after, upto, .. } => {
+                Done::Pulled { ask, pg, runs: pull_range(&link, pg, after, upto).await.map_err(|e| format!("{e:#}")) }
+            }
         };
         let _ = tx.send(done);
     }

@@ -25,8 +25,8 @@
 //!    leaves the truncation unrecorded: the claimant's retry cuts again
 //!    (nothing is above the point by then) and records it.
 //!
-//! A disk failure once the log is cut (the files, the state) leaves memory
-//! and disk apart: the segment takes no more appends (`handle_disk_lost`).
+//! A failure to cut the files once the log is cut leaves memory and disk
+//! apart: the segment takes no more appends (`handle_disk_lost`).
 
 use thiserror::Error;
 
@@ -255,9 +255,12 @@ impl SegmentClaim {
     pub fn on_failed(&mut self, log: &mut SegmentLog, why: String) -> Step {
         let error = match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Persisting { raised } => ClaimError::PersistFailed { epoch: raised.epoch, why },
-            // Nothing changed yet.
-            Phase::Scanning => self.disk_failed(why),
-            Phase::Cutting(_) | Phase::Recording { .. } => {
+            // Nothing changed yet; or the cut is on disk but not recorded: a crash now is
+            // safe (see step 4), so is the claimant's retry, and nothing appends meanwhile
+            // (the writer starts a session only after its claim; peers repair only a segment
+            // at their newest truncation).
+            Phase::Scanning | Phase::Recording { .. } => self.disk_failed(why),
+            Phase::Cutting(_) => {
                 let error = self.disk_failed(why);
                 log.handle_disk_lost(format!("{error} (memory and disk disagree now)"));
                 error
@@ -390,7 +393,21 @@ mod tests {
         assert_eq!(failed, Step::Done(Err(ClaimError::PersistFailed { epoch: e2, why: "EIO".into() })));
         assert_eq!((log.epoch(), log.scl(), log.disk_failed()), (e1, Lsn(4), None));
         log.handle_append(e1, &batch(&[(5, 4)])).expect("the segment still serves its writer");
+        // The truncation cannot be recorded: the claim fails, the segment goes on (a retry records it).
+        let mut c = SegmentClaim::new(e2, Some((Lsn(2), vec![])));
+        c.poll(&mut log);
+        c.on_persisted(&mut log);
+        let _cut = c.on_files_held(&mut log);
+        assert!(matches!(c.on_files_cut(&mut log, None), Step::PersistEpoch(_)));
+        assert!(matches!(c.on_failed(&mut log, "ENOSPC".into()), Step::Done(Err(ClaimError::DiskFailed { .. }))));
+        assert_eq!((log.truncations(), log.disk_failed(), log.scl()), (vec![], None, Lsn(2)));
+        let mut retry = SegmentClaim::new(e2, Some((Lsn(2), vec![])));
+        assert_eq!(retry.poll(&mut log), Step::HoldFiles, "not recorded: the retry truncates (nothing is above the point)");
+        assert_eq!(retry.on_files_held(&mut log), Step::CutFiles { offset: None, reindex: false, above: Lsn(2) });
+        retry.on_files_cut(&mut log, None);
+        assert!(matches!(retry.on_persisted(&mut log), Step::Done(Ok(Claimed { cut: Some(Cut { records: 0, .. }), .. }))));
         // The files cannot be cut once the log was: memory and disk disagree, no more appends.
+        let mut log = log_at(e1);
         let mut c = SegmentClaim::new(e2, Some((Lsn(2), vec![])));
         c.poll(&mut log);
         c.on_persisted(&mut log);

@@ -16,6 +16,7 @@
 //! lost) or the segment crashes; the sender then reconnects, re-learns the
 //! segment's position (writerd's Status) and resends from its SCL.
 
+mod disk;
 mod recovery;
 mod replica;
 
@@ -27,8 +28,9 @@ use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::RECORD_OVERHEAD_BYTES;
 use redo_core::repair::Repair;
 use redo_core::replica::ReplicaConfig;
-use redo_core::segment_file::{scan_records, SEGMENT_HEADER_BYTES};
-use redo_core::segment_log::{AppendError, DiskIndex, SegmentLog, SegmentLogConfig};
+use redo_core::segment_claim::EpochState;
+use redo_core::segment_file::SEGMENT_HEADER_BYTES;
+use redo_core::segment_log::{SegmentLog, SegmentLogConfig};
 use redo_core::volume::{NodeSpec, Volume};
 use redo_core::wire::{Message, SegmentPosition};
 use redo_core::writer::{Admit, ReadPlan, Recovered, WriterConfig, WriterCore};
@@ -78,11 +80,6 @@ pub struct Faults {
     pub crash_percent: u64,
 }
 
-/// Chance that a segment crash tears the file's tail (a flush cut short), and
-/// how many bytes the torn write left at most.
-const TORN_TAIL_PERCENT: u64 = 30;
-const TORN_BYTES_MAX: u64 = 64;
-
 pub const NO_FAULTS: Faults = Faults { drop_percent: 0, duplicate_percent: 0, delay_ticks_max: 0, crash_percent: 0 };
 /// The faults of the seeds CI runs and of the long search (`sim --seeds N`).
 pub const FAULTY: Faults = Faults { drop_percent: 20, duplicate_percent: 10, delay_ticks_max: 15, crash_percent: 3 };
@@ -117,6 +114,10 @@ pub struct Stats {
     pub deferrals: u64,
     /// Crashes that left part of an unflushed record (or other bytes) at the file's end.
     pub torn_tails: u64,
+    /// Flushes that failed (EIO or ENOSPC), epoch-file writes that failed, nodes wiped.
+    pub flush_faults: u64,
+    pub epoch_write_faults: u64,
+    pub wipes: u64,
     /// Unacknowledged transactions a recovery dropped, and kept (whole).
     pub txns_dropped: u64,
     pub txns_kept_unacked: u64,
@@ -148,6 +149,9 @@ impl std::ops::AddAssign for Stats {
         self.claims_lost += o.claims_lost;
         self.deferrals += o.deferrals;
         self.torn_tails += o.torn_tails;
+        self.flush_faults += o.flush_faults;
+        self.epoch_write_faults += o.epoch_write_faults;
+        self.wipes += o.wipes;
         self.txns_dropped += o.txns_dropped;
         self.txns_kept_unacked += o.txns_kept_unacked;
         self.late_truncations += o.late_truncations;
@@ -206,6 +210,12 @@ struct Segment {
     log: SegmentLog,
     /// The segment file: what it flushed, which pulls and page reads may read back.
     file: Vec<u8>,
+    /// Its epoch file (`pg-N.epoch`).
+    epoch_file: EpochState,
+    /// Its disk failed: an operator restarts it at this tick.
+    restart_at: Option<u64>,
+    /// Its disk was wiped once: the writer may no longer hold what it lacks.
+    wiped: bool,
     /// Crashed and unreachable until this tick.
     down_until: u64,
     /// The highest SCL it lost in a crash. With `ack = memory` those records
@@ -315,6 +325,9 @@ impl Sim {
                     .map(|n| Segment {
                         log: SegmentLog::new(SegmentId { pg: PgId(pg as u32), node: NodeId(n as u32) }, SEGMENT_CONFIG),
                         file: vec![0; SEGMENT_HEADER_BYTES],
+                        epoch_file: EpochState::default(),
+                        restart_at: None,
+                        wiped: false,
                         down_until: 0,
                         lost_upto: Lsn::ZERO,
                         repair: Repair::default(),
@@ -429,11 +442,13 @@ impl Sim {
                         continue;
                     }
                     let Ok(Message::Append { epoch, records, .. }) = Message::decode(frame.slice(4..)) else { panic!("the writer sends valid Append frames") };
-                    let out = match s.log.handle_append(epoch, &records) {
+                    let out = match self.append(pg, seg, epoch, &records) {
                         Ok(out) => out,
                         // A dead writer's frame reaching a segment a newer writer (or claimant) claimed.
-                        Err(AppendError::StaleEpoch(_)) if epoch < self.writer.epoch() || !self.writer_up => continue,
-                        Err(e) => panic!("pg{pg} segment {seg} refuses a frame at {epoch}: {e}"),
+                        Err(disk::Refused::Stale) if epoch < self.writer.epoch() || !self.writer_up => continue,
+                        Err(disk::Refused::Stale) => panic!("pg{pg} segment {seg} refuses the writer's frame at {epoch} as stale"),
+                        // No ack: the session times out and reconnects.
+                        Err(disk::Refused::Disk) => continue,
                     };
                     self.send(Msg::Ack { seg, session, position: out.position });
                 }
@@ -471,15 +486,7 @@ impl Sim {
             self.stats.delivered += 1;
             self.check_safety();
         }
-        if self.rng.chance(self.faults.crash_percent) {
-            let pg = self.rng.below(self.segments.len() as u64) as usize;
-            let seg = self.rng.below(SEGMENTS_PER_PG as u64) as usize;
-            // On seeds where the writer may crash, a segment crash may not leave an
-            // acknowledged record on too few segments (see `recovery::ACKED_HOLDERS_MIN`).
-            if self.writer_crash_at.is_empty() || self.acked_held(recovery::ACKED_HOLDERS_MIN, Some((pg, seg))) {
-                self.crash(pg, seg);
-            }
-        }
+        self.disk_faults(self.faults.crash_percent);
         if self.writer_up && self.writer_crash_at.first().is_some_and(|&at| at <= self.now) && self.acked_held(recovery::ACKED_HOLDERS_MIN, None) {
             self.writer_crash_at.remove(0);
             self.crash_writer();
@@ -494,13 +501,7 @@ impl Sim {
         for pg in 0..self.segments.len() {
             for seg in 0..SEGMENTS_PER_PG {
                 if self.rng.chance(FLUSH_PERCENT) {
-                    let s = &mut self.segments[pg][seg];
-                    let mut records = Vec::new();
-                    if let Some(job) = s.log.poll_flush(&mut records) {
-                        assert_eq!(job.offset, s.file.len() as u64, "flushes append to the file");
-                        records.iter().for_each(|r| s.file.extend_from_slice(r));
-                        s.log.handle_flushed(job);
-                    }
+                    self.flush(pg, seg);
                 }
                 if self.writer_up {
                     self.run_sender(pg, seg);
@@ -509,40 +510,6 @@ impl Sim {
         }
         self.run_replicas();
         self.check_safety();
-    }
-
-    /// The segment restarts from its file: unflushed records are gone. Its
-    /// sender's session breaks.
-    fn crash(&mut self, pg: usize, seg: usize) {
-        let torn = self.rng.chance(TORN_TAIL_PERCENT);
-        let garbage = 1 + self.rng.below(TORN_BYTES_MAX) as usize;
-        let bug = self.bug;
-        let s = &mut self.segments[pg][seg];
-        s.lost_upto = s.lost_upto.max(s.log.scl());
-        if torn {
-            // A flush cut short: part of the next unflushed records (or other bytes) reached the file.
-            let mut parts = Vec::new();
-            let _ = s.log.read(s.log.flushed_lsn(), s.log.scl(), TORN_BYTES_MAX as usize, &mut parts);
-            let unflushed: Vec<u8> = parts.concat();
-            let tail = if unflushed.len() > 1 { unflushed[..garbage.min(unflushed.len() - 1)].to_vec() } else { vec![0xA5; garbage] };
-            s.file.extend_from_slice(&tail);
-            self.stats.torn_tails += 1;
-        }
-        // storaged's start: the log ends at the last whole record that continues the chain.
-        let (mut last, mut end) = (Lsn::ZERO, s.file.len());
-        if bug != Some(Bug::TrustFileLength) {
-            let (used, _) = scan_records(&s.file[SEGMENT_HEADER_BYTES..], SEGMENT_HEADER_BYTES as u64, &mut last, |_, _| {});
-            end = SEGMENT_HEADER_BYTES + used;
-            assert_eq!(last, s.log.flushed_lsn(), "pg{pg} segment {seg}: the file's last whole record is not the flushed LSN");
-            s.file.truncate(end);
-        }
-        // The epoch and the truncations are persisted (pg-N.epoch).
-        s.log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.log.epoch(), s.log.flushed_lsn(), end as u64, DiskIndex::default())
-            .with_truncations(&s.log.truncations());
-        s.repair = Repair::default();
-        s.down_until = self.now + 1 + self.rng.below(CRASH_DOWN_TICKS_MAX);
-        self.senders[pg][seg].at = None;
-        self.stats.crashes += 1;
     }
 
     /// One turn of writerd's sender: reconnect if the session failed, then
@@ -557,7 +524,9 @@ impl Sim {
                 return;
             }
             // Status with the recovery's truncation, before any append.
-            self.late_truncation(pg, seg);
+            if !self.late_truncation(pg, seg) {
+                return;
+            }
             // Status: the segment's actual position, which writerd folds in like an ack.
             let position = self.segments[pg][seg].log.position();
             self.senders[pg][seg] = Sender { session: session + 1, at: Some(position.scl), acked: position.scl, progress_at: self.now };
@@ -567,8 +536,9 @@ impl Sim {
         let (session, mut at) = (self.senders[pg][seg].session, self.senders[pg][seg].at.expect("connected"));
         let mut batches = Vec::new();
         if let Err(gap) = self.writer.poll_send(PgId(pg as u32), at, &mut batches) {
-            // Only a recovered writer, which holds no frames below what it read back, leaves gaps.
-            assert!(self.truncation.is_some(), "pg{pg} segment {seg} cannot be caught up though retention is unbounded: {gap:?}");
+            // Only a recovered writer, which holds no frames below what it read back, or a wiped segment leaves gaps.
+            let wiped = self.segments[pg][seg].wiped;
+            assert!(self.truncation.is_some() || wiped, "pg{pg} segment {seg} cannot be caught up though retention is unbounded: {gap:?}");
             self.gossip_fill(pg, seg);
             self.senders[pg][seg].at = None;
             return;
@@ -590,6 +560,7 @@ impl Sim {
         assert!(vdl == Lsn::ZERO || self.commits.contains(&vdl), "vdl {vdl} is not a commit LSN");
         self.assert_durable(vdl, "vdl");
         self.segments.iter().flatten().for_each(|s| s.log.check_invariants());
+        self.check_disks();
         self.writer.check_invariants();
         self.replicas.iter().for_each(|r| r.core.check_invariants());
         self.check_replicas();

@@ -23,8 +23,7 @@ use bytes::Bytes;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::{Records, ValidRecords};
 use redo_core::repair::{Own, PeerView};
-use redo_core::segment_claim::{ClaimError, Claimed, SegmentClaim, Step};
-use redo_core::segment_log::{DiskCut, DiskRead};
+use redo_core::segment_claim::ClaimError;
 use redo_core::takeover::{Command, Offer, Reply, SegmentStatus, TakenOver, Takeover, TakeoverError};
 use redo_core::wire::Truncation;
 use redo_core::writer::WriterCore;
@@ -93,15 +92,18 @@ enum Delivery {
 impl Sim {
     /// Whether every acknowledged record of every PG is held by at least `min`
     /// segments at the current truncation (with segment `except` counted as
-    /// holding only what it flushed, as after a crash).
-    pub(crate) fn acked_held(&self, min: usize, except: Option<(usize, usize)>) -> bool {
+    /// holding only up to the LSN given: what it flushed, as after a crash).
+    pub(crate) fn acked_held(&self, min: usize, except: Option<(usize, usize, Lsn)>) -> bool {
         (0..self.segments.len()).all(|pg| {
             let log = &self.allocated[pg];
             let Some(&last) = log[..log.partition_point(|&l| l <= self.vdl_seen)].last() else { return true };
             let holders = (0..SEGMENTS_PER_PG)
                 .filter(|&seg| {
                     let s = &self.segments[pg][seg];
-                    let scl = if except == Some((pg, seg)) { s.log.flushed_lsn() } else { s.log.scl() };
+                    let scl = match except {
+                        Some((p, s2, keeps)) if (p, s2) == (pg, seg) => keeps,
+                        _ => s.log.scl(),
+                    };
                     scl >= last && self.at_current_truncation(s)
                 })
                 .count();
@@ -110,10 +112,12 @@ impl Sim {
     }
 
     /// Whether the segment recorded the current writer's truncation (the
-    /// first writer recovered nothing): only then are its records above the
-    /// last recovery's VDL the current writer's.
+    /// first writer recovered nothing), or is empty (wiped, not claimed yet):
+    /// only then are its records above the last recovery's VDL the current
+    /// writer's, and what it lost comes back from the writer or its peers.
     pub(crate) fn at_current_truncation(&self, s: &Segment) -> bool {
-        self.truncation.is_none_or(|t| s.log.last_truncation() == Some(t))
+        let empty = s.log.scl() == Lsn::ZERO && s.log.last_truncation().is_none();
+        empty || self.truncation.is_none_or(|t| s.log.last_truncation() == Some(t))
     }
 
     /// The writer dies: its sessions and their acks are gone, each Append frame
@@ -300,7 +304,7 @@ impl Sim {
                     for run in runs {
                         let valid = ValidRecords::validate(run, 0).expect("held records are valid").expect("a run holds records");
                         // Best effort, as writerd's offer: segments may refuse what conflicts.
-                        let _ = self.segments[pg][segment].log.handle_append(epoch, &valid);
+                        let _ = self.append(pg, segment, epoch, &valid);
                     }
                 }
                 Delivery::Offered
@@ -323,7 +327,6 @@ impl Sim {
     /// position and truncations.
     fn status(&mut self, c: &mut Claimant, pg: usize, seg: usize, epoch: Epoch, truncate: Option<(Lsn, Vec<Truncation>)>) -> Reply {
         let bug = self.bug;
-        let s = &mut self.segments[pg][seg];
         let truncate = truncate.map(|(above, mut history)| {
             if bug == Some(replica::Bug::NoTruncationHistory) {
                 history.clear();
@@ -332,13 +335,15 @@ impl Sim {
         });
         let truncating = truncate.is_some();
         if epoch != Epoch(0) {
-            match claim(s, epoch, truncate) {
+            match self.claim(pg, seg, epoch, truncate) {
                 Ok(_) if truncating => c.truncated.push((pg, seg)),
                 Ok(_) => {}
                 Err(ClaimError::Stale(_)) if bug == Some(replica::Bug::RefusalsAsGrants) => {}
-                Err(refused) => return Reply::Refused(refused.to_string()),
+                Err(refused @ ClaimError::Stale(_)) => return Reply::Refused(refused.to_string()),
+                Err(failed) => return Reply::Failed(failed.to_string()),
             }
         }
+        let s = &self.segments[pg][seg];
         let mut truncations = s.log.truncations();
         if bug == Some(replica::Bug::ClaimedEpochInAnswers) && epoch != Epoch(0) {
             // The claim answer's log epoch reads as the one just claimed: a truncation at
@@ -390,15 +395,20 @@ impl Sim {
         self.history.retain(|_, v| !v.is_empty());
     }
 
-    /// writerd's session start on a segment that may have missed the recovery:
-    /// the Status claim with `truncate_above`, before any append.
-    pub(crate) fn late_truncation(&mut self, pg: usize, seg: usize) {
-        let Some(t) = self.truncation else { return };
-        let s = &mut self.segments[pg][seg];
-        // The only writer: its claim is granted.
-        let claimed = claim(s, t.epoch, Some((t.above, self.truncation_history.clone()))).expect("the writer's session start claims its segment");
-        if claimed.cut.is_some() {
-            self.stats.late_truncations += 1;
+    /// writerd's session start: the Status claim at the writer's epoch, with
+    /// the recovery's truncation (a segment that missed the recovery is cut
+    /// before any append), and from the first writer, which recovered nothing,
+    /// without (a wiped segment learns the epoch it must repair at). Whether
+    /// the session may start: not on a segment whose disk failed.
+    pub(crate) fn late_truncation(&mut self, pg: usize, seg: usize) -> bool {
+        let truncate = self.truncation.map(|t| (t.above, self.truncation_history.clone()));
+        match self.claim(pg, seg, self.writer.epoch(), truncate) {
+            Ok(claimed) => {
+                self.stats.late_truncations += claimed.cut.is_some() as u64;
+                true
+            }
+            Err(ClaimError::Stale(refused)) => panic!("the only writer's claim on pg{pg} segment {seg} was refused: {refused}"),
+            Err(_) => false,
         }
     }
 
@@ -408,6 +418,9 @@ impl Sim {
     /// from the best one it names (a lag is filled once it lasted a round).
     pub(crate) fn gossip_fill(&mut self, pg: usize, seg: usize) {
         let s = &self.segments[pg][seg];
+        if s.log.disk_failed().is_some() {
+            return;
+        }
         let own = Own { epoch: s.log.epoch(), truncation: s.log.last_truncation(), scl: s.log.scl(), pending: s.log.pending_records() > 0 };
         let peers: Vec<PeerView> = (0..SEGMENTS_PER_PG)
             .filter(|&p| p != seg && self.segments[pg][p].down_until <= self.now)
@@ -442,55 +455,6 @@ fn pull_range(s: &Segment, after: Lsn, upto: Lsn) -> Result<Vec<Bytes>, String> 
         runs.push(records);
     }
     Ok(runs)
-}
-
-/// storaged's `claim`: the core's `SegmentClaim` at `epoch`, its steps executed
-/// at once. The log's epoch and truncations are what a crash keeps (the epoch
-/// file), the segment's `file` is its disk, and flushes complete at once.
-fn claim(s: &mut Segment, epoch: Epoch, truncate: Option<(Lsn, Vec<Truncation>)>) -> Result<Claimed, ClaimError> {
-    let mut claim = SegmentClaim::new(epoch, truncate);
-    let mut step = claim.poll(&mut s.log);
-    loop {
-        step = match step {
-            Step::Done(outcome) => {
-                if let Ok(Claimed { cut: Some(cut), .. }) = outcome {
-                    s.lost_upto = s.lost_upto.min(cut.at);
-                }
-                return outcome;
-            }
-            Step::PersistEpoch(_) => claim.on_persisted(&mut s.log),
-            Step::HoldFiles => claim.on_files_held(&mut s.log),
-            Step::WaitFlush => unreachable!("the sim's flushes complete at once"),
-            Step::FindCut(scan) => {
-                let cut = find_cut(&s.file, scan);
-                claim.on_scanned(&mut s.log, cut)
-            }
-            Step::CutFiles { offset, reindex, .. } => {
-                assert!(!reindex, "the sim's segments keep no page index");
-                if let Some(offset) = offset {
-                    s.file.truncate(offset as usize);
-                }
-                assert_eq!(s.file.len() as u64, s.log.flushed_end(), "the file ends where the log's flushed records do");
-                claim.on_files_cut(&mut s.log, None)
-            }
-        };
-    }
-}
-
-/// storaged's `find_cut` over the simulated file.
-fn find_cut(file: &[u8], scan: DiskRead) -> DiskCut {
-    let (mut last_lsn, mut offset, mut records) = (scan.prev, scan.offset, 0);
-    let (from, to) = (scan.offset as usize, scan.end_offset as usize);
-    for rec in Records::new(&file[from..to], from) {
-        let rec = rec.expect("the file holds whole records");
-        if rec.lsn() <= scan.after {
-            last_lsn = rec.lsn();
-            offset += rec.as_bytes().len() as u64;
-        } else {
-            records += 1;
-        }
-    }
-    DiskCut { last_lsn, offset, records }
 }
 
 /// The page a writer after recovery asks for (`Admit::NeedPages`), from a

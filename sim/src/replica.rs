@@ -78,6 +78,15 @@ pub enum Bug {
     /// A restarted segment takes its file's length for the end of its log
     /// instead of scanning for the last whole record: a torn tail is served.
     TrustFileLength,
+    /// A flush that failed (EIO, ENOSPC) is reported done: the flushed LSN
+    /// vouches for records that are not on disk.
+    FailedFlushCounted,
+    /// An epoch-file write that failed (ENOSPC) is taken as done: the segment
+    /// acts on an epoch, or a truncation, that a restart forgets.
+    EpochWriteFailureIgnored,
+    /// A wiped node comes back with its old epoch and position (stale
+    /// metadata) over an empty segment file.
+    WipeKeepsPosition,
 }
 
 #[derive(Clone)]
@@ -510,6 +519,7 @@ pub(crate) fn page_at(s: &Segment, page: PageId, lsn: Lsn) -> PageImage {
 fn read_file(file: &[u8], read: DiskRead, bytes_max: usize, keep: impl Fn(&RecordRef) -> bool) -> (Vec<u8>, Lsn) {
     let (mut out, mut last, mut prev) = (Vec::new(), read.after, read.prev);
     let (from, to) = (read.offset as usize, read.end_offset as usize);
+    assert!(to <= file.len(), "the file ends at {}, before the flushed end {to}: a flush reported durable is not on disk", file.len());
     for rec in Records::new(&file[from..to], from) {
         let rec = rec.expect("the file holds whole records");
         assert_eq!(rec.prev_lsn_in_segment(), prev, "record {} in the file does not link to the one before", rec.lsn());

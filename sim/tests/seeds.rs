@@ -30,6 +30,7 @@ fn safety_then_liveness_over_many_seeds() {
         assert!(total.gossip_fills > 0, "no segment was filled by the core's Repair: {total:?}");
         assert!(total.deferrals > 0, "no replica's Watch deferred to a better peer: {total:?}");
         assert!(total.torn_tails > 0, "no crash tore a segment file's tail: {total:?}");
+        assert!(total.flush_faults > 0 && total.epoch_write_faults > 0 && total.wipes > 0, "a disk fault never happened: {total:?}");
         assert!(total.txns_dropped > 0 && total.txns_kept_unacked > 0, "recoveries never decided an unacknowledged transaction: {total:?}");
     }
 }
@@ -78,6 +79,17 @@ fn a_torn_tail_taken_for_records_fails_some_seed() {
     let seed = first_failing_seed(0..1000, Bug::TrustFileLength);
     eprintln!("first failing seed: {seed:?}");
     assert!(seed.is_some(), "TrustFileLength passed every check");
+}
+
+/// A failed flush reported done, an epoch-file write that failed taken as
+/// done, a wiped node back with its old position: some seed fails each.
+#[test]
+fn disk_failures_taken_for_success_fail_some_seed() {
+    for bug in [Bug::FailedFlushCounted, Bug::EpochWriteFailureIgnored, Bug::WipeKeepsPosition] {
+        let seed = first_failing_seed(0..1000, bug);
+        eprintln!("{bug:?}: first failing seed: {seed:?}");
+        assert!(seed.is_some(), "{bug:?} passed every check");
+    }
 }
 
 /// Seeds beyond the 1000 run by default that once stalled: a recovery whose

@@ -1,8 +1,8 @@
 //! A deterministic simulation of one volume, driving the real core state
 //! machines from one seed: the writer is `WriterCore`, each segment a
 //! `SegmentLog`, over a network that drops, duplicates, delays and reorders
-//! messages, while segments crash and restart with only what they flushed.
-//! Safety is checked after every event; once the faults stop, the volume
+//! messages, while segments crash and restart with only what they flushed,
+//! and their disks fail (in `disk`). Safety is checked after every event; once the faults stop, the volume
 //! must converge (liveness). `SIM_SEED=n cargo test --profile release-checked -p sim`
 //! replays one seed.
 //!

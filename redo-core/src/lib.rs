@@ -9,6 +9,7 @@ pub mod log_stream;
 pub mod page;
 pub mod page_index;
 pub mod quorum;
+pub mod rand;
 pub mod record;
 pub mod recovery;
 pub mod repair;

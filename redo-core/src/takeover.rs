@@ -28,6 +28,7 @@ use bytes::Bytes;
 
 use crate::ids::{Epoch, Lsn, PgId};
 use crate::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use crate::rand::SplitMix64;
 use crate::recovery::{self, Answer, Decision, Plan, RecoveryError};
 use crate::wire::{SegmentPosition, Truncation};
 use crate::writer::Recovered;
@@ -149,6 +150,12 @@ impl Round {
         (0..self.answers.len()).all(|pg| self.answered(pg) >= WRITE_QUORUM)
     }
 
+    /// A PG in which so many segments refused this round's epoch that no write quorum is left, and how many did.
+    fn lost(&self) -> Option<(usize, usize)> {
+        let refused = self.refused.iter().map(|pg| pg.iter().filter(|&&x| x).count());
+        refused.enumerate().find(|&(_, n)| n > SEGMENTS_PER_PG - WRITE_QUORUM)
+    }
+
     fn settled(&self) -> bool {
         self.answers.iter().zip(&self.refused).all(|(a, r)| a.iter().zip(r).all(|(a, &r)| a.is_some() || r))
     }
@@ -198,7 +205,8 @@ pub struct Takeover {
     known_cpl: Lsn,
     offer: Offer,
     deadline: Duration,
-    random: u64,
+    /// Nonces and pauses.
+    random: SplitMix64,
     step: Step,
     round: Option<Round>,
     asks: u64,
@@ -225,7 +233,7 @@ impl Takeover {
             known_cpl,
             offer,
             deadline: now + timeout,
-            random: seed,
+            random: SplitMix64::new(seed),
             step: Step::Look,
             round: None,
             asks: 0,
@@ -281,14 +289,9 @@ impl Takeover {
                 r.errors.push(format!("pg{pg} segment {s}: {why}"));
             }
         }
-        let refused = |pg: usize| r.refused[pg].iter().filter(|&&x| x).count();
-        if let Some(pg) = (0..self.pgs).find(|&pg| refused(pg) > SEGMENTS_PER_PG - WRITE_QUORUM) {
-            let why = format!(
-                "{} refused by {} of pg{pg}'s {SEGMENTS_PER_PG} segments, out of a write quorum's reach: {}",
-                r.epoch,
-                refused(pg),
-                r.errors.join("; ")
-            );
+        if let Some((pg, refused)) = r.lost() {
+            let why =
+                format!("{} refused by {refused} of pg{pg}'s {SEGMENTS_PER_PG} segments, out of a write quorum's reach: {}", r.epoch, r.errors.join("; "));
             return self.round_done(Err(TakeoverError::Lost(why)), now);
         }
         if r.quorate() {
@@ -390,7 +393,7 @@ impl Takeover {
         let answers = match result {
             Ok(()) => r.into_answers(),
             Err(TakeoverError::Lost(why)) if matches!(step, Step::Claim) => {
-                let jitter = self.random() % CLAIM_RETRY_JITTER.as_micros() as u64;
+                let jitter = self.random.next_u64() % CLAIM_RETRY_JITTER.as_micros() as u64;
                 self.step = Step::Pause { until: now + CLAIM_RETRY_MIN + Duration::from_micros(jitter), why };
                 return;
             }
@@ -448,7 +451,7 @@ impl Takeover {
     /// Claims the generation after the newest epoch in `seen`.
     fn claim(&mut self, seen: &Answers) {
         let newest = seen.iter().flatten().map(|(_, st)| st.epoch).max().unwrap_or_default();
-        self.epoch = Epoch::claim_after(newest, self.random() as u32);
+        self.epoch = Epoch::claim_after(newest, self.random.next_u64() as u32);
         self.claims += 1;
         self.step = Step::Claim;
         self.start_round(self.epoch, None);
@@ -510,15 +513,6 @@ impl Takeover {
         self.round = None;
         self.outcome = Some(outcome);
     }
-
-    /// SplitMix64 over the seed: nonces and pauses.
-    fn random(&mut self) -> u64 {
-        self.random = self.random.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.random;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
 }
 
 /// A claimant of `ours`' generation or a newer one that this candidate must
@@ -548,6 +542,20 @@ mod tests {
         Reply::Status(SegmentStatus { epoch, position: SegmentPosition { pg: PgId(0), scl, flushed_lsn: scl }, truncations: Vec::new() })
     }
 
+    /// A one-PG takeover on an empty volume.
+    fn takeover() -> Takeover {
+        Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7)
+    }
+
+    /// `takeover()` once every segment answered its look at `MS`, and its claim asks.
+    fn claiming() -> (Takeover, Vec<(u64, usize, Epoch, bool)>) {
+        let mut t = takeover();
+        let look = asks(&mut t);
+        answer(&mut t, &look, &[0, 1, 2, 3, 4, 5], |_| status(Epoch(0)), MS);
+        let claim = asks(&mut t);
+        (t, claim)
+    }
+
     /// The Status commands pending: (ask, segment, epoch, truncating).
     fn asks(t: &mut Takeover) -> Vec<(u64, usize, Epoch, bool)> {
         std::iter::from_fn(|| t.poll_command())
@@ -570,7 +578,7 @@ mod tests {
 
     #[test]
     fn empty_segments_are_claimed_and_truncated_at_zero() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
+        let mut t = takeover();
         let all = [0, 1, 2, 3, 4, 5];
         let look = asks(&mut t);
         assert!(look.iter().all(|a| a.2 == Epoch(0) && !a.3) && look.len() == 6);
@@ -589,11 +597,8 @@ mod tests {
 
     #[test]
     fn a_failed_pull_claims_again_and_plans_anew() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
+        let (mut t, claim) = claiming();
         let all = [0, 1, 2, 3, 4, 5];
-        let look = asks(&mut t);
-        answer(&mut t, &look, &all, |_| status(Epoch(0)), MS);
-        let claim = asks(&mut t);
         answer(&mut t, &claim, &all, |e| status_at(e, Lsn(5)), 2 * MS);
         let Some(Command::Pull { ask, pg, segment, after, upto }) = t.poll_command() else { panic!("a pull of the tail") };
         assert_eq!((pg, after, upto), (PgId(0), Lsn::ZERO, Lsn(5)));
@@ -613,7 +618,7 @@ mod tests {
 
     #[test]
     fn stragglers_get_a_grace_then_the_step_goes_on_and_late_replies_are_ignored() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
+        let mut t = takeover();
         let look = asks(&mut t);
         answer(&mut t, &look, &[0, 1, 2, 3], |_| status(Epoch(0)), MS);
         assert_eq!(t.poll_timeout(), Some(MS + STRAGGLER_WAIT));
@@ -629,7 +634,7 @@ mod tests {
 
     #[test]
     fn silent_segments_are_asked_again_until_the_deadline() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
+        let mut t = takeover();
         let look = asks(&mut t);
         answer(&mut t, &look, &[0, 1, 2], |_| status(Epoch(0)), MS);
         answer(&mut t, &look, &[3, 4, 5], |_| Reply::Failed("unreachable".into()), MS);
@@ -647,10 +652,7 @@ mod tests {
 
     #[test]
     fn a_split_claim_pauses_then_yields_to_a_rival_with_a_quorum() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
-        let look = asks(&mut t);
-        answer(&mut t, &look, &[0, 1, 2, 3, 4, 5], |_| status(Epoch(0)), MS);
-        let claim = asks(&mut t);
+        let (mut t, claim) = claiming();
         let ours = claim[0].2;
         let rival = Epoch::claim_after(Epoch(0), u32::MAX);
         answer(&mut t, &claim, &[0, 1, 2], |_| Reply::Refused("held by another claimant".into()), 2 * MS);
@@ -670,10 +672,7 @@ mod tests {
 
     #[test]
     fn a_split_without_a_winner_is_claimed_again_at_the_next_generation() {
-        let mut t = Takeover::new(1, Lsn::ZERO, Offer::default(), Duration::ZERO, Duration::from_secs(1), 7);
-        let look = asks(&mut t);
-        answer(&mut t, &look, &[0, 1, 2, 3, 4, 5], |_| status(Epoch(0)), MS);
-        let claim = asks(&mut t);
+        let (mut t, claim) = claiming();
         let (ours, other) = (claim[0].2, Epoch::claim_after(Epoch(0), 1));
         answer(&mut t, &claim, &[0, 1, 2], |_| Reply::Refused("held by another claimant".into()), 2 * MS);
         t.handle_timeout(t.poll_timeout().expect("pauses"));

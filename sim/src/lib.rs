@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use redo_core::page::PageOp;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use redo_core::rand::SplitMix64;
 use redo_core::record::RECORD_OVERHEAD_BYTES;
 use redo_core::repair::Repair;
 use redo_core::replica::ReplicaConfig;
@@ -38,19 +39,15 @@ use redo_core::{Epoch, Lsn, NodeId, PgId, SegmentId};
 
 /// SplitMix64: a tiny seeded generator, so the simulator needs no
 /// dependency and a seed means the same run on every platform.
-pub struct Rng(u64);
+pub struct Rng(SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed)
+        Rng(SplitMix64::new(seed))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     pub fn below(&mut self, n: u64) -> u64 {

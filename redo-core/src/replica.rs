@@ -36,7 +36,7 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 
 use crate::api::TXN_OPS_MAX;
-use crate::ids::{Lsn, PageId, PgId};
+use crate::ids::{Epoch, Lsn, PageId, PgId};
 use crate::page::PageImage;
 use crate::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use crate::record::{RecordRef, TrustedRecords, ValidRecords};
@@ -268,6 +268,15 @@ struct Fetching {
     records: Vec<Bytes>,
 }
 
+/// What a writer's progress did (`ReplicaCore::on_writer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriterHeard {
+    /// From a writer older than the one followed: ignored.
+    Stale,
+    /// Applied; `new_writer` if a newer writer took over (the old one's tail was dropped).
+    Progress { new_writer: bool, read_point: Option<Lsn> },
+}
+
 pub struct ReplicaCore {
     volume: Volume,
     config: ReplicaConfig,
@@ -275,6 +284,8 @@ pub struct ReplicaCore {
     vdl: Lsn,
     /// Every committed record at or below it is applied; `None` before the first CPL.
     read_point: Option<Lsn>,
+    /// The epoch of the writer followed; `None` before its first progress.
+    writer: Option<Epoch>,
     pgs: Vec<PgState>,
     cache: HashMap<PageId, PageImage>,
     /// Cached pages, oldest first: the eviction order.
@@ -316,6 +327,7 @@ impl ReplicaCore {
             config,
             vdl: start.durable,
             read_point: (start.durable == Lsn::ZERO).then_some(Lsn::ZERO),
+            writer: None,
             pgs,
             cache: HashMap::new(),
             cache_order: VecDeque::new(),
@@ -394,9 +406,39 @@ impl ReplicaCore {
         per_pg.fold(applied, Lsn::min)
     }
 
+    /// Progress from the writer at `epoch`: records up to `vdl` are durable, and each PG's
+    /// records at or below it are at or below `bounds[pg]`. A writer newer than the one
+    /// followed took over (`new_epoch`); an older writer's progress is ignored. The first
+    /// writer heard is followed from there, unless `following` named the one before.
+    pub fn on_writer(&mut self, epoch: Epoch, vdl: Lsn, bounds: &[Lsn]) -> WriterHeard {
+        let new = match self.writer {
+            Some(followed) if epoch < followed => return WriterHeard::Stale,
+            Some(followed) => epoch > followed,
+            None => false,
+        };
+        if new {
+            self.new_epoch(bounds);
+        }
+        self.writer = Some(epoch);
+        let read_point = self.on_progress(vdl, bounds);
+        WriterHeard::Progress { new_writer: new, read_point }
+    }
+
+    /// A replica that knows the writer of the log it starts from: the first progress
+    /// of a newer one drops what was pulled above the durable point it started from.
+    pub fn following(mut self, epoch: Epoch) -> Self {
+        self.writer = Some(epoch);
+        self
+    }
+
+    /// The epoch of the writer followed, once heard.
+    pub fn writer_epoch(&self) -> Option<Epoch> {
+        self.writer
+    }
+
     /// The writer's progress: records up to `vdl` are durable, and each PG's records at or
     /// below it are at or below `bounds[pg]`. Returns the new read point if it moved.
-    pub fn on_progress(&mut self, vdl: Lsn, bounds: &[Lsn]) -> Option<Lsn> {
+    fn on_progress(&mut self, vdl: Lsn, bounds: &[Lsn]) -> Option<Lsn> {
         if vdl <= self.vdl {
             return None;
         }
@@ -415,14 +457,13 @@ impl ReplicaCore {
         self.apply()
     }
 
-    /// A new writer took over: its recovery truncated the log above
-    /// `truncated_above` (at or above every read point, since it keeps every
-    /// durable commit). Records pulled above the VDL this replica heard may be
-    /// an old writer's unacknowledged tail, cut by this takeover or by one this
-    /// replica never heard of (whose writer it never followed): drop them, and
-    /// the pulls that may bring more, and go on from there.
-    pub fn new_epoch(&mut self, truncated_above: Lsn, bounds: &[Lsn]) {
-        let vdl = self.vdl.min(truncated_above);
+    /// A writer newer than the one followed took over. Records pulled above the
+    /// VDL this replica knew (the last writer's, or the durable point it started
+    /// from) may be an older writer's unacknowledged tail, cut by that writer's recovery or by one this replica never heard of:
+    /// drop them, and the pulls that may bring more, and go on from there with the
+    /// new writer's `bounds`. What lies at or below that VDL is durable: no recovery cuts it.
+    fn new_epoch(&mut self, bounds: &[Lsn]) {
+        let vdl = self.vdl;
         for (pg, p) in self.pgs.iter_mut().enumerate() {
             let keep = p.pending.iter().take_while(|r| r.lsn <= vdl).count();
             let dropped: usize = p.pending.iter().skip(keep).map(|r| r.bytes.len()).sum();
@@ -437,7 +478,6 @@ impl ReplicaCore {
             }
             p.bound = bounds.get(pg).copied().unwrap_or(vdl);
         }
-        self.vdl = self.vdl.min(vdl);
     }
 
     /// The records this replica holds, per PG in LSN order (retained, then
@@ -1050,7 +1090,7 @@ mod tests {
         let granted = r.stream_credit(PgId(0), s0.id).expect("more credit");
         assert_eq!(granted as usize, log.pull(0, Lsn::ZERO, last).len(), "back to the most a stream holds");
         // A new writer ends the streams; their chunks are refused from then on.
-        r.new_epoch(last, &[last, t2]);
+        r.new_epoch(&[last, t2]);
         assert!(!r.stream_open(PgId(0), s0.id));
         assert_eq!(chunk(&mut r, &log, &s1, t2, t2), Err(PullError::StreamClosed));
     }
@@ -1143,6 +1183,26 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_writer_takes_over_and_an_older_ones_progress_is_ignored() {
+        let mut log = Log::new();
+        let a = log.key_in(0, 2);
+        let t1 = log.txn(&[(&a[0], b"1")]);
+        let t2 = log.txn(&[(&a[1], b"2")]);
+        let mut r = replica(1 << 20);
+        let (old, new) = (Epoch(1 << 32), Epoch(2 << 32));
+        assert_eq!(r.on_writer(old, t1, &[t1, t1]), WriterHeard::Progress { new_writer: false, read_point: None });
+        segments_at(&mut r, t2, Lsn::ZERO);
+        pull(&mut r, &log, 0, t2);
+        pull(&mut r, &log, 1, t2);
+        assert!(r.pending_bytes() > 0);
+        assert!(matches!(r.on_writer(new, t1, &[t1, t1]), WriterHeard::Progress { new_writer: true, .. }));
+        assert_eq!(r.pending_bytes(), 0, "what was pulled above the VDL heard is dropped");
+        assert_eq!(r.writer_epoch(), Some(new));
+        assert_eq!(r.on_writer(old, t2, &[t2, t2]), WriterHeard::Stale);
+        assert_eq!((r.vdl(), r.writer_epoch()), (t1, Some(new)), "the deposed writer's VDL is not taken");
+    }
+
+    #[test]
     fn a_new_epoch_drops_the_old_writers_unacknowledged_tail() {
         // The new writer truncated at t1, or (after a takeover this replica never
         // heard of, whose writer wrote t2' durably) at t2: either way, what the
@@ -1165,7 +1225,7 @@ mod tests {
             let held: usize = r.held_records(1 << 20).iter().flatten().map(|b| b.len()).sum();
             assert_eq!(held, r.pending_bytes() + r.retained_bytes(), "everything held is offered back");
             let truncated_above = if new_starts_at_t2 { t2 } else { t1 };
-            r.new_epoch(truncated_above, &[truncated_above; 2]);
+            r.new_epoch(&[truncated_above; 2]);
             assert!(r.pending_bytes() == 0, "the old tail is dropped (new writer from {truncated_above})");
             segments_at(&mut r, t2, Lsn::ZERO);
             pull(&mut r, &new, 0, t2);

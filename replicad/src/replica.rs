@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use redo_core::api::Progress;
-use redo_core::replica::ReplicaCore;
+use redo_core::replica::{ReplicaCore, WriterHeard};
 use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, Lsn};
 use tokio::sync::{watch, Notify};
@@ -116,23 +116,25 @@ impl Replica {
 
     /// The writer's progress (or heartbeat) arrived.
     pub fn on_progress(&self, p: &Progress) {
-        let before = {
-            let mut w = self.writer.lock().expect("writer lock");
-            let before = *w;
-            let vdl = w.filter(|w| w.epoch == p.epoch).map_or(p.vdl, |w| w.vdl.max(p.vdl));
-            *w = Some(Heard { epoch: p.epoch, vdl, at: Instant::now() });
-            before
-        };
+        let before = self.writer();
         // A heartbeat repeating what was heard: nothing for the engine or the pullers.
-        if before.is_some_and(|b| b.epoch == p.epoch && b.vdl >= p.vdl) {
+        let repeat = before.is_some_and(|b| b.epoch == p.epoch && b.vdl >= p.vdl);
+        let heard = (!repeat).then(|| self.lock().on_writer(p.epoch, p.vdl, &p.pgcl));
+        if heard == Some(WriterHeard::Stale) {
+            tracing::debug!(epoch = %p.epoch, "ignoring the progress of a writer older than the one followed");
             return;
         }
-        let before = before.map(|b| b.epoch);
-        if before != Some(p.epoch) {
-            if before.is_some() {
-                tracing::info!(epoch = %p.epoch, truncated_above = %p.truncated_above, "a new writer took over: dropping what was pulled above the VDL heard");
-                self.lock().new_epoch(p.truncated_above, &p.pgcl);
-            }
+        {
+            let mut w = self.writer.lock().expect("writer lock");
+            let vdl = w.filter(|w| w.epoch == p.epoch).map_or(p.vdl, |w| w.vdl.max(p.vdl));
+            *w = Some(Heard { epoch: p.epoch, vdl, at: Instant::now() });
+        }
+        let Some(WriterHeard::Progress { new_writer, read_point }) = heard else { return };
+        if new_writer {
+            tracing::info!(epoch = %p.epoch, truncated_above = %p.truncated_above, "a new writer took over: dropped what was pulled above the VDL heard");
+        }
+        let switched = before.is_none_or(|b| b.epoch != p.epoch);
+        if switched {
             self.progress.send_modify(|cur| (cur.epoch, cur.truncated_above) = (p.epoch, p.truncated_above));
         }
         let mut heard = self.heard.lock().expect("heard lock");
@@ -140,9 +142,8 @@ impl Replica {
             heard.push_back((p.vdl, Instant::now()));
         }
         drop(heard);
-        let moved = self.lock().on_progress(p.vdl, &p.pgcl);
-        self.publish(moved);
-        if before != Some(p.epoch) {
+        self.publish(read_point);
+        if switched {
             self.kick_all();
         } else {
             self.kick_behind();

@@ -28,7 +28,7 @@ use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::rand::SplitMix64;
 use redo_core::record::RECORD_OVERHEAD_BYTES;
 use redo_core::repair::Repair;
-use redo_core::replica::ReplicaConfig;
+use redo_core::replica::{ReplicaConfig, WriterHeard};
 use redo_core::segment_claim::EpochState;
 use redo_core::segment_file::SEGMENT_HEADER_BYTES;
 use redo_core::segment_log::{SegmentLog, SegmentLogConfig};
@@ -173,11 +173,9 @@ enum Msg {
         position: SegmentPosition,
     },
     /// The writer's progress feed (`Follow`) to replica `to`.
-    /// `truncated_above`: the VDL the writer recovered (where storage cut its epoch's log).
     Progress {
         to: usize,
         epoch: Epoch,
-        truncated_above: Lsn,
         vdl: Lsn,
         pgcl: Vec<Lsn>,
     },
@@ -461,17 +459,13 @@ impl Sim {
                     }
                     self.writer.handle_ack(position.pg, seg, position.scl, position.flushed_lsn);
                 }
-                Msg::Progress { to, epoch, truncated_above, vdl, pgcl } => {
-                    // replicad: a new writer's first progress drops the old writer's
-                    // tail, exactly what storage truncated (above the recovered VDL).
+                Msg::Progress { to, epoch, vdl, pgcl } => {
+                    // replicad: a new writer's first progress drops what was pulled above
+                    // the VDL heard; an older writer's is ignored.
                     let r = &mut self.replicas[to];
-                    r.heard = Some(self.now);
-                    if epoch > r.epoch {
-                        r.core.new_epoch(truncated_above, &pgcl);
+                    if r.core.on_writer(epoch, vdl, &pgcl) != WriterHeard::Stale {
+                        r.heard = Some(self.now);
                         r.epoch = epoch;
-                    }
-                    if epoch == r.epoch {
-                        r.core.on_progress(vdl, &pgcl);
                     }
                 }
                 Msg::Position { to, seg, position } => {

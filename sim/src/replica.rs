@@ -184,7 +184,9 @@ impl Sim {
             let Some(start) = Start::from_scls(&scls) else { continue };
             let (_, config) = self.to_start.remove(i);
             let start_durable = start.durable;
-            let mut core = ReplicaCore::new(self.writer.volume().clone(), config, start);
+            // It follows the writer of the moment from the start (replicad learns it from
+            // the first progress it hears).
+            let mut core = ReplicaCore::new(self.writer.volume().clone(), config, start).following(self.writer.epoch());
             for (seg, position) in answers {
                 core.on_position(seg, position);
             }
@@ -280,8 +282,7 @@ impl Sim {
         let epoch = self.writer.epoch();
         if self.writer_up && (resend || vdl > self.replicas[r].progress_sent || epoch != self.replicas[r].epoch) {
             self.replicas[r].progress_sent = vdl;
-            let truncated_above = self.writer.truncated_above();
-            self.send(Msg::Progress { to: r, epoch, truncated_above, vdl, pgcl });
+            self.send(Msg::Progress { to: r, epoch, vdl, pgcl });
         }
         for pg in 0..pgs {
             for seg in 0..SEGMENTS_PER_PG {

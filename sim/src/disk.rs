@@ -5,8 +5,9 @@
 //! cannot be written (ENOSPC), a crash that tears the file's tail, a node
 //! whose disk is wiped. A segment whose disk failed takes no more appends
 //! until an operator restarts it. Each fault pairs with an injected bug that
-//! some seed must catch: `FailedFlushCounted`, `EpochWriteFailureIgnored`,
-//! `TrustFileLength`, `WipeKeepsPosition`.
+//! some seed must catch: `RestartKeepsScl` (unflushed records lost),
+//! `FailedFlushCounted`, `EpochWriteFailureIgnored`, `TrustFileLength`,
+//! `WipeKeepsPosition`.
 
 use redo_core::record::ValidRecords;
 use redo_core::repair::Repair;
@@ -124,6 +125,8 @@ impl Sim {
         let (mut last, mut end) = (Lsn::ZERO, s.file.len());
         if bug == Some(Bug::TrustFileLength) || (wipe && bug == Some(Bug::WipeKeepsPosition)) {
             last = s.log.flushed_lsn();
+        } else if bug == Some(Bug::RestartKeepsScl) && !wipe {
+            last = s.log.scl();
         } else {
             let (used, _) = scan_records(&s.file[SEGMENT_HEADER_BYTES..], SEGMENT_HEADER_BYTES as u64, &mut last, |_, _| {});
             end = SEGMENT_HEADER_BYTES + used;

@@ -78,6 +78,9 @@ pub enum Bug {
     /// A restarted segment takes its file's length for the end of its log
     /// instead of scanning for the last whole record: a torn tail is served.
     TrustFileLength,
+    /// A restarted segment reports the SCL it had before the crash, as if its
+    /// unflushed records had survived.
+    RestartKeepsScl,
     /// A flush that failed (EIO, ENOSPC) is reported done: the flushed LSN
     /// vouches for records that are not on disk.
     FailedFlushCounted,

@@ -81,11 +81,12 @@ fn a_torn_tail_taken_for_records_fails_some_seed() {
     assert!(seed.is_some(), "TrustFileLength passed every check");
 }
 
-/// A failed flush reported done, an epoch-file write that failed taken as
-/// done, a wiped node back with its old position: some seed fails each.
+/// A crash's lost records taken as kept, a failed flush reported done, an
+/// epoch-file write that failed taken as done, a wiped node back with its old
+/// position: some seed fails each.
 #[test]
 fn disk_failures_taken_for_success_fail_some_seed() {
-    for bug in [Bug::FailedFlushCounted, Bug::EpochWriteFailureIgnored, Bug::WipeKeepsPosition] {
+    for bug in [Bug::RestartKeepsScl, Bug::FailedFlushCounted, Bug::EpochWriteFailureIgnored, Bug::WipeKeepsPosition] {
         let seed = first_failing_seed(0..1000, bug);
         eprintln!("{bug:?}: first failing seed: {seed:?}");
         assert!(seed.is_some(), "{bug:?} passed every check");

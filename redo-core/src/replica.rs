@@ -284,7 +284,7 @@ pub struct ReplicaCore {
     vdl: Lsn,
     /// Every committed record at or below it is applied; `None` before the first CPL.
     read_point: Option<Lsn>,
-    /// The epoch of the writer followed; `None` before its first progress.
+    /// The epoch of the writer followed; `None` before its first progress (unless `following`).
     writer: Option<Epoch>,
     pgs: Vec<PgState>,
     cache: HashMap<PageId, PageImage>,
@@ -431,7 +431,7 @@ impl ReplicaCore {
         self
     }
 
-    /// The epoch of the writer followed, once heard.
+    /// The epoch of the writer followed, once known.
     pub fn writer_epoch(&self) -> Option<Epoch> {
         self.writer
     }
@@ -459,9 +459,10 @@ impl ReplicaCore {
 
     /// A writer newer than the one followed took over. Records pulled above the
     /// VDL this replica knew (the last writer's, or the durable point it started
-    /// from) may be an older writer's unacknowledged tail, cut by that writer's recovery or by one this replica never heard of:
-    /// drop them, and the pulls that may bring more, and go on from there with the
-    /// new writer's `bounds`. What lies at or below that VDL is durable: no recovery cuts it.
+    /// from) may be an older writer's unacknowledged tail, cut by that writer's
+    /// recovery or by one this replica never heard of: drop them, and the pulls
+    /// that may bring more, and go on from there with the new writer's `bounds`.
+    /// What lies at or below that VDL is durable: no recovery cuts it.
     fn new_epoch(&mut self, bounds: &[Lsn]) {
         let vdl = self.vdl;
         for (pg, p) in self.pgs.iter_mut().enumerate() {

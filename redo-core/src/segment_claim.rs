@@ -100,19 +100,15 @@ pub enum ClaimError {
 enum Phase {
     Grant,
     /// The new epoch is being written.
-    Persisting {
-        raised: EpochState,
-    },
+    Persisting,
     Truncate,
     HoldingFiles,
     /// Appends are held off from here until the claim ends.
     Draining,
     Scanning,
     Cutting(Truncated),
-    Recording {
-        state: EpochState,
-        records: u64,
-    },
+    /// The truncations are being written; the records cut.
+    Recording(u64),
     Done,
 }
 
@@ -148,13 +144,12 @@ impl SegmentClaim {
                         Err(refused) => return self.done(log, Err(refused.into())),
                         Ok(false) => self.phase = Phase::Truncate,
                         Ok(true) => {
-                            let raised = EpochState { epoch: self.epoch, truncations: log.truncations() };
-                            self.phase = Phase::Persisting { raised: raised.clone() };
-                            return Step::PersistEpoch(raised);
+                            self.phase = Phase::Persisting;
+                            return Step::PersistEpoch(EpochState { epoch: self.epoch, truncations: log.truncations() });
                         }
                     }
                 }
-                phase @ Phase::Persisting { .. } => {
+                phase @ Phase::Persisting => {
                     self.phase = phase;
                     panic!("poll while the epoch is being persisted: report on_persisted");
                 }
@@ -191,7 +186,7 @@ impl SegmentClaim {
                         }
                     }
                 }
-                phase @ (Phase::Scanning | Phase::Cutting(_) | Phase::Recording { .. }) => {
+                phase @ (Phase::Scanning | Phase::Cutting(_) | Phase::Recording(_)) => {
                     self.phase = phase;
                     panic!("poll while the shell works on the disk: report its outcome");
                 }
@@ -203,15 +198,15 @@ impl SegmentClaim {
     /// The epoch state of `PersistEpoch` is durable.
     pub fn on_persisted(&mut self, log: &mut SegmentLog) -> Step {
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Persisting { raised } => {
-                log.raise_epoch(raised.epoch);
+            Phase::Persisting => {
+                log.raise_epoch(self.epoch);
                 self.raised = true;
                 self.phase = Phase::Truncate;
                 self.poll(log)
             }
-            Phase::Recording { state, records } => {
+            Phase::Recording(records) => {
                 let (t, _) = self.truncate.as_ref().expect("recording a truncation");
-                state.truncations.iter().for_each(|&r| log.note_truncation(r));
+                self.missed.iter().chain([t]).for_each(|&r| log.note_truncation(r));
                 log.end_truncate();
                 let cut = Cut { above: t.above, at: self.cut, missed: self.missed.len(), records };
                 Step::Done(Ok(Claimed { raised: self.raised, cut: Some(cut) }))
@@ -246,20 +241,19 @@ impl SegmentClaim {
         let mut truncations = log.truncations();
         truncations.extend(self.missed.iter().chain([t]));
         truncations.drain(..truncations.len().saturating_sub(TRUNCATIONS_MAX));
-        let state = EpochState { epoch: log.epoch(), truncations };
-        self.phase = Phase::Recording { state: state.clone(), records: truncated.records };
-        Step::PersistEpoch(state)
+        self.phase = Phase::Recording(truncated.records);
+        Step::PersistEpoch(EpochState { epoch: log.epoch(), truncations })
     }
 
     /// The disk step asked for failed (`PersistEpoch`, `FindCut` or `CutFiles`).
     pub fn on_failed(&mut self, log: &mut SegmentLog, why: String) -> Step {
         let error = match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Persisting { raised } => ClaimError::PersistFailed { epoch: raised.epoch, why },
+            Phase::Persisting => ClaimError::PersistFailed { epoch: self.epoch, why },
             // Nothing changed yet; or the cut is on disk but not recorded: a crash now is
             // safe (see step 4), so is the claimant's retry, and nothing appends meanwhile
             // (the writer starts a session only after its claim; peers repair only a segment
             // at their newest truncation).
-            Phase::Scanning | Phase::Recording { .. } => self.disk_failed(why),
+            Phase::Scanning | Phase::Recording(_) => self.disk_failed(why),
             Phase::Cutting(_) => {
                 let error = self.disk_failed(why);
                 log.handle_disk_lost(format!("{error} (memory and disk disagree now)"));

@@ -465,7 +465,6 @@ impl Sim {
                     let r = &mut self.replicas[to];
                     if r.core.on_writer(epoch, vdl, &pgcl) != WriterHeard::Stale {
                         r.heard = Some(self.now);
-                        r.epoch = epoch;
                     }
                 }
                 Msg::Position { to, seg, position } => {

@@ -167,7 +167,7 @@ impl Sim {
             let promotion = candidate.is_some();
             if let Some(r) = candidate {
                 known_cpl = self.replicas[r].core.vdl();
-                offer = Offer { epoch: self.replicas[r].epoch, runs: self.replicas[r].core.held_records(OFFER_RUN_BYTES_MAX) };
+                offer = Offer { epoch: self.replicas[r].epoch(), runs: self.replicas[r].core.held_records(OFFER_RUN_BYTES_MAX) };
             }
             let cut_off = (0..pgs).map(|_| (0..SEGMENTS_PER_PG).map(|_| self.rng.chance(CUT_OFF_PERCENT)).collect()).collect();
             let start = if i == 0 { Duration::ZERO } else { Duration::from_micros(self.rng.below(SECOND_START_US_MAX)) };

@@ -142,8 +142,6 @@ pub(crate) struct Replica {
     /// What the writer's feed and each segment's notifications last sent it.
     progress_sent: Lsn,
     notified: Vec<[SegmentPosition; SEGMENTS_PER_PG]>,
-    /// The writer epoch its progress feed last carried.
-    pub(crate) epoch: Epoch,
     /// Per PG, its log stream.
     streams: Vec<Option<Stream>>,
     /// The tick its writer feed last brought progress (`None`: never).
@@ -153,6 +151,11 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
+    /// The epoch of the writer it follows: what its reads, its role and its offer carry.
+    pub(crate) fn epoch(&self) -> Epoch {
+        self.core.writer_epoch().expect("a replica follows the writer of the moment from its start")
+    }
+
     pub(crate) fn caught_up(&self, vdl: Lsn) -> bool {
         self.core.read_point() == Some(vdl) && self.core.pending_bytes() == 0 && self.core.retained_bytes() == 0
     }
@@ -203,7 +206,6 @@ impl Sim {
                 start_durable,
                 progress_sent: Lsn::ZERO,
                 notified,
-                epoch: self.writer.epoch(),
                 streams,
                 heard: None,
                 watch: Watch::new(ELECTION_SILENCE, tick(self.now)),
@@ -218,7 +220,7 @@ impl Sim {
         let now = tick(self.now);
         let role = |sim: &Sim, q: usize| {
             let r = &sim.replicas[q];
-            Role { epoch: r.epoch, vdl: r.core.vdl(), writer_silent_ms: r.heard.map_or(u64::MAX, |h| sim.now - h), ..Role::default() }
+            Role { epoch: r.epoch(), vdl: r.core.vdl(), writer_silent_ms: r.heard.map_or(u64::MAX, |h| sim.now - h), ..Role::default() }
         };
         let mut elected = Vec::new();
         for r in 0..self.replicas.len() {
@@ -262,7 +264,7 @@ impl Sim {
                     self.rng.shuffle(&mut order);
                     self.rng.shuffle(&mut rest);
                     order.extend(rest);
-                    let epoch = self.replicas[r].epoch;
+                    let epoch = self.replicas[r].epoch();
                     self.request(r, Ask::Pull(plan, epoch), order);
                 }
             }
@@ -283,7 +285,7 @@ impl Sim {
         };
         // A dead writer sends nothing; a new one's first progress goes out at once.
         let epoch = self.writer.epoch();
-        if self.writer_up && (resend || vdl > self.replicas[r].progress_sent || epoch != self.replicas[r].epoch) {
+        if self.writer_up && (resend || vdl > self.replicas[r].progress_sent || epoch != self.replicas[r].epoch()) {
             self.replicas[r].progress_sent = vdl;
             self.send(Msg::Progress { to: r, epoch, vdl, pgcl });
         }
@@ -311,7 +313,7 @@ impl Sim {
         }
         let Some(mut st) = replica.streams[pg].take() else {
             let seg = self.stream_rng.below(SEGMENTS_PER_PG as u64) as usize;
-            let (s, epoch) = (&self.segments[pg][seg], replica.epoch);
+            let (s, epoch) = (&self.segments[pg][seg], replica.epoch());
             // storaged refuses a segment that is down, or one that missed the epoch's truncation.
             let behind = epoch != Epoch(1) && s.log.last_truncation().is_none_or(|t| t.epoch != epoch);
             if s.down_until > self.now || behind {

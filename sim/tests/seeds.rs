@@ -40,6 +40,13 @@ fn first_failing_seed(seeds: std::ops::Range<u64>, bug: Bug) -> Option<u64> {
     seeds.into_iter().find(|&seed| std::panic::catch_unwind(|| run(seed, FAULTY, Some(bug))).is_err())
 }
 
+/// Some seed below 1000 fails with `bug`; prints the first.
+fn assert_caught(bug: Bug) {
+    let seed = first_failing_seed(0..1000, bug);
+    eprintln!("{bug:?}: first failing seed: {seed:?}");
+    assert!(seed.is_some(), "{bug:?} passed every check");
+}
+
 /// The recovery checks catch a decision that ignores holes (VDL from the highest CPL pulled).
 #[test]
 fn a_buggy_recovery_fails_some_seed() {
@@ -50,35 +57,27 @@ fn a_buggy_recovery_fails_some_seed() {
 /// keeps the older writer's tail below the new VDL: some seed fails.
 #[test]
 fn claims_without_the_truncation_history_fail_some_seed() {
-    let seed = first_failing_seed(0..1000, Bug::NoTruncationHistory);
-    eprintln!("first failing seed: {seed:?}");
-    assert!(seed.is_some(), "NoTruncationHistory passed every check");
+    assert_caught(Bug::NoTruncationHistory);
 }
 
 /// With the claimed epoch in claim answers, `effective_scl` never clamps a
 /// segment that missed a truncation: some seed fails.
 #[test]
 fn claim_answers_with_the_claimed_epoch_fail_some_seed() {
-    let seed = first_failing_seed(0..1000, Bug::ClaimedEpochInAnswers);
-    eprintln!("first failing seed: {seed:?}");
-    assert!(seed.is_some(), "ClaimedEpochInAnswers passed every check");
+    assert_caught(Bug::ClaimedEpochInAnswers);
 }
 
 /// Two candidates at once: if segments answered claims they refused as
 /// granted, both could count a write quorum; some seed fails.
 #[test]
 fn refused_claims_taken_for_grants_fail_some_seed() {
-    let seed = first_failing_seed(0..1000, Bug::RefusalsAsGrants);
-    eprintln!("first failing seed: {seed:?}");
-    assert!(seed.is_some(), "RefusalsAsGrants passed every check");
+    assert_caught(Bug::RefusalsAsGrants);
 }
 
 /// A torn tail taken for records (the file's length trusted at a restart): some seed fails.
 #[test]
 fn a_torn_tail_taken_for_records_fails_some_seed() {
-    let seed = first_failing_seed(0..1000, Bug::TrustFileLength);
-    eprintln!("first failing seed: {seed:?}");
-    assert!(seed.is_some(), "TrustFileLength passed every check");
+    assert_caught(Bug::TrustFileLength);
 }
 
 /// A crash's lost records taken as kept, a failed flush reported done, an
@@ -87,9 +86,7 @@ fn a_torn_tail_taken_for_records_fails_some_seed() {
 #[test]
 fn disk_failures_taken_for_success_fail_some_seed() {
     for bug in [Bug::RestartKeepsScl, Bug::FailedFlushCounted, Bug::EpochWriteFailureIgnored, Bug::WipeKeepsPosition] {
-        let seed = first_failing_seed(0..1000, bug);
-        eprintln!("{bug:?}: first failing seed: {seed:?}");
-        assert!(seed.is_some(), "{bug:?} passed every check");
+        assert_caught(bug);
     }
 }
 

@@ -401,13 +401,12 @@ async fn read_records(seg: &Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: usiz
         }
         Err(disk) => {
             let seg2 = seg.clone();
-            match tokio::task::spawn_blocking(move || store::read_from_disk(&seg2.reader, disk, bytes_max, |_| true)).await {
-                Ok(Ok((buf, last))) => (Bytes::from(buf), last),
-                Ok(Err(e)) => {
-                    tracing::error!(segment = %seg.id, error = %format!("{e:#}"), "read from disk failed");
-                    return Err(error(ErrorCode::DiskFailed, format!("{}: read from disk: {e:#}", seg.id)));
+            match blocking(move || store::read_from_disk(&seg2.reader, disk, bytes_max, |_| true)).await {
+                Ok((buf, last)) => (Bytes::from(buf), last),
+                Err(why) => {
+                    tracing::error!(segment = %seg.id, error = %why, "read from disk failed");
+                    return Err(error(ErrorCode::DiskFailed, format!("{}: read from disk: {why}", seg.id)));
                 }
-                Err(e) => return Err(error(ErrorCode::DiskFailed, format!("disk read task: {e}"))),
             }
         }
     };

@@ -5,6 +5,7 @@ pub mod api;
 mod codec;
 pub mod failover;
 pub mod ids;
+pub mod join;
 pub mod log_stream;
 pub mod page;
 pub mod page_index;

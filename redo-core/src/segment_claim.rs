@@ -90,6 +90,9 @@ pub enum ClaimError {
     Stale(#[from] EpochRefused),
     #[error("a truncation needs the claimant's epoch, not epoch 0")]
     NoEpoch,
+    /// The segment has no epoch state yet (`crate::join`): ask again later.
+    #[error("segment is joining: it has no epoch state yet and is learning it from its peers")]
+    Joining,
     #[error("truncate above {above}: {why}")]
     DiskFailed { above: Lsn, why: String },
     #[error("persist {epoch}: {why}")]
@@ -139,6 +142,9 @@ impl SegmentClaim {
                 Phase::Grant => {
                     if self.epoch == Epoch(0) {
                         return self.done(log, Err(ClaimError::NoEpoch));
+                    }
+                    if log.is_joining() {
+                        return self.done(log, Err(ClaimError::Joining));
                     }
                     match log.grant_claim(self.epoch, self.truncate.is_some()) {
                         Err(refused) => return self.done(log, Err(refused.into())),
@@ -315,6 +321,20 @@ mod tests {
         assert!(matches!(SegmentClaim::new(rival, None).poll(&mut log), Step::Done(Err(ClaimError::Stale(_)))));
         assert!(matches!(SegmentClaim::new(rival, Some((Lsn::ZERO, vec![]))).poll(&mut log), Step::PersistEpoch(s) if s.epoch == rival));
         assert_eq!(SegmentClaim::new(Epoch(0), Some((Lsn::ZERO, vec![]))).poll(&mut log), Step::Done(Err(ClaimError::NoEpoch)));
+    }
+
+    #[test]
+    fn a_joining_segment_grants_nothing_until_it_joins_at_its_peers_state() {
+        let (e1, e2) = (epoch(1, 1), epoch(2, 1));
+        let mut log = SegmentLog::new(ID, config(1 << 20)).awaiting_join();
+        // A deposed writer at e1 (the volume is at e2) finds the empty segment first.
+        assert_eq!(SegmentClaim::new(e1, None).poll(&mut log), Step::Done(Err(ClaimError::Joining)));
+        assert_eq!(log.handle_append(Epoch(0), &batch(&[(1, 0)])).unwrap_err(), AppendError::Joining);
+        let t = Truncation { epoch: e2, above: Lsn(7) };
+        log.join(&EpochState { epoch: e2, truncations: vec![t] });
+        assert!(matches!(SegmentClaim::new(e1, None).poll(&mut log), Step::Done(Err(ClaimError::Stale(_)))));
+        assert_eq!(SegmentClaim::new(e2, None).poll(&mut log), Step::Done(Ok(Claimed::default())));
+        assert_eq!(log.check_truncated_for(e2), Ok(()), "its peers' truncation is its own: readers of e2 may use it");
     }
 
     #[test]

@@ -28,6 +28,7 @@ use thiserror::Error;
 use crate::ids::{Epoch, EpochRefused, Lsn, PageId, SegmentId};
 use crate::page_index::{Located, PageBroken, PageIndex, PagePlan};
 use crate::record::{TrustedRecords, ValidRecords};
+use crate::segment_claim::EpochState;
 use crate::segment_file::SEGMENT_HEADER_BYTES;
 use crate::wire::{SegmentPosition, Truncation, TRUNCATIONS_MAX};
 
@@ -86,6 +87,8 @@ pub enum AppendError {
     StaleEpoch(EpochRefused),
     #[error("segment is truncating its log for a new writer")]
     Truncating,
+    #[error("segment is joining: it has no epoch state yet and is learning it from its peers")]
+    Joining,
     #[error("hot log full: {hot_bytes} bytes unflushed, limit {hot_bytes_max}")]
     Busy { hot_bytes: usize, hot_bytes_max: usize },
     #[error("segment cannot write to disk: {0}")]
@@ -269,6 +272,8 @@ pub struct SegmentLog {
     disk_failed: Option<String>,
     /// Set between `begin_truncate` and `end_truncate`: no appends, no new flushes.
     truncating: bool,
+    /// Set from `awaiting_join` until `join`: no claims, no appends (see `join`).
+    joining: bool,
     /// Truncations recorded (durably, by the shell), oldest first, at most `TRUNCATIONS_MAX`.
     truncations: VecDeque<Truncation>,
 }
@@ -298,6 +303,7 @@ impl SegmentLog {
             pages: None,
             disk_failed: None,
             truncating: false,
+            joining: false,
             truncations: VecDeque::new(),
         }
     }
@@ -306,6 +312,26 @@ impl SegmentLog {
     pub fn with_truncations(mut self, truncations: &[Truncation]) -> Self {
         truncations.iter().for_each(|&t| self.note_truncation(t));
         self
+    }
+
+    /// An empty segment with no epoch state, on a node that knows its peers:
+    /// it grants no claim and takes no append until it `join`s (`crate::join`).
+    pub fn awaiting_join(mut self) -> Self {
+        assert!(self.scl == Lsn::ZERO && self.epoch == Epoch(0) && self.truncations.is_empty(), "only an empty segment joins");
+        self.joining = true;
+        self
+    }
+
+    pub fn is_joining(&self) -> bool {
+        self.joining
+    }
+
+    /// Takes the epoch state `crate::join::Join` decided on, once the shell persisted it.
+    pub fn join(&mut self, state: &EpochState) {
+        assert!(self.joining, "join on a segment that is not joining");
+        self.joining = false;
+        self.epoch = state.epoch;
+        state.truncations.iter().for_each(|&t| self.note_truncation(t));
     }
 
     pub fn new(id: SegmentId, config: SegmentLogConfig) -> Self {
@@ -543,6 +569,9 @@ impl SegmentLog {
     /// Inserts a batch of records. Duplicates of held records are ignored, so
     /// a writer may resend freely. All-or-nothing: on error nothing changed.
     pub fn handle_append(&mut self, epoch: Epoch, records: &ValidRecords) -> Result<AppendOutcome, AppendError> {
+        if self.joining {
+            return Err(AppendError::Joining);
+        }
         let epoch_raised = grant_epoch(self.epoch, epoch).map_err(AppendError::StaleEpoch)?;
         if self.truncating {
             return Err(AppendError::Truncating);

@@ -45,6 +45,9 @@ pub enum ErrorCode {
     ShuttingDown = 8,
     /// The segment's SCL is below the requested LSN; ask a node that is caught up.
     Behind = 9,
+    /// The segment has no epoch state yet and is learning it from its peers
+    /// (`crate::join`): it grants nothing meanwhile; ask again later.
+    Joining = 10,
 }
 
 impl ErrorCode {
@@ -60,6 +63,7 @@ impl ErrorCode {
             7 => Conflict,
             8 => ShuttingDown,
             9 => Behind,
+            10 => Joining,
             _ => return Err(DecodeError::Invalid { what: "error code", offset, value: v as u64 }),
         })
     }
@@ -499,6 +503,7 @@ mod tests {
             Message::Subscribe { pgs: vec![PgId(3)], every_scl: false },
             Message::Notify { position: pos },
             Message::Error { code: ErrorCode::StaleEpoch, message: "epoch e3 < e4".into() },
+            Message::Error { code: ErrorCode::Joining, message: "joining".into() },
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: None, history: vec![] },
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)), history: vec![] },
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)), history: vec![Truncation { epoch: Epoch(3), above: Lsn(6) }] },

@@ -95,7 +95,9 @@ pub struct Config {
     #[arg(long)]
     pub volume: Option<PathBuf>,
     /// With --volume: how often each segment asks its peers their SCL and pulls what it
-    /// misses (sooner while it holds records above a hole); 0 disables gossip.
+    /// misses (sooner while it holds records above a hole); 0 disables gossip. A new or
+    /// wiped segment first learns its epoch from its peers this way, and grants nothing
+    /// until then.
     #[arg(long, default_value_t = 100)]
     pub gossip_interval_ms: u64,
     /// Threads running network work; 1 runs everything on one thread (best when many
@@ -106,6 +108,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether segments know their peers: with gossip, a segment with no epoch state joins through them.
+    pub fn gossips(&self) -> bool {
+        self.volume.is_some() && self.gossip_interval_ms > 0
+    }
+
     pub fn cert_name(&self) -> String {
         self.cert_name.clone().unwrap_or_else(|| format!("storaged-{}", self.node_id))
     }

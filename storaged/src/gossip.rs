@@ -17,6 +17,11 @@
 //! `Repair` (the decision: whom to pull from, up to where), then pulls
 //! `(SCL, upto]` in runs of at most `PULL_BYTES_MAX`.
 //!
+//! A segment with no epoch state (a new node, or a wiped one) first joins:
+//! it asks its peers the same way until enough answered, and takes the
+//! newest epoch state among them (`redo_core::join`); until then it grants
+//! no claim and takes no append, so a deposed writer cannot count it.
+//!
 //! Safety: records are taken only from a peer at the segment's own epoch
 //! and newest truncation, checked before the round and again after every
 //! pulled run (a peer at another epoch may still hold records that a
@@ -29,18 +34,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use borealis_net::storage::{NodeLink, SegmentStatus, StorageConn};
+use borealis_net::storage::{ClientError, NodeLink, SegmentStatus, StorageConn};
+use redo_core::join::{Join, PeerState};
 use redo_core::record::ValidRecords;
 use redo_core::repair::{Own, PeerView, Repair};
+use redo_core::segment_claim::EpochState;
 use redo_core::segment_log::{AppendError, SegmentLog};
 use redo_core::volume::Volume;
-use redo_core::wire::{Truncation, PULL_BYTES_MAX};
+use redo_core::wire::{ErrorCode, Truncation, PULL_BYTES_MAX};
 use redo_core::{Epoch, Lsn, NodeId, PgId};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::metrics::GossipGauges;
 use crate::node::{Node, Segment};
+use crate::store;
 
 /// Largest pull reply asked of a peer.
 /// A peer that does not answer a request within this is skipped for the round.
@@ -135,6 +143,9 @@ fn own_truncation(log: &SegmentLog) -> Option<Truncation> {
 
 impl SegmentGossip {
     async fn run(mut self) {
+        if self.seg.log.lock().expect("segment lock").is_joining() {
+            self.join().await;
+        }
         let mut last_round: Option<Instant> = None;
         // Whether the last round left records waiting above a hole that it could not fill:
         // then the next round waits for the interval instead of coming at once.
@@ -197,7 +208,8 @@ impl SegmentGossip {
     async fn round(&mut self) -> Own {
         self.node.metrics.gossip_rounds.fetch_add(1, Relaxed);
         let own = self.own();
-        let views = self.ask_peers(self.seg.id.pg).await;
+        let answers = self.ask_peers(self.seg.id.pg).await;
+        let views: Vec<PeerView> = answers.iter().filter_map(|(node, s)| Some(PeerView::from_status(*node, s.as_ref()?))).collect();
         let plan = self.repair.handle_round(own, &views);
         self.gauges.peer_scl.store(self.repair.peer_scl().0, Relaxed);
         self.gauges.missing_through.store(self.repair.missing_through().0, Relaxed);
@@ -223,8 +235,9 @@ impl SegmentGossip {
         after
     }
 
-    /// Asks every peer not sitting out its position, at once, each within `PEER_TIMEOUT`.
-    async fn ask_peers(&mut self, pg: PgId) -> Vec<PeerView> {
+    /// Asks every peer not sitting out its status, at once, each within
+    /// `PEER_TIMEOUT`: the answers by node, `None` from a peer that is joining.
+    async fn ask_peers(&mut self, pg: PgId) -> Vec<(u32, Option<SegmentStatus>)> {
         let mut asks = JoinSet::new();
         for (i, peer) in self.peers.iter_mut().enumerate() {
             if peer.backoff.sit_out() {
@@ -233,14 +246,18 @@ impl SegmentGossip {
             let link = peer.link.clone();
             asks.spawn(async move { (i, status(&link, pg).await) });
         }
-        let mut views = Vec::with_capacity(self.peers.len());
+        let mut answers = Vec::with_capacity(self.peers.len());
         while let Some(joined) = asks.join_next().await {
             let Ok((i, answer)) = joined else { continue };
             let peer = &mut self.peers[i];
             match answer {
                 Ok(s) => {
                     peer.backoff.answered();
-                    views.push(PeerView::from_status(peer.link.id, &s));
+                    answers.push((peer.link.id, Some(s)));
+                }
+                Err(e) if matches!(e.downcast_ref(), Some(ClientError::Refused { code: ErrorCode::Joining, .. })) => {
+                    peer.backoff.answered();
+                    answers.push((peer.link.id, None));
                 }
                 Err(e) => {
                     tracing::debug!(segment = %self.seg.id, peer = peer.link.id, error = %format!("{e:#}"), "gossip: no position from peer");
@@ -249,7 +266,44 @@ impl SegmentGossip {
                 }
             }
         }
-        views
+        answers
+    }
+
+    /// A segment with no epoch state (new, or wiped) joins at the newest state
+    /// its peers hold (`redo_core::join` decides): rounds of `Status` until
+    /// enough answered, then the state is persisted and taken. No claim runs
+    /// meanwhile (a joining segment refuses them all).
+    async fn join(&mut self) {
+        let mut join = Join::default();
+        let started = Instant::now();
+        loop {
+            if self.node.is_shutting_down() {
+                return;
+            }
+            for (node, answer) in self.ask_peers(self.seg.id.pg).await {
+                let state = answer.map_or(PeerState::Joining, |s| PeerState::Member(EpochState { epoch: s.epoch, truncations: s.truncations }));
+                join.on_answer(node, state);
+            }
+            if let Some(state) = join.decided() {
+                let _turn = self.seg.claims.lock().await;
+                let (dir, pg, persisted) = (self.node.data_dir().clone(), self.seg.id.pg, state.clone());
+                match tokio::task::spawn_blocking(move || store::write_epoch(&dir, pg, &persisted)).await {
+                    Ok(Ok(())) => {
+                        self.seg.with_log(|log| log.join(&state));
+                        let (members, joining) = join.heard();
+                        let elapsed_ms = started.elapsed().as_millis() as u64;
+                        tracing::info!(segment = %self.seg.id, epoch = %state.epoch, truncations = state.truncations.len(), members, joining, elapsed_ms, "joined at the newest epoch state of the PG's peers");
+                        return;
+                    }
+                    Ok(Err(e)) => tracing::error!(segment = %self.seg.id, error = %format!("{e:#}"), "cannot write the epoch state it joins at; retrying"),
+                    Err(e) => tracing::error!(segment = %self.seg.id, error = %e, "epoch state write task failed; retrying"),
+                }
+            } else {
+                let (members, joining) = join.heard();
+                tracing::debug!(segment = %self.seg.id, members, joining, "joining: too few peers answered");
+            }
+            tokio::time::sleep(self.interval).await;
+        }
     }
 
     /// Pulls `(SCL, upto]` from peer `i` into the segment, run by run.

@@ -11,7 +11,7 @@ use anyhow::Result;
 use redo_core::page_index::PageIndex;
 use redo_core::segment_log::{FlushJob, SegmentLog, SegmentLogConfig};
 use redo_core::wire::SegmentPosition;
-use redo_core::{NodeId, PgId, SegmentId};
+use redo_core::{Lsn, NodeId, PgId, SegmentId};
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -161,7 +161,12 @@ impl Node {
                 index = PageIndex::new(config.coalesce_records);
                 r = open(Some(&mut index))?;
             }
-            let mut log = SegmentLog::recovered(id, log_config.clone(), r.epoch.epoch, r.last_lsn, r.file_end, r.index).with_truncations(&r.epoch.truncations);
+            let epoch = r.epoch.clone().unwrap_or_default();
+            let mut log = SegmentLog::recovered(id, log_config.clone(), epoch.epoch, r.last_lsn, r.file_end, r.index).with_truncations(&epoch.truncations);
+            if r.epoch.is_none() && r.last_lsn == Lsn::ZERO && config.gossips() {
+                // New or wiped: it learns its epoch state from its peers first (`gossip`).
+                log = log.awaiting_join();
+            }
             if indexed {
                 log = log.with_page_index(index);
             }
@@ -208,6 +213,7 @@ impl Node {
                     pending_records: log.pending_records() as u64,
                     page_index_records: log.page_index().map_or(0, |p| p.records() as u64),
                     disk_failed: log.disk_failed().is_some(),
+                    joining: log.is_joining(),
                     epoch_generation: log.epoch().generation(),
                 }
             })

@@ -203,6 +203,7 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
                 }
                 return Reply::Now { msg: error(ErrorCode::Busy, err.to_string()), received: None };
             }
+            AppendError::Joining => return joining(seg),
             AppendError::StaleEpoch(_) => ErrorCode::StaleEpoch,
             AppendError::DiskFailed(_) => ErrorCode::DiskFailed,
             AppendError::Conflict { .. } => ErrorCode::Conflict,
@@ -295,12 +296,18 @@ async fn claim(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate: Option<(
         }
         Err(e @ ClaimError::Stale(_)) => Err(Reply::Close(error(ErrorCode::StaleEpoch, format!("{}: {e}", seg.id.pg)))),
         Err(e @ ClaimError::NoEpoch) => Err(Reply::Close(error(ErrorCode::Malformed, e.to_string()))),
+        Err(ClaimError::Joining) => Err(joining(seg)),
         Err(e @ (ClaimError::DiskFailed { .. } | ClaimError::PersistFailed { .. })) => {
             let lost = seg.log.lock().expect("segment lock").disk_failed().map(str::to_string);
             tracing::error!(segment = %seg.id, %epoch, error = %e, lost, elapsed_ms, "claim failed on disk");
             Err(Reply::Close(error(ErrorCode::DiskFailed, format!("{}: {e}", seg.id))))
         }
     }
+}
+
+/// A joining segment's refusal: retried later, so the stream stays open.
+fn joining(seg: &Segment) -> Reply {
+    Reply::Now { msg: error(ErrorCode::Joining, format!("{}: {}", seg.id, ClaimError::Joining)), received: None }
 }
 
 /// Runs blocking disk work off the network thread; its error as text.
@@ -322,6 +329,10 @@ async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: O
         }
     }
     let log = seg.log.lock().expect("segment lock");
+    if log.is_joining() {
+        // It has no epoch state to report: a peer joining too must not count it as a member.
+        return joining(seg);
+    }
     let position = log.position().vouched(node.config.ack == AckMode::Disk);
     Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position, truncations: log.truncations() }, received: None }
 }

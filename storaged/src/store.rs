@@ -40,7 +40,8 @@ pub struct Recovered {
     pub file_end: u64,
     pub allocated: u64,
     pub index: DiskIndex,
-    pub epoch: EpochState,
+    /// `None`: no epoch file (a new segment, or a wiped one).
+    pub epoch: Option<EpochState>,
     /// Bytes of the partial last block, which the flusher rewrites with the next records.
     pub tail: Vec<u8>,
 }
@@ -164,7 +165,8 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u
         f.sync_data().context("fsync truncated segment")?;
     }
     let epoch = read_epoch(dir, id.pg)?;
-    tracing::info!(segment = %id, records, scl = %last_lsn, file_end, epoch = %epoch.epoch, truncations = epoch.truncations.len(), "recovered segment");
+    let (at, truncations) = epoch.as_ref().map_or((Epoch(0), 0), |e| (e.epoch, e.truncations.len()));
+    tracing::info!(segment = %id, records, scl = %last_lsn, file_end, epoch = %at, truncations, epoch_file = epoch.is_some(), "recovered segment");
     Ok(Recovered { direct, reader, last_lsn, file_end, allocated: size.max(file_end), index, epoch, tail })
 }
 
@@ -199,11 +201,11 @@ fn render_epoch_state(state: &EpochState) -> String {
     out
 }
 
-fn read_epoch(dir: &Path, pg: PgId) -> Result<EpochState> {
+fn read_epoch(dir: &Path, pg: PgId) -> Result<Option<EpochState>> {
     let path = epoch_path(dir, pg);
     match fs::read_to_string(&path) {
-        Ok(s) => parse_epoch_state(&s).with_context(|| format!("{} does not hold an epoch state", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EpochState::default()),
+        Ok(s) => parse_epoch_state(&s).map(Some).with_context(|| format!("{} does not hold an epoch state", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }
 }

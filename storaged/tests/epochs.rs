@@ -58,13 +58,6 @@ impl PageLog {
     }
 }
 
-fn refusal<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (ErrorCode, String) {
-    match r {
-        Err(ClientError::Refused { code, message }) => (code, message),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
 async fn append(conn: &StorageConn, epoch: Epoch, batch: &Batch) -> Result<(redo_core::wire::SegmentPosition, Lsn), ClientError> {
     append_once(conn, epoch.0, PG, batch).await
 }

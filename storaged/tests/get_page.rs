@@ -83,13 +83,6 @@ async fn assert_pages(conn: &StorageConn, log: &PageLog) {
     }
 }
 
-fn refusal(r: Result<impl std::fmt::Debug, ClientError>) -> ErrorCode {
-    match r {
-        Err(ClientError::Refused { code, .. }) => code,
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn get_page_and_status_through_memory_disk_images_and_restarts() {
     let env = TestEnv::new();
@@ -119,7 +112,7 @@ async fn get_page_and_status_through_memory_disk_images_and_restarts() {
         Some(Message::PageReply { image, .. }) => assert_eq!(PageImage::decode(&image).unwrap(), model_image(&log.sent, PageId(1), log.last_lsn)),
         other => panic!("expected a page, got {other:?}"),
     }
-    assert_eq!(refusal(conn.get_page(PgId(9), PageId(1), Lsn::ZERO).await), ErrorCode::NotHosted);
+    assert_eq!(refusal(conn.get_page(PgId(9), PageId(1), Lsn::ZERO).await).0, ErrorCode::NotHosted);
 
     // Status: learn the epoch and position; a newer epoch is recorded and
     // fences appends at the old one.
@@ -129,8 +122,8 @@ async fn get_page_and_status_through_memory_disk_images_and_restarts() {
     let s = timely("status", conn.status(Epoch(4 << 32), PG, None)).await.expect("status raising the epoch");
     assert_eq!(s.epoch, Epoch(4 << 32));
     let refused = Batch { bytes: log.clone().batch(1), lsns: vec![] };
-    assert_eq!(refusal(timely("stale append", append_once(&conn, 1, PG, &refused)).await), ErrorCode::StaleEpoch);
-    assert_eq!(refusal(conn.status(Epoch(0), PgId(9), None).await), ErrorCode::NotHosted);
+    assert_eq!(refusal(timely("stale append", append_once(&conn, 1, PG, &refused)).await).0, ErrorCode::StaleEpoch);
+    assert_eq!(refusal(conn.status(Epoch(0), PgId(9), None).await).0, ErrorCode::NotHosted);
 
     // kill -9, then with a coalescer that images pages every 50 ms and after 8 records.
     node.kill9();

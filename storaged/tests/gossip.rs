@@ -6,8 +6,9 @@ mod common;
 
 use borealis_net::storage::StorageConn;
 use common::*;
+use redo_core::wire::ErrorCode;
 use redo_core::{Epoch, Lsn, PgId};
-use test_support::{Cluster, ClusterSpec, NODES};
+use test_support::{Cluster, ClusterSpec, NODES, SEGMENT_JOINED};
 
 const PG: u32 = 0;
 /// The node the tests starve or wipe.
@@ -141,11 +142,14 @@ async fn a_segment_fills_its_hole_from_its_peers() {
     wait_position(&conn, PG, "the laggard flushes what it pulled", |p| p.flushed_lsn == late.last_lsn()).await;
 }
 
-/// A node whose data dir was removed comes back empty (and unclaimed: it
-/// pulls from nobody); once the writer's next batch reaches it at the
-/// cluster's epoch, it refills everything from its peers.
+/// A node whose data dir was removed comes back empty, with no epoch state.
+/// Until a read quorum of its peers told it theirs it grants nothing, so a
+/// deposed writer cannot count it: with only two peers up it refuses every
+/// claim and append (`Joining`). Once a third is back it joins at the newest
+/// epoch among them, refuses the deposed writer's as stale, and refills
+/// everything from its peers without waiting for the writer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wiped_node_refills_completely_from_its_peers() {
+async fn a_wiped_node_joins_at_its_peers_epoch_refuses_a_stale_one_and_refills() {
     let mut c = start_cluster().await;
     let ep = c.endpoint();
     let mut chain = Chain::new(PG, 500);
@@ -153,28 +157,45 @@ async fn a_wiped_node_refills_completely_from_its_peers() {
     for b in &batches {
         append(&c, &ep, 1..=NODES, epoch1(), b).await;
     }
+    // A new writer takes over at epoch 2 and writes on.
+    claim(&c, &ep, 1..=NODES, epoch2(), None).await;
+    let next = chain.batch(100);
+    append(&c, &ep, 1..=NODES, epoch2(), &next).await;
     let conn = c.connect(&ep, LAGGARD).await;
-    wait_position(&conn, PG, "the laggard flushes", |p| p.flushed_lsn == batches[1].last_lsn()).await;
+    wait_position(&conn, PG, "the laggard flushes", |p| p.flushed_lsn == next.last_lsn()).await;
     conn.conn.close(0u32.into(), b"restart");
 
-    let failures = c.metric(1, "storaged_gossip_failures_total").await;
-    c.kill9(LAGGARD);
-    // Its peers notice: asking it fails (and they go on without it).
-    wait_metric(&c.metrics(1), &series(1, "storaged_gossip_failures_total"), |v| v > failures).await;
+    // The laggard is wiped while three of its peers are down.
+    for id in [1, 2, 3, LAGGARD] {
+        c.kill9(id);
+    }
     std::fs::remove_dir_all(c.data_dir(LAGGARD)).expect("wipe the laggard's data dir");
     c.restart(LAGGARD).await;
     c.nodes[LAGGARD as usize - 1].wait_log(GOSSIP_STARTED, READY_TIMEOUT).await;
-    // At epoch 0 it agrees with no peer (they are at epoch 1): it takes nothing.
-    c.wait_rounds(LAGGARD, 3.0).await;
+    assert_eq!(c.metric(LAGGARD, "storaged_segment_joining").await, 1.0);
     let conn = c.connect(&ep, LAGGARD).await;
-    assert_eq!(position(&conn, PG).await.scl, Lsn::ZERO);
-    assert_eq!(c.metric(LAGGARD, "storaged_gossip_pulls_total").await, 0.0);
+    let deposed = Chain::new(PG, 100).batch(10);
+    for epoch in [epoch1(), epoch2()] {
+        let (code, message) = refusal(conn.status(epoch, PgId(PG), None).await);
+        assert_eq!(code, ErrorCode::Joining, "claim at {epoch}: {message}");
+    }
+    let (code, message) = refusal(append_once(&conn, epoch1().0, PgId(PG), &deposed).await);
+    assert_eq!(code, ErrorCode::Joining, "{message}");
+    assert_eq!(c.metric(LAGGARD, "storaged_segment_joining").await, 1.0, "two members of five decide nothing");
 
-    let next = chain.batch(100);
-    append(&c, &ep, 1..=NODES, epoch1(), &next).await;
+    c.restart(1).await;
+    c.nodes[LAGGARD as usize - 1].wait_log(SEGMENT_JOINED, READY_TIMEOUT).await;
+    assert_eq!(c.metric(LAGGARD, "storaged_segment_joining").await, 0.0);
+    let (code, message) = refusal(conn.status(epoch1(), PgId(PG), None).await);
+    assert_eq!(code, ErrorCode::StaleEpoch, "{message}");
+    let (code, message) = refusal(append_once(&conn, epoch1().0, PgId(PG), &deposed).await);
+    assert_eq!(code, ErrorCode::StaleEpoch, "{message}");
+    let status = timely("status", conn.status(Epoch(0), PgId(PG), None)).await.expect("status once joined");
+    assert_eq!(status.epoch, epoch2());
+
     wait_position(&conn, PG, "the wiped node's SCL reaches its peers'", |p| p.scl == next.last_lsn()).await;
     assert_holds_exactly(&c, &ep, LAGGARD, &chain, next.last_lsn()).await;
-    assert!(c.metric(LAGGARD, "storaged_gossip_records_total").await >= 1600.0);
+    assert!(c.metric(LAGGARD, "storaged_gossip_records_total").await >= 1700.0);
 }
 
 /// A segment pulls nothing from peers at another epoch, even with records

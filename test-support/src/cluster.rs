@@ -19,6 +19,8 @@ pub const PGS: u32 = 2;
 pub const NODES: u32 = 6;
 /// The line a storage node logs once it serves.
 pub const STORAGED_READY: &str = "storaged ready";
+/// The line a new (or wiped) segment logs once it has its epoch state from its peers and grants claims.
+pub const SEGMENT_JOINED: &str = "joined at the newest epoch state";
 /// Fresh ports for the whole cluster when one was taken under a node at start-up.
 const CLUSTER_START_ATTEMPTS_MAX: u32 = 3;
 
@@ -84,8 +86,8 @@ impl Cluster {
         Cluster::start_with(ClusterSpec { storaged_args, ..ClusterSpec::default() }).await
     }
 
-    /// Six storage nodes as `spec` says, each hosting every PG of the volume, all serving when
-    /// this returns. A port taken under a node between its probe and its bind starts the
+    /// Six storage nodes as `spec` says, each hosting every PG of the volume, all serving (and
+    /// every segment joined) when this returns. A port taken under a node between its probe and its bind starts the
     /// cluster over on fresh ports.
     pub async fn start_with(spec: ClusterSpec<'_>) -> Cluster {
         'attempts: for _ in 0..CLUSTER_START_ATTEMPTS_MAX {
@@ -94,6 +96,11 @@ impl Cluster {
                 if n.wait_started(STORAGED_READY, READY_TIMEOUT).await == Started::PortTaken {
                     continue 'attempts;
                 }
+            }
+            // Every segment is new: each joins once enough of its peers serve.
+            let pgs = c.volume.pg_count();
+            for n in &mut c.nodes {
+                n.wait_log_more(SEGMENT_JOINED, pgs - 1, READY_TIMEOUT).await;
             }
             return c;
         }

@@ -17,7 +17,7 @@ use borealis_net::storage::{ClientError, StorageConn};
 use borealis_net::TlsIdentity;
 use redo_core::page::PageImage;
 use redo_core::record::{RecordHeader, RecordRef, Records};
-use redo_core::wire::SegmentPosition;
+use redo_core::wire::{ErrorCode, SegmentPosition};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 pub use test_support::free_port;
 use test_support::{storaged_args, Proc, Started, STORAGED_READY};
@@ -332,6 +332,14 @@ pub fn assert_chain(records: &[Pulled], base: Lsn) {
     for r in records {
         assert_eq!(r.header.prev_lsn_in_segment, prev, "chain broken at record {}", r.header.lsn);
         prev = r.header.lsn;
+    }
+}
+
+/// The code and message a request was refused with.
+pub fn refusal<T: std::fmt::Debug>(r: Result<T, ClientError>) -> (ErrorCode, String) {
+    match r {
+        Err(ClientError::Refused { code, message }) => (code, message),
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 

@@ -3,12 +3,16 @@
 //! that scan the file for the last whole record. And their faults: a flush
 //! that fails (EIO: nothing written; ENOSPC: part of it), an epoch file that
 //! cannot be written (ENOSPC), a crash that tears the file's tail, a node
-//! whose disk is wiped. A segment whose disk failed takes no more appends
-//! until an operator restarts it. Each fault pairs with an injected bug that
-//! some seed must catch: `RestartKeepsScl` (unflushed records lost),
-//! `FailedFlushCounted`, `EpochWriteFailureIgnored`, `TrustFileLength`,
-//! `WipeKeepsPosition`.
+//! whose disk is wiped (it joins at its peers' epoch state, `redo_core::join`,
+//! before it grants anything, while a deposed writer resends its last frames).
+//! A segment whose disk failed takes no more appends until an operator
+//! restarts it. Each fault pairs with an injected bug that some seed must
+//! catch: `RestartKeepsScl` (unflushed records lost), `FailedFlushCounted`,
+//! `EpochWriteFailureIgnored`, `TrustFileLength`, `WipeKeepsPosition`,
+//! `JoinSkipped`.
 
+use redo_core::join::PeerState;
+use redo_core::quorum::WRITE_QUORUM;
 use redo_core::record::ValidRecords;
 use redo_core::repair::Repair;
 use redo_core::segment_claim::{ClaimError, Claimed, EpochState, SegmentClaim, Step};
@@ -17,7 +21,7 @@ use redo_core::segment_log::{AppendError, AppendOutcome, DiskCut, DiskIndex, Dis
 use redo_core::wire::Truncation;
 use redo_core::{Epoch, Lsn};
 
-use crate::{recovery, Bug, Sim, CRASH_DOWN_TICKS_MAX, SEGMENT_CONFIG};
+use crate::{recovery, Bug, Join, Sim, CRASH_DOWN_TICKS_MAX, SEGMENT_CONFIG};
 
 /// Chance in a thousand that a flush fails: half of them EIO (nothing
 /// written), half ENOSPC (a prefix written).
@@ -32,13 +36,19 @@ const TORN_BYTES_MAX: u64 = 64;
 const WIPE_PERCENT: u64 = 5;
 /// An operator restarts a segment whose disk failed after this many ticks.
 const DISK_RESTART_TICKS: u64 = 20;
+/// Chance per tick that a deposed writer resends one of its last frames to one segment.
+const DEPOSED_RESEND_PERCENT: u64 = 30;
 
 /// What a segment refused an append with.
 pub(crate) enum Refused {
     /// Its epoch is newer than the append's.
     Stale,
-    /// Its disk failed: storaged closes the stream, the sender reconnects later.
+    /// Its disk failed, or it is joining: storaged closes the stream (or
+    /// refuses), the sender reconnects later.
     Disk,
+    /// The records contradict its log: a deposed writer's frame reached a
+    /// segment that missed the takeover, and still holds an older writer's tail.
+    Conflict(String),
 }
 
 impl Sim {
@@ -136,8 +146,14 @@ impl Sim {
             }
             s.file.truncate(end);
         }
-        s.log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.epoch_file.epoch, last, end as u64, DiskIndex::default())
+        let log = SegmentLog::recovered(s.log.id(), SEGMENT_CONFIG, s.epoch_file.epoch, last, end as u64, DiskIndex::default())
             .with_truncations(&s.epoch_file.truncations);
+        // storaged's start: a segment with no epoch state and no records (wiped, or
+        // wiped and restarted before it joined) joins first.
+        let joins = last == Lsn::ZERO && s.epoch_file == EpochState::default() && bug != Some(Bug::JoinSkipped);
+        s.log = if joins { log.awaiting_join() } else { log };
+        s.lost_state |= wipe;
+        s.join = Join::default();
         s.repair = Repair::default();
         s.restart_at = None;
         s.down_until = self.now + 1 + self.rng.below(CRASH_DOWN_TICKS_MAX);
@@ -152,13 +168,13 @@ impl Sim {
         let s = &mut self.segments[pg][seg];
         let mut claim = SegmentClaim::new(epoch, truncate);
         let mut step = claim.poll(&mut s.log);
-        loop {
+        let outcome = loop {
             step = match step {
                 Step::Done(outcome) => {
                     if s.log.disk_failed().is_some() {
                         s.restart_at.get_or_insert(now + DISK_RESTART_TICKS);
                     }
-                    return outcome;
+                    break outcome;
                 }
                 Step::PersistEpoch(state) if self.rng.chance(EPOCH_WRITE_FAULT_PERCENT) => {
                     self.stats.epoch_write_faults += 1;
@@ -185,7 +201,74 @@ impl Sim {
                     claim.on_files_cut(&mut s.log, None)
                 }
             };
+        };
+        if outcome.as_ref().is_ok_and(|c| c.raised) {
+            self.granted(pg, seg, epoch);
         }
+        outcome
+    }
+
+    /// Segment `seg` of `pg` moved to `epoch`. One that lost its state must
+    /// not move below the volume's epoch (the newest a write quorum granted):
+    /// with it, a deposed writer could gather a write quorum again.
+    fn granted(&mut self, pg: usize, seg: usize, epoch: Epoch) {
+        if std::mem::take(&mut self.segments[pg][seg].lost_state) {
+            let volume = self.quorum_epoch[pg];
+            assert!(epoch >= volume, "pg{pg} segment {seg} lost its state, then granted {epoch}, below the volume's {volume}");
+        }
+        let mut epochs: Vec<Epoch> = self.segments[pg].iter().map(|s| s.log.epoch()).collect();
+        epochs.sort_unstable_by(|a, b| b.cmp(a));
+        self.quorum_epoch[pg] = self.quorum_epoch[pg].max(epochs[WRITE_QUORUM - 1]);
+    }
+
+    /// storaged's gossip for each segment that is joining: one round of the
+    /// core's `Join` over its reachable peers, then the epoch state decided
+    /// on, persisted (the epoch file may fail: retried next round) and taken.
+    pub(crate) fn join_rounds(&mut self) {
+        for pg in 0..self.segments.len() {
+            for seg in 0..self.segments[pg].len() {
+                if !self.segments[pg][seg].log.is_joining() || self.segments[pg][seg].down_until > self.now {
+                    continue;
+                }
+                for p in 0..self.segments[pg].len() {
+                    let peer = &self.segments[pg][p];
+                    if p == seg || peer.down_until > self.now {
+                        continue;
+                    }
+                    let answer = match peer.log.is_joining() {
+                        true => PeerState::Joining,
+                        false => PeerState::Member(EpochState { epoch: peer.log.epoch(), truncations: peer.log.truncations() }),
+                    };
+                    self.segments[pg][seg].join.on_answer(p as u32, answer);
+                }
+                let Some(state) = self.segments[pg][seg].join.decided() else { continue };
+                if self.rng.chance(EPOCH_WRITE_FAULT_PERCENT) {
+                    self.stats.epoch_write_faults += 1;
+                    continue;
+                }
+                let volume = self.quorum_epoch[pg];
+                assert!(state.epoch >= volume, "pg{pg} segment {seg} joined at {}, below the volume's {volume}", state.epoch);
+                let s = &mut self.segments[pg][seg];
+                s.lost_state = false;
+                s.log.join(&state);
+                s.epoch_file = state;
+                self.stats.joins += 1;
+            }
+        }
+    }
+
+    /// A writer that crashed (or was cut off) and does not know it was
+    /// deposed resends its last frames now and then.
+    pub(crate) fn resend_deposed(&mut self) {
+        if self.deposed.is_empty() || !self.deposed_rng.chance(DEPOSED_RESEND_PERCENT) {
+            return;
+        }
+        let (pg, frame) = self.deposed[self.deposed_rng.below(self.deposed.len() as u64) as usize].clone();
+        let seg = self.deposed_rng.below(self.segments[pg].len() as u64) as usize;
+        let delay = 1 + self.deposed_rng.below(self.faults.delay_ticks_max + 1);
+        self.stats.deposed_frames += 1;
+        self.sent += 1;
+        self.net.insert((self.now + delay, self.sent), crate::Msg::Append { pg, seg, session: crate::DEPOSED_SESSION, frame });
     }
 
     /// storaged's `append`: an append at an epoch the segment is not at claims it first.
@@ -199,6 +282,7 @@ impl Sim {
             Ok(out) => Ok(out),
             Err(AppendError::StaleEpoch(_)) => Err(Refused::Stale),
             Err(AppendError::DiskFailed(_)) => Err(Refused::Disk),
+            Err(e @ AppendError::Conflict { .. }) => Err(Refused::Conflict(e.to_string())),
             Err(e) => panic!("pg{pg} segment {seg} refuses records at {epoch}: {e}"),
         }
     }

@@ -20,9 +20,10 @@ mod disk;
 mod recovery;
 mod replica;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
+use redo_core::join::Join;
 use redo_core::page::PageOp;
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::rand::SplitMix64;
@@ -115,6 +116,10 @@ pub struct Stats {
     pub flush_faults: u64,
     pub epoch_write_faults: u64,
     pub wipes: u64,
+    /// Wiped segments that joined at their peers' epoch state (`redo_core::join`).
+    pub joins: u64,
+    /// Frames a deposed writer resent after a takeover.
+    pub deposed_frames: u64,
     /// Unacknowledged transactions a recovery dropped, and kept (whole).
     pub txns_dropped: u64,
     pub txns_kept_unacked: u64,
@@ -149,6 +154,8 @@ impl std::ops::AddAssign for Stats {
         self.flush_faults += o.flush_faults;
         self.epoch_write_faults += o.epoch_write_faults;
         self.wipes += o.wipes;
+        self.joins += o.joins;
+        self.deposed_frames += o.deposed_frames;
         self.txns_dropped += o.txns_dropped;
         self.txns_kept_unacked += o.txns_kept_unacked;
         self.late_truncations += o.late_truncations;
@@ -211,6 +218,10 @@ struct Segment {
     restart_at: Option<u64>,
     /// Its disk was wiped once: the writer may no longer hold what it lacks.
     wiped: bool,
+    /// Wiped, and has granted no epoch since: its first must be the volume's or newer.
+    lost_state: bool,
+    /// Its join decision while it has no epoch state (storaged's gossip keeps one).
+    join: Join,
     /// Crashed and unreachable until this tick.
     down_until: u64,
     /// The highest SCL it lost in a crash. With `ack = memory` those records
@@ -232,6 +243,9 @@ struct Sender {
 }
 
 const PAGE_COUNT: u64 = 64;
+/// Frames of the writer a deposed writer may resend, on a session of its own.
+const RECENT_FRAMES: usize = 16;
+const DEPOSED_SESSION: u64 = u64::MAX;
 const KEYS: u64 = 200;
 const TXN_PUTS_MAX: u64 = 4;
 
@@ -258,6 +272,8 @@ pub struct Sim {
     /// Draws for the replicas' log streams, apart from `rng`, so that streams shift
     /// the other draws of a seed (faults, writer, recoveries) less.
     stream_rng: Rng,
+    /// The deposed writer's own, so that its resends leave the other faults as they were.
+    deposed_rng: Rng,
     now: u64,
     /// In flight, by delivery time (then sequence, for determinism).
     net: BTreeMap<(u64, u64), Msg>,
@@ -295,6 +311,12 @@ pub struct Sim {
     truncations_all: Vec<redo_core::wire::Truncation>,
     /// Ticks at which the writer crashes (if it is up and may: see `recovery::ACKED_HOLDERS_MIN`).
     pub writer_crash_at: Vec<u64>,
+    /// Per PG, the newest epoch a write quorum of its segments granted (the oracle's).
+    quorum_epoch: Vec<Epoch>,
+    /// The writer's last frames, by PG, and those of the writer that crashed last:
+    /// a deposed writer that does not know it resends them.
+    recent_frames: VecDeque<(usize, Bytes)>,
+    deposed: Vec<(usize, Bytes)>,
 }
 
 impl Sim {
@@ -323,6 +345,8 @@ impl Sim {
                         epoch_file: EpochState::default(),
                         restart_at: None,
                         wiped: false,
+                        lost_state: false,
+                        join: Join::default(),
                         down_until: 0,
                         lost_upto: Lsn::ZERO,
                         repair: Repair::default(),
@@ -334,6 +358,7 @@ impl Sim {
         Sim {
             rng: Rng::new(seed),
             stream_rng: Rng::new(seed ^ 0x5eed_5eed_5eed_5eed),
+            deposed_rng: Rng::new(seed ^ 0xdead_0000_dead_0000),
             now: 0,
             net: BTreeMap::new(),
             sent: 0,
@@ -358,6 +383,9 @@ impl Sim {
             truncation_history: Vec::new(),
             truncations_all: Vec::new(),
             writer_crash_at: Vec::new(),
+            quorum_epoch: vec![Epoch(0); pgs],
+            recent_frames: VecDeque::new(),
+            deposed: Vec::new(),
         }
     }
 
@@ -444,6 +472,8 @@ impl Sim {
                         Err(disk::Refused::Stale) => panic!("pg{pg} segment {seg} refuses the writer's frame at {epoch} as stale"),
                         // No ack: the session times out and reconnects.
                         Err(disk::Refused::Disk) => continue,
+                        Err(disk::Refused::Conflict(_)) if session == DEPOSED_SESSION => continue,
+                        Err(disk::Refused::Conflict(e)) => panic!("pg{pg} segment {seg} refuses the writer's frame: {e}"),
                     };
                     self.send(Msg::Ack { seg, session, position: out.position });
                 }
@@ -477,6 +507,8 @@ impl Sim {
             self.check_safety();
         }
         self.disk_faults(self.faults.crash_percent);
+        self.join_rounds();
+        self.resend_deposed();
         if self.writer_up && self.writer_crash_at.first().is_some_and(|&at| at <= self.now) && self.acked_held(recovery::ACKED_HOLDERS_MIN, None) {
             self.writer_crash_at.remove(0);
             self.crash_writer();
@@ -535,6 +567,10 @@ impl Sim {
         }
         for b in batches {
             at = b.last_lsn;
+            if self.recent_frames.len() == RECENT_FRAMES {
+                self.recent_frames.pop_front();
+            }
+            self.recent_frames.push_back((pg, b.frame.clone()));
             self.send(Msg::Append { pg, seg, session, frame: b.frame });
         }
         self.senders[pg][seg].at = Some(at);

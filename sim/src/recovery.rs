@@ -131,6 +131,7 @@ impl Sim {
         }
         self.net.retain(|_, m| !matches!(m, crate::Msg::Ack { .. }));
         self.writer_up = false;
+        self.deposed = self.recent_frames.drain(..).collect();
         self.senders.iter_mut().flatten().for_each(|s| s.at = None);
         self.segments.iter_mut().flatten().for_each(|s| s.lost_upto = Lsn::ZERO);
         self.acked_floor = self.vdl_seen;
@@ -344,6 +345,9 @@ impl Sim {
             }
         }
         let s = &self.segments[pg][seg];
+        if s.log.is_joining() {
+            return Reply::Failed(ClaimError::Joining.to_string());
+        }
         let mut truncations = s.log.truncations();
         if bug == Some(replica::Bug::ClaimedEpochInAnswers) && epoch != Epoch(0) {
             // The claim answer's log epoch reads as the one just claimed: a truncation at
@@ -418,7 +422,7 @@ impl Sim {
     /// from the best one it names (a lag is filled once it lasted a round).
     pub(crate) fn gossip_fill(&mut self, pg: usize, seg: usize) {
         let s = &self.segments[pg][seg];
-        if s.log.disk_failed().is_some() {
+        if s.log.disk_failed().is_some() || s.log.is_joining() {
             return;
         }
         let own = Own { epoch: s.log.epoch(), truncation: s.log.last_truncation(), scl: s.log.scl(), pending: s.log.pending_records() > 0 };

@@ -90,6 +90,10 @@ pub enum Bug {
     /// A wiped node comes back with its old epoch and position (stale
     /// metadata) over an empty segment file.
     WipeKeepsPosition,
+    /// A wiped segment grants epochs at once instead of joining first (as
+    /// before `redo_core::join`): a deposed writer's frame can move it to an
+    /// epoch below the volume's, and the deposed writer count it.
+    JoinSkipped,
 }
 
 #[derive(Clone)]

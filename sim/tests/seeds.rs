@@ -31,6 +31,7 @@ fn safety_then_liveness_over_many_seeds() {
         assert!(total.deferrals > 0, "no replica's Watch deferred to a better peer: {total:?}");
         assert!(total.torn_tails > 0, "no crash tore a segment file's tail: {total:?}");
         assert!(total.flush_faults > 0 && total.epoch_write_faults > 0 && total.wipes > 0, "a disk fault never happened: {total:?}");
+        assert!(total.joins > 0 && total.deposed_frames > 0, "no wiped segment joined, or no deposed writer resent: {total:?}");
         assert!(total.txns_dropped > 0 && total.txns_kept_unacked > 0, "recoveries never decided an unacknowledged transaction: {total:?}");
     }
 }
@@ -139,4 +140,11 @@ fn runs_are_deterministic() {
     };
     assert_eq!(trace(7), trace(7));
     assert_ne!(trace(7), trace(8));
+}
+
+/// A wiped segment that grants epochs at once, without joining at its peers'
+/// epoch state, takes a deposed writer's frame: some seed fails.
+#[test]
+fn a_wiped_segment_that_does_not_join_first_fails_some_seed() {
+    assert_caught(Bug::JoinSkipped);
 }

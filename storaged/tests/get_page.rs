@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use borealis_net::frame::{read_message, write_message};
-use borealis_net::storage::{ClientError, StorageConn};
+use borealis_net::storage::StorageConn;
 use common::*;
 use redo_core::page::{PageImage, PageOp};
 use redo_core::record::RecordHeader;

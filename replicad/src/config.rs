@@ -44,7 +44,8 @@ pub struct Config {
     /// daemons share few cores, as in a local cluster).
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
-    /// How long to wait at start for a write quorum of every protection group to answer.
+    /// How long to wait at start for the writer, or else a write quorum of every protection
+    /// group, to say where the volume stands (with the writer, a read quorum of segments serves).
     #[arg(long, default_value_t = 30_000)]
     pub start_timeout_ms: u64,
     /// The other replicas' client-API addresses (comma-separated). They agree which of them

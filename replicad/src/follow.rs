@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use borealis_net::api::ApiClient;
 use borealis_net::storage::{link_of, ClientError, NodeLink, StorageConn, REQUEST_TIMEOUT};
+use redo_core::api::Progress;
 use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::replica::{PullError, PullPlan, Start, StreamPlan};
 use redo_core::volume::Volume;
@@ -27,16 +28,30 @@ const WRITER_SILENT: Duration = Duration::from_millis(4 * borealis_net::api_serv
 /// Safety net under the notifications: a puller looks again this often even when
 /// nothing woke it (a notification lost with a connection is then late, not lost).
 const RECHECK: Duration = Duration::from_secs(1);
+/// How long a starting replica waits for the writer's first progress before it asks storage.
+const WRITER_ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a pull failed on every candidate segment.
 const FAILED_PULL_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Where to start, from the segments' SCLs (read without raising any epoch), once every PG
-/// has a write quorum of answers. Also returns the positions heard.
-pub async fn start(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) -> Result<(Start, Vec<(usize, SegmentPosition)>)> {
+/// Where to start. From the writer's first progress when it answers: its VDL is durable,
+/// its PGCLs bound each PG, it names the writer to follow from the start, and it needs no
+/// write quorum of segments up (a read quorum serves the reads). Else from the segments'
+/// SCLs (read without raising any epoch), once every PG has a write quorum of answers.
+/// Also returns the positions heard, and the writer's progress if it answered.
+pub async fn start(
+    volume: &Volume,
+    links: &[Arc<NodeLink>],
+    endpoint: &quinn::Endpoint,
+    writer: SocketAddr,
+    timeout: Duration,
+) -> Result<(Start, Vec<(usize, SegmentPosition)>, Option<Progress>)> {
     let deadline = Instant::now() + timeout;
     let mut scls = vec![[None; SEGMENTS_PER_PG]; volume.pg_count()];
     let mut positions = Vec::new();
     loop {
+        if let Some(p) = first_progress(endpoint, writer).await {
+            return Ok((Start { durable: p.vdl, bounds: p.pgcl.clone() }, positions, Some(p)));
+        }
         let mut asks = JoinSet::new();
         for pg in 0..volume.pg_count() as u32 {
             for (segment, node) in volume.segments(PgId(pg)).enumerate() {
@@ -55,14 +70,31 @@ pub async fn start(volume: &Volume, links: &[Arc<NodeLink>], timeout: Duration) 
             }
         }
         if let Some(start) = Start::from_scls(&scls) {
-            return Ok((start, positions));
+            return Ok((start, positions, None));
         }
         if Instant::now() > deadline {
             let short: Vec<String> =
                 scls.iter().enumerate().map(|(pg, s)| format!("pg{pg}: {} of {SEGMENTS_PER_PG} answered", s.iter().flatten().count())).collect();
-            bail!("no write quorum of segments answered within {timeout:?} ({})", short.join(", "));
+            bail!("neither the writer at {writer} nor a write quorum of segments answered within {timeout:?} ({})", short.join(", "));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The writer's first `Progress`, if it answers within `WRITER_ASK_TIMEOUT`.
+async fn first_progress(endpoint: &quinn::Endpoint, writer: SocketAddr) -> Option<Progress> {
+    let ask = async {
+        let client = ApiClient::connect(endpoint, writer).await?;
+        let mut follower = client.follow().await?;
+        follower.next().await
+    };
+    match tokio::time::timeout(WRITER_ASK_TIMEOUT, ask).await {
+        Ok(Ok(p)) => Some(p),
+        Ok(Err(e)) => {
+            tracing::debug!(%writer, error = %e, "no progress from the writer; asking storage");
+            None
+        }
+        Err(_) => None,
     }
 }
 

@@ -39,12 +39,17 @@ pub fn run(config: Config) -> Result<i32> {
     runtime.block_on(async {
         let endpoint = borealis_net::client_endpoint(&identity)?;
         let links = NodeLink::for_volume(&volume, &endpoint)?;
-        let (start, positions) = follow::start(&volume, &links, Duration::from_millis(config.start_timeout_ms)).await?;
-        tracing::info!(durable = %start.durable, "learned the volume's position from storage");
+        let (start, positions, progress) = follow::start(&volume, &links, &endpoint, writer, Duration::from_millis(config.start_timeout_ms)).await?;
+        let from = if progress.is_some() { "the writer" } else { "storage" };
+        tracing::info!(durable = %start.durable, from, "learned the volume's position");
         let core_config = ReplicaConfig { buffer_bytes_max: config.buffer_bytes_max as usize, cache_pages_max: config.cache_pages_max };
         let replica = Arc::new(Replica::new(ReplicaCore::new(volume.clone(), core_config, start)));
         for (segment, position) in positions {
             replica.on_position(segment, position);
+        }
+        if let Some(p) = progress {
+            // The writer followed from the start: a cut tail of an older writer is not taken for the log.
+            replica.on_progress(&p);
         }
         let mut replica_tasks = Vec::new();
         for pg in 0..volume.pg_count() as u32 {

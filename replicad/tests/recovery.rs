@@ -1,6 +1,7 @@
 //! Replicas that start empty, through the real binaries: one killed with
 //! SIGKILL under load and restarted on its address, a new one joining a
-//! volume that already holds data, and one started with no writer at all. Each learns VDL from storage, reads pages
+//! volume that already holds data, one started with no writer at all, and one started
+//! with only a read quorum of segments up. Each learns VDL (from the writer, else storage), reads pages
 //! with GetPage@LSN, pulls the log, and converges to the writer's values.
 
 mod support;
@@ -71,6 +72,37 @@ async fn a_new_replica_serves_without_any_writer() {
         let (at, v) = rc.get(k).await.expect("replica read");
         assert_eq!(v.is_some(), at >= *lsn, "tail put at {lsn} read at {at} shows {v:?}");
     }
+}
+
+/// With an AZ and one more storage node down (3 of each PG's 6 segments left) the writer
+/// commits nothing more, yet a new replica starts, from the writer's VDL (storage alone
+/// would need a write quorum of answers), and reads every acknowledged write from the read
+/// quorum left. Once a fourth node is back, commits go on and the replica follows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_starts_and_reads_with_an_az_and_one_more_node_down() {
+    let (mut c, _w, writer) = cluster_with_writer(&[]).await;
+    let load = Load::start(&writer, 4, 0);
+    load.wait_more(1000, REPLY_TIMEOUT).await;
+    let (acked, errors) = load.finish().await;
+    assert!(errors.is_empty(), "commits failed: {errors:?}");
+    // az1 (nodes 1 and 2) and node 3.
+    for id in [1, 2, 3] {
+        c.kill9(id);
+    }
+    let replica = c.start_replica(None, &[]).await;
+    let from_writer = replica.proc.log_text().lines().any(|l| l.contains("learned the volume's position") && l.contains("the writer"));
+    assert!(from_writer, "the replica did not start from the writer's VDL{}", diagnose(&replica));
+    let rc = c.client(replica.addr).await;
+    for &i in &acked {
+        let (_, v) = tokio::time::timeout(REPLY_TIMEOUT, rc.get(&key(i))).await.expect("replica read in time").expect("replica read");
+        assert_eq!(v, Some(value(i, 0)), "key {i} with three segments of six{}", diagnose(&replica));
+    }
+
+    c.restart(1).await;
+    let lsn = tokio::time::timeout(REPLY_TIMEOUT, writer.put(b"after", b"v")).await.expect("commit in time").expect("a write quorum is back");
+    let (at, v) = tokio::time::timeout(REPLY_TIMEOUT, rc.get_at(b"after", lsn)).await.expect("replica read in time").expect("replica read");
+    assert!(at >= lsn);
+    assert_eq!(v.as_deref(), Some(&b"v"[..]));
 }
 
 /// For a replica started empty while `load` runs: it serves a write committed before it

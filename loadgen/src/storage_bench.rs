@@ -229,7 +229,7 @@ async fn phase(args: &StorageBenchArgs, storage: &mut LocalStorage, rate: Option
                 encode_batch(&mut next_lsn, batch_records, &payload, &mut buf);
                 // One frame for every node of the protection group.
                 let mut frame = Vec::with_capacity(APPEND_HEADER_BYTES + buf.len());
-                encode_append(Epoch(1), PgId(pg), &buf, &mut frame);
+                encode_append(Epoch(1), PgId(pg), Lsn::ZERO, &buf, &mut frame);
                 let frame = bytes::Bytes::from(frame);
                 for (send, win) in &mut senders {
                     win.send((seq, due)).await.context("ack reader ended early")?;

@@ -135,12 +135,16 @@ impl ApiClient {
     /// Follows the server's read point on a stream of its own: VDL from a
     /// writer, the applied VDL from a replica.
     pub async fn follow(&self) -> Result<Follower, ApiError> {
-        let lost = |e: &dyn std::fmt::Display| ApiError::Lost(e.to_string());
-        let (mut send, recv) = self.conn.open_bi().await.map_err(|e| lost(&e))?;
-        let mut frame = Vec::new();
-        Request::Follow.encode(1, &mut frame);
-        send.write_all(&frame).await.map_err(|e| lost(&e))?;
-        Ok(Follower { _send: send, recv })
+        self.follow_reading(None).await
+    }
+
+    /// `follow` for a follower that reads at `read_point` (a replica): the writer keeps
+    /// its GC horizon at or below it, and below the points `Follower::report` sends later.
+    pub async fn follow_reading(&self, read_point: Option<Lsn>) -> Result<Follower, ApiError> {
+        let (send, recv) = self.conn.open_bi().await.map_err(|e| ApiError::Lost(e.to_string()))?;
+        let mut follower = Follower { send, recv };
+        follower.send_follow(read_point).await?;
+        Ok(follower)
     }
 
     /// Who the server is: the writer (of which epoch) or a replica.
@@ -230,11 +234,22 @@ async fn read_replies(mut recv: quinn::RecvStream, pending: Pending) {
 
 /// A `Follow` feed: the server's progress, newest first skipped to when behind.
 pub struct Follower {
-    _send: quinn::SendStream,
+    send: quinn::SendStream,
     recv: quinn::RecvStream,
 }
 
 impl Follower {
+    /// Tells the server the follower now reads at `read_point`.
+    pub async fn report(&mut self, read_point: Lsn) -> Result<(), ApiError> {
+        self.send_follow(Some(read_point)).await
+    }
+
+    async fn send_follow(&mut self, read_point: Option<Lsn>) -> Result<(), ApiError> {
+        let mut frame = Vec::new();
+        Request::Follow { read_point }.encode(1, &mut frame);
+        self.send.write_all(&frame).await.map_err(|e| ApiError::Lost(e.to_string()))
+    }
+
     pub async fn next(&mut self) -> Result<Progress, ApiError> {
         let len = match read_frame_len(&mut self.recv, REQUEST_BYTES_MAX).await {
             Ok(Some(len)) => len,

@@ -1,12 +1,15 @@
 //! Server side of the client API (`redo_core::api`), shared by writerd and
 //! replicad: one task reads a stream's pipelined requests, each runs in its
 //! own task, and one task writes the replies back as they complete. A
-//! `Follow` request turns the stream into a feed of the service's progress.
+//! `Follow` request turns the stream into a feed of the service's progress, on
+//! which the follower may report its read point as it moves.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use redo_core::api::{ApiErrorCode, Progress, Request, Response};
+use redo_core::Lsn;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::frame::{read_frame_bytes, read_frame_len, FrameError};
@@ -29,7 +32,14 @@ pub trait ApiService: Send + Sync + 'static {
     fn refused(&self);
     /// Largest request frame accepted.
     fn request_bytes_max(&self) -> usize;
+    /// A `Follow` stream (`reader`, unique per stream) reads at `read_point` (the writer's GC horizon).
+    fn on_read_point(&self, _reader: u64, _read_point: Lsn) {}
+    /// That stream closed.
+    fn on_reader_gone(&self, _reader: u64) {}
 }
+
+/// Numbers `Follow` streams for `ApiService::on_read_point`.
+static READERS: AtomicU64 = AtomicU64::new(0);
 
 enum Reply {
     Now(u64, Response),
@@ -52,9 +62,11 @@ pub async fn serve_stream<S: ApiService>(svc: Arc<S>, send: quinn::SendStream, m
             Err(e) => Err(e),
         };
         let refusal = match body.as_ref().map(|b| Request::decode(b)) {
-            Ok(Ok((id, Request::Follow))) => {
-                // The stream is a feed from now on: nothing more is read from it.
+            Ok(Ok((id, Request::Follow { read_point }))) => {
+                // The stream is a feed from now on: only the follower's read points are read from it.
                 let _ = tx.send(Reply::Follow(id)).await;
+                drop(permit);
+                follow_read_points(&*svc, &mut recv, read_point).await;
                 break;
             }
             Ok(Ok((id, req))) => match req.check() {
@@ -91,6 +103,31 @@ pub async fn serve_stream<S: ApiService>(svc: Arc<S>, send: quinn::SendStream, m
     }
     drop(tx);
     let _ = writer.await;
+}
+
+/// Reads a follower's later `Follow` frames (its read point as it moves) until the
+/// stream ends, reporting them as one reader's.
+async fn follow_read_points<S: ApiService>(svc: &S, recv: &mut quinn::RecvStream, first: Option<Lsn>) {
+    let reader = READERS.fetch_add(1, Ordering::Relaxed);
+    let mut reads = false;
+    let mut read_point = first;
+    loop {
+        if let Some(lsn) = read_point {
+            svc.on_read_point(reader, lsn);
+            reads = true;
+        }
+        let body = match read_frame_len(recv, svc.request_bytes_max()).await {
+            Ok(Some(len)) => read_frame_bytes(recv, len).await,
+            _ => break,
+        };
+        match body.as_ref().map(|b| Request::decode(b)) {
+            Ok(Ok((_, Request::Follow { read_point: r }))) => read_point = r,
+            _ => break, // anything else on a feed ends it
+        }
+    }
+    if reads {
+        svc.on_reader_gone(reader);
+    }
 }
 
 async fn write_replies(mut send: quinn::SendStream, mut rx: mpsc::Receiver<Reply>, progress: watch::Receiver<Progress>) {

@@ -174,10 +174,11 @@ pub struct AppendSender {
 }
 
 impl AppendSender {
-    /// Sends `records` (encoded, in LSN order) for segment `pg`.
+    /// Sends `records` (encoded, in LSN order) for segment `pg`, with no GC horizon
+    /// (the writer's frames carry its horizon: `send_frame`).
     pub async fn send(&mut self, epoch: Epoch, pg: PgId, records: &[u8]) -> Result<(), ClientError> {
         self.buf.clear();
-        encode_append(epoch, pg, records, &mut self.buf);
+        encode_append(epoch, pg, Lsn::ZERO, records, &mut self.buf);
         self.send.write_all(&self.buf).await?;
         Ok(())
     }

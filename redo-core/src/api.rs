@@ -7,7 +7,7 @@
 //! Txn:       count u32 | op*          op: 1 u8 | key_len u16 | key | value_len u32 | value   (put)
 //!                                         2 u8 | key_len u16 | key                          (delete)
 //! Get:       key_len u16 | key | min_lsn u64
-//! Follow:    (empty)
+//! Follow:    reads u8 (0 or 1) | read_point u64
 //! Role:      (empty)
 //! Promote:   (empty)
 //! Committed: commit_lsn u64
@@ -18,7 +18,9 @@
 //! Promoted:  epoch u64 | vdl u64 | claim_us u64 | offer_us u64 | decide_us u64 | truncate_us u64 | total_us u64
 //! ```
 //!
-//! `Follow` turns its stream into a feed: the server answers with a `Progress`
+//! `Follow` turns its stream into a feed (a reader, such as a replica, names its
+//! read point, and sends `Follow` again on the same stream as it moves: the
+//! writer keeps the GC horizon below it): the server answers with a `Progress`
 //! frame (same id) whenever its read point advances, and at least every
 //! heartbeat interval, until the stream closes. Replicas follow the writer's
 //! VDL this way (its silence is how they detect a dead writer); tools follow a
@@ -93,7 +95,9 @@ pub enum Request {
     /// commit LSN; a replica waits until it has applied that far).
     Get { key: Vec<u8>, min_lsn: Lsn },
     /// Answered with a `Progress` frame now and at every advance, until the stream closes.
-    Follow,
+    /// `read_point`: where the follower reads (a replica), which the writer's GC horizon
+    /// stays at or below; `None` for followers that read nothing (tools).
+    Follow { read_point: Option<Lsn> },
     /// Answered with `RoleIs`: whether this server is the writer, and how far it is.
     Role,
     /// Admin, to a replica: take over the volume now; answered with `Promoted` once it accepts writes.
@@ -203,7 +207,7 @@ impl Request {
             Request::Txn(ops) if ops.len() > TXN_OPS_MAX => Err(RequestError::TooManyOps(ops.len())),
             Request::Txn(ops) => ops.iter().try_for_each(|op| op.check().map_err(RequestError::from)),
             Request::Get { key, .. } => PageOp::Delete { key: key.clone() }.check().map_err(RequestError::from),
-            Request::Follow | Request::Role | Request::Promote => Ok(()),
+            Request::Follow { .. } | Request::Role | Request::Promote => Ok(()),
         }
     }
 
@@ -214,7 +218,7 @@ impl Request {
         match self {
             Request::Txn(ops) => ops.iter().all(|op| key_fits(op.key())),
             Request::Get { key, .. } => key_fits(key),
-            Request::Follow | Request::Role | Request::Promote => true,
+            Request::Follow { .. } | Request::Role | Request::Promote => true,
         }
     }
 
@@ -243,7 +247,10 @@ impl Request {
                 put_key(out, key);
                 put_u64(out, min_lsn.0);
             }),
-            Request::Follow => frame(out, KIND_FOLLOW, id, |_| {}),
+            Request::Follow { read_point } => frame(out, KIND_FOLLOW, id, |out| {
+                out.push(read_point.is_some() as u8);
+                put_u64(out, read_point.unwrap_or_default().0);
+            }),
             Request::Role => frame(out, KIND_ROLE, id, |_| {}),
             Request::Promote => frame(out, KIND_PROMOTE, id, |_| {}),
         }
@@ -275,7 +282,16 @@ impl Request {
                 Request::Txn(ops)
             }
             KIND_GET => Request::Get { key: key(&mut r)?, min_lsn: Lsn(r.u64()?) },
-            KIND_FOLLOW => Request::Follow,
+            KIND_FOLLOW => {
+                let (at, reads) = (r.pos(), r.u8()?);
+                let lsn = Lsn(r.u64()?);
+                let read_point = match reads {
+                    0 if lsn == Lsn::ZERO => None,
+                    1 => Some(lsn),
+                    _ => return Err(DecodeError::Invalid { what: "follow read point", offset: at, value: reads as u64 }),
+                };
+                Request::Follow { read_point }
+            }
             KIND_ROLE => Request::Role,
             KIND_PROMOTE => Request::Promote,
             other => return Err(DecodeError::Invalid { what: "request kind", offset: 0, value: other as u64 }),
@@ -403,7 +419,8 @@ mod tests {
                 PageOp::Put { key: b"k3".to_vec(), value: vec![] },
             ]),
             Request::Get { key: b"key".to_vec(), min_lsn: Lsn(9) },
-            Request::Follow,
+            Request::Follow { read_point: None },
+            Request::Follow { read_point: Some(Lsn(12)) },
             Request::Role,
             Request::Promote,
         ]
@@ -444,7 +461,7 @@ mod tests {
         match r {
             Request::Txn(_) => 0,
             Request::Get { .. } => 1,
-            Request::Follow => 2,
+            Request::Follow { .. } => 2,
             Request::Role => 3,
             Request::Promote => 4,
         }

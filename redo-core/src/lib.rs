@@ -4,6 +4,7 @@
 pub mod api;
 mod codec;
 pub mod failover;
+pub mod gc;
 pub mod ids;
 pub mod join;
 pub mod log_stream;

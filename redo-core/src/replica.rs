@@ -284,6 +284,8 @@ pub struct ReplicaCore {
     vdl: Lsn,
     /// Every committed record at or below it is applied; `None` before the first CPL.
     read_point: Option<Lsn>,
+    /// Where the first read point may be at the lowest (the start of the log it reads).
+    first_read_point_min: Lsn,
     /// The epoch of the writer followed; `None` before its first progress (unless `following`).
     writer: Option<Epoch>,
     pgs: Vec<PgState>,
@@ -327,6 +329,7 @@ impl ReplicaCore {
             config,
             vdl: start.durable,
             read_point: (start.durable == Lsn::ZERO).then_some(Lsn::ZERO),
+            first_read_point_min: from,
             writer: None,
             pgs,
             cache: HashMap::new(),
@@ -363,6 +366,11 @@ impl ReplicaCore {
     }
     pub fn read_point(&self) -> Option<Lsn> {
         self.read_point
+    }
+    /// The lowest LSN its reads may use from now on (what the writer's GC horizon must
+    /// not pass): the read point, or before the first, the start of the log it reads.
+    pub fn lowest_read_point(&self) -> Lsn {
+        self.read_point.unwrap_or(self.first_read_point_min)
     }
     pub fn vdl(&self) -> Lsn {
         self.vdl

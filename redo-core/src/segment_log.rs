@@ -65,6 +65,16 @@ pub struct MissedTruncation {
     pub last: Option<Truncation>,
 }
 
+/// A page read below the GC horizon (`crate::gc`): no reader reads there, and
+/// storage may have reclaimed the versions it asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+#[error("{segment}: a read at {lsn} is below the GC horizon {horizon} (page versions there may be reclaimed); read at the horizon or later")]
+pub struct BelowHorizon {
+    pub segment: SegmentId,
+    pub lsn: Lsn,
+    pub horizon: Lsn,
+}
+
 /// One sparse disk-index entry per this many bytes of segment file.
 pub const INDEX_STRIDE_BYTES: u64 = 64 << 10;
 
@@ -274,6 +284,8 @@ pub struct SegmentLog {
     truncating: bool,
     /// Set from `awaiting_join` until `join`: no claims, no appends (see `join`).
     joining: bool,
+    /// The highest GC horizon a writer sent: reads below it are refused.
+    horizon: Lsn,
     /// Truncations recorded (durably, by the shell), oldest first, at most `TRUNCATIONS_MAX`.
     truncations: VecDeque<Truncation>,
 }
@@ -304,6 +316,7 @@ impl SegmentLog {
             disk_failed: None,
             truncating: false,
             joining: false,
+            horizon: Lsn::ZERO,
             truncations: VecDeque::new(),
         }
     }
@@ -324,6 +337,23 @@ impl SegmentLog {
 
     pub fn is_joining(&self) -> bool {
         self.joining
+    }
+
+    /// A writer's GC horizon, with its frame: it never moves back.
+    pub fn note_horizon(&mut self, horizon: Lsn) {
+        self.horizon = self.horizon.max(horizon);
+    }
+
+    pub fn horizon(&self) -> Lsn {
+        self.horizon
+    }
+
+    /// `Err` for a page read at `lsn` below the GC horizon.
+    pub fn check_readable(&self, lsn: Lsn) -> Result<(), BelowHorizon> {
+        match lsn < self.horizon {
+            true => Err(BelowHorizon { segment: self.id, lsn, horizon: self.horizon }),
+            false => Ok(()),
+        }
     }
 
     /// Takes the epoch state `crate::join::Join` decided on, once the shell persisted it.

@@ -48,6 +48,8 @@ pub enum ErrorCode {
     /// The segment has no epoch state yet and is learning it from its peers
     /// (`crate::join`): it grants nothing meanwhile; ask again later.
     Joining = 10,
+    /// The read is below the GC horizon (`crate::gc`): those page versions may be reclaimed.
+    BelowHorizon = 11,
 }
 
 impl ErrorCode {
@@ -64,6 +66,7 @@ impl ErrorCode {
             8 => ShuttingDown,
             9 => Behind,
             10 => Joining,
+            11 => BelowHorizon,
             _ => return Err(DecodeError::Invalid { what: "error code", offset, value: v as u64 }),
         })
     }
@@ -100,10 +103,12 @@ pub struct Truncation {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    /// Writer → storage: records for one segment, already CRC-checked and in LSN order.
+    /// Writer → storage: records for one segment, already CRC-checked and in LSN order,
+    /// with the writer's GC horizon (`crate::gc`; `Lsn::ZERO` from tools and tests).
     Append {
         epoch: Epoch,
         pg: PgId,
+        horizon: Lsn,
         records: ValidRecords,
     },
     /// Storage → writer: the append at the same position on the stream is in memory
@@ -253,9 +258,9 @@ impl Message {
         let start = out.len();
         put_u32(out, 0);
         match self {
-            Message::Append { epoch, pg, records } => {
+            Message::Append { epoch, pg, horizon, records } => {
                 out.truncate(start);
-                return encode_append(*epoch, *pg, records.bytes(), out);
+                return encode_append(*epoch, *pg, *horizon, records.bytes(), out);
             }
             Message::Ack { position, batch_last_lsn } => {
                 out.push(KIND_ACK);
@@ -365,10 +370,11 @@ impl Message {
             KIND_APPEND => {
                 let epoch = Epoch(r.u64()?);
                 let pg = PgId(r.u32()?);
+                let horizon = Lsn(r.u64()?);
                 let at = r.pos();
                 let records = ValidRecords::validate(body.slice(at..), at)?.ok_or(DecodeError::Invalid { what: "empty append", offset: at, value: 0 })?;
                 r.bytes(r.remaining())?;
-                Message::Append { epoch, pg, records }
+                Message::Append { epoch, pg, horizon, records }
             }
             KIND_ACK => Message::Ack { position: position(&mut r)?, batch_last_lsn: Lsn(r.u64()?) },
             KIND_PULL => {
@@ -451,15 +457,16 @@ impl Message {
 }
 
 /// Bytes of an Append frame before its records: length, kind, epoch, pg.
-pub const APPEND_HEADER_BYTES: usize = FRAME_HEADER_BYTES + 1 + 8 + 4;
+pub const APPEND_HEADER_BYTES: usize = FRAME_HEADER_BYTES + 1 + 8 + 4 + 8;
 
 /// Appends an Append frame for already-encoded `records` (callers that hold
 /// raw record bytes need not build a `Message`).
-pub fn encode_append(epoch: Epoch, pg: PgId, records: &[u8], out: &mut Vec<u8>) {
+pub fn encode_append(epoch: Epoch, pg: PgId, horizon: Lsn, records: &[u8], out: &mut Vec<u8>) {
     put_u32(out, (APPEND_HEADER_BYTES - FRAME_HEADER_BYTES + records.len()) as u32);
     out.push(KIND_APPEND);
     put_u64(out, epoch.0);
     put_u32(out, pg.0);
+    put_u64(out, horizon.0);
     out.extend_from_slice(records);
 }
 
@@ -493,7 +500,7 @@ mod tests {
         let pos = SegmentPosition { pg: PgId(2), scl: Lsn(10), flushed_lsn: Lsn(7) };
         let recs = Bytes::from(records(&[3, 4, 9]));
         vec![
-            Message::Append { epoch: Epoch(4), pg: PgId(2), records: ValidRecords::validate(recs.clone(), 0).unwrap().unwrap() },
+            Message::Append { epoch: Epoch(4), pg: PgId(2), horizon: Lsn(3), records: ValidRecords::validate(recs.clone(), 0).unwrap().unwrap() },
             Message::Ack { position: pos, batch_last_lsn: Lsn(9) },
             Message::Pull { pg: PgId(2), after: Lsn(3), upto: Lsn(9), bytes_max: 1 << 20, epoch: Epoch(0) },
             Message::Pull { pg: PgId(2), after: Lsn(3), upto: Lsn(9), bytes_max: 1 << 20, epoch: Epoch(7 << 32) },
@@ -504,6 +511,7 @@ mod tests {
             Message::Notify { position: pos },
             Message::Error { code: ErrorCode::StaleEpoch, message: "epoch e3 < e4".into() },
             Message::Error { code: ErrorCode::Joining, message: "joining".into() },
+            Message::Error { code: ErrorCode::BelowHorizon, message: "below".into() },
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: None, history: vec![] },
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)), history: vec![] },
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)), history: vec![Truncation { epoch: Epoch(3), above: Lsn(6) }] },
@@ -571,7 +579,7 @@ mod tests {
     #[test]
     fn empty_append_is_refused() {
         let mut frame = Vec::new();
-        encode_append(Epoch(1), PgId(0), &[], &mut frame);
+        encode_append(Epoch(1), PgId(0), Lsn::ZERO, &[], &mut frame);
         assert!(decode_frame(&frame).is_err());
     }
 

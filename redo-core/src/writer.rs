@@ -9,9 +9,11 @@
 //! record is its CPL; it is committed once `vdl() >= commit LSN`.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::gc::Horizon;
 use crate::ids::{Epoch, Lsn, PageId, PgId};
 use crate::page::{PageImage, PageOp};
 use crate::quorum::{VolumeDurability, SEGMENTS_PER_PG};
@@ -36,6 +38,8 @@ pub struct WriterConfig {
     pub retain_bytes_max: usize,
     /// Page images kept for reads.
     pub cache_pages_max: usize,
+    /// How long the GC horizon waits for readers (`gc::READER_GRACE` in writerd).
+    pub reader_grace: Duration,
 }
 
 /// Where the volume stood when this writer took over.
@@ -97,6 +101,12 @@ struct PgLog {
     /// Sealed frames, oldest first, until every segment holds them.
     batches: VecDeque<Batch>,
     retained_bytes: usize,
+    /// This PG's GC horizon, which its frames carry: its last record at or below the
+    /// volume's (by whole frames), so that a read at the PG's last record at or below a
+    /// read point (how readers ask) is never refused.
+    horizon: Lsn,
+    /// The last LSN of each frame sealed above `horizon`, oldest first.
+    sealed: VecDeque<Lsn>,
     /// Frames up to here were released; a segment below it cannot be caught up by resending.
     released_upto: Lsn,
     /// Per segment, the highest flushed LSN it reported: a frame is released once
@@ -108,7 +118,8 @@ impl PgLog {
     /// Retains `records` (ending at `last_lsn`) as an Append frame to send.
     fn seal(&mut self, epoch: Epoch, pg: PgId, records: &[u8], last_lsn: Lsn) {
         let mut frame = Vec::with_capacity(crate::wire::APPEND_HEADER_BYTES + records.len());
-        encode_append(epoch, pg, records, &mut frame);
+        encode_append(epoch, pg, self.horizon, records, &mut frame);
+        self.sealed.push_back(last_lsn);
         self.retained_bytes += frame.len();
         self.batches.push_back(Batch { last_lsn, frame: Bytes::from(frame) });
     }
@@ -126,6 +137,8 @@ pub struct WriterCore {
     all_pages_known: bool,
     images: HashMap<PageId, PageImage>,
     recovered: Recovered,
+    /// The GC horizon its frames carry, from its readers' read points.
+    horizon: Horizon,
 }
 
 impl WriterCore {
@@ -142,6 +155,8 @@ impl WriterCore {
                 // record's backlink; `last` when there is no tail) lacks only the tail.
                 let before = runs.iter().find_map(|r| TrustedRecords::new(r).next()).map_or(last, |(rec, _)| rec.prev_lsn_in_segment());
                 let mut log = PgLog { last_lsn: last, released_upto: before, flushed: [before; SEGMENTS_PER_PG], ..PgLog::default() };
+                // The PG's log before the tail ends there: the horizon may reach it.
+                log.sealed.push_back(before);
                 // The tail goes out as frames like any other, to every segment below `last`.
                 for run in runs {
                     if let Some((rec, _)) = TrustedRecords::new(run).last() {
@@ -151,6 +166,7 @@ impl WriterCore {
                 log
             })
             .collect();
+        let horizon = Horizon::new(config.reader_grace);
         WriterCore {
             durability: VolumeDurability::new(recovered.vdl, &recovered.pg_last),
             pgs,
@@ -161,6 +177,7 @@ impl WriterCore {
             volume,
             config,
             recovered,
+            horizon,
         }
     }
 
@@ -268,7 +285,7 @@ impl WriterCore {
             })
             .collect();
         let mut missing: Vec<(PgId, PageId, Lsn)> =
-            placed.iter().filter(|(page, _)| self.known_lsn(*page).is_none()).map(|&(page, pg)| (pg, page, self.recovered.pg_last[pg.0 as usize])).collect();
+            placed.iter().filter(|(page, _)| self.known_lsn(*page).is_none()).map(|&(page, pg)| (pg, page, self.fetch_lsn(pg, Lsn::ZERO))).collect();
         if !missing.is_empty() {
             missing.sort();
             missing.dedup();
@@ -321,7 +338,7 @@ impl WriterCore {
             Some(Lsn::ZERO) => ReadPlan::Cached { lsn: Lsn::ZERO, value: None },
             known => {
                 let pg = self.volume.pg_of(page);
-                ReadPlan::Fetch { pg, page, lsn: known.unwrap_or(self.recovered.pg_last[pg.0 as usize]) }
+                ReadPlan::Fetch { pg, page, lsn: self.fetch_lsn(pg, known.unwrap_or(Lsn::ZERO)) }
             }
         }
     }
@@ -384,6 +401,63 @@ impl WriterCore {
         }
         advanced
     }
+
+    /// Where to read a page of `pg` whose newest version is at `lsn` (`Lsn::ZERO`: not
+    /// known; then it is at or below the PG's recovered last record, as it has not been
+    /// written since): never below the PG's GC horizon, which storage refuses (an older
+    /// writer's is at or below that record); a later LSN of the PG shows the same version.
+    fn fetch_lsn(&self, pg: PgId, lsn: Lsn) -> Lsn {
+        let p = pg.0 as usize;
+        lsn.max(self.recovered.pg_last[p]).max(self.pgs[p].horizon)
+    }
+
+    /// Reader `reader` (a replica's feed) reads at `read_point`.
+    pub fn on_read_point(&mut self, reader: u64, read_point: Lsn) {
+        self.horizon.on_read_point(reader, read_point);
+    }
+
+    /// Reader `reader`'s feed closed at `now`.
+    pub fn on_reader_gone(&mut self, reader: u64, now: Duration) {
+        self.horizon.on_reader_gone(reader, now);
+    }
+
+    /// Moves the GC horizon its next frames carry (`Horizon::advance`), each PG's to
+    /// its last frame at or below the volume's.
+    pub fn advance_horizon(&mut self, now: Duration) -> Lsn {
+        let flushed = self.volume_flushed();
+        let horizon = self.horizon.advance(now, self.vdl(), flushed);
+        for log in &mut self.pgs {
+            while log.sealed.front().is_some_and(|&l| l <= horizon) {
+                log.horizon = log.sealed.pop_front().expect("checked");
+            }
+        }
+        horizon
+    }
+
+    /// `pg`'s GC horizon.
+    pub fn pg_horizon(&self, pg: PgId) -> Lsn {
+        self.pgs[pg.0 as usize].horizon
+    }
+
+    pub fn horizon(&self) -> &Horizon {
+        &self.horizon
+    }
+
+    /// The highest LSN up to which every PG's records are on disk on a write quorum
+    /// (a PG on disk up to its last record bounds nothing).
+    pub fn volume_flushed(&self) -> Lsn {
+        let pg_flushed = |log: &PgLog| {
+            let mut f = log.flushed;
+            f.sort_unstable_by(|a, b| b.cmp(a));
+            let quorum = f[crate::quorum::WRITE_QUORUM - 1];
+            if quorum >= log.last_lsn {
+                Lsn(u64::MAX)
+            } else {
+                quorum
+            }
+        };
+        self.pgs.iter().map(pg_flushed).min().unwrap_or(Lsn(u64::MAX))
+    }
 }
 
 #[cfg(test)]
@@ -406,6 +480,7 @@ mod tests {
             batch_inflight_max: 1,
             retain_bytes_max: 1 << 20,
             cache_pages_max: 16,
+            reader_grace: crate::gc::READER_GRACE,
         }
     }
 
@@ -547,6 +622,51 @@ mod tests {
         assert!(matches!(w.submit(&[put("b", "1")]), Admit::Stalled { .. }), "sent is not enough");
         ack(&mut w, 0, 0..4, 1);
         assert_eq!(commit(&mut w, vec![put("b", "1")]), Lsn(2));
+    }
+
+    #[test]
+    fn frames_carry_the_horizon_of_the_slowest_reader() {
+        let mut w = fresh(1);
+        let horizon_of = |b: &Batch| match Message::decode(b.frame.slice(4..)).unwrap() {
+            Message::Append { horizon, .. } => horizon,
+            other => panic!("{other:?}"),
+        };
+        let c1 = commit(&mut w, vec![put("a", "1")]);
+        assert_eq!(horizon_of(&send(&mut w, 0, 0)[0]), Lsn::ZERO);
+        for s in 0..4 {
+            w.handle_ack(PgId(0), s, c1, c1);
+        }
+        w.on_read_point(7, Lsn::ZERO);
+        let later = crate::gc::READER_GRACE;
+        w.advance_horizon(Duration::ZERO);
+        assert_eq!(w.advance_horizon(later), Lsn::ZERO, "a replica still reads at 0");
+        w.on_read_point(7, c1);
+        assert_eq!(w.advance_horizon(later), c1, "VDL, flushed on a write quorum, read by everyone");
+        assert_eq!(w.pg_horizon(PgId(0)), c1);
+        let c2 = commit(&mut w, vec![put("a", "2")]);
+        assert_eq!(w.advance_horizon(later), c1, "c2 is neither durable nor flushed yet");
+        assert_eq!(records(&send(&mut w, 0, c1.0)[0])[0].0, c2.0);
+        assert_eq!(horizon_of(&send(&mut w, 0, c1.0)[0]), c1);
+    }
+
+    #[test]
+    fn a_pg_horizon_stays_at_its_last_record_below_the_volume_horizon() {
+        let mut w = fresh(2);
+        let keys: Vec<String> = (0..100).map(|i| format!("key{i}")).collect();
+        let on = |w: &WriterCore, pg| keys.iter().find(|k| w.volume().pg_of(w.volume().page_of(k.as_bytes())) == PgId(pg)).unwrap().clone();
+        let (k0, k1) = (on(&w, 0), on(&w, 1));
+        let a = commit(&mut w, vec![put(&k0, "x")]);
+        send(&mut w, 0, 0);
+        let b = commit(&mut w, vec![put(&k1, "y")]);
+        send(&mut w, 1, 0);
+        for s in 0..6 {
+            w.handle_ack(PgId(0), s, a, a);
+            w.handle_ack(PgId(1), s, b, b);
+        }
+        w.advance_horizon(Duration::ZERO);
+        assert_eq!(w.advance_horizon(crate::gc::READER_GRACE), b);
+        // Readers ask PG 0 at its last record (`a`), below the volume's horizon: never refused.
+        assert_eq!((w.pg_horizon(PgId(0)), w.pg_horizon(PgId(1))), (a, b));
     }
 
     #[test]

@@ -45,7 +45,7 @@ impl ApiService for Api {
                 self.replica.metrics.reads.fetch_add(1, Relaxed);
                 self.get(key, min_lsn).await
             }
-            Request::Follow => unreachable!("the request loop serves Follow itself"),
+            Request::Follow { .. } => unreachable!("the request loop serves Follow itself"),
         }
     }
     fn progress(&self) -> watch::Receiver<Progress> {
@@ -56,6 +56,17 @@ impl ApiService for Api {
     }
     fn request_bytes_max(&self) -> usize {
         self.request_bytes_max
+    }
+    // Once promoted, the replicas that follow this one bound its GC horizon.
+    fn on_read_point(&self, reader: u64, read_point: Lsn) {
+        if let Some(writer) = self.promoter.writer.get() {
+            writer.on_read_point(reader, read_point);
+        }
+    }
+    fn on_reader_gone(&self, reader: u64) {
+        if let Some(writer) = self.promoter.writer.get() {
+            writer.on_reader_gone(reader);
+        }
     }
 }
 

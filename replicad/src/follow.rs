@@ -28,6 +28,8 @@ const WRITER_SILENT: Duration = Duration::from_millis(4 * borealis_net::api_serv
 /// Safety net under the notifications: a puller looks again this often even when
 /// nothing woke it (a notification lost with a connection is then late, not lost).
 const RECHECK: Duration = Duration::from_secs(1);
+/// How often at most a replica reports its read point to the writer.
+const READ_POINT_REPORT: Duration = Duration::from_millis(100);
 /// How long a starting replica waits for the writer's first progress before it asks storage.
 const WRITER_ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a pull failed on every candidate segment.
@@ -128,6 +130,9 @@ pub async fn storage_feed(replica: Arc<Replica>, volume: Volume, link: Arc<NodeL
 
 /// Follows the writer's VDL (and heartbeat), reconnecting while the replica is not
 /// the writer itself: the replica serves at its read point while the writer is away.
+/// On the same stream it reports where it reads, every `READ_POINT_REPORT` at most,
+/// one report behind (a page fetch planned at the previous read point may still be
+/// on its way), so that the writer's GC horizon stays below its reads.
 /// When the writer it follows is lost, it asks the volume's writer address and the
 /// peer replicas who the writer is now (one of them may have been promoted).
 pub async fn writer_feed(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, volume_writer: SocketAddr, peers: Vec<SocketAddr>) {
@@ -141,7 +146,10 @@ pub async fn writer_feed(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, vol
             let client = tokio::time::timeout(REQUEST_TIMEOUT, ApiClient::connect(&endpoint, writer))
                 .await
                 .map_err(|_| borealis_net::api::ApiError::Lost(format!("no answer in {REQUEST_TIMEOUT:?}")))??;
-            let mut follower = client.follow().await?;
+            // The lowest read point not reported yet, and when the last report went out.
+            let mut unreported = replica.lock().lowest_read_point();
+            let mut follower = client.follow_reading(Some(unreported)).await?;
+            let mut reported_at = Instant::now();
             loop {
                 let p = follower.next().await?;
                 if !connected {
@@ -150,6 +158,11 @@ pub async fn writer_feed(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, vol
                 }
                 backoff = RETRY_MIN;
                 replica.on_progress(&p);
+                if reported_at.elapsed() >= READ_POINT_REPORT {
+                    let now = replica.lock().lowest_read_point();
+                    follower.report(unreported).await?;
+                    (unreported, reported_at) = (now, Instant::now());
+                }
             }
         };
         let e: borealis_net::api::ApiError = tokio::select! {

@@ -105,6 +105,37 @@ async fn a_new_replica_starts_and_reads_with_an_az_and_one_more_node_down() {
     assert_eq!(v.as_deref(), Some(&b"v"[..]));
 }
 
+/// The writer's GC horizon follows the slowest reader: it moves once the replica
+/// reported its read point, never passes it, and rides on the frames to storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gc_horizon_follows_the_replica_read_point_to_storage() {
+    let mut c = Cluster::start_with(ClusterSpec { node_metrics: true, ..ClusterSpec::default() }).await;
+    let writer_metrics = free_tcp_addr();
+    let _w = c.start_writer(None, &["--gc-reader-grace-ms", "200", "--metrics-listen", &writer_metrics.to_string()]).await;
+    let writer = c.client(c.writer_addr()).await;
+    let replica = c.start_replica(None, &[]).await;
+    let load = Load::start(&writer, 4, 0);
+    load.wait_more(500, REPLY_TIMEOUT).await;
+    let deadline = std::time::Instant::now() + REPLY_TIMEOUT;
+    let horizon = loop {
+        let text = scrape(writer_metrics);
+        let (horizon, readers) = (metric(&text, "writerd_gc_horizon"), metric(&text, "writerd_gc_readers"));
+        if horizon > 0.0 {
+            assert_eq!(readers, 1.0, "the replica's feed is the one reader");
+            break horizon;
+        }
+        assert!(std::time::Instant::now() < deadline, "the GC horizon never moved");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let applied = metric(&replica.scrape(), "replicad_applied_vdl");
+    assert!(horizon <= applied, "horizon {horizon} passed the replica's read point {applied}");
+    load.wait_more(200, REPLY_TIMEOUT).await;
+    let (_, errors) = load.finish().await;
+    assert!(errors.is_empty(), "commits failed: {errors:?}");
+    let series = "storaged_segment_gc_horizon{node=\"1\",pg=\"0\"}";
+    assert!(metric(&scrape(c.node_metrics(1)), series) > 0.0, "node 1 never heard a horizon");
+}
+
 /// For a replica started empty while `load` runs: it serves a write committed before it
 /// started, then, once the load stops, every acknowledged key as the writer has it, having
 /// read pages from storage.

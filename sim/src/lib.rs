@@ -120,6 +120,10 @@ pub struct Stats {
     pub joins: u64,
     /// Frames a deposed writer resent after a takeover.
     pub deposed_frames: u64,
+    /// Moves of the writer's GC horizon, and page reads refused below it (of replicas
+    /// whose first reads were below it).
+    pub horizon_moves: u64,
+    pub reads_below_horizon: u64,
     /// Unacknowledged transactions a recovery dropped, and kept (whole).
     pub txns_dropped: u64,
     pub txns_kept_unacked: u64,
@@ -156,6 +160,8 @@ impl std::ops::AddAssign for Stats {
         self.wipes += o.wipes;
         self.joins += o.joins;
         self.deposed_frames += o.deposed_frames;
+        self.horizon_moves += o.horizon_moves;
+        self.reads_below_horizon += o.reads_below_horizon;
         self.txns_dropped += o.txns_dropped;
         self.txns_kept_unacked += o.txns_kept_unacked;
         self.late_truncations += o.late_truncations;
@@ -243,6 +249,8 @@ struct Sender {
 }
 
 const PAGE_COUNT: u64 = 64;
+/// How long a new writer holds the GC horizon for its readers, and a gone reader counts.
+const READER_GRACE_TICKS: u64 = 100;
 /// Frames of the writer a deposed writer may resend, on a session of its own.
 const RECENT_FRAMES: usize = 16;
 const DEPOSED_SESSION: u64 = u64::MAX;
@@ -317,6 +325,8 @@ pub struct Sim {
     /// a deposed writer that does not know it resends them.
     recent_frames: VecDeque<(usize, Bytes)>,
     deposed: Vec<(usize, Bytes)>,
+    /// The highest GC horizon of any PG that a writer decided (the oracle's).
+    horizon_decided: Lsn,
 }
 
 impl Sim {
@@ -334,6 +344,7 @@ impl Sim {
             retain_bytes_max: usize::MAX,
             // Every page stays cached: eviction picks a HashMap victim, which is not deterministic.
             cache_pages_max: PAGE_COUNT as usize,
+            reader_grace: replica::tick(READER_GRACE_TICKS),
         };
         let writer = WriterCore::new(volume, config.clone(), Recovered::new_volume(pgs));
         let segments = (0..pgs)
@@ -386,6 +397,7 @@ impl Sim {
             quorum_epoch: vec![Epoch(0); pgs],
             recent_frames: VecDeque::new(),
             deposed: Vec::new(),
+            horizon_decided: Lsn::ZERO,
         }
     }
 
@@ -464,7 +476,9 @@ impl Sim {
                     if s.down_until > self.now {
                         continue;
                     }
-                    let Ok(Message::Append { epoch, records, .. }) = Message::decode(frame.slice(4..)) else { panic!("the writer sends valid Append frames") };
+                    let Ok(Message::Append { epoch, horizon, records, .. }) = Message::decode(frame.slice(4..)) else {
+                        panic!("the writer sends valid Append frames")
+                    };
                     let out = match self.append(pg, seg, epoch, &records) {
                         Ok(out) => out,
                         // A dead writer's frame reaching a segment a newer writer (or claimant) claimed.
@@ -475,6 +489,7 @@ impl Sim {
                         Err(disk::Refused::Conflict(_)) if session == DEPOSED_SESSION => continue,
                         Err(disk::Refused::Conflict(e)) => panic!("pg{pg} segment {seg} refuses the writer's frame: {e}"),
                     };
+                    self.segments[pg][seg].log.note_horizon(horizon);
                     self.send(Msg::Ack { seg, session, position: out.position });
                 }
                 Msg::Ack { seg, session, position } => {
@@ -531,6 +546,12 @@ impl Sim {
             }
         }
         self.run_replicas();
+        if self.writer_up {
+            let before = self.writer.horizon().get();
+            self.stats.horizon_moves += (self.writer.advance_horizon(replica::tick(self.now)) > before) as u64;
+            let pgs = (0..self.segments.len()).map(|pg| self.writer.pg_horizon(PgId(pg as u32)));
+            self.horizon_decided = pgs.fold(self.horizon_decided, Lsn::max);
+        }
         self.check_safety();
     }
 

@@ -466,5 +466,6 @@ fn pull_range(s: &Segment, after: Lsn, upto: Lsn) -> Result<Vec<Bytes>, String> 
 pub(crate) fn fetch_for_writer(sim: &Sim, pg: PgId, page: redo_core::PageId, lsn: Lsn) -> Option<redo_core::page::PageImage> {
     let segs = &sim.segments[pg.0 as usize];
     let s = segs.iter().find(|s| s.down_until <= sim.now && sim.at_current_truncation(s) && s.log.scl() >= lsn)?;
+    s.log.check_readable(lsn).expect("the writer reads pages at or above every GC horizon");
     Some(replica::page_at(s, page, lsn))
 }

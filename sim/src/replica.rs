@@ -90,6 +90,9 @@ pub enum Bug {
     /// A wiped node comes back with its old epoch and position (stale
     /// metadata) over an empty segment file.
     WipeKeepsPosition,
+    /// Replicas do not report their read points: the writer's GC horizon
+    /// passes them, and storage refuses their page reads.
+    HorizonIgnoresReaders,
     /// A wiped segment grants epochs at once instead of joining first (as
     /// before `redo_core::join`): a deposed writer's frame can move it to an
     /// epoch below the volume's, and the deposed writer count it.
@@ -125,6 +128,8 @@ pub(crate) enum Answer {
     Behind,
     /// `None`: refused, the segment's SCL is below the LSN asked for (Behind).
     Page(Option<PageImage>),
+    /// Refused: the page read is below the segment's GC horizon.
+    BelowHorizon(String),
 }
 
 struct Request {
@@ -143,6 +148,10 @@ pub(crate) struct Replica {
     read_point: Option<Lsn>,
     /// Where it started from storage: its read point may pass the writer's VDL up to there.
     start_durable: Lsn,
+    /// Its reads started at or above every GC horizon a writer decided (frames may bring
+    /// it to storage late): a horizon past one of its reads is a bug (the early reads of
+    /// one that started below are refused until its read point passes the horizon).
+    above_horizon: bool,
     /// What the writer's feed and each segment's notifications last sent it.
     progress_sent: Lsn,
     notified: Vec<[SegmentPosition; SEGMENTS_PER_PG]>,
@@ -194,9 +203,11 @@ impl Sim {
             let Some(start) = Start::from_scls(&scls) else { continue };
             let (_, config) = self.to_start.remove(i);
             let start_durable = start.durable;
+            let core = ReplicaCore::new(self.writer.volume().clone(), config, start);
+            let above_horizon = self.horizon_decided <= core.lowest_read_point();
             // It follows the writer of the moment from the start (replicad learns it from
             // the first progress it hears).
-            let mut core = ReplicaCore::new(self.writer.volume().clone(), config, start).following(self.writer.epoch());
+            let mut core = core.following(self.writer.epoch());
             for (seg, position) in answers {
                 core.on_position(seg, position);
             }
@@ -208,6 +219,7 @@ impl Sim {
                 next_id: 0,
                 read_point: None,
                 start_durable,
+                above_horizon,
                 progress_sent: Lsn::ZERO,
                 notified,
                 streams,
@@ -254,6 +266,7 @@ impl Sim {
         let resend = self.now.is_multiple_of(FEED_RESEND_TICKS);
         for r in 0..self.replicas.len() {
             self.feed(r, resend);
+            self.report_read_point(r);
             let now = self.now;
             let (late, waiting) = std::mem::take(&mut self.replicas[r].inflight).into_iter().partition(|q| now - q.sent_at >= RECONNECT_AFTER_TICKS);
             self.replicas[r].inflight = waiting;
@@ -277,6 +290,17 @@ impl Sim {
                 self.read(r);
             }
         }
+    }
+
+    /// replicad's read point reports on the writer's feed: the lowest LSN its
+    /// reads use (its read point, or an older one a page fetch still asks for).
+    fn report_read_point(&mut self, r: usize) {
+        if !self.writer_up || self.bug == Some(Bug::HorizonIgnoresReaders) {
+            return;
+        }
+        let replica = &self.replicas[r];
+        let asked = replica.inflight.iter().filter_map(|q| if let Ask::Page { lsn, .. } = q.ask { Some(lsn) } else { None });
+        self.writer.on_read_point(r as u64, asked.fold(replica.core.lowest_read_point(), Lsn::min));
     }
 
     /// The writer's feed and the segments' notifications: each sends when
@@ -415,7 +439,10 @@ impl Sim {
             }
             Ask::Page { page, lsn, .. } => {
                 let lsn = if self.bug == Some(Bug::StalePage) { Lsn(lsn.0 / 2) } else { lsn };
-                Answer::Page((s.log.scl() >= lsn).then(|| page_at(s, page, lsn)))
+                match s.log.check_readable(lsn) {
+                    Err(below) => Answer::BelowHorizon(below.to_string()),
+                    Ok(()) => Answer::Page((s.log.scl() >= lsn).then(|| page_at(s, page, lsn))),
+                }
             }
         };
         self.send(Msg::Answer { to: from, seg, id, answer });
@@ -436,6 +463,11 @@ impl Sim {
                 }
             }
             (Ask::Page { key, page, .. }, Answer::Page(Some(image))) => self.fetched(r, &key, page, Some(image)),
+            (Ask::Page { key, page, lsn, .. }, Answer::BelowHorizon(why)) => {
+                assert!(!self.replicas[r].above_horizon, "replica {r}'s page read at {lsn} refused ({why}): the GC horizon passed a read in use");
+                self.stats.reads_below_horizon += 1;
+                self.fetched(r, &key, page, None);
+            }
             // Behind (it lost records in a crash): another segment may have the page.
             (ask, Answer::Page(None) | Answer::Behind) => self.ask_next(r, Request { ask, ..req }),
             _ => unreachable!("answers match their requests"),
@@ -550,6 +582,6 @@ fn read_file(file: &[u8], read: DiskRead, bytes_max: usize, keep: impl Fn(&Recor
 }
 
 /// A tick as the core's time (a millisecond each).
-fn tick(t: u64) -> Duration {
+pub(crate) fn tick(t: u64) -> Duration {
     Duration::from_millis(t)
 }

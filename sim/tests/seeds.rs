@@ -32,6 +32,7 @@ fn safety_then_liveness_over_many_seeds() {
         assert!(total.torn_tails > 0, "no crash tore a segment file's tail: {total:?}");
         assert!(total.flush_faults > 0 && total.epoch_write_faults > 0 && total.wipes > 0, "a disk fault never happened: {total:?}");
         assert!(total.joins > 0 && total.deposed_frames > 0, "no wiped segment joined, or no deposed writer resent: {total:?}");
+        assert!(total.horizon_moves > 0, "the GC horizon never moved: {total:?}");
         assert!(total.txns_dropped > 0 && total.txns_kept_unacked > 0, "recoveries never decided an unacknowledged transaction: {total:?}");
     }
 }
@@ -147,4 +148,11 @@ fn runs_are_deterministic() {
 #[test]
 fn a_wiped_segment_that_does_not_join_first_fails_some_seed() {
     assert_caught(Bug::JoinSkipped);
+}
+
+/// A GC horizon that ignores the replicas' read points passes them, and storage
+/// refuses their page reads: some seed fails.
+#[test]
+fn a_horizon_above_a_replica_read_point_fails_some_seed() {
+    assert_caught(Bug::HorizonIgnoresReaders);
 }

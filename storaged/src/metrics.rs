@@ -90,6 +90,7 @@ pub struct SegmentGauges {
     pub page_index_records: u64,
     pub disk_failed: bool,
     pub joining: bool,
+    pub gc_horizon: u64,
     pub epoch_generation: u64,
 }
 
@@ -123,13 +124,14 @@ impl Metrics {
         self.append_batch_records.render(&mut out, "storaged_append_batch_records", "Records per append batch.");
         self.flush_batch_bytes.render(&mut out, "storaged_flush_batch_bytes", "Record bytes per flush (one durable write).");
         self.get_page_latency_us.render(&mut out, "storaged_get_page_latency_us", "GetPage request received to page materialised, microseconds.");
-        let gauges: [Gauge; 8] = [
+        let gauges: [Gauge; 9] = [
             ("storaged_segment_scl", "Segment complete LSN.", |s| s.scl),
             ("storaged_segment_flushed_lsn", "Highest LSN durable on disk.", |s| s.flushed_lsn),
             ("storaged_segment_hot_bytes", "Unflushed bytes in the segment's memory log.", |s| s.hot_bytes),
             ("storaged_segment_pending_records", "Records held above a hole, waiting for it to fill.", |s| s.pending_records),
             ("storaged_segment_page_index_records", "Records in the per-page index (bounded by the coalescer).", |s| s.page_index_records),
             ("storaged_segment_disk_failed", "1 if the segment stopped accepting appends after a disk error.", |s| s.disk_failed as u64),
+            ("storaged_segment_gc_horizon", "The GC horizon the writer sent last: page reads below it are refused.", |s| s.gc_horizon),
             ("storaged_segment_joining", "1 while the segment, new or wiped, learns its epoch state from its peers and grants nothing.", |s| s.joining as u64),
             ("storaged_segment_epoch_generation", "Generation (high 32 bits) of the epoch the segment granted last.", |s| s.epoch_generation),
         ];

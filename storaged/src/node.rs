@@ -214,6 +214,7 @@ impl Node {
                     page_index_records: log.page_index().map_or(0, |p| p.records() as u64),
                     disk_failed: log.disk_failed().is_some(),
                     joining: log.is_joining(),
+                    gc_horizon: log.horizon().0,
                     epoch_generation: log.epoch().generation(),
                 }
             })

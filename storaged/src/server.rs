@@ -132,7 +132,7 @@ pub async fn serve_stream(node: Arc<Node>, send: quinn::SendStream, mut recv: qu
 async fn handle_request(node: &Arc<Node>, msg: Message) -> Reply {
     let received = Instant::now();
     match msg {
-        Message::Append { epoch, pg, records } => append(node, epoch, pg, records, received).await,
+        Message::Append { epoch, pg, horizon, records } => append(node, epoch, pg, horizon, records, received).await,
         Message::Pull { pg, after, upto, bytes_max, epoch } => match node.segments.get(&pg) {
             None => not_hosted(node, pg),
             Some(seg) => pull(node, seg.clone(), after, upto, bytes_max, epoch).await,
@@ -165,7 +165,7 @@ fn not_hosted(node: &Node, pg: PgId) -> Reply {
     Reply::Close(error(ErrorCode::NotHosted, format!("{pg} is not hosted on {} (hosts pgs {hosted:?})", node.node_id)))
 }
 
-async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords, received: Instant) -> Reply {
+async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, horizon: Lsn, records: ValidRecords, received: Instant) -> Reply {
     let run = records.run();
     let Some(seg) = node.segments.get(&pg) else { return not_hosted(node, pg) };
     if let Err(reply) = claim(node, seg, epoch, None).await {
@@ -176,7 +176,15 @@ async fn append(node: &Arc<Node>, epoch: Epoch, pg: PgId, records: ValidRecords,
     loop {
         // Checked under the segment lock: shutdown takes every lock once after
         // raising the flag, so no append lands after the final flush began.
-        let result = seg.with_log(|log| (!node.is_shutting_down()).then(|| (log.handle_append(epoch, &records), log.hot_bytes())));
+        let result = seg.with_log(|log| {
+            (!node.is_shutting_down()).then(|| {
+                let appended = log.handle_append(epoch, &records);
+                if appended.is_ok() {
+                    log.note_horizon(horizon);
+                }
+                (appended, log.hot_bytes())
+            })
+        });
         let Some((result, unflushed)) = result else {
             return Reply::Close(error(ErrorCode::ShuttingDown, "storage node is shutting down"));
         };
@@ -351,6 +359,9 @@ async fn get_page(node: &Node, seg: Arc<Segment>, page: PageId, lsn: Lsn, epoch:
         }
         if let Err(missed) = log.check_truncated_for(epoch) {
             return refuse(ErrorCode::Behind, missed.to_string());
+        }
+        if let Err(below) = log.check_readable(lsn) {
+            return refuse(ErrorCode::BelowHorizon, below.to_string());
         }
         (log.page_read(page, lsn), log.position())
     };

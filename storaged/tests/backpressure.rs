@@ -34,7 +34,7 @@ async fn busy_does_not_close_the_stream_and_acked_records_survive() {
         let batches: Vec<Batch> = (0..BATCHES_PER_ROUND).map(|_| chain.batch(7)).collect();
         let mut frames = Vec::new();
         for b in &batches {
-            redo_core::wire::encode_append(Epoch(1), PgId(0), &b.bytes, &mut frames);
+            redo_core::wire::encode_append(Epoch(1), PgId(0), Lsn::ZERO, &b.bytes, &mut frames);
         }
         let (sent, replies) = tokio::join!(tx.send_raw(&frames), async {
             let mut replies = Vec::with_capacity(batches.len());

@@ -1,6 +1,7 @@
 //! Status and GetPage@LSN through the real binary: pages materialised from
 //! memory, disk and coalesced images agree with a model, before and after
-//! kill -9, and a damaged page-file tail is truncated at start.
+//! kill -9, a damaged page-file tail is truncated at start, and reads below
+//! the GC horizon are refused.
 
 mod common;
 
@@ -11,7 +12,7 @@ use borealis_net::storage::StorageConn;
 use common::*;
 use redo_core::page::{PageImage, PageOp};
 use redo_core::record::RecordHeader;
-use redo_core::wire::{ErrorCode, Message, FRAME_BYTES_MAX};
+use redo_core::wire::{encode_append, ErrorCode, Message, FRAME_BYTES_MAX};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 
 const PG: PgId = PgId(0);
@@ -80,6 +81,32 @@ async fn assert_pages(conn: &StorageConn, log: &PageLog) {
             assert_eq!(pos.scl, log.last_lsn);
             assert_eq!(image, model_image(&log.sent, page, lsn), "{page}@{lsn}");
         }
+    }
+}
+
+/// The writer's GC horizon rides on its Append frames: a page read below it is
+/// refused with `BelowHorizon`, naming it (those versions may be reclaimed), and
+/// a read at it is served, on the same connection.
+#[tokio::test]
+async fn a_page_read_below_the_gc_horizon_is_refused() {
+    let env = TestEnv::new();
+    let node = env.start(&env.launch(&[0], &[])).await;
+    let conn = node.connect(&env.client()).await;
+    let mut log = PageLog::new();
+    append(&conn, 1, &mut log, 3).await;
+    let horizon = Lsn(log.last_lsn.0 / 2);
+    let mut frame = Vec::new();
+    encode_append(Epoch(1), PG, horizon, &log.batch(5), &mut frame);
+    let (mut tx, mut rx) = conn.open_append().await.expect("open append stream");
+    tx.send_frame(frame.into()).await.expect("send");
+    assert_eq!(timely("ack", rx.recv()).await.expect("ack").0.scl, log.last_lsn);
+
+    for page in (0..PAGES).map(PageId) {
+        let (code, message) = refusal(timely("below", conn.get_page(PG, page, Lsn(horizon.0 - 1))).await);
+        assert_eq!(code, ErrorCode::BelowHorizon, "{message}");
+        assert!(message.contains(&format!("GC horizon {horizon}")), "{message}");
+        let (_, image) = timely("at the horizon", conn.get_page(PG, page, horizon)).await.expect("a read at the horizon");
+        assert_eq!(image, model_image(&log.sent, page, horizon));
     }
 }
 

@@ -10,6 +10,7 @@ use redo_core::api::{ApiErrorCode, Progress, Request, Response, Role};
 use redo_core::page::PageOp;
 use redo_core::volume::Volume;
 use redo_core::writer::{Admit, ReadPlan};
+use redo_core::Lsn;
 use tokio::sync::watch;
 
 use borealis_net::storage::NodeLink;
@@ -36,6 +37,12 @@ impl ApiService for Api {
     }
     fn request_bytes_max(&self) -> usize {
         self.request_bytes_max
+    }
+    fn on_read_point(&self, reader: u64, read_point: Lsn) {
+        self.writer.on_read_point(reader, read_point);
+    }
+    fn on_reader_gone(&self, reader: u64) {
+        self.writer.on_reader_gone(reader);
     }
 }
 
@@ -81,7 +88,7 @@ async fn handle(api: &Api, req: Request) -> Response {
             })
         }
         Request::Promote => error(ApiErrorCode::Invalid, "this server is the writer already"),
-        Request::Follow => unreachable!("the request loop serves Follow itself"),
+        Request::Follow { .. } => unreachable!("the request loop serves Follow itself"),
     }
 }
 

@@ -63,6 +63,10 @@ pub struct Tuning {
     /// write quorum holds them; beyond it such a segment must be repaired from its peers.
     #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
     pub retain_bytes_max: u64,
+    /// GC horizon: how long a new writer waits for its replicas to report their read points
+    /// before the horizon moves, and how long a replica that went away still holds it.
+    #[arg(long, default_value_t = redo_core::gc::READER_GRACE.as_millis() as u64)]
+    pub gc_reader_grace_ms: u64,
 }
 
 impl Config {

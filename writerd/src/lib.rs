@@ -30,6 +30,8 @@ use crate::writer::Writer;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long VDL may stand still with commits waiting before the writer says why.
 const STALL_REPORT_AFTER: Duration = Duration::from_secs(1);
+/// How often the GC horizon moves (each move rides on the next frames).
+const HORIZON_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Exit status of a writer deposed by a newer epoch.
 pub const EXIT_FENCED: i32 = 3;
@@ -101,6 +103,7 @@ pub fn start(volume: &Volume, links: &[Arc<NodeLink>], taken: recovery::TakenOve
         batch_inflight_max: tuning.batch_inflight_max,
         retain_bytes_max: tuning.retain_bytes_max as usize,
         cache_pages_max,
+        reader_grace: Duration::from_millis(tuning.gc_reader_grace_ms),
     };
     let writer = Writer::new(WriterCore::new(volume.clone(), core_config, taken.recovered), taken.history);
     for pg in 0..volume.pg_count() {
@@ -111,7 +114,18 @@ pub fn start(volume: &Volume, links: &[Arc<NodeLink>], taken: recovery::TakenOve
         }
     }
     tokio::spawn(report_stalls(writer.clone()));
+    tokio::spawn(advance_horizon(writer.clone()));
     writer
+}
+
+/// Moves the GC horizon that the writer's frames carry, every `HORIZON_INTERVAL`.
+async fn advance_horizon(w: Arc<Writer>) {
+    let mut tick = tokio::time::interval(HORIZON_INTERVAL);
+    while w.is_fenced().is_none() {
+        tick.tick().await;
+        let now = w.now();
+        w.lock().core.advance_horizon(now);
+    }
 }
 
 fn render_metrics(w: &Writer) -> String {
@@ -123,6 +137,8 @@ fn render_metrics(w: &Writer) -> String {
             vdl: c.vdl().0,
             last_allocated: c.last_allocated().0,
             inflight_bytes: c.inflight_bytes() as u64,
+            gc_horizon: c.horizon().get().0,
+            gc_readers: c.horizon().readers() as u64,
             pgcl: (0..c.volume().pg_count()).map(|pg| c.pgcl(PgId(pg as u32)).0).collect(),
             segments_current: (0..c.volume().pg_count()).map(|pg| c.segments_current(PgId(pg as u32)) as u64).collect(),
         }

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use redo_core::api::Progress;
 use redo_core::quorum::SEGMENTS_PER_PG;
@@ -33,6 +34,8 @@ pub struct Writer {
     /// Set (under the state lock) when the writer stops: no transaction is admitted after it.
     pub stopping: AtomicBool,
     pub metrics: Metrics,
+    /// The origin of the core's clock (`now`).
+    started: Instant,
 }
 
 /// Why a wait for VDL ended without reaching it.
@@ -52,7 +55,23 @@ impl Writer {
             fenced: watch::channel(None).0,
             stopping: AtomicBool::new(false),
             metrics,
+            started: Instant::now(),
         })
+    }
+
+    /// Time for the core's machines (the GC horizon's grace periods).
+    pub fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// A `Follow` stream reads at `read_point` (`ApiService::on_read_point`).
+    pub fn on_read_point(&self, reader: u64, read_point: Lsn) {
+        self.lock().core.on_read_point(reader, read_point);
+    }
+
+    pub fn on_reader_gone(&self, reader: u64) {
+        let now = self.now();
+        self.lock().core.on_reader_gone(reader, now);
     }
 
     fn progress_of(core: &WriterCore) -> Progress {

@@ -85,11 +85,12 @@ async fn oversized_frames_get_too_large() {
     assert!(msg.contains(&format!("{}", FRAME_MAX + 1)), "{msg}");
     assert_stream_closed(&mut tx, &mut rx).await;
 
-    // A real batch: append frame = 13 bytes of header, then records of 41 bytes + payload.
-    // Exactly at the limit it is accepted; one payload byte more is refused.
-    let mut chain = Chain::new(0, FRAME_MAX - 13 - 41);
+    // A real batch: the append frame's header after its length word, then records of 41 bytes
+    // + payload. Exactly at the limit it is accepted; one payload byte more is refused.
+    let header = redo_core::wire::APPEND_HEADER_BYTES - redo_core::wire::FRAME_HEADER_BYTES;
+    let mut chain = Chain::new(0, FRAME_MAX - header - 41);
     let fits = chain.batch(1);
-    assert_eq!(fits.bytes.len() + 13, FRAME_MAX);
+    assert_eq!(fits.bytes.len() + header, FRAME_MAX);
     let (pos, _) = append_once(&conn, 1, PgId(0), &fits).await.expect("a frame of exactly --frame-bytes-max is accepted");
     assert_eq!(pos.scl, fits.last_lsn());
     chain.payload_bytes += 1;

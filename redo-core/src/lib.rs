@@ -7,6 +7,7 @@ pub mod failover;
 pub mod ids;
 pub mod log_stream;
 pub mod page;
+pub mod page_cache;
 pub mod page_index;
 pub mod quorum;
 pub mod rand;

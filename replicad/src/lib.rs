@@ -41,7 +41,7 @@ pub fn run(config: Config) -> Result<i32> {
         let links = NodeLink::for_volume(&volume, &endpoint)?;
         let (start, positions) = follow::start(&volume, &links, Duration::from_millis(config.start_timeout_ms)).await?;
         tracing::info!(durable = %start.durable, "learned the volume's position from storage");
-        let core_config = ReplicaConfig { buffer_bytes_max: config.buffer_bytes_max as usize, cache_pages_max: config.cache_pages_max };
+        let core_config = ReplicaConfig { buffer_bytes_max: config.buffer_bytes_max as usize, cache_bytes_max: config.cache_bytes_max as usize };
         let replica = Arc::new(Replica::new(ReplicaCore::new(volume.clone(), core_config, start)));
         for (segment, position) in positions {
             replica.on_position(segment, position);
@@ -64,7 +64,7 @@ pub fn run(config: Config) -> Result<i32> {
             volume.clone(),
             links.clone(),
             config.tuning.clone(),
-            config.cache_pages_max,
+            config.cache_bytes_max as usize,
             config.request_bytes_max as usize,
             Duration::from_millis(config.promote_timeout_ms),
             config.priority,

@@ -30,6 +30,8 @@ pub struct Gauges {
     pub vdl: u64,
     pub last_allocated: u64,
     pub inflight_bytes: u64,
+    pub cache_bytes: u64,
+    pub cached_pages: u64,
     pub pgcl: Vec<u64>,
     /// Per PG, segments at the newest position any of them acknowledged.
     pub segments_current: Vec<u64>,
@@ -71,6 +73,8 @@ impl Metrics {
             ("writerd_vdl", "Volume durable LSN: commits at or below it are acknowledged.", g.vdl),
             ("writerd_last_allocated_lsn", "Highest LSN allocated.", g.last_allocated),
             ("writerd_inflight_bytes", "Record bytes queued or retained for segments that do not hold them yet.", g.inflight_bytes),
+            ("writerd_cache_bytes", "Memory the cached page images take (bounded by --cache-bytes-max once VDL covers them).", g.cache_bytes),
+            ("writerd_cached_pages", "Page images in memory.", g.cached_pages),
         ];
         for (name, help, v) in gauges {
             header(&mut out, name, "gauge", help);

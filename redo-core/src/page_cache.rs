@@ -16,11 +16,15 @@ pub struct PageCache {
     /// Cached pages by last use, oldest first: the eviction order (deterministic, unlike a HashMap's).
     order: BTreeMap<u64, PageId>,
     clock: u64,
+    /// The clean point at which `evict` found nothing more to evict: until it moves or a page
+    /// is inserted, another call would scan the same pages for nothing (the writer calls it on
+    /// every transaction while VDL stands still).
+    exhausted_at: Option<Lsn>,
 }
 
 impl PageCache {
     pub fn new(bytes_max: usize) -> Self {
-        PageCache { bytes_max, bytes: 0, pages: HashMap::new(), order: BTreeMap::new(), clock: 0 }
+        PageCache { bytes_max, bytes: 0, pages: HashMap::new(), order: BTreeMap::new(), clock: 0, exhausted_at: None }
     }
 
     pub fn len(&self) -> usize {
@@ -66,6 +70,7 @@ impl PageCache {
             return;
         }
         self.clock += 1;
+        self.exhausted_at = None;
         self.bytes += img.memory_bytes();
         self.order.insert(self.clock, img.page);
         self.pages.insert(img.page, (self.clock, img));
@@ -82,8 +87,11 @@ impl PageCache {
     /// (storage serves them) until the cache is within its bound. Pages above
     /// it stay, past the bound if need be, until a later call.
     pub fn evict(&mut self, clean_upto: Lsn) {
-        let mut victims = Vec::new();
         let mut over = self.bytes.saturating_sub(self.bytes_max);
+        if over == 0 || self.exhausted_at == Some(clean_upto) {
+            return;
+        }
+        let mut victims = Vec::new();
         for (&used, page) in &self.order {
             if over == 0 {
                 break;
@@ -93,6 +101,9 @@ impl PageCache {
                 over = over.saturating_sub(img.memory_bytes());
                 victims.push(used);
             }
+        }
+        if over > 0 {
+            self.exhausted_at = Some(clean_upto);
         }
         for used in victims {
             let page = self.order[&used];

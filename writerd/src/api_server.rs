@@ -132,7 +132,6 @@ async fn commit(api: &Api, ops: &[PageOp]) -> Response {
                 return Response::Committed { commit_lsn };
             }
             Admit::NeedPages(pages) => {
-                fetched.clear();
                 for (pg, page, lsn) in pages {
                     // A page written since VDL is on no write quorum yet.
                     if let Err(e) = w.wait_vdl(lsn).await {

@@ -9,6 +9,7 @@ pub mod ids;
 pub mod join;
 pub mod log_stream;
 pub mod page;
+pub mod page_cache;
 pub mod page_index;
 pub mod quorum;
 pub mod rand;

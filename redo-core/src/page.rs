@@ -12,6 +12,9 @@
 //! `page u64 | lsn u64 | count u32 | (key_len u16 | key | value_len u32 | value)*`.
 //! Materialising a page at an LSN is: its image, then its records in
 //! `prev_lsn_for_page` order up to that LSN.
+//!
+//! A page's size is that of its image, bounded by the volume's `page_bytes_max`
+//! (`Volume`): the writer refuses an operation that would grow a page past it.
 
 use std::collections::BTreeMap;
 
@@ -25,6 +28,16 @@ pub const KEY_BYTES_MAX: usize = 1024;
 pub const VALUE_BYTES_MAX: usize = 64 << 10;
 /// Entries one page image may hold: bounds what a decoder allocates.
 const PAGE_ENTRIES_MAX: usize = 1 << 20;
+/// An image's fixed part: page, LSN, entry count.
+pub const PAGE_HEADER_BYTES: usize = 8 + 8 + 4;
+/// Memory an entry takes beyond its key and value bytes: the map's slot (two
+/// `Vec` headers, its share of a B-tree node) and two allocations' headers.
+const ENTRY_HEAP_OVERHEAD_BYTES: usize = 80;
+
+/// Bytes an entry takes in a page image.
+pub const fn entry_bytes(key_len: usize, value_len: usize) -> usize {
+    2 + key_len + 4 + value_len
+}
 
 const OP_PUT: u8 = 1;
 const OP_DELETE: u8 = 2;
@@ -95,6 +108,14 @@ impl PageOp {
         }
     }
 
+    /// The length of the value the key has once applied (`None`: deleted).
+    pub fn value_len(&self) -> Option<usize> {
+        match self {
+            PageOp::Put { value, .. } => Some(value.len()),
+            PageOp::Delete { .. } => None,
+        }
+    }
+
     pub fn encode(&self, out: &mut Vec<u8>) {
         self.check().expect("operations are checked before encoding");
         match self {
@@ -137,13 +158,34 @@ pub enum ApplyError {
 pub struct PageImage {
     pub page: PageId,
     pub lsn: Lsn,
-    pub entries: BTreeMap<Vec<u8>, Vec<u8>>,
+    entries: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The encoded size, kept as entries change (a page's size is checked on every write).
+    bytes: usize,
 }
 
 impl PageImage {
     /// The page before any record: empty.
     pub fn empty(page: PageId) -> Self {
-        PageImage { page, lsn: Lsn::ZERO, entries: BTreeMap::new() }
+        PageImage { page, lsn: Lsn::ZERO, entries: BTreeMap::new(), bytes: PAGE_HEADER_BYTES }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.entries.get(key).map(Vec::as_slice)
+    }
+
+    /// Entries in key order.
+    pub fn entries(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.entries.iter().map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+
+    /// The size of its encoding (`encode`): the page's size.
+    pub fn encoded_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// About the memory it takes (what a page cache counts).
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + self.bytes + self.entries.len() * ENTRY_HEAP_OVERHEAD_BYTES
     }
 
     /// Applies the page's next record; it must link back to the page's LSN.
@@ -163,14 +205,12 @@ impl PageImage {
     /// Applies an operation that the caller has placed at `lsn` on this page.
     pub fn apply_op(&mut self, lsn: Lsn, op: PageOp) {
         debug_assert!(lsn > self.lsn);
-        match op {
-            PageOp::Put { key, value } => {
-                self.entries.insert(key, value);
-            }
-            PageOp::Delete { key } => {
-                self.entries.remove(&key);
-            }
-        }
+        let (added, key_len) = (op.value_len().map(|v| entry_bytes(op.key().len(), v)), op.key().len());
+        let old = match op {
+            PageOp::Put { key, value } => self.entries.insert(key, value),
+            PageOp::Delete { key } => self.entries.remove(&key),
+        };
+        self.bytes = self.bytes + added.unwrap_or(0) - old.map_or(0, |v| entry_bytes(key_len, v.len()));
         self.lsn = lsn;
     }
 
@@ -207,7 +247,7 @@ impl PageImage {
             entries.insert(k, v);
         }
         r.finish()?;
-        Ok(PageImage { page, lsn, entries })
+        Ok(PageImage { page, lsn, entries, bytes: buf.len() })
     }
 }
 
@@ -252,7 +292,7 @@ mod tests {
             p.apply(RecordRef::decode(r, 0).unwrap()).unwrap();
         }
         assert_eq!(p.lsn, Lsn(12));
-        assert_eq!(p.entries.into_iter().collect::<Vec<_>>(), vec![(b"b".to_vec(), b"2".to_vec())]);
+        assert_eq!(p.entries().collect::<Vec<_>>(), vec![(&b"b"[..], &b"2"[..])]);
     }
 
     #[test]
@@ -268,12 +308,12 @@ mod tests {
     #[test]
     fn image_round_trip() {
         let mut p = PageImage::empty(PageId(7));
-        p.lsn = Lsn(44);
-        p.entries.insert(b"x".to_vec(), b"1".to_vec());
-        p.entries.insert(b"y".to_vec(), vec![]);
+        p.apply_op(Lsn(40), put("x", "1"));
+        p.apply_op(Lsn(44), put("y", ""));
         let mut b = Vec::new();
         p.encode(&mut b);
         assert_eq!(PageImage::decode(&b).unwrap(), p);
+        assert_eq!(p.encoded_bytes(), b.len());
     }
 
     #[test]
@@ -293,10 +333,25 @@ mod tests {
         }
 
         #[test]
+        fn the_size_kept_is_that_of_the_encoding(ops in proptest::collection::vec((0..6u8, proptest::option::of(0..300usize)), 1..40)) {
+            let mut p = PageImage::empty(PageId(1));
+            for (i, (k, v)) in ops.into_iter().enumerate() {
+                let key = vec![b'k'; k as usize + 1];
+                p.apply_op(Lsn(i as u64 + 1), match v {
+                    Some(n) => PageOp::Put { key, value: vec![7; n] },
+                    None => PageOp::Delete { key },
+                });
+                let mut b = Vec::new();
+                p.encode(&mut b);
+                prop_assert_eq!(p.encoded_bytes(), b.len());
+            }
+        }
+
+        #[test]
         fn mutated_images_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
             let mut p = PageImage::empty(PageId(1));
             for i in 0..5u8 {
-                p.entries.insert(vec![b'k', i], vec![i; i as usize]);
+                p.apply_op(Lsn(i as u64 + 1), PageOp::Put { key: vec![b'k', i], value: vec![i; i as usize] });
             }
             let mut b = Vec::new();
             p.encode(&mut b);

@@ -368,8 +368,7 @@ mod tests {
     #[test]
     fn image_entries_round_trip_and_detect_damage() {
         let mut image = PageImage::empty(P);
-        image.lsn = Lsn(42);
-        image.entries.insert(b"k".to_vec(), b"v".to_vec());
+        image.apply_op(Lsn(42), crate::page::PageOp::Put { key: b"k".to_vec(), value: b"v".to_vec() });
         let mut buf = Vec::new();
         encode_image_entry(&image, &mut buf).unwrap();
         assert_eq!(decode_image_entry(&buf, 0).unwrap(), image);

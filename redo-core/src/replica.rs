@@ -38,6 +38,7 @@ use bytes::Bytes;
 use crate::api::TXN_OPS_MAX;
 use crate::ids::{Epoch, Lsn, PageId, PgId};
 use crate::page::PageImage;
+use crate::page_cache::PageCache;
 use crate::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use crate::record::{RecordRef, TrustedRecords, ValidRecords};
 use crate::volume::Volume;
@@ -58,7 +59,8 @@ const STREAM_HEADROOM_BYTES: usize = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
     pub buffer_bytes_max: usize,
-    pub cache_pages_max: usize,
+    /// Memory for page images (`PageImage::memory_bytes`).
+    pub cache_bytes_max: usize,
 }
 
 /// Where a replica starts, from storage alone (no writer needed).
@@ -289,9 +291,9 @@ pub struct ReplicaCore {
     /// The epoch of the writer followed; `None` before its first progress (unless `following`).
     writer: Option<Epoch>,
     pgs: Vec<PgState>,
-    cache: HashMap<PageId, PageImage>,
-    /// Cached pages, oldest first: the eviction order.
-    cache_order: VecDeque<PageId>,
+    /// Pages as of the read point. Any may be evicted: the read point is durable, so
+    /// GetPage@LSN at it (`read`) brings a page back.
+    cache: PageCache,
     fetching: HashMap<PageId, Fetching>,
     pending_bytes: usize,
     retained_bytes: usize,
@@ -325,6 +327,7 @@ impl ReplicaCore {
             })
             .collect();
         ReplicaCore {
+            cache: PageCache::new(config.cache_bytes_max),
             volume,
             config,
             vdl: start.durable,
@@ -332,8 +335,6 @@ impl ReplicaCore {
             first_read_point_min: from,
             writer: None,
             pgs,
-            cache: HashMap::new(),
-            cache_order: VecDeque::new(),
             fetching: HashMap::new(),
             pending_bytes: 0,
             retained_bytes: 0,
@@ -359,6 +360,8 @@ impl ReplicaCore {
         }
         assert_eq!((self.pending_bytes, self.retained_bytes), (pending, retained), "pending / retained bytes");
         assert!(self.read_point.is_none_or(|rp| rp <= self.vdl), "read point {:?} above VDL {}", self.read_point, self.vdl);
+        self.cache.check_invariants();
+        assert!(self.cache.bytes() <= self.config.cache_bytes_max, "{} bytes cached, over {}", self.cache.bytes(), self.config.cache_bytes_max);
     }
 
     pub fn volume(&self) -> &Volume {
@@ -387,8 +390,9 @@ impl ReplicaCore {
     pub fn pages_dropped(&self) -> u64 {
         self.pages_dropped
     }
-    pub fn cached_pages(&self) -> usize {
-        self.cache.len()
+    /// Memory the cached page images take, and how many there are.
+    pub fn cached(&self) -> (usize, usize) {
+        (self.cache.bytes(), self.cache.len())
     }
     /// Whether pulls are stopped for a full buffer now, and how many times they were.
     pub fn throttled(&self) -> (bool, u64) {
@@ -730,16 +734,15 @@ impl ReplicaCore {
         let freed: usize = self.pgs.iter_mut().map(PgState::release_flushed).sum();
         self.retained_bytes -= freed;
         self.read_point = Some(to);
+        self.cache.evict(to);
         Some(to)
     }
 
     fn apply_record(&mut self, rec: &Rec) {
-        if let Some(img) = self.cache.get_mut(&rec.page) {
-            if img.apply(rec.as_ref()).is_err() {
-                // Cannot happen with a consistent log; the page is read from storage again.
-                self.pages_dropped += 1;
-                self.cache.remove(&rec.page);
-            }
+        if let Some(Err(_)) = self.cache.update(rec.page, |img| img.apply(rec.as_ref())) {
+            // Cannot happen with a consistent log; the page is read from storage again.
+            self.pages_dropped += 1;
+            self.cache.remove(rec.page);
         }
         if let Some(f) = self.fetching.get_mut(&rec.page) {
             f.records.push(rec.bytes.clone());
@@ -750,8 +753,8 @@ impl ReplicaCore {
     pub fn read(&mut self, key: &[u8]) -> ReadPlan {
         let Some(read_point) = self.read_point else { return ReadPlan::NotReady };
         let page = self.volume.page_of(key);
-        if let Some(img) = self.cache.get(&page) {
-            return ReadPlan::Cached { read_point, value: img.entries.get(key).cloned() };
+        if let Some(img) = self.cache.get(page) {
+            return ReadPlan::Cached { read_point, value: img.get(key).map(<[u8]>::to_vec) };
         }
         let pg = self.volume.pg_of(page);
         let p = &self.pgs[pg.0 as usize];
@@ -769,36 +772,28 @@ impl ReplicaCore {
         ReadPlan::Fetch { pg, page, lsn, segments }
     }
 
-    /// A fetch from `read` ended (`None`: it failed). Returns the page as of the read
-    /// point, caching it, when the image could be brought up to date.
-    pub fn fetched(&mut self, page: PageId, image: Option<PageImage>) -> Option<(Lsn, &PageImage)> {
+    /// A fetch from `read` of `key`'s page ended (`None`: it failed). Returns the value as
+    /// of the read point, caching the page, when the image could be brought up to date.
+    pub fn fetched(&mut self, page: PageId, image: Option<PageImage>, key: &[u8]) -> Option<(Lsn, Option<Vec<u8>>)> {
         let f = self.fetching.get_mut(&page).expect("fetched follows read");
         f.count -= 1;
         let records = if f.count == 0 { self.fetching.remove(&page).expect("present").records } else { f.records.clone() };
         let read_point = self.read_point.expect("a fetch needs a read point");
-        if !self.cache.contains_key(&page) {
-            let mut img = image?;
-            for bytes in &records {
-                let rec = TrustedRecords::new(bytes).next().expect("one valid record").0;
-                if rec.lsn() > img.lsn && img.apply(rec).is_err() {
-                    return None;
-                }
+        if let Some(img) = self.cache.get(page) {
+            return Some((read_point, img.get(key).map(<[u8]>::to_vec)));
+        }
+        let mut img = image?;
+        for bytes in &records {
+            let rec = TrustedRecords::new(bytes).next().expect("one valid record").0;
+            if rec.lsn() > img.lsn && img.apply(rec).is_err() {
+                return None;
             }
-            self.insert(img);
         }
-        self.cache.get(&page).map(|img| (read_point, img))
-    }
-
-    fn insert(&mut self, img: PageImage) {
-        if self.config.cache_pages_max == 0 {
-            return;
-        }
-        while self.cache.len() >= self.config.cache_pages_max {
-            let Some(old) = self.cache_order.pop_front() else { break };
-            self.cache.remove(&old);
-        }
-        self.cache_order.push_back(img.page);
-        self.cache.insert(img.page, img);
+        let value = img.get(key).map(<[u8]>::to_vec);
+        // A page larger than the whole cache is not kept, yet answers this read.
+        self.cache.insert(img);
+        self.cache.evict(read_point);
+        Some((read_point, value))
     }
 }
 
@@ -865,7 +860,11 @@ mod tests {
     }
 
     fn replica(buffer: usize) -> ReplicaCore {
-        ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: buffer, cache_pages_max: 16 }, Start { durable: Lsn::ZERO, bounds: vec![Lsn::ZERO; 2] })
+        ReplicaCore::new(
+            volume(),
+            ReplicaConfig { buffer_bytes_max: buffer, cache_bytes_max: 1 << 20 },
+            Start { durable: Lsn::ZERO, bounds: vec![Lsn::ZERO; 2] },
+        )
     }
 
     /// Tells `r` every segment of both PGs holds the log up to `scl`, flushed to `flushed`.
@@ -978,14 +977,63 @@ mod tests {
         assert_eq!(pull(&mut r, &log, 0, t2), Some(t2));
         let mut old = PageImage::empty(page);
         old.apply_op(t1, PageOp::Put { key: k.clone(), value: b"old".to_vec() });
-        let (at, img) = r.fetched(page, Some(old)).expect("image caught up");
-        assert_eq!((at, img.entries.get(&k).map(Vec::as_slice)), (t2, Some(&b"new"[..])));
+        assert_eq!(r.fetched(page, Some(old), &k), Some((t2, Some(b"new".to_vec()))), "image caught up");
         // Cached now: later records apply to it directly.
         let t3 = log.txn(&[(&k, b"newer")]);
         segments_at(&mut r, t3, Lsn::ZERO);
         r.on_progress(t3, &[t3, Lsn::ZERO]);
         pull(&mut r, &log, 0, t3);
         assert!(matches!(r.read(&k), ReadPlan::Cached { read_point, value: Some(v) } if read_point == t3 && v == b"newer"));
+    }
+
+    #[test]
+    fn the_cache_keeps_to_its_bytes_and_evicted_pages_are_fetched_again() {
+        let mut log = Log::new();
+        let mut pages = std::collections::HashSet::new();
+        let keys: Vec<Vec<u8>> = log.key_in(0, 64).into_iter().filter(|k| pages.insert(log.volume.page_of(k))).take(3).collect();
+        let value = vec![7u8; 1000];
+        let t = log.txn(&[(&keys[0], &value), (&keys[1], &value), (&keys[2], &value)]);
+        // Each page as storage serves it: its one record.
+        let images: Vec<PageImage> = (0..3)
+            .map(|i| {
+                let mut img = PageImage::empty(log.volume.page_of(&keys[i]));
+                img.apply_op(Lsn(t.0 - 2 + i as u64), PageOp::Put { key: keys[i].clone(), value: value.clone() });
+                img
+            })
+            .collect();
+        let one = images[0].memory_bytes();
+        let started = |log: &Log, cache_bytes_max| {
+            let mut r = ReplicaCore::new(
+                volume(),
+                ReplicaConfig { buffer_bytes_max: 1 << 20, cache_bytes_max },
+                Start { durable: Lsn::ZERO, bounds: vec![Lsn::ZERO; 2] },
+            );
+            segments_at(&mut r, t, Lsn::ZERO);
+            r.on_progress(t, &[t, Lsn::ZERO]);
+            assert_eq!(pull(&mut r, log, 0, t), Some(t));
+            r
+        };
+        let mut r = started(&log, 2 * one + one / 2);
+        for (i, img) in images.iter().enumerate() {
+            assert!(matches!(r.read(&keys[i]), ReadPlan::Fetch { lsn, .. } if lsn == t));
+            assert_eq!(r.fetched(img.page, Some(img.clone()), &keys[i]), Some((t, Some(value.clone()))));
+        }
+        assert_eq!(r.cached().1, 2, "room for two pages");
+        assert!(matches!(r.read(&keys[0]), ReadPlan::Fetch { .. }), "the least recently used page went");
+        assert!(matches!(r.read(&keys[2]), ReadPlan::Cached { .. }));
+        // A page that grows as records apply pushes out the least recently used other one.
+        let t2 = log.txn(&[(&keys[1], &[8u8; 2000])]);
+        segments_at(&mut r, t2, Lsn::ZERO);
+        r.on_progress(t2, &[t2, Lsn::ZERO]);
+        assert_eq!(pull(&mut r, &log, 0, t2), Some(t2));
+        assert_eq!(r.cached().1, 1);
+        assert!(matches!(r.read(&keys[1]), ReadPlan::Cached { read_point, value: Some(v) } if read_point == t2 && v.len() == 2000));
+        r.check_invariants();
+        // No room for any page: a fetched page still answers its read.
+        let mut r = started(&log, 0);
+        assert!(matches!(r.read(&keys[0]), ReadPlan::Fetch { .. }));
+        assert_eq!(r.fetched(images[0].page, Some(images[0].clone()), &keys[0]), Some((t, Some(value))));
+        assert_eq!(r.cached(), (0, 0));
     }
 
     #[test]
@@ -1144,7 +1192,7 @@ mod tests {
         scls[1] = [Some(Lsn(5)), None, None, Some(Lsn(5)), Some(Lsn(5)), None];
         assert!(Start::from_scls(&scls).is_none(), "PG 1 lacks a write quorum of answers");
         // Far into the log, the replica starts without a read point until it meets a CPL.
-        let r = ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: 1, cache_pages_max: 1 }, Start { durable: Lsn(5000), bounds: vec![Lsn(5000); 2] });
+        let r = ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: 1, cache_bytes_max: 0 }, Start { durable: Lsn(5000), bounds: vec![Lsn(5000); 2] });
         assert_eq!(r.read_point(), None);
     }
     #[test]
@@ -1183,8 +1231,11 @@ mod tests {
     fn a_replica_started_far_behind_moves_up_to_the_writers_vdl() {
         // Storage alone says LSN 10 is durable (an idle PG holds it back); the writer's
         // VDL is 5000: the replica starts pulling near 5000, not from 0.
-        let mut r =
-            ReplicaCore::new(volume(), ReplicaConfig { buffer_bytes_max: 1 << 20, cache_pages_max: 4 }, Start { durable: Lsn(10), bounds: vec![Lsn(10); 2] });
+        let mut r = ReplicaCore::new(
+            volume(),
+            ReplicaConfig { buffer_bytes_max: 1 << 20, cache_bytes_max: 1 << 20 },
+            Start { durable: Lsn(10), bounds: vec![Lsn(10); 2] },
+        );
         assert_eq!(r.read_point(), None, "no read point before a CPL");
         pg_at(&mut r, 0, Lsn(5000), Lsn::ZERO);
         r.on_progress(Lsn(5000), &[Lsn(5000), Lsn(10)]);

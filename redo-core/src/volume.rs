@@ -4,6 +4,7 @@
 //!
 //! ```toml
 //! page_count = 4096              # pages of the volume; key_page() spreads keys over them
+//! page_bytes_max = 1048576       # largest page (its image); optional, this is the default
 //! writer = "127.0.0.1:7090"      # client API of writerd
 //!
 //! [[node]]                       # one per storaged
@@ -24,8 +25,19 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::ids::{NodeId, PageId, PgId};
-use crate::page::key_page;
+use crate::page::{entry_bytes, key_page, KEY_BYTES_MAX, PAGE_HEADER_BYTES, VALUE_BYTES_MAX};
+use crate::page_index::IMAGE_BYTES_MAX;
 use crate::quorum::SEGMENTS_PER_PG;
+
+/// The default page size limit. A page travels whole: every GetPage@LSN reply
+/// (a writer's or replica's cache miss) and every coalesced image carries all
+/// of it, and the caches hold whole pages. 1 MiB keeps such a read about a
+/// millisecond on a fast network, a 256 MiB cache at 256 pages or more, and
+/// sits far below the 16 MiB frame a page reply must fit (`IMAGE_BYTES_MAX`).
+/// The volume holds at most `page_count` times this much.
+pub const PAGE_BYTES_MAX_DEFAULT: u64 = 1 << 20;
+/// The smallest limit: an empty page must take any single put.
+pub const PAGE_BYTES_MAX_MIN: u64 = (PAGE_HEADER_BYTES + entry_bytes(KEY_BYTES_MAX, VALUE_BYTES_MAX)) as u64;
 
 /// Availability zones a PG spans, with `SEGMENTS_PER_PG / AZ_COUNT` segments in each.
 pub const AZ_COUNT: usize = 3;
@@ -53,6 +65,11 @@ pub struct PgSpec {
 #[serde(deny_unknown_fields)]
 pub struct Volume {
     pub page_count: u64,
+    /// Largest page, in bytes of its image: a write that would grow a page past it is
+    /// refused. Part of the volume because every writer must enforce the same limit and
+    /// storage must be able to serve any page; a file without it gets the default.
+    #[serde(default = "page_bytes_max_default")]
+    pub page_bytes_max: u64,
     /// Client API address of the writer.
     pub writer: String,
     #[serde(rename = "node")]
@@ -61,12 +78,18 @@ pub struct Volume {
     pub pgs: Vec<PgSpec>,
 }
 
+fn page_bytes_max_default() -> u64 {
+    PAGE_BYTES_MAX_DEFAULT
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum VolumeError {
     #[error("volume file: {0}")]
     Parse(String),
     #[error("page_count must be positive")]
     NoPages,
+    #[error("page_bytes_max {0} must be between {PAGE_BYTES_MAX_MIN} (a page must take one largest put) and {IMAGE_BYTES_MAX} (a page reply's frame)")]
+    PageBytes(u64),
     #[error("node id {0} appears twice")]
     DuplicateNode(u32),
     #[error("protection groups must be numbered 0, 1, ... in order; found pg{found} at position {at}")]
@@ -102,7 +125,7 @@ impl Volume {
                 nodes: nodes.iter().take(SEGMENTS_PER_PG).map(|n| n.id).collect(),
             })
             .collect();
-        let v = Volume { page_count, writer, nodes, pgs };
+        let v = Volume { page_count, page_bytes_max: PAGE_BYTES_MAX_DEFAULT, writer, nodes, pgs };
         v.validate()?;
         Ok(v)
     }
@@ -110,6 +133,9 @@ impl Volume {
     pub fn validate(&self) -> Result<(), VolumeError> {
         if self.page_count == 0 {
             return Err(VolumeError::NoPages);
+        }
+        if !(PAGE_BYTES_MAX_MIN..=IMAGE_BYTES_MAX as u64).contains(&self.page_bytes_max) {
+            return Err(VolumeError::PageBytes(self.page_bytes_max));
         }
         let mut azs = BTreeMap::new();
         for n in &self.nodes {
@@ -212,11 +238,24 @@ mod tests {
         v.page_count = 11;
         assert!(matches!(v.validate(), Err(VolumeError::PagesUncovered { .. })));
         let mut v = good.clone();
+        v.page_bytes_max = PAGE_BYTES_MAX_MIN - 1;
+        assert_eq!(v.validate(), Err(VolumeError::PageBytes(PAGE_BYTES_MAX_MIN - 1)));
+        let mut v = good.clone();
         v.pgs.swap(0, 1);
         assert!(matches!(v.validate(), Err(VolumeError::PgOrder { .. })));
         let mut v = good;
         v.pgs[0].nodes[0] = 9;
         assert!(matches!(v.validate(), Err(VolumeError::Placement { .. })));
         assert!(matches!(Volume::from_toml("page_count = 'x'"), Err(VolumeError::Parse(_))));
+    }
+
+    #[test]
+    fn a_file_without_a_page_limit_gets_the_default() {
+        let v = Volume::local("w:1".into(), nodes(6), 1, 10).unwrap();
+        let text = v.to_toml().replace(&format!("page_bytes_max = {PAGE_BYTES_MAX_DEFAULT}\n"), "");
+        assert!(!text.contains("page_bytes_max"), "{text}");
+        assert_eq!(Volume::from_toml(&text).unwrap().page_bytes_max, PAGE_BYTES_MAX_DEFAULT);
+        let small = text.replace("page_count = 10", "page_count = 10\npage_bytes_max = 100000");
+        assert_eq!(Volume::from_toml(&small).unwrap().page_bytes_max, 100_000);
     }
 }

@@ -15,7 +15,8 @@ use bytes::Bytes;
 
 use crate::gc::Horizon;
 use crate::ids::{Epoch, Lsn, PageId, PgId};
-use crate::page::{PageImage, PageOp};
+use crate::page::{entry_bytes, PageImage, PageOp, PAGE_HEADER_BYTES};
+use crate::page_cache::PageCache;
 use crate::quorum::{VolumeDurability, SEGMENTS_PER_PG};
 use crate::record::{RecordHeader, TrustedRecords, RECORD_OVERHEAD_BYTES};
 use crate::volume::Volume;
@@ -36,8 +37,9 @@ pub struct WriterConfig {
     pub batch_inflight_max: usize,
     /// Frames that a write quorum holds are kept for lagging segments up to this many bytes per PG.
     pub retain_bytes_max: usize,
-    /// Page images kept for reads.
-    pub cache_pages_max: usize,
+    /// Memory for page images (`PageImage::memory_bytes`); pages written above VDL stay
+    /// past it until VDL covers them.
+    pub cache_bytes_max: usize,
     /// How long the GC horizon waits for readers (`gc::READER_GRACE` in writerd).
     pub reader_grace: Duration,
 }
@@ -71,10 +73,28 @@ pub struct Batch {
 pub enum Admit {
     /// Records are allocated and queued; the transaction commits at `commit_lsn`.
     Allocated { commit_lsn: Lsn, pgs: Vec<PgId> },
-    /// The writer does not know these pages' last LSNs: fetch them (GetPage@LSN) and `learn_page`.
+    /// Fetch these pages (GetPage@LSN once VDL reaches the LSN), `learn_page` them and
+    /// submit again with them: the writer does not know their last LSNs, or it needs
+    /// their entries to tell whether the transaction keeps them within the size limit.
     NeedPages(Vec<(PgId, PageId, Lsn)>),
     /// Allocation would pass VDL + LAL: retry once VDL reaches `vdl`.
     Stalled { vdl: Lsn },
+    /// Refused, nothing allocated: an operation would grow a page past the volume's limit.
+    PageFull(PageFull),
+}
+
+/// An operation that would grow its page past the volume's `page_bytes_max`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the put of key {:?} would grow {page} to {bytes} bytes, past the volume's page_bytes_max of {max}; \
+     nothing was written (delete or shrink entries of that page)",
+    String::from_utf8_lossy(.key)
+)]
+pub struct PageFull {
+    pub key: Vec<u8>,
+    pub page: PageId,
+    pub bytes: usize,
+    pub max: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -125,17 +145,32 @@ impl PgLog {
     }
 }
 
+/// What the writer knows of a page without its image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PageState {
+    /// Its last record.
+    lsn: Lsn,
+    /// Its size: exact while its image is cached, else at least the size (a put made
+    /// without the image counts as a new entry, a delete as freeing nothing).
+    bytes: usize,
+}
+
+impl PageState {
+    const EMPTY: PageState = PageState { lsn: Lsn::ZERO, bytes: PAGE_HEADER_BYTES };
+}
+
 pub struct WriterCore {
     volume: Volume,
     config: WriterConfig,
     durability: VolumeDurability,
     pgs: Vec<PgLog>,
     next_lsn: Lsn,
-    /// Last record LSN of every page touched since the writer started.
-    page_lsn: HashMap<PageId, Lsn>,
+    /// Every page touched or fetched since the writer started.
+    pages: HashMap<PageId, PageState>,
     /// On a new volume every page is known to be empty.
     all_pages_known: bool,
-    images: HashMap<PageId, PageImage>,
+    /// Images of pages; those at or below VDL may be evicted (GetPage@LSN brings them back).
+    cache: PageCache,
     recovered: Recovered,
     /// The GC horizon its frames carry, from its readers' read points.
     horizon: Horizon,
@@ -171,9 +206,9 @@ impl WriterCore {
             durability: VolumeDurability::new(recovered.vdl, &recovered.pg_last),
             pgs,
             next_lsn: Lsn(recovered.vdl.0 + 1),
-            page_lsn: HashMap::new(),
+            pages: HashMap::new(),
             all_pages_known: recovered.vdl == Lsn::ZERO,
-            images: HashMap::new(),
+            cache: PageCache::new(config.cache_bytes_max),
             volume,
             config,
             recovered,
@@ -194,8 +229,8 @@ impl WriterCore {
     /// Panics unless the writer's bookkeeping is consistent: VDL <= VCL <= the
     /// last LSN allocated; per PG, frames retained in LSN order, above what was
     /// released and at or below the PG's last record, their bytes counted; no
-    /// page's last record beyond the last allocated. The simulator calls it
-    /// after every event.
+    /// page's last record beyond the last allocated; cached images at their
+    /// page's last record and size. The simulator calls it after every event.
     pub fn check_invariants(&self) {
         let last = self.last_allocated();
         assert!(self.vdl() <= self.vcl() && self.vcl() <= last, "VDL {} / VCL {} / last allocated {last}", self.vdl(), self.vcl());
@@ -209,7 +244,18 @@ impl WriterCore {
             }
             assert_eq!(log.retained_bytes, log.batches.iter().map(|b| b.frame.len()).sum::<usize>(), "pg{pg}'s retained bytes");
         }
-        assert!(self.page_lsn.values().all(|&l| l <= last), "a page's last record beyond the last allocated");
+        assert!(self.pages.values().all(|s| s.lsn <= last), "a page's last record beyond the last allocated");
+        self.cache.check_invariants();
+        for (&page, state) in &self.pages {
+            if let Some(img) = self.cache.peek(page) {
+                assert_eq!(PageState { lsn: img.lsn, bytes: img.encoded_bytes() }, *state, "{page}'s cached image");
+            }
+        }
+    }
+
+    /// Memory the cached page images take, and how many there are.
+    pub fn cached(&self) -> (usize, usize) {
+        (self.cache.bytes(), self.cache.len())
     }
 
     pub fn vcl(&self) -> Lsn {
@@ -248,35 +294,69 @@ impl WriterCore {
         self.pgs.iter().map(|p| p.pending.len() + p.retained_bytes).sum()
     }
 
-    fn known_lsn(&self, page: PageId) -> Option<Lsn> {
-        self.page_lsn.get(&page).copied().or(self.all_pages_known.then_some(Lsn::ZERO))
+    fn known(&self, page: PageId) -> Option<PageState> {
+        self.pages.get(&page).copied().or(self.all_pages_known.then_some(PageState::EMPTY))
     }
 
     /// Records a page's last LSN as fetched at recovery point or later (a fetch
-    /// racing with a write must not move it back).
+    /// racing with a write must not move it back), and caches an image that is current.
     pub fn learn_page(&mut self, image: PageImage) {
-        if self.known_lsn(image.page).is_none() {
-            self.page_lsn.insert(image.page, image.lsn);
+        if self.known(image.page).is_none() {
+            self.pages.insert(image.page, PageState { lsn: image.lsn, bytes: image.encoded_bytes() });
         }
-        if self.page_lsn.get(&image.page) == Some(&image.lsn) {
-            self.cache(image);
+        if let Some(state) = self.pages.get_mut(&image.page).filter(|s| s.lsn == image.lsn) {
+            state.bytes = image.encoded_bytes();
+            self.cache.insert(image);
+            self.cache.evict(self.durability.vdl());
         }
     }
 
-    fn cache(&mut self, image: PageImage) {
-        if self.config.cache_pages_max == 0 {
-            return;
+    /// The size of each page after each operation: refused if one would grow a page past
+    /// the volume's limit (a page already past a lowered limit may still shrink). Every
+    /// intermediate size counts: records apply one by one, and storage images pages
+    /// mid-transaction. A page whose image is neither cached nor in `fetched` is sized
+    /// from its `PageState` bound, and fetched when that bound would not do.
+    fn page_sizes(&self, ops: &[PageOp], placed: &[(PageId, PgId)], fetched: &[PageImage]) -> Result<Vec<usize>, Admit> {
+        let max = self.volume.page_bytes_max as usize;
+        let mut sizes: HashMap<PageId, usize> = HashMap::new();
+        // Value lengths set by the transaction's earlier operations (`None`: deleted).
+        let mut set: HashMap<&[u8], Option<usize>> = HashMap::new();
+        let mut need = Vec::new();
+        let mut after = Vec::with_capacity(ops.len());
+        for (op, &(page, pg)) in ops.iter().zip(placed) {
+            let state = self.known(page).expect("unknown pages are fetched first");
+            let image = self.cache.peek(page).or_else(|| fetched.iter().find(|i| i.page == page && i.lsn == state.lsn));
+            let before = *sizes.entry(page).or_insert_with(|| image.map_or(state.bytes, PageImage::encoded_bytes));
+            let added = op.value_len().map_or(0, |v| entry_bytes(op.key().len(), v));
+            let size = match image {
+                Some(img) => {
+                    let old = set.get(op.key()).copied().unwrap_or_else(|| img.get(op.key()).map(<[u8]>::len));
+                    set.insert(op.key(), op.value_len());
+                    before + added - old.map_or(0, |v| entry_bytes(op.key().len(), v))
+                }
+                None => before + added,
+            };
+            if size > max && size > before {
+                match image {
+                    Some(_) => return Err(Admit::PageFull(PageFull { key: op.key().to_vec(), page, bytes: size, max })),
+                    None => need.push((pg, page, state.lsn)),
+                }
+            }
+            sizes.insert(page, size);
+            after.push(size);
         }
-        if self.images.len() >= self.config.cache_pages_max && !self.images.contains_key(&image.page) {
-            // Any page will do: every image can be fetched again with GetPage@LSN.
-            let victim = *self.images.keys().next().expect("cache is full, so not empty");
-            self.images.remove(&victim);
+        if need.is_empty() {
+            Ok(after)
+        } else {
+            need.sort();
+            need.dedup();
+            Err(Admit::NeedPages(need))
         }
-        self.images.insert(image.page, image);
     }
 
-    /// Allocates the records of one transaction (checked by the caller).
-    pub fn submit(&mut self, ops: &[PageOp]) -> Admit {
+    /// Allocates the records of one transaction (checked by the caller). `fetched`: the
+    /// images of an earlier `NeedPages` answer (they need not fit the cache).
+    pub fn submit(&mut self, ops: &[PageOp], fetched: &[PageImage]) -> Admit {
         let placed: Vec<(PageId, PgId)> = ops
             .iter()
             .map(|op| {
@@ -285,12 +365,16 @@ impl WriterCore {
             })
             .collect();
         let mut missing: Vec<(PgId, PageId, Lsn)> =
-            placed.iter().filter(|(page, _)| self.known_lsn(*page).is_none()).map(|&(page, pg)| (pg, page, self.fetch_lsn(pg, Lsn::ZERO))).collect();
+            placed.iter().filter(|(page, _)| self.known(*page).is_none()).map(|&(page, pg)| (pg, page, self.fetch_lsn(pg, Lsn::ZERO))).collect();
         if !missing.is_empty() {
             missing.sort();
             missing.dedup();
             return Admit::NeedPages(missing);
         }
+        let sizes = match self.page_sizes(ops, &placed, fetched) {
+            Ok(sizes) => sizes,
+            Err(admit) => return admit,
+        };
         let last = self.next_lsn.0 + ops.len() as u64 - 1;
         if last > self.vdl().0 + self.config.lal {
             return Admit::Stalled { vdl: Lsn(last - self.config.lal) };
@@ -301,40 +385,46 @@ impl WriterCore {
         let mut pgs = Vec::new();
         let n = ops.len();
         let mut payload = Vec::new();
-        for (i, (op, (page, pg))) in ops.iter().zip(placed).enumerate() {
+        for (i, ((op, (page, pg)), bytes)) in ops.iter().zip(placed).zip(sizes).enumerate() {
             let lsn = self.next_lsn;
             self.next_lsn = Lsn(lsn.0 + 1);
             let cpl = i + 1 == n;
+            let prev_for_page = self.known(page).expect("checked above").lsn;
             let log = &mut self.pgs[pg.0 as usize];
-            let prev_for_page = self.page_lsn.insert(page, lsn).or(self.all_pages_known.then_some(Lsn::ZERO)).expect("checked above");
             payload.clear();
             op.encode(&mut payload);
             log.pending.reserve(RECORD_OVERHEAD_BYTES + payload.len());
             RecordHeader { lsn, prev_lsn_in_segment: log.last_lsn, prev_lsn_for_page: prev_for_page, page, cpl }.encode(&payload, &mut log.pending);
             log.last_lsn = lsn;
             self.durability.allocate(pg, lsn, cpl);
-            if let Some(img) = self.images.get_mut(&page) {
+            let mut exact = self.cache.update(page, |img| {
                 img.apply_op(lsn, op.clone());
-            } else if prev_for_page == Lsn::ZERO {
+                img.encoded_bytes()
+            });
+            if exact.is_none() && prev_for_page == Lsn::ZERO {
                 // The page's first record: its image is known without asking storage.
                 let mut img = PageImage::empty(page);
                 img.apply_op(lsn, op.clone());
-                self.cache(img);
+                exact = Some(img.encoded_bytes());
+                self.cache.insert(img);
             }
+            // With the image at hand the size is exact, where the check may have used the bound.
+            self.pages.insert(page, PageState { lsn, bytes: exact.unwrap_or(bytes) });
             if !pgs.contains(&pg) {
                 pgs.push(pg);
             }
         }
+        self.cache.evict(self.durability.vdl());
         Admit::Allocated { commit_lsn: Lsn(last), pgs }
     }
 
     /// How to read `key`.
-    pub fn read(&self, key: &[u8]) -> ReadPlan {
+    pub fn read(&mut self, key: &[u8]) -> ReadPlan {
         let page = self.volume.page_of(key);
-        if let Some(img) = self.images.get(&page) {
-            return ReadPlan::Cached { lsn: img.lsn, value: img.entries.get(key).cloned() };
+        if let Some(img) = self.cache.get(page) {
+            return ReadPlan::Cached { lsn: img.lsn, value: img.get(key).map(<[u8]>::to_vec) };
         }
-        match self.known_lsn(page) {
+        match self.known(page).map(|s| s.lsn) {
             Some(Lsn::ZERO) => ReadPlan::Cached { lsn: Lsn::ZERO, value: None },
             known => {
                 let pg = self.volume.pg_of(page);
@@ -398,6 +488,10 @@ impl WriterCore {
             log.retained_bytes -= b.frame.len();
             log.released_upto = log.released_upto.max(b.last_lsn);
             log.batches.pop_front();
+        }
+        if advanced {
+            // Pages written below the new VDL may go now.
+            self.cache.evict(self.durability.vdl());
         }
         advanced
     }
@@ -479,7 +573,7 @@ mod tests {
             batch_bytes_max: 1 << 20,
             batch_inflight_max: 1,
             retain_bytes_max: 1 << 20,
-            cache_pages_max: 16,
+            cache_bytes_max: 1 << 20,
             reader_grace: crate::gc::READER_GRACE,
         }
     }
@@ -492,8 +586,22 @@ mod tests {
         PageOp::Put { key: k.into(), value: v.into() }
     }
 
+    /// `n` keys on the page of `first`.
+    fn keys_on_page(w: &WriterCore, first: &str, n: usize) -> Vec<String> {
+        let page = w.volume().page_of(first.as_bytes());
+        (0..).map(|i| format!("k{i}")).filter(|k| w.volume().page_of(k.as_bytes()) == page).take(n).collect()
+    }
+
+    /// A writer whose volume has the smallest page limit, and a value a third of it.
+    fn small_pages(cache_bytes_max: usize) -> (WriterCore, String) {
+        let mut v = volume(1);
+        v.page_bytes_max = crate::volume::PAGE_BYTES_MAX_MIN;
+        let w = WriterCore::new(v, WriterConfig { cache_bytes_max, ..config() }, Recovered::new_volume(1));
+        (w, "v".repeat(crate::volume::PAGE_BYTES_MAX_MIN as usize / 3 - 100))
+    }
+
     fn commit(w: &mut WriterCore, ops: Vec<PageOp>) -> Lsn {
-        match w.submit(&ops) {
+        match w.submit(&ops, &[]) {
             Admit::Allocated { commit_lsn, .. } => commit_lsn,
             other => panic!("not allocated: {other:?}"),
         }
@@ -605,7 +713,7 @@ mod tests {
         let mut w = fresh(1);
         w.config.lal = 2;
         commit(&mut w, vec![put("a", "1"), put("b", "1")]);
-        assert_eq!(w.submit(&[put("c", "1")]), Admit::Stalled { vdl: Lsn(1) });
+        assert_eq!(w.submit(&[put("c", "1")], &[]), Admit::Stalled { vdl: Lsn(1) });
         send(&mut w, 0, 0);
         ack(&mut w, 0, 0..4, 2);
         assert_eq!(commit(&mut w, vec![put("c", "1")]), Lsn(3));
@@ -617,9 +725,9 @@ mod tests {
         w.config.unquorumed_bytes_max = 1000;
         let big = "v".repeat(1200);
         commit(&mut w, vec![put("a", &big)]);
-        assert_eq!(w.submit(&[put("b", "1")]), Admit::Stalled { vdl: Lsn(1) }, "1.2 KB await quorum");
+        assert_eq!(w.submit(&[put("b", "1")], &[]), Admit::Stalled { vdl: Lsn(1) }, "1.2 KB await quorum");
         send(&mut w, 0, 0);
-        assert!(matches!(w.submit(&[put("b", "1")]), Admit::Stalled { .. }), "sent is not enough");
+        assert!(matches!(w.submit(&[put("b", "1")], &[]), Admit::Stalled { .. }), "sent is not enough");
         ack(&mut w, 0, 0..4, 1);
         assert_eq!(commit(&mut w, vec![put("b", "1")]), Lsn(2));
     }
@@ -711,11 +819,108 @@ mod tests {
     }
 
     #[test]
+    fn a_put_past_the_page_limit_is_refused_before_any_lsn_is_allocated() {
+        let (mut w, big) = small_pages(1 << 20);
+        let keys = keys_on_page(&w, "k0", 4);
+        for k in &keys[..3] {
+            commit(&mut w, vec![put(k, &big)]);
+        }
+        let (last, inflight) = (w.last_allocated(), w.inflight_bytes());
+        let other = (0..).map(|i| format!("o{i}")).find(|k| w.volume().page_of(k.as_bytes()) != w.volume().page_of(b"k0")).unwrap();
+        // The whole transaction is refused, the put to another page too.
+        let Admit::PageFull(full) = w.submit(&[put(&other, "x"), put(&keys[3], &big)], &[]) else { panic!("a fourth value fits no page") };
+        assert_eq!((full.key, full.page, full.max), (keys[3].clone().into_bytes(), w.volume().page_of(b"k0"), crate::volume::PAGE_BYTES_MAX_MIN as usize));
+        assert_eq!(full.bytes, PAGE_HEADER_BYTES + keys.iter().map(|k| entry_bytes(k.len(), big.len())).sum::<usize>());
+        assert_eq!((w.last_allocated(), w.inflight_bytes()), (last, inflight), "nothing allocated");
+        assert_eq!(w.read(other.as_bytes()), ReadPlan::Cached { lsn: Lsn::ZERO, value: None });
+        w.check_invariants();
+        // The full page still takes what does not grow it: an overwrite, a delete, then the put.
+        commit(&mut w, vec![put(&keys[0], &big[1..])]);
+        commit(&mut w, vec![PageOp::Delete { key: keys[1].clone().into_bytes() }, put(&keys[3], &big)]);
+        // Every intermediate size counts: growing first and shrinking after is refused.
+        assert!(matches!(w.submit(&[put(&keys[1], &big), PageOp::Delete { key: keys[2].clone().into_bytes() }], &[]), Admit::PageFull(_)));
+        w.check_invariants();
+    }
+
+    #[test]
+    fn a_page_not_cached_is_sized_by_a_bound_and_fetched_once_the_bound_would_pass_the_limit() {
+        // No cache: pages are sized from what the writer knows without their images.
+        let (mut w, big) = small_pages(0);
+        let keys = keys_on_page(&w, "k0", 4);
+        let page = w.volume().page_of(b"k0");
+        let mut storage = PageImage::empty(page); // the page as GetPage@LSN would serve it
+        let mut write = |w: &mut WriterCore, k: &str, fetch: bool| {
+            let op = put(k, &big);
+            let fetched = if fetch { vec![storage.clone()] } else { vec![] };
+            let admit = w.submit(std::slice::from_ref(&op), &fetched);
+            if let Admit::Allocated { commit_lsn, .. } = admit {
+                storage.apply_op(commit_lsn, op);
+            }
+            admit
+        };
+        // Two values, then an overwrite that, without the image, may be a third entry.
+        for k in [&keys[0], &keys[1], &keys[0]] {
+            assert!(matches!(write(&mut w, k, false), Admit::Allocated { .. }));
+        }
+        // One more would pass the limit: the writer needs the page as of its last record.
+        assert_eq!(write(&mut w, &keys[1], false), Admit::NeedPages(vec![(PgId(0), page, w.last_allocated())]));
+        assert!(matches!(w.submit(&[put(&keys[1], &big)], &[PageImage::empty(page)]), Admit::NeedPages(_)), "an image at another LSN is no use");
+        assert!(matches!(write(&mut w, &keys[1], true), Admit::Allocated { .. }), "the overwrite keeps the size");
+        assert_eq!(w.cached(), (0, 0), "the fetched image served without being cached");
+        // Sized exactly again: a third entry fits without fetching; an overwrite needs the page, then fits.
+        assert!(matches!(write(&mut w, &keys[2], false), Admit::Allocated { .. }));
+        assert!(matches!(write(&mut w, &keys[0], false), Admit::NeedPages(_)));
+        assert!(matches!(write(&mut w, &keys[0], true), Admit::Allocated { .. }));
+        // A fourth entry does not fit, which the page shows.
+        assert!(matches!(write(&mut w, &keys[3], false), Admit::NeedPages(_)));
+        let Admit::PageFull(full) = write(&mut w, &keys[3], true) else { panic!("a fourth value fits no page") };
+        assert_eq!(full.bytes, storage.encoded_bytes() + entry_bytes(keys[3].len(), big.len()));
+        w.check_invariants();
+    }
+
+    #[test]
+    fn the_cache_keeps_to_its_bytes_evicting_only_pages_storage_holds() {
+        let value = "v".repeat(1000);
+        // Eight keys on pages of their own, each page about `one` bytes in memory.
+        let v = volume(1);
+        let keys: Vec<String> = (0..)
+            .map(|i| format!("key{i}"))
+            .scan(std::collections::HashSet::new(), |seen, k| Some((seen.insert(v.page_of(k.as_bytes())), k)))
+            .filter_map(|(new, k)| new.then_some(k))
+            .take(8)
+            .collect();
+        let one = {
+            let mut img = PageImage::empty(PageId(0));
+            img.apply_op(Lsn(1), put(&keys[0], &value));
+            img.memory_bytes()
+        };
+        let mut w = WriterCore::new(v, WriterConfig { cache_bytes_max: 4 * one + one / 2, ..config() }, Recovered::new_volume(1));
+        // Written, none durable: all stay cached, past the bound.
+        let mut lsns = Vec::new();
+        for k in &keys {
+            lsns.push(commit(&mut w, vec![put(k, &value)]));
+        }
+        assert_eq!(w.cached().1, 8);
+        assert!(w.cached().0 > 4 * one + one / 2);
+        // VDL reaches the fifth: the four oldest go (the fifth is clean too, but the bound holds).
+        send(&mut w, 0, 0);
+        ack(&mut w, 0, 0..4, lsns[4].0);
+        assert_eq!(w.cached().1, 4);
+        assert!(w.cached().0 <= 4 * one + one / 2);
+        for (k, &l) in keys.iter().zip(&lsns).take(4) {
+            let page = w.volume().page_of(k.as_bytes());
+            assert_eq!(w.read(k.as_bytes()), ReadPlan::Fetch { pg: PgId(0), page, lsn: l }, "evicted: read from storage at the page's LSN");
+        }
+        assert_eq!(w.read(keys[7].as_bytes()), ReadPlan::Cached { lsn: lsns[7], value: Some(value.clone().into_bytes()) });
+        w.check_invariants();
+    }
+
+    #[test]
     fn reads_come_from_cache_or_need_a_fetch() {
         let mut w = WriterCore::new(volume(1), config(), Recovered { vdl: Lsn(10), pg_last: vec![Lsn(10)], tails: vec![(Lsn(10), vec![])] });
         let page = w.volume().page_of(b"k");
         assert_eq!(w.read(b"k"), ReadPlan::Fetch { pg: PgId(0), page, lsn: Lsn(10) });
-        assert_eq!(w.submit(&[put("k", "v")]), Admit::NeedPages(vec![(PgId(0), page, Lsn(10))]));
+        assert_eq!(w.submit(&[put("k", "v")], &[]), Admit::NeedPages(vec![(PgId(0), page, Lsn(10))]));
         let mut img = PageImage::empty(page);
         img.apply_op(Lsn(7), put("k", "old"));
         w.learn_page(img);

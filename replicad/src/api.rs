@@ -95,8 +95,8 @@ impl Api {
                 let image = get_page_from(order, epoch, pg, page, lsn).await;
                 let failure = image.as_ref().err().cloned();
                 let mut core = r.lock();
-                match (core.fetched(page, image.ok()), failure) {
-                    (Some((read_lsn, img)), _) => Response::Value { read_lsn, value: img.entries.get(&key).cloned() },
+                match (core.fetched(page, image.ok(), &key), failure) {
+                    (Some((read_lsn, value)), _) => Response::Value { read_lsn, value },
                     (None, Some(e)) => error(ApiErrorCode::Unavailable, e.to_string()),
                     (None, None) => error(ApiErrorCode::Unavailable, format!("page {page} from storage does not link to the records applied since; retry")),
                 }

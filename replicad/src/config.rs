@@ -30,10 +30,11 @@ pub struct Config {
     /// this still gets through.
     #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
     pub buffer_bytes_max: u64,
-    /// Page images kept in memory; redo is applied only to these, and a miss is read from
-    /// storage with GetPage@LSN at the read point.
-    #[arg(long, default_value_t = 65536)]
-    pub cache_pages_max: usize,
+    /// Memory for page images; redo is applied only to these, least recently used pages
+    /// leave first, and a miss is read from storage with GetPage@LSN at the read point. A
+    /// page larger than this is not kept. Once promoted, the writer's cache gets the same bound.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub cache_bytes_max: u64,
     /// How long a read-your-writes get (min_lsn above the read point) waits before Timeout.
     #[arg(long, default_value_t = 5000)]
     pub read_wait_ms: u64,
@@ -75,9 +76,6 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.buffer_bytes_max < BUFFER_BYTES_MIN {
             bail!("--buffer-bytes-max must be at least {BUFFER_BYTES_MIN} bytes");
-        }
-        if self.cache_pages_max == 0 {
-            bail!("--cache-pages-max must be at least 1: a page read from storage is applied in the cache");
         }
         if self.failover_silence_ms != 0 && self.failover_silence_ms <= 2 * borealis_net::api_server::HEARTBEAT.as_millis() as u64 {
             bail!("--failover-silence-ms must exceed two heartbeats ({:?}), or be 0", 2 * borealis_net::api_server::HEARTBEAT);

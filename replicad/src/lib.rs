@@ -42,7 +42,7 @@ pub fn run(config: Config) -> Result<i32> {
         let (start, positions, progress) = follow::start(&volume, &links, &endpoint, writer, Duration::from_millis(config.start_timeout_ms)).await?;
         let from = if progress.is_some() { "the writer" } else { "storage" };
         tracing::info!(durable = %start.durable, from, "learned the volume's position");
-        let core_config = ReplicaConfig { buffer_bytes_max: config.buffer_bytes_max as usize, cache_pages_max: config.cache_pages_max };
+        let core_config = ReplicaConfig { buffer_bytes_max: config.buffer_bytes_max as usize, cache_bytes_max: config.cache_bytes_max as usize };
         let replica = Arc::new(Replica::new(ReplicaCore::new(volume.clone(), core_config, start)));
         for (segment, position) in positions {
             replica.on_position(segment, position);
@@ -69,7 +69,7 @@ pub fn run(config: Config) -> Result<i32> {
             volume.clone(),
             links.clone(),
             config.tuning.clone(),
-            config.cache_pages_max,
+            config.cache_bytes_max as usize,
             config.request_bytes_max as usize,
             Duration::from_millis(config.promote_timeout_ms),
             config.priority,

@@ -73,7 +73,8 @@ impl Metrics {
             ("replicad_pending_bytes", "Pulled records not yet applied (beyond VDL, or awaiting another PG).", core.pending_bytes() as u64),
             ("replicad_buffer_bytes_max", "Limit on pending plus retained bytes.", core.buffer_bytes_max() as u64),
             ("replicad_throttled", "1 while pulling is stopped for a full buffer.", throttled as u64),
-            ("replicad_cached_pages", "Page images in memory.", core.cached_pages() as u64),
+            ("replicad_cached_pages", "Page images in memory.", core.cached().1 as u64),
+            ("replicad_cache_bytes", "Memory the cached page images take (at most --cache-bytes-max).", core.cached().0 as u64),
         ];
         for (name, help, v) in gauges {
             header(&mut out, name, "gauge", help);

@@ -32,7 +32,7 @@ pub struct Promoter {
     pub volume: Volume,
     pub links: Vec<Arc<NodeLink>>,
     pub tuning: writerd::Tuning,
-    pub cache_pages_max: usize,
+    pub cache_bytes_max: usize,
     pub request_bytes_max: usize,
     pub timeout: Duration,
     pub priority: u32,
@@ -56,7 +56,7 @@ impl Promoter {
         volume: Volume,
         links: Vec<Arc<NodeLink>>,
         tuning: writerd::Tuning,
-        cache_pages_max: usize,
+        cache_bytes_max: usize,
         request_bytes_max: usize,
         timeout: Duration,
         priority: u32,
@@ -66,7 +66,7 @@ impl Promoter {
             volume,
             links,
             tuning,
-            cache_pages_max,
+            cache_bytes_max,
             request_bytes_max,
             timeout,
             priority,
@@ -148,7 +148,7 @@ impl Promoter {
         };
         let (epoch, vdl, t) = (taken.epoch, taken.recovered.vdl, taken.timings);
         self.replica_tasks.lock().expect("tasks lock").drain(..).for_each(|t| t.abort());
-        let writer = writerd::start(&self.volume, &self.links, taken, &self.tuning, self.cache_pages_max);
+        let writer = writerd::start(&self.volume, &self.links, taken, &self.tuning, self.cache_bytes_max);
         // Follow streams opened on this replica now report the writer's progress.
         let (mut from, to) = (writer.progress.subscribe(), r.progress.clone());
         tokio::spawn(async move {

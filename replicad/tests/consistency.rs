@@ -1,5 +1,6 @@
 //! The read replica through the real binaries, on a six-node local volume
-//! with a writer under load: it converges to the writer's state, never
+//! with a writer under load: it converges to the writer's state (also with a
+//! page cache much smaller than the volume), never
 //! answers above VDL nor shows half a transaction (also while VDL stands
 //! still with records above it in storage), and with a tiny buffer it lags
 //! behind, stays consistent, and catches up.
@@ -21,7 +22,9 @@ const FROZEN_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(30);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_under_load_ends_with_the_writers_values() {
     let (mut c, _w, writer) = cluster_with_writer(&[]).await;
-    let replica = c.start_replica(None, &[]).await;
+    // Room for about a tenth of the volume's pages: pages are evicted while records apply,
+    // and read back from storage.
+    let replica = c.start_replica(None, &["--cache-bytes-max", "64KiB"]).await;
     let rc = c.client(replica.addr).await;
     let writer_vdl = Arc::new(ReadPoint::follow(&writer).await);
     let feed = FeedBelowVdl::start(&rc, &writer, writer_vdl.clone()).await;
@@ -47,6 +50,9 @@ async fn a_replica_under_load_ends_with_the_writers_values() {
     assert_eq!(metric(&m, "replicad_writer_vdl"), vdl.0 as f64, "{}", diagnose(&replica));
     assert!(metric(&m, "replicad_pulls_total") > 0.0);
     assert!(metric(&m, "replicad_reads_total") >= keys.len() as f64);
+    assert!(metric(&m, "replicad_cache_bytes") <= 65536.0, "{m}");
+    let pages = c.volume.page_count as f64;
+    assert!(metric(&m, "replicad_page_fetches_total") > pages, "no page was fetched again after its eviction:\n{m}");
     assert!(retained_bytes_max > 0.0, "no applied record was ever retained waiting for its flush");
     // With the writes stopped, storage flushes everything: the replica lets go of what it kept.
     let deadline = Instant::now() + REPLY_TIMEOUT;

@@ -20,11 +20,11 @@ mod disk;
 mod recovery;
 mod replica;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 use redo_core::join::Join;
-use redo_core::page::PageOp;
+use redo_core::page::{entry_bytes, PageOp, PAGE_HEADER_BYTES};
 use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::rand::SplitMix64;
 use redo_core::record::RECORD_OVERHEAD_BYTES;
@@ -135,6 +135,8 @@ pub struct Stats {
     pub streams: u64,
     pub stream_chunks: u64,
     pub stream_refusals: u64,
+    /// Transactions refused for growing a page past the volume's limit (checked against the history).
+    pub pages_full: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -169,6 +171,7 @@ impl std::ops::AddAssign for Stats {
         self.streams += o.streams;
         self.stream_chunks += o.stream_chunks;
         self.stream_refusals += o.stream_refusals;
+        self.pages_full += o.pages_full;
     }
 }
 
@@ -256,6 +259,10 @@ const RECENT_FRAMES: usize = 16;
 const DEPOSED_SESSION: u64 = u64::MAX;
 const KEYS: u64 = 200;
 const TXN_PUTS_MAX: u64 = 4;
+/// Four entries of a key and an 8-byte value, not five.
+const SMALL_PAGE_BYTES_MAX: u64 = 100;
+/// About four of the sim's pages in memory.
+const WRITER_CACHE_BYTES_SMALL: usize = 1600;
 
 fn key(n: u64) -> Vec<u8> {
     format!("k{n}").into_bytes()
@@ -332,7 +339,13 @@ pub struct Sim {
 impl Sim {
     pub fn new(seed: u64, pgs: usize) -> Self {
         let nodes = (0..SEGMENTS_PER_PG as u32).map(|i| NodeSpec { id: i, az: ["a", "b", "c"][i as usize / 2].into(), addr: format!("node{i}") }).collect();
-        let volume = Volume::local("writer".into(), nodes, pgs as u32, PAGE_COUNT).expect("a valid layout");
+        let mut volume = Volume::local("writer".into(), nodes, pgs as u32, PAGE_COUNT).expect("a valid layout");
+        // Half the seeds limit pages to four of the sim's entries (below what a volume file may
+        // say: one largest put), so that transactions are refused for it; the seed decides, not
+        // `rng`, so that every other choice of the run is the same as without a limit.
+        if seed % 4 >= 2 {
+            volume.page_bytes_max = SMALL_PAGE_BYTES_MAX;
+        }
         let config = WriterConfig {
             epoch: Epoch(1),
             lal: redo_core::api::TXN_OPS_MAX as u64,
@@ -342,8 +355,9 @@ impl Sim {
             batch_inflight_max: 2,
             // Unbounded retention: a restarted segment must always be caught up by resending.
             retain_bytes_max: usize::MAX,
-            // Every page stays cached: eviction picks a HashMap victim, which is not deterministic.
-            cache_pages_max: PAGE_COUNT as usize,
+            // Odd seeds: a cache of a few pages, so that pages are evicted, read back from storage
+            // and sized without their images. The cache does not change what the writer sends.
+            cache_bytes_max: if seed % 2 == 1 { WRITER_CACHE_BYTES_SMALL } else { usize::MAX },
             reader_grace: replica::tick(READER_GRACE_TICKS),
         };
         let writer = WriterCore::new(volume, config.clone(), Recovered::new_volume(pgs));
@@ -433,19 +447,30 @@ impl Sim {
         let ops: Vec<PageOp> = (0..1 + self.rng.below(TXN_PUTS_MAX))
             .map(|_| PageOp::Put { key: key(self.rng.below(KEYS)), value: self.rng.next_u64().to_le_bytes().to_vec() })
             .collect();
-        let mut admit = self.writer.submit(&ops);
-        if let Admit::NeedPages(pages) = &admit {
-            // A recovered writer knows no page: GetPage@LSN each, as writerd does.
-            for &(pg, page, lsn) in pages {
-                match recovery::fetch_for_writer(self, pg, page, lsn) {
-                    Some(image) => self.writer.learn_page(image),
-                    None => return, // no segment can serve it yet: the client gives up
+        // GetPage@LSN what the writer asks for, as writerd does: pages a recovered writer does
+        // not know, then pages it must see to size the transaction.
+        let mut fetched = Vec::new();
+        let admit = loop {
+            match self.writer.submit(&ops, &fetched) {
+                Admit::NeedPages(pages) => {
+                    assert!(fetched.len() < 2 * ops.len(), "the writer learned its pages, yet asks for {pages:?}");
+                    for (pg, page, lsn) in pages {
+                        match recovery::fetch_for_writer(self, pg, page, lsn) {
+                            Some(image) => {
+                                self.writer.learn_page(image.clone());
+                                fetched.push(image);
+                            }
+                            None => return, // no segment can serve it yet: the client gives up
+                        }
+                    }
                 }
+                admit => break admit,
             }
-            admit = self.writer.submit(&ops);
-        }
+        };
+        let past_limit = self.puts_past_page_limit(&ops);
         match admit {
             Admit::Allocated { commit_lsn, .. } => {
+                assert_eq!(past_limit, [], "the writer allocated a transaction that grows a page past its limit");
                 let volume = self.writer.volume();
                 for (lsn, op) in (commit_lsn.0 + 1 - ops.len() as u64..).zip(ops) {
                     let pg = volume.pg_of(volume.page_of(op.key()));
@@ -457,10 +482,37 @@ impl Sim {
                 self.commits.insert(commit_lsn);
                 self.stats.commits += 1;
             }
+            Admit::PageFull(full) => {
+                assert!(past_limit.contains(&(full.key.clone(), full.bytes)), "{full}, but by the history {past_limit:?}");
+                self.stats.pages_full += 1;
+            }
             // Backpressure: the client gives up on this one.
             Admit::Stalled { .. } => {}
-            Admit::NeedPages(pages) => panic!("the writer learned its pages, yet asks for {pages:?}"),
+            Admit::NeedPages(_) => unreachable!("fetched above"),
         }
+    }
+
+    /// The puts of `ops` that grow their page past the volume's limit, each with the size it
+    /// would reach after the puts before it, by the history (the writer's view: every
+    /// transaction it allocated). The writer names one of them, not necessarily the first: it
+    /// need not fetch a page to refuse a transaction that another page refuses already.
+    fn puts_past_page_limit(&self, ops: &[PageOp]) -> Vec<(Vec<u8>, usize)> {
+        let volume = self.writer.volume();
+        let mut entries: HashMap<&[u8], usize> = self.history.iter().filter_map(|(k, v)| Some((k.as_slice(), v.values().next_back()?.len()))).collect();
+        let size = |entries: &HashMap<&[u8], usize>, page| {
+            PAGE_HEADER_BYTES + entries.iter().filter(|(k, _)| volume.page_of(k) == page).map(|(k, &v)| entry_bytes(k.len(), v)).sum::<usize>()
+        };
+        let mut past = Vec::new();
+        for op in ops {
+            let page = volume.page_of(op.key());
+            let before = size(&entries, page);
+            entries.insert(op.key(), op.value_len().expect("the sim only puts"));
+            let after = size(&entries, page);
+            if after > volume.page_bytes_max as usize && after > before {
+                past.push((op.key().to_vec(), after));
+            }
+        }
+        past
     }
 
     /// Advances one tick: deliver what is due, then per segment maybe flush and run its sender.
@@ -661,7 +713,7 @@ impl Sim {
                 // A recovered writer reads what it has not cached from storage (GetPage@LSN).
                 ReadPlan::Fetch { pg, page, lsn } if lsn <= self.writer.vdl() => {
                     let image = recovery::fetch_for_writer(self, pg, page, lsn).expect("every segment is up and holds the whole log");
-                    image.entries.get(key).cloned()
+                    image.get(key).map(<[u8]>::to_vec)
                 }
                 other => panic!("{} reads as {other:?}", String::from_utf8_lossy(key)),
             };

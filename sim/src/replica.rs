@@ -27,7 +27,7 @@ use redo_core::segment_log::{DiskRead, PagePart};
 use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, Lsn, PageId, PgId};
 
-use crate::{key, Msg, Segment, Sim, KEYS, PAGE_COUNT, RECONNECT_AFTER_TICKS};
+use crate::{key, Msg, Segment, Sim, KEYS, RECONNECT_AFTER_TICKS};
 
 /// The feeds are streams in replicad: a lost message stands for a lost
 /// stream, which is re-established and sends the current state again.
@@ -179,8 +179,9 @@ impl Sim {
     /// enough to throttle pulls, or a cache small enough to evict.
     pub fn add_replica(&mut self, at: u64) {
         let buffer_bytes_max = if self.rng.chance(50) { 256 + self.rng.below(2048) as usize } else { 4 << 20 };
-        let cache_pages_max = if self.rng.chance(50) { 1 + self.rng.below(8) as usize } else { PAGE_COUNT as usize };
-        self.to_start.push((at, ReplicaConfig { buffer_bytes_max, cache_pages_max }));
+        // Up to about seven of the sim's pages, or none (every read fetches).
+        let cache_bytes_max = if self.rng.chance(50) { 400 * self.rng.below(8) as usize } else { usize::MAX };
+        self.to_start.push((at, ReplicaConfig { buffer_bytes_max, cache_bytes_max }));
     }
 
     /// Starts the replicas that are due, each once a write quorum of every
@@ -476,7 +477,7 @@ impl Sim {
 
     fn fetched(&mut self, r: usize, key: &[u8], page: PageId, image: Option<PageImage>) {
         let had_image = image.is_some();
-        let read = self.replicas[r].core.fetched(page, image).map(|(at, img)| (at, img.entries.get(key).cloned()));
+        let read = self.replicas[r].core.fetched(page, image, key);
         match read {
             Some((read_point, value)) => self.check_read(key, read_point, value.as_ref()),
             None => assert!(!had_image, "a page from storage does not link to the records the replica applied since"),

@@ -24,6 +24,7 @@ fn safety_then_liveness_over_many_seeds() {
     assert!(total.crashes > 0 && total.reconnects > 0, "the faults never fired: {total:?}");
     assert!(total.fetches > 0 && total.throttles > 0, "the replicas never fetched a page or filled their buffer: {total:?}");
     assert!(total.stream_chunks > 0, "no log stream brought records: {total:?}");
+    assert!(total.pages_full > 0, "no transaction met the page size limit: {total:?}");
     if seeds.len() > 1 {
         assert!(total.recoveries > 0 && total.promotions > 0 && total.late_truncations > 0, "no writer recovery was exercised: {total:?}");
         assert!(total.claims_lost > 0, "no takeover by two candidates at once had a loser: {total:?}");

@@ -106,6 +106,8 @@ const SLOW_COMMIT_US: Option<&str> = option_env!("BOREALIS_SLOW_COMMIT_US");
 
 async fn commit(api: &Api, ops: &[PageOp]) -> Response {
     let w = &api.writer;
+    // Pages fetched for this transaction: it is sized with them even if the cache cannot keep them.
+    let mut fetched = Vec::new();
     loop {
         let (admit, committed) = {
             let mut g = w.lock();
@@ -116,7 +118,7 @@ async fn commit(api: &Api, ops: &[PageOp]) -> Response {
             if w.stopping.load(Relaxed) {
                 return error(ApiErrorCode::Unavailable, "writer stopping, nothing was written");
             }
-            let admit = g.core.submit(ops);
+            let admit = g.core.submit(ops, &fetched);
             let committed = match &admit {
                 Admit::Allocated { commit_lsn, .. } => Writer::wait_in(&mut g, *commit_lsn),
                 _ => None,
@@ -138,13 +140,21 @@ async fn commit(api: &Api, ops: &[PageOp]) -> Response {
             }
             Admit::NeedPages(pages) => {
                 for (pg, page, lsn) in pages {
+                    // A page written since VDL is on no write quorum yet.
+                    if let Err(e) = w.wait_vdl(lsn).await {
+                        return error(ApiErrorCode::Unavailable, format!("nothing was written: {}", e.0));
+                    }
                     w.metrics.page_fetches.fetch_add(1, Relaxed);
                     match fetch_page(w, &api.volume, &api.links, pg, page, lsn).await {
-                        Ok(image) => w.lock().core.learn_page(image),
+                        Ok(image) => {
+                            w.lock().core.learn_page(image.clone());
+                            fetched.push(image);
+                        }
                         Err(e) => return error(ApiErrorCode::Unavailable, format!("nothing was written: {e}")),
                     }
                 }
             }
+            Admit::PageFull(full) => return error(ApiErrorCode::Invalid, full.to_string()),
             Admit::Stalled { vdl } => {
                 w.metrics.lal_stalls.fetch_add(1, Relaxed);
                 if let Err(e) = w.wait_vdl(vdl).await {
@@ -170,7 +180,7 @@ async fn get(api: &Api, key: Vec<u8>) -> Response {
             w.metrics.page_fetches.fetch_add(1, Relaxed);
             match fetch_page(w, &api.volume, &api.links, pg, page, lsn).await {
                 Ok(image) => {
-                    let value = image.entries.get(&key).cloned();
+                    let value = image.get(&key).map(<[u8]>::to_vec);
                     w.lock().core.learn_page(image);
                     Response::Value { read_lsn: lsn, value }
                 }

@@ -27,9 +27,11 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub tuning: Tuning,
-    /// Page images kept in memory for reads; a miss is read from storage with GetPage@LSN.
-    #[arg(long, default_value_t = 65536)]
-    pub cache_pages_max: usize,
+    /// Memory for page images, for reads and for sizing writes. Least recently used pages
+    /// leave first, once VDL covers their last write (a miss is read from storage with
+    /// GetPage@LSN); a page larger than this is not kept.
+    #[arg(long, default_value = "256MiB", value_parser = parse_bytes)]
+    pub cache_bytes_max: u64,
     /// Largest client request frame; larger ones are refused with TooLarge.
     #[arg(long, default_value = "4MiB", value_parser = parse_bytes)]
     pub request_bytes_max: u64,

@@ -55,7 +55,7 @@ pub fn run(config: Config) -> Result<i32> {
             .context("claim the volume")?;
         let epoch = taken.epoch;
         tracing::info!(%epoch, vdl = %taken.recovered.vdl, "claimed the volume");
-        let writer = start(&volume, &links, taken, &config.tuning, config.cache_pages_max);
+        let writer = start(&volume, &links, taken, &config.tuning, config.cache_bytes_max as usize);
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
             let w = writer.clone();
@@ -94,7 +94,7 @@ pub fn run(config: Config) -> Result<i32> {
 
 /// Starts the engine of a claimed volume: one sender per segment and the stall
 /// reporter. The caller serves `api_server::Api` over it.
-pub fn start(volume: &Volume, links: &[Arc<NodeLink>], taken: recovery::TakenOver, tuning: &Tuning, cache_pages_max: usize) -> Arc<Writer> {
+pub fn start(volume: &Volume, links: &[Arc<NodeLink>], taken: recovery::TakenOver, tuning: &Tuning, cache_bytes_max: usize) -> Arc<Writer> {
     let core_config = WriterConfig {
         epoch: taken.epoch,
         lal: tuning.lal,
@@ -102,7 +102,7 @@ pub fn start(volume: &Volume, links: &[Arc<NodeLink>], taken: recovery::TakenOve
         batch_bytes_max: tuning.batch_bytes_max as usize,
         batch_inflight_max: tuning.batch_inflight_max,
         retain_bytes_max: tuning.retain_bytes_max as usize,
-        cache_pages_max,
+        cache_bytes_max,
         reader_grace: Duration::from_millis(tuning.gc_reader_grace_ms),
     };
     let writer = Writer::new(WriterCore::new(volume.clone(), core_config, taken.recovered), taken.history);
@@ -139,6 +139,8 @@ fn render_metrics(w: &Writer) -> String {
             inflight_bytes: c.inflight_bytes() as u64,
             gc_horizon: c.horizon().get().0,
             gc_readers: c.horizon().readers() as u64,
+            cache_bytes: c.cached().0 as u64,
+            cached_pages: c.cached().1 as u64,
             pgcl: (0..c.volume().pg_count()).map(|pg| c.pgcl(PgId(pg as u32)).0).collect(),
             segments_current: (0..c.volume().pg_count()).map(|pg| c.segments_current(PgId(pg as u32)) as u64).collect(),
         }

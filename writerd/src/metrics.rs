@@ -32,6 +32,8 @@ pub struct Gauges {
     pub inflight_bytes: u64,
     pub gc_horizon: u64,
     pub gc_readers: u64,
+    pub cache_bytes: u64,
+    pub cached_pages: u64,
     pub pgcl: Vec<u64>,
     /// Per PG, segments at the newest position any of them acknowledged.
     pub segments_current: Vec<u64>,
@@ -75,6 +77,8 @@ impl Metrics {
             ("writerd_inflight_bytes", "Record bytes queued or retained for segments that do not hold them yet.", g.inflight_bytes),
             ("writerd_gc_horizon", "GC horizon sent to storage: the lowest read point in use (never above VDL or the volume flushed LSN).", g.gc_horizon),
             ("writerd_gc_readers", "Readers (replica feeds) whose read points bound the GC horizon.", g.gc_readers),
+            ("writerd_cache_bytes", "Memory the cached page images take (bounded by --cache-bytes-max once VDL covers them).", g.cache_bytes),
+            ("writerd_cached_pages", "Page images in memory.", g.cached_pages),
         ];
         for (name, help, v) in gauges {
             header(&mut out, name, "gauge", help);

@@ -172,8 +172,8 @@ async fn a_newer_writer_fences_the_old_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_of_evicted_pages_come_from_storage_at_the_page_lsn() {
     let metrics_addr = free_tcp_addr();
-    // One cached page: nearly every read is a miss served by GetPage@LSN.
-    let (_c, _w, client) = cluster_with_writer(&["--cache-pages-max", "1", "--metrics-listen", &metrics_addr.to_string()]).await;
+    // Room for a few of the 40 pages written: most reads are misses served by GetPage@LSN.
+    let (_c, _w, client) = cluster_with_writer(&["--cache-bytes-max", "2KiB", "--metrics-listen", &metrics_addr.to_string()]).await;
     for round in 0..3 {
         for i in 0..40 {
             client.put(&key(i), &value(i, round)).await.unwrap();
@@ -184,7 +184,11 @@ async fn reads_of_evicted_pages_come_from_storage_at_the_page_lsn() {
         assert_eq!(client.get(&key(i)).await.unwrap().1, Some(value(i, 2)), "key {i}");
     }
     assert_eq!(client.get(&key(0)).await.unwrap().1, None);
-    assert!(metric(&scrape(metrics_addr), "writerd_page_fetches_total") >= 30.0);
+    let m = scrape(metrics_addr);
+    assert!(metric(&m, "writerd_page_fetches_total") >= 30.0, "{m}");
+    // Every write is durable: nothing holds the cache past its bound.
+    assert!(metric(&m, "writerd_cache_bytes") <= 2048.0, "{m}");
+    assert!(metric(&m, "writerd_cached_pages") >= 1.0, "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

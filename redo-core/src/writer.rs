@@ -339,7 +339,7 @@ impl WriterCore {
             if size > max && size > before {
                 match image {
                     Some(_) => return Err(Admit::PageFull(PageFull { key: op.key().to_vec(), page, bytes: size, max })),
-                    None => need.push((pg, page, state.lsn)),
+                    None => need.push((pg, page, self.fetch_lsn(pg, state.lsn))),
                 }
             }
             sizes.insert(page, size);

@@ -48,6 +48,7 @@ use tokio::time::Instant;
 
 use crate::metrics::GossipGauges;
 use crate::node::{Node, Segment};
+use crate::server::blocking;
 use crate::store;
 
 /// Largest pull reply asked of a peer.
@@ -287,16 +288,15 @@ impl SegmentGossip {
             if let Some(state) = join.decided() {
                 let _turn = self.seg.claims.lock().await;
                 let (dir, pg, persisted) = (self.node.data_dir().clone(), self.seg.id.pg, state.clone());
-                match tokio::task::spawn_blocking(move || store::write_epoch(&dir, pg, &persisted)).await {
-                    Ok(Ok(())) => {
+                match blocking(move || store::write_epoch(&dir, pg, &persisted)).await {
+                    Ok(()) => {
                         self.seg.with_log(|log| log.join(&state));
                         let (members, joining) = join.heard();
                         let elapsed_ms = started.elapsed().as_millis() as u64;
                         tracing::info!(segment = %self.seg.id, epoch = %state.epoch, truncations = state.truncations.len(), members, joining, elapsed_ms, "joined at the newest epoch state of the PG's peers");
                         return;
                     }
-                    Ok(Err(e)) => tracing::error!(segment = %self.seg.id, error = %format!("{e:#}"), "cannot write the epoch state it joins at; retrying"),
-                    Err(e) => tracing::error!(segment = %self.seg.id, error = %e, "epoch state write task failed; retrying"),
+                    Err(why) => tracing::error!(segment = %self.seg.id, error = %why, "cannot write the epoch state it joins at; retrying"),
                 }
             } else {
                 let (members, joining) = join.heard();

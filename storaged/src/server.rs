@@ -319,7 +319,7 @@ fn joining(seg: &Segment) -> Reply {
 }
 
 /// Runs blocking disk work off the network thread; its error as text.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, String> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> Result<T, String> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(e)) => Err(format!("{e:#}")),

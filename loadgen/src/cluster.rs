@@ -2,6 +2,8 @@
 //! file, and child processes that are stopped (SIGTERM, then SIGKILL) when
 //! dropped, or killed by the kernel if loadgen itself dies.
 
+use std::ffi::OsString;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -182,6 +184,14 @@ impl Daemon {
         process_cpu_seconds(self.child.id())
     }
 
+    /// SIGKILL (no flush, no goodbye) if it is still running, and reaps it.
+    fn kill(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
     fn terminate(&self) {
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
@@ -235,10 +245,7 @@ fn stop_all<'a>(daemons: impl IntoIterator<Item = &'a mut Daemon>) -> Result<()>
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.kill();
     }
 }
 
@@ -247,6 +254,8 @@ pub struct StorageNode {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     process: Daemon,
+    /// Processes started for this node so far: 1 until it is restarted.
+    starts: u32,
 }
 
 impl StorageNode {
@@ -255,9 +264,20 @@ impl StorageNode {
     }
 }
 
+/// What every node of a `LocalStorage` is started with: all but its id, addresses and files.
+struct NodeLaunch {
+    bin: PathBuf,
+    certs: PathBuf,
+    pgs: String,
+    segments: usize,
+    volume_args: Vec<OsString>,
+    extra_args: Vec<String>,
+}
+
 pub struct LocalStorage {
     pub dir: PathBuf,
     pub nodes: Vec<StorageNode>,
+    launch: NodeLaunch,
 }
 
 impl LocalStorage {
@@ -274,8 +294,6 @@ impl LocalStorage {
         let mut names: Vec<String> = (1..=count).map(|i| format!("storaged-{i}")).collect();
         names.push("loadgen".into());
         borealis_net::certs::generate(&certs, &names)?;
-        let bin = storaged_binary()?;
-        let pgs_arg = pgs.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",");
         let addrs = (1..=count).map(|_| daemon_addrs()).collect::<Result<Vec<_>>>()?;
         let mut volume_args = Vec::new();
         if let Some((writer, pg_count, page_count)) = volume {
@@ -284,29 +302,82 @@ impl LocalStorage {
             std::fs::write(&path, volume.to_toml()).with_context(|| format!("write {}", path.display()))?;
             volume_args = vec!["--volume".into(), path.into_os_string()];
         }
-        let mut nodes = Vec::new();
+        let launch = NodeLaunch {
+            bin: storaged_binary()?,
+            certs,
+            pgs: pgs.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(","),
+            segments: pgs.len(),
+            volume_args,
+            extra_args: extra_args.to_vec(),
+        };
+        let mut storage = LocalStorage { dir: dir.to_path_buf(), nodes: Vec::new(), launch };
         for (node_id, (addr, metrics_addr)) in (1..=count).zip(addrs) {
-            let name = format!("storaged-{node_id}");
-            let process = Daemon::spawn(
-                &name,
-                dir.join(format!("{name}.log")),
-                Command::new(&bin)
-                    .arg("serve")
-                    .args(["--node-id", &node_id.to_string()])
-                    .args(["--az", &az_of(node_id)])
-                    .args(["--listen", &addr.to_string()])
-                    .args(["--metrics-listen", &metrics_addr.to_string()])
-                    .arg("--data-dir")
-                    .arg(dir.join(format!("data-{node_id}")))
-                    .arg("--certs")
-                    .arg(&certs)
-                    .args(["--pgs", &pgs_arg])
-                    .args(&volume_args)
-                    .args(extra_args),
-            )?;
-            nodes.push(StorageNode { node_id, addr, metrics_addr, process });
+            let process = storage.spawn_node(node_id, addr, metrics_addr, 1)?;
+            storage.nodes.push(StorageNode { node_id, addr, metrics_addr, process, starts: 1 });
         }
-        Ok(LocalStorage { dir: dir.to_path_buf(), nodes })
+        Ok(storage)
+    }
+
+    /// Node `node_id`'s data directory.
+    pub fn data_dir(&self, node_id: u32) -> PathBuf {
+        self.dir.join(format!("data-{node_id}"))
+    }
+
+    /// Starts storaged for node `node_id` on its addresses and data dir; its `start`th process
+    /// logs to storaged-ID.log (the first) or storaged-ID.START.log.
+    fn spawn_node(&self, node_id: u32, addr: SocketAddr, metrics_addr: SocketAddr, start: u32) -> Result<Daemon> {
+        let name = format!("storaged-{node_id}");
+        let log = if start == 1 { format!("{name}.log") } else { format!("{name}.{start}.log") };
+        let l = &self.launch;
+        Daemon::spawn(
+            &name,
+            self.dir.join(log),
+            Command::new(&l.bin)
+                .arg("serve")
+                .args(["--node-id", &node_id.to_string()])
+                .args(["--az", &az_of(node_id)])
+                .args(["--listen", &addr.to_string()])
+                .args(["--metrics-listen", &metrics_addr.to_string()])
+                .arg("--data-dir")
+                .arg(self.data_dir(node_id))
+                .arg("--certs")
+                .arg(&l.certs)
+                .args(["--pgs", &l.pgs])
+                .args(&l.volume_args)
+                .args(&l.extra_args),
+        )
+    }
+
+    fn node_mut(&mut self, node_id: u32) -> Result<&mut StorageNode> {
+        self.nodes.iter_mut().find(|n| n.node_id == node_id).with_context(|| format!("no storage node {node_id}"))
+    }
+
+    /// SIGKILLs node `node_id`'s storaged (no flush, no goodbye) and reaps it.
+    pub fn kill_node(&mut self, node_id: u32) -> Result<()> {
+        self.node_mut(node_id)?.process.kill();
+        Ok(())
+    }
+
+    /// Starts node `node_id` again (after `kill_node`) with the same options, addresses and data
+    /// dir: it recovers its segments from their files. Returns the instant just before the spawn.
+    pub fn respawn_node(&mut self, node_id: u32) -> Result<Instant> {
+        let node = self.node_mut(node_id)?;
+        let (addr, metrics_addr, start) = (node.addr, node.metrics_addr, node.starts + 1);
+        let spawned_at = Instant::now();
+        let process = self.spawn_node(node_id, addr, metrics_addr, start)?;
+        let node = self.node_mut(node_id)?;
+        node.process = process;
+        node.starts = start;
+        Ok(spawned_at)
+    }
+
+    /// Waits until node `node_id` is ready (`storage_node_ready`), polling every `STORAGE_READY_POLL`;
+    /// fails at `timeout`, or if the process exits.
+    pub async fn wait_node_ready(&mut self, node_id: u32, timeout: Duration) -> Result<()> {
+        let segments = self.launch.segments;
+        let node = self.node_mut(node_id)?;
+        let metrics_addr = node.metrics_addr;
+        wait_until(&mut node.process, timeout, STORAGE_READY_POLL, || storage_node_ready(metrics_addr, segments)).await
     }
 
     pub fn identity(&self) -> Result<borealis_net::TlsIdentity> {
@@ -451,8 +522,7 @@ impl LocalCluster {
     /// SIGKILLs writerd (no flush, no goodbye) and reaps it; returns when the signal was sent.
     pub fn kill_writer(&mut self) -> Instant {
         let at = Instant::now();
-        let _ = self.writerd.child.kill();
-        let _ = self.writerd.child.wait();
+        self.writerd.kill();
         at
     }
 
@@ -488,36 +558,69 @@ fn serve_volume(bin: PathBuf, volume: &Path, certs: &Path, metrics_addr: SocketA
 
 /// Ready means a client can connect and read.
 async fn wait_serving(endpoint: &quinn::Endpoint, addr: SocketAddr, daemon: &mut Daemon) -> Result<()> {
-    let deadline = Instant::now() + READY_TIMEOUT;
+    let probe = || async move {
+        let client = ApiClient::connect(endpoint, addr).await?;
+        client.get(b"readiness-probe").await?;
+        client.close();
+        Ok::<_, anyhow::Error>(())
+    };
+    wait_until(daemon, READY_TIMEOUT, Duration::from_millis(20), probe).await
+}
+
+/// Runs `probe` every `poll` (each try cut at `PROBE_TIMEOUT`) until it succeeds; fails once
+/// `timeout` has passed, or as soon as `daemon` has exited.
+async fn wait_until<F, P>(daemon: &mut Daemon, timeout: Duration, poll: Duration, mut probe: P) -> Result<()>
+where
+    P: FnMut() -> F,
+    F: Future<Output = Result<()>>,
+{
+    let deadline = Instant::now() + timeout;
     loop {
         daemon.check_running()?;
-        let probe = async {
-            let client = ApiClient::connect(endpoint, addr).await?;
-            client.get(b"readiness-probe").await?;
-            client.close();
-            Ok::<_, borealis_net::api::ApiError>(())
-        };
         let name = &daemon.name;
-        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        match tokio::time::timeout(PROBE_TIMEOUT, probe()).await {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) if Instant::now() > deadline => return Err(e).with_context(|| format!("{name} did not become ready; see {}", daemon.log.display())),
-            _ if Instant::now() > deadline => bail!("{name} did not become ready within {READY_TIMEOUT:?}; see {}", daemon.log.display()),
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ if Instant::now() > deadline => bail!("{name} did not become ready within {timeout:?}; see {}", daemon.log.display()),
+            _ => tokio::time::sleep(poll).await,
         }
     }
+}
+
+/// How often `LocalStorage::wait_node_ready` probes: the resolution of a measured restart.
+const STORAGE_READY_POLL: Duration = Duration::from_millis(5);
+
+/// Whether the storage node serving metrics at `metrics_addr` is ready, with `segments` segments:
+/// its /metrics page answers, and shows a `storaged_segment_joining` gauge of 0 for every segment.
+/// storaged serves metrics only once `Node::open` has recovered every segment from its files
+/// and its QUIC endpoint is bound; a new or wiped segment is then still joining (1) until it has
+/// learnt its epoch state from its PG's peers, and grants no claim before.
+pub async fn storage_node_ready(metrics_addr: SocketAddr, segments: usize) -> Result<()> {
+    segments_joined(&scrape(metrics_addr).await?, segments)
+}
+
+/// Whether a storage node's metrics `page` shows `segments` segments, none of them joining.
+fn segments_joined(page: &str, segments: usize) -> Result<()> {
+    let joining: Vec<f64> = metric_values(page, "storaged_segment_joining", "").collect();
+    if joining.len() != segments || joining.iter().any(|&v| v != 0.0) {
+        bail!("storaged_segment_joining of the {segments} segments: {joining:?}");
+    }
+    Ok(())
 }
 
 /// Reads one unlabelled-or-labelled sample value from a Prometheus text page:
 /// the sum over all series of `name` whose labels contain `label_filter`.
 pub fn metric_sum(page: &str, name: &str, label_filter: &str) -> f64 {
-    page.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && labels.contains(label_filter)).then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
+    metric_values(page, name, label_filter).sum()
+}
+
+/// The values of every series of `name` whose labels contain `label_filter`, in page order.
+pub fn metric_values<'a>(page: &'a str, name: &'a str, label_filter: &'a str) -> impl Iterator<Item = f64> + 'a {
+    page.lines().filter(|l| !l.starts_with('#')).filter_map(move |l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+        (n == name && labels.contains(label_filter)).then(|| value.parse::<f64>().ok()).flatten()
+    })
 }
 
 /// Fetches http://addr/metrics.
@@ -600,5 +703,16 @@ mod tests {
         assert_eq!(super::metric_sum(page, "foo", "pg="), 12.0);
         assert_eq!(super::metric_sum(page, "bar", ""), 3.0);
         assert_eq!(super::metric_sum(page, "foo", "quantile=\"0.99\""), 9.0);
+    }
+
+    #[test]
+    fn a_storage_node_is_ready_once_every_segment_has_joined() {
+        let page = |a, b| {
+            format!("# TYPE storaged_segment_joining gauge\nstoraged_segment_joining{{node=\"3\",pg=\"0\"}} {a}\nstoraged_segment_joining{{node=\"3\",pg=\"1\"}} {b}\n")
+        };
+        assert!(super::segments_joined(&page(0, 0), 2).is_ok());
+        assert!(super::segments_joined(&page(0, 1), 2).is_err(), "a segment still joining");
+        assert!(super::segments_joined(&page(0, 0), 3).is_err(), "a segment missing from the page");
+        assert!(super::segments_joined("", 2).is_err());
     }
 }

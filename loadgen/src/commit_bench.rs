@@ -86,7 +86,11 @@ async fn connect(identity: &borealis_net::TlsIdentity, addr: SocketAddr, connect
 
 fn close(writer: Arc<Writer>, replicas: Vec<ReplicaTarget>) {
     let writer = Arc::into_inner(writer).expect("no commit in flight");
-    for (endpoint, client) in writer.0.into_iter().chain(replicas.into_iter().map(|r| r.client)) {
+    close_clients(writer.0.into_iter().chain(replicas.into_iter().map(|r| r.client)));
+}
+
+fn close_clients(clients: impl IntoIterator<Item = (quinn::Endpoint, ApiClient)>) {
+    for (endpoint, client) in clients {
         client.close();
         endpoint.close(0u32.into(), b"done");
     }
@@ -94,6 +98,18 @@ fn close(writer: Arc<Writer>, replicas: Vec<ReplicaTarget>) {
 
 /// A Borealis writer behind `connections` client connections.
 pub struct Writer(Vec<(quinn::Endpoint, ApiClient)>);
+
+impl Writer {
+    /// Connects `connections` clients to the writer at `addr`, each on an endpoint of its own.
+    pub async fn connect(identity: &borealis_net::TlsIdentity, addr: SocketAddr, connections: usize) -> Result<Self> {
+        Ok(Writer(connect(identity, addr, connections).await?))
+    }
+
+    /// Closes every connection (no commit may be in flight).
+    pub fn close(self) {
+        close_clients(self.0);
+    }
+}
 
 impl System for Writer {
     async fn commit(&self, conn: usize, ops: Vec<PageOp>) -> Result<Lsn, String> {

@@ -7,6 +7,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -46,24 +48,54 @@ impl Series {
     }
 }
 
+/// The y axis of a line chart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum YScale {
+    /// Logarithmic (latencies span µs to seconds): values below 0.001 are drawn at 0.001.
+    Log,
+    /// Linear from 0 (sizes, counts): how a quantity grows shows as it is.
+    Linear,
+}
+
 /// A line chart with a linear x axis and a logarithmic y axis (latencies span µs to seconds):
 /// one coloured line with point markers per series, and a legend. Empty series are skipped;
 /// y values below 0.001 (zero, negative) are drawn at 0.001 so the log axis works.
 pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series: &[Series]) -> Result<()> {
-    let drawn: Vec<&Series> = series.iter().filter(|s| !s.points.is_empty()).collect();
-    let xs = drawn.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-    let ys = drawn.iter().flat_map(|s| s.points.iter().map(|p| p.1.max(LOG_FLOOR)));
-    let (x_range, y_range) = (linear_range(xs), log_range(ys));
+    line_chart_with(path, title, (x_label, y_label), series, YScale::Log, &[])
+}
+
+/// `line_chart` with the y axis on `scale`, and `markers`: labelled vertical lines at x values
+/// (events, such as a node's restart). `labels` are the x and y axes' descriptions.
+pub fn line_chart_with(path: &Path, title: &str, labels: (&str, &str), series: &[Series], scale: YScale, markers: &[(f64, &str)]) -> Result<()> {
+    let floor = |y: f64| if scale == YScale::Log { y.max(LOG_FLOOR) } else { y };
+    let drawn: Vec<(&str, Vec<(f64, f64)>)> =
+        series.iter().filter(|s| !s.points.is_empty()).map(|s| (s.label.as_str(), s.points.iter().map(|&(x, y)| (x, floor(y))).collect())).collect();
+    let xs = drawn.iter().flat_map(|(_, pts)| pts.iter().map(|p| p.0)).chain(markers.iter().map(|m| m.0));
+    let ys = drawn.iter().flat_map(|(_, pts)| pts.iter().map(|p| p.1));
+    let x_range = linear_range(xs);
     let caption = caption(title, drawn.is_empty());
 
     let root = SVGBackend::new(path, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(&caption, (FONT, 22))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(75)
-        .build_cartesian_2d(x_range, y_range.log_scale())?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.caption(&caption, (FONT, 22)).margin(12).x_label_area_size(45).y_label_area_size(75);
+    match scale {
+        YScale::Log => draw_lines(builder.build_cartesian_2d(x_range, log_range(ys).log_scale())?, labels, &drawn, markers)?,
+        YScale::Linear => draw_lines(builder.build_cartesian_2d(x_range, zero_based_range(ys))?, labels, &drawn, markers)?,
+    }
+    finish(root, path)
+}
+
+/// The mesh, the lines with point markers, the legend and the vertical markers of a line chart.
+fn draw_lines<'a, Y>(
+    mut chart: ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    (x_label, y_label): (&str, &str),
+    drawn: &[(&str, Vec<(f64, f64)>)],
+    markers: &[(f64, &str)],
+) -> Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
     chart
         .configure_mesh()
         .x_desc(x_label)
@@ -75,16 +107,25 @@ pub fn line_chart(path: &Path, title: &str, x_label: &str, y_label: &str, series
         .label_style((FONT, 13))
         .axis_desc_style((FONT, 15))
         .draw()?;
-    for (i, s) in drawn.iter().enumerate() {
+    let (y_low, y_high) = (chart.y_range().start, chart.y_range().end);
+    let (line, text_colour) = (BLACK.mix(0.45), BLACK.mix(0.7));
+    for (i, &(x, text)) in markers.iter().enumerate() {
+        chart.draw_series(std::iter::once(PathElement::new(vec![(x, y_low), (x, y_high)], line.stroke_width(1))))?;
+        // Labels alternate between two heights, so that close markers stay readable.
+        let y = if i % 2 == 0 { y_high } else { y_low };
+        let pos = Pos::new(HPos::Left, if i % 2 == 0 { VPos::Top } else { VPos::Bottom });
+        let style = TextStyle::from((FONT, 12)).color(&text_colour).pos(pos);
+        chart.draw_series(std::iter::once(EmptyElement::at((x, y)) + Text::new(text.to_string(), (3, 0), style)))?;
+    }
+    for (i, (label, pts)) in drawn.iter().enumerate() {
         let c = colour(i);
-        let pts: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x, y.max(LOG_FLOOR))).collect();
-        chart.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?.label(s.label.as_str()).legend(move |(x, y)| legend_mark(x, y, c));
+        chart.draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))?.label(*label).legend(move |(x, y)| legend_mark(x, y, c));
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
     }
     if !drawn.is_empty() {
         legend(&mut chart)?;
     }
-    finish(root, path)
+    Ok(())
 }
 
 /// HdrHistogram's classic percentile plot: x is the percentile on the 1/(1-q) log scale (ticks 0%, 90%,
@@ -230,6 +271,15 @@ fn linear_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     start..hi + pad
 }
 
+/// A linear range from 0 (or the smallest value, when negative) to a tenth above the largest.
+fn zero_based_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let (lo, hi) = values.filter(|v| v.is_finite()).fold((0.0f64, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    if hi <= lo {
+        return lo..lo + 1.0;
+    }
+    lo..hi + (hi - lo) * 0.1
+}
+
 /// A log-axis range holding the values: from the power of ten at or below the smallest (so the axis
 /// always has a labelled tick) to 1.5 times the largest.
 fn log_range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
@@ -328,6 +378,21 @@ mod tests {
         }
         assert!(!svg.contains("empty one"), "an empty series is skipped");
         assert!(svg.contains("<circle"), "point markers");
+    }
+
+    #[test]
+    fn plot_linear_chart_with_markers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.svg");
+        let series = [Series::new("node 1", vec![(0.0, 0.0), (1.0, 50.0), (2.0, 80.0)]), Series::new("node 2", vec![(0.0, 10.0), (2.0, 90.0)])];
+        line_chart_with(&path, "Disk per node", ("s", "MiB"), &series, YScale::Linear, &[(1.5, "restart n1"), (1.8, "restart n2")]).unwrap();
+        let svg = read(&path);
+        for s in ["Disk per node", "node 1", "node 2", "restart n1", "restart n2", "MiB"] {
+            assert!(svg.contains(s), "missing {s:?}");
+        }
+        let p = dir.path().join("empty.svg");
+        line_chart_with(&p, "Nothing", ("s", "MiB"), &[], YScale::Linear, &[]).unwrap();
+        assert!(read(&p).contains("Nothing (no data)"));
     }
 
     #[test]

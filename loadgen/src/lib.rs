@@ -6,7 +6,9 @@
 //! acknowledged write lost; `bench` (the canonical run) and `sweep` do both over
 //! a grid and plot them; `pg-bench`, `pg-failover` and `compare-postgres` run the
 //! same workload against PostgreSQL streaming replication; `perf-gate` judges a
-//! build against a committed baseline;
+//! build against a committed baseline; `soak` runs puts over a bounded key space for
+//! minutes while restarting storage nodes, and judges disk use, restart time and
+//! write amplification;
 //! `put`/`get`/`delete`/`txn` send single requests; `volume` prints a local volume file.
 
 pub mod audit;
@@ -26,5 +28,6 @@ pub mod postgres;
 pub mod procs;
 pub mod report;
 pub mod saturation;
+pub mod soak;
 pub mod storage_bench;
 pub mod sweep;

@@ -52,6 +52,14 @@ enum Command {
     /// (failover_ms), the unavailability window, the promotion's breakdown, and lost_acked_writes
     /// from reading back every write. Repeated --runs times on fresh clusters.
     Failover(loadgen::failover::FailoverArgs),
+    /// Soak storage: open-loop puts (--rate, --value-bytes) over a bounded key space (--keys) for
+    /// --duration against an embedded cluster (6 storaged + writerd), one storage node SIGKILLed
+    /// and started again on its data dir every --restart-every, nodes 1-6 in turn. Each second it
+    /// samples every node's disk (allocated bytes of its data dir) and bytes written (/proc/PID/io).
+    /// Reports the largest node's disk against live data plus the hot-log budget, whether the disk
+    /// stays flat, restart-to-ready time (first and last restart), and write amplification;
+    /// writes summary.json, disk-bytes.svg and restart-ms.svg to --out.
+    Soak(loadgen::soak::SoakArgs),
     /// PostgreSQL 15 as the target: a primary and a synchronous hot standby on loopback (or
     /// --standbys N with quorum commit, ANY 1 of them), started and stopped by loadgen; the same
     /// open-loop puts for each --synchronous-commit mode and rate; commit latency, throughput,
@@ -97,6 +105,7 @@ fn main() -> ExitCode {
                 Command::StorageBench(args) => done(loadgen::storage_bench::run(args).await),
                 Command::CommitBench(args) => done(loadgen::commit_bench::run(args).await),
                 Command::Failover(args) => done(loadgen::failover::run(args).await),
+                Command::Soak(args) => done(loadgen::soak::run(args).await),
                 Command::PgBench(args) => done(loadgen::postgres::bench_run(args).await),
                 Command::PgFailover(args) => done(loadgen::postgres::failover_run(args).await),
                 Command::ComparePostgres(args) => done(loadgen::compare::run(args).await),

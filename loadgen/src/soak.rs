@@ -339,7 +339,8 @@ async fn soak(args: &SoakArgs) -> Result<Summary> {
         writerd_args: &args.cluster.writerd_args,
         replicad_args: &args.cluster.replicad_args,
     };
-    let mut cluster = LocalCluster::start(&dir, &spec).await.with_context(|| format!("start the cluster under {}", dir.display()))?;
+    let hint = if args.log_retain_bytes > 0 { " (a storaged without --log-retain-bytes refuses it: pass --log-retain-bytes 0)" } else { "" };
+    let mut cluster = LocalCluster::start(&dir, &spec).await.with_context(|| format!("start the cluster under {}{hint}", dir.display()))?;
     let result = load(args, &mut cluster).await;
     let stopped = cluster.stop();
     let summary = result.with_context(|| format!("cluster under {}", dir.display()))?;

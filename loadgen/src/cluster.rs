@@ -148,6 +148,8 @@ pub struct Daemon {
     pub name: String,
     pub log: PathBuf,
     child: Child,
+    /// SIGKILLed on purpose (`kill`) and reaped: there is nothing left to stop.
+    killed: bool,
 }
 
 impl Daemon {
@@ -164,7 +166,7 @@ impl Daemon {
         }
         let child =
             cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file).spawn().with_context(|| format!("start {name} ({:?})", cmd.get_program()))?;
-        Ok(Daemon { name: name.into(), log, child })
+        Ok(Daemon { name: name.into(), log, child, killed: false })
     }
 
     /// Fails if the process has exited (it should be serving).
@@ -190,15 +192,23 @@ impl Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        self.killed = true;
     }
 
     fn terminate(&self) {
+        if self.killed {
+            // Reaped: its pid may be another process's by now.
+            return;
+        }
         // SAFETY: signalling our own child by pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
     }
 
     /// Waits for the exit that `terminate` asked for; SIGKILL at the deadline.
     fn wait_stopped(&mut self, deadline: Instant) -> Result<()> {
+        if self.killed {
+            return Ok(());
+        }
         loop {
             if let Some(status) = self.child.try_wait()? {
                 if !status.success() {

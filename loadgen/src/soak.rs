@@ -10,6 +10,7 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,11 @@ pub struct SoakArgs {
     /// After the load, seconds to wait for outstanding commits; those still unanswered count as errors.
     #[arg(long, default_value_t = 30.0)]
     pub drain_seconds: f64,
+    /// Stop the load early once the filesystem of the cluster's work dir has less than this free
+    /// (a storage engine that does not bound its disk fills it): the summary says so
+    /// (`stopped_early`) and covers the run until then.
+    #[arg(long, default_value = "5GiB", value_parser = borealis_net::parse_bytes)]
+    pub disk_free_bytes_min: u64,
     /// The embedded cluster (6 storaged and a writerd; no replica).
     #[command(flatten)]
     pub cluster: EmbeddedClusterArgs,
@@ -103,9 +109,10 @@ const DISK_OVER_LIVE_MAX: f64 = 2.0;
 const RESTART_SLOWDOWN_MAX: f64 = 1.5;
 const WRITE_AMPLIFICATION_MAX: f64 = 3.0;
 
-/// A Borealis writer that remembers the keys of every acknowledged put (for live_bytes).
+/// A Borealis writer that counts acknowledged commits and remembers the keys of their puts (for live_bytes).
 struct KeyedWriter {
     writer: Writer,
+    acked: AtomicU64,
     /// Distinct keys acknowledged so far.
     keys: Mutex<HashSet<Vec<u8>>>,
 }
@@ -121,6 +128,7 @@ impl System for KeyedWriter {
             .collect();
         let committed = self.writer.commit(conn, ops).await;
         if committed.is_ok() {
+            self.acked.fetch_add(1, Ordering::Relaxed);
             self.keys.lock().expect("keys").extend(keys);
         }
         committed
@@ -176,14 +184,39 @@ fn sample(nodes: &Mutex<Vec<Tracked>>, start: Instant) -> Sample {
     Sample { t_s: start.elapsed().as_secs_f64(), disk_bytes, written_bytes }
 }
 
-/// Samples every node at `start` and each second after it, until `stop` says so (or is dropped).
-fn sample_every_second(nodes: Arc<Mutex<Vec<Tracked>>>, start: Instant, stop: mpsc::Receiver<()>) -> Vec<Sample> {
+/// Bytes free to an unprivileged user on the filesystem of `path` (None if it cannot be read).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes into the zeroed struct it is given; the path is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::statvfs(path.as_ptr(), &mut st) } == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Where the sampler watches the free disk: the cluster's filesystem and its floor.
+struct DiskGuard {
+    dir: PathBuf,
+    free_bytes_min: u64,
+    /// Told the free bytes once they fall below the floor.
+    low: tokio::sync::oneshot::Sender<u64>,
+}
+
+/// Samples every node at `start` and each second after it, until `stop` says so (or is dropped);
+/// after each sample, tells `guard` once if the disk is short.
+fn sample_every_second(nodes: Arc<Mutex<Vec<Tracked>>>, start: Instant, stop: mpsc::Receiver<()>, guard: DiskGuard) -> Vec<Sample> {
     let mut samples = Vec::new();
+    let mut low = Some(guard.low);
     for second in 0u64.. {
         let due = start + Duration::from_secs(second);
         match stop.recv_timeout(due.saturating_duration_since(Instant::now())) {
             Err(mpsc::RecvTimeoutError::Timeout) => samples.push(sample(&nodes, start)),
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        if let Some(free) = free_bytes(&guard.dir).filter(|&f| f < guard.free_bytes_min) {
+            if let Some(low) = low.take() {
+                let _ = low.send(free);
+            }
         }
     }
     samples
@@ -198,9 +231,15 @@ pub struct Restart {
     pub restart_ms: f64,
 }
 
-/// Restarts node 1, 2, ... 6, 1, ... every `args.restart_every` from `start` until the load's end.
-async fn restart_nodes(args: &SoakArgs, storage: &mut LocalStorage, tracked: &Mutex<Vec<Tracked>>, start: Instant) -> Result<Vec<Restart>> {
-    let mut restarts = Vec::new();
+/// Restarts node 1, 2, ... 6, 1, ... every `args.restart_every` from `start` until the load's end;
+/// adds each to `restarts` once the node is ready.
+async fn restart_nodes(
+    args: &SoakArgs,
+    storage: &mut LocalStorage,
+    tracked: &Mutex<Vec<Tracked>>,
+    restarts: &Mutex<Vec<Restart>>,
+    start: Instant,
+) -> Result<()> {
     for k in 1u32.. {
         let at = start + args.restart_every * k;
         if at >= start + args.duration {
@@ -221,9 +260,9 @@ async fn restart_nodes(args: &SoakArgs, storage: &mut LocalStorage, tracked: &Mu
         let restart_ms = spawned_at.elapsed().as_secs_f64() * 1e3;
         let at_s = (killed_at - start).as_secs_f64();
         eprintln!("[soak] storage node {node} killed at {at_s:.0} s: ready {restart_ms:.0} ms after its new process's spawn");
-        restarts.push(Restart { node, at_s, restart_ms });
+        restarts.lock().expect("restarts").push(Restart { node, at_s, restart_ms });
     }
-    Ok(restarts)
+    Ok(())
 }
 
 /// One target of the storage engine's, judged.
@@ -282,12 +321,17 @@ pub struct Summary {
     pub page_count: u64,
     pub ack: &'static str,
     pub segments_per_node: u64,
+    /// Why the load stopped before --duration (null: it ran its course).
+    pub stopped_early: Option<String>,
+    /// How long the load ran: duration_s, or less when stopped early.
+    pub load_s: f64,
     pub acked_commits: u64,
     pub commits_per_s: f64,
-    pub commit_latency_us_p50: u64,
-    pub commit_latency_us_p99: u64,
-    pub commit_latency_us: LatencyUs,
-    pub errors: u64,
+    /// Commit latency from each commit's due time (null when stopped early: commits were abandoned).
+    pub commit_latency_us_p50: Option<u64>,
+    pub commit_latency_us_p99: Option<u64>,
+    pub commit_latency_us: Option<LatencyUs>,
+    pub errors: Option<u64>,
     pub error_kinds: std::collections::BTreeMap<String, u64>,
     pub distinct_keys: u64,
     /// acked_commits x value_bytes.
@@ -363,7 +407,11 @@ fn segments_per_node(volume: &redo_core::volume::Volume) -> Result<u64> {
 async fn load(args: &SoakArgs, cluster: &mut LocalCluster) -> Result<Summary> {
     let segments = segments_per_node(&borealis_net::load_volume(&cluster.volume_path)?)?;
     let identity = cluster.storage.identity()?;
-    let system = Arc::new(KeyedWriter { writer: Writer::connect(&identity, cluster.writer_addr, args.connections).await?, keys: Mutex::default() });
+    let system = Arc::new(KeyedWriter {
+        writer: Writer::connect(&identity, cluster.writer_addr, args.connections).await?,
+        acked: AtomicU64::new(0),
+        keys: Mutex::default(),
+    });
     let tracked: Vec<Tracked> =
         cluster.storage.nodes.iter().map(|n| Tracked { data_dir: cluster.storage.data_dir(n.node_id), pid: Some(n.pid()), written_before_bytes: 0 }).collect();
     let tracked = Arc::new(Mutex::new(tracked));
@@ -378,28 +426,61 @@ async fn load(args: &SoakArgs, cluster: &mut LocalCluster) -> Result<Summary> {
         txn_ops: 1,
         lag_probe: false,
     };
+    let restarts = Mutex::new(Vec::new());
     let start = Instant::now();
     let (stop_sampler, stop) = mpsc::channel();
+    let (low, disk_low) = tokio::sync::oneshot::channel();
     let sampler = {
         let tracked = tracked.clone();
-        std::thread::spawn(move || sample_every_second(tracked, start, stop))
+        let guard = DiskGuard { dir: cluster.storage.dir.clone(), free_bytes_min: args.disk_free_bytes_min, low };
+        std::thread::spawn(move || sample_every_second(tracked, start, stop, guard))
     };
     let feeds = Feeds::<Follower> { writer: None, replicas: Vec::new() };
-    let (m, restarts) = tokio::try_join!(
-        open_loop::measure(&load, system.clone(), feeds, &[], "soak", 0, args.rate),
-        restart_nodes(args, &mut cluster.storage, &tracked, start),
-    )?;
+    let soak = async {
+        tokio::try_join!(
+            open_loop::measure(&load, system.clone(), feeds, &[], "soak", 0, args.rate),
+            restart_nodes(args, &mut cluster.storage, &tracked, &restarts, start),
+        )
+    };
+    let (m, stopped_early) = tokio::select! {
+        r = soak => (Some(r?.0), None),
+        Ok(free) = disk_low => {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            let why = format!("{:.1} GiB free on the work dir's filesystem, under --disk-free-bytes-min ({:.1} GiB)", gib(free), gib(args.disk_free_bytes_min));
+            eprintln!("\n[soak] stopping the load at {:.0} s: {why}", start.elapsed().as_secs_f64());
+            (None, Some(why))
+        }
+    };
+    let load_s = if stopped_early.is_some() { start.elapsed().as_secs_f64() } else { args.duration.as_secs_f64() };
     let _ = stop_sampler.send(());
     let mut samples = sampler.join().map_err(|_| anyhow!("sampler thread panicked"))?;
-    // Every commit answered: the bytes written for them are all counted.
+    // Every commit answered (or abandoned): the bytes written for them are all counted.
     samples.push(sample(&tracked, start));
-    let system = Arc::into_inner(system).expect("no commit in flight");
-    let keys = system.keys.into_inner().expect("keys");
-    system.writer.close();
-    Ok(summarize(args, segments, &m, &keys, restarts, &samples))
+    let acked = system.acked.load(Ordering::Relaxed);
+    let keys = std::mem::take(&mut *system.keys.lock().expect("keys"));
+    // Abandoned commits (a load stopped early) may still hold the writer a moment: then it is just dropped.
+    if let Some(system) = Arc::into_inner(system) {
+        system.writer.close();
+    }
+    let restarts = restarts.into_inner().expect("restarts");
+    let run = Run { measurement: m.as_ref(), stopped_early, load_s, acked, keys: &keys, restarts, samples: &samples };
+    Ok(summarize(args, segments, run))
 }
 
-fn summarize(args: &SoakArgs, segments: u64, m: &Measurement, keys: &HashSet<Vec<u8>>, restarts: Vec<Restart>, samples: &[Sample]) -> Summary {
+/// What a soak measured.
+struct Run<'a> {
+    /// The open-loop measurement (none when the load was stopped early).
+    measurement: Option<&'a Measurement>,
+    stopped_early: Option<String>,
+    load_s: f64,
+    acked: u64,
+    keys: &'a HashSet<Vec<u8>>,
+    restarts: Vec<Restart>,
+    samples: &'a [Sample],
+}
+
+fn summarize(args: &SoakArgs, segments: u64, run: Run<'_>) -> Summary {
+    let Run { measurement: m, stopped_early, load_s, acked, keys, restarts, samples } = run;
     let nodes = CLUSTER_NODES as usize;
     let live_bytes: u64 = keys.iter().map(|k| (k.len() + args.value_bytes) as u64).sum();
     let hot_log_budget_bytes = args.log_retain_bytes * segments;
@@ -408,18 +489,19 @@ fn summarize(args: &SoakArgs, segments: u64, m: &Measurement, keys: &HashSet<Vec
     let (first, last) = (samples.first(), samples.last());
     let written_bytes_per_node: Vec<u64> =
         (0..nodes).map(|i| last.map(|l| l.written_bytes[i]).unwrap_or(0).saturating_sub(first.map(|f| f.written_bytes[i]).unwrap_or(0))).collect();
-    let payload_bytes = m.commits * args.value_bytes as u64;
+    let payload_bytes = acked * args.value_bytes as u64;
     let written_mean = written_bytes_per_node.iter().sum::<u64>() as f64 / nodes as f64;
     let write_amplification = if payload_bytes > 0 { written_mean / payload_bytes as f64 } else { 0.0 };
+    let acked_any = payload_bytes > 0;
     let restart_ms_first = restarts.first().map(|r| r.restart_ms);
     let restart_ms_last = restarts.last().map(|r| r.restart_ms);
     let duration_s = args.duration.as_secs_f64();
     let verdict = verdict(
         disk_bytes_max_per_node,
         live_bytes + hot_log_budget_bytes,
-        flat_ratio(samples, duration_s),
+        flat_ratio(samples, load_s),
         if restarts.len() >= 2 { restart_ms_first.zip(restart_ms_last) } else { None },
-        write_amplification,
+        acked_any.then_some(write_amplification),
     );
     let disk_series = (0..nodes)
         .map(|i| NodeSeries {
@@ -448,13 +530,15 @@ fn summarize(args: &SoakArgs, segments: u64, m: &Measurement, keys: &HashSet<Vec
         page_count: args.cluster.page_count,
         ack: args.cluster.ack.as_str(),
         segments_per_node: segments,
-        acked_commits: m.commits,
-        commits_per_s: m.throughput_commits_per_s,
-        commit_latency_us_p50: m.commit_latency_us.p50,
-        commit_latency_us_p99: m.commit_latency_us.p99,
-        commit_latency_us: m.commit_latency_us,
-        errors: m.errors,
-        error_kinds: m.error_kinds.clone(),
+        stopped_early,
+        load_s,
+        acked_commits: acked,
+        commits_per_s: m.map_or(acked as f64 / load_s, |m| m.throughput_commits_per_s),
+        commit_latency_us_p50: m.map(|m| m.commit_latency_us.p50),
+        commit_latency_us_p99: m.map(|m| m.commit_latency_us.p99),
+        commit_latency_us: m.map(|m| m.commit_latency_us),
+        errors: m.map(|m| m.errors),
+        error_kinds: m.map(|m| m.error_kinds.clone()).unwrap_or_default(),
         distinct_keys: keys.len() as u64,
         payload_bytes,
         written_bytes_per_node,
@@ -465,15 +549,16 @@ fn summarize(args: &SoakArgs, segments: u64, m: &Measurement, keys: &HashSet<Vec
 }
 
 /// The largest node's disk over the run's last half against over its first half (samples taken
-/// before `duration_s` / 2 against the others); None without a sample in each half.
-fn flat_ratio(samples: &[Sample], duration_s: f64) -> Option<f64> {
-    let max_in = |last_half: bool| samples.iter().filter(|s| (s.t_s >= duration_s / 2.0) == last_half).flat_map(|s| s.disk_bytes.iter().copied()).max();
+/// before `load_s` / 2 against the others); None without a sample in each half.
+fn flat_ratio(samples: &[Sample], load_s: f64) -> Option<f64> {
+    let max_in = |last_half: bool| samples.iter().filter(|s| (s.t_s >= load_s / 2.0) == last_half).flat_map(|s| s.disk_bytes.iter().copied()).max();
     let (first, last) = (max_in(false)?, max_in(true)?);
     Some(last as f64 / first.max(1) as f64)
 }
 
 /// The targets: `restarts` is (first, last) restart ms when at least two were measured.
-fn verdict(disk_max: u64, live_and_budget: u64, flat: Option<f64>, restarts: Option<(f64, f64)>, write_amplification: f64) -> Verdict {
+/// `write_amplification` is None when nothing was acknowledged.
+fn verdict(disk_max: u64, live_and_budget: u64, flat: Option<f64>, restarts: Option<(f64, f64)>, write_amplification: Option<f64>) -> Verdict {
     let disk_bounded = Target::at_most(
         format!("disk_bytes_max_per_node <= {DISK_OVER_LIVE_MAX} x (live_bytes + hot_log_budget_bytes)"),
         Some(disk_max as f64),
@@ -489,8 +574,7 @@ fn verdict(disk_max: u64, live_and_budget: u64, flat: Option<f64>, restarts: Opt
         restarts.map(|r| r.1),
         restarts.map(|r| RESTART_SLOWDOWN_MAX * r.0),
     );
-    let write_amplification =
-        Target::at_most(format!("write_amplification <= {WRITE_AMPLIFICATION_MAX}"), Some(write_amplification), Some(WRITE_AMPLIFICATION_MAX));
+    let write_amplification = Target::at_most(format!("write_amplification <= {WRITE_AMPLIFICATION_MAX}"), write_amplification, Some(WRITE_AMPLIFICATION_MAX));
     let all = [&disk_bounded, &disk_flat, &restart_not_slower, &write_amplification].map(|t| t.met);
     let all_met = if all.contains(&Some(false)) {
         Some(false)
@@ -561,10 +645,19 @@ pub fn table(s: &Summary) -> String {
         met(&v.restart_not_slower)
     );
     t += &format!("| write_amplification | {:.2} | {WRITE_AMPLIFICATION_MAX} | {} |\n\n", s.write_amplification, met(&v.write_amplification));
+    let count = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
     t += &format!(
         "{} commits acknowledged ({:.0}/s), commit latency p50 {} us, p99 {} us, {} errors; {} distinct keys\n",
-        s.acked_commits, s.commits_per_s, s.commit_latency_us_p50, s.commit_latency_us_p99, s.errors, s.distinct_keys
+        s.acked_commits,
+        s.commits_per_s,
+        count(s.commit_latency_us_p50),
+        count(s.commit_latency_us_p99),
+        count(s.errors),
+        s.distinct_keys
     );
+    if let Some(why) = &s.stopped_early {
+        t += &format!("STOPPED EARLY at {:.0} s of {:.0} s: {why}\n", s.load_s, s.duration_s);
+    }
     let restarts: Vec<String> = s.restarts.iter().map(|r| format!("n{} at {:.0} s: {:.0} ms", r.node, r.at_s, r.restart_ms)).collect();
     t += &format!("restarts: {}\n", if restarts.is_empty() { "none".to_string() } else { restarts.join(", ") });
     t
@@ -602,13 +695,14 @@ mod tests {
 
     #[test]
     fn verdict_judges_each_target() {
-        let v = verdict(300, 200, Some(1.1), Some((100.0, 140.0)), 2.5);
+        let v = verdict(300, 200, Some(1.1), Some((100.0, 140.0)), Some(2.5));
         assert_eq!([v.disk_bounded.met, v.disk_flat.met, v.restart_not_slower.met, v.write_amplification.met], [Some(true); 4]);
         assert_eq!(v.all_met, Some(true));
-        let v = verdict(401, 200, Some(1.3), None, 3.5);
+        let v = verdict(401, 200, Some(1.3), None, Some(3.5));
         assert_eq!([v.disk_bounded.met, v.disk_flat.met, v.restart_not_slower.met, v.write_amplification.met], [Some(false), Some(false), None, Some(false)]);
         assert_eq!(v.all_met, Some(false));
-        assert_eq!(verdict(1, 200, Some(1.0), None, 1.0).all_met, None, "a target the run could not judge");
+        assert_eq!(verdict(1, 200, Some(1.0), None, Some(1.0)).all_met, None, "a target the run could not judge");
+        assert_eq!(verdict(1, 200, Some(1.0), Some((1.0, 1.0)), None).write_amplification.met, None, "nothing acknowledged");
     }
 
     #[test]

@@ -78,6 +78,7 @@ fn soak_measures_restarts_disk_and_writes_and_stops_everything() {
         assert!(s["verdict"][target]["met"].is_boolean(), "verdict.{target}: {}", s["verdict"]);
     }
     assert_eq!(s["duration_s"], 20.0);
+    assert!(s["stopped_early"].is_null(), "{}", s["stopped_early"]);
     assert_eq!(s["hot_log_budget_bytes"], 0);
     let restarts = s["restarts"].as_array().unwrap();
     assert!(restarts.len() >= 2, "{restarts:?}");

@@ -53,18 +53,22 @@ async fn reclaim(node: &Node, seg: &Arc<Segment>) -> Result<()> {
     };
     let files = seg.files.write().await;
     let planned = plan(node, seg, truncation, compacted.as_ref());
-    let checkpoint = match planned {
-        Ok(Some(c)) => c,
-        Ok(None) | Err(_) => {
-            compacted.map(PageFile::discard);
-            return planned.map(|_| ());
+    let written = match planned {
+        Ok(Some(checkpoint)) => {
+            let (dir, c2) = (node.data_dir().clone(), checkpoint.clone());
+            blocking(move || store::write_checkpoint(&dir, &c2)).await.map(|()| Some(checkpoint)).map_err(|e| anyhow!("write the checkpoint: {e}"))
+        }
+        other => other,
+    };
+    let checkpoint = match written {
+        Ok(Some(checkpoint)) => checkpoint,
+        other => {
+            if let Some(c) = compacted {
+                PageFile::discard(c);
+            }
+            return other.map(|_| ());
         }
     };
-    let (dir, c2) = (node.data_dir().clone(), checkpoint.clone());
-    if let Err(e) = blocking(move || store::write_checkpoint(&dir, &c2)).await {
-        compacted.map(PageFile::discard);
-        bail!("write the checkpoint: {e}");
-    }
     node.metrics.checkpoints.fetch_add(1, Relaxed);
     if let Some(c) = compacted {
         seg.log.lock().expect("segment lock").page_index_mut().expect("checked by plan").relocate(|at| c.moved[&at.offset]);

@@ -346,7 +346,7 @@ async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: O
         return joining(seg);
     }
     let position = log.position().vouched(node.config.ack == AckMode::Disk);
-    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position, truncations: log.truncations() }, received: None }
+    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position, reclaimed: log.log_start().prev, truncations: log.truncations() }, received: None }
 }
 
 /// GetPage@LSN: the page as of `lsn`, from its newest image at or below

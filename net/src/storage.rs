@@ -94,7 +94,9 @@ impl StorageConn {
     /// `status` with the older truncations the claimant knows of (see `Message::Status`).
     pub async fn status_truncating(&self, epoch: Epoch, pg: PgId, truncate_above: Option<Lsn>, history: Vec<Truncation>) -> Result<SegmentStatus, ClientError> {
         match self.request(&Message::Status { epoch, pg, truncate_above, history }).await? {
-            Message::StatusReply { epoch, position, truncations } if position.pg == pg => Ok(SegmentStatus { epoch, position, truncations }),
+            Message::StatusReply { epoch, position, reclaimed, truncations } if position.pg == pg => {
+                Ok(SegmentStatus { epoch, position, reclaimed, truncations })
+            }
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

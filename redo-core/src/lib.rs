@@ -2,6 +2,7 @@
 //! state machines take events and return decisions; the daemons do the I/O.
 
 pub mod api;
+pub mod checkpoint;
 mod codec;
 pub mod failover;
 pub mod gc;

@@ -4,12 +4,21 @@
 //!
 //! Records are noted as they join the segment's gap-free chain (so in LSN
 //! order), with the segment-file offset they have or will have once flushed;
-//! images as the coalescer stores them. Per page the index keeps the last
-//! `IMAGES_KEPT` images and the records above the oldest of them: memory is
-//! bounded by the coalescer, not by the log. Two images rather than one, so
-//! that a reader whose read point lags the newest image by up to one
-//! coalescing round is still served from the index; an older read point
-//! needs a scan of the log.
+//! images as the coalescer stores them.
+//!
+//! Per page the index keeps the newest image at or below the GC horizon
+//! (`retire`): the base of every read a reader may still make, since reads
+//! below the horizon are refused. Above it, the newest images, up to
+//! `IMAGES_KEPT_MAX` in all. It keeps the page's records above that base only.
+//! What the index no longer holds (older images, records below the bases) is
+//! what storage may reclaim: `first_needed` bounds the log, `images` lists the
+//! live part of the page file.
+//!
+//! A page is due for a new image (`take_due`) once its records since its
+//! newest image outweigh that image, or outnumber `coalesce_records`: image
+//! bytes then stay below record bytes (write amplification) and a read applies
+//! a bounded number of records. A page written too rarely for that is imaged
+//! when its oldest record pins the log (`pinning_pages`).
 //!
 //! Page-image file entry: `len u32 | crc32c u32 | encoded PageImage`, where
 //! `len` counts the image bytes and the CRC covers them.
@@ -23,8 +32,10 @@ use crate::ids::{Lsn, PageId};
 use crate::page::PageImage;
 use crate::wire::FRAME_BYTES_MAX;
 
-/// Images kept per page (see the module documentation).
-pub const IMAGES_KEPT: usize = 2;
+/// Images kept per page at most (see the module documentation).
+pub const IMAGES_KEPT_MAX: usize = 3;
+/// A page with no image yet is due once its records reach this many bytes.
+const DUE_BYTES_MIN: u64 = 4096;
 pub const IMAGE_ENTRY_HEADER_BYTES: usize = 8;
 /// An image must fit in a `PageReply` frame.
 pub const IMAGE_BYTES_MAX: usize = FRAME_BYTES_MAX - 64;
@@ -41,10 +52,12 @@ pub struct Located {
 
 #[derive(Debug, Default)]
 struct PageEntry {
-    /// Oldest first; at most `IMAGES_KEPT`.
+    /// Oldest first; at most `IMAGES_KEPT_MAX`.
     images: VecDeque<Located>,
     /// The page's records above `complete_after`, in LSN (= chain) order.
     records: VecDeque<Located>,
+    /// Records and their bytes above the newest image.
+    since_image: (usize, u64),
     complete_after: Lsn,
     broken: Option<PageBroken>,
 }
@@ -52,6 +65,24 @@ struct PageEntry {
 impl PageEntry {
     fn newest_image(&self) -> Lsn {
         self.images.back().map_or(Lsn::ZERO, |i| i.lsn)
+    }
+
+    /// Whether the records since the newest image make the page due.
+    fn is_due(&self, coalesce_records: usize) -> bool {
+        let (records, bytes) = self.since_image;
+        let image = self.images.back().map_or(DUE_BYTES_MIN, |i| i.len as u64);
+        records > coalesce_records || (records > 0 && bytes >= image)
+    }
+
+    /// The first record above the newest image.
+    fn first_since_image(&self) -> Option<&Located> {
+        self.records.get(self.records.len() - self.since_image.0)
+    }
+
+    fn recount(&mut self) {
+        let newest = self.newest_image();
+        let from = self.records.partition_point(|r| r.lsn <= newest);
+        self.since_image = (self.records.len() - from, self.records.range(from..).map(|r| r.len as u64).sum());
     }
 
     /// Records in `(after, upto]`.
@@ -128,14 +159,18 @@ impl PageIndex {
         debug_assert!(e.records.back().is_none_or(|r| r.lsn < rec.lsn), "records out of order");
         e.records.push_back(rec);
         self.records += 1;
-        let newest = e.newest_image();
-        if e.records.len() - e.records.partition_point(|r| r.lsn <= newest) == self.coalesce_records + 1 {
-            self.due.push_back((rec.lsn, page));
+        if rec.lsn > e.newest_image() {
+            let was_due = e.is_due(self.coalesce_records);
+            e.since_image = (e.since_image.0 + 1, e.since_image.1 + rec.len as u64);
+            if !was_due && e.is_due(self.coalesce_records) {
+                self.due.push_back((rec.lsn, page));
+            }
         }
     }
 
-    /// The image `image` of `page` is durably stored. Drops the records the
-    /// oldest kept image covers.
+    /// The image `image` of `page` is durably stored. Past `IMAGES_KEPT_MAX`
+    /// it drops the second oldest image: the oldest may be the base that
+    /// reads at the GC horizon need.
     pub fn note_image(&mut self, page: PageId, image: Located) -> Result<(), StaleImage> {
         let e = self.pages.entry(page).or_default();
         let newest = e.newest_image();
@@ -143,17 +178,46 @@ impl PageIndex {
             return Err(StaleImage { page, lsn: image.lsn, newest });
         }
         e.images.push_back(image);
-        if e.images.len() > IMAGES_KEPT {
-            e.images.pop_front();
+        if e.images.len() > IMAGES_KEPT_MAX {
+            e.images.remove(1);
         }
-        if e.images.len() == IMAGES_KEPT {
-            e.complete_after = e.images[0].lsn;
-            while e.records.front().is_some_and(|r| r.lsn <= e.complete_after) {
+        e.recount();
+        Ok(())
+    }
+
+    /// The GC horizon is `horizon`: no read below it will be served. Per page,
+    /// drops the images older than the newest one at or below it, and the
+    /// records that one covers. O(pages): call it once per coalescing round.
+    pub fn retire(&mut self, horizon: Lsn) {
+        for e in self.pages.values_mut() {
+            while e.images.get(1).is_some_and(|i| i.lsn <= horizon) {
+                e.images.pop_front();
+            }
+            let Some(base) = e.images.front().filter(|i| i.lsn <= horizon && i.lsn > e.complete_after) else { continue };
+            e.complete_after = base.lsn;
+            while e.records.front().is_some_and(|r| r.lsn <= base.lsn) {
                 e.records.pop_front();
                 self.records -= 1;
             }
         }
-        Ok(())
+    }
+
+    /// The lowest record any read may still need (`Lsn(u64::MAX)` if none):
+    /// every record below it that is also below the GC horizon can be reclaimed.
+    pub fn first_needed(&self) -> Lsn {
+        self.pages.values().filter_map(|e| e.records.front()).map(|r| r.lsn).min().unwrap_or(Lsn(u64::MAX))
+    }
+
+    /// Every image the index keeps: the live part of the page file.
+    pub fn images(&self) -> impl Iterator<Item = (PageId, Located)> + '_ {
+        self.pages.iter().flat_map(|(&page, e)| e.images.iter().map(move |&i| (page, i)))
+    }
+
+    /// Moves every kept image to where `moved` says (the page file was rewritten).
+    pub fn relocate(&mut self, mut moved: impl FnMut(Located) -> u64) {
+        for e in self.pages.values_mut() {
+            e.images.iter_mut().for_each(|i| i.offset = moved(*i));
+        }
     }
 
     /// The page's record `broken.at` does not apply: stop indexing the page's
@@ -164,6 +228,7 @@ impl PageIndex {
             e.records.pop_back();
             self.records -= 1;
         }
+        e.recount();
         e.broken = Some(broken);
     }
 
@@ -183,13 +248,16 @@ impl PageIndex {
         Ok(PagePlan::Indexed { base, records: e.records_in(from, lsn).copied().collect() })
     }
 
-    /// Pages (not broken) with records above their newest image, at or below `upto`.
-    pub fn dirty_pages(&self, upto: Lsn) -> Vec<PageId> {
-        self.pages.iter().filter(|(_, e)| e.broken.is_none() && e.records_in(e.newest_image(), upto).next().is_some()).map(|(&p, _)| p).collect()
+    /// Pages (not broken) whose first record above their newest image is at
+    /// or below `pin` (and `upto`): they hold the log there until imaged.
+    pub fn pinning_pages(&self, pin: Lsn, upto: Lsn) -> Vec<PageId> {
+        let limit = pin.min(upto);
+        let pinning = |e: &PageEntry| e.broken.is_none() && e.first_since_image().is_some_and(|r| r.lsn <= limit);
+        self.pages.iter().filter(|(_, e)| pinning(e)).map(|(&p, _)| p).collect()
     }
 
-    /// Pages that passed `coalesce_records` records since their newest image
-    /// with a record at or below `upto`, and have not been imaged since.
+    /// Pages that became due (see the module documentation) with a record at
+    /// or below `upto`, and have not been imaged since.
     pub fn take_due(&mut self, upto: Lsn) -> Vec<PageId> {
         let mut out = Vec::new();
         while let Some(&(lsn, page)) = self.due.front().filter(|(lsn, _)| *lsn <= upto) {
@@ -237,6 +305,11 @@ pub fn image_entry_len(header: &[u8; IMAGE_ENTRY_HEADER_BYTES], offset: usize) -
 
 /// Decodes a whole page-file entry (header and image), checking its CRC.
 pub fn decode_image_entry(entry: &[u8], offset: usize) -> Result<PageImage, DecodeError> {
+    PageImage::decode(verify_image_entry(entry, offset)?)
+}
+
+/// Checks a whole page-file entry's length and CRC; returns the image bytes.
+pub fn verify_image_entry(entry: &[u8], offset: usize) -> Result<&[u8], DecodeError> {
     let header: &[u8; IMAGE_ENTRY_HEADER_BYTES] = entry.get(..IMAGE_ENTRY_HEADER_BYTES).and_then(|h| h.try_into().ok()).ok_or(DecodeError::Truncated {
         offset,
         needed: IMAGE_ENTRY_HEADER_BYTES,
@@ -252,7 +325,7 @@ pub fn decode_image_entry(entry: &[u8], offset: usize) -> Result<PageImage, Deco
     if stored != computed {
         return Err(DecodeError::BadCrc { offset, stored, computed });
     }
-    PageImage::decode(body)
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -293,22 +366,40 @@ mod tests {
     }
 
     #[test]
-    fn records_below_the_oldest_kept_image_are_dropped() {
+    fn retire_keeps_the_base_of_reads_at_the_horizon_and_drops_what_it_covers() {
         let mut ix = PageIndex::new(64);
         for l in [2, 5, 9, 12, 20, 25] {
             ix.note_record(P, rec(l));
         }
         ix.note_image(P, img(5)).unwrap();
         ix.note_image(P, img(12)).unwrap();
-        assert_eq!(ix.records(), 4, "2 and 5 are covered by the image at 5");
+        assert_eq!((ix.records(), ix.first_needed()), (6, Lsn(2)), "nothing is dropped before the horizon passes an image");
+        ix.retire(Lsn(11));
+        assert_eq!((ix.records(), ix.first_needed()), (4, Lsn(9)), "2 and 5 are covered by the image at 5, the base at 11");
         assert_eq!(lsns(ix.plan(P, Lsn(11)).unwrap()), (Some(Lsn(5)), vec![9]));
-        assert_eq!(ix.plan(P, Lsn(4)).unwrap(), PagePlan::Unindexed, "older than the oldest kept image");
+        assert_eq!(ix.plan(P, Lsn(4)).unwrap(), PagePlan::Unindexed, "below the horizon");
+        ix.retire(Lsn(19));
+        assert_eq!((ix.records(), ix.first_needed()), (2, Lsn(20)));
+        assert_eq!(ix.images().map(|(_, i)| i.lsn.0).collect::<Vec<_>>(), vec![12]);
+        assert_eq!(lsns(ix.plan(P, Lsn(30)).unwrap()), (Some(Lsn(12)), vec![20, 25]));
         ix.note_image(P, img(20)).unwrap();
-        assert_eq!(ix.records(), 2);
-        assert_eq!(lsns(ix.plan(P, Lsn(30)).unwrap()), (Some(Lsn(20)), vec![25]));
         assert_eq!(lsns(ix.plan(P, Lsn(19)).unwrap()), (Some(Lsn(12)), vec![]));
-        assert_eq!(ix.plan(P, Lsn(11)).unwrap(), PagePlan::Unindexed);
         assert_eq!(ix.note_image(P, img(20)), Err(StaleImage { page: P, lsn: Lsn(20), newest: Lsn(20) }));
+        ix.retire(Lsn(100));
+        assert_eq!((ix.records(), ix.first_needed()), (1, Lsn(25)));
+    }
+
+    #[test]
+    fn past_the_image_limit_the_oldest_image_stays_as_the_base() {
+        let mut ix = PageIndex::new(64);
+        for l in [5, 12, 20, 30] {
+            ix.note_record(P, rec(l));
+            ix.note_image(P, img(l)).unwrap();
+        }
+        assert_eq!(ix.images().map(|(_, i)| i.lsn.0).collect::<Vec<_>>(), vec![5, 20, 30]);
+        assert_eq!(lsns(ix.plan(P, Lsn(15)).unwrap()), (Some(Lsn(5)), vec![12]), "the record between stays");
+        ix.relocate(|i| i.lsn.0 + 1);
+        assert_eq!(ix.images().map(|(_, i)| i.offset).collect::<Vec<_>>(), vec![6, 21, 31]);
     }
 
     #[test]
@@ -316,6 +407,7 @@ mod tests {
         let mut ix = PageIndex::new(64);
         ix.note_image(P, img(5)).unwrap();
         ix.note_image(P, img(9)).unwrap();
+        ix.retire(Lsn(5));
         for l in [2, 5, 9, 12] {
             ix.note_record(P, rec(l));
         }
@@ -326,28 +418,35 @@ mod tests {
     }
 
     #[test]
-    fn dirty_and_due_pages() {
+    fn pages_are_due_by_bytes_or_records_and_pinning_by_age() {
         let mut ix = PageIndex::new(2);
+        // No image yet: due at DUE_BYTES_MIN (records of 50 bytes) or past 2 records.
         for l in 1..=3 {
             ix.note_record(P, rec(l));
         }
-        ix.note_record(PageId(8), rec(10));
-        let mut dirty = ix.dirty_pages(Lsn(10));
-        dirty.sort();
-        assert_eq!(dirty, vec![P, PageId(8)]);
-        assert_eq!(ix.dirty_pages(Lsn(0)), vec![]);
         // P passed 2 records at 3; only once that record is flushed is it due.
         assert_eq!(ix.take_due(Lsn(2)), vec![]);
         assert_eq!(ix.take_due(Lsn(3)), vec![P]);
         assert_eq!(ix.take_due(Lsn(3)), vec![], "taken once");
-        // Due again after two more records past a new image, but not if imaged meanwhile.
+        // An image of 120 bytes: due once the records since outweigh it.
+        let q = PageId(8);
+        ix.note_record(q, Located { lsn: Lsn(4), offset: 0, len: 10 });
+        ix.note_image(q, Located { lsn: Lsn(4), offset: 0, len: 120 }).unwrap();
+        ix.note_record(q, Located { lsn: Lsn(5), offset: 0, len: 100 });
+        assert_eq!(ix.take_due(Lsn(10)), vec![]);
+        ix.note_record(q, Located { lsn: Lsn(6), offset: 0, len: 30 });
+        assert_eq!(ix.take_due(Lsn(10)), vec![q]);
+        // Not due if imaged meanwhile.
         ix.note_image(P, img(3)).unwrap();
-        for l in 4..=6 {
+        for l in 7..=9 {
             ix.note_record(P, rec(l));
         }
-        ix.note_image(P, img(6)).unwrap();
+        ix.note_image(P, img(9)).unwrap();
         assert_eq!(ix.take_due(Lsn(10)), vec![]);
-        assert_eq!(ix.dirty_pages(Lsn(10)), vec![PageId(8)]);
+        // Pinning: q's first record above its image is 5.
+        assert_eq!(ix.pinning_pages(Lsn(4), Lsn(10)), vec![]);
+        assert_eq!(ix.pinning_pages(Lsn(5), Lsn(10)), vec![q]);
+        assert_eq!(ix.pinning_pages(Lsn(5), Lsn(4)), vec![], "not flushed yet");
     }
 
     #[test]
@@ -362,7 +461,7 @@ mod tests {
         assert_eq!(ix.records(), 1);
         assert_eq!(lsns(ix.plan(P, Lsn(4)).unwrap()), (None, vec![2]));
         assert_eq!(ix.plan(P, Lsn(5)), Err(broken));
-        assert_eq!(ix.dirty_pages(Lsn(100)), vec![]);
+        assert_eq!(ix.pinning_pages(Lsn(100), Lsn(100)), vec![]);
     }
 
     #[test]

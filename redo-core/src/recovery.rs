@@ -40,6 +40,9 @@ pub struct Answer {
     /// just claimed on it), `Epoch(0)` if it recorded none.
     pub epoch: Epoch,
     pub scl: Lsn,
+    /// Its log up to here is reclaimed (GC): the records there are committed
+    /// (at or below the GC horizon, itself at or below a writer's VDL) and gone.
+    pub reclaimed: Lsn,
     pub truncations: Vec<Truncation>,
 }
 
@@ -78,7 +81,10 @@ pub fn effective_scl(answer: &Answer, truncations: &[Truncation]) -> Lsn {
 /// Decides what to pull. `answers[pg]` are the segments that granted the claim
 /// (at least a write quorum of each PG); `known_cpl` is a CPL every PG is known
 /// complete up to (the VDL a replica last heard from the writer, or `Lsn::ZERO`).
+/// Reclaimed logs raise it: every record up to a segment's reclaimed LSN is
+/// committed, and recovery pulls nothing from below it.
 pub fn plan(answers: &[Vec<Answer>], known_cpl: Lsn) -> Result<Plan, RecoveryError> {
+    let known_cpl = answers.iter().flatten().map(|a| a.reclaimed).fold(known_cpl, Lsn::max);
     let truncations: Vec<Truncation> = answers.iter().flatten().flat_map(|a| a.truncations.iter().copied()).collect();
     let (mut complete, mut source, mut upto, mut lowest) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (pg, answers) in answers.iter().enumerate() {
@@ -100,7 +106,14 @@ pub fn plan(answers: &[Vec<Answer>], known_cpl: Lsn) -> Result<Plan, RecoveryErr
     let window = if floor > known_cpl { Lsn(floor.0.saturating_sub(crate::api::TXN_OPS_MAX as u64)).max(known_cpl) } else { known_cpl };
     // Also what the answering segments that lag lack, unless that is far more than
     // recovery should wait for (those are filled by gossip from their peers).
-    let from = complete.iter().zip(&lowest).map(|(&c, &low)| if c.0 - low.0 <= RESEND_LSNS_MAX { window.min(low) } else { window }.min(c)).collect();
+    // Never from below what the source reclaimed (a lagging segment that needs more is rebuilt).
+    let from = (0..answers.len())
+        .map(|pg| {
+            let (c, low) = (complete[pg], lowest[pg]);
+            let reclaimed = answers[pg].iter().find(|a| a.segment == source[pg]).map_or(Lsn::ZERO, |a| a.reclaimed);
+            if c.0 - low.0 <= RESEND_LSNS_MAX { window.min(low) } else { window }.min(c).max(reclaimed.min(c))
+        })
+        .collect();
     Ok(Plan { complete, source, from, upto, known_cpl, start })
 }
 
@@ -226,7 +239,12 @@ mod tests {
 
     fn answers(scls: &[&[u64]]) -> Vec<Vec<Answer>> {
         scls.iter()
-            .map(|pg| pg.iter().enumerate().map(|(segment, &scl)| Answer { segment, epoch: Epoch(1 << 32), scl: Lsn(scl), truncations: vec![] }).collect())
+            .map(|pg| {
+                pg.iter()
+                    .enumerate()
+                    .map(|(segment, &scl)| Answer { segment, epoch: Epoch(1 << 32), scl: Lsn(scl), reclaimed: Lsn::ZERO, truncations: vec![] })
+                    .collect()
+            })
             .collect()
     }
 
@@ -279,6 +297,17 @@ mod tests {
         let p = plan(&a, Lsn(1990)).unwrap();
         assert_eq!(p.from, vec![Lsn(1990), Lsn(1)]);
         assert_eq!(recover(&log, &a, 1990).vdl, Lsn(2001));
+        // Without a replica, a segment's reclaimed log (GC) says as much: nothing below it is read.
+        let mut a = a;
+        a[0][2].reclaimed = Lsn(1500);
+        let p = plan(&a, Lsn::ZERO).unwrap();
+        assert_eq!((p.known_cpl, p.from.clone()), (Lsn(1500), vec![Lsn(1500), Lsn(1)]));
+        assert_eq!(recover(&log, &a, 0).vdl, Lsn(2001));
+        // A lagging answer would have the source resend from its SCL: never below what the source reclaimed.
+        a[0][3].scl = Lsn(1000);
+        assert_eq!(plan(&a, Lsn::ZERO).unwrap().from[0], Lsn(1000), "the source, segment 0, reclaimed nothing");
+        a[0][0].reclaimed = Lsn(1200);
+        assert_eq!(plan(&a, Lsn::ZERO).unwrap().from[0], Lsn(1200));
     }
 
     #[test]

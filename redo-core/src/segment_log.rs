@@ -75,6 +75,23 @@ pub struct BelowHorizon {
     pub horizon: Lsn,
 }
 
+/// A read of records that storage reclaimed: a peer that needs them must be
+/// rebuilt from page images (hydration) instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+#[error("{segment}: records up to {reclaimed} were reclaimed (below the GC horizon), a read after {after} needs them")]
+pub struct Reclaimed {
+    pub segment: SegmentId,
+    pub after: Lsn,
+    pub reclaimed: Lsn,
+}
+
+/// Where a read's records are when memory does not serve it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unserved {
+    Disk(DiskRead),
+    Reclaimed(Reclaimed),
+}
+
 /// One sparse disk-index entry per this many bytes of segment file.
 pub const INDEX_STRIDE_BYTES: u64 = 64 << 10;
 
@@ -146,14 +163,44 @@ struct IndexEntry {
     offset: u64,
 }
 
+/// Where the log in the segment file starts: its first record lies at
+/// `offset` and links back to `prev`. The records up to `prev` were reclaimed
+/// (`SegmentLog::reclaim`), and the file's blocks before `offset` freed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogStart {
+    pub offset: u64,
+    pub prev: Lsn,
+}
+
+impl LogStart {
+    /// A log nothing was reclaimed from: it starts after the file header.
+    pub const FILE: LogStart = LogStart { offset: SEGMENT_HEADER_BYTES as u64, prev: Lsn::ZERO };
+}
+
 /// Sparse map from LSN to segment-file offset, for pulls served from disk.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct DiskIndex {
+    start: LogStart,
     entries: Vec<IndexEntry>,
     next_offset: u64,
 }
 
+impl Default for DiskIndex {
+    fn default() -> Self {
+        DiskIndex::starting_at(LogStart::FILE)
+    }
+}
+
 impl DiskIndex {
+    /// The index of a log that starts at `start`.
+    pub fn starting_at(start: LogStart) -> Self {
+        DiskIndex { start, entries: Vec::new(), next_offset: start.offset }
+    }
+
+    pub fn start(&self) -> LogStart {
+        self.start
+    }
+
     /// Notes that the record `lsn` (linking back to `prev`) sits at `offset`.
     pub fn note(&mut self, lsn: Lsn, prev: Lsn, offset: u64) {
         if offset >= self.next_offset {
@@ -165,7 +212,7 @@ impl DiskIndex {
     /// Forgets the entries at or past `end` (a truncated file's new end).
     fn truncate(&mut self, end: u64) {
         self.entries.retain(|e| e.offset < end);
-        self.next_offset = self.entries.last().map_or(0, |e| e.offset + INDEX_STRIDE_BYTES);
+        self.next_offset = self.entries.last().map_or(self.start.offset, |e| e.offset + INDEX_STRIDE_BYTES);
     }
 
     /// The last indexed record at or before the first record above `after`.
@@ -173,8 +220,13 @@ impl DiskIndex {
         let i = self.entries.partition_point(|e| e.lsn <= after);
         match i.checked_sub(1) {
             Some(i) => (self.entries[i].offset, self.entries[i].prev),
-            None => (SEGMENT_HEADER_BYTES as u64, Lsn::ZERO),
+            None => (self.start.offset, self.start.prev),
         }
+    }
+
+    /// The last entry that `fits` (entries are in LSN and offset order).
+    fn last_where(&self, fits: impl Fn(&IndexEntry) -> bool) -> Option<&IndexEntry> {
+        self.entries.iter().rev().find(|e| fits(e))
     }
 }
 
@@ -354,6 +406,43 @@ impl SegmentLog {
             true => Err(BelowHorizon { segment: self.id, lsn, horizon: self.horizon }),
             false => Ok(()),
         }
+    }
+
+    /// Where the log starts in the segment file.
+    pub fn log_start(&self) -> LogStart {
+        self.index.start
+    }
+
+    /// How far the log can be reclaimed, keeping at least `retain_bytes` of it
+    /// (for peers that fell behind; see `reclaim`). Only whole index strides
+    /// go, and only records that no read may need: at or below the GC horizon
+    /// and the flushed LSN, and below every page's first needed record
+    /// (`PageIndex::first_needed`, after `PageIndex::retire`). `None` if nothing
+    /// more can go, or without a page index (nothing tells what reads need).
+    pub fn reclaim_point(&self, retain_bytes: u64) -> Option<LogStart> {
+        let pages = self.pages.as_ref()?;
+        let below = pages.first_needed();
+        let upto = self.horizon.min(self.flushed_lsn);
+        let offset_max = self.flushed_end.saturating_sub(retain_bytes);
+        let e = self.index.last_where(|e| e.offset <= offset_max && e.prev < below && e.prev <= upto)?;
+        (e.offset > self.index.start.offset).then_some(LogStart { offset: e.offset, prev: e.prev })
+    }
+
+    /// Forgets the log before `start` (from `reclaim_point`): reads that need
+    /// the records up to `start.prev` get `Reclaimed` from now on. The shell
+    /// persists the new start before it frees the file's blocks.
+    pub fn reclaim(&mut self, start: LogStart) {
+        assert!(start.offset >= self.index.start.offset && start.prev >= self.index.start.prev, "the log start never moves back");
+        self.index.entries.retain(|e| e.offset >= start.offset);
+        self.index.start = start;
+    }
+
+    /// Records at or below this LSN pin the log `retain_bytes / 2` from its
+    /// flushed end: their pages are imaged (`PageIndex::pinning_pages`) so that
+    /// the log can be reclaimed before it outgrows `retain_bytes`.
+    pub fn pin_lsn(&self, retain_bytes: u64) -> Lsn {
+        let offset_max = self.flushed_end.saturating_sub(retain_bytes / 2);
+        self.index.last_where(|e| e.offset <= offset_max).map_or(Lsn::ZERO, |e| e.lsn)
     }
 
     /// Takes the epoch state `crate::join::Join` decided on, once the shell persisted it.
@@ -834,14 +923,18 @@ impl SegmentLog {
     /// LSN through which the segment's records are now all served: the clamped
     /// `upto` when everything fit, else the last record served. When memory no
     /// longer holds the record after `after`, returns where to read on disk instead.
-    pub fn read(&self, after: Lsn, upto: Lsn, bytes_max: usize, out: &mut Vec<Bytes>) -> Result<Lsn, DiskRead> {
+    pub fn read(&self, after: Lsn, upto: Lsn, bytes_max: usize, out: &mut Vec<Bytes>) -> Result<Lsn, Unserved> {
         let upto = upto.min(self.scl);
         if after >= upto {
             return Ok(after);
         }
+        let reclaimed = self.index.start.prev;
+        if after < reclaimed {
+            return Err(Unserved::Reclaimed(Reclaimed { segment: self.id, after, reclaimed }));
+        }
         if after < self.chain_base {
             let (offset, prev) = self.index.seek(after);
-            return Err(DiskRead { offset, prev, end_offset: self.flushed_end, after, upto: upto.min(self.chain_base) });
+            return Err(Unserved::Disk(DiskRead { offset, prev, end_offset: self.flushed_end, after, upto: upto.min(self.chain_base) }));
         }
         let start = self.chain.partition_point(|f| f.last_lsn <= after);
         let (mut last, mut bytes, mut cut) = (after, 0, false);
@@ -907,7 +1000,8 @@ impl SegmentLog {
     /// Without the index: the page's flushed records from the file, the rest from memory.
     fn page_scan(&self, page: PageId, lsn: Lsn) -> PageRead {
         let on_disk = lsn.min(self.flushed_lsn);
-        let scan = DiskRead { offset: SEGMENT_HEADER_BYTES as u64, prev: Lsn::ZERO, end_offset: self.flushed_end, after: Lsn::ZERO, upto: on_disk };
+        let LogStart { offset, prev } = self.index.start;
+        let scan = DiskRead { offset, prev, end_offset: self.flushed_end, after: Lsn::ZERO, upto: on_disk };
         let mut parts = vec![PagePart::Scan(scan)];
         for f in self.chain.iter().skip(self.clean).take_while(|f| f.first_lsn <= lsn) {
             for (rec, range) in TrustedRecords::new(&f.bytes) {
@@ -1168,7 +1262,10 @@ pub(crate) mod tests {
         assert_eq!(log.read(Lsn(6), Lsn(100), 60, &mut out), Ok(Lsn(7)));
         assert_eq!(lsns_of(&out), [Lsn(7)], "bytes_max bounds the reply");
         let disk = log.read(Lsn(2), Lsn(100), 1 << 20, &mut out).unwrap_err();
-        assert_eq!(disk, DiskRead { offset: SEGMENT_HEADER_BYTES as u64, prev: Lsn::ZERO, end_offset: 4096 + 500, after: Lsn(2), upto: Lsn(6) });
+        assert_eq!(
+            disk,
+            Unserved::Disk(DiskRead { offset: SEGMENT_HEADER_BYTES as u64, prev: Lsn::ZERO, end_offset: 4096 + 500, after: Lsn(2), upto: Lsn(6) })
+        );
     }
 
     #[test]
@@ -1242,6 +1339,47 @@ pub(crate) mod tests {
         let plain = SegmentLog::new(ID, config(1 << 20));
         let read = plain.page_read(PageId(1), Lsn(5)).unwrap();
         assert!(matches!(read.parts[..], [PagePart::Scan(DiskRead { upto: Lsn::ZERO, .. })]));
+    }
+
+    #[test]
+    fn the_log_is_reclaimed_below_the_horizon_the_images_and_the_retained_bytes() {
+        // Records of 10 KiB on pages lsn % 3: an index entry every 7th record or so.
+        let mut log = SegmentLog::new(ID, config(1 << 22)).with_page_index(PageIndex::new(64));
+        for l in 1..=60u64 {
+            let mut out = Vec::new();
+            RecordHeader { lsn: Lsn(l), prev_lsn_in_segment: Lsn(l - 1), prev_lsn_for_page: Lsn(l.saturating_sub(3)), page: PageId(l % 3), cpl: true }
+                .encode(&[l as u8; 10 << 10], &mut out);
+            log.handle_append(Epoch(1), &ValidRecords::validate(Bytes::from(out), 0).unwrap().unwrap()).unwrap();
+            flush_all(&mut log);
+        }
+        assert_eq!(log.reclaim_point(0), None, "no horizon yet");
+        log.note_horizon(Lsn(40));
+        assert_eq!(log.reclaim_point(0), None, "no images: every record is needed");
+        let image = |l: u64| Located { lsn: Lsn(l), offset: l, len: 100 };
+        let pages = log.page_index_mut().unwrap();
+        for (page, l) in [(0, 30), (1, 31), (2, 32)] {
+            pages.note_image(PageId(page), image(l)).unwrap();
+        }
+        pages.retire(Lsn(40));
+        assert_eq!(pages.first_needed(), Lsn(33));
+        let start = log.reclaim_point(0).expect("records up to 32 can go");
+        assert!(start.prev < Lsn(33) && start.prev > Lsn(20), "{start:?}");
+        let retained = log.reclaim_point(log.flushed_end() - start.offset + 1).expect("a shorter reach");
+        assert!(retained.offset < start.offset, "{retained:?} keeps more than {start:?}");
+        assert_eq!(log.reclaim_point(log.flushed_end()), None, "the retained bytes cover the whole log");
+        assert_eq!(log.pin_lsn(u64::MAX), Lsn::ZERO, "the whole log is within the retained bytes");
+        let pin = log.pin_lsn(2 * (log.flushed_end() - start.offset));
+        assert!(pin > start.prev && pin < Lsn(60), "{pin} pins about half way from the start to the end");
+
+        log.reclaim(start);
+        assert_eq!((log.log_start(), log.reclaim_point(0)), (start, None));
+        let mut out = vec![];
+        let below = log.read(Lsn(1), Lsn(60), 1 << 20, &mut out).unwrap_err();
+        assert_eq!(below, Unserved::Reclaimed(Reclaimed { segment: ID, after: Lsn(1), reclaimed: start.prev }));
+        match log.read(start.prev, Lsn(60), 1 << 20, &mut out) {
+            Err(Unserved::Disk(disk)) => assert_eq!((disk.offset, disk.prev), (start.offset, start.prev)),
+            other => panic!("a read from the new start is served from disk: {other:?}"),
+        }
     }
 
     /// Flushes everything into `file` (the segment file's bytes).
@@ -1343,7 +1481,7 @@ pub(crate) mod tests {
         let mut out = vec![];
         assert_eq!(log.poll_flush(&mut out).unwrap().offset, 4096 + 150);
         // Reads below memory go to the disk up to the new end only.
-        let disk = log.read(Lsn(0), Lsn(9), 1 << 20, &mut out).unwrap_err();
+        let Err(Unserved::Disk(disk)) = log.read(Lsn(0), Lsn(9), 1 << 20, &mut out) else { panic!("read from disk") };
         assert_eq!((disk.end_offset, disk.upto), (4096 + 150, Lsn(3)));
     }
 
@@ -1520,7 +1658,8 @@ pub(crate) mod tests {
                                     prop_assert!(last == after || got.last() == Some(&last));
                                     if upto.min(log.scl()) > after { prop_assert!(!got.is_empty(), "a read below SCL returns at least one record"); }
                                 }
-                                Err(disk) => prop_assert!(disk.after == after && disk.upto <= log.flushed_lsn() && disk.offset >= SEGMENT_HEADER_BYTES as u64),
+                                Err(Unserved::Disk(disk)) => prop_assert!(disk.after == after && disk.upto <= log.flushed_lsn() && disk.offset >= SEGMENT_HEADER_BYTES as u64),
+                                Err(Unserved::Reclaimed(r)) => prop_assert!(false, "nothing was reclaimed: {r}"),
                             }
                         }
                     }

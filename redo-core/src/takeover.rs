@@ -44,11 +44,12 @@ pub const CLAIM_RETRY_MIN: Duration = Duration::from_millis(5);
 pub const CLAIM_RETRY_JITTER: Duration = Duration::from_millis(50);
 
 /// A segment's answer to `Status`: its epoch (the one just claimed, for a
-/// claim), position and recorded truncations, oldest first.
+/// claim), position, reclaimed LSN and recorded truncations, oldest first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentStatus {
     pub epoch: Epoch,
     pub position: SegmentPosition,
+    pub reclaimed: Lsn,
     pub truncations: Vec<Truncation>,
 }
 
@@ -468,6 +469,7 @@ impl Takeover {
                         segment,
                         epoch: st.truncations.last().map_or(Epoch(0), |t| t.epoch),
                         scl: st.position.scl,
+                        reclaimed: st.reclaimed,
                         truncations: st.truncations,
                     })
                     .collect()
@@ -539,7 +541,7 @@ mod tests {
     }
 
     fn status_at(epoch: Epoch, scl: Lsn) -> Reply {
-        Reply::Status(SegmentStatus { epoch, position: SegmentPosition { pg: PgId(0), scl, flushed_lsn: scl }, truncations: Vec::new() })
+        Reply::Status(SegmentStatus { epoch, position: SegmentPosition { pg: PgId(0), scl, flushed_lsn: scl }, reclaimed: Lsn::ZERO, truncations: Vec::new() })
     }
 
     /// A one-PG takeover on an empty volume.

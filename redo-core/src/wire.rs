@@ -182,11 +182,13 @@ pub enum Message {
         truncate_above: Option<Lsn>,
         history: Vec<Truncation>,
     },
-    /// Storage → writer: the segment's epoch (after any claim), position, and
-    /// the truncations it recorded, oldest first (at most `TRUNCATIONS_MAX`).
+    /// Storage → writer: the segment's epoch (after any claim), position, the
+    /// LSN up to which its log is reclaimed (GC), and the truncations it
+    /// recorded, oldest first (at most `TRUNCATIONS_MAX`).
     StatusReply {
         epoch: Epoch,
         position: SegmentPosition,
+        reclaimed: Lsn,
         truncations: Vec<Truncation>,
     },
     /// Reader → storage: page `page` as of `lsn` (GetPage@LSN). Needs the segment's SCL >= `lsn`.
@@ -317,10 +319,11 @@ impl Message {
                     }
                 }
             }
-            Message::StatusReply { epoch, position, truncations } => {
+            Message::StatusReply { epoch, position, reclaimed, truncations } => {
                 out.push(KIND_STATUS_REPLY);
                 put_u64(out, epoch.0);
                 put_position(out, position);
+                put_u64(out, reclaimed.0);
                 put_truncations(out, truncations);
             }
             Message::GetPage { pg, page, lsn, epoch } => {
@@ -430,8 +433,8 @@ impl Message {
                 Message::Status { epoch, pg, truncate_above, history }
             }
             KIND_STATUS_REPLY => {
-                let (epoch, position) = (Epoch(r.u64()?), position(&mut r)?);
-                Message::StatusReply { epoch, position, truncations: truncations(&mut r)? }
+                let (epoch, position, reclaimed) = (Epoch(r.u64()?), position(&mut r)?, Lsn(r.u64()?));
+                Message::StatusReply { epoch, position, reclaimed, truncations: truncations(&mut r)? }
             }
             KIND_GET_PAGE => {
                 let (pg, page, lsn) = (PgId(r.u32()?), PageId(r.u64()?), Lsn(r.u64()?));
@@ -515,10 +518,11 @@ mod tests {
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: None, history: vec![] },
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)), history: vec![] },
             Message::Status { epoch: Epoch(5), pg: PgId(2), truncate_above: Some(Lsn(8)), history: vec![Truncation { epoch: Epoch(3), above: Lsn(6) }] },
-            Message::StatusReply { epoch: Epoch(5), position: pos, truncations: vec![] },
+            Message::StatusReply { epoch: Epoch(5), position: pos, reclaimed: Lsn::ZERO, truncations: vec![] },
             Message::StatusReply {
                 epoch: Epoch(5),
                 position: pos,
+                reclaimed: Lsn(3),
                 truncations: vec![Truncation { epoch: Epoch(3), above: Lsn(4) }, Truncation { epoch: Epoch(5), above: Lsn(9) }],
             },
             Message::GetPage { pg: PgId(2), page: PageId(77), lsn: Lsn(9), epoch: Epoch(0) },

@@ -354,7 +354,7 @@ impl Sim {
             // that epoch (never part of the history) that cuts nothing.
             truncations.push(Truncation { epoch: s.log.epoch(), above: Lsn(u64::MAX) });
         }
-        Reply::Status(SegmentStatus { epoch: s.log.epoch(), position: s.log.position(), truncations })
+        Reply::Status(SegmentStatus { epoch: s.log.epoch(), position: s.log.position(), reclaimed: s.log.log_start().prev, truncations })
     }
 
     /// The recovery kept every acknowledged commit and everything a replica

@@ -23,7 +23,7 @@ use redo_core::page::PageImage;
 use redo_core::quorum::SEGMENTS_PER_PG;
 use redo_core::record::{RecordRef, Records};
 use redo_core::replica::{PullError, PullPlan, ReadPlan, ReplicaConfig, ReplicaCore, Start, StreamPlan};
-use redo_core::segment_log::{DiskRead, PagePart};
+use redo_core::segment_log::{DiskRead, PagePart, Unserved};
 use redo_core::wire::SegmentPosition;
 use redo_core::{Epoch, Lsn, PageId, PgId};
 
@@ -530,10 +530,11 @@ pub(crate) fn pull(s: &Segment, after: Lsn, upto: Lsn, bytes_max: usize) -> (Byt
     let mut parts = Vec::new();
     match s.log.read(after, upto, bytes_max, &mut parts) {
         Ok(last) => (Bytes::from(parts.concat()), last),
-        Err(disk) => {
+        Err(Unserved::Disk(disk)) => {
             let (records, last) = read_file(&s.file, disk, bytes_max, |_| true);
             (Bytes::from(records), last)
         }
+        Err(Unserved::Reclaimed(r)) => unreachable!("the sim stores no page images, so it reclaims no log: {r}"),
     }
 }
 

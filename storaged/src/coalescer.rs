@@ -1,10 +1,10 @@
 //! The coalescer: one task per segment that materialises page images and
 //! appends them to the segment's page file, so that GetPage starts from a
-//! recent image and the page index (and, later, the log below the images)
-//! can be dropped. Every `--coalesce-interval-ms` it images every page
-//! changed since its last image; as soon as the flushed LSN covers a page's
-//! `--coalesce-records`+1-th record since its last image, that page at once.
-//! Images are taken at the flushed LSN: an image must never hold a record
+//! recent image and the log below the images can be reclaimed (`gc`, after
+//! each interval round). A page is imaged as soon as the flushed LSN covers
+//! the record that made it due (`PageIndex::take_due`); every
+//! `--coalesce-interval-ms`, also the pages whose records pin the log
+//! (`PageIndex::pinning_pages`). Images are taken at the flushed LSN: an image must never hold a record
 //! that a crash could lose. A round's pages are materialised on a thread at
 //! nice 10, and each segment's interval starts at a random point, so that
 //! rounds neither delay the commit path nor coincide across segments and nodes.
@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Result;
 use redo_core::page_index::{encode_image_entry, Located, PageBroken};
 use redo_core::segment_log::PageRead;
-use redo_core::PageId;
+use redo_core::{Lsn, PageId};
 use tokio::time::MissedTickBehavior;
 
 use crate::node::{Node, Segment};
@@ -35,7 +35,7 @@ pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut flushes = seg.flushes.subscribe();
     loop {
-        let every_dirty_page = tokio::select! {
+        let interval_round = tokio::select! {
             _ = tick.tick() => true,
             changed = flushes.changed() => {
                 if changed.is_err() {
@@ -48,54 +48,68 @@ pub async fn run(node: Arc<Node>, seg: Arc<Segment>) {
             return;
         }
         // A truncation waits for the round and holds the next one off.
-        let _files = seg.files.read().await;
+        let files = seg.files.read().await;
         let (upto, due) = {
             let mut log = seg.log.lock().expect("segment lock");
-            let upto = log.flushed_lsn();
+            let (upto, pin) = (log.flushed_lsn(), log.pin_lsn(node.config.log_retain_bytes));
             // None after a truncation that could not rebuild it (the disk failed).
             let Some(index) = log.page_index_mut() else { continue };
-            (upto, if every_dirty_page { index.dirty_pages(upto) } else { index.take_due(upto) })
-        };
-        // A few pages per lock hold: appends wait on this lock, and a round may cover thousands of pages.
-        let mut reads: Vec<(PageId, PageRead)> = Vec::with_capacity(due.len());
-        for chunk in due.chunks(PAGES_PER_LOCK) {
-            let log = seg.log.lock().expect("segment lock");
-            reads.extend(chunk.iter().filter_map(|&page| log.page_read(page, upto).ok().map(|r| (page, r))));
-        }
-        if reads.is_empty() {
-            continue;
-        }
-        let seg2 = seg.clone();
-        let written = match in_background(move || write_images(&seg2, reads)).await {
-            Ok(w) => w,
-            Err(e) => Err(anyhow::anyhow!("coalescer thread: {e}")),
-        };
-        let Written { images, broken, bytes } = match written {
-            Ok(w) => w,
-            Err(e) => {
-                // Nothing was noted: the same pages are retried at the next round.
-                tracing::error!(segment = %seg.id, error = %format!("{e:#}"), "coalescing page images failed");
-                continue;
+            let mut due = index.take_due(upto);
+            if interval_round {
+                let pinning: Vec<PageId> = index.pinning_pages(pin, upto).into_iter().filter(|p| !due.contains(p)).collect();
+                due.extend(pinning);
             }
+            (upto, due)
         };
-        let mut log = seg.log.lock().expect("segment lock");
-        let Some(index) = log.page_index_mut() else { continue };
-        for (page, at) in &images {
-            if let Err(e) = index.note_image(*page, *at) {
-                tracing::error!(segment = %seg.id, error = %e, "coalescer wrote an image the index refuses");
-            }
+        coalesce(&node, &seg, upto, &due).await;
+        drop(files);
+        if interval_round {
+            crate::gc::collect(&node, &seg).await;
         }
-        if let Some(first) = broken.first() {
-            // One line per round: a log of foreign payloads (benchmarks) breaks every page.
-            tracing::warn!(segment = %seg.id, pages = broken.len(), first = %first,
-                "pages cannot be materialised; GetPage at or past the failing record is refused");
-        }
-        broken.into_iter().for_each(|b| index.note_broken(b));
-        drop(log);
-        node.metrics.pages_coalesced.fetch_add(images.len() as u64, Ordering::Relaxed);
-        node.metrics.page_image_bytes.fetch_add(bytes, Ordering::Relaxed);
-        tracing::debug!(segment = %seg.id, %upto, pages = images.len(), bytes, "coalesced page images");
     }
+}
+
+/// Images `due` as of `upto` and notes the images in the page index.
+async fn coalesce(node: &Node, seg: &Arc<Segment>, upto: Lsn, due: &[PageId]) {
+    // A few pages per lock hold: appends wait on this lock, and a round may cover thousands of pages.
+    let mut reads: Vec<(PageId, PageRead)> = Vec::with_capacity(due.len());
+    for chunk in due.chunks(PAGES_PER_LOCK) {
+        let log = seg.log.lock().expect("segment lock");
+        reads.extend(chunk.iter().filter_map(|&page| log.page_read(page, upto).ok().map(|r| (page, r))));
+    }
+    if reads.is_empty() {
+        return;
+    }
+    let seg2 = seg.clone();
+    let written = match in_background(move || write_images(&seg2, reads)).await {
+        Ok(w) => w,
+        Err(e) => Err(anyhow::anyhow!("coalescer thread: {e}")),
+    };
+    let Written { images, broken, bytes } = match written {
+        Ok(w) => w,
+        Err(e) => {
+            // Nothing was noted: the same pages are retried at the next round.
+            tracing::error!(segment = %seg.id, error = %format!("{e:#}"), "coalescing page images failed");
+            return;
+        }
+    };
+    let mut log = seg.log.lock().expect("segment lock");
+    let Some(index) = log.page_index_mut() else { return };
+    for (page, at) in &images {
+        if let Err(e) = index.note_image(*page, *at) {
+            tracing::error!(segment = %seg.id, error = %e, "coalescer wrote an image the index refuses");
+        }
+    }
+    if let Some(first) = broken.first() {
+        // One line per round: a log of foreign payloads (benchmarks) breaks every page.
+        tracing::warn!(segment = %seg.id, pages = broken.len(), first = %first,
+            "pages cannot be materialised; GetPage at or past the failing record is refused");
+    }
+    broken.into_iter().for_each(|b| index.note_broken(b));
+    drop(log);
+    node.metrics.pages_coalesced.fetch_add(images.len() as u64, Ordering::Relaxed);
+    node.metrics.page_image_bytes.fetch_add(bytes, Ordering::Relaxed);
+    tracing::debug!(segment = %seg.id, %upto, pages = images.len(), bytes, "coalesced page images");
 }
 
 /// A round waiting for the background thread; each segment has at most one.

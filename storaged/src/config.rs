@@ -79,14 +79,23 @@ pub struct Config {
     /// How long an append waits for the flush to free hot-log memory before answering Busy.
     #[arg(long, default_value_t = 1000)]
     pub busy_wait_ms: u64,
-    /// Per segment: how often the coalescer writes page images (to `pg-N.pages`) of the pages
-    /// changed since their last image, as of the flushed LSN.
+    /// Per segment: how often the coalescer images the pages whose records pin the log (see
+    /// --log-retain-bytes) and storage reclaims disk: the log below the GC horizon that page
+    /// images cover, and page images no reader needs (the page file is rewritten once they
+    /// outweigh the live ones twice over).
     #[arg(long, default_value_t = 1000)]
     pub coalesce_interval_ms: u64,
-    /// A page with more records than this since its last image is coalesced as soon as they are
-    /// flushed, without waiting for the interval.
+    /// A page is imaged (to `pg-N.pages`) as soon as its records since its last image outweigh
+    /// that image, or outnumber this, once they are flushed: image bytes stay below record
+    /// bytes, and a page read applies at most this many records.
     #[arg(long, default_value_t = 64)]
     pub coalesce_records: usize,
+    /// Per segment: log kept on disk above what storage could reclaim, so that a peer that fell
+    /// behind by up to this much catches up from this segment's log. A segment's disk use is
+    /// about this plus its live page images. Pages whose oldest record lies half this far back
+    /// from the log's end are imaged, so that the log can go.
+    #[arg(long, default_value = "64MiB", value_parser = borealis_net::parse_bytes)]
+    pub log_retain_bytes: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,

@@ -551,6 +551,7 @@ mod tests {
             busy_wait_ms: 0,
             coalesce_interval_ms: 1000,
             coalesce_records: 64,
+            log_retain_bytes: 64 << 20,
             metrics_listen: None,
             volume: None,
             gossip_interval_ms: 0,

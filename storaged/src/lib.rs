@@ -8,6 +8,7 @@ mod coalescer;
 pub mod config;
 pub mod flush_bench;
 mod flusher;
+mod gc;
 mod gossip;
 mod metrics;
 mod node;

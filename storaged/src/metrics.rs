@@ -21,6 +21,11 @@ pub struct Metrics {
     pub get_page_requests: AtomicU64,
     pub pages_coalesced: AtomicU64,
     pub page_image_bytes: AtomicU64,
+    /// GC: log bytes whose disk blocks were freed, page-file compactions and the bytes they copied, checkpoints written.
+    pub log_reclaimed_bytes: AtomicU64,
+    pub page_compactions: AtomicU64,
+    pub page_compacted_bytes: AtomicU64,
+    pub checkpoints: AtomicU64,
     /// Gossip: rounds (each asks every peer its position), pull requests sent to peers, records newly inserted from their
     /// replies, record bytes received in them, and failed exchanges.
     pub gossip_rounds: AtomicU64,
@@ -51,6 +56,10 @@ impl Default for Metrics {
             get_page_requests: AtomicU64::new(0),
             pages_coalesced: AtomicU64::new(0),
             page_image_bytes: AtomicU64::new(0),
+            log_reclaimed_bytes: AtomicU64::new(0),
+            page_compactions: AtomicU64::new(0),
+            page_compacted_bytes: AtomicU64::new(0),
+            checkpoints: AtomicU64::new(0),
             gossip_rounds: AtomicU64::new(0),
             gossip_pulls: AtomicU64::new(0),
             gossip_records: AtomicU64::new(0),
@@ -92,6 +101,10 @@ pub struct SegmentGauges {
     pub joining: bool,
     pub gc_horizon: u64,
     pub epoch_generation: u64,
+    /// The log up to this LSN is reclaimed (`LogStart::prev`).
+    pub reclaimed_lsn: u64,
+    pub live_image_bytes: u64,
+    pub page_file_bytes: u64,
 }
 
 impl Metrics {
@@ -109,6 +122,10 @@ impl Metrics {
             ("storaged_get_page_requests_total", "GetPage@LSN requests for a hosted segment.", &self.get_page_requests),
             ("storaged_pages_coalesced_total", "Page images materialised and written to page files.", &self.pages_coalesced),
             ("storaged_page_image_bytes_total", "Bytes of page-file entries made durable by fsync.", &self.page_image_bytes),
+            ("storaged_log_reclaimed_bytes_total", "Segment-file bytes below the log's start whose disk blocks were freed.", &self.log_reclaimed_bytes),
+            ("storaged_page_compactions_total", "Page files rewritten with their live images only.", &self.page_compactions),
+            ("storaged_page_compacted_bytes_total", "Bytes of live images copied by page-file compactions.", &self.page_compacted_bytes),
+            ("storaged_checkpoints_total", "Segment checkpoints written (image index, log start, GC horizon).", &self.checkpoints),
             ("storaged_gossip_rounds_total", "Gossip rounds: each segment asking its PG peers their position.", &self.gossip_rounds),
             ("storaged_gossip_pulls_total", "Pull requests sent to PG peers to fill holes.", &self.gossip_pulls),
             ("storaged_gossip_records_total", "Records pulled from PG peers that were new to the segment.", &self.gossip_records),
@@ -124,7 +141,7 @@ impl Metrics {
         self.append_batch_records.render(&mut out, "storaged_append_batch_records", "Records per append batch.");
         self.flush_batch_bytes.render(&mut out, "storaged_flush_batch_bytes", "Record bytes per flush (one durable write).");
         self.get_page_latency_us.render(&mut out, "storaged_get_page_latency_us", "GetPage request received to page materialised, microseconds.");
-        let gauges: [Gauge; 9] = [
+        let gauges: [Gauge; 12] = [
             ("storaged_segment_scl", "Segment complete LSN.", |s| s.scl),
             ("storaged_segment_flushed_lsn", "Highest LSN durable on disk.", |s| s.flushed_lsn),
             ("storaged_segment_hot_bytes", "Unflushed bytes in the segment's memory log.", |s| s.hot_bytes),
@@ -134,6 +151,11 @@ impl Metrics {
             ("storaged_segment_gc_horizon", "The GC horizon the writer sent last: page reads below it are refused.", |s| s.gc_horizon),
             ("storaged_segment_joining", "1 while the segment, new or wiped, learns its epoch state from its peers and grants nothing.", |s| s.joining as u64),
             ("storaged_segment_epoch_generation", "Generation (high 32 bits) of the epoch the segment granted last.", |s| s.epoch_generation),
+            ("storaged_segment_reclaimed_lsn", "The segment's log up to this LSN is reclaimed: pulls that need it are refused.", |s| s.reclaimed_lsn),
+            ("storaged_segment_live_image_bytes", "Bytes of the page images that reads may still need (the rest of the page file is dead).", |s| {
+                s.live_image_bytes
+            }),
+            ("storaged_segment_page_file_bytes", "Size of the segment's page file.", |s| s.page_file_bytes),
         ];
         for (name, help, get) in gauges {
             header(&mut out, name, "gauge", help);

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use redo_core::page_index::PageIndex;
-use redo_core::segment_log::{FlushJob, SegmentLog, SegmentLogConfig};
+use redo_core::segment_log::{FlushJob, LogStart, SegmentLog, SegmentLogConfig};
 use redo_core::wire::SegmentPosition;
 use redo_core::{Lsn, NodeId, PgId, SegmentId};
 use tokio::sync::watch;
@@ -147,13 +147,23 @@ impl Node {
         let write_bytes_max = config.flush_bytes_max.max(config.frame_bytes_max);
         for &pg in &config.pgs {
             let id = SegmentId { pg: PgId(pg), node: node_id };
+            let dir = &config.data_dir;
+            let checkpoint = match store::segment_path(dir, id.pg).exists() {
+                true => store::read_checkpoint(dir, id.pg)?,
+                false => store::forget_checkpoint(dir, id.pg).map(|()| None)?,
+            };
+            let (start, horizon) = checkpoint.as_ref().map_or((LogStart::FILE, Lsn::ZERO), |c| (c.log_start, c.horizon));
             // Images first, so that the log scan indexes only the records they do not cover.
             let mut index = PageIndex::new(config.coalesce_records);
-            let page_file = PageFile::open(&config.data_dir, id.pg, &mut index)?;
+            let page_file = PageFile::open(dir, id.pg, checkpoint.as_ref(), &mut index)?;
+            index.retire(horizon);
             let indexed = pages == Pages::Indexed;
-            let open = |index: Option<&mut PageIndex>| store::open_segment(&config.data_dir, id, config.segment_prealloc_bytes, write_bytes_max, index);
+            let open = |index: Option<&mut PageIndex>| store::open_segment(dir, id, start, config.segment_prealloc_bytes, write_bytes_max, index);
             let mut r = open(indexed.then_some(&mut index))?;
             if indexed && index.newest_image() > r.last_lsn {
+                if checkpoint.is_some() {
+                    bail!("{id}: the page file holds images up to {} past the end of the log at {}, and the log below the checkpoint is reclaimed: the segment cannot be rebuilt here; move its files aside so that it refills from its peers", index.newest_image(), r.last_lsn);
+                }
                 // Not this log's images (e.g. the segment file was moved aside to be rebuilt).
                 tracing::warn!(segment = %id, image_lsn = %index.newest_image(), scl = %r.last_lsn,
                     "page file holds images past the end of the log: discarding it; the coalescer rebuilds images from the log");
@@ -163,6 +173,7 @@ impl Node {
             }
             let epoch = r.epoch.clone().unwrap_or_default();
             let mut log = SegmentLog::recovered(id, log_config.clone(), epoch.epoch, r.last_lsn, r.file_end, r.index).with_truncations(&epoch.truncations);
+            log.note_horizon(horizon);
             if r.epoch.is_none() && r.last_lsn == Lsn::ZERO && config.gossips() {
                 // New or wiped: it learns its epoch state from its peers first (`gossip`).
                 log = log.awaiting_join();
@@ -216,6 +227,9 @@ impl Node {
                     joining: log.is_joining(),
                     gc_horizon: log.horizon().0,
                     epoch_generation: log.epoch().generation(),
+                    reclaimed_lsn: log.log_start().prev.0,
+                    live_image_bytes: log.page_index().map_or(0, |p| p.images().map(|(_, at)| at.len as u64).sum()),
+                    page_file_bytes: s.page_file.end(),
                 }
             })
             .collect();

@@ -13,7 +13,7 @@ use redo_core::log_stream::{LogStream, StreamPoll};
 use redo_core::page_index::{PageIndex, IMAGE_BYTES_MAX};
 use redo_core::record::ValidRecords;
 use redo_core::segment_claim::{ClaimError, SegmentClaim, Step};
-use redo_core::segment_log::AppendError;
+use redo_core::segment_log::{AppendError, Unserved};
 use redo_core::wire::{ErrorCode, Message, SegmentPosition, Truncation};
 use redo_core::{Epoch, Lsn, PageId, PgId};
 use tokio::sync::{mpsc, watch};
@@ -261,7 +261,10 @@ async fn claim(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate: Option<(
                 }
             }
             Step::CutFiles { offset, reindex, above } => {
-                let flushed_end = seg.log.lock().expect("segment lock").flushed_end();
+                let (start, flushed_end, horizon) = {
+                    let log = seg.log.lock().expect("segment lock");
+                    (log.log_start(), log.flushed_end(), log.horizon())
+                };
                 let (dir, seg2, coalesce_records) = (node.data_dir().clone(), seg.clone(), node.config.coalesce_records);
                 let cut = blocking(move || -> anyhow::Result<Option<PageIndex>> {
                     if let Some(offset) = offset {
@@ -272,7 +275,8 @@ async fn claim(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate: Option<(
                     }
                     let mut index = PageIndex::new(coalesce_records);
                     seg2.page_file.cut_above(above, &mut index)?;
-                    store::index_pages(&seg2.reader, flushed_end, &mut index)?;
+                    index.retire(horizon);
+                    store::index_pages(&seg2.reader, start, flushed_end, &mut index)?;
                     Ok(Some(index))
                 });
                 match cut.await {
@@ -342,7 +346,7 @@ async fn status(node: &Node, seg: &Arc<Segment>, epoch: Epoch, truncate_above: O
         return joining(seg);
     }
     let position = log.position().vouched(node.config.ack == AckMode::Disk);
-    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position, truncations: log.truncations() }, received: None }
+    Reply::Now { msg: Message::StatusReply { epoch: log.epoch(), position, reclaimed: log.log_start().prev, truncations: log.truncations() }, received: None }
 }
 
 /// GetPage@LSN: the page as of `lsn`, from its newest image at or below
@@ -421,7 +425,8 @@ async fn read_records(seg: &Arc<Segment>, after: Lsn, upto: Lsn, bytes_max: usiz
             parts.iter().for_each(|p| buf.extend_from_slice(p));
             (buf.freeze(), last)
         }
-        Err(disk) => {
+        Err(Unserved::Reclaimed(gone)) => return Err(error(ErrorCode::BelowHorizon, gone.to_string())),
+        Err(Unserved::Disk(disk)) => {
             let seg2 = seg.clone();
             match blocking(move || store::read_from_disk(&seg2.reader, disk, bytes_max, |_| true)).await {
                 Ok((buf, last)) => (Bytes::from(buf), last),

@@ -10,11 +10,12 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use redo_core::checkpoint::{Checkpoint, CHECKPOINT_FORMAT_VERSION};
 use redo_core::page_index::{Located, PageIndex};
 use redo_core::record::{RecordRef, RECORD_BYTES_MAX};
 use redo_core::segment_claim::EpochState;
 use redo_core::segment_file::{decode_header, encode_header, scan_records, ScanStop, SEGMENT_HEADER_BYTES};
-use redo_core::segment_log::{DiskCut, DiskIndex, DiskRead, INDEX_STRIDE_BYTES};
+use redo_core::segment_log::{DiskCut, DiskIndex, DiskRead, LogStart, INDEX_STRIDE_BYTES};
 use redo_core::wire::{Truncation, TRUNCATIONS_MAX};
 use redo_core::{Epoch, Lsn, PgId, SegmentId};
 
@@ -28,6 +29,60 @@ pub fn segment_path(dir: &Path, pg: PgId) -> PathBuf {
 
 fn epoch_path(dir: &Path, pg: PgId) -> PathBuf {
     dir.join(format!("pg-{}.epoch", pg.0))
+}
+
+fn checkpoint_path(dir: &Path, pg: PgId) -> PathBuf {
+    dir.join(format!("pg-{}.ckpt", pg.0))
+}
+
+/// The segment's checkpoint (`redo_core::checkpoint`), if it has one.
+pub fn read_checkpoint(dir: &Path, pg: PgId) -> Result<Option<Checkpoint>> {
+    let path = checkpoint_path(dir, pg);
+    match fs::read(&path) {
+        Ok(buf) => {
+            let c = Checkpoint::decode(&buf)
+                .with_context(|| format!("{} is damaged or of another version (this build reads version {CHECKPOINT_FORMAT_VERSION})", path.display()))?;
+            if c.pg != pg {
+                bail!("{} belongs to pg{}, not pg{}: wrong data directory?", path.display(), c.pg.0, pg.0);
+            }
+            Ok(Some(c))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// Durably replaces the segment's checkpoint (write, fsync, rename, fsync dir).
+pub fn write_checkpoint(dir: &Path, checkpoint: &Checkpoint) -> Result<()> {
+    install_file(&checkpoint_path(dir, checkpoint.pg), &checkpoint.encode())
+}
+
+/// Removes the segment's checkpoint and page files: its log is gone (a new segment file).
+pub fn forget_checkpoint(dir: &Path, pg: PgId) -> Result<()> {
+    let path = checkpoint_path(dir, pg);
+    match fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::warn!(path = %path.display(), "the segment file is new: removing the checkpoint and page images of the old one");
+            fsync_dir(dir)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
+    }
+}
+
+/// Frees the segment file's blocks below `to` (rounded down to a block), the
+/// log there being reclaimed: the file keeps its size and offsets, its disk
+/// use shrinks. Freeing blocks already freed costs nothing.
+pub fn punch_log(dir: &Path, pg: PgId, to: u64) -> Result<u64> {
+    let from = SEGMENT_HEADER_BYTES as u64;
+    let to = to / BLOCK_BYTES * BLOCK_BYTES;
+    if to <= from {
+        return Ok(0);
+    }
+    let path = segment_path(dir, pg);
+    let f = OpenOptions::new().write(true).open(&path).with_context(|| format!("open {} to free reclaimed log", path.display()))?;
+    fallocate(&f, PUNCH_HOLE, from, to - from).with_context(|| format!("free blocks of {} below offset {to}", path.display()))?;
+    Ok(to - from)
 }
 
 /// A segment file after recovery.
@@ -54,6 +109,8 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 pub const ALLOCATE: libc::c_int = 0;
 /// Zeroes `[offset, offset + len)` of `file`, keeping its size and blocks.
 const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+/// Frees the blocks of `[offset, offset + len)` of `file`, keeping its size: the range reads as zeros.
+const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 
 pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: plain syscall on an owned, open descriptor.
@@ -80,11 +137,12 @@ fn first_nonzero(file: &File, from: u64, to: u64) -> Result<Option<u64>> {
     Ok(None)
 }
 
-/// Opens (creating if needed) and recovers the segment file of `id`, noting
-/// every record of the recovered log in `pages` when given. `write_bytes_max` is the largest single flush write: a crash can tear at
+/// Opens (creating if needed) and recovers the segment file of `id` from
+/// `start` (the checkpoint's, else the file's first record), noting every
+/// record of the recovered log in `pages` when given. `write_bytes_max` is the largest single flush write: a crash can tear at
 /// most that much past the durable end, so damage followed by data further
 /// on is corruption, not a torn tail, and recovery refuses to truncate it.
-pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u64, mut pages: Option<&mut PageIndex>) -> Result<Recovered> {
+pub fn open_segment(dir: &Path, id: SegmentId, start: LogStart, prealloc: u64, write_bytes_max: u64, mut pages: Option<&mut PageIndex>) -> Result<Recovered> {
     let path = segment_path(dir, id.pg);
     let exists = path.exists();
     if !exists {
@@ -107,9 +165,9 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u
     let size = reader.metadata().context("stat segment file")?.len();
 
     // Scan the records, chunk by chunk, carrying a partial record over.
-    let mut index = DiskIndex::default();
-    let mut last_lsn = Lsn::ZERO;
-    let mut offset = SEGMENT_HEADER_BYTES as u64; // file offset of buf[0]
+    let mut index = DiskIndex::starting_at(start);
+    let mut last_lsn = start.prev;
+    let mut offset = start.offset; // file offset of buf[0]
     let mut buf: Vec<u8> = Vec::new();
     let mut records = 0u64;
     let stop = loop {
@@ -166,7 +224,7 @@ pub fn open_segment(dir: &Path, id: SegmentId, prealloc: u64, write_bytes_max: u
     }
     let epoch = read_epoch(dir, id.pg)?;
     let (at, truncations) = epoch.as_ref().map_or((Epoch(0), 0), |e| (e.epoch, e.truncations.len()));
-    tracing::info!(segment = %id, records, scl = %last_lsn, file_end, epoch = %at, truncations, epoch_file = epoch.is_some(), "recovered segment");
+    tracing::info!(segment = %id, records, scl = %last_lsn, start_offset = start.offset, file_end, epoch = %at, truncations, epoch_file = epoch.is_some(), "recovered segment");
     Ok(Recovered { direct, reader, last_lsn, file_end, allocated: size.max(file_end), index, epoch, tail })
 }
 
@@ -210,15 +268,21 @@ fn read_epoch(dir: &Path, pg: PgId) -> Result<Option<EpochState>> {
     }
 }
 
-/// Durably records a segment's epoch state (write, fsync, rename, fsync dir).
+/// Durably records a segment's epoch state.
 pub fn write_epoch(dir: &Path, pg: PgId, state: &EpochState) -> Result<()> {
-    let path = epoch_path(dir, pg);
-    let tmp = path.with_extension("epoch.new");
+    install_file(&epoch_path(dir, pg), render_epoch_state(state).as_bytes())
+}
+
+/// Durably replaces `path` by `bytes`: write a new file, fsync, rename over, fsync the directory.
+fn install_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".new");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).with_context(|| format!("create {}", tmp.display()))?;
-    f.write_all(render_epoch_state(state).as_bytes()).context("write epoch")?;
-    f.sync_all().context("fsync epoch")?;
-    fs::rename(&tmp, &path).context("install epoch file")?;
-    fsync_dir(dir)
+    f.write_all(bytes).with_context(|| format!("write {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("fsync {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("install {}", path.display()))?;
+    fsync_dir(path.parent().expect("a file in the data dir"))
 }
 
 /// Reads the records in `(read.after, read.upto]` that `keep` accepts from
@@ -329,9 +393,9 @@ pub fn cut_segment(dir: &Path, pg: PgId, offset: u64) -> Result<()> {
     f.sync_data().with_context(|| format!("fdatasync {}", path.display()))
 }
 
-/// Notes every record of the segment file below `end` in `pages`.
-pub fn index_pages(reader: &File, end: u64, pages: &mut PageIndex) -> Result<()> {
-    scan_file(reader, SEGMENT_HEADER_BYTES as u64, Lsn::ZERO, end, |rec, at| {
+/// Notes every record of the segment file from `start` to `end` in `pages`.
+pub fn index_pages(reader: &File, start: LogStart, end: u64, pages: &mut PageIndex) -> Result<()> {
+    scan_file(reader, start.offset, start.prev, end, |rec, at| {
         pages.note_record(rec.header().page, Located { lsn: rec.lsn(), offset: at, len: rec.as_bytes().len() as u32 })
     })
 }

@@ -1,7 +1,8 @@
 //! Status and GetPage@LSN through the real binary: pages materialised from
 //! memory, disk and coalesced images agree with a model, before and after
-//! kill -9, a damaged page-file tail is truncated at start, and reads below
-//! the GC horizon are refused.
+//! kill -9, a damaged page-file tail is truncated at start, reads below the
+//! GC horizon are refused, and the disk below it is reclaimed: a restart then
+//! reads the checkpoint and the log's tail only.
 
 mod common;
 
@@ -27,11 +28,13 @@ struct PageLog {
     last_for_page: BTreeMap<PageId, Lsn>,
     /// Every record sent, by LSN.
     sent: BTreeMap<Lsn, Vec<u8>>,
+    /// Bytes appended to every value.
+    padding: usize,
 }
 
 impl PageLog {
     fn new() -> Self {
-        PageLog { last_lsn: Lsn::ZERO, last_for_page: BTreeMap::new(), sent: BTreeMap::new() }
+        PageLog { last_lsn: Lsn::ZERO, last_for_page: BTreeMap::new(), sent: BTreeMap::new(), padding: 0 }
     }
 
     /// `n` more records; LSNs step by 2 (a volume allocator leaves gaps).
@@ -41,7 +44,11 @@ impl PageLog {
             let lsn = Lsn(self.last_lsn.0 + 2);
             let page = PageId((lsn.0 * 7 / 3) % PAGES);
             let key = format!("key-{}", lsn.0 % 11).into_bytes();
-            let op = if lsn.0.is_multiple_of(5) { PageOp::Delete { key } } else { PageOp::Put { key, value: format!("value@{}", lsn.0).into_bytes() } };
+            let op = if lsn.0.is_multiple_of(5) {
+                PageOp::Delete { key }
+            } else {
+                PageOp::Put { key, value: format!("value@{}{:1$}", lsn.0, self.padding).into_bytes() }
+            };
             let mut payload = Vec::new();
             op.encode(&mut payload);
             let prev_for_page = self.last_for_page.insert(page, lsn).unwrap_or(Lsn::ZERO);
@@ -53,19 +60,27 @@ impl PageLog {
         out
     }
 
-    /// LSNs worth asking at: zero, every record's and between records, spread over the log.
-    fn probe_lsns(&self) -> Vec<Lsn> {
-        let mut lsns: Vec<Lsn> = self.sent.keys().step_by(23).flat_map(|l| [*l, Lsn(l.0 + 1)]).collect();
-        lsns.extend([Lsn::ZERO, self.last_lsn]);
+    /// LSNs worth asking at from `from` on: every record's and between records, spread over the log.
+    fn probe_lsns(&self, from: Lsn) -> Vec<Lsn> {
+        let mut lsns: Vec<Lsn> = self.sent.range(from..).step_by(23).flat_map(|(l, _)| [*l, Lsn(l.0 + 1)]).collect();
+        lsns.extend([from, self.last_lsn]);
+        lsns.retain(|&l| l <= self.last_lsn);
         lsns
     }
 }
 
 async fn append(conn: &StorageConn, epoch: u64, log: &mut PageLog, batches: usize) {
+    append_with_horizon(conn, epoch, log, batches, |_| Lsn::ZERO).await
+}
+
+/// Appends `batches` batches of 20 records, each frame with the GC horizon `horizon(last LSN before it)`.
+async fn append_with_horizon(conn: &StorageConn, epoch: u64, log: &mut PageLog, batches: usize, horizon: impl Fn(Lsn) -> Lsn) {
     let (mut tx, mut rx) = conn.open_append().await.expect("open append stream");
     for _ in 0..batches {
-        let bytes = log.batch(20);
-        tx.send(Epoch(epoch), PG, &bytes).await.expect("send");
+        let mut frame = Vec::new();
+        let h = horizon(log.last_lsn);
+        encode_append(Epoch(epoch), PG, h, &log.batch(20), &mut frame);
+        tx.send_frame(frame.into()).await.expect("send");
         let (pos, last) = timely("ack", rx.recv()).await.expect("ack");
         assert_eq!((pos.scl, last), (log.last_lsn, log.last_lsn));
     }
@@ -74,7 +89,11 @@ async fn append(conn: &StorageConn, epoch: u64, log: &mut PageLog, batches: usiz
 
 /// Every page at every probe LSN equals the model.
 async fn assert_pages(conn: &StorageConn, log: &PageLog) {
-    for lsn in log.probe_lsns() {
+    assert_pages_from(conn, log, Lsn::ZERO).await
+}
+
+async fn assert_pages_from(conn: &StorageConn, log: &PageLog, from: Lsn) {
+    for lsn in log.probe_lsns(from) {
         for p in 0..PAGES {
             let page = PageId(p);
             let (pos, image) = timely("get_page", conn.get_page(PG, page, lsn)).await.unwrap_or_else(|e| panic!("{page}@{lsn}: {e}"));
@@ -159,17 +178,14 @@ async fn get_page_and_status_through_memory_disk_images_and_restarts() {
     let conn = node.connect(&ep).await;
     let s = timely("status", conn.status(Epoch(0), PG, None)).await.expect("status");
     assert_eq!(s.epoch, Epoch(4 << 32), "the raised epoch survived kill -9");
-    wait_metric(&metrics, COALESCED, |n| n >= PAGES as f64).await;
+    // Every page passes 8 records since its last image (if any): each is imaged.
     append(&conn, 4 << 32, &mut log, 10).await;
-    let coalesced = wait_metric(&metrics, COALESCED, |n| n >= 2.0 * PAGES as f64).await;
+    wait_metric(&metrics, COALESCED, |n| n >= PAGES as f64).await;
     assert!(std::fs::metadata(env.pages_path(0)).expect("page file").len() > 0);
     assert!(metric(&metrics, "storaged_page_image_bytes_total{node=\"1\"}").await.unwrap() > 0.0);
-    let indexed = metric(&metrics, "storaged_segment_page_index_records{node=\"1\",pg=\"0\"}").await.unwrap();
-    assert!(indexed < log.sent.len() as f64, "images let the index drop records: {indexed} of {}", log.sent.len());
-    // From images: at or above the oldest kept image from the index, older ones by a log scan.
+    // From images and the records above them.
     assert_pages(&conn, &log).await;
     assert!(metric(&metrics, "storaged_get_page_requests_total{node=\"1\"}").await.unwrap() > 0.0);
-    assert!(coalesced >= 2.0 * PAGES as f64);
 
     // kill -9 and restart: images come back from the page file.
     node.kill9();
@@ -196,7 +212,7 @@ async fn get_page_and_status_through_memory_disk_images_and_restarts() {
 async fn a_corrupt_page_file_entry_is_truncated_and_pages_rebuilt_from_the_log() {
     let env = TestEnv::new();
     let metrics = free_tcp_addr();
-    let launch = env.launch(&[0], &["--coalesce-interval-ms", "50", "--metrics-listen", &metrics]);
+    let launch = env.launch(&[0], &["--coalesce-interval-ms", "50", "--coalesce-records", "4", "--metrics-listen", &metrics]);
     let mut node = env.start(&launch).await;
     let ep = env.client();
     let conn = node.connect(&ep).await;
@@ -217,4 +233,69 @@ async fn a_corrupt_page_file_entry_is_truncated_and_pages_rebuilt_from_the_log()
     // The coalescer writes the images again.
     wait_metric(&metrics, COALESCED, |n| n >= PAGES as f64).await;
     assert_pages(&conn, &log).await;
+}
+
+/// With a writer's GC horizon on its frames, storage drops what no read at or
+/// above it needs: the page index keeps each page's records above its base
+/// image only, the page file is rewritten with its live images once they are
+/// a third of it, and the segment file's blocks below the log's new start
+/// are freed. Pulls of the reclaimed log are refused, pages at the horizon
+/// and above still match the model, and after kill -9 a restart reads the
+/// checkpoint and the log above its start only.
+#[tokio::test]
+async fn disk_below_the_gc_horizon_is_reclaimed_and_a_restart_reads_only_the_tail() {
+    let env = TestEnv::new();
+    let metrics = free_tcp_addr();
+    let retain = 256 << 10;
+    let retain_arg = retain.to_string();
+    let args = ["--coalesce-interval-ms", "50", "--log-retain-bytes", &retain_arg, "--segment-prealloc-bytes", "1MiB", "--metrics-listen", &metrics];
+    let launch = env.launch(&[0], &args);
+    let mut node = env.start(&launch).await;
+    let ep = env.client();
+    let conn = node.connect(&ep).await;
+    let mut log = PageLog::new();
+    log.padding = 1000;
+    // The horizon trails the log by one batch, like a writer whose replicas keep up.
+    let series = |name: &str| format!("storaged_{name}{{node=\"1\"}}");
+    let gauge = |name: &str| format!("storaged_segment_{name}{{node=\"1\",pg=\"0\"}}");
+    while metric(&metrics, &series("page_compactions_total")).await.unwrap_or(0.0) < 1.0
+        || metric(&metrics, &series("log_reclaimed_bytes_total")).await.unwrap_or(0.0) < (4 * retain) as f64
+    {
+        append_with_horizon(&conn, 1, &mut log, 10, |last| last).await;
+        assert!(log.sent.len() < 100_000, "nothing was reclaimed after {} records", log.sent.len());
+    }
+    let reclaimed = Lsn(wait_metric(&metrics, &gauge("reclaimed_lsn"), |l| l > 0.0).await as u64);
+    let horizon = Lsn(metric(&metrics, &gauge("gc_horizon")).await.unwrap() as u64);
+    assert!(reclaimed <= horizon, "reclaimed {reclaimed} above the horizon {horizon}");
+
+    // The segment file keeps its size and offsets; its blocks below the start are freed.
+    let written = log.sent.values().map(|r| r.len() as u64).sum::<u64>();
+    let seg = std::fs::metadata(env.segment_path(0)).expect("segment file");
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&seg) * 512;
+    assert!(allocated < written - 3 * retain, "segment file holds {allocated} bytes of {written} written");
+    let live = metric(&metrics, &gauge("live_image_bytes")).await.unwrap();
+    let page_file = metric(&metrics, &gauge("page_file_bytes")).await.unwrap();
+    assert!(page_file <= 3.0 * live + (retain as f64), "page file {page_file} bytes for {live} live ones");
+    let indexed = metric(&metrics, &gauge("page_index_records")).await.unwrap();
+    assert!(indexed < (log.sent.len() / 2) as f64, "the index keeps only records above each page's base: {indexed} of {}", log.sent.len());
+
+    let (code, message) = refusal(timely("reclaimed pull", conn.pull(PG, Lsn::ZERO, log.last_lsn, 1 << 20)).await);
+    assert_eq!(code, ErrorCode::BelowHorizon, "{message}");
+    assert!(message.contains("reclaimed"), "{message}");
+    assert_pages_from(&conn, &log, horizon).await;
+
+    node.kill9();
+    let node = env.start(&launch).await;
+    let started = node.wait_log("recovered segment", REPLY_TIMEOUT).await;
+    let line = started.lines().find(|l| l.contains("recovered segment")).expect("the recovery line");
+    let records: usize = line.split("records=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|n| n.parse().ok()).expect("records=N");
+    assert!(records < log.sent.len() / 2, "a restart scans the log above the checkpoint only: {records} of {} records\n{line}", log.sent.len());
+    assert!(!started.contains("truncating page file"), "the checkpointed page file is whole");
+    let conn = node.connect(&ep).await;
+    let (code, _) = refusal(timely("below the horizon after restart", conn.get_page(PG, PageId(0), Lsn(horizon.0 - 1))).await);
+    assert_eq!(code, ErrorCode::BelowHorizon, "the checkpoint kept the horizon");
+    assert_pages_from(&conn, &log, horizon).await;
+    // It takes appends on from where it was.
+    append_with_horizon(&conn, 1, &mut log, 2, |last| last).await;
+    assert_pages_from(&conn, &log, log.last_lsn).await;
 }

@@ -46,9 +46,8 @@ pub struct SoakArgs {
     /// until the node is ready (its /metrics answers and no segment is joining).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub restart_every: Duration,
-    /// Passed to every storaged as --log-retain-bytes (per segment: log kept above what page
-    /// images cover, for lagging peers); hot_log_budget_bytes = this x segments per node.
-    /// 0: not passed (for a storaged without the option; the budget is then 0).
+    /// Passed to every storaged as --log-retain-bytes (per segment: log kept on disk above what
+    /// storage could reclaim, for lagging peers); hot_log_budget_bytes = this x segments per node.
     #[arg(long, default_value = "64MiB", value_parser = borealis_net::parse_bytes)]
     pub log_retain_bytes: u64,
     /// Client connections (one pipelined stream each); commits go round-robin.
@@ -370,10 +369,8 @@ async fn soak(args: &SoakArgs) -> Result<Summary> {
     let dir = work.path.join("cluster");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-    let mut storaged_args = Vec::new();
-    if args.log_retain_bytes > 0 {
-        storaged_args.extend(["--log-retain-bytes".to_string(), args.log_retain_bytes.to_string()]);
-    }
+    // Before the user's --storaged-arg options, which win.
+    let mut storaged_args = vec!["--log-retain-bytes".to_string(), args.log_retain_bytes.to_string()];
     storaged_args.extend(args.cluster.storaged_args());
     let spec = ClusterSpec {
         pgs: args.cluster.pgs,
@@ -383,8 +380,7 @@ async fn soak(args: &SoakArgs) -> Result<Summary> {
         writerd_args: &args.cluster.writerd_args,
         replicad_args: &args.cluster.replicad_args,
     };
-    let hint = if args.log_retain_bytes > 0 { " (a storaged without --log-retain-bytes refuses it: pass --log-retain-bytes 0)" } else { "" };
-    let mut cluster = LocalCluster::start(&dir, &spec).await.with_context(|| format!("start the cluster under {}{hint}", dir.display()))?;
+    let mut cluster = LocalCluster::start(&dir, &spec).await.with_context(|| format!("start the cluster under {}", dir.display()))?;
     let result = load(args, &mut cluster).await;
     let stopped = cluster.stop();
     let summary = result.with_context(|| format!("cluster under {}", dir.display()))?;

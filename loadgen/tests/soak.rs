@@ -30,8 +30,7 @@ fn soak_measures_restarts_disk_and_writes_and_stops_everything() {
     let (out, work) = (dir.path().join("out"), dir.path().join("work"));
     let o = Command::new(LOADGEN)
         .args(["soak", "--duration", &format!("{DURATION_S}s"), "--restart-every", "7s", "--rate", "300", "--value-bytes", "1024", "--keys", "500"])
-        // The storaged being built may not have the option yet.
-        .args(["--log-retain-bytes", "0"])
+        .args(["--log-retain-bytes", "1MiB"])
         .arg("--out")
         .arg(&out)
         .arg("--work-dir")
@@ -79,7 +78,8 @@ fn soak_measures_restarts_disk_and_writes_and_stops_everything() {
     }
     assert_eq!(s["duration_s"], 20.0);
     assert!(s["stopped_early"].is_null(), "{}", s["stopped_early"]);
-    assert_eq!(s["hot_log_budget_bytes"], 0);
+    assert_eq!(s["log_retain_bytes"], 1 << 20);
+    assert_eq!(s["hot_log_budget_bytes"], 2 << 20, "1 MiB for each of the 2 segments of a node");
     let restarts = s["restarts"].as_array().unwrap();
     assert!(restarts.len() >= 2, "{restarts:?}");
     for (i, r) in restarts.iter().enumerate() {

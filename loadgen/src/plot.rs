@@ -79,19 +79,21 @@ pub fn line_chart_with(path: &Path, title: &str, labels: (&str, &str), series: &
     root.fill(&WHITE)?;
     let mut builder = ChartBuilder::on(&root);
     builder.caption(&caption, (FONT, 22)).margin(12).x_label_area_size(45).y_label_area_size(75);
+    // A linear axis from 0 mostly leaves its lower right empty (quantities that grow); a log one its upper left.
     match scale {
-        YScale::Log => draw_lines(builder.build_cartesian_2d(x_range, log_range(ys).log_scale())?, labels, &drawn, markers)?,
-        YScale::Linear => draw_lines(builder.build_cartesian_2d(x_range, zero_based_range(ys))?, labels, &drawn, markers)?,
+        YScale::Log => draw_lines(builder.build_cartesian_2d(x_range, log_range(ys).log_scale())?, labels, &drawn, markers, SeriesLabelPosition::UpperLeft)?,
+        YScale::Linear => draw_lines(builder.build_cartesian_2d(x_range, zero_based_range(ys))?, labels, &drawn, markers, SeriesLabelPosition::LowerRight)?,
     }
     finish(root, path)
 }
 
-/// The mesh, the lines with point markers, the legend and the vertical markers of a line chart.
+/// The mesh, the lines with point markers, the legend (at `legend_at`) and the vertical markers of a line chart.
 fn draw_lines<'a, Y>(
     mut chart: ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
     (x_label, y_label): (&str, &str),
     drawn: &[(&str, Vec<(f64, f64)>)],
     markers: &[(f64, &str)],
+    legend_at: SeriesLabelPosition,
 ) -> Result<()>
 where
     Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
@@ -123,7 +125,7 @@ where
         chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
     }
     if !drawn.is_empty() {
-        legend(&mut chart)?;
+        legend(&mut chart, legend_at)?;
     }
     Ok(())
 }
@@ -166,7 +168,7 @@ pub fn percentile_chart(path: &Path, title: &str, hists: &[(&str, &Histogram<u64
         chart.draw_series(LineSeries::new(pts, c.stroke_width(2)))?.label(*label).legend(move |(x, y)| legend_mark(x, y, c));
     }
     if !drawn.is_empty() {
-        legend(&mut chart)?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     }
     finish(root, path)
 }
@@ -332,13 +334,13 @@ fn legend_mark(x: i32, y: i32, c: RGBColor) -> PathElement<(i32, i32)> {
     PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3))
 }
 
-fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>) -> Result<()>
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>, position: SeriesLabelPosition) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .label_font((FONT, 14))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))

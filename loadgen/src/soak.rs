@@ -48,7 +48,7 @@ pub struct SoakArgs {
     pub restart_every: Duration,
     /// Passed to every storaged as --log-retain-bytes (per segment: log kept on disk above what
     /// storage could reclaim, for lagging peers); hot_log_budget_bytes = this x segments per node.
-    #[arg(long, default_value = "64MiB", value_parser = borealis_net::parse_bytes)]
+    #[arg(long, default_value = "128MiB", value_parser = borealis_net::parse_bytes)]
     pub log_retain_bytes: u64,
     /// Client connections (one pipelined stream each); commits go round-robin.
     #[arg(long, default_value_t = 8)]

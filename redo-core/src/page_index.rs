@@ -15,9 +15,9 @@
 //! live part of the page file.
 //!
 //! A page is due for a new image (`take_due`) once its records since its
-//! newest image outweigh that image, or outnumber `coalesce_records`: image
-//! bytes then stay below record bytes (write amplification) and a read applies
-//! a bounded number of records. A page written too rarely for that is imaged
+//! newest image outweigh that image twice, or outnumber `coalesce_records`:
+//! image bytes then stay below half the record bytes (write amplification)
+//! and a read applies a bounded number of records. A page written too rarely for that is imaged
 //! when its oldest record pins the log (`pinning_pages`).
 //!
 //! Page-image file entry: `len u32 | crc32c u32 | encoded PageImage`, where
@@ -33,7 +33,7 @@ use crate::page::PageImage;
 use crate::wire::FRAME_BYTES_MAX;
 
 /// Images kept per page at most (see the module documentation).
-pub const IMAGES_KEPT_MAX: usize = 3;
+pub const IMAGES_KEPT_MAX: usize = 2;
 /// A page with no image yet is due once its records reach this many bytes.
 const DUE_BYTES_MIN: u64 = 4096;
 pub const IMAGE_ENTRY_HEADER_BYTES: usize = 8;
@@ -71,7 +71,7 @@ impl PageEntry {
     fn is_due(&self, coalesce_records: usize) -> bool {
         let (records, bytes) = self.since_image;
         let image = self.images.back().map_or(DUE_BYTES_MIN, |i| i.len as u64);
-        records > coalesce_records || (records > 0 && bytes >= image)
+        records > coalesce_records || (records > 0 && bytes >= 2 * image)
     }
 
     /// The first record above the newest image.
@@ -169,8 +169,8 @@ impl PageIndex {
     }
 
     /// The image `image` of `page` is durably stored. Past `IMAGES_KEPT_MAX`
-    /// it drops the second oldest image: the oldest may be the base that
-    /// reads at the GC horizon need.
+    /// it drops the newest but one: the oldest may be the base that reads at
+    /// the GC horizon need.
     pub fn note_image(&mut self, page: PageId, image: Located) -> Result<(), StaleImage> {
         let e = self.pages.entry(page).or_default();
         let newest = e.newest_image();
@@ -179,7 +179,7 @@ impl PageIndex {
         }
         e.images.push_back(image);
         if e.images.len() > IMAGES_KEPT_MAX {
-            e.images.remove(1);
+            e.images.remove(e.images.len() - 2);
         }
         e.recount();
         Ok(())
@@ -396,10 +396,10 @@ mod tests {
             ix.note_record(P, rec(l));
             ix.note_image(P, img(l)).unwrap();
         }
-        assert_eq!(ix.images().map(|(_, i)| i.lsn.0).collect::<Vec<_>>(), vec![5, 20, 30]);
-        assert_eq!(lsns(ix.plan(P, Lsn(15)).unwrap()), (Some(Lsn(5)), vec![12]), "the record between stays");
+        assert_eq!(ix.images().map(|(_, i)| i.lsn.0).collect::<Vec<_>>(), vec![5, 30]);
+        assert_eq!(lsns(ix.plan(P, Lsn(25)).unwrap()), (Some(Lsn(5)), vec![12, 20]), "the records between stay");
         ix.relocate(|i| i.lsn.0 + 1);
-        assert_eq!(ix.images().map(|(_, i)| i.offset).collect::<Vec<_>>(), vec![6, 21, 31]);
+        assert_eq!(ix.images().map(|(_, i)| i.offset).collect::<Vec<_>>(), vec![6, 31]);
     }
 
     #[test]
@@ -428,13 +428,13 @@ mod tests {
         assert_eq!(ix.take_due(Lsn(2)), vec![]);
         assert_eq!(ix.take_due(Lsn(3)), vec![P]);
         assert_eq!(ix.take_due(Lsn(3)), vec![], "taken once");
-        // An image of 120 bytes: due once the records since outweigh it.
+        // An image of 120 bytes: due once the records since outweigh it twice.
         let q = PageId(8);
         ix.note_record(q, Located { lsn: Lsn(4), offset: 0, len: 10 });
         ix.note_image(q, Located { lsn: Lsn(4), offset: 0, len: 120 }).unwrap();
-        ix.note_record(q, Located { lsn: Lsn(5), offset: 0, len: 100 });
+        ix.note_record(q, Located { lsn: Lsn(5), offset: 0, len: 200 });
         assert_eq!(ix.take_due(Lsn(10)), vec![]);
-        ix.note_record(q, Located { lsn: Lsn(6), offset: 0, len: 30 });
+        ix.note_record(q, Located { lsn: Lsn(6), offset: 0, len: 40 });
         assert_eq!(ix.take_due(Lsn(10)), vec![q]);
         // Not due if imaged meanwhile.
         ix.note_image(P, img(3)).unwrap();

@@ -437,11 +437,12 @@ impl SegmentLog {
         self.index.start = start;
     }
 
-    /// Records at or below this LSN pin the log `retain_bytes / 2` from its
-    /// flushed end: their pages are imaged (`PageIndex::pinning_pages`) so that
-    /// the log can be reclaimed before it outgrows `retain_bytes`.
+    /// Records at or below this LSN pin the log three quarters of
+    /// `retain_bytes` from its flushed end: their pages are imaged
+    /// (`PageIndex::pinning_pages`) so that the log can be reclaimed before it
+    /// outgrows `retain_bytes`, and no sooner (each image costs a page's bytes).
     pub fn pin_lsn(&self, retain_bytes: u64) -> Lsn {
-        let offset_max = self.flushed_end.saturating_sub(retain_bytes / 2);
+        let offset_max = self.flushed_end.saturating_sub(retain_bytes / 4 * 3);
         self.index.last_where(|e| e.offset <= offset_max).map_or(Lsn::ZERO, |e| e.lsn)
     }
 
@@ -1368,8 +1369,8 @@ pub(crate) mod tests {
         assert!(retained.offset < start.offset, "{retained:?} keeps more than {start:?}");
         assert_eq!(log.reclaim_point(log.flushed_end()), None, "the retained bytes cover the whole log");
         assert_eq!(log.pin_lsn(u64::MAX), Lsn::ZERO, "the whole log is within the retained bytes");
-        let pin = log.pin_lsn(2 * (log.flushed_end() - start.offset));
-        assert!(pin > start.prev && pin < Lsn(60), "{pin} pins about half way from the start to the end");
+        let pin = log.pin_lsn((log.flushed_end() - start.offset) * 4 / 3);
+        assert!(pin >= start.prev && pin < Lsn(60), "{pin} pins about where the start is");
 
         log.reclaim(start);
         assert_eq!((log.log_start(), log.reclaim_point(0)), (start, None));

@@ -86,15 +86,16 @@ pub struct Config {
     #[arg(long, default_value_t = 1000)]
     pub coalesce_interval_ms: u64,
     /// A page is imaged (to `pg-N.pages`) as soon as its records since its last image outweigh
-    /// that image, or outnumber this, once they are flushed: image bytes stay below record
-    /// bytes, and a page read applies at most this many records.
+    /// that image twice, or outnumber this, once they are flushed: image bytes stay below half
+    /// the record bytes, and a page read applies at most this many records.
     #[arg(long, default_value_t = 64)]
     pub coalesce_records: usize,
     /// Per segment: log kept on disk above what storage could reclaim, so that a peer that fell
     /// behind by up to this much catches up from this segment's log. A segment's disk use is
-    /// about this plus its live page images. Pages whose oldest record lies half this far back
-    /// from the log's end are imaged, so that the log can go.
-    #[arg(long, default_value = "64MiB", value_parser = borealis_net::parse_bytes)]
+    /// about this plus its live page images (at most three times them). Pages whose oldest
+    /// record lies three quarters this far back from the log's end are imaged, so that the log
+    /// can go: the larger this is, the fewer images are written.
+    #[arg(long, default_value = "128MiB", value_parser = borealis_net::parse_bytes)]
     pub log_retain_bytes: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]

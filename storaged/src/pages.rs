@@ -111,7 +111,8 @@ impl PageFile {
     /// worth compacting: once its dead bytes (images the index no longer keeps)
     /// reach twice its live ones, and a quarter of the log a segment retains
     /// (`--log-retain-bytes`), so that small files are not rewritten over and
-    /// over. Compaction then copies at most one byte for every two of images written.
+    /// over. The file stays within three times its live images; compaction
+    /// copies at most one byte for every two bytes of images written.
     pub fn worth_compacting(end: u64, live: u64, log_retain_bytes: u64) -> bool {
         let dead = end.saturating_sub(live);
         dead >= 2 * live && dead >= log_retain_bytes / 4

@@ -9,9 +9,9 @@
 //! pulled)`; have storage truncate above the returned VDL at the new epoch.
 //!
 //! Why it holds: an acknowledged commit's records are on a write quorum (4 of
-//! 6) of every PG they touch, and the claim is answered by at least a write
-//! quorum, so the highest SCL among the answers covers every acknowledged
-//! record. LSNs are allocated densely, one per record, so "every record up to
+//! 6) of every PG they touch, and the claim is answered by at least a read
+//! quorum (3 of 6), which overlaps every write quorum, so the highest SCL
+//! among the answers covers every acknowledged record. LSNs are allocated densely, one per record, so "every record up to
 //! L exists" is "every LSN up to L is held by the PG it belongs to": the
 //! volume is complete (VCL) up to the first LSN above the known-complete point
 //! that no PG's chain holds. VDL is the highest CPL at or below VCL, so an
@@ -22,7 +22,6 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::ids::{Epoch, Lsn};
-use crate::quorum::WRITE_QUORUM;
 use crate::record::TrustedRecords;
 use crate::wire::Truncation;
 
@@ -67,8 +66,8 @@ pub struct Plan {
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecoveryError {
-    #[error("pg{pg}: {answered} segments answered the claim, a write quorum is {WRITE_QUORUM}")]
-    NoQuorum { pg: usize, answered: usize },
+    #[error("pg{pg}: {answered} segments answered the claim, a read quorum is {quorum}")]
+    NoQuorum { pg: usize, answered: usize, quorum: usize },
 }
 
 /// The SCL a segment vouches for: records written before a truncation it did
@@ -79,17 +78,18 @@ pub fn effective_scl(answer: &Answer, truncations: &[Truncation]) -> Lsn {
 }
 
 /// Decides what to pull. `answers[pg]` are the segments that granted the claim
-/// (at least a write quorum of each PG); `known_cpl` is a CPL every PG is known
+/// (at least a read quorum of each PG); `known_cpl` is a CPL every PG is known
 /// complete up to (the VDL a replica last heard from the writer, or `Lsn::ZERO`).
 /// Reclaimed logs raise it: every record up to a segment's reclaimed LSN is
 /// committed, and recovery pulls nothing from below it.
-pub fn plan(answers: &[Vec<Answer>], known_cpl: Lsn) -> Result<Plan, RecoveryError> {
+/// `quorum` is the answers each PG needs: `READ_QUORUM` (less only in the simulator's injected bug).
+pub fn plan(answers: &[Vec<Answer>], known_cpl: Lsn, quorum: usize) -> Result<Plan, RecoveryError> {
     let known_cpl = answers.iter().flatten().map(|a| a.reclaimed).fold(known_cpl, Lsn::max);
     let truncations: Vec<Truncation> = answers.iter().flatten().flat_map(|a| a.truncations.iter().copied()).collect();
     let (mut complete, mut source, mut upto, mut lowest) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (pg, answers) in answers.iter().enumerate() {
-        if answers.len() < WRITE_QUORUM {
-            return Err(RecoveryError::NoQuorum { pg, answered: answers.len() });
+        if answers.len() < quorum {
+            return Err(RecoveryError::NoQuorum { pg, answered: answers.len(), quorum });
         }
         let best = answers.iter().max_by_key(|a| (effective_scl(a, &truncations), std::cmp::Reverse(a.segment))).expect("a quorum answered");
         complete.push(effective_scl(best, &truncations));
@@ -196,6 +196,7 @@ pub(crate) fn keep_upto(runs: &[Bytes], upto: Lsn) -> Vec<Bytes> {
 mod tests {
     use super::*;
     use crate::ids::PageId;
+    use crate::quorum::READ_QUORUM;
     use crate::record::RecordHeader;
 
     /// A log of two PGs: `txns` are (pg of each record); every transaction's last record is its CPL.
@@ -249,7 +250,7 @@ mod tests {
     }
 
     fn recover(log: &Log, answers: &[Vec<Answer>], known: u64) -> Decision {
-        let plan = plan(answers, Lsn(known)).unwrap();
+        let plan = plan(answers, Lsn(known), READ_QUORUM).unwrap();
         let pulled: Vec<Vec<Bytes>> = (0..answers.len()).map(|pg| log.pull(pg, plan.from[pg], plan.upto[pg])).collect();
         decide(&plan, &pulled)
     }
@@ -289,25 +290,25 @@ mod tests {
         let log = Log::new(&txns);
         let a = answers(&[&[2001, 2001, 2001, 2000], &[1, 1, 1, 1]]);
         // Knowing only that the volume was complete at 1, the whole of pg0 above it is read.
-        let p = plan(&a, Lsn(1)).unwrap();
+        let p = plan(&a, Lsn(1), READ_QUORUM).unwrap();
         assert_eq!((p.start, p.from.clone()), (Lsn(1), vec![Lsn(1), Lsn(1)]));
         let d = recover(&log, &a, 1);
         assert_eq!((d.vcl, d.vdl, d.pg_last.clone()), (Lsn(2001), Lsn(2001), vec![Lsn(2001), Lsn(1)]));
         // A replica that heard VDL 1990 reads from there only.
-        let p = plan(&a, Lsn(1990)).unwrap();
+        let p = plan(&a, Lsn(1990), READ_QUORUM).unwrap();
         assert_eq!(p.from, vec![Lsn(1990), Lsn(1)]);
         assert_eq!(recover(&log, &a, 1990).vdl, Lsn(2001));
         // Without a replica, a segment's reclaimed log (GC) says as much: nothing below it is read.
         let mut a = a;
         a[0][2].reclaimed = Lsn(1500);
-        let p = plan(&a, Lsn::ZERO).unwrap();
+        let p = plan(&a, Lsn::ZERO, READ_QUORUM).unwrap();
         assert_eq!((p.known_cpl, p.from.clone()), (Lsn(1500), vec![Lsn(1500), Lsn(1)]));
         assert_eq!(recover(&log, &a, 0).vdl, Lsn(2001));
         // A lagging answer would have the source resend from its SCL: never below what the source reclaimed.
         a[0][3].scl = Lsn(1000);
-        assert_eq!(plan(&a, Lsn::ZERO).unwrap().from[0], Lsn(1000), "the source, segment 0, reclaimed nothing");
+        assert_eq!(plan(&a, Lsn::ZERO, READ_QUORUM).unwrap().from[0], Lsn(1000), "the source, segment 0, reclaimed nothing");
         a[0][0].reclaimed = Lsn(1200);
-        assert_eq!(plan(&a, Lsn::ZERO).unwrap().from[0], Lsn(1200));
+        assert_eq!(plan(&a, Lsn::ZERO, READ_QUORUM).unwrap().from[0], Lsn(1200));
     }
 
     #[test]
@@ -317,7 +318,7 @@ mod tests {
         let log = Log::new(&txns);
         // Every segment lost the tail: pg0 complete to 61, pg1 to 60; 62 (pg1) is gone.
         let a = answers(&[&[61, 61, 61, 59], &[60, 60, 58, 58]]);
-        let p = plan(&a, Lsn::ZERO).unwrap();
+        let p = plan(&a, Lsn::ZERO, READ_QUORUM).unwrap();
         assert_eq!(p.start, Lsn(60));
         let d = recover(&log, &a, 0);
         assert_eq!((d.vcl, d.vdl), (Lsn(61), Lsn(60)), "61 opens a transaction that 62 would close");
@@ -339,7 +340,7 @@ mod tests {
         a[0][3].epoch = e1;
         assert_eq!(effective_scl(&a[0][3], &t), Lsn(2));
         assert_eq!(effective_scl(&a[0][0], &t), Lsn(1), "a segment that heard the truncation keeps its SCL");
-        let p = plan(&a, Lsn::ZERO).unwrap();
+        let p = plan(&a, Lsn::ZERO, READ_QUORUM).unwrap();
         assert_eq!(p.complete, vec![Lsn(2), Lsn(2)]);
         let d = recover(&log, &a, 0);
         assert_eq!(d.vdl, Lsn(2));
@@ -351,16 +352,16 @@ mod tests {
     #[test]
     fn what_lagging_segments_lack_is_read_unless_they_are_far_behind() {
         let a = answers(&[&[100, 100, 100, 90], &[99, 99, 99, 99]]);
-        assert_eq!(plan(&a, Lsn(98)).unwrap().from, vec![Lsn(90), Lsn(98)]);
+        assert_eq!(plan(&a, Lsn(98), READ_QUORUM).unwrap().from, vec![Lsn(90), Lsn(98)]);
         let far = RESEND_LSNS_MAX + 5000;
         let a = answers(&[&[far, far, far, 0], &[far - 1, far - 1, far - 1, far - 1]]);
-        let p = plan(&a, Lsn(far - 10)).unwrap();
+        let p = plan(&a, Lsn(far - 10), READ_QUORUM).unwrap();
         assert_eq!(p.from, vec![Lsn(far - 10), Lsn(far - 10)]);
     }
 
     #[test]
     fn too_few_answers_is_an_error() {
-        let a = answers(&[&[1, 1, 1, 1], &[2, 2, 2]]);
-        assert_eq!(plan(&a, Lsn::ZERO), Err(RecoveryError::NoQuorum { pg: 1, answered: 3 }));
+        let a = answers(&[&[1, 1, 1], &[2, 2]]);
+        assert_eq!(plan(&a, Lsn::ZERO, READ_QUORUM), Err(RecoveryError::NoQuorum { pg: 1, answered: 2, quorum: READ_QUORUM }));
     }
 }

@@ -4,20 +4,30 @@
 //! replies back.
 //!
 //! The steps: look at every segment's epoch; claim the next generation on a
-//! write quorum of every PG (candidates that split the segments both lose and
-//! retry at the next generation after a random pause, unless a rival holds a
-//! write quorum); offer back the records the caller retains (a promoted
+//! read quorum of every PG, which no old writer can commit without (candidates
+//! that split the segments so that neither can reach a write quorum both lose
+//! and retry at the next generation after a random pause, unless a rival holds
+//! a write quorum); offer back the records the caller retains (a promoted
 //! replica's), then ask again; plan, pull each PG's tail from one segment and
 //! decide VCL and VDL (`recovery`); have every segment truncate above VDL,
 //! with the history of earlier truncations so that a segment that missed one
 //! is cut there too.
+//!
+//! A read quorum is enough to decide VDL (`recovery`) and serve reads, so a
+//! takeover succeeds with an AZ and one more node down. The new writer then
+//! allocates no LSN until a write quorum of every PG holds its claim and
+//! truncation (`Recovered::claimed`, then its sessions: `WriterCore::writable`):
+//! two read quorums need not overlap, and a record it wrote above VDL on a read
+//! quorum only could meet another candidate's truncation at a newer epoch on
+//! the other three, above a different record at the same LSN.
 //!
 //! Driving it: after `Takeover::new`, execute every `poll_command()` and feed
 //! each reply (`on_status`, `on_offered`, `on_pulled`); call
 //! `handle_timeout(now)` once `now` reaches `poll_timeout()`; stop when
 //! `outcome()` is `Some`. Times are durations since any origin the caller
 //! keeps. Each step asks every segment and goes on once every PG has a write
-//! quorum of answers and the others answered or had `STRAGGLER_WAIT` more: a
+//! quorum of answers and the others answered or had `STRAGGLER_WAIT` more
+//! (with only a read quorum, after `READ_QUORUM_WAIT` for a claim): a
 //! segment that misses a claim or truncation is claimed with it again by the
 //! new writer's session before it appends there.
 
@@ -27,7 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::ids::{Epoch, Lsn, PgId};
-use crate::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use crate::quorum::{READ_QUORUM, SEGMENTS_PER_PG, WRITE_QUORUM};
 use crate::rand::SplitMix64;
 use crate::recovery::{self, Answer, Decision, Plan, RecoveryError};
 use crate::wire::{SegmentPosition, Truncation};
@@ -38,6 +48,12 @@ pub const ROUND_PAUSE: Duration = Duration::from_millis(20);
 /// Once every PG has a write quorum of answers, how much longer the others get:
 /// a dead node would hold the step for a connect timeout.
 pub const STRAGGLER_WAIT: Duration = Duration::from_millis(100);
+/// A claim whose answers recovery plans from waits this long after a read
+/// quorum answered for a write quorum: with `ack = memory` an acknowledged
+/// record may be left on fewer than a write quorum (segments that restarted
+/// before flushing it), and only a write quorum of answers is sure to see it
+/// then. A read quorum suffices once the others are gone for good.
+pub const READ_QUORUM_WAIT: Duration = Duration::from_millis(500);
 /// A candidate whose claim split the segments looks again after this plus a
 /// random part of the jitter, giving the other candidate time to finish.
 pub const CLAIM_RETRY_MIN: Duration = Duration::from_millis(5);
@@ -117,7 +133,7 @@ pub enum TakeoverError {
     /// Another candidate holds this generation (or a newer one) on too many segments.
     #[error("another candidate claimed the volume: {0}")]
     Lost(String),
-    #[error("no write quorum of storage nodes answered ({short}); last errors: {errors}")]
+    #[error("no read quorum of storage nodes answered ({short}); last errors: {errors}")]
     NoQuorum { short: String, errors: String },
     #[error("recovery plan: {0}")]
     Plan(#[from] RecoveryError),
@@ -131,6 +147,10 @@ type Answers = Vec<Vec<(usize, SegmentStatus)>>;
 /// One step's requests: the same `Status` to every segment.
 struct Round {
     id: u64,
+    /// Answers each PG needs.
+    quorum: usize,
+    /// How long it waits for a write quorum once it has `quorum` answers.
+    patience: Duration,
     epoch: Epoch,
     truncate: Option<(Lsn, Vec<Truncation>)>,
     answers: Vec<Vec<Option<SegmentStatus>>>,
@@ -147,14 +167,36 @@ impl Round {
         self.answers[pg].iter().flatten().count()
     }
 
-    fn quorate(&self) -> bool {
-        (0..self.answers.len()).all(|pg| self.answered(pg) >= WRITE_QUORUM)
+    fn refused_in(&self, pg: usize) -> usize {
+        self.refused[pg].iter().filter(|&&x| x).count()
     }
 
-    /// A PG in which so many segments refused this round's epoch that no write quorum is left, and how many did.
+    /// Every PG has a read quorum of answers: the step ends by `grace`.
+    fn read_quorate(&self) -> bool {
+        (0..self.answers.len()).all(|pg| self.answered(pg) >= self.quorum)
+    }
+
+    fn write_quorate(&self) -> bool {
+        (0..self.answers.len()).all(|pg| self.answered(pg) >= WRITE_QUORUM.max(self.quorum))
+    }
+
+    /// Every PG has a write quorum of answers, or a read quorum and no refusal: a
+    /// segment that refused holds a rival's claim, and two candidates could each
+    /// hold a read quorum of it (both stuck, neither reaching a write quorum).
+    fn quorate(&self) -> bool {
+        (0..self.answers.len()).all(|pg| self.answered(pg) >= WRITE_QUORUM.max(self.quorum) || (self.answered(pg) >= self.quorum && self.refused_in(pg) == 0))
+    }
+
+    /// When the step ends at the latest, now that it is read quorate.
+    fn ends_by(&self, now: Duration) -> Duration {
+        let wait = if self.write_quorate() { STRAGGLER_WAIT } else { self.patience };
+        self.grace.map_or(now + wait, |g| g.min(now + wait))
+    }
+
+    /// A PG in which so many segments refused this round's epoch that no write quorum is left, and how many did
+    /// (a candidate holding only a read quorum could never write).
     fn lost(&self) -> Option<(usize, usize)> {
-        let refused = self.refused.iter().map(|pg| pg.iter().filter(|&&x| x).count());
-        refused.enumerate().find(|&(_, n)| n > SEGMENTS_PER_PG - WRITE_QUORUM)
+        (0..self.refused.len()).map(|pg| (pg, self.refused_in(pg))).find(|&(_, n)| n > SEGMENTS_PER_PG - WRITE_QUORUM)
     }
 
     fn settled(&self) -> bool {
@@ -203,6 +245,8 @@ enum Step {
 
 pub struct Takeover {
     pgs: usize,
+    /// Answers each PG needs at each step: `READ_QUORUM`.
+    quorum: usize,
     known_cpl: Lsn,
     offer: Offer,
     deadline: Duration,
@@ -231,6 +275,7 @@ impl Takeover {
     pub fn new(pgs: usize, known_cpl: Lsn, offer: Offer, now: Duration, timeout: Duration, seed: u64) -> Takeover {
         let mut t = Takeover {
             pgs,
+            quorum: READ_QUORUM,
             known_cpl,
             offer,
             deadline: now + timeout,
@@ -247,6 +292,14 @@ impl Takeover {
         };
         t.start_round(Epoch(0), None);
         t
+    }
+
+    /// The same takeover, going on with `quorum` answers per PG: the simulator's
+    /// injected bug (below a read quorum), which some seed must catch.
+    pub fn with_quorum(mut self, quorum: usize) -> Takeover {
+        self.quorum = quorum;
+        self.round.as_mut().expect("the look is under way").quorum = quorum;
+        self
     }
 
     /// The next command to execute.
@@ -295,11 +348,11 @@ impl Takeover {
                 format!("{} refused by {refused} of pg{pg}'s {SEGMENTS_PER_PG} segments, out of a write quorum's reach: {}", r.epoch, r.errors.join("; "));
             return self.round_done(Err(TakeoverError::Lost(why)), now);
         }
-        if r.quorate() {
-            if r.settled() {
+        if r.read_quorate() {
+            if r.quorate() && r.settled() {
                 return self.round_done(Ok(()), now);
             }
-            r.grace.get_or_insert(now + STRAGGLER_WAIT);
+            r.grace = Some(r.ends_by(now));
         }
     }
 
@@ -349,11 +402,16 @@ impl Takeover {
         }
         let Some(r) = self.round.as_mut() else { return };
         if r.grace.is_some_and(|g| now >= g) {
-            return self.round_done(Ok(()), now);
+            if r.quorate() {
+                return self.round_done(Ok(()), now);
+            }
+            let pgs: Vec<String> = (0..self.pgs).filter(|&pg| r.refused_in(pg) > 0).map(|pg| format!("pg{pg}: {} granted, {} refused", r.answered(pg), r.refused_in(pg))).collect();
+            let why = format!("{} split with a rival's claim, no write quorum ({}): {}", r.epoch, pgs.join(", "), r.errors.join("; "));
+            return self.round_done(Err(TakeoverError::Lost(why)), now);
         }
         if !r.quorate() && now >= self.deadline {
             let short: Vec<String> =
-                (0..self.pgs).filter(|&pg| r.answered(pg) < WRITE_QUORUM).map(|pg| format!("pg{pg}: {} of {SEGMENTS_PER_PG}", r.answered(pg))).collect();
+                (0..self.pgs).filter(|&pg| r.answered(pg) < r.quorum).map(|pg| format!("pg{pg}: {} of {SEGMENTS_PER_PG}", r.answered(pg))).collect();
             let errors = r.errors.iter().rev().take(2 * SEGMENTS_PER_PG).cloned().collect::<Vec<_>>().join("; ");
             return self.finish(Err(TakeoverError::NoQuorum { short: short.join(", "), errors }));
         }
@@ -369,8 +427,12 @@ impl Takeover {
 
     fn start_round(&mut self, epoch: Epoch, truncate: Option<(Lsn, Vec<Truncation>)>) {
         self.asks += 1;
+        // A claim's answers are what recovery plans from (not the look's, nor the truncation's).
+        let claim = epoch != Epoch(0) && truncate.is_none();
         let r = Round {
             id: self.asks,
+            quorum: self.quorum,
+            patience: if claim { READ_QUORUM_WAIT } else { STRAGGLER_WAIT },
             epoch,
             truncate,
             answers: vec![vec![None; SEGMENTS_PER_PG]; self.pgs],
@@ -441,7 +503,8 @@ impl Takeover {
             Step::Truncate { decision, history } => {
                 self.timings.truncate = now - self.step_started;
                 let d = decision;
-                let recovered = Recovered { vdl: d.vdl, pg_last: d.pg_last, tails: d.tails };
+                let claimed = answers.iter().map(|pg| std::array::from_fn(|s| pg.iter().any(|&(seg, _)| seg == s))).collect();
+                let recovered = Recovered { vdl: d.vdl, pg_last: d.pg_last, tails: d.tails, claimed };
                 let taken = TakenOver { epoch: self.epoch, vcl: d.vcl, recovered, history, timings: self.timings, claims: self.claims };
                 self.finish(Ok(taken));
             }
@@ -475,7 +538,7 @@ impl Takeover {
                     .collect()
             })
             .collect();
-        let plan = match recovery::plan(&answers, self.known_cpl) {
+        let plan = match recovery::plan(&answers, self.known_cpl, self.quorum) {
             Ok(plan) => plan,
             Err(e) => return self.finish(Err(e.into())),
         };
@@ -638,18 +701,61 @@ mod tests {
     fn silent_segments_are_asked_again_until_the_deadline() {
         let mut t = takeover();
         let look = asks(&mut t);
-        answer(&mut t, &look, &[0, 1, 2], |_| status(Epoch(0)), MS);
-        answer(&mut t, &look, &[3, 4, 5], |_| Reply::Failed("unreachable".into()), MS);
+        answer(&mut t, &look, &[0, 1], |_| status(Epoch(0)), MS);
+        answer(&mut t, &look, &[2, 3, 4, 5], |_| Reply::Failed("unreachable".into()), MS);
         assert_eq!(t.poll_timeout(), Some(MS + ROUND_PAUSE));
         t.handle_timeout(MS + ROUND_PAUSE);
         let again = asks(&mut t);
-        assert_eq!(again.iter().map(|a| a.1).collect::<Vec<_>>(), vec![3, 4, 5], "only the silent ones are asked again");
-        answer(&mut t, &again, &[3, 4, 5], |_| Reply::Failed("unreachable".into()), 30 * MS);
+        assert_eq!(again.iter().map(|a| a.1).collect::<Vec<_>>(), vec![2, 3, 4, 5], "only the silent ones are asked again");
+        answer(&mut t, &again, &[2, 3, 4, 5], |_| Reply::Failed("unreachable".into()), 30 * MS);
         t.handle_timeout(Duration::from_secs(1));
         match t.outcome() {
-            Some(Err(TakeoverError::NoQuorum { short, errors })) => assert!(short.contains("3 of 6") && errors.contains("unreachable"), "{short}; {errors}"),
+            Some(Err(TakeoverError::NoQuorum { short, errors })) => assert!(short.contains("2 of 6") && errors.contains("unreachable"), "{short}; {errors}"),
             other => panic!("expected NoQuorum, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_read_quorum_takes_over_and_the_writer_holds_only_its_claims() {
+        let mut t = takeover();
+        let (up, down) = ([1, 3, 5], [0, 2, 4]);
+        let look = asks(&mut t);
+        answer(&mut t, &look, &up, |_| status(Epoch(0)), MS);
+        answer(&mut t, &look, &down, |_| Reply::Failed("unreachable".into()), MS);
+        t.handle_timeout(MS + STRAGGLER_WAIT);
+        let mut now = MS + STRAGGLER_WAIT;
+        // The claim waits longer for a write quorum of answers than the truncation.
+        for (truncating, wait) in [(false, READ_QUORUM_WAIT), (true, STRAGGLER_WAIT)] {
+            let round = asks(&mut t);
+            assert!(round.len() == 6 && round.iter().all(|a| a.3 == truncating), "{round:?}");
+            answer(&mut t, &round, &up, status, now);
+            answer(&mut t, &round, &down, |_| Reply::Failed("unreachable".into()), now);
+            if !truncating {
+                t.handle_timeout(now + STRAGGLER_WAIT);
+                let again = asks(&mut t);
+                assert!(again.iter().all(|a| down.contains(&a.1) && !a.3), "still claiming: {again:?}");
+            }
+            now += wait;
+            t.handle_timeout(now);
+        }
+        let taken = t.outcome().expect("done").as_ref().expect("taken over by a read quorum");
+        assert_eq!(taken.recovered.claimed, vec![[false, true, false, true, false, true]]);
+    }
+
+    #[test]
+    fn a_read_quorum_beside_a_refusal_is_a_split_not_a_win() {
+        let (mut t, claim) = claiming();
+        answer(&mut t, &claim, &[0, 1, 2], status, 2 * MS);
+        answer(&mut t, &claim, &[3], |_| Reply::Refused("held by another claimant".into()), 2 * MS);
+        answer(&mut t, &claim, &[4, 5], |_| Reply::Failed("unreachable".into()), 2 * MS);
+        // The rival may hold 3, 4 and 5: neither could ever write. Given time for a write quorum, then a split.
+        t.handle_timeout(2 * MS + READ_QUORUM_WAIT);
+        std::iter::from_fn(|| t.poll_command()).for_each(drop); // retries of 4 and 5
+        assert!(t.outcome().is_none());
+        let pause = t.poll_timeout().expect("pauses");
+        assert!(pause >= 2 * MS + READ_QUORUM_WAIT + CLAIM_RETRY_MIN, "{pause:?}");
+        t.handle_timeout(pause);
+        assert!(asks(&mut t).iter().all(|a| a.2 == Epoch(0)), "looks again, to claim the next generation");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::gc::Horizon;
 use crate::ids::{Epoch, Lsn, PageId, PgId};
 use crate::page::{entry_bytes, PageImage, PageOp, PAGE_HEADER_BYTES};
 use crate::page_cache::PageCache;
-use crate::quorum::{VolumeDurability, SEGMENTS_PER_PG};
+use crate::quorum::{VolumeDurability, SEGMENTS_PER_PG, WRITE_QUORUM};
 use crate::record::{RecordHeader, TrustedRecords, RECORD_OVERHEAD_BYTES};
 use crate::volume::Volume;
 use crate::wire::encode_append;
@@ -53,12 +53,20 @@ pub struct Recovered {
     /// Per PG, the point the records were read from and the encoded records
     /// after it (up to `pg_last`), to resend to the segments that lack them.
     pub tails: Vec<(Lsn, Vec<Bytes>)>,
+    /// Per PG, the segments that hold this writer's claim and truncation (at
+    /// least a read quorum): it allocates LSNs once a write quorum of every PG does.
+    pub claimed: Vec<[bool; SEGMENTS_PER_PG]>,
 }
 
 impl Recovered {
     /// A volume with no log yet.
     pub fn new_volume(pg_count: usize) -> Self {
-        Recovered { vdl: Lsn::ZERO, pg_last: vec![Lsn::ZERO; pg_count], tails: vec![(Lsn::ZERO, Vec::new()); pg_count] }
+        Recovered {
+            vdl: Lsn::ZERO,
+            pg_last: vec![Lsn::ZERO; pg_count],
+            tails: vec![(Lsn::ZERO, Vec::new()); pg_count],
+            claimed: vec![[true; SEGMENTS_PER_PG]; pg_count],
+        }
     }
 }
 
@@ -81,6 +89,9 @@ pub enum Admit {
     Stalled { vdl: Lsn },
     /// Refused, nothing allocated: an operation would grow a page past the volume's limit.
     PageFull(PageFull),
+    /// Nothing allocated: these PGs (with how many segments hold this writer's
+    /// claim) lack a write quorum of claims; retry once `writable()`.
+    NoWriteQuorum(Vec<(PgId, usize)>),
 }
 
 /// An operation that would grow its page past the volume's `page_bytes_max`.
@@ -354,9 +365,34 @@ impl WriterCore {
         }
     }
 
+    /// Segment `segment` of `pg` holds this writer's claim and truncation now (its
+    /// session's claim was granted). Returns whether that made the writer writable.
+    pub fn on_claimed(&mut self, pg: PgId, segment: usize) -> bool {
+        let was = self.writable();
+        self.recovered.claimed[pg.0 as usize][segment] = true;
+        !was && self.writable()
+    }
+
+    /// Whether a write quorum of every PG holds this writer's claim: until then
+    /// it serves reads at VDL and allocates no LSN (`takeover`: a takeover from a
+    /// read quorum).
+    pub fn writable(&self) -> bool {
+        self.short_of_claims().is_empty()
+    }
+
+    /// The PGs that lack a write quorum of claims, with how many segments hold one.
+    pub fn short_of_claims(&self) -> Vec<(PgId, usize)> {
+        let claimed = self.recovered.claimed.iter().map(|pg| pg.iter().filter(|&&c| c).count());
+        claimed.enumerate().filter(|&(_, n)| n < WRITE_QUORUM).map(|(pg, n)| (PgId(pg as u32), n)).collect()
+    }
+
     /// Allocates the records of one transaction (checked by the caller). `fetched`: the
     /// images of an earlier `NeedPages` answer (they need not fit the cache).
     pub fn submit(&mut self, ops: &[PageOp], fetched: &[PageImage]) -> Admit {
+        let short = self.short_of_claims();
+        if !short.is_empty() {
+            return Admit::NoWriteQuorum(short);
+        }
         let placed: Vec<(PageId, PgId)> = ops
             .iter()
             .map(|op| {
@@ -586,6 +622,21 @@ mod tests {
         PageOp::Put { key: k.into(), value: v.into() }
     }
 
+    #[test]
+    fn a_writer_claimed_on_a_read_quorum_allocates_once_a_write_quorum_of_every_pg_holds_its_claim() {
+        let mut recovered = Recovered::new_volume(2);
+        recovered.claimed = vec![[true, false, true, false, true, false], [true, true, true, true, false, false]];
+        let mut w = WriterCore::new(volume(2), config(), recovered);
+        assert!(!w.writable());
+        assert_eq!(w.submit(&[put("a", "1")], &[]), Admit::NoWriteQuorum(vec![(PgId(0), 3)]));
+        assert_eq!(w.last_allocated(), Lsn::ZERO, "nothing allocated");
+        assert!(!w.on_claimed(PgId(1), 5), "pg0 still short");
+        assert!(!w.on_claimed(PgId(0), 2), "a segment that held the claim already");
+        assert!(w.on_claimed(PgId(0), 3), "pg0's fourth claim");
+        assert!(!w.on_claimed(PgId(0), 5), "writable already");
+        assert!(matches!(w.submit(&[put("a", "1")], &[]), Admit::Allocated { commit_lsn: Lsn(1), .. }));
+    }
+
     /// `n` keys on the page of `first`.
     fn keys_on_page(w: &WriterCore, first: &str, n: usize) -> Vec<String> {
         let page = w.volume().page_of(first.as_bytes());
@@ -803,7 +854,7 @@ mod tests {
             put(&format!("k{l}"), "v").encode(&mut payload);
             RecordHeader { lsn: Lsn(l), prev_lsn_in_segment: Lsn(l - 1), prev_lsn_for_page: Lsn::ZERO, page: PageId(1), cpl: true }.encode(&payload, &mut tail);
         }
-        let recovered = Recovered { vdl: Lsn(8), pg_last: vec![Lsn(8)], tails: vec![(Lsn(5), vec![Bytes::from(tail)])] };
+        let recovered = Recovered { vdl: Lsn(8), pg_last: vec![Lsn(8)], tails: vec![(Lsn(5), vec![Bytes::from(tail)])], ..Recovered::new_volume(1) };
         let mut w = WriterCore::new(volume(1), config(), recovered);
         let resent = send(&mut w, 0, 5);
         assert_eq!(records(&resent[0]).iter().map(|r| r.0).collect::<Vec<_>>(), [6, 7, 8]);
@@ -917,7 +968,7 @@ mod tests {
 
     #[test]
     fn reads_come_from_cache_or_need_a_fetch() {
-        let mut w = WriterCore::new(volume(1), config(), Recovered { vdl: Lsn(10), pg_last: vec![Lsn(10)], tails: vec![(Lsn(10), vec![])] });
+        let mut w = WriterCore::new(volume(1), config(), Recovered { vdl: Lsn(10), pg_last: vec![Lsn(10)], tails: vec![(Lsn(10), vec![])], ..Recovered::new_volume(1) });
         let page = w.volume().page_of(b"k");
         assert_eq!(w.read(b"k"), ReadPlan::Fetch { pg: PgId(0), page, lsn: Lsn(10) });
         assert_eq!(w.submit(&[put("k", "v")], &[]), Admit::NeedPages(vec![(PgId(0), page, Lsn(10))]));

@@ -163,6 +163,58 @@ async fn writer_killed_with_two_storage_nodes_is_replaced_and_the_nodes_catch_up
     check_after_failover(&c, &writer, other, &acked).await;
 }
 
+/// Aurora's design point for reads: an AZ (nodes 1 and 2) and one more node (3)
+/// go down with the writer. A replica takes over from the three segments left
+/// of each PG: it serves every acknowledged write, as do the other replica and
+/// one started now, and refuses writes (nothing written, a clear error) until a
+/// fourth node is back, when the same put commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_and_replica_reads_with_an_az_and_one_more_node_down() {
+    let _serial = serial();
+    let (mut c, mut w, client) = cluster_with_writer(&[]).await;
+    let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "300"]).await;
+    let load = Load::start(&client, 4, 0);
+    load.wait_more(300, REPLY_TIMEOUT).await;
+    let (acked, _) = load.finish().await;
+    w.kill9();
+    for id in [1, 2, 3] {
+        c.kill9(id);
+    }
+    let (addr, role) = wait_writer(&c, &[ra.addr, rb.addr], READY_TIMEOUT).await;
+    assert!(role.epoch.generation() >= 2, "a new epoch was claimed with three nodes down: {:?}", role.epoch);
+    let (promoted, other) = split(addr, &ra, &rb);
+    let writer = c.client(addr).await;
+    assert_all_present(&writer, &acked).await;
+    let keys: Vec<Vec<u8>> = acked.iter().map(|&i| key(i)).collect();
+    assert_converges(&c, other, &writer, &keys).await;
+    // A replica starting now, from the writer's progress and three segments per PG.
+    let rc = c.start_replica(None, &[]).await;
+    assert_converges(&c, &rc, &writer, &keys).await;
+
+    let vdl = read_point(&writer).await;
+    let refused = writer.put(b"with-three-down", b"v").await.expect_err("no write quorum: the put must be refused");
+    let why = refused.to_string();
+    assert!(why.contains("nothing was written") && why.contains("read-only") && why.contains("3 of 6"), "{why}");
+    assert_eq!(read_point(&writer).await, vdl, "nothing allocated while read-only");
+    assert!(promoted.proc.log_text().contains("took over with a read quorum only"), "{}", promoted.proc.log_tail(20));
+
+    // A fourth node back: its session claims it, and writes open.
+    c.restart(3).await;
+    let lsn = tokio::time::timeout(READY_TIMEOUT, async {
+        loop {
+            match writer.put(b"with-three-down", b"v").await {
+                Ok(lsn) => return lsn,
+                Err(e) => assert!(e.to_string().contains("read-only"), "{e}"),
+            }
+        }
+    })
+    .await
+    .expect("writes open once a fourth node is back");
+    assert!(lsn > vdl);
+    let (_, v) = c.client(other.addr).await.get_at(b"with-three-down", lsn).await.expect("the other replica reads the new write");
+    assert_eq!(v.as_deref(), Some(&b"v"[..]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_storage_nodes_restarted_after_the_flush_serve_every_acked_write_from_disk() {
     let _serial = serial();

@@ -137,6 +137,10 @@ pub struct Stats {
     pub stream_refusals: u64,
     /// Transactions refused for growing a page past the volume's limit (checked against the history).
     pub pages_full: u64,
+    /// Takeovers with an AZ and one more node unreachable, and transactions a writer
+    /// taken over from a read quorum refused until a write quorum held its claim.
+    pub az_plus_one_takeovers: u64,
+    pub writes_before_write_quorum: u64,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -172,6 +176,8 @@ impl std::ops::AddAssign for Stats {
         self.stream_chunks += o.stream_chunks;
         self.stream_refusals += o.stream_refusals;
         self.pages_full += o.pages_full;
+        self.az_plus_one_takeovers += o.az_plus_one_takeovers;
+        self.writes_before_write_quorum += o.writes_before_write_quorum;
     }
 }
 
@@ -488,6 +494,7 @@ impl Sim {
             }
             // Backpressure: the client gives up on this one.
             Admit::Stalled { .. } => {}
+            Admit::NoWriteQuorum(_) => self.stats.writes_before_write_quorum += 1,
             Admit::NeedPages(_) => unreachable!("fetched above"),
         }
     }

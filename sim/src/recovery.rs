@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use redo_core::quorum::{READ_QUORUM, SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::record::{Records, ValidRecords};
 use redo_core::repair::{Own, PeerView};
 use redo_core::segment_claim::ClaimError;
@@ -37,6 +37,14 @@ const CLAIM_ANSWER_PERCENT: u64 = 85;
 /// Chance that a segment is cut off from a whole takeover: it gets the
 /// truncation later, from the new writer's session.
 const CUT_OFF_PERCENT: u64 = 10;
+/// Chance that a takeover finds an AZ and one more node unreachable (Aurora's
+/// design point for reads), if every acknowledged record is on enough segments
+/// (`READ_HOLDERS_MIN`) for any read quorum to see it.
+const AZ_PLUS_ONE_PERCENT: u64 = 25;
+/// Holders of every acknowledged record that let any read quorum of claim
+/// answers see it. With fewer (some restarted before flushing, `ack = memory`),
+/// a takeover is sure to see it only with a write quorum of answers
+/// (`READ_QUORUM_WAIT`): the sim then leaves a write quorum reachable.
 /// Replies take up to this long, or (`LATE_PERCENT`) longer than the
 /// machine waits for stragglers.
 const REPLY_DELAY_US_MAX: u64 = 40_000;
@@ -62,6 +70,7 @@ const OFFER_RUN_BYTES_MAX: usize = 1024;
 /// design accepts (segments that crash before flushing), not a recovery bug,
 /// so the sim does not crash the writer, nor a segment, into it.
 pub(crate) const ACKED_HOLDERS_MIN: usize = SEGMENTS_PER_PG - WRITE_QUORUM + 1;
+const READ_HOLDERS_MIN: usize = SEGMENTS_PER_PG - READ_QUORUM + 1;
 
 /// A takeover under way in virtual time.
 struct Execution {
@@ -161,6 +170,7 @@ impl Sim {
             candidates.push(None);
         }
         let count = candidates.len();
+        let nodes_down = self.az_plus_one_down();
         let mut x = Execution { now: Duration::ZERO, replies: Vec::new(), claimants: Vec::new() };
         for (i, candidate) in candidates.into_iter().enumerate() {
             // A promotion: the replica offers back what it holds, and knows VDL up to what it heard.
@@ -170,9 +180,12 @@ impl Sim {
                 known_cpl = self.replicas[r].core.vdl();
                 offer = Offer { epoch: self.replicas[r].epoch(), runs: self.replicas[r].core.held_records(OFFER_RUN_BYTES_MAX) };
             }
-            let cut_off = (0..pgs).map(|_| (0..SEGMENTS_PER_PG).map(|_| self.rng.chance(CUT_OFF_PERCENT)).collect()).collect();
+            let cut_off = nodes_down.clone().unwrap_or_else(|| self.cut_off());
             let start = if i == 0 { Duration::ZERO } else { Duration::from_micros(self.rng.below(SECOND_START_US_MAX)) };
-            let machine = Takeover::new(pgs, known_cpl, offer, start, TAKEOVER_TIMEOUT, self.rng.next_u64());
+            let mut machine = Takeover::new(pgs, known_cpl, offer, start, TAKEOVER_TIMEOUT, self.rng.next_u64());
+            if self.bug == Some(replica::Bug::RecoveryFromTwo) {
+                machine = machine.with_quorum(READ_QUORUM - 1);
+            }
             x.claimants.push(Claimant { machine, start, promotion, cut_off, truncated: Vec::new(), max_cpl: Lsn::ZERO });
         }
         loop {
@@ -238,6 +251,44 @@ impl Sim {
             self.stats.recovery_retries += 1;
         }
         !fenced
+    }
+
+    /// Sometimes (`AZ_PLUS_ONE_PERCENT`), while every acknowledged record has
+    /// `READ_HOLDERS_MIN` holders, an AZ and one more node (two more with
+    /// `Bug::RecoveryFromTwo`) are out of every candidate's reach for a whole
+    /// takeover, in every PG.
+    fn az_plus_one_down(&mut self) -> Option<Vec<Vec<bool>>> {
+        if !self.acked_held(READ_HOLDERS_MIN, None) || !self.rng.chance(AZ_PLUS_ONE_PERCENT) {
+            return None;
+        }
+        let more = if self.bug == Some(replica::Bug::RecoveryFromTwo) { 2 } else { 1 };
+        let az = self.rng.below(3) as usize;
+        let mut others: Vec<usize> = (0..SEGMENTS_PER_PG).filter(|&n| n / 2 != az).collect();
+        let mut down = vec![false; SEGMENTS_PER_PG];
+        down[2 * az] = true;
+        down[2 * az + 1] = true;
+        for _ in 0..more {
+            down[others.swap_remove(self.rng.below(others.len() as u64) as usize)] = true;
+        }
+        self.stats.az_plus_one_takeovers += 1;
+        Some(vec![down; self.segments.len()])
+    }
+
+    /// The segments one candidate cannot reach during its whole takeover, each by
+    /// chance, per PG; never fewer than a write quorum of live segments left while
+    /// an acknowledged record has fewer than `READ_HOLDERS_MIN` holders.
+    fn cut_off(&mut self) -> Vec<Vec<bool>> {
+        let pgs = self.segments.len();
+        let mut cut: Vec<Vec<bool>> = (0..pgs).map(|_| (0..SEGMENTS_PER_PG).map(|_| self.rng.chance(CUT_OFF_PERCENT)).collect()).collect();
+        if !self.acked_held(READ_HOLDERS_MIN, None) {
+            for (pg, cut) in cut.iter_mut().enumerate() {
+                let reachable = (0..SEGMENTS_PER_PG).filter(|&s| !cut[s] && self.segments[pg][s].down_until <= self.now).count();
+                if reachable < WRITE_QUORUM {
+                    cut.fill(false);
+                }
+            }
+        }
+        cut
     }
 
     /// A candidate won: the checks, the oracle forgets what it dropped, and the
@@ -409,6 +460,7 @@ impl Sim {
         match self.claim(pg, seg, self.writer.epoch(), truncate) {
             Ok(claimed) => {
                 self.stats.late_truncations += claimed.cut.is_some() as u64;
+                self.writer.on_claimed(PgId(pg as u32), seg);
                 true
             }
             Err(ClaimError::Stale(refused)) => panic!("the only writer's claim on pg{pg} segment {seg} was refused: {refused}"),

@@ -97,6 +97,9 @@ pub enum Bug {
     /// before `redo_core::join`): a deposed writer's frame can move it to an
     /// epoch below the volume's, and the deposed writer count it.
     JoinSkipped,
+    /// Takeovers go on with 2 answers per PG, below a read quorum: with an AZ
+    /// and two more nodes unreachable, recovery can miss an acknowledged record.
+    RecoveryFromTwo,
 }
 
 #[derive(Clone)]

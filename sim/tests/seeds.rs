@@ -35,6 +35,7 @@ fn safety_then_liveness_over_many_seeds() {
         assert!(total.joins > 0 && total.deposed_frames > 0, "no wiped segment joined, or no deposed writer resent: {total:?}");
         assert!(total.horizon_moves > 0, "the GC horizon never moved: {total:?}");
         assert!(total.txns_dropped > 0 && total.txns_kept_unacked > 0, "recoveries never decided an unacknowledged transaction: {total:?}");
+        assert!(total.az_plus_one_takeovers > 0 && total.writes_before_write_quorum > 0, "no takeover from a read quorum held writes back: {total:?}");
     }
 }
 
@@ -156,4 +157,11 @@ fn a_wiped_segment_that_does_not_join_first_fails_some_seed() {
 #[test]
 fn a_horizon_above_a_replica_read_point_fails_some_seed() {
     assert_caught(Bug::HorizonIgnoresReaders);
+}
+
+/// Takeovers that go on with 2 of 6 answers (an AZ and two more nodes cut off)
+/// miss an acknowledged record on some seed.
+#[test]
+fn recovery_from_two_of_six_fails_some_seed() {
+    assert_caught(Bug::RecoveryFromTwo);
 }

@@ -3,13 +3,14 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use borealis_net::api_server::{error, ApiService};
 use redo_core::api::{ApiErrorCode, Progress, Request, Response, Role};
 use redo_core::page::PageOp;
 use redo_core::volume::Volume;
 use redo_core::writer::{Admit, ReadPlan};
+use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::Lsn;
 use tokio::sync::watch;
 
@@ -100,6 +101,9 @@ fn unavailable(why: String) -> Response {
     error(ApiErrorCode::Unavailable, format!("writer unavailable, the write may or may not have committed: {why}"))
 }
 
+/// How long a transaction waits for a writer taken over from a read quorum to become writable.
+const WRITE_QUORUM_WAIT: Duration = Duration::from_secs(5);
+
 /// A deliberately slowed build (`BOREALIS_SLOW_COMMIT_US=2000 cargo build --release`) delays
 /// every commit's reply by that many microseconds: it shows that CI's perf gate catches a regression.
 const SLOW_COMMIT_US: Option<&str> = option_env!("BOREALIS_SLOW_COMMIT_US");
@@ -155,6 +159,24 @@ async fn commit(api: &Api, ops: &[PageOp]) -> Response {
                 }
             }
             Admit::PageFull(full) => return error(ApiErrorCode::Invalid, full.to_string()),
+            Admit::NoWriteQuorum(short) => {
+                let (mut writable, mut fenced) = (w.writable.subscribe(), w.fenced.subscribe());
+                let opened = tokio::time::timeout(WRITE_QUORUM_WAIT, async {
+                    tokio::select! {
+                        _ = writable.wait_for(|&w| w) => true,
+                        _ = fenced.wait_for(Option::is_some) => false,
+                    }
+                });
+                if !matches!(opened.await, Ok(true)) {
+                    let short: Vec<String> = short.iter().map(|(pg, n)| format!("{pg}: {n} of {SEGMENTS_PER_PG}")).collect();
+                    let why = format!(
+                        "nothing was written: read-only until a write quorum ({WRITE_QUORUM}) of every PG's segments holds this writer's claim \
+                         (segments holding it: {}); reads are served",
+                        short.join(", ")
+                    );
+                    return error(ApiErrorCode::Unavailable, why);
+                }
+            }
             Admit::Stalled { vdl } => {
                 w.metrics.lal_stalls.fetch_add(1, Relaxed);
                 if let Err(e) = w.wait_vdl(vdl).await {

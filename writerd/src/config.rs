@@ -39,7 +39,8 @@ pub struct Config {
     /// daemons share few cores, as in a local cluster).
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
-    /// How long to wait at start for a write quorum of every protection group to answer.
+    /// How long to wait at start for a read quorum of every protection group to answer
+    /// (writes then wait for a write quorum to hold the claim).
     #[arg(long, default_value_t = 30_000)]
     pub start_timeout_ms: u64,
 }

@@ -106,6 +106,11 @@ pub fn start(volume: &Volume, links: &[Arc<NodeLink>], taken: recovery::TakenOve
         reader_grace: Duration::from_millis(tuning.gc_reader_grace_ms),
     };
     let writer = Writer::new(WriterCore::new(volume.clone(), core_config, taken.recovered), taken.history);
+    let short = writer.lock().core.short_of_claims();
+    if !short.is_empty() {
+        let short: Vec<String> = short.iter().map(|(pg, n)| format!("{pg}: {n} of {SEGMENTS_PER_PG}")).collect();
+        tracing::warn!(segments_claimed = %short.join(", "), "took over with a read quorum only: reads are served at VDL, writes wait until a write quorum of every PG holds this writer's claim");
+    }
     for pg in 0..volume.pg_count() {
         let pg = PgId(pg as u32);
         for (segment, node) in volume.segments(pg).enumerate() {
@@ -141,6 +146,7 @@ fn render_metrics(w: &Writer) -> String {
             gc_readers: c.horizon().readers() as u64,
             cache_bytes: c.cached().0 as u64,
             cached_pages: c.cached().1 as u64,
+            writable: c.writable() as u64,
             pgcl: (0..c.volume().pg_count()).map(|pg| c.pgcl(PgId(pg as u32)).0).collect(),
             segments_current: (0..c.volume().pg_count()).map(|pg| c.segments_current(PgId(pg as u32)) as u64).collect(),
         }

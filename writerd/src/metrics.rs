@@ -34,6 +34,7 @@ pub struct Gauges {
     pub gc_readers: u64,
     pub cache_bytes: u64,
     pub cached_pages: u64,
+    pub writable: u64,
     pub pgcl: Vec<u64>,
     /// Per PG, segments at the newest position any of them acknowledged.
     pub segments_current: Vec<u64>,
@@ -79,6 +80,11 @@ impl Metrics {
             ("writerd_gc_readers", "Readers (replica feeds) whose read points bound the GC horizon.", g.gc_readers),
             ("writerd_cache_bytes", "Memory the cached page images take (bounded by --cache-bytes-max once VDL covers them).", g.cache_bytes),
             ("writerd_cached_pages", "Page images in memory.", g.cached_pages),
+            (
+                "writerd_writable",
+                "1 once a write quorum of every PG holds this writer's claim; 0 after a takeover from a read quorum (reads served, writes wait).",
+                g.writable,
+            ),
         ];
         for (name, help, v) in gauges {
             header(&mut out, name, "gauge", help);

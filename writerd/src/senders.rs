@@ -97,6 +97,7 @@ async fn session(w: &Writer, pg: PgId, segment: usize, link: &NodeLink) -> End {
     if seg_epoch > epoch {
         return End::Fenced(format!("segment is at {seg_epoch}, this writer at {epoch}"));
     }
+    w.on_claimed(pg, segment);
     let opened = tokio::time::timeout(REQUEST_TIMEOUT, conn.open_append()).await;
     let (mut tx, mut rx) = match opened {
         Ok(Ok(s)) => s,

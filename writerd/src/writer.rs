@@ -31,6 +31,9 @@ pub struct Writer {
     pub history: Vec<Truncation>,
     /// Set once a storage node reports a newer epoch: this writer is deposed.
     pub fenced: watch::Sender<Option<String>>,
+    /// `WriterCore::writable`: false after a takeover from a read quorum until
+    /// a write quorum of every PG holds this writer's claim.
+    pub writable: watch::Sender<bool>,
     /// Set (under the state lock) when the writer stops: no transaction is admitted after it.
     pub stopping: AtomicBool,
     pub metrics: Metrics,
@@ -47,12 +50,14 @@ impl Writer {
         let pgs = core.volume().pg_count();
         let metrics = Metrics::new(core.volume());
         let progress = watch::channel(Self::progress_of(&core)).0;
+        let writable = watch::channel(core.writable()).0;
         Arc::new(Writer {
             progress,
             inner: Mutex::new(Inner { core, waiters: BTreeMap::new() }),
             wake: (0..pgs).map(|_| std::array::from_fn(|_| Notify::new())).collect(),
             history,
             fenced: watch::channel(None).0,
+            writable,
             stopping: AtomicBool::new(false),
             metrics,
             started: Instant::now(),
@@ -97,6 +102,14 @@ impl Writer {
 
     /// Folds a segment's position in (from an ack, or from `Status` at the start of a
     /// session, which may be lower after a restart); releases every waiter that VDL now covers.
+    /// Segment `segment` of `pg` granted this writer's claim (its session's).
+    pub fn on_claimed(&self, pg: PgId, segment: usize) {
+        if self.lock().core.on_claimed(pg, segment) {
+            tracing::info!(%pg, segment, "a write quorum of every PG holds this writer's claim: writes open");
+            self.writable.send_replace(true);
+        }
+    }
+
     pub fn on_position(&self, segment: usize, position: SegmentPosition, from_status: bool) {
         let pg = position.pg;
         let (ready, sealable, progress) = {

@@ -50,7 +50,8 @@ pub struct Config {
     #[arg(long, default_value_t = 30_000)]
     pub start_timeout_ms: u64,
     /// The other replicas' client-API addresses (comma-separated). They agree which of them
-    /// promotes when the writer falls silent, and follow whichever is the writer after.
+    /// promotes when the writer falls silent, and follow whichever is the writer after; a
+    /// starting replica finds the writer among them too.
     #[arg(long, value_delimiter = ',')]
     pub peers: Vec<SocketAddr>,
     /// Promotion priority: among replicas with the same read point, the highest promotes.

@@ -35,7 +35,8 @@ const WRITER_ASK_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a pull failed on every candidate segment.
 const FAILED_PULL_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Where to start. From the writer's first progress when it answers: its VDL is durable,
+/// Where to start. From the writer's first progress when it answers (the volume's
+/// writer, or a peer replica promoted since; `candidates`): its VDL is durable,
 /// its PGCLs bound each PG, it names the writer to follow from the start, and it needs no
 /// write quorum of segments up (a read quorum serves the reads). Else from the segments'
 /// SCLs (read without raising any epoch), once every PG has a write quorum of answers.
@@ -44,14 +45,14 @@ pub async fn start(
     volume: &Volume,
     links: &[Arc<NodeLink>],
     endpoint: &quinn::Endpoint,
-    writer: SocketAddr,
+    candidates: &[SocketAddr],
     timeout: Duration,
 ) -> Result<(Start, Vec<(usize, SegmentPosition)>, Option<Progress>)> {
     let deadline = Instant::now() + timeout;
     let mut scls = vec![[None; SEGMENTS_PER_PG]; volume.pg_count()];
     let mut positions = Vec::new();
     loop {
-        if let Some(p) = first_progress(endpoint, writer).await {
+        if let Some(p) = first_progress(endpoint, candidates).await {
             return Ok((Start { durable: p.vdl, bounds: p.pgcl.clone() }, positions, Some(p)));
         }
         let mut asks = JoinSet::new();
@@ -77,14 +78,16 @@ pub async fn start(
         if Instant::now() > deadline {
             let short: Vec<String> =
                 scls.iter().enumerate().map(|(pg, s)| format!("pg{pg}: {} of {SEGMENTS_PER_PG} answered", s.iter().flatten().count())).collect();
-            bail!("neither the writer at {writer} nor a write quorum of segments answered within {timeout:?} ({})", short.join(", "));
+            bail!("neither a writer at {candidates:?} nor a write quorum of segments answered within {timeout:?} ({})", short.join(", "));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// The writer's first `Progress`, if it answers within `WRITER_ASK_TIMEOUT`.
-async fn first_progress(endpoint: &quinn::Endpoint, writer: SocketAddr) -> Option<Progress> {
+/// The first `Progress` of the writer among `candidates` (the newest epoch's), if
+/// it answers within `WRITER_ASK_TIMEOUT`.
+async fn first_progress(endpoint: &quinn::Endpoint, candidates: &[SocketAddr]) -> Option<Progress> {
+    let (writer, _) = borealis_net::api::find_writer_within(endpoint, candidates, WRITER_ASK_TIMEOUT).await?;
     let ask = async {
         let client = ApiClient::connect(endpoint, writer).await?;
         let mut follower = client.follow().await?;

@@ -12,6 +12,7 @@ mod metrics;
 mod promote;
 mod replica;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +40,8 @@ pub fn run(config: Config) -> Result<i32> {
     runtime.block_on(async {
         let endpoint = borealis_net::client_endpoint(&identity)?;
         let links = NodeLink::for_volume(&volume, &endpoint)?;
-        let (start, positions, progress) = follow::start(&volume, &links, &endpoint, writer, Duration::from_millis(config.start_timeout_ms)).await?;
+        let candidates: Vec<SocketAddr> = std::iter::once(writer).chain(config.peers.iter().copied()).collect();
+        let (start, positions, progress) = follow::start(&volume, &links, &endpoint, &candidates, Duration::from_millis(config.start_timeout_ms)).await?;
         let from = if progress.is_some() { "the writer" } else { "storage" };
         tracing::info!(durable = %start.durable, from, "learned the volume's position");
         let core_config = ReplicaConfig { buffer_bytes_max: config.buffer_bytes_max as usize, cache_bytes_max: config.cache_bytes_max as usize };

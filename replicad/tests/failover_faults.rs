@@ -186,9 +186,16 @@ async fn takeover_and_replica_reads_with_an_az_and_one_more_node_down() {
     let writer = c.client(addr).await;
     assert_all_present(&writer, &acked).await;
     let keys: Vec<Vec<u8>> = acked.iter().map(|&i| key(i)).collect();
+    // The other replica reads at the new epoch once it follows the new writer (storage refuses an older epoch's reads).
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while role_of(&c, other.addr).await.epoch < role.epoch {
+        assert!(Instant::now() < deadline, "the other replica did not follow the new writer{}", diagnose(other));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_converges(&c, other, &writer, &keys).await;
-    // A replica starting now, from the writer's progress and three segments per PG.
-    let rc = c.start_replica(None, &[]).await;
+    // A replica starting now, from the new writer's progress (found among its peers) and three segments per PG.
+    let peers = format!("{},{}", ra.addr, rb.addr);
+    let rc = c.start_replica(None, &["--peers", &peers]).await;
     assert_converges(&c, &rc, &writer, &keys).await;
 
     let vdl = read_point(&writer).await;

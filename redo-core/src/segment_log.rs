@@ -56,14 +56,32 @@ pub fn grant_decided_epoch(current: Epoch, current_truncated: bool, requested: E
 }
 
 /// A segment that cannot serve a reader of the writer at `reader`: see `SegmentLog::check_truncated_for`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
-#[error("{segment} has not recorded the truncation of {reader} (at {at}, last truncation {last:?})")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MissedTruncation {
     pub segment: SegmentId,
     pub reader: Epoch,
     pub at: Epoch,
     pub last: Option<Truncation>,
 }
+
+impl std::fmt::Display for MissedTruncation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (segment, reader, at, last) = (self.segment, self.reader, self.at, self.last);
+        match last {
+            // After a takeover, until the reader follows the new writer.
+            Some(t) if t.epoch > reader => {
+                write!(
+                    f,
+                    "{segment} was truncated by a newer writer ({}, above {}) than the reader's ({reader}): read again once following it",
+                    t.epoch, t.above
+                )
+            }
+            _ => write!(f, "{segment} has not recorded the truncation of {reader} (at {at}, last truncation {last:?})"),
+        }
+    }
+}
+
+impl std::error::Error for MissedTruncation {}
 
 /// A page read below the GC horizon (`crate::gc`): no reader reads there, and
 /// storage may have reclaimed the versions it asks for.

@@ -405,7 +405,10 @@ impl Takeover {
             if r.quorate() {
                 return self.round_done(Ok(()), now);
             }
-            let pgs: Vec<String> = (0..self.pgs).filter(|&pg| r.refused_in(pg) > 0).map(|pg| format!("pg{pg}: {} granted, {} refused", r.answered(pg), r.refused_in(pg))).collect();
+            let pgs: Vec<String> = (0..self.pgs)
+                .filter(|&pg| r.refused_in(pg) > 0)
+                .map(|pg| format!("pg{pg}: {} granted, {} refused", r.answered(pg), r.refused_in(pg)))
+                .collect();
             let why = format!("{} split with a rival's claim, no write quorum ({}): {}", r.epoch, pgs.join(", "), r.errors.join("; "));
             return self.round_done(Err(TakeoverError::Lost(why)), now);
         }

@@ -968,7 +968,11 @@ mod tests {
 
     #[test]
     fn reads_come_from_cache_or_need_a_fetch() {
-        let mut w = WriterCore::new(volume(1), config(), Recovered { vdl: Lsn(10), pg_last: vec![Lsn(10)], tails: vec![(Lsn(10), vec![])], ..Recovered::new_volume(1) });
+        let mut w = WriterCore::new(
+            volume(1),
+            config(),
+            Recovered { vdl: Lsn(10), pg_last: vec![Lsn(10)], tails: vec![(Lsn(10), vec![])], ..Recovered::new_volume(1) },
+        );
         let page = w.volume().page_of(b"k");
         assert_eq!(w.read(b"k"), ReadPlan::Fetch { pg: PgId(0), page, lsn: Lsn(10) });
         assert_eq!(w.submit(&[put("k", "v")], &[]), Admit::NeedPages(vec![(PgId(0), page, Lsn(10))]));

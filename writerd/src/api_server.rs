@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use borealis_net::api_server::{error, ApiService};
 use redo_core::api::{ApiErrorCode, Progress, Request, Response, Role};
 use redo_core::page::PageOp;
+use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::volume::Volume;
 use redo_core::writer::{Admit, ReadPlan};
-use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::Lsn;
 use tokio::sync::watch;
 

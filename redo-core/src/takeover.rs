@@ -245,7 +245,7 @@ enum Step {
 
 pub struct Takeover {
     pgs: usize,
-    /// Answers each PG needs at each step: `READ_QUORUM`.
+    /// Answers each PG needs at each step: `READ_QUORUM` unless `with_quorum`.
     quorum: usize,
     known_cpl: Lsn,
     offer: Offer,
@@ -294,8 +294,11 @@ impl Takeover {
         t
     }
 
-    /// The same takeover, going on with `quorum` answers per PG: the simulator's
-    /// injected bug (below a read quorum), which some seed must catch.
+    /// The same takeover, going on with `quorum` answers per PG instead of a read
+    /// quorum. A replica promoting itself asks a write quorum: on each side of a
+    /// partition into 3 and 3 a replica could otherwise take over read-only, and
+    /// on healing each would meet the other's claim and be deposed. Below a read
+    /// quorum: the simulator's injected bug, which some seed must catch.
     pub fn with_quorum(mut self, quorum: usize) -> Takeover {
         self.quorum = quorum;
         self.round.as_mut().expect("the look is under way").quorum = quorum;

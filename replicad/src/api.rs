@@ -10,6 +10,7 @@ use std::time::Duration;
 use borealis_net::api_server::{error, ApiService};
 use borealis_net::storage::{get_page_from, link_of, NodeLink};
 use redo_core::api::{ApiErrorCode, Progress, Request, Response};
+use redo_core::quorum::READ_QUORUM;
 use redo_core::replica::ReadPlan;
 use redo_core::Lsn;
 use tokio::sync::watch;
@@ -33,7 +34,7 @@ impl ApiService for Api {
         }
         match req {
             Request::Role => Response::RoleIs(self.promoter.role()),
-            Request::Promote => match self.promoter.promote().await {
+            Request::Promote => match self.promoter.promote(READ_QUORUM).await {
                 Ok(p) => Response::Promoted(p),
                 Err(e) => error(ApiErrorCode::Unavailable, format!("promotion failed: {e}")),
             },

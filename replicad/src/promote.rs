@@ -14,6 +14,7 @@ use borealis_net::api::ApiClient;
 use borealis_net::storage::NodeLink;
 use redo_core::api::{Promoted, Request, Response, Role};
 use redo_core::failover::{Verdict, Watch};
+use redo_core::quorum::WRITE_QUORUM;
 use redo_core::volume::Volume;
 use redo_core::Lsn;
 use tokio::task::JoinSet;
@@ -102,8 +103,10 @@ impl Promoter {
         }
     }
 
-    /// Takes over the volume, or returns how the earlier promotion went.
-    pub async fn promote(&self) -> Result<Promoted, TakeoverError> {
+    /// Takes over the volume, or returns how the earlier promotion went. `quorum`:
+    /// the claim answers each PG needs, a write quorum when the replica promotes
+    /// itself, a read quorum when told to (`Takeover::with_quorum`).
+    pub async fn promote(&self, quorum: usize) -> Result<Promoted, TakeoverError> {
         let mut done = self.done.lock().await;
         if let Some(p) = done.as_ref() {
             return Ok(p.clone());
@@ -117,14 +120,14 @@ impl Promoter {
         }
         self.promoting.store(true, Relaxed);
         let _promoting = Promoting(&self.promoting);
-        let result = self.take_over().await;
+        let result = self.take_over(quorum).await;
         if let Ok(p) = &result {
             *done = Some(p.clone());
         }
         result
     }
 
-    async fn take_over(&self) -> Result<Promoted, TakeoverError> {
+    async fn take_over(&self, quorum: usize) -> Result<Promoted, TakeoverError> {
         let started = Instant::now();
         let r = &self.replica;
         // Every PG is complete up to the read point (a CPL), and up to the last VDL the
@@ -133,7 +136,7 @@ impl Promoter {
         // Its records are the history of the newest writer it heard.
         let offer = Offer { epoch: r.writer().map(|h| h.epoch).unwrap_or_default(), runs: r.lock().held_records(OFFER_RUN_BYTES_MAX) };
         tracing::warn!(%known, offered_bytes = offer.runs.iter().flatten().map(|b| b.len()).sum::<usize>(), "promoting: taking over the volume");
-        let taken = match writerd::recovery::take_over(&self.volume, &self.links, known, offer, self.timeout).await {
+        let taken = match writerd::recovery::take_over(&self.volume, &self.links, known, offer, self.timeout, quorum).await {
             Ok(x) => x,
             Err(e @ TakeoverError::Lost(_)) => {
                 r.metrics.promotions_lost.fetch_add(1, Relaxed);
@@ -218,7 +221,7 @@ pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: Socke
         }
         tracing::warn!(silent_ms = r.writer().map_or(0, |h| h.at.elapsed().as_millis()), "writer silent and this replica is the best: promoting");
         r.metrics.promotions_auto.fetch_add(1, Relaxed);
-        let _ = promoter.promote().await;
+        let _ = promoter.promote(WRITE_QUORUM).await;
     }
 }
 

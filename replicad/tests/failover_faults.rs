@@ -164,35 +164,44 @@ async fn writer_killed_with_two_storage_nodes_is_replaced_and_the_nodes_catch_up
 }
 
 /// Aurora's design point for reads: an AZ (nodes 1 and 2) and one more node (3)
-/// go down with the writer. A replica takes over from the three segments left
-/// of each PG: it serves every acknowledged write, as do the other replica and
-/// one started now, and refuses writes (nothing written, a clear error) until a
-/// fourth node is back, when the same put commits.
+/// go down with the writer. The replicas serve every acknowledged write. One
+/// told to promote (a replica promotes itself only with a write quorum) takes
+/// over from the three segments left of each PG: it serves every acknowledged
+/// write, as do the other replica and one started now, and refuses writes
+/// (nothing written, a clear error) until a fourth node is back, when the same
+/// put commits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_and_replica_reads_with_an_az_and_one_more_node_down() {
     let _serial = serial();
     let (mut c, mut w, client) = cluster_with_writer(&[]).await;
-    let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "300"]).await;
+    let (ra, rb) = two_replicas(&mut c, &["--failover-silence-ms", "0"]).await;
     let load = Load::start(&client, 4, 0);
     load.wait_more(300, REPLY_TIMEOUT).await;
     let (acked, _) = load.finish().await;
+    let (ca, cb) = (c.client(ra.addr).await, c.client(rb.addr).await);
+    let committed = read_point(&client).await;
+    for (rc, r) in [(&ca, &ra), (&cb, &rb)] {
+        ReadPoint::follow(rc).await.wait_for(committed, CATCH_UP_TIMEOUT, || format!("the replica did not apply the last commit{}", diagnose(r))).await;
+    }
     w.kill9();
     for id in [1, 2, 3] {
         c.kill9(id);
     }
-    let (addr, role) = wait_writer(&c, &[ra.addr, rb.addr], READY_TIMEOUT).await;
-    assert!(role.epoch.generation() >= 2, "a new epoch was claimed with three nodes down: {:?}", role.epoch);
-    let (promoted, other) = split(addr, &ra, &rb);
-    let writer = c.client(addr).await;
+    assert_all_present(&ca, &acked).await;
+    assert_all_present(&cb, &acked).await;
+
+    let promoted = promote(&c, ra.addr).await.expect("a promotion by hand takes over from a read quorum");
+    assert!(promoted.epoch.generation() >= 2, "a new epoch was claimed with three nodes down: {:?}", promoted.epoch);
+    let writer = ca;
     assert_all_present(&writer, &acked).await;
     let keys: Vec<Vec<u8>> = acked.iter().map(|&i| key(i)).collect();
     // The other replica reads at the new epoch once it follows the new writer (storage refuses an older epoch's reads).
     let deadline = Instant::now() + READY_TIMEOUT;
-    while role_of(&c, other.addr).await.epoch < role.epoch {
-        assert!(Instant::now() < deadline, "the other replica did not follow the new writer{}", diagnose(other));
+    while role_of(&c, rb.addr).await.epoch < promoted.epoch {
+        assert!(Instant::now() < deadline, "the other replica did not follow the new writer{}", diagnose(&rb));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_converges(&c, other, &writer, &keys).await;
+    assert_converges(&c, &rb, &writer, &keys).await;
     // A replica starting now, from the new writer's progress (found among its peers) and three segments per PG.
     let peers = format!("{},{}", ra.addr, rb.addr);
     let rc = c.start_replica(None, &["--peers", &peers]).await;
@@ -203,9 +212,9 @@ async fn takeover_and_replica_reads_with_an_az_and_one_more_node_down() {
     let why = refused.to_string();
     assert!(why.contains("nothing was written") && why.contains("read-only") && why.contains("3 of 6"), "{why}");
     assert_eq!(read_point(&writer).await, vdl, "nothing allocated while read-only");
-    assert!(promoted.proc.log_text().contains("took over with a read quorum only"), "{}", promoted.proc.log_tail(20));
+    assert!(ra.proc.log_text().contains("took over with a read quorum only"), "{}", ra.proc.log_tail(20));
 
-    // A fourth node back: its session claims it, and writes open.
+    // A fourth node back: the writer's session claims it, and writes open.
     c.restart(3).await;
     let lsn = tokio::time::timeout(READY_TIMEOUT, async {
         loop {
@@ -218,7 +227,7 @@ async fn takeover_and_replica_reads_with_an_az_and_one_more_node_down() {
     .await
     .expect("writes open once a fourth node is back");
     assert!(lsn > vdl);
-    let (_, v) = c.client(other.addr).await.get_at(b"with-three-down", lsn).await.expect("the other replica reads the new write");
+    let (_, v) = cb.get_at(b"with-three-down", lsn).await.expect("the other replica reads the new write");
     assert_eq!(v.as_deref(), Some(&b"v"[..]));
 }
 

@@ -182,10 +182,13 @@ impl Sim {
             }
             let cut_off = nodes_down.clone().unwrap_or_else(|| self.cut_off());
             let start = if i == 0 { Duration::ZERO } else { Duration::from_micros(self.rng.below(SECOND_START_US_MAX)) };
-            let mut machine = Takeover::new(pgs, known_cpl, offer, start, TAKEOVER_TIMEOUT, self.rng.next_u64());
-            if self.bug == Some(replica::Bug::RecoveryFromTwo) {
-                machine = machine.with_quorum(READ_QUORUM - 1);
-            }
+            // As replicad's watch promotes, with a write quorum; a writer starting, with a read quorum.
+            let quorum = match self.bug {
+                Some(replica::Bug::RecoveryFromTwo) => READ_QUORUM - 1,
+                _ if promotion => WRITE_QUORUM,
+                _ => READ_QUORUM,
+            };
+            let machine = Takeover::new(pgs, known_cpl, offer, start, TAKEOVER_TIMEOUT, self.rng.next_u64()).with_quorum(quorum);
             x.claimants.push(Claimant { machine, start, promotion, cut_off, truncated: Vec::new(), max_cpl: Lsn::ZERO });
         }
         loop {

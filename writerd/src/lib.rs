@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use borealis_net::storage::NodeLink;
-use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use redo_core::quorum::{READ_QUORUM, SEGMENTS_PER_PG, WRITE_QUORUM};
 use redo_core::volume::Volume;
 use redo_core::writer::{WriterConfig, WriterCore};
 use redo_core::{Lsn, PgId};
@@ -50,9 +50,8 @@ pub fn run(config: Config) -> Result<i32> {
     runtime.block_on(async {
         let storage_endpoint = borealis_net::client_endpoint(&identity)?;
         let links = borealis_net::storage::NodeLink::for_volume(&volume, &storage_endpoint)?;
-        let taken = recovery::take_over(&volume, &links, Lsn::ZERO, recovery::Offer::default(), Duration::from_millis(config.start_timeout_ms))
-            .await
-            .context("claim the volume")?;
+        let timeout = Duration::from_millis(config.start_timeout_ms);
+        let taken = recovery::take_over(&volume, &links, Lsn::ZERO, recovery::Offer::default(), timeout, READ_QUORUM).await.context("claim the volume")?;
         let epoch = taken.epoch;
         tracing::info!(%epoch, vdl = %taken.recovered.vdl, "claimed the volume");
         let writer = start(&volume, &links, taken, &config.tuning, config.cache_bytes_max as usize);

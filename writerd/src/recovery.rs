@@ -28,10 +28,18 @@ enum Done {
 /// Claims the volume and decides where it ends, by executing the core's
 /// `Takeover` over QUIC. `known_cpl` is a CPL every PG is known complete up to
 /// (a replica's last VDL from the writer; `Lsn::ZERO` when nothing is known);
-/// `offer` are the records a promoted replica retains (`Takeover::new`).
-pub async fn take_over(volume: &Volume, links: &[Arc<NodeLink>], known_cpl: Lsn, offer: Offer, timeout: Duration) -> Result<TakenOver, TakeoverError> {
+/// `offer` are the records a promoted replica retains (`Takeover::new`);
+/// `quorum` the answers each PG needs (`Takeover::with_quorum`).
+pub async fn take_over(
+    volume: &Volume,
+    links: &[Arc<NodeLink>],
+    known_cpl: Lsn,
+    offer: Offer,
+    timeout: Duration,
+    quorum: usize,
+) -> Result<TakenOver, TakeoverError> {
     let origin = Instant::now();
-    let mut machine = Takeover::new(volume.pg_count(), known_cpl, offer, Duration::ZERO, timeout, seed());
+    let mut machine = Takeover::new(volume.pg_count(), known_cpl, offer, Duration::ZERO, timeout, seed()).with_quorum(quorum);
     let (tx, mut rx) = mpsc::unbounded_channel();
     // Dropped with the outcome: requests still running (stragglers) are aborted.
     let mut running = JoinSet::new();

@@ -136,12 +136,11 @@ pub async fn storage_feed(replica: Arc<Replica>, volume: Volume, link: Arc<NodeL
 /// On the same stream it reports where it reads, every `READ_POINT_REPORT` at most,
 /// one report behind (a page fetch planned at the previous read point may still be
 /// on its way), so that the writer's GC horizon stays below its reads.
-/// When the writer it follows is lost, it asks the volume's writer address and the
-/// peer replicas who the writer is now (one of them may have been promoted).
-pub async fn writer_feed(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, volume_writer: SocketAddr, peers: Vec<SocketAddr>) {
+/// When the writer it follows is lost, it asks `candidates` (the volume's writer
+/// address, then the peer replicas) who the writer is now (a peer may have been promoted).
+pub async fn writer_feed(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, candidates: Vec<SocketAddr>) {
     let replica = promoter.replica.clone();
-    let candidates: Vec<SocketAddr> = std::iter::once(volume_writer).chain(peers).collect();
-    let mut writer = volume_writer;
+    let mut writer = candidates[0];
     let mut backoff = RETRY_MIN;
     let mut connected = true;
     while promoter.writer.get().is_none() {

@@ -40,6 +40,7 @@ pub fn run(config: Config) -> Result<i32> {
     runtime.block_on(async {
         let endpoint = borealis_net::client_endpoint(&identity)?;
         let links = NodeLink::for_volume(&volume, &endpoint)?;
+        // Who may be the writer: the volume's writer address, then the peers (one promoted since).
         let candidates: Vec<SocketAddr> = std::iter::once(writer).chain(config.peers.iter().copied()).collect();
         let (start, positions, progress) = follow::start(&volume, &links, &endpoint, &candidates, Duration::from_millis(config.start_timeout_ms)).await?;
         let from = if progress.is_some() { "the writer" } else { "storage" };
@@ -77,7 +78,7 @@ pub fn run(config: Config) -> Result<i32> {
             config.priority,
         ));
         *promoter.replica_tasks.lock().expect("tasks lock") = replica_tasks;
-        tokio::spawn(follow::writer_feed(promoter.clone(), endpoint.clone(), writer, config.peers.clone()));
+        tokio::spawn(follow::writer_feed(promoter.clone(), endpoint.clone(), candidates.clone()));
         if let Some(addr) = config.metrics_listen {
             let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind metrics on {addr}"))?;
             let r = replica.clone();
@@ -102,7 +103,7 @@ pub fn run(config: Config) -> Result<i32> {
         let server = borealis_net::server_endpoint(&identity, config.listen)?;
         if config.failover_silence_ms > 0 {
             let silence = Duration::from_millis(config.failover_silence_ms);
-            tokio::spawn(promote::watch(promoter.clone(), endpoint.clone(), config.listen, writer, config.peers.clone(), silence));
+            tokio::spawn(promote::watch(promoter.clone(), endpoint.clone(), config.listen, candidates, silence));
         }
         let api = Arc::new(api::Api {
             replica: replica.clone(),

@@ -186,11 +186,10 @@ impl Promoter {
 
 /// Promotes automatically, executing the core's failure detector
 /// (`redo_core::failover::Watch`): once the writer that was followed has been
-/// silent for `silence`, asks the volume's writer address and the peers their
-/// `Role`, and promotes when the watch says so.
-pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: SocketAddr, volume_writer: SocketAddr, peers: Vec<SocketAddr>, silence: Duration) {
+/// silent for `silence`, asks `asked` (the volume's writer address and the peers)
+/// their `Role`, and promotes when the watch says so.
+pub async fn watch(promoter: Arc<Promoter>, endpoint: quinn::Endpoint, me: SocketAddr, asked: Vec<SocketAddr>, silence: Duration) {
     let r = promoter.replica.clone();
-    let asked: Vec<SocketAddr> = std::iter::once(volume_writer).chain(peers).collect();
     let origin = Instant::now();
     let since = |at: Instant| at.saturating_duration_since(origin);
     let mut watch = Watch::new(silence, Duration::ZERO);

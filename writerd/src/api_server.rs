@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use borealis_net::api_server::{error, ApiService};
 use redo_core::api::{ApiErrorCode, Progress, Request, Response, Role};
 use redo_core::page::PageOp;
-use redo_core::quorum::{SEGMENTS_PER_PG, WRITE_QUORUM};
+use redo_core::quorum::WRITE_QUORUM;
 use redo_core::volume::Volume;
 use redo_core::writer::{Admit, ReadPlan};
 use redo_core::Lsn;
@@ -168,11 +168,10 @@ async fn commit(api: &Api, ops: &[PageOp]) -> Response {
                     }
                 });
                 if !matches!(opened.await, Ok(true)) {
-                    let short: Vec<String> = short.iter().map(|(pg, n)| format!("{pg}: {n} of {SEGMENTS_PER_PG}")).collect();
                     let why = format!(
                         "nothing was written: read-only until a write quorum ({WRITE_QUORUM}) of every PG's segments holds this writer's claim \
                          (segments holding it: {}); reads are served",
-                        short.join(", ")
+                        crate::writer::claims_held(&short)
                     );
                     return error(ApiErrorCode::Unavailable, why);
                 }

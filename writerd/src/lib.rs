@@ -107,8 +107,7 @@ pub fn start(volume: &Volume, links: &[Arc<NodeLink>], taken: recovery::TakenOve
     let writer = Writer::new(WriterCore::new(volume.clone(), core_config, taken.recovered), taken.history);
     let short = writer.lock().core.short_of_claims();
     if !short.is_empty() {
-        let short: Vec<String> = short.iter().map(|(pg, n)| format!("{pg}: {n} of {SEGMENTS_PER_PG}")).collect();
-        tracing::warn!(segments_claimed = %short.join(", "), "took over with a read quorum only: reads are served at VDL, writes wait until a write quorum of every PG holds this writer's claim");
+        tracing::warn!(segments_claimed = %writer::claims_held(&short), "took over with a read quorum only: reads are served at VDL, writes wait until a write quorum of every PG holds this writer's claim");
     }
     for pg in 0..volume.pg_count() {
         let pg = PgId(pg as u32);

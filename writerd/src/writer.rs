@@ -45,6 +45,11 @@ pub struct Writer {
 #[derive(Debug)]
 pub struct Deposed(pub String);
 
+/// `WriterCore::short_of_claims` for a log line or an error: "pg0: 3 of 6, ...".
+pub fn claims_held(short: &[(PgId, usize)]) -> String {
+    short.iter().map(|(pg, n)| format!("{pg}: {n} of {SEGMENTS_PER_PG}")).collect::<Vec<_>>().join(", ")
+}
+
 impl Writer {
     pub fn new(core: WriterCore, history: Vec<Truncation>) -> Arc<Writer> {
         let pgs = core.volume().pg_count();
